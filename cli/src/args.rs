@@ -1,0 +1,107 @@
+//! Command-line syntax, parsed by clap. Doc comments are the help text.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Create, inspect and clone VM disk images (qcow2, VDI, raw) natively, without qemu-img.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cowclone",
+    version,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a qcow2 image, or an overlay on a backing file (qemu-img create syntax).
+    Create(CreateArgs),
+    /// Show an image's format, size, backing file and header facts (qemu-img info syntax).
+    Info(InfoArgs),
+    /// Clone a base image: a qcow2 overlay at CLONE that reads through to BASE.
+    Clone(CloneArgs),
+}
+
+/// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Format of the new image (only qcow2 for now).
+    #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
+    pub format: String,
+    /// Backing file, stored verbatim; relative names resolve against FILE's directory.
+    #[arg(short = 'b', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Backing file format (qcow2, raw, vdi); default: read from the backing file's magic.
+    #[arg(short = 'F', value_name = "FMT", requires = "backing")]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file (then -F and SIZE are required).
+    #[arg(short = 'u', requires = "backing")]
+    pub unsafe_no_open: bool,
+    /// Options: cluster_size, compat, refcount_bits, lazy_refcounts, extended_l2,
+    /// compression_type (also size, backing_file, backing_fmt). Repeatable.
+    #[arg(short = 'o', value_name = "key=value,...")]
+    pub options: Vec<String>,
+    /// Print nothing on success.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Replace FILE if it exists (default: refuse).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// fsync the image and its directory before returning.
+    #[arg(long)]
+    pub durable: bool,
+    /// The image to create.
+    pub file: PathBuf,
+    /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.
+    pub size: Option<String>,
+}
+
+/// `cowclone info [--output human|json] [--backing-chain] FILE`
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Also show every image in the backing chain (follows local files only).
+    #[arg(long)]
+    pub backing_chain: bool,
+    /// With --backing-chain: refuse any backing file outside DIR.
+    #[arg(long, value_name = "DIR", requires = "backing_chain")]
+    pub confine: Option<PathBuf>,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// `cowclone clone BASE CLONE`
+#[derive(Debug, clap::Args)]
+pub struct CloneArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// fsync the clone and its directory before returning.
+    #[arg(long)]
+    pub durable: bool,
+    /// The base image (qcow2, VDI or raw is recognised by content; raw must be named with --raw).
+    pub base: PathBuf,
+    /// The clone to create (a qcow2 overlay).
+    pub clone: PathBuf,
+    /// Treat BASE as a raw disk (raw cannot be recognised by content).
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// Output format for commands that report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people, laid out like qemu-img's.
+    Human,
+    /// JSON with qemu-img's key names.
+    Json,
+}

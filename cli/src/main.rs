@@ -1,0 +1,196 @@
+//! `cowclone`: the command line. Parses arguments, calls imagefmt and cloner, prints human text
+//! or JSON. Errors print one line (`cowclone: <error>: <cause>...`) and exit 1, like qemu-img.
+#![forbid(unsafe_code)]
+
+mod args;
+mod output;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use imagefmt::backing::BackingPolicy;
+use imagefmt::qcow2::CreateOptions;
+use imagefmt::{ImageFormat, Qcow2Builder};
+
+use args::{Cli, CloneArgs, Command, CreateArgs, InfoArgs, OutputFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let result = match cli.command {
+        Command::Create(args) => create(args, &mut out),
+        Command::Info(args) => info(args, &mut out),
+        Command::Clone(args) => clone(args, &mut out),
+    };
+    match result.and_then(|()| out.flush().map_err(Into::into)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, no backtrace.
+            let mut line = format!("cowclone: {e}");
+            for cause in e.chain().skip(1) {
+                line.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
+    if args.format != "qcow2" {
+        bail!(
+            "creating {:?} images is not supported yet (only qcow2)",
+            args.format
+        );
+    }
+    let mut options = CreateOptions::default();
+    let mut size = args.size.as_deref().map(parse_size).transpose()?;
+    let mut backing = args.backing.clone();
+    let mut backing_format = args.backing_format.clone();
+    for item in args.options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
+        match key {
+            "size" => size = Some(parse_size(value)?),
+            "backing_file" => backing = Some(value.to_owned()),
+            "backing_fmt" => backing_format = Some(value.to_owned()),
+            _ => options.set(key, value)?,
+        }
+    }
+
+    let mut builder = Qcow2Builder::new(&args.file)
+        .options(options.clone())
+        .overwrite(args.overwrite)
+        .durable(args.durable);
+    if let Some(size) = size {
+        builder = builder.size(size);
+    }
+    if let Some(name) = &backing {
+        builder = builder.backing(name.clone());
+        if let Some(format) = &backing_format {
+            builder = builder.backing_format(format.parse::<ImageFormat>()?);
+        }
+        if args.unsafe_no_open {
+            builder = builder.without_opening_backing();
+        }
+    } else if backing_format.is_some() {
+        bail!("-F given without a backing file (-b)");
+    }
+    let created = builder
+        .create()
+        .with_context(|| format!("{}", args.file.display()))?;
+    if !args.quiet {
+        let mut line = format!(
+            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+            args.file.display(),
+            options.cluster_size,
+            on_off(options.extended_l2),
+            options.compression_type.name(),
+            created.virtual_size
+        );
+        if let Some(b) = &created.backing {
+            line.push_str(&format!(
+                " backing_file={} backing_fmt={}",
+                b.name, b.format
+            ));
+        }
+        line.push_str(&format!(
+            " lazy_refcounts={} refcount_bits={}",
+            on_off(options.lazy_refcounts),
+            options.refcount_bits
+        ));
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
+    let context = || format!("{}", args.file.display());
+    if args.backing_chain {
+        let policy = match &args.confine {
+            Some(dir) => BackingPolicy::Confine(dir.clone()),
+            None => BackingPolicy::FollowLocal,
+        };
+        let chain = imagefmt::info::backing_chain(&args.file, &policy).with_context(context)?;
+        match args.output {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
+            OutputFormat::Human => {
+                for (i, image) in chain.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(out)?;
+                    }
+                    output::write_info(out, image)?;
+                }
+            }
+        }
+    } else {
+        let info = imagefmt::info::image_info(&args.file).with_context(context)?;
+        match args.output {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
+            OutputFormat::Human => output::write_info(out, &info)?,
+        }
+    }
+    Ok(())
+}
+
+fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
+    let request = cloner::CloneRequest {
+        base: args.base.clone(),
+        clone: args.clone.clone(),
+        base_format: args.raw.then_some(ImageFormat::Raw),
+        durable: args.durable,
+    };
+    let made = cloner::clone_base(&request).with_context(|| {
+        format!(
+            "cloning {} to {}",
+            args.base.display(),
+            args.clone.display()
+        )
+    })?;
+    match args.output {
+        OutputFormat::Json => writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "clone": made.clone.to_string_lossy(),
+                "base": made.backing_name,
+                "base-format": made.base_format.name(),
+                "virtual-size": made.virtual_size,
+                "elapsed-us": made.elapsed.as_micros() as u64,
+            })
+        )?,
+        OutputFormat::Human => writeln!(
+            out,
+            "cloned {} -> {} ({} {}, {} bytes virtual) in {} us",
+            made.backing_name,
+            made.clone.display(),
+            made.base_format,
+            "base",
+            made.virtual_size,
+            made.elapsed.as_micros()
+        )?,
+    }
+    Ok(())
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    Ok(imagefmt::size::parse_size(text)?)
+}
+
+fn on_off(value: bool) -> &'static str {
+    if value {
+        "on"
+    } else {
+        "off"
+    }
+}

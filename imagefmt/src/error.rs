@@ -1,0 +1,126 @@
+//! The crate-level error: format errors, I/O failures with the step that failed, and refusals.
+//!
+//! ```text
+//! Error
+//! ├── Qcow2(Qcow2Error)      a qcow2 header or option cowclone refuses
+//! ├── Vdi(VdiError)          a VDI header or block map cowclone refuses
+//! ├── Backing(BackingError)  an untrusted backing reference refused by policy
+//! ├── Io { step, source }    the operating system failed a step
+//! └── refusals               unrecognised format, existing target, mismatched format ...
+//! ```
+//! Display never repeats the source's text: walk [`std::error::Error::source`] for the cause.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::backing::BackingError;
+use crate::qcow2::Qcow2Error;
+use crate::vdi::VdiError;
+
+/// Result alias for imagefmt.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything imagefmt can fail with.
+#[non_exhaustive]
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A qcow2 header, extension or option was refused.
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
+    /// A VDI header or block map was refused.
+    #[error(transparent)]
+    Vdi(#[from] VdiError),
+    /// A backing file reference was refused.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// An I/O step failed.
+    #[error("{step} failed")]
+    Io {
+        /// What was being done, e.g. "reading qcow2 header".
+        step: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is neither qcow2 nor VDI, and raw was not named explicitly.
+    #[error("{path}: unrecognised image format (not qcow2 or VDI); name the format explicitly to use it as raw")]
+    UnrecognizedFormat {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A format name cowclone does not handle.
+    #[error("unsupported image format {name:?} (supported: qcow2, raw, vdi)")]
+    UnsupportedFormat {
+        /// The name given.
+        name: String,
+    },
+    /// The file does not parse as the format it was said to be.
+    #[error("{path}: image is not in {expected} format")]
+    FormatMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The format named.
+        expected: &'static str,
+        /// Why it does not parse as that format.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The target exists and overwriting was not asked for.
+    #[error("{path} already exists (use overwrite to replace it)")]
+    AlreadyExists {
+        /// The target.
+        path: PathBuf,
+    },
+    /// A create request without a size and without a backing file to take it from.
+    #[error("no size given and no backing file to take it from")]
+    SizeRequired,
+    /// The backing file is not to be opened, so its format must be named.
+    #[error("a backing format is required when the backing file is not opened")]
+    BackingFormatRequired,
+    /// A virtual size the format cannot represent.
+    #[error("invalid virtual size {size}: {reason}")]
+    InvalidSize {
+        /// The size.
+        size: u64,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// An adapter for `map_err` that records which read failed.
+    pub fn reading(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io {
+            step: format!("reading {what}"),
+            source,
+        }
+    }
+
+    /// An adapter for `map_err` that records which write failed.
+    pub fn writing(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io {
+            step: format!("writing {what}"),
+            source,
+        }
+    }
+
+    /// An adapter for `map_err` with a step described at run time.
+    pub fn io(step: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let step = step.into();
+        move |source| Error::Io { step, source }
+    }
+
+    /// True if the image was refused for what it contains (as opposed to an I/O failure or a
+    /// refused request): callers reporting "this file is bad" branch on it.
+    pub fn is_invalid_image(&self) -> bool {
+        matches!(
+            self,
+            Error::Qcow2(_)
+                | Error::Vdi(_)
+                | Error::UnrecognizedFormat { .. }
+                | Error::FormatMismatch { .. }
+        )
+    }
+}

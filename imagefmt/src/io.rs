@@ -1,0 +1,209 @@
+//! The positioned-I/O seam every format reads and writes through.
+//!
+//! Formats never seek: they read and write at explicit offsets, like
+//! [`std::os::unix::fs::FileExt`], so one handle can be shared and the same code runs on a real
+//! file ([`std::fs::File`]) or on memory ([`MemBackend`]) in tests, fuzzers and benches.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+/// Positioned, synchronous byte storage under an image.
+///
+/// Method names follow [`std::os::unix::fs::FileExt`] so that the [`File`] implementation is a
+/// one-line forward.
+pub trait Backend {
+    /// Fills `buf` from `offset`; reading past the end is an [`io::ErrorKind::UnexpectedEof`].
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the storage if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros, sparsely where the storage can) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes written data durable (fsync for files; nothing for memory).
+    fn sync_all(&self) -> io::Result<()>;
+
+    /// True when the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`, stopping at the end of the storage, and
+    /// returns how many were read. Used to read "the first N bytes, if there are that many".
+    fn read_prefix_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let len = self.len()?;
+        let available = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.read_exact_at(&mut buf[..available], offset)?;
+        Ok(available)
+    }
+}
+
+impl Backend for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for &B {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        (**self).sync_all()
+    }
+}
+
+/// An in-memory [`Backend`] for tests, fuzzing and benches.
+///
+/// Growth is bounded by `limit` so that a hostile image cannot make a writer allocate without
+/// end; the default limit is 1 GiB.
+#[derive(Debug)]
+pub struct MemBackend {
+    bytes: Mutex<Vec<u8>>,
+    limit: u64,
+}
+
+impl Default for MemBackend {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl MemBackend {
+    /// Default growth limit: 1 GiB.
+    pub const DEFAULT_LIMIT: u64 = 1 << 30;
+
+    /// Wraps existing bytes (e.g. a fuzz input or a fixture).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes: Mutex::new(bytes),
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
+
+    /// Sets the largest size the storage may grow to.
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// A copy of the current contents.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    /// Consumes the backend and returns its bytes.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.bytes.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding the lock cannot leave the Vec invalid: keep going.
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_limit(&self, end: u64) -> io::Result<usize> {
+        if end > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "in-memory image would grow to {end} bytes, over its limit of {}",
+                    self.limit
+                ),
+            ));
+        }
+        usize::try_from(end).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))
+    }
+}
+
+impl Backend for MemBackend {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let bytes = self.lock();
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(&bytes[start..end]);
+        Ok(())
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = self.check_limit(end)?;
+        let mut bytes = self.lock();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = self.check_limit(len)?;
+        self.lock().resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_backend_reads_what_was_written_and_zero_fills_gaps() {
+        let mem = MemBackend::default();
+        mem.write_all_at(b"abc", 5).unwrap();
+        assert_eq!(mem.len().unwrap(), 8);
+        let mut buf = [0xffu8; 8];
+        mem.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"\0\0\0\0\0abc");
+    }
+
+    #[test]
+    fn mem_backend_refuses_reads_past_the_end_and_growth_past_the_limit() {
+        let mem = MemBackend::new(vec![1, 2, 3]).with_limit(16);
+        let mut buf = [0u8; 4];
+        assert_eq!(
+            mem.read_exact_at(&mut buf, 0).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(mem.read_prefix_at(&mut buf, 1).unwrap(), 2);
+        assert!(mem.set_len(17).is_err());
+        assert!(mem.write_all_at(&[0; 8], u64::MAX - 2).is_err());
+    }
+}

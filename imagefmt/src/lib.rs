@@ -1,0 +1,54 @@
+//! imagefmt: qcow2, VDI and raw disk images, natively — header codecs, backing references and
+//! in-process creation of images and overlays.
+//!
+//! It does no process spawning and keeps no registry: those belong to the `cloner` crate. All
+//! format code reads and writes through the [`io::Backend`] seam, so everything runs on real
+//! files and on memory alike.
+//!
+//! ```text
+//! detect ──► image::ImageHeader ──► qcow2::HeaderCluster / vdi::VdiHeader / raw length
+//!                                         ▲
+//! builder::Qcow2Builder ─► qcow2::create ─┘─► qcow2::layout ─► new_file (temp + link)
+//! info ──► image facts with qemu-img's JSON keys; backing ──► untrusted names under a policy
+//! ```
+//!
+//! Creating an overlay on a base image, in-process (what `qemu-img create -b base.qcow2 -F qcow2
+//! clone.qcow2` does in a subprocess):
+//!
+//! ```
+//! use imagefmt::{ImageFormat, Qcow2Builder};
+//! # let dir = tempfile::tempdir()?;
+//! # let base = dir.path().join("base.qcow2");
+//! # let clone = dir.path().join("clone.qcow2");
+//! Qcow2Builder::new(&base).size(1 << 30).create()?;
+//!
+//! // The backing name is stored as given; relative names resolve against the clone's directory.
+//! let created = Qcow2Builder::new(&clone)
+//!     .backing("base.qcow2")
+//!     .backing_format(ImageFormat::Qcow2) // optional: otherwise read from the base's magic
+//!     .create()?;
+//! assert_eq!(created.virtual_size, 1 << 30);
+//!
+//! let info = imagefmt::info::image_info(&clone)?;
+//! assert_eq!(info.backing_filename.as_deref(), Some("base.qcow2"));
+//! assert_eq!(info.backing_filename_format.as_deref(), Some("qcow2"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backing;
+pub mod builder;
+pub mod detect;
+pub mod error;
+pub mod image;
+pub mod info;
+pub mod io;
+pub mod new_file;
+pub mod qcow2;
+pub mod size;
+pub mod vdi;
+
+pub use builder::{CreatedImage, Qcow2Builder};
+pub use detect::ImageFormat;
+pub use error::{Error, Result};

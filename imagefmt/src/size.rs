@@ -1,0 +1,99 @@
+//! Human sizes as qemu-img writes them: `1G`, `512M`, `64k`, `1.5T`, plain bytes.
+
+use thiserror::Error;
+
+/// A size string that is not a size.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "invalid size {input:?}: expected a number of bytes with an optional suffix k, M, G, T, P or E"
+)]
+pub struct InvalidSize {
+    /// The text given.
+    pub input: String,
+}
+
+/// Parses a size: a number (decimals allowed with a suffix) with an optional binary suffix
+/// `b`/`B` (bytes), `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of 1024), as qemu-img accepts.
+pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
+    let err = || InvalidSize {
+        input: input.to_owned(),
+    };
+    let text = input.trim();
+    let (number, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c {
+                'b' | 'B' => 0,
+                'k' | 'K' => 10,
+                'm' | 'M' => 20,
+                'g' | 'G' => 30,
+                't' | 'T' => 40,
+                'p' | 'P' => 50,
+                'e' | 'E' => 60,
+                _ => return Err(err()),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(err());
+    }
+    match number.split_once('.') {
+        None => number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1u64 << shift))
+            .ok_or_else(err),
+        Some((whole, fraction)) if !fraction.is_empty() && !fraction.contains('.') => {
+            // Exact decimal arithmetic: value = (whole.fraction) × 2^shift, rounded down.
+            let digits = u32::try_from(fraction.len()).map_err(|_| err())?;
+            let scale = 10u128.checked_pow(digits).ok_or_else(err)?;
+            let whole: u128 = if whole.is_empty() {
+                0
+            } else {
+                whole.parse().map_err(|_| err())?
+            };
+            let fraction: u128 = fraction.parse().map_err(|_| err())?;
+            let value = (whole.checked_mul(scale).ok_or_else(err)? + fraction)
+                .checked_mul(1u128 << shift)
+                .ok_or_else(err)?
+                / scale;
+            u64::try_from(value).map_err(|_| err())
+        }
+        Some(_) => Err(err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn suffixes_are_powers_of_1024_and_plain_numbers_are_bytes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("512b").unwrap(), 512);
+    }
+
+    #[test]
+    fn garbage_and_overflow_are_refused() {
+        for bad in [
+            "",
+            "G",
+            "1X",
+            "-1",
+            "1..5G",
+            "1.G",
+            "20E",
+            "18446744073709551616",
+            "1 G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Everything that can be wrong with a VDI header or block map, one variant per check.
+
+use thiserror::Error;
+
+/// A VDI header, block map or creation request that cowclone refuses.
+///
+/// Every open-time bound of FORMATS.md §2.4 and §2.5 has its own variant carrying the offending
+/// values, so callers (and tests) can tell exactly which check failed.
+#[non_exhaustive]
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum VdiError {
+    /// Fewer bytes than the pre-header and header need.
+    #[error("VDI header is truncated: {len} bytes, need at least {needed}")]
+    HeaderTooShort {
+        /// Bytes available.
+        len: usize,
+        /// Bytes the header needs.
+        needed: usize,
+    },
+    /// The signature at offset 0x40 is not 0xBEDA107F.
+    #[error("not a VDI image (signature {found:#010x})")]
+    BadSignature {
+        /// The signature found.
+        found: u32,
+    },
+    /// A version other than 1.1 (0x00010001), the only one both VirtualBox and qemu open.
+    #[error("VDI version {found:#010x} is not supported (only 1.1)")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// A header size below the 0x180 bytes of a v1.1 header.
+    #[error("VDI header size {found:#x} is below 0x180")]
+    HeaderSizeTooSmall {
+        /// The header size found.
+        found: u32,
+    },
+    /// An image type outside 1..=4.
+    #[error("VDI image type {found} is unknown (expected 1..=4)")]
+    UnknownImageType {
+        /// The type found.
+        found: u32,
+    },
+    /// Flag bits outside the mask VirtualBox accepts.
+    #[error("VDI image flags {flags:#010x} contain unknown bits")]
+    UnknownFlags {
+        /// The flags found.
+        flags: u32,
+    },
+    /// A block map that would overlap the header.
+    #[error("VDI block map offset {offset_blocks:#x} is below the header end {min:#x}")]
+    BlockMapOffsetTooSmall {
+        /// The block map offset found.
+        offset_blocks: u32,
+        /// The smallest acceptable offset.
+        min: u32,
+    },
+    /// A data area that starts before the block map ends.
+    #[error("VDI data offset {offset_data:#x} is before the block map end {block_map_end:#x}")]
+    DataOffsetBeforeBlockMapEnd {
+        /// The data offset found.
+        offset_data: u32,
+        /// Where the block map ends.
+        block_map_end: u64,
+    },
+    /// An offset that is not a multiple of 512 (qemu refuses these).
+    #[error("VDI {field} {offset:#x} is not a multiple of 512")]
+    OffsetNotSectorAligned {
+        /// Which header field.
+        field: &'static str,
+        /// The offset found.
+        offset: u32,
+    },
+    /// A legacy geometry sector size other than 512 (qemu refuses these).
+    #[error("VDI legacy geometry sector size {found} is not 512")]
+    BadLegacySectorSize {
+        /// The sector size found.
+        found: u32,
+    },
+    /// An LCHS geometry sector size other than 512 in a 0x190-byte header (VirtualBox refuses these).
+    #[error("VDI LCHS geometry sector size {found} is not 512")]
+    BadLchsSectorSize {
+        /// The sector size found.
+        found: u32,
+    },
+    /// A virtual disk size of zero.
+    #[error("VDI disk size is zero")]
+    ZeroDiskSize,
+    /// A disk size that is not a multiple of 512 (refused only when creating).
+    #[error("VDI disk size {disk_size} is not a multiple of 512")]
+    DiskSizeNotSectorMultiple {
+        /// The requested disk size.
+        disk_size: u64,
+    },
+    /// A block count of zero.
+    #[error("VDI block count is zero")]
+    ZeroBlockCount,
+    /// A block size other than 1 MiB (the only one qemu supports).
+    #[error("VDI block size {found} is not supported (only 1 MiB)")]
+    UnsupportedBlockSize {
+        /// The block size found.
+        found: u32,
+    },
+    /// Non-zero per-block extra data (qemu ignores the field, so such images are ambiguous).
+    #[error("VDI block extra size {found} is not supported (only 0)")]
+    BlockExtraNotSupported {
+        /// The extra size found.
+        found: u32,
+    },
+    /// A disk size larger than the blocks can hold.
+    #[error("VDI disk size {disk_size} exceeds {blocks} blocks of {block_size} bytes")]
+    DiskLargerThanBlocks {
+        /// The disk size found.
+        disk_size: u64,
+        /// The block count found.
+        blocks: u32,
+        /// The block size found.
+        block_size: u32,
+    },
+    /// More blocks than qemu's limit.
+    #[error("VDI block count {blocks} exceeds the limit {max}")]
+    TooManyBlocks {
+        /// The block count found.
+        blocks: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A disk size above qemu's limit.
+    #[error("VDI disk size {disk_size} exceeds the limit {max}")]
+    DiskTooLarge {
+        /// The disk size found or requested.
+        disk_size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// More allocated blocks than blocks in the image.
+    #[error("VDI allocated block count {allocated} exceeds the block count {blocks}")]
+    AllocatedExceedsBlocks {
+        /// The allocated count found.
+        allocated: u32,
+        /// The block count found.
+        blocks: u32,
+    },
+    /// A creation or modification UUID that is all zero (VirtualBox refuses these).
+    #[error("VDI {field} UUID is null")]
+    NullUuid {
+        /// Which UUID field.
+        field: &'static str,
+    },
+    /// A block map whose byte length is not 4 × the block count.
+    #[error("VDI block map is {len} bytes, expected {expected}")]
+    BlockMapLengthMismatch {
+        /// Bytes supplied.
+        len: usize,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// A block map entry pointing at or past the allocated block count.
+    #[error("VDI block {block} points at data block {index}, but only {allocated} are allocated")]
+    BlockIndexOutOfRange {
+        /// The virtual block.
+        block: u32,
+        /// The data block index it points at.
+        index: u32,
+        /// The allocated block count.
+        allocated: u32,
+    },
+    /// Two block map entries pointing at the same data block.
+    #[error("VDI blocks {first_block} and {second_block} both point at data block {index}")]
+    DuplicateBlockIndex {
+        /// The shared data block index.
+        index: u32,
+        /// The first virtual block using it.
+        first_block: u32,
+        /// The second virtual block using it.
+        second_block: u32,
+    },
+    /// An update to a virtual block past the end of the block map.
+    #[error("VDI block {block} is outside the map of {blocks} blocks")]
+    BlockOutOfRange {
+        /// The virtual block.
+        block: u32,
+        /// The number of blocks in the map.
+        blocks: u32,
+    },
+    /// An update that would point a block at a data index no image of this map's size can hold.
+    #[error(
+        "VDI block {block} cannot point at data block {index}: the map has only {blocks} blocks"
+    )]
+    BlockIndexBeyondMap {
+        /// The virtual block.
+        block: u32,
+        /// The data block index requested.
+        index: u32,
+        /// The number of blocks in the map.
+        blocks: u32,
+    },
+}
