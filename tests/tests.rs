@@ -1,1 +1,10 @@
+//! cowclone's integration tests: one binary, one module per area.
+//!
+//! Cross-checks run the reference tools (`qemu-img`, from Debian's `qemu-utils`); a missing tool
+//! fails the test with a message naming the package, it never skips.
 
+mod util;
+
+mod cli;
+mod qemu_xcheck;
+mod regression;

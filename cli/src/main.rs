@@ -171,11 +171,10 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
         )?,
         OutputFormat::Human => writeln!(
             out,
-            "cloned {} -> {} ({} {}, {} bytes virtual) in {} us",
+            "cloned {} -> {} ({} base, {} bytes virtual) in {} us",
             made.backing_name,
             made.clone.display(),
             made.base_format,
-            "base",
             made.virtual_size,
             made.elapsed.as_micros()
         )?,

@@ -6,7 +6,7 @@
 
 /// Refcount entries in one refcount block.
 pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
-    (1u64 << cluster_bits) * 8 >> refcount_order
+    ((1u64 << cluster_bits) * 8) >> refcount_order
 }
 
 /// Largest refcount a `refcount_order` entry can hold.
@@ -69,7 +69,7 @@ mod tests {
     fn every_width_round_trips_and_leaves_neighbours_alone() {
         for order in 0..=6 {
             let mut block = vec![0u8; 64];
-            let n = entries_per_block(9, order).min(64 * 8 >> order);
+            let n = entries_per_block(9, order).min((64 * 8) >> order);
             let max = max_refcount(order);
             for i in (0..n).step_by(3) {
                 set(&mut block, i, order, max - (i % 2).min(max));
