@@ -172,3 +172,120 @@ fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<Image
         None => ImageHeader::read_detected(&file, path, false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_takes_format_and_size_from_the_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        Qcow2Builder::new(dir.path().join("base"))
+            .size(3 << 20)
+            .create()
+            .unwrap();
+        let created = Qcow2Builder::new(dir.path().join("ov"))
+            .backing("base")
+            .create()
+            .unwrap();
+        assert_eq!(created.virtual_size, 3 << 20);
+        assert_eq!(created.backing.unwrap().format, "qcow2");
+    }
+
+    #[test]
+    fn an_unrecognised_backing_file_is_refused_unless_named_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk.img"), vec![7u8; 1000]).unwrap();
+        let refused = Qcow2Builder::new(dir.path().join("ov"))
+            .backing("disk.img")
+            .create();
+        assert!(matches!(refused, Err(Error::UnrecognizedFormat { .. })));
+        assert!(!dir.path().join("ov").exists());
+        let created = Qcow2Builder::new(dir.path().join("ov"))
+            .backing("disk.img")
+            .backing_format(ImageFormat::Raw)
+            .create()
+            .unwrap();
+        assert_eq!(
+            created.virtual_size, 1024,
+            "raw size rounds up to a sector, as in qemu-img"
+        );
+    }
+
+    #[test]
+    fn a_raw_file_with_a_fake_qcow2_header_named_qcow2_must_really_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fake = b"QFI\xfb".to_vec();
+        fake.resize(4096, 0);
+        std::fs::write(dir.path().join("fake"), &fake).unwrap();
+        let err = Qcow2Builder::new(dir.path().join("ov"))
+            .backing("fake")
+            .create()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::FormatMismatch {
+                    expected: "qcow2",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn existing_files_are_kept_unless_overwrite_and_failures_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        std::fs::write(&path, b"precious").unwrap();
+        let err = Qcow2Builder::new(&path).size(1 << 20).create().unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists { .. }));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        Qcow2Builder::new(&path)
+            .size(1 << 20)
+            .overwrite(true)
+            .durable(true)
+            .create()
+            .unwrap();
+        assert!(crate::qcow2::probe(&std::fs::read(&path).unwrap()));
+
+        let err = Qcow2Builder::new(dir.path().join("y"))
+            .backing("missing")
+            .create();
+        assert!(matches!(err, Err(Error::Io { .. })));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.qcow2")]);
+    }
+
+    #[test]
+    fn protocol_backing_names_and_unopened_backing_without_format_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Qcow2Builder::new(dir.path().join("o"))
+            .backing("json:{\"file.filename\":\"/etc/passwd\"}")
+            .create()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Backing(crate::backing::BackingError::ProtocolRefused { .. })
+        ));
+        let err = Qcow2Builder::new(dir.path().join("o"))
+            .size(1 << 20)
+            .backing("anything")
+            .without_opening_backing()
+            .create()
+            .unwrap_err();
+        assert!(matches!(err, Error::BackingFormatRequired));
+        let made = Qcow2Builder::new(dir.path().join("o"))
+            .size(1 << 20)
+            .backing("not-there-yet.vdi")
+            .backing_format(ImageFormat::Vdi)
+            .without_opening_backing()
+            .create()
+            .unwrap();
+        assert_eq!(made.backing.unwrap().format, "vdi");
+    }
+}

@@ -305,3 +305,117 @@ pub fn write_new_image<B: Backend + ?Sized>(
         .map_err(crate::Error::writing("new qcow2 image"))?;
     Ok(cluster.header.size)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> Result<CreateOptions, Qcow2Error> {
+        let mut options = CreateOptions::default();
+        for (key, value) in pairs {
+            options.set(key, value)?;
+        }
+        options.validate()?;
+        Ok(options)
+    }
+
+    #[test]
+    fn qemu_img_option_syntax_is_accepted() {
+        let o = options(&[
+            ("cluster_size", "16k"),
+            ("compat", "1.1"),
+            ("refcount_bits", "8"),
+            ("lazy_refcounts", "on"),
+            ("extended_l2", "on"),
+            ("compression_type", "zstd"),
+        ])
+        .unwrap();
+        assert_eq!(o.cluster_size, 16384);
+        assert_eq!(o.refcount_bits, 8);
+        assert!(o.lazy_refcounts && o.extended_l2);
+        assert_eq!(o.compression_type, CompressionType::Zstd);
+        assert_eq!(
+            options(&[("compat", "0.10")]).unwrap().compat,
+            Compat::V0_10
+        );
+    }
+
+    #[test]
+    fn combinations_qemu_img_refuses_are_refused() {
+        let refused: &[&[(&str, &str)]] = &[
+            &[("cluster_size", "3000")],
+            &[("cluster_size", "256")],
+            &[("cluster_size", "4M")],
+            &[("refcount_bits", "3")],
+            &[("refcount_bits", "128")],
+            &[("compat", "0.10"), ("refcount_bits", "8")],
+            &[("compat", "0.10"), ("lazy_refcounts", "on")],
+            &[("compat", "0.10"), ("extended_l2", "on")],
+            &[("compat", "0.10"), ("compression_type", "zstd")],
+            &[("cluster_size", "8k"), ("extended_l2", "on")],
+            &[("compat", "2.0")],
+            &[("lazy_refcounts", "maybe")],
+            &[("compression_type", "lz4")],
+            &[("preallocation", "full")],
+        ];
+        for pairs in refused {
+            assert!(options(pairs).is_err(), "{pairs:?} accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_round_up_to_sectors_and_too_large_disks_are_refused() {
+        let (cluster, _) = plan(1000, &CreateOptions::default(), None).unwrap();
+        assert_eq!(cluster.header.size, 1024);
+        let tiny = options(&[("cluster_size", "512")]).unwrap();
+        assert!(matches!(
+            plan(64 << 40, &tiny, None),
+            Err(Qcow2Error::DiskTooLarge {
+                cluster_size: 512,
+                ..
+            })
+        ));
+        assert!(plan(u64::MAX, &CreateOptions::default(), None).is_err());
+    }
+
+    #[test]
+    fn feature_table_only_for_v3_with_clusters_above_4k() {
+        let has_table = |pairs: &[(&str, &str)]| {
+            let (cluster, _) = plan(1 << 20, &options(pairs).unwrap(), None).unwrap();
+            cluster
+                .extensions
+                .iter()
+                .any(|e| matches!(e, Extension::FeatureNameTable(_)))
+        };
+        assert!(has_table(&[]));
+        assert!(has_table(&[("cluster_size", "8k")]));
+        assert!(!has_table(&[("cluster_size", "4k")]));
+        assert!(!has_table(&[("compat", "0.10")]));
+    }
+
+    #[test]
+    fn a_new_image_reads_back_with_the_requested_facts() {
+        let backend = crate::io::MemBackend::default();
+        let backing = BackingReference {
+            name: "b.raw".into(),
+            format: "raw".into(),
+        };
+        let o = options(&[("refcount_bits", "1"), ("lazy_refcounts", "on")]).unwrap();
+        assert_eq!(
+            write_new_image(&backend, 5 << 20, &o, Some(&backing)).unwrap(),
+            5 << 20
+        );
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        assert_eq!(cluster.header.refcount_bits(), 1);
+        assert!(cluster
+            .header
+            .compatible_features
+            .contains(CompatibleFeatures::LAZY_REFCOUNTS));
+        assert_eq!(cluster.backing_format(), Some("raw"));
+        assert_eq!(cluster.backing_file.as_deref(), Some("b.raw"));
+        // Refcount block 0 at cluster 2 counts clusters 0..=3, one bit each.
+        let mut block = [0u8; 1];
+        crate::io::Backend::read_exact_at(&backend, &mut block, 0x20000).unwrap();
+        assert_eq!(block[0], 0b1111);
+    }
+}

@@ -428,3 +428,259 @@ fn check_table(
         _ => Err(Qcow2Error::TableOffsetInvalid { table, offset, len }),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The first 112 bytes of `qemu-img create -f qcow2 -b base.qcow2 -F qcow2 ov.qcow2` over a
+    /// 1 GiB base (qemu-img 7.2, FORMATS.md §1.9), field by field.
+    pub(crate) fn qemu_overlay_header() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&[0x51, 0x46, 0x49, 0xfb]); // 0   magic "QFI\xfb"
+        b.extend_from_slice(&3u32.to_be_bytes()); // 4   version 3
+        b.extend_from_slice(&0x210u64.to_be_bytes()); // 8   backing_file_offset
+        b.extend_from_slice(&10u32.to_be_bytes()); // 16  backing_file_size ("base.qcow2")
+        b.extend_from_slice(&16u32.to_be_bytes()); // 20  cluster_bits (64 KiB)
+        b.extend_from_slice(&(1u64 << 30).to_be_bytes()); // 24  size 1 GiB
+        b.extend_from_slice(&0u32.to_be_bytes()); // 32  crypt_method none
+        b.extend_from_slice(&2u32.to_be_bytes()); // 36  l1_size
+        b.extend_from_slice(&0x30000u64.to_be_bytes()); // 40  l1_table_offset
+        b.extend_from_slice(&0x10000u64.to_be_bytes()); // 48  refcount_table_offset
+        b.extend_from_slice(&1u32.to_be_bytes()); // 56  refcount_table_clusters
+        b.extend_from_slice(&0u32.to_be_bytes()); // 60  nb_snapshots
+        b.extend_from_slice(&0u64.to_be_bytes()); // 64  snapshots_offset
+        b.extend_from_slice(&0u64.to_be_bytes()); // 72  incompatible_features
+        b.extend_from_slice(&0u64.to_be_bytes()); // 80  compatible_features
+        b.extend_from_slice(&0u64.to_be_bytes()); // 88  autoclear_features
+        b.extend_from_slice(&4u32.to_be_bytes()); // 96  refcount_order (16 bits)
+        b.extend_from_slice(&112u32.to_be_bytes()); // 100 header_length
+        b.push(0); // 104 compression_type deflate
+        b.extend_from_slice(&[0; 7]); // 105 padding
+        assert_eq!(b.len(), 112);
+        b
+    }
+
+    fn with(mut bytes: Vec<u8>, offset: usize, field: &[u8]) -> Vec<u8> {
+        bytes[offset..offset + field.len()].copy_from_slice(field);
+        bytes
+    }
+
+    fn parse_with(offset: usize, field: &[u8]) -> Result<Header, Qcow2Error> {
+        Header::parse(&with(qemu_overlay_header(), offset, field))
+    }
+
+    #[test]
+    fn qemu_overlay_header_decodes_field_by_field() {
+        let h = Header::parse(&qemu_overlay_header()).unwrap();
+        assert_eq!(h.version, Version::V3);
+        assert_eq!((h.backing_file_offset, h.backing_file_size), (0x210, 10));
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.size, 1 << 30);
+        assert_eq!((h.l1_size, h.l1_table_offset), (2, 0x30000));
+        assert_eq!(
+            (h.refcount_table_offset, h.refcount_table_clusters),
+            (0x10000, 1)
+        );
+        assert_eq!((h.nb_snapshots, h.snapshots_offset), (0, 0));
+        assert_eq!(h.refcount_bits(), 16);
+        assert_eq!(h.header_length, 112);
+        assert_eq!(h.compression_type, CompressionType::Deflate);
+        assert_eq!(h.trailing, vec![0; 7]);
+        assert_eq!(h.to_bytes(), qemu_overlay_header());
+    }
+
+    #[test]
+    fn v2_header_is_72_bytes_with_v3_fields_defaulted() {
+        let mut b = with(qemu_overlay_header(), 4, &2u32.to_be_bytes());
+        b.truncate(72);
+        let h = Header::parse(&b).unwrap();
+        assert_eq!(h.version, Version::V2);
+        assert_eq!((h.refcount_order, h.header_length), (4, 72));
+        assert!(h.incompatible_features.is_empty());
+        assert_eq!(h.to_bytes(), b);
+    }
+
+    #[test]
+    fn every_open_time_bound_has_its_own_error() {
+        use Qcow2Error as E;
+        let cases: Vec<(usize, Vec<u8>, fn(&Qcow2Error) -> bool)> = vec![
+            (0, b"QFI\xfa".to_vec(), |e| {
+                matches!(e, E::BadMagic { found: 0x514649fa })
+            }),
+            (4, 4u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::UnsupportedVersion { found: 4 })
+            }),
+            (20, 8u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::InvalidClusterBits { found: 8 })
+            }),
+            (20, 22u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::InvalidClusterBits { found: 22 })
+            }),
+            (100, 100u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::HeaderLengthTooSmall { found: 100 })
+            }),
+            (8, 0x10001u64.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::BackingFileOffsetOutsideCluster0 { offset: 0x10001 })
+            }),
+            (16, 1024u32.to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::BackingFileNameTooLong {
+                        size: 1024,
+                        max: 1023
+                    }
+                )
+            }),
+            (72, (1u64 << 5).to_be_bytes().to_vec(), |e| {
+                matches!(e, E::UnsupportedIncompatibleFeatures { bits: 32 })
+            }),
+            (72, (1u64 << 3).to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::CompressionTypeBitMismatch {
+                        compression_type: 0,
+                        bit_set: true
+                    }
+                )
+            }),
+            (104, vec![1], |e| {
+                matches!(
+                    e,
+                    E::CompressionTypeBitMismatch {
+                        compression_type: 1,
+                        bit_set: false
+                    }
+                )
+            }),
+            (104, vec![2], |e| {
+                matches!(e, E::UnknownCompressionType { found: 2 })
+            }),
+            (96, 7u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::InvalidRefcountOrder { found: 7 })
+            }),
+            (32, 3u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::UnknownEncryptionMethod { found: 3 })
+            }),
+            (56, 0u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::RefcountTableEmpty)
+            }),
+            (56, 129u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::RefcountTableTooLarge { clusters: 129 })
+            }),
+            (48, 0x10200u64.to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::UnalignedOffset {
+                        table: "refcount table",
+                        ..
+                    }
+                )
+            }),
+            (
+                48,
+                (i64::MAX as u64 & !0xffff).to_be_bytes().to_vec(),
+                |e| {
+                    matches!(
+                        e,
+                        E::TableOffsetInvalid {
+                            table: "refcount table",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (60, 65537u32.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::TooManySnapshots { found: 65537 })
+            }),
+            (64, 0x200u64.to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::UnalignedOffset {
+                        table: "snapshot table",
+                        ..
+                    }
+                )
+            }),
+            (36, u32::MAX.to_be_bytes().to_vec(), |e| {
+                matches!(e, E::L1TableTooLarge { .. })
+            }),
+            (36, 1u32.to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::L1TableTooSmall {
+                        entries: 1,
+                        needed: 2
+                    }
+                )
+            }),
+            (40, 0x30008u64.to_be_bytes().to_vec(), |e| {
+                matches!(
+                    e,
+                    E::UnalignedOffset {
+                        table: "L1 table",
+                        ..
+                    }
+                )
+            }),
+        ];
+        for (offset, field, expected) in cases {
+            let err = parse_with(offset, &field).unwrap_err();
+            assert!(
+                expected(&err),
+                "offset {offset} field {field:02x?}: got {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_length_beyond_the_cluster_and_extended_l2_on_small_clusters_are_refused() {
+        let small = with(qemu_overlay_header(), 20, &12u32.to_be_bytes()); // 4 KiB clusters
+        let small = with(small, 8, &0u64.to_be_bytes()); // no backing name
+        let long = with(small.clone(), 100, &4104u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&long),
+            Err(Qcow2Error::HeaderLengthTooLarge {
+                found: 4104,
+                cluster_size: 4096
+            })
+        ));
+        let mut ext = with(small, 72, &(1u64 << 4).to_be_bytes());
+        ext = with(ext, 36, &512u32.to_be_bytes()); // enough L1 entries for 1 GiB either way
+        assert!(matches!(
+            Header::parse(&ext),
+            Err(Qcow2Error::ExtendedL2ClusterTooSmall { cluster_size: 4096 })
+        ));
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_at_every_length() {
+        let full = qemu_overlay_header();
+        for len in 0..full.len() {
+            assert!(
+                matches!(
+                    Header::parse(&full[..len]),
+                    Err(Qcow2Error::Truncated { .. })
+                ),
+                "len {len}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Header::parse(&bytes);
+        }
+
+        #[test]
+        fn a_valid_header_with_any_byte_changed_never_panics_and_reencodes_exactly(
+            index in 0usize..112, value in proptest::num::u8::ANY
+        ) {
+            let bytes = with(qemu_overlay_header(), index, &[value]);
+            if let Ok(header) = Header::parse(&bytes) {
+                proptest::prop_assert_eq!(header.to_bytes(), bytes);
+            }
+        }
+    }
+}

@@ -148,3 +148,196 @@ impl HeaderCluster {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::extensions::{EXT_BACKING_FORMAT, EXT_FEATURE_TABLE};
+    use crate::qcow2::features::FeatureKind;
+    use crate::qcow2::header::tests::qemu_overlay_header;
+
+    /// Cluster 0 of qemu-img 7.2's overlay up to the end of the backing name (FORMATS.md §1.9).
+    fn qemu_overlay_cluster0() -> Vec<u8> {
+        let mut b = qemu_overlay_header(); // 0x000 fixed header, 112 bytes
+        b.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes()); // 0x070 ext: backing format
+        b.extend_from_slice(&5u32.to_be_bytes()); //                  length 5
+        b.extend_from_slice(b"qcow2\0\0\0"); //                      "qcow2" + 3 bytes padding
+        b.extend_from_slice(&EXT_FEATURE_TABLE.to_be_bytes()); // 0x080 ext: feature-name table
+        b.extend_from_slice(&0x180u32.to_be_bytes()); //             8 entries × 48 bytes
+        for (kind, bit, name) in [
+            (0u8, 0u8, "dirty bit"),
+            (0, 1, "corrupt bit"),
+            (0, 2, "external data file"),
+            (0, 3, "compression type"),
+            (0, 4, "extended L2 entries"),
+            (1, 0, "lazy refcounts"),
+            (2, 0, "bitmaps"),
+            (2, 1, "raw external data"),
+        ] {
+            b.push(kind); //                                         entry type
+            b.push(bit); //                                          bit number
+            let mut padded = [0u8; 46]; //                           name, zero-padded
+            padded[..name.len()].copy_from_slice(name.as_bytes());
+            b.extend_from_slice(&padded);
+        }
+        b.extend_from_slice(&[0; 8]); // 0x208 end-of-extensions marker
+        b.extend_from_slice(b"base.qcow2"); // 0x210 backing file name, no NUL
+        assert_eq!(b.len(), 0x21a);
+        b
+    }
+
+    #[test]
+    fn qemu_overlay_cluster0_decodes_and_reencodes_byte_for_byte() {
+        let bytes = qemu_overlay_cluster0();
+        let cluster = HeaderCluster::parse(&bytes).unwrap();
+        assert_eq!(cluster.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(cluster.backing_format(), Some("qcow2"));
+        let Extension::FeatureNameTable(table) = &cluster.extensions[1] else {
+            panic!(
+                "second extension is not the feature table: {:?}",
+                cluster.extensions[1]
+            );
+        };
+        assert_eq!(table.len(), 8);
+        assert_eq!(table[5].kind, FeatureKind::Compatible);
+        assert_eq!(table[5].name_lossy(), "lazy refcounts");
+        assert_eq!(cluster.to_bytes().unwrap(), bytes);
+    }
+
+    #[test]
+    fn our_overlay_plan_writes_exactly_qemus_cluster0() {
+        let backing = crate::qcow2::create::BackingReference {
+            name: "base.qcow2".into(),
+            format: "qcow2".into(),
+        };
+        let (cluster, _) =
+            crate::qcow2::create::plan(1 << 30, &Default::default(), Some(&backing)).unwrap();
+        assert_eq!(cluster.to_bytes().unwrap(), qemu_overlay_cluster0());
+    }
+
+    #[test]
+    fn unknown_extensions_survive_a_rewrite() {
+        let mut cluster = HeaderCluster::parse(&qemu_overlay_cluster0()).unwrap();
+        cluster.extensions.insert(
+            1,
+            Extension::Unknown {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3],
+            },
+        );
+        let bytes = cluster.to_bytes().unwrap();
+        let reread = HeaderCluster::parse(&bytes).unwrap();
+        assert_eq!(reread.extensions, cluster.extensions);
+        assert_eq!(reread.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(reread.header.backing_file_offset, 0x210 + 16); // 8-byte prefix + data padded to 8
+    }
+
+    #[test]
+    fn an_extension_running_past_the_backing_name_is_refused() {
+        let mut bytes = qemu_overlay_cluster0();
+        bytes[0x84..0x88].copy_from_slice(&0x190u32.to_be_bytes()); // feature table 16 bytes longer
+        assert!(matches!(
+            HeaderCluster::parse(&bytes),
+            Err(Qcow2Error::ExtensionTooLarge {
+                kind: EXT_FEATURE_TABLE,
+                offset: 0x80,
+                end: 0x210
+            })
+        ));
+        bytes[0x84..0x88].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            HeaderCluster::parse(&bytes),
+            Err(Qcow2Error::ExtensionTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicate_and_malformed_known_extensions_are_refused() {
+        let mut cluster = HeaderCluster::parse(&qemu_overlay_cluster0()).unwrap();
+        cluster
+            .extensions
+            .push(Extension::BackingFormat("raw".into()));
+        let bytes = cluster.to_bytes().unwrap();
+        assert_eq!(
+            HeaderCluster::parse(&bytes),
+            Err(Qcow2Error::DuplicateExtension {
+                kind: EXT_BACKING_FORMAT
+            })
+        );
+
+        let mut long_format = qemu_overlay_cluster0();
+        long_format[0x74..0x78].copy_from_slice(&16u32.to_be_bytes());
+        assert!(matches!(
+            HeaderCluster::parse(&long_format),
+            Err(Qcow2Error::InvalidExtension {
+                kind: EXT_BACKING_FORMAT,
+                ..
+            })
+        ));
+
+        let mut ragged_table = qemu_overlay_cluster0();
+        ragged_table[0x84..0x88].copy_from_slice(&0x17fu32.to_be_bytes());
+        assert!(matches!(
+            HeaderCluster::parse(&ragged_table),
+            Err(Qcow2Error::InvalidExtension {
+                kind: EXT_FEATURE_TABLE,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn backing_names_with_nul_or_past_the_end_of_the_input_are_refused() {
+        let mut nul = qemu_overlay_cluster0();
+        nul[0x214] = 0;
+        assert_eq!(
+            HeaderCluster::parse(&nul),
+            Err(Qcow2Error::BackingFileNameInvalid)
+        );
+        let short = &qemu_overlay_cluster0()[..0x215];
+        assert!(matches!(
+            HeaderCluster::parse(short),
+            Err(Qcow2Error::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn raw_external_data_without_the_data_file_bit_is_refused() {
+        let mut bytes = qemu_overlay_cluster0();
+        bytes[88..96].copy_from_slice(&2u64.to_be_bytes());
+        assert_eq!(
+            HeaderCluster::parse(&bytes),
+            Err(Qcow2Error::InconsistentDataFile)
+        );
+    }
+
+    #[test]
+    fn names_too_long_for_qemu_or_the_cluster_are_refused_when_writing() {
+        let mut cluster = HeaderCluster::parse(&qemu_overlay_cluster0()).unwrap();
+        cluster.backing_file = Some("x".repeat(1024));
+        assert!(matches!(
+            cluster.to_bytes(),
+            Err(Qcow2Error::BackingFileNameTooLong { size: 1024, .. })
+        ));
+        // 512-byte clusters: header + feature table + end marker leave no room for the name.
+        cluster.header.cluster_bits = 9;
+        cluster.header.l1_size = 1 << 15;
+        cluster.header.l1_table_offset = 0x600;
+        cluster.header.refcount_table_offset = 0x200;
+        cluster.backing_file = Some("b".repeat(100));
+        assert!(matches!(
+            cluster.to_bytes(),
+            Err(Qcow2Error::HeaderClusterOverflow {
+                cluster_size: 512,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn read_from_a_backend_reads_only_cluster0() {
+        let backend = crate::io::MemBackend::new(qemu_overlay_cluster0());
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        assert_eq!(cluster.backing_file.as_deref(), Some("base.qcow2"));
+    }
+}
