@@ -504,7 +504,8 @@ pub(crate) mod tests {
     #[test]
     fn every_open_time_bound_has_its_own_error() {
         use Qcow2Error as E;
-        let cases: Vec<(usize, Vec<u8>, fn(&Qcow2Error) -> bool)> = vec![
+        type Case = (usize, Vec<u8>, fn(&Qcow2Error) -> bool);
+        let cases: Vec<Case> = vec![
             (0, b"QFI\xfa".to_vec(), |e| {
                 matches!(e, E::BadMagic { found: 0x514649fa })
             }),
