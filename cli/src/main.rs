@@ -57,6 +57,14 @@ fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     let mut backing = args.backing.clone();
     let mut backing_format = args.backing_format.clone();
     for item in args.options.iter().flat_map(|o| o.split(',')) {
+        if item == "help" || item == "?" {
+            writeln!(out, "Supported options (qemu-img create -f qcow2 syntax):")?;
+            for key in imagefmt::qcow2::create::OPTION_KEYS {
+                writeln!(out, "  {key}")?;
+            }
+            writeln!(out, "  size, backing_file, backing_fmt")?;
+            return Ok(());
+        }
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;

@@ -143,6 +143,11 @@ impl Qcow2Builder {
             return Ok((self.size.ok_or(Error::SizeRequired)?, None));
         };
         let backing_path = backing::resolve(&self.path, &spec.name)?;
+        if is_same_file(&backing_path, &self.path) {
+            return Err(Error::BackingIsTarget {
+                path: self.path.clone(),
+            });
+        }
         let (format, backing_size) = match (spec.open, spec.format) {
             (false, Some(format)) => (format, None),
             (false, None) => return Err(Error::BackingFormatRequired),
@@ -159,6 +164,15 @@ impl Qcow2Builder {
                 format: format.name().to_owned(),
             }),
         ))
+    }
+}
+
+/// True if both paths name the same existing file, or are spelled the same.
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => a == b,
     }
 }
 
@@ -259,6 +273,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.qcow2")]);
+    }
+
+    #[test]
+    fn an_image_cannot_back_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("self.qcow2");
+        Qcow2Builder::new(&path).size(1 << 20).create().unwrap();
+        let err = Qcow2Builder::new(&path).backing("self.qcow2").overwrite(true).create();
+        assert!(matches!(err, Err(Error::BackingIsTarget { .. })), "{err:?}");
+        let err = Qcow2Builder::new(dir.path().join("new"))
+            .size(1 << 20)
+            .backing("new")
+            .backing_format(ImageFormat::Qcow2)
+            .without_opening_backing()
+            .create();
+        assert!(matches!(err, Err(Error::BackingIsTarget { .. })), "{err:?}");
     }
 
     #[test]

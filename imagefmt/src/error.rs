@@ -79,13 +79,11 @@ pub enum Error {
     /// The backing file is not to be opened, so its format must be named.
     #[error("a backing format is required when the backing file is not opened")]
     BackingFormatRequired,
-    /// A virtual size the format cannot represent.
-    #[error("invalid virtual size {size}: {reason}")]
-    InvalidSize {
-        /// The size.
-        size: u64,
-        /// Why.
-        reason: &'static str,
+    /// The backing file is the image being created (qemu-img refuses this too).
+    #[error("{path} cannot be its own backing file")]
+    BackingIsTarget {
+        /// The image.
+        path: PathBuf,
     },
 }
 
