@@ -56,6 +56,19 @@ impl Backend for File {
     fn sync_all(&self) -> io::Result<()> {
         File::sync_all(self)
     }
+    fn read_prefix_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        // Read until full or end of file: no fstat needed.
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for &B {
@@ -73,6 +86,9 @@ impl<B: Backend + ?Sized> Backend for &B {
     }
     fn sync_all(&self) -> io::Result<()> {
         (**self).sync_all()
+    }
+    fn read_prefix_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_prefix_at(buf, offset)
     }
 }
 
@@ -192,6 +208,18 @@ mod tests {
         let mut buf = [0xffu8; 8];
         mem.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"\0\0\0\0\0abc");
+    }
+
+    #[test]
+    fn file_prefix_reads_stop_at_the_end_of_the_file() {
+        let path = std::env::temp_dir().join(format!("cowclone-io-{}", std::process::id()));
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = File::open(&path).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(Backend::read_prefix_at(&file, &mut buf, 4).unwrap(), 6);
+        assert_eq!(&buf[..6], b"456789");
+        assert_eq!(Backend::read_prefix_at(&file, &mut buf, 20).unwrap(), 0);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
