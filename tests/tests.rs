@@ -7,4 +7,5 @@ mod util;
 
 mod cli;
 mod qemu_xcheck;
+mod read_xcheck;
 mod regression;

@@ -280,7 +280,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("self.qcow2");
         Qcow2Builder::new(&path).size(1 << 20).create().unwrap();
-        let err = Qcow2Builder::new(&path).backing("self.qcow2").overwrite(true).create();
+        let err = Qcow2Builder::new(&path)
+            .backing("self.qcow2")
+            .overwrite(true)
+            .create();
         assert!(matches!(err, Err(Error::BackingIsTarget { .. })), "{err:?}");
         let err = Qcow2Builder::new(dir.path().join("new"))
             .size(1 << 20)

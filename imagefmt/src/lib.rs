@@ -39,6 +39,7 @@
 
 pub mod backing;
 pub mod builder;
+pub mod chain;
 pub mod detect;
 pub mod error;
 pub mod image;

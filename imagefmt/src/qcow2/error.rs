@@ -227,4 +227,50 @@ pub enum Qcow2Error {
         /// What is accepted.
         reason: &'static str,
     },
+    /// A table or data cluster referenced past the end of the file.
+    #[error("qcow2 {what} at {offset:#x} lies beyond the end of the file ({file_len} bytes)")]
+    BeyondEndOfFile {
+        /// What was referenced.
+        what: &'static str,
+        /// Its offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// Metadata that cannot be right (found while reading guest data): the image is corrupt.
+    #[error(
+        "qcow2 image is corrupt: {what} at guest offset {guest_offset:#x} (entry {entry:#018x})"
+    )]
+    CorruptEntry {
+        /// What is wrong.
+        what: &'static str,
+        /// The guest offset being read.
+        guest_offset: u64,
+        /// The offending entry.
+        entry: u64,
+    },
+    /// A compressed cluster that does not decompress to exactly one cluster.
+    #[error(
+        "qcow2 compressed cluster at host offset {host:#x} does not decompress to one cluster"
+    )]
+    BadCompressedCluster {
+        /// Host offset of the compressed data.
+        host: u64,
+    },
+    /// The image keeps its data in an external file, and the caller did not allow opening it.
+    #[error("qcow2 image keeps its data in the external file {name:?}; not opened (external data files are refused by default)")]
+    ExternalDataFileRefused {
+        /// The data file name from the header.
+        name: String,
+    },
+    /// A read outside the virtual disk.
+    #[error("qcow2 read of {len} bytes at {offset:#x} is outside the {size}-byte disk")]
+    ReadOutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
 }

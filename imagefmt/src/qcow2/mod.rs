@@ -18,7 +18,9 @@ pub mod features;
 pub mod header;
 pub mod header_cluster;
 pub mod layout;
+pub mod reader;
 pub mod refcount;
+pub mod tables;
 
 pub use create::{Compat, CreateOptions};
 pub use error::Qcow2Error;

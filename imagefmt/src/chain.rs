@@ -1,0 +1,134 @@
+//! Guest-visible bytes through a backing chain, whatever the formats in it.
+//!
+//! Every format implements [`GuestRead`]; an image whose data falls through (an unallocated
+//! qcow2 cluster) asks the next image down. [`open_chain`] opens a file and its backing files,
+//! following names only under the caller's [`BackingPolicy`], with [`ChainGuard`]'s depth and loop
+//! limits, and pinning each backing file's format from its overlay's header — a backing file
+//! whose format is not recorded is recognised by magic and never assumed to be raw.
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::backing::{BackingPolicy, ChainGuard};
+use crate::detect::ImageFormat;
+use crate::image::ImageHeader;
+use crate::io::Backend;
+use crate::qcow2::reader::Qcow2Reader;
+use crate::{Error, Result};
+
+/// Reads guest data of an image (and whatever is below it).
+pub trait GuestRead: Send + Sync {
+    /// The guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Fills `buf` with guest bytes starting at `offset`; the range must lie inside the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// Reads `buf.len()` bytes at `offset` from an optional lower image: bytes beyond the lower
+/// image's size (or with no lower image at all) read as zeros, as qemu defines for backing files.
+pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<()> {
+    let Some(below) = below else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = below.virtual_size();
+    let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(inside);
+    if !head.is_empty() {
+        below.read_at(head, offset)?;
+    }
+    tail.fill(0);
+    Ok(())
+}
+
+/// A raw image: guest bytes are file bytes.
+#[derive(Debug)]
+pub struct RawReader<B> {
+    backend: B,
+    size: u64,
+}
+
+impl<B: Backend> RawReader<B> {
+    /// Wraps a backend whose whole length is the disk.
+    pub fn new(backend: B) -> Result<Self> {
+        let size = backend.len().map_err(Error::reading("raw image length"))?;
+        Ok(Self { backend, size })
+    }
+}
+
+impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len(), self.size)?;
+        self.backend
+            .read_exact_at(buf, offset)
+            .map_err(Error::reading("raw image data"))
+    }
+}
+
+/// Refuses reads outside `0..size`.
+pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(crate::qcow2::Qcow2Error::ReadOutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        }
+        .into()),
+    }
+}
+
+/// Opens `path` (format from content, raw if unrecognised, unless `format` names it) and every
+/// backing file below it that `policy` allows.
+pub fn open_chain(
+    path: &Path,
+    format: Option<ImageFormat>,
+    policy: &BackingPolicy,
+) -> Result<Box<dyn GuestRead>> {
+    let mut guard = ChainGuard::default();
+    open_level(path, format, policy, &mut guard, true)
+}
+
+fn open_level(
+    path: &Path,
+    format: Option<ImageFormat>,
+    policy: &BackingPolicy,
+    guard: &mut ChainGuard,
+    top: bool,
+) -> Result<Box<dyn GuestRead>> {
+    let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
+    guard.enter(path, &meta)?;
+    let header = match format {
+        Some(format) => ImageHeader::read_as(&file, format, path)?,
+        None => ImageHeader::read_detected(&file, path, top)?,
+    };
+    match header {
+        ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
+        ImageHeader::Vdi(_) => Err(Error::UnsupportedFormat {
+            name: "vdi (reading VDI guest data arrives with the VDI engine)".into(),
+        }),
+        ImageHeader::Qcow2(cluster) => {
+            let below = match cluster.backing_file.as_deref() {
+                None => None,
+                Some(name) => {
+                    let backing_path = policy.resolve(path, name)?;
+                    let backing_format = cluster.backing_format().map(str::parse).transpose()?;
+                    Some(open_level(
+                        &backing_path,
+                        backing_format,
+                        policy,
+                        guard,
+                        false,
+                    )?)
+                }
+            };
+            Ok(Box::new(Qcow2Reader::open(file, cluster, below)?))
+        }
+    }
+}
