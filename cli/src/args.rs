@@ -27,6 +27,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Clone a base image: a qcow2 overlay at CLONE that reads through to BASE.
     Clone(CloneArgs),
+    /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
+    Compare(CompareArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -95,6 +97,30 @@ pub struct CloneArgs {
     /// Treat BASE as a raw disk (raw cannot be recognised by content).
     #[arg(long)]
     pub raw: bool,
+}
+
+/// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Format of FILE1 (default: recognised by content, raw otherwise).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format1: Option<String>,
+    /// Format of FILE2 (default: recognised by content, raw otherwise).
+    #[arg(short = 'F', value_name = "FMT")]
+    pub format2: Option<String>,
+    /// Strict: images of different sizes differ even if the extra part reads as zeros.
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Print nothing; only the exit code tells.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Refuse any backing file outside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub confine: Option<PathBuf>,
+    /// First image.
+    pub file1: PathBuf,
+    /// Second image.
+    pub file2: PathBuf,
 }
 
 /// Output format for commands that report.

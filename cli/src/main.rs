@@ -14,19 +14,22 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};
 
-use args::{Cli, CloneArgs, Command, CreateArgs, InfoArgs, OutputFormat};
+use args::{Cli, CloneArgs, Command, CompareArgs, CreateArgs, InfoArgs, OutputFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let result = match cli.command {
-        Command::Create(args) => create(args, &mut out),
-        Command::Info(args) => info(args, &mut out),
-        Command::Clone(args) => clone(args, &mut out),
+    // Exit codes follow qemu-img: 1 for an error, except where 1 means a negative answer
+    // (compare: 1 = images differ), where errors exit 2.
+    let (result, error_code) = match cli.command {
+        Command::Create(args) => (create(args, &mut out).map(|()| 0), 1),
+        Command::Info(args) => (info(args, &mut out).map(|()| 0), 1),
+        Command::Clone(args) => (clone(args, &mut out).map(|()| 0), 1),
+        Command::Compare(args) => (compare(args, &mut out), 2),
     };
-    match result.and_then(|()| out.flush().map_err(Into::into)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
+        Ok(code) => ExitCode::from(code),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, no backtrace.
@@ -35,9 +38,39 @@ fn main() -> ExitCode {
                 line.push_str(&format!(": {cause}"));
             }
             eprintln!("{line}");
-            ExitCode::FAILURE
+            ExitCode::from(error_code)
         }
     }
+}
+
+fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
+    use imagefmt::compare::Comparison;
+    let policy = match &args.confine {
+        Some(dir) => BackingPolicy::Confine(dir.clone()),
+        None => BackingPolicy::FollowLocal,
+    };
+    let open = |path: &std::path::Path, format: &Option<String>| -> Result<_> {
+        let format = format
+            .as_deref()
+            .map(str::parse::<ImageFormat>)
+            .transpose()?;
+        imagefmt::chain::open_chain(path, format, &policy)
+            .with_context(|| format!("{}", path.display()))
+    };
+    let first = open(&args.file1, &args.format1)?;
+    let second = open(&args.file2, &args.format2)?;
+    let outcome = imagefmt::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
+    let (code, message) = match outcome {
+        Comparison::Identical => (0, "Images are identical.".to_owned()),
+        Comparison::ContentMismatch { offset } => {
+            (1, format!("Content mismatch at offset {offset}!"))
+        }
+        Comparison::SizeMismatch { .. } => (1, "Strict mode: Image size mismatch!".to_owned()),
+    };
+    if !args.quiet {
+        writeln!(out, "{message}")?;
+    }
+    Ok(code)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -40,6 +40,7 @@
 pub mod backing;
 pub mod builder;
 pub mod chain;
+pub mod compare;
 pub mod detect;
 pub mod error;
 pub mod image;
