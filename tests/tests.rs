@@ -9,3 +9,4 @@ mod cli;
 mod qemu_xcheck;
 mod read_xcheck;
 mod regression;
+mod write_xcheck;

@@ -13,7 +13,7 @@ use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
-use crate::qcow2::reader::Qcow2Reader;
+use crate::qcow2::image::Qcow2Image;
 use crate::{Error, Result};
 
 /// Reads guest data of an image (and whatever is below it).
@@ -92,6 +92,52 @@ pub fn open_chain(
     open_level(path, format, policy, &mut guard, true)
 }
 
+/// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
+/// under `policy`) below it.
+pub fn open_qcow2_rw(
+    path: &Path,
+    policy: &BackingPolicy,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(Error::io(format!("opening {} for writing", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
+    let mut guard = ChainGuard::default();
+    guard.enter(path, &meta)?;
+    let cluster = match ImageHeader::read_as(&file, ImageFormat::Qcow2, path)? {
+        ImageHeader::Qcow2(cluster) => cluster,
+        _ => unreachable!("read_as(Qcow2) returns a qcow2 header"),
+    };
+    let below = open_backing(path, &cluster, policy, &mut guard)?;
+    Qcow2Image::open_rw(file, cluster, below, options)
+}
+
+/// Opens what lies below a qcow2 image: its backing file, if it names one.
+fn open_backing(
+    path: &Path,
+    cluster: &crate::qcow2::HeaderCluster,
+    policy: &BackingPolicy,
+    guard: &mut ChainGuard,
+) -> Result<Option<Box<dyn GuestRead>>> {
+    let Some(name) = cluster.backing_file.as_deref() else {
+        return Ok(None);
+    };
+    let backing_path = policy.resolve(path, name)?;
+    let backing_format = cluster.backing_format().map(str::parse).transpose()?;
+    Ok(Some(open_level(
+        &backing_path,
+        backing_format,
+        policy,
+        guard,
+        false,
+    )?))
+}
+
 fn open_level(
     path: &Path,
     format: Option<ImageFormat>,
@@ -128,7 +174,7 @@ fn open_level(
                     )?)
                 }
             };
-            Ok(Box::new(Qcow2Reader::open(file, cluster, below)?))
+            Ok(Box::new(Qcow2Image::open(file, cluster, below)?))
         }
     }
 }

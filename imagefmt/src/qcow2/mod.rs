@@ -11,16 +11,18 @@
 //! (TLV area), [`header_cluster`] (cluster 0 as a unit), [`refcount`] (refcount entry widths),
 //! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer).
 
+pub mod allocator;
 pub mod create;
 pub mod error;
 pub mod extensions;
 pub mod features;
 pub mod header;
 pub mod header_cluster;
+pub mod image;
 pub mod layout;
-pub mod reader;
 pub mod refcount;
 pub mod tables;
+pub mod write;
 
 pub use create::{Compat, CreateOptions};
 pub use error::Qcow2Error;
@@ -48,3 +50,6 @@ pub const MAX_BACKING_FILE_NAME: u64 = 1023;
 pub fn probe(first_bytes: &[u8]) -> bool {
     first_bytes.starts_with(&MAGIC.to_be_bytes())
 }
+
+#[cfg(test)]
+mod write_model_tests;

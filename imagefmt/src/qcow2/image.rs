@@ -1,5 +1,6 @@
-//! Reading guest data from a qcow2 image: L1 → L2 → cluster, falling through to the image
-//! below for unallocated clusters.
+//! An open qcow2 image: reading guest data (L1 → L2 → cluster, falling through to the image
+//! below for unallocated clusters). Writing lives in [`super::write`] and host-cluster
+//! allocation in [`super::allocator`], as further `impl` blocks of [`Qcow2Image`].
 //!
 //! Every offset taken from the file is checked before use (alignment, inside the file); what
 //! qemu reports as corruption at run time is an error here, never a panic. Memory is bounded: the
@@ -23,26 +24,28 @@ use crate::{Error, Result};
 pub const L2_CACHE_BYTES: u64 = 8 << 20;
 
 /// A qcow2 image opened for reading guest data.
-pub struct Qcow2Reader<B> {
-    backend: B,
-    header: Header,
-    l1: Vec<u64>,
-    file_len: u64,
-    l2_cache: Mutex<Vec<(u64, Arc<[u8]>)>>,
-    l2_cache_len: usize,
-    below: Option<Box<dyn GuestRead>>,
+pub struct Qcow2Image<B> {
+    pub(super) backend: B,
+    pub(super) header: Header,
+    pub(super) l1: Vec<u64>,
+    pub(super) file_len: u64,
+    pub(super) l2_cache: Mutex<Vec<(u64, Arc<[u8]>)>>,
+    pub(super) l2_cache_len: usize,
+    pub(super) below: Option<Box<dyn GuestRead>>,
+    /// Present when the image is open for writing.
+    pub(super) writer: Option<super::allocator::WriteState>,
 }
 
-impl<B> std::fmt::Debug for Qcow2Reader<B> {
+impl<B> std::fmt::Debug for Qcow2Image<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Reader")
+        f.debug_struct("Qcow2Image")
             .field("header", &self.header)
             .field("has_backing", &self.below.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl<B: Backend> Qcow2Reader<B> {
+impl<B: Backend> Qcow2Image<B> {
     /// Opens the image whose cluster 0 is `cluster` on `backend`, reading through to `below` for
     /// unallocated clusters (zeros if `None`). External data files and encryption are refused.
     pub fn open(
@@ -86,6 +89,7 @@ impl<B: Backend> Qcow2Reader<B> {
             l2_cache: Mutex::new(Vec::new()),
             l2_cache_len,
             below,
+            writer: None,
         })
     }
 
@@ -94,8 +98,13 @@ impl<B: Backend> Qcow2Reader<B> {
         &self.header
     }
 
+    /// The storage under the image (e.g. to take the bytes of an in-memory image).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// The L2 table at `offset`, from the cache or the file.
-    fn l2_table(&self, offset: u64, guest_offset: u64, entry: u64) -> Result<Arc<[u8]>> {
+    pub(super) fn l2_table(&self, offset: u64, guest_offset: u64, entry: u64) -> Result<Arc<[u8]>> {
         let cluster_size = self.header.cluster_size();
         if offset % cluster_size != 0 {
             return Err(corrupt("unaligned L2 table offset", guest_offset, entry));
@@ -119,7 +128,7 @@ impl<B: Backend> Qcow2Reader<B> {
     }
 
     /// Looks up the L2 entry for guest `offset` (`None` if its L1 entry is unallocated).
-    fn l2_entry(&self, offset: u64) -> Result<Option<L2Entry>> {
+    pub(super) fn l2_entry(&self, offset: u64) -> Result<Option<L2Entry>> {
         let cluster_index = offset >> self.header.cluster_bits;
         let per_table = self.header.l2_entries();
         let l1_index = (cluster_index / per_table) as usize;
@@ -211,7 +220,7 @@ impl<B: Backend> Qcow2Reader<B> {
     }
 }
 
-impl<B: Backend + Send + Sync> GuestRead for Qcow2Reader<B> {
+impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
     fn virtual_size(&self) -> u64 {
         self.header.size
     }
@@ -253,7 +262,7 @@ impl<B: Backend + Send + Sync> GuestRead for Qcow2Reader<B> {
     }
 }
 
-fn corrupt(what: &'static str, guest_offset: u64, entry: u64) -> Error {
+pub(super) fn corrupt(what: &'static str, guest_offset: u64, entry: u64) -> Error {
     Qcow2Error::CorruptEntry {
         what,
         guest_offset,
@@ -262,7 +271,7 @@ fn corrupt(what: &'static str, guest_offset: u64, entry: u64) -> Error {
     .into()
 }
 
-fn check_inside(what: &'static str, offset: u64, len: u64, file_len: u64) -> Result<()> {
+pub(super) fn check_inside(what: &'static str, offset: u64, len: u64, file_len: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),
         _ => Err(Qcow2Error::BeyondEndOfFile {

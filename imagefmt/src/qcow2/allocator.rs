@@ -1,0 +1,371 @@
+//! Host-cluster allocation for a writable qcow2 image: exact refcounts, refcount blocks created
+//! as the file grows, and a refcount table that grows (relocated) when it can no longer list
+//! every block.
+//!
+//! Allocation appends: a new cluster is the first cluster at or after the end of the file whose
+//! refcount is 0. Freed clusters (refcount dropped to 0) are not reused — they are simply no
+//! longer counted, which `qemu-img check` accepts.
+//!
+//! Ordering (crash safety): a cluster's refcount is raised before anything points at it, a new
+//! refcount block is written (counting itself when it can) before the table entry that links
+//! it, and a relocated table is complete before the header switches to it. A crash between two
+//! steps therefore leaves at worst a cluster that is counted but unreferenced — a leak — never a
+//! referenced cluster with a refcount of 0.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::error::Qcow2Error;
+use super::image::{check_inside, Qcow2Image};
+use super::refcount;
+use crate::io::Backend;
+use crate::{Error, Result};
+
+/// Refcount-table entry bits 9-63: offset of the refcount block.
+pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Upper bound on cached refcount blocks, in bytes.
+pub const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
+
+/// Mutable state of an image open for writing.
+#[derive(Debug)]
+pub struct WriteState {
+    /// The refcount table, one entry per refcount block.
+    pub(super) reftable: Vec<u64>,
+    /// Cached refcount blocks, most recently used first: (offset, bytes). Write-through.
+    pub(super) refblocks: Vec<(u64, Vec<u8>)>,
+    /// How many refcount blocks the cache keeps.
+    pub(super) refblock_cache_len: usize,
+    /// First cluster index that may be free.
+    pub(super) next_free: u64,
+    /// fsync between dependent metadata updates.
+    pub(super) durable: bool,
+}
+
+impl WriteState {
+    /// Loads the refcount table of `header` from `backend` (bounded: ≤ 8 MiB and inside the file).
+    pub(super) fn load<B: Backend>(
+        backend: &B,
+        header: &super::Header,
+        file_len: u64,
+        durable: bool,
+    ) -> Result<Self> {
+        let table_bytes = u64::from(header.refcount_table_clusters) << header.cluster_bits;
+        check_inside(
+            "refcount table",
+            header.refcount_table_offset,
+            table_bytes,
+            file_len,
+        )?;
+        let mut raw = vec![0u8; table_bytes as usize];
+        backend
+            .read_exact_at(&mut raw, header.refcount_table_offset)
+            .map_err(Error::reading("qcow2 refcount table"))?;
+        let cluster_size = header.cluster_size();
+        Ok(Self {
+            reftable: raw.chunks_exact(8).map(BigEndian::read_u64).collect(),
+            refblocks: Vec::new(),
+            refblock_cache_len: (REFBLOCK_CACHE_BYTES / cluster_size).max(2) as usize,
+            next_free: file_len.div_ceil(cluster_size),
+            durable,
+        })
+    }
+}
+
+impl<B: Backend> Qcow2Image<B> {
+    pub(super) fn state(&mut self) -> &mut WriteState {
+        self.writer
+            .as_mut()
+            .expect("write path used on an image opened read-only")
+    }
+
+    fn per_block(&self) -> u64 {
+        refcount::entries_per_block(self.header.cluster_bits, self.header.refcount_order)
+    }
+
+    /// An ordering point between dependent metadata writes: fsync in durable mode.
+    pub(super) fn barrier(&mut self) -> Result<()> {
+        if self.state().durable {
+            self.backend
+                .sync_all()
+                .map_err(Error::io("syncing qcow2 metadata"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset`, extending the known file length.
+    pub(super) fn write_host(&mut self, bytes: &[u8], offset: u64) -> Result<()> {
+        self.backend
+            .write_all_at(bytes, offset)
+            .map_err(Error::writing("qcow2 image"))?;
+        self.file_len = self.file_len.max(offset + bytes.len() as u64);
+        Ok(())
+    }
+
+    /// The refcount block at `offset`, from the cache or the file (cluster-aligned, inside it).
+    fn refblock(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
+        let cluster_size = self.header.cluster_size();
+        let state = self
+            .writer
+            .as_mut()
+            .expect("write path used on an image opened read-only");
+        if let Some(i) = state.refblocks.iter().position(|(o, _)| *o == offset) {
+            let hit = state.refblocks.remove(i);
+            state.refblocks.insert(0, hit);
+        } else {
+            if offset % cluster_size != 0 {
+                return Err(Qcow2Error::UnalignedOffset {
+                    table: "refcount block",
+                    offset,
+                }
+                .into());
+            }
+            check_inside("refcount block", offset, cluster_size, self.file_len)?;
+            let mut block = vec![0u8; cluster_size as usize];
+            self.backend
+                .read_exact_at(&mut block, offset)
+                .map_err(Error::reading("qcow2 refcount block"))?;
+            let state = self.writer.as_mut().expect("checked above");
+            state.refblocks.insert(0, (offset, block));
+            state.refblocks.truncate(state.refblock_cache_len);
+        }
+        Ok(&mut self.writer.as_mut().expect("checked above").refblocks[0].1)
+    }
+
+    /// The refcount of host cluster `cluster` (0 where no refcount block covers it).
+    pub(super) fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let per_block = self.per_block();
+        let index = (cluster / per_block) as usize;
+        let entry = self.state().reftable.get(index).copied().unwrap_or(0);
+        let block = entry & REFTABLE_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        let order = self.header.refcount_order;
+        let bytes = self.refblock(block)?;
+        Ok(refcount::get(bytes, cluster % per_block, order))
+    }
+
+    /// Sets the refcount of host cluster `cluster`, creating its refcount block (and growing
+    /// the table) if needed.
+    pub(super) fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let per_block = self.per_block();
+        let index = cluster / per_block;
+        if index as usize >= self.state().reftable.len() {
+            self.grow_reftable(index)?;
+        }
+        let mut block = self.state().reftable[index as usize] & REFTABLE_OFFSET_MASK;
+        if block == 0 {
+            block = self.new_refblock(index)?;
+        }
+        let order = self.header.refcount_order;
+        if value > refcount::max_refcount(order) {
+            return Err(Qcow2Error::CorruptEntry {
+                what: "refcount overflow",
+                guest_offset: 0,
+                entry: cluster,
+            }
+            .into());
+        }
+        let entry = cluster % per_block;
+        let bytes = self.refblock(block)?;
+        refcount::set(bytes, entry, order, value);
+        // Write back only the bytes holding this entry.
+        let bits = 1u64 << order;
+        let (start, len) = ((entry * bits / 8) as usize, bits.div_ceil(8) as usize);
+        let chunk = bytes[start..start + len].to_vec();
+        self.write_host(&chunk, block + start as u64)
+    }
+
+    /// Creates the refcount block for table index `index` in a fresh cluster and links it.
+    fn new_refblock(&mut self, index: u64) -> Result<u64> {
+        let per_block = self.per_block();
+        let cluster_size = self.header.cluster_size();
+        let own = self.take_free_cluster()?;
+        let offset = own * cluster_size;
+        let mut bytes = vec![0u8; cluster_size as usize];
+        let counts_itself = own / per_block == index;
+        if counts_itself {
+            refcount::set(&mut bytes, own % per_block, self.header.refcount_order, 1);
+        }
+        self.write_host(&bytes, offset)?;
+        let state = self.state();
+        state.refblocks.insert(0, (offset, bytes));
+        state.refblocks.truncate(state.refblock_cache_len);
+        if !counts_itself {
+            self.set_refcount(own, 1)?;
+        }
+        self.barrier()?;
+        self.state().reftable[index as usize] = offset;
+        let table_entry = self.header.refcount_table_offset + index * 8;
+        self.write_host(&offset.to_be_bytes(), table_entry)?;
+        Ok(offset)
+    }
+
+    /// The next cluster index whose refcount is 0, at or after the end of the file.
+    fn take_free_cluster(&mut self) -> Result<u64> {
+        loop {
+            let cluster = self.state().next_free;
+            self.state().next_free += 1;
+            if self.refcount(cluster)? == 0 {
+                return Ok(cluster);
+            }
+        }
+    }
+
+    /// Allocates one host cluster with refcount 1 and returns its offset. The file is extended
+    /// (sparsely) to cover it, so no reference ever points past the end of the file.
+    pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
+        let cluster = self.take_free_cluster()?;
+        self.set_refcount(cluster, 1)?;
+        let cluster_size = self.header.cluster_size();
+        let end = (cluster + 1) * cluster_size;
+        if self.file_len < end {
+            self.backend
+                .set_len(end)
+                .map_err(Error::writing("qcow2 file length"))?;
+            self.file_len = end;
+        }
+        Ok(cluster * cluster_size)
+    }
+
+    /// Drops one reference to the host cluster at `offset`.
+    pub(super) fn free_cluster(&mut self, offset: u64) -> Result<()> {
+        let cluster = offset >> self.header.cluster_bits;
+        let count = self.refcount(cluster)?;
+        if count > 0 {
+            self.set_refcount(cluster, count - 1)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `count` contiguous free clusters (refcount 1 each) and returns the first offset.
+    pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
+        let start = self.reserve_contiguous(count)?;
+        for cluster in start..start + count {
+            self.set_refcount(cluster, 1)?;
+        }
+        let cluster_size = self.header.cluster_size();
+        let end = (start + count) * cluster_size;
+        if self.file_len < end {
+            self.backend
+                .set_len(end)
+                .map_err(Error::writing("qcow2 file length"))?;
+            self.file_len = end;
+        }
+        Ok(start * cluster_size)
+    }
+
+    /// Finds `count` contiguous clusters with refcount 0 at or after `next_free` and moves
+    /// `next_free` past them, without counting them.
+    fn reserve_contiguous(&mut self, count: u64) -> Result<u64> {
+        'search: loop {
+            let start = self.state().next_free;
+            for cluster in start..start + count {
+                if self.refcount(cluster)? != 0 {
+                    self.state().next_free = cluster + 1;
+                    continue 'search;
+                }
+            }
+            self.state().next_free = start + count;
+            return Ok(start);
+        }
+    }
+
+    /// Replaces the refcount table by a larger one that can list block `needed_index`.
+    ///
+    /// The new table and any refcount blocks its own clusters need are written in free space
+    /// at the end of the file, counted in blocks reachable only from the new table, then the
+    /// header is switched and the old table's clusters are freed.
+    fn grow_reftable(&mut self, needed_index: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let per_block = self.per_block();
+        let entries_per_cluster = cluster_size / 8;
+        let old_len = self.state().reftable.len() as u64;
+        let mut table_clusters = (needed_index + 1)
+            .max(old_len * 2)
+            .div_ceil(entries_per_cluster);
+        if table_clusters * cluster_size > super::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Qcow2Error::RefcountTableTooLarge {
+                clusters: u32::try_from(table_clusters).unwrap_or(u32::MAX),
+            }
+            .into());
+        }
+        // Fixed point: the area holds the table and the blocks that count the area itself.
+        let start = self.reserve_contiguous(0)?;
+        let (mut new_blocks, mut area_end);
+        loop {
+            new_blocks = Vec::new();
+            area_end = start + table_clusters;
+            loop {
+                let missing: Vec<u64> = (start / per_block..=(area_end - 1) / per_block)
+                    .filter(|&i| self.state().reftable.get(i as usize).copied().unwrap_or(0) == 0)
+                    .filter(|i| !new_blocks.contains(i))
+                    .collect();
+                if missing.is_empty() {
+                    break;
+                }
+                area_end += missing.len() as u64;
+                new_blocks.extend(missing);
+            }
+            let needed = needed_index.max((area_end - 1) / per_block) + 1;
+            if needed <= table_clusters * entries_per_cluster {
+                break;
+            }
+            table_clusters = needed.div_ceil(entries_per_cluster);
+        }
+        // The area must be free: it lies at or past next_free, where nothing is counted, unless
+        // stray refcounts exist past the end of the file; then start over further on.
+        for cluster in start..area_end {
+            if self.refcount(cluster)? != 0 {
+                self.state().next_free = cluster + 1;
+                return self.grow_reftable(needed_index);
+            }
+        }
+        self.state().next_free = area_end;
+
+        let mut table = self.state().reftable.clone();
+        table.resize((table_clusters * entries_per_cluster) as usize, 0);
+        let first_block = start + table_clusters;
+        for (k, &index) in new_blocks.iter().enumerate() {
+            table[index as usize] = (first_block + k as u64) * cluster_size;
+        }
+        // Write the new blocks, counting every area cluster they cover.
+        let order = self.header.refcount_order;
+        for (k, &index) in new_blocks.iter().enumerate() {
+            let mut bytes = vec![0u8; cluster_size as usize];
+            for cluster in start..area_end {
+                if cluster / per_block == index {
+                    refcount::set(&mut bytes, cluster % per_block, order, 1);
+                }
+            }
+            self.write_host(&bytes, (first_block + k as u64) * cluster_size)?;
+        }
+        // Area clusters covered by existing blocks are counted there (live: a crash leaks them).
+        for cluster in start..area_end {
+            if !new_blocks.contains(&(cluster / per_block)) {
+                self.set_refcount(cluster, 1)?;
+            }
+        }
+        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_host(&encoded, start * cluster_size)?;
+        self.barrier()?;
+
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        self.header.refcount_table_offset = start * cluster_size;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.write_fixed_header()?;
+        self.barrier()?;
+        self.state().reftable = table;
+        self.state().refblocks.clear();
+        for cluster in 0..old_clusters {
+            self.free_cluster(old_offset + cluster * cluster_size)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the fixed header fields (never the extension area or backing name).
+    pub(super) fn write_fixed_header(&mut self) -> Result<()> {
+        let bytes = self.header.to_bytes();
+        self.write_host(&bytes, 0)
+    }
+}

@@ -1,0 +1,465 @@
+//! Writing guest data into a qcow2 image: L2 tables and data clusters allocated on demand,
+//! copy-on-write of partial clusters from whatever lies below, zero writes, discard, resize.
+//!
+//! Write ordering (see also [`super::allocator`]): a data cluster is allocated (refcount 1)
+//! and filled before the L2 entry that points at it is written; an L2 table is allocated and
+//! zeroed before the L1 entry that points at it. Old clusters are freed only after the entry
+//! that referenced them was rewritten. In durable mode an fsync separates each dependent step,
+//! so even a power loss can at worst leak clusters; without it the same holds for a crash of
+//! this process (the kernel keeps the page cache), and [`Qcow2Image::flush`] makes it durable.
+//!
+//! Unit of copy-on-write: the cluster, or with extended L2 entries the subcluster.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::allocator::WriteState;
+use super::error::Qcow2Error;
+use super::features::{AutoclearFeatures, IncompatibleFeatures};
+use super::header::Version;
+use super::header_cluster::HeaderCluster;
+use super::image::{corrupt, Qcow2Image};
+use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO};
+use crate::chain::{check_range, GuestRead};
+use crate::io::Backend;
+use crate::{Error, Result};
+
+/// How an image is opened for writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteOptions {
+    /// fsync between dependent metadata updates (crash-safe against power loss, slower).
+    pub durable: bool,
+}
+
+impl<B: Backend + Send + Sync> Qcow2Image<B> {
+    /// Opens an image for reading and writing.
+    ///
+    /// Refused: images marked corrupt or dirty (their refcounts cannot be trusted: repair them
+    /// with check first), images with internal snapshots (clusters shared by snapshots would
+    /// need copy-on-write of L2 tables, not supported), encrypted images and external data
+    /// files. Unknown autoclear bits (and the bitmaps bit: bitmaps are not updated) are cleared,
+    /// as qemu does.
+    pub fn open_rw(
+        backend: B,
+        cluster: HeaderCluster,
+        below: Option<Box<dyn GuestRead>>,
+        options: WriteOptions,
+    ) -> Result<Self> {
+        let h = &cluster.header;
+        let refuse = |reason: &'static str| {
+            Err(Error::from(Qcow2Error::InvalidOption {
+                option: "open for writing",
+                value: String::new(),
+                reason,
+            }))
+        };
+        if h.incompatible_features
+            .contains(IncompatibleFeatures::CORRUPT)
+        {
+            return Err(Qcow2Error::MarkedCorrupt.into());
+        }
+        if h.incompatible_features
+            .contains(IncompatibleFeatures::DIRTY)
+        {
+            return refuse("the image is dirty (lazy refcounts after a crash); repair it with check -r all first");
+        }
+        if h.nb_snapshots != 0 {
+            return refuse("images with internal snapshots cannot be written");
+        }
+        let mut image = Self::open(backend, cluster, below)?;
+        image.writer = Some(WriteState::load(
+            &image.backend,
+            &image.header,
+            image.file_len,
+            options.durable,
+        )?);
+        if !image.header.autoclear_features.is_empty() {
+            image.header.autoclear_features = AutoclearFeatures::empty();
+            image.write_fixed_header()?;
+        }
+        Ok(image)
+    }
+
+    /// Makes everything written so far durable (fsync).
+    pub fn flush(&mut self) -> Result<()> {
+        self.backend
+            .sync_all()
+            .map_err(Error::io("syncing qcow2 image"))
+    }
+
+    /// Writes `buf` at guest `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len(), self.header.size)?;
+        let unit = self.cow_unit();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let len = (unit - (pos % unit)).min((buf.len() - done) as u64) as usize;
+            self.write_unit(pos, &buf[done..done + len])?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros: whole clusters (subclusters) by metadata
+    /// only (zero flag, host cluster freed), partial ones by writing zeros.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, 0, self.header.size)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.header.size)
+            .ok_or(Qcow2Error::ReadOutOfRange {
+                offset,
+                len,
+                size: self.header.size,
+            })?;
+        let unit = self.cow_unit();
+        let mut pos = offset;
+        while pos < end {
+            let piece = (unit - pos % unit).min(end - pos);
+            let whole = pos % unit == 0 && (piece == unit || pos + piece == self.header.size);
+            if self.reads_zero_already(pos)? {
+                // Nothing to do: unallocated with nothing below, or already a zero cluster.
+            } else if whole && self.header.version == Version::V3 {
+                self.zero_unit(pos)?;
+            } else {
+                self.write_at(&vec![0u8; piece as usize], pos)?;
+            }
+            pos += piece;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters in the range: their host clusters are freed; they then read as
+    /// zeros (v3) or from the backing file (v2, which has no zero flag). Partial clusters are
+    /// left as they are, as discard permits.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let end = offset.saturating_add(len).min(self.header.size);
+        let start = offset.next_multiple_of(cluster_size);
+        // Whole clusters only; the disk's last cluster counts as whole if the range reaches
+        // the end of the disk.
+        let whole_end = if end == self.header.size {
+            end
+        } else {
+            end - end % cluster_size
+        };
+        if start >= whole_end {
+            return Ok(());
+        }
+        if self.header.version == Version::V3 {
+            return self.write_zeroes(start, whole_end - start);
+        }
+        let mut pos = start;
+        while pos < whole_end {
+            if let Some((table, index, entry)) = self.existing_entry(pos)? {
+                if entry.entry != 0 {
+                    self.set_l2_entry(table, index, 0, 0)?;
+                    self.release(entry)?;
+                }
+            }
+            pos += cluster_size;
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size. Growing may relocate the L1 table. Shrinking is refused unless
+    /// `allow_shrink`, and even then refused if any cluster past the new end holds data (so no
+    /// allocated data is ever lost silently).
+    pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let new_size = super::create::round_size(new_size).ok_or(Qcow2Error::DiskTooLarge {
+            size: new_size,
+            cluster_size: self.header.cluster_size(),
+        })?;
+        if new_size < self.header.size {
+            if !allow_shrink {
+                return Err(Qcow2Error::InvalidOption {
+                    option: "resize",
+                    value: new_size.to_string(),
+                    reason: "shrinking needs --shrink",
+                }
+                .into());
+            }
+            let cluster_size = self.header.cluster_size();
+            let mut pos = new_size - new_size % cluster_size;
+            while pos < self.header.size {
+                if let Some((_, _, entry)) = self.existing_entry(pos)? {
+                    let kind = entry.kind(self.header.cluster_bits);
+                    let holds_data =
+                        !matches!(kind, ClusterKind::Unallocated | ClusterKind::ZeroPlain)
+                            || (self.header.extended_l2() && entry.bitmap & 0xffff_ffff != 0);
+                    if holds_data && pos + cluster_size > new_size {
+                        return Err(Qcow2Error::InvalidOption {
+                            option: "resize",
+                            value: new_size.to_string(),
+                            reason: "data is allocated past the new end; shrinking would lose it",
+                        }
+                        .into());
+                    }
+                }
+                pos += cluster_size;
+            }
+        }
+        let needed = super::header::l1_entries_for(
+            new_size,
+            self.header.cluster_bits,
+            self.header.extended_l2(),
+        );
+        if needed * 8 > super::MAX_L1_TABLE_BYTES {
+            return Err(Qcow2Error::DiskTooLarge {
+                size: new_size,
+                cluster_size: self.header.cluster_size(),
+            }
+            .into());
+        }
+        if needed > self.l1.len() as u64 {
+            self.grow_l1(needed)?;
+        }
+        self.header.size = new_size;
+        self.write_fixed_header()
+    }
+
+    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let clusters = (entries * 8).div_ceil(cluster_size);
+        let offset = self.alloc_contiguous(clusters)?;
+        let mut table = self.l1.clone();
+        table.resize(entries as usize, 0);
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_host(&bytes, offset)?;
+        self.barrier()?;
+        let (old_offset, old_len) = (self.header.l1_table_offset, self.l1.len() as u64);
+        self.header.l1_table_offset = offset;
+        self.header.l1_size = entries as u32;
+        self.write_fixed_header()?;
+        self.barrier()?;
+        self.l1 = table;
+        for cluster in 0..(old_len * 8).div_ceil(cluster_size) {
+            self.free_cluster(old_offset + cluster * cluster_size)?;
+        }
+        Ok(())
+    }
+
+    /// Copy-on-write unit: a cluster, or a subcluster with extended L2 entries.
+    fn cow_unit(&self) -> u64 {
+        let cluster_size = self.header.cluster_size();
+        if self.header.extended_l2() {
+            cluster_size / u64::from(SUBCLUSTERS)
+        } else {
+            cluster_size
+        }
+    }
+
+    /// True if the unit at `pos` already reads as zeros without any write (unallocated with
+    /// nothing below, or a zero cluster).
+    fn reads_zero_already(&self, pos: u64) -> Result<bool> {
+        let kind = match self.l2_entry(pos)? {
+            None => ClusterKind::Unallocated,
+            Some(entry) => self.unit_kind(entry, pos)?,
+        };
+        Ok(match kind {
+            ClusterKind::Unallocated => self.below.is_none(),
+            ClusterKind::ZeroPlain | ClusterKind::ZeroAllocated { .. } => true,
+            _ => false,
+        })
+    }
+
+    fn unit_kind(&self, entry: L2Entry, pos: u64) -> Result<ClusterKind> {
+        if self.header.extended_l2() {
+            let unit = self.cow_unit();
+            let index = ((pos % self.header.cluster_size()) / unit) as u32;
+            entry
+                .subcluster_kind(index, self.header.cluster_bits)
+                .map_err(|_| corrupt("invalid subcluster bitmap", pos, entry.bitmap))
+        } else {
+            Ok(entry.kind(self.header.cluster_bits))
+        }
+    }
+
+    /// The L2 table offset, entry index and entry for `pos`, if its L2 table exists.
+    fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
+        let cluster_index = pos >> self.header.cluster_bits;
+        let per_table = self.header.l2_entries();
+        let l1_raw = self
+            .l1
+            .get((cluster_index / per_table) as usize)
+            .copied()
+            .unwrap_or(0);
+        let Some(l2) = L1Entry(l1_raw).l2_offset() else {
+            return Ok(None);
+        };
+        let entry = self.l2_entry(pos)?.unwrap_or(L2Entry {
+            entry: 0,
+            bitmap: 0,
+        });
+        Ok(Some((l2, (cluster_index % per_table) as usize, entry)))
+    }
+
+    /// The L2 table for `pos`, allocated (zeroed, then linked from L1) if missing.
+    fn l2_for_write(&mut self, pos: u64) -> Result<(u64, usize, L2Entry)> {
+        if let Some(found) = self.existing_entry(pos)? {
+            let l1_index = ((pos >> self.header.cluster_bits) / self.header.l2_entries()) as usize;
+            if !L1Entry(self.l1[l1_index]).copied() {
+                return Err(corrupt(
+                    "L2 table shared (refcount > 1)",
+                    pos,
+                    self.l1[l1_index],
+                ));
+            }
+            return Ok(found);
+        }
+        let cluster_size = self.header.cluster_size();
+        let table = self.alloc_cluster()?;
+        self.write_host(&vec![0u8; cluster_size as usize], table)?;
+        self.barrier()?;
+        let cluster_index = pos >> self.header.cluster_bits;
+        let per_table = self.header.l2_entries();
+        let l1_index = (cluster_index / per_table) as usize;
+        self.l1[l1_index] = table | COPIED;
+        let l1_entry_offset = self.header.l1_table_offset + l1_index as u64 * 8;
+        self.write_host(&(table | COPIED).to_be_bytes(), l1_entry_offset)?;
+        Ok((
+            table,
+            (cluster_index % per_table) as usize,
+            L2Entry {
+                entry: 0,
+                bitmap: 0,
+            },
+        ))
+    }
+
+    /// Writes one L2 entry (and bitmap) to disk and to the cached table.
+    fn set_l2_entry(&mut self, table: u64, index: usize, entry: u64, bitmap: u64) -> Result<()> {
+        let extended = self.header.extended_l2();
+        let width = if extended { 16 } else { 8 };
+        let mut bytes = [0u8; 16];
+        BigEndian::write_u64(&mut bytes[..8], entry);
+        BigEndian::write_u64(&mut bytes[8..], bitmap);
+        self.write_host(&bytes[..width], table + (index * width) as u64)?;
+        let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
+            let mut copy = cached.to_vec();
+            copy[index * width..index * width + width].copy_from_slice(&bytes[..width]);
+            *cached = copy.into();
+        }
+        Ok(())
+    }
+
+    /// Drops the host clusters an entry referenced (after the entry was rewritten).
+    fn release(&mut self, old: L2Entry) -> Result<()> {
+        match old.kind(self.header.cluster_bits) {
+            ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
+                self.free_cluster(host)
+            }
+            ClusterKind::Compressed { host, len } => {
+                let cluster_size = self.header.cluster_size();
+                let first = (host & !511) / cluster_size;
+                let last = (host + len - 1) / cluster_size;
+                for cluster in first..=last {
+                    self.free_cluster(cluster * cluster_size)?;
+                }
+                Ok(())
+            }
+            ClusterKind::Unallocated | ClusterKind::ZeroPlain => Ok(()),
+        }
+    }
+
+    /// The current guest content of the unit starting at `unit_start`, with `data` laid over it
+    /// at `pos`.
+    fn merged_unit(&self, unit_start: u64, unit: u64, pos: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let mut full = vec![0u8; unit as usize];
+        let inside = (self.header.size - unit_start).min(unit) as usize;
+        if data.len() as u64 != unit {
+            self.read_at(&mut full[..inside], unit_start)?;
+        }
+        let at = (pos - unit_start) as usize;
+        full[at..at + data.len()].copy_from_slice(data);
+        Ok(full)
+    }
+
+    /// Writes `data` (inside one unit) at guest `pos`.
+    fn write_unit(&mut self, pos: u64, data: &[u8]) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let unit = self.cow_unit();
+        let (table, index, entry) = self.l2_for_write(pos)?;
+        let kind = self.unit_kind(entry, pos)?;
+        let cluster_start = pos - pos % cluster_size;
+        if !self.header.extended_l2() {
+            match kind {
+                ClusterKind::Normal { host } if entry.copied() => {
+                    if host % cluster_size != 0 {
+                        return Err(corrupt("unaligned data cluster offset", pos, entry.entry));
+                    }
+                    return self.write_host(data, host + pos % cluster_size);
+                }
+                ClusterKind::ZeroAllocated { host }
+                    if entry.copied() && host % cluster_size == 0 =>
+                {
+                    let mut full = vec![0u8; cluster_size as usize];
+                    let at = (pos % cluster_size) as usize;
+                    full[at..at + data.len()].copy_from_slice(data);
+                    self.write_host(&full, host)?;
+                    self.barrier()?;
+                    return self.set_l2_entry(table, index, host | COPIED, 0);
+                }
+                _ => {}
+            }
+            let full = self.merged_unit(cluster_start, cluster_size, pos, data)?;
+            let host = self.alloc_cluster()?;
+            self.write_host(&full, host)?;
+            self.barrier()?;
+            self.set_l2_entry(table, index, host | COPIED, 0)?;
+            return self.release(entry);
+        }
+
+        // Extended L2: the host cluster holds up to 32 subclusters, each allocated on its own.
+        let sub_index = ((pos % cluster_size) / unit) as u32;
+        let unit_start = pos - pos % unit;
+        let host = entry.entry & L2_OFFSET_MASK;
+        if entry.is_compressed() || (host != 0 && !entry.copied()) {
+            // Compressed or shared: copy the whole cluster's guest view into a new host cluster
+            // (every subcluster allocated), then release the old one.
+            let full = self.merged_unit(cluster_start, cluster_size, pos, data)?;
+            let host = self.alloc_cluster()?;
+            self.write_host(&full, host)?;
+            self.barrier()?;
+            self.set_l2_entry(table, index, host | COPIED, 0xffff_ffff)?;
+            return self.release(entry);
+        }
+        if matches!(kind, ClusterKind::Normal { .. }) {
+            return self.write_host(data, host + pos % cluster_size);
+        }
+        let merged = self.merged_unit(unit_start, unit, pos, data)?;
+        let host = if host == 0 {
+            self.alloc_cluster()?
+        } else {
+            host
+        };
+        self.write_host(&merged, host + (unit_start - cluster_start))?;
+        self.barrier()?;
+        let bitmap = (entry.bitmap | (1 << sub_index)) & !(1u64 << (sub_index + SUBCLUSTERS));
+        self.set_l2_entry(table, index, host | COPIED, bitmap)
+    }
+
+    /// Turns the whole unit at `pos` into zeros by metadata (v3 only).
+    fn zero_unit(&mut self, pos: u64) -> Result<()> {
+        if !self.header.extended_l2() {
+            let (table, index, entry) = self.l2_for_write(pos)?;
+            self.set_l2_entry(table, index, ZERO, 0)?;
+            return self.release(entry);
+        }
+        let (table, index, entry) = self.l2_for_write(pos)?;
+        if entry.is_compressed() {
+            let unit = self.cow_unit();
+            return self.write_unit(pos, &vec![0u8; unit as usize]);
+        }
+        let sub_index = ((pos % self.header.cluster_size()) / self.cow_unit()) as u32;
+        let bitmap = (entry.bitmap & !(1u64 << sub_index)) | (1u64 << (sub_index + SUBCLUSTERS));
+        let host = entry.entry & L2_OFFSET_MASK;
+        if bitmap & 0xffff_ffff == 0 && host != 0 {
+            // No subcluster uses the host cluster any more: free it.
+            self.set_l2_entry(table, index, 0, bitmap)?;
+            return self.free_cluster(host);
+        }
+        self.set_l2_entry(table, index, entry.entry, bitmap)
+    }
+}
