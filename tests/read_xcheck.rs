@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::{open_chain, GuestRead};
+use imagefmt::chain::open_chain;
 
 fn run(tool: &str, args: &[&str], dir: &Path) {
     let out = Command::new(tool)

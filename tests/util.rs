@@ -1,1 +1,405 @@
-//! (being written)
+//! Helpers shared by the integration tests: running the reference tools (`qemu-img`, `qemu-io`)
+//! and the `cowclone` binary, and comparing files.
+//!
+//! A missing reference tool is a test failure naming the Debian package to install
+//! (`qemu-utils`), never a silent skip.
+
+use std::ffi::OsStr;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// Arguments for the process helpers: anything that is an `OsStr` (`&"x"`, `&path`, `&os_string`).
+pub type Args<'a> = [&'a dyn AsRef<OsStr>];
+
+/// Borrows a list of strings (or paths) as [`Args`].
+pub fn args_of<S: AsRef<OsStr>>(items: &[S]) -> Vec<&dyn AsRef<OsStr>> {
+    items.iter().map(|a| a as &dyn AsRef<OsStr>).collect()
+}
+
+/// Runs `program args` in `dir` (or the current directory) and returns its output; a program that
+/// is not installed fails the test with a message naming the package that provides it.
+fn run(program: &str, package: &str, dir: Option<&Path>, args: &Args) -> Output {
+    let mut command = Command::new(program);
+    command.args(args.iter().map(|a| a.as_ref()));
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    match command.output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("{program} not found: install the Debian package {package}")
+        }
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
+
+/// A command line for messages: `qemu-img create -f qcow2 x 1G`.
+pub fn command_line(program: &str, args: &Args) -> String {
+    let mut line = program.to_owned();
+    for arg in args {
+        line.push(' ');
+        line.push_str(&arg.as_ref().to_string_lossy());
+    }
+    line
+}
+
+/// A finished process described for a failure message.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs `qemu-img` with `args`.
+pub fn qemu_img(args: &Args) -> Output {
+    run("qemu-img", "qemu-utils", None, args)
+}
+
+/// Runs `qemu-img` with `args` in directory `dir`.
+pub fn qemu_img_in(dir: &Path, args: &Args) -> Output {
+    run("qemu-img", "qemu-utils", Some(dir), args)
+}
+
+/// Runs `qemu-img` with `args`, asserts that it succeeded and returns its stdout.
+pub fn qemu_img_ok(args: &Args) -> String {
+    let output = qemu_img(args);
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        command_line("qemu-img", args),
+        describe(&output)
+    );
+    String::from_utf8(output.stdout).expect("qemu-img printed UTF-8")
+}
+
+/// Runs `qemu-io` with `args`, asserts that it succeeded and returns its stdout. (qemu-io reports
+/// some I/O errors on stdout with exit status 0, so its output is checked for them too.)
+pub fn qemu_io_ok(args: &Args) -> String {
+    let output = run("qemu-io", "qemu-utils", None, args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !stdout.contains("failed"),
+        "{} failed: {}",
+        command_line("qemu-io", args),
+        describe(&output)
+    );
+    stdout
+}
+
+/// `qemu-img info --output=json path`.
+pub fn qemu_info_json(path: &Path) -> Value {
+    let stdout = qemu_img_ok(&[&"info", &"--output=json", &path]);
+    serde_json::from_str(&stdout).expect("qemu-img info printed JSON")
+}
+
+/// `qemu-img check --output=json path`: the exit code (0 clean, 1 not completed, 2 corruption,
+/// 3 leaks only) and stdout.
+pub fn qemu_check(path: &Path) -> (i32, String) {
+    let output = qemu_img(&[&"check", &"--output=json", &path]);
+    (
+        output.status.code().expect("qemu-img check was not killed"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// Asserts that `qemu-img check` finds no corruption, no leak and no check error in `path`.
+/// `context` names the case in the failure message.
+pub fn assert_qemu_check_clean(path: &Path, context: &str) {
+    let (code, stdout) = qemu_check(path);
+    assert_eq!(
+        code,
+        0,
+        "{context}: qemu-img check {} exited {code}: {stdout}",
+        path.display()
+    );
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{context}: qemu-img check printed no JSON ({e}): {stdout}"));
+    for key in ["corruptions", "leaks", "check-errors", "corruptions-fixed"] {
+        let count = report
+            .get(key)
+            .map_or(0, |v| v.as_u64().unwrap_or(u64::MAX));
+        assert_eq!(
+            count,
+            0,
+            "{context}: qemu-img check {} reports {key}: {stdout}",
+            path.display()
+        );
+    }
+}
+
+/// The workspace root (the tests crate is one of its members).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The `cowclone` binary of this workspace, built once per test process.
+///
+/// It belongs to another package, so cargo does not build it for this crate: run
+/// `cargo build -p cowclone-cli --bin cowclone` and take the executable's path from cargo's own
+/// report, which accounts for `CARGO_TARGET_DIR`, `--target-dir` configuration and build targets.
+pub fn cowclone_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let output = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--message-format=json",
+                "-p",
+                "cowclone-cli",
+                "--bin",
+                "cowclone",
+            ])
+            .current_dir(workspace_root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo} to build cowclone: {e}"));
+        let messages: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .collect();
+        if !output.status.success() {
+            let rendered: Vec<&str> = messages
+                .iter()
+                .filter_map(|m| m["message"]["rendered"].as_str())
+                .collect();
+            panic!(
+                "building cowclone failed ({:?}):\n{}{}",
+                output.status.code(),
+                rendered.join(""),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let reported = messages
+            .iter()
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cowclone")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from));
+        let bin = reported.unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .map(|t| {
+                    if t.is_absolute() {
+                        t
+                    } else {
+                        workspace_root().join(t)
+                    }
+                })
+                .unwrap_or_else(|| workspace_root().join("target"));
+            target.join("debug").join("cowclone")
+        });
+        assert!(
+            bin.is_file(),
+            "cowclone binary not found at {}",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// Runs `cowclone args`.
+pub fn cowclone(args: &Args) -> Output {
+    cowclone_cmd(args).output().expect("cowclone binary runs")
+}
+
+/// Runs `cowclone args` in directory `dir`.
+pub fn cowclone_in(dir: &Path, args: &Args) -> Output {
+    cowclone_cmd(args)
+        .current_dir(dir)
+        .output()
+        .expect("cowclone binary runs")
+}
+
+fn cowclone_cmd(args: &Args) -> Command {
+    let mut command = Command::new(cowclone_bin());
+    command.args(args.iter().map(|a| a.as_ref()));
+    // The error path must not depend on the caller's environment.
+    command
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    command
+}
+
+/// Runs `cowclone args`, asserts that it succeeded and returns its stdout.
+pub fn cowclone_ok(args: &Args) -> String {
+    let output = cowclone(args);
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        command_line("cowclone", args),
+        describe(&output)
+    );
+    String::from_utf8(output.stdout).expect("cowclone printed UTF-8")
+}
+
+/// `cowclone info --output json path`.
+pub fn cowclone_info_json(path: &Path) -> Value {
+    let stdout = cowclone_ok(&[&"info", &"--output", &"json", &path]);
+    serde_json::from_str(&stdout).expect("cowclone info printed JSON")
+}
+
+/// Bytes allocated to `path` on disk (st_blocks × 512).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .blocks()
+        * 512
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The first offset at which `a` and `b` differ, the shorter file read as if zero-padded to the
+/// longer one's length (qemu versions differ in trailing padding); `None` if they are equal.
+pub fn first_difference_zero_extended(a: &Path, b: &Path) -> Option<u64> {
+    let (a, b) = (read(a), read(b));
+    let (short, long) = if a.len() <= b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    // Slice comparisons (memcmp) first: the byte-by-byte search runs only on a mismatch.
+    const CHUNK: usize = 64 << 10;
+    let zeros = [0u8; CHUNK];
+    let mut offset = 0;
+    while offset < long.len() {
+        let end = (offset + CHUNK).min(long.len());
+        let l = &long[offset..end];
+        let s = &short[offset.min(short.len())..end.min(short.len())];
+        if l[..s.len()] != *s || l[s.len()..] != zeros[..l.len() - s.len()] {
+            let at = (0..l.len())
+                .find(|&i| l[i] != s.get(i).copied().unwrap_or(0))
+                .expect("a differing byte");
+            return Some((offset + at) as u64);
+        }
+        offset = end;
+    }
+    None
+}
+
+/// True if `a` and `b` hold the same bytes, the shorter read as if zero-padded.
+pub fn bytes_equal_zero_extended(a: &Path, b: &Path) -> bool {
+    first_difference_zero_extended(a, b).is_none()
+}
+
+/// Asserts [`bytes_equal_zero_extended`], naming the first differing offset.
+pub fn assert_bytes_equal_zero_extended(ours: &Path, theirs: &Path, context: &str) {
+    if let Some(offset) = first_difference_zero_extended(ours, theirs) {
+        panic!(
+            "{context}: {} (ours, {} bytes) differs from {} (qemu-img, {} bytes) at offset {offset:#x}",
+            ours.display(),
+            file_len(ours),
+            theirs.display(),
+            file_len(theirs)
+        );
+    }
+}
+
+/// A file's length.
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .len()
+}
+
+/// The names of the entries of `dir`, sorted.
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that no temporary file of an unfinished create (`*.cowclone-tmp`) is left in `dir`.
+pub fn assert_no_temp_files(dir: &Path, context: &str) {
+    let leftovers: Vec<String> = dir_entries(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(imagefmt::new_file::TEMP_SUFFIX))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "{context}: temporary files left in {}: {leftovers:?}",
+        dir.display()
+    );
+}
+
+/// The keys `qemu-img info --output=json` and cowclone must agree on for two different files
+/// that should describe the same image.
+pub const INFO_KEYS: &[&str] = &[
+    "virtual-size",
+    "format",
+    "cluster-size",
+    "dirty-flag",
+    "format-specific",
+    "backing-filename",
+    "backing-filename-format",
+    "full-backing-filename",
+];
+
+/// Asserts that two info objects agree on `keys` (a key absent from both agrees).
+pub fn assert_info_keys_equal(ours: &Value, theirs: &Value, keys: &[&str], context: &str) {
+    for key in keys {
+        assert_eq!(
+            ours.get(key),
+            theirs.get(key),
+            "{context}: info key {key:?} differs\n--- ours\n{ours:#}\n--- qemu-img\n{theirs:#}"
+        );
+    }
+}
+
+/// Writes `len` bytes of a repeating, position-dependent pattern to `path`.
+pub fn write_pattern_file(path: &Path, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ 0x3c).collect();
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// The comparator every byte-identity assertion relies on must be able to say "different".
+#[test]
+fn zero_extended_comparison_finds_every_kind_of_difference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let mut long = vec![7u8; 200_000];
+    long.extend([0u8; 1000]);
+    let a = file("a", &long);
+    let b = file("b", &long[..200_000]);
+    assert_eq!(
+        first_difference_zero_extended(&a, &b),
+        None,
+        "trailing zeros"
+    );
+    assert!(bytes_equal_zero_extended(&b, &a));
+    long[150_001] = 8;
+    let c = file("c", &long);
+    assert_eq!(first_difference_zero_extended(&a, &c), Some(150_001));
+    long[150_001] = 7;
+    long[200_500] = 1; // inside the part the shorter file lacks
+    let d = file("d", &long);
+    assert_eq!(first_difference_zero_extended(&b, &d), Some(200_500));
+    assert_eq!(first_difference_zero_extended(&d, &b), Some(200_500));
+    let empty = file("empty", &[]);
+    assert_eq!(
+        first_difference_zero_extended(&empty, &file("z", &[0; 70_000])),
+        None
+    );
+    assert_eq!(first_difference_zero_extended(&empty, &a), Some(0));
+}

@@ -86,9 +86,11 @@ fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         );
     }
     let mut options = CreateOptions::default();
-    let mut size = args.size.as_deref().map(parse_size).transpose()?;
-    let mut backing = args.backing.clone();
-    let mut backing_format = args.backing_format.clone();
+    let mut size_text = args.size.clone();
+    let mut compat_text = None;
+    // -b and -F win over -o backing_file / backing_fmt, as in qemu-img.
+    let mut backing = None;
+    let mut backing_format = None;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         if item == "help" || item == "?" {
             writeln!(out, "Supported options (qemu-img create -f qcow2 syntax):")?;
@@ -102,12 +104,20 @@ fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
         match key {
-            "size" => size = Some(parse_size(value)?),
+            "size" if size_text.is_some() => bail!("the image size must be specified only once"),
+            "size" => size_text = Some(value.to_owned()),
             "backing_file" => backing = Some(value.to_owned()),
             "backing_fmt" => backing_format = Some(value.to_owned()),
+            "compat" => {
+                options.set(key, value)?;
+                compat_text = Some(value.to_owned());
+            }
             _ => options.set(key, value)?,
         }
     }
+    backing = args.backing.clone().or(backing);
+    backing_format = args.backing_format.clone().or(backing_format);
+    let size = size_text.as_deref().map(parse_size).transpose()?;
 
     let mut builder = Qcow2Builder::new(&args.file)
         .options(options.clone())
@@ -125,20 +135,24 @@ fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             builder = builder.without_opening_backing();
         }
     } else if backing_format.is_some() {
-        bail!("-F given without a backing file (-b)");
+        bail!("a backing format was given without a backing file (-b)");
     }
     let created = builder
         .create()
         .with_context(|| format!("{}", args.file.display()))?;
     if !args.quiet {
+        // The line qemu-img prints, in its order; size as requested (or the backing file's).
+        let shown_size = size.unwrap_or(created.virtual_size);
         let mut line = format!(
-            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={shown_size}",
             args.file.display(),
             options.cluster_size,
             on_off(options.extended_l2),
             options.compression_type.name(),
-            created.virtual_size
         );
+        if let Some(compat) = &compat_text {
+            line.push_str(&format!(" compat={compat}"));
+        }
         if let Some(b) = &created.backing {
             line.push_str(&format!(
                 " backing_file={} backing_fmt={}",

@@ -41,7 +41,8 @@ pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) ->
     Ok(())
 }
 
-/// A raw image: guest bytes are file bytes.
+/// A raw image: guest bytes are file bytes. Like qemu, its size is the file length rounded up
+/// to whole 512-byte sectors; the bytes past the end of the file read as zeros.
 #[derive(Debug)]
 pub struct RawReader<B> {
     backend: B,
@@ -51,7 +52,10 @@ pub struct RawReader<B> {
 impl<B: Backend> RawReader<B> {
     /// Wraps a backend whose whole length is the disk.
     pub fn new(backend: B) -> Result<Self> {
-        let size = backend.len().map_err(Error::reading("raw image length"))?;
+        let size = backend
+            .len()
+            .map_err(Error::reading("raw image length"))?
+            .next_multiple_of(512);
         Ok(Self { backend, size })
     }
 }
@@ -62,9 +66,12 @@ impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len(), self.size)?;
-        self.backend
-            .read_exact_at(buf, offset)
-            .map_err(Error::reading("raw image data"))
+        let got = self
+            .backend
+            .read_prefix_at(buf, offset)
+            .map_err(Error::reading("raw image data"))?;
+        buf[got..].fill(0);
+        Ok(())
     }
 }
 

@@ -101,9 +101,9 @@ mod tests {
 
     #[test]
     fn a_longer_image_matches_only_if_its_tail_is_zero_and_never_in_strict_mode() {
-        let short = vec![1u8; 100];
+        let short = vec![1u8; 512];
         let mut long = short.clone();
-        long.resize(300, 0);
+        long.resize(1536, 0);
         assert_eq!(
             compare(&raw(short.clone()), &raw(long.clone()), false).unwrap(),
             Comparison::Identical
@@ -111,14 +111,14 @@ mod tests {
         assert_eq!(
             compare(&raw(short.clone()), &raw(long.clone()), true).unwrap(),
             Comparison::SizeMismatch {
-                first: 100,
-                second: 300
+                first: 512,
+                second: 1536
             }
         );
-        long[250] = 9;
+        long[1000] = 9;
         assert_eq!(
             compare(&raw(long), &raw(short), false).unwrap(),
-            Comparison::ContentMismatch { offset: 250 }
+            Comparison::ContentMismatch { offset: 1000 }
         );
     }
 }

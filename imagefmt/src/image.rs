@@ -86,7 +86,8 @@ impl ImageHeader {
         match self {
             Self::Qcow2(c) => c.header.size,
             Self::Vdi(h) => h.virtual_size(),
-            Self::Raw { len } => *len,
+            // qemu's raw driver reports whole sectors; the tail reads as zeros.
+            Self::Raw { len } => len.next_multiple_of(512),
         }
     }
 

@@ -62,7 +62,7 @@ pub enum FormatSpecific {
 pub struct Qcow2Specific {
     /// `0.10` (v2) or `1.1` (v3).
     pub compat: String,
-    /// `zlib` or `zstd` (v3 only).
+    /// `zlib` or `zstd` (qemu reports `zlib` for v2 too).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression_type: Option<String>,
     /// Compatible bit 0 (v3 only).
@@ -111,7 +111,7 @@ impl ImageInfo {
                 let incompat = h.incompatible_features;
                 let specific = Qcow2Specific {
                     compat: h.version.compat().to_owned(),
-                    compression_type: v3.then(|| h.compression_type.name().to_owned()),
+                    compression_type: Some(h.compression_type.name().to_owned()),
                     lazy_refcounts: v3.then(|| {
                         h.compatible_features
                             .contains(CompatibleFeatures::LAZY_REFCOUNTS)

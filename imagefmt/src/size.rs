@@ -12,13 +12,32 @@ pub struct InvalidSize {
     pub input: String,
 }
 
-/// Parses a size: a number (decimals allowed with a suffix) with an optional binary suffix
-/// `b`/`B` (bytes), `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of 1024), as qemu-img accepts.
+/// Parses a size: a number (decimals allowed with a suffix other than bytes; hex with `0x`)
+/// with an optional binary suffix `b`/`B` (bytes), `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of
+/// 1024), as qemu-img accepts.
 pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
     let err = || InvalidSize {
         input: input.to_owned(),
     };
     let text = input.trim();
+    if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        // As strtoull reads it: every hex digit belongs to the number ("0x1e" is 30), and only
+        // a trailing non-hex letter is a suffix.
+        let digits = hex.bytes().take_while(u8::is_ascii_hexdigit).count();
+        let shift = match &hex[digits..] {
+            "" => 0,
+            "k" | "K" => 10,
+            "m" | "M" => 20,
+            "g" | "G" => 30,
+            "t" | "T" => 40,
+            "p" | "P" => 50,
+            _ => return Err(err()),
+        };
+        return u64::from_str_radix(&hex[..digits], 16)
+            .ok()
+            .and_then(|n| n.checked_mul(1u64 << shift))
+            .ok_or_else(err);
+    }
     let (number, shift) = match text.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let shift = match c {
@@ -38,6 +57,10 @@ pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(err());
     }
+    if number.contains('.') && shift == 0 {
+        // qemu-img refuses fractional byte counts such as "1.5".
+        return Err(err());
+    }
     match number.split_once('.') {
         None => number
             .parse::<u64>()
@@ -54,9 +77,12 @@ pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
                 whole.parse().map_err(|_| err())?
             };
             let fraction: u128 = fraction.parse().map_err(|_| err())?;
-            let value = (whole.checked_mul(scale).ok_or_else(err)? + fraction)
-                .checked_mul(1u128 << shift)
-                .ok_or_else(err)?
+            let value = (whole
+                .checked_mul(scale)
+                .and_then(|w| w.checked_add(fraction))
+                .ok_or_else(err)?)
+            .checked_mul(1u128 << shift)
+            .ok_or_else(err)?
                 / scale;
             u64::try_from(value).map_err(|_| err())
         }
@@ -78,6 +104,10 @@ mod tests {
         assert_eq!(parse_size("2T").unwrap(), 2 << 40);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("512b").unwrap(), 512);
+        assert_eq!(parse_size("0x100000").unwrap(), 1 << 20);
+        assert_eq!(parse_size("0x10M").unwrap(), 16 << 20);
+        assert_eq!(parse_size("0x1e").unwrap(), 30);
+        assert_eq!(parse_size("0x1b").unwrap(), 27);
     }
 
     #[test]

@@ -97,9 +97,9 @@ impl CreateOptions {
                 }
             }
             "refcount_bits" => {
-                self.refcount_bits = value
-                    .parse()
-                    .map_err(|_| invalid("refcount_bits", "expected 1, 2, 4, 8, 16, 32 or 64"))?;
+                self.refcount_bits = parse_qemu_uint(value)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| invalid("refcount_bits", "expected 1, 2, 4, 8, 16, 32 or 64"))?;
             }
             "lazy_refcounts" => {
                 self.lazy_refcounts = parse_bool(value).ok_or_else(|| invalid("lazy_refcounts", "expected on or off"))?
@@ -176,11 +176,31 @@ impl CreateOptions {
     }
 }
 
+/// qemu's boolean option syntax.
 fn parse_bool(value: &str) -> Option<bool> {
     match value {
-        "on" | "true" | "yes" => Some(true),
-        "off" | "false" | "no" => Some(false),
+        "on" | "true" | "yes" | "y" => Some(true),
+        "off" | "false" | "no" | "n" => Some(false),
         _ => None,
+    }
+}
+
+/// qemu's unsigned integer option syntax (`strtoull` with base 0): leading whitespace allowed,
+/// `0x` hex, a leading `0` means octal.
+fn parse_qemu_uint(value: &str) -> Option<u64> {
+    let value = value.trim_start();
+    let value = value.strip_prefix('+').unwrap_or(value);
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        u64::from_str_radix(hex, 16).ok()
+    } else if value.len() > 1 && value.starts_with('0') {
+        u64::from_str_radix(&value[1..], 8).ok()
+    } else if value.bytes().all(|b| b.is_ascii_digit()) {
+        value.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -355,6 +375,7 @@ mod tests {
             &[("cluster_size", "8k"), ("extended_l2", "on")],
             &[("compat", "2.0")],
             &[("lazy_refcounts", "maybe")],
+            &[("refcount_bits", "016")], // octal 14, as qemu reads it
             &[("compression_type", "lz4")],
             &[("preallocation", "full")],
         ];

@@ -29,7 +29,8 @@ impl HeaderCluster {
     pub fn parse(bytes: &[u8]) -> Result<Self, Qcow2Error> {
         let header = Header::parse(bytes)?;
         let (extensions, _) = parse_extensions(bytes, &header)?;
-        let backing_file = if header.backing_file_offset != 0 {
+        // An empty name means no backing file, as qemu reads it.
+        let backing_file = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
             let start = header.backing_file_offset as usize;
             let end = start + header.backing_file_size as usize; // both ≤ cluster size (validated)
             let raw = bytes.get(start..end).ok_or(Qcow2Error::Truncated {
@@ -54,14 +55,27 @@ impl HeaderCluster {
 
     /// Reads and decodes cluster 0 of an image. Reads at most one cluster (≤ 2 MiB).
     pub fn read_from<B: Backend + ?Sized>(backend: &B) -> Result<Self, crate::Error> {
-        let mut start = [0u8; super::header::V3_HEADER_LEN as usize];
-        let got = backend
-            .read_prefix_at(&mut start, 0)
-            .map_err(crate::Error::reading("qcow2 header"))?;
-        let header = Header::parse(&start[..got])?;
+        // First the fixed header: 112 bytes, or header_length if a v3 header says it is longer
+        // (bounded by the cluster size, which Header::parse checks before asking for more).
+        let mut want = super::header::V3_HEADER_LEN as usize;
+        let header = loop {
+            let mut start = vec![0u8; want];
+            let got = backend
+                .read_prefix_at(&mut start, 0)
+                .map_err(crate::Error::reading("qcow2 header"))?;
+            match Header::parse(&start[..got]) {
+                Err(Qcow2Error::Truncated { needed, .. }) if got == want && needed > want => {
+                    want = needed
+                }
+                result => break result?,
+            }
+        };
         let area_end = extension_area_end(&header);
         let name_end = header.backing_file_offset + u64::from(header.backing_file_size);
-        let wanted = area_end.max(name_end).min(header.cluster_size());
+        let wanted = area_end
+            .max(name_end)
+            .max(header.encoded_len() as u64)
+            .min(header.cluster_size());
         let mut cluster0 = vec![0u8; wanted as usize];
         let got = backend
             .read_prefix_at(&mut cluster0, 0)
@@ -299,6 +313,13 @@ mod tests {
             HeaderCluster::parse(short),
             Err(Qcow2Error::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_backing_name_means_no_backing_file_as_in_qemu() {
+        let mut bytes = qemu_overlay_cluster0();
+        bytes[16..20].copy_from_slice(&0u32.to_be_bytes()); // backing_file_size 0, offset kept
+        assert_eq!(HeaderCluster::parse(&bytes).unwrap().backing_file, None);
     }
 
     #[test]

@@ -1,0 +1,61 @@
+#!/bin/sh
+# Regenerates the seed corpora under fuzz/corpus/<target>/ (gitignored) from images qemu-img
+# makes: the first 4 KiB of each (cluster 0 / header + start of the block map is all the
+# targets read). Needs qemu-img (Debian package qemu-utils). Safe to re-run: seeds are
+# overwritten, inputs the fuzzer added to the corpora are kept.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+corpus="$here/corpus"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+command -v qemu-img >/dev/null || {
+    echo "seed-corpus.sh: qemu-img not found (Debian package qemu-utils)" >&2
+    exit 1
+}
+mkdir -p "$corpus/qcow2_header" "$corpus/qcow2_read" "$corpus/vdi_header" "$corpus/size"
+
+# seed <format> <name> <target...> -- <qemu-img create arguments after the file name>
+seed() {
+    fmt=$1 name=$2
+    shift 2
+    targets=
+    while [ "$1" != -- ]; do targets="$targets $1"; shift; done
+    shift
+    file="$work/$name.$fmt"
+    (cd "$work" && qemu-img create -q -f "$fmt" "$@" "$file" ${SIZE:-1G})
+    for t in $targets; do head -c 4096 "$file" > "$corpus/$t/$name"; done
+}
+
+q="qcow2_header qcow2_read"
+seed qcow2 default                $q -- 
+seed qcow2 compat-0.10            $q -- -o compat=0.10
+seed qcow2 cluster-512            $q -- -o cluster_size=512
+seed qcow2 cluster-2M             $q -- -o cluster_size=2M
+seed qcow2 extended-l2            $q -- -o extended_l2=on
+seed qcow2 zstd                   $q -- -o compression_type=zstd
+seed qcow2 lazy-refcount1         $q -- -o lazy_refcounts=on,refcount_bits=1
+seed qcow2 data-file              $q -- -o data_file="$work/data.raw",data_file_raw=on
+seed qcow2 backing                $q -- -b default.qcow2 -F qcow2
+seed qcow2 backing-v2-512         $q -- -o compat=0.10,cluster_size=512 -u -b ../x/default.qcow2 -F qcow2
+seed qcow2 backing-raw-unopened   $q -- -u -b base.raw -F raw
+
+seed vdi dynamic-1G qcow2_read vdi_header --
+SIZE=16M seed vdi dynamic-16M qcow2_read vdi_header --
+SIZE=5M seed vdi static-5M qcow2_read vdi_header -- -o static=on
+
+# qcow2_read also reads anything else as raw.
+head -c 4096 /dev/zero > "$corpus/qcow2_read/zeros"
+
+# size: the forms qemu-img accepts, and edges.
+i=0
+for s in 0 512 4096 64k 64K 1M 1.5G 10G 2T 1P 15E 512b 0.5k .5M 18446744073709551615 \
+         15.999999999999999999E " 1G " 1.0000000000000000001T; do
+    i=$((i + 1))
+    printf '%s' "$s" > "$corpus/size/seed-$i"
+done
+
+for t in qcow2_header qcow2_read vdi_header size; do
+    echo "$t: $(ls "$corpus/$t" | wc -l) files"
+done
