@@ -6,6 +6,7 @@
 mod util;
 
 mod cli;
+mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
 mod regression;

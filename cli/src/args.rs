@@ -29,6 +29,14 @@ pub enum Command {
     Clone(CloneArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
+    /// Copy an image's guest content into a new qcow2 or raw image (sparse, streaming).
+    Convert(crate::ops::ConvertArgs),
+    /// Fold an overlay into its backing file.
+    Commit(crate::ops::CommitArgs),
+    /// Change an image's backing file, keeping guest data the same (unless -u).
+    Rebase(crate::ops::RebaseArgs),
+    /// Grow (or, with --shrink, shrink) an image's virtual size.
+    Resize(crate::ops::ResizeArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod ops;
 mod output;
 
 use std::io::{self, Write};
@@ -27,6 +28,10 @@ fn main() -> ExitCode {
         Command::Info(args) => (info(args, &mut out).map(|()| 0), 1),
         Command::Clone(args) => (clone(args, &mut out).map(|()| 0), 1),
         Command::Compare(args) => (compare(args, &mut out), 2),
+        Command::Convert(args) => (ops::convert(args, &mut out).map(|()| 0), 1),
+        Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
+        Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
+        Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),

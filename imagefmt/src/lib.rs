@@ -40,7 +40,9 @@
 pub mod backing;
 pub mod builder;
 pub mod chain;
+pub mod commit;
 pub mod compare;
+pub mod convert;
 pub mod detect;
 pub mod error;
 pub mod image;
@@ -48,6 +50,7 @@ pub mod info;
 pub mod io;
 pub mod new_file;
 pub mod qcow2;
+pub mod rebase;
 pub mod size;
 pub mod vdi;
 

@@ -463,3 +463,124 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.set_l2_entry(table, index, entry.entry, bitmap)
     }
 }
+
+/// Operations that whole-image commands (convert, commit, rebase) build on.
+impl<B: Backend + Send + Sync> Qcow2Image<B> {
+    /// True if this image itself decides the content of the unit at `offset` (data, zero or
+    /// compressed here), false if reads fall through to the image below.
+    pub fn is_allocated_here(&self, offset: u64) -> Result<bool> {
+        Ok(match self.l2_entry(offset)? {
+            None => false,
+            Some(entry) => !matches!(self.unit_kind(entry, offset)?, ClusterKind::Unallocated),
+        })
+    }
+
+    /// The copy-on-write unit in bytes: the cluster size, or the subcluster size with extended
+    /// L2 entries. Whole-image operations step through the disk in these units.
+    pub fn unit_size(&self) -> u64 {
+        self.cow_unit()
+    }
+
+    /// Drops every cluster of this image, so that all reads fall through to the image below
+    /// (what `qemu-img commit` leaves behind). L2 tables and data clusters are freed.
+    pub fn make_empty(&mut self) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let width = if self.header.extended_l2() { 16 } else { 8 };
+        for l1_index in 0..self.l1.len() {
+            let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
+                continue;
+            };
+            let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
+            let entries: Vec<L2Entry> = {
+                let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
+                bytes
+                    .chunks_exact(width)
+                    .map(|e| L2Entry {
+                        entry: BigEndian::read_u64(&e[..8]),
+                        bitmap: if width == 16 {
+                            BigEndian::read_u64(&e[8..])
+                        } else {
+                            0
+                        },
+                    })
+                    .collect()
+            };
+            // Unlink the table first, then free what it referenced.
+            self.l1[l1_index] = 0;
+            let l1_entry_offset = self.header.l1_table_offset + l1_index as u64 * 8;
+            self.write_host(&0u64.to_be_bytes(), l1_entry_offset)?;
+            self.barrier()?;
+            self.l2_cache
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(o, _)| *o != table);
+            for entry in entries {
+                self.release(entry)?;
+            }
+            self.free_cluster(table)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one whole cluster compressed (deflate or zstd, per the header), at a
+    /// cluster-aligned `offset`. Data that does not shrink is written uncompressed, as qemu does.
+    /// Images with extended L2 entries get a normal write (compressed clusters there have no
+    /// subclusters, which this writer does not produce).
+    pub fn write_compressed(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        if offset % cluster_size != 0
+            || (data.len() as u64 != cluster_size && offset + data.len() as u64 != self.header.size)
+            || self.header.extended_l2()
+        {
+            return self.write_at(data, offset);
+        }
+        let mut full = vec![0u8; cluster_size as usize];
+        full[..data.len()].copy_from_slice(data);
+        let compressed = match self.header.compression_type {
+            super::CompressionType::Deflate => super::compress::deflate(&full),
+            super::CompressionType::Zstd => super::compress::zstd(&full),
+        };
+        let Some(compressed) = compressed.filter(|c| (c.len() as u64) < cluster_size) else {
+            return self.write_at(data, offset);
+        };
+        let (table, index, entry) = self.l2_for_write(offset)?;
+        let host = self.alloc_cluster()?;
+        self.write_host(&compressed, host)?;
+        self.barrier()?;
+        let sectors = (compressed.len() as u64).div_ceil(512);
+        let offset_bits = 62 - (self.header.cluster_bits - 8);
+        let descriptor = super::tables::COMPRESSED | host | ((sectors - 1) << offset_bits);
+        self.set_l2_entry(table, index, descriptor, 0)?;
+        self.release(entry)
+    }
+
+    /// Points the image at a new backing file (or none), rewriting cluster 0: the header, the
+    /// backing-format extension and the name. Guest data is not touched (`rebase -u`).
+    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        let mut cluster = HeaderCluster::read_from(&self.backend)?;
+        let old_len = cluster.to_bytes()?.len();
+        cluster.header = self.header.clone();
+        cluster
+            .extensions
+            .retain(|e| !matches!(e, super::extensions::Extension::BackingFormat(_)));
+        match backing {
+            Some((name, format)) => {
+                cluster.extensions.insert(
+                    0,
+                    super::extensions::Extension::BackingFormat(format.to_owned()),
+                );
+                cluster.backing_file = Some(name.to_owned());
+            }
+            None => cluster.backing_file = None,
+        }
+        let mut bytes = cluster.to_bytes()?;
+        bytes.resize(bytes.len().max(old_len), 0);
+        self.header = HeaderCluster::parse(&bytes)?.header;
+        self.write_host(&bytes, 0)
+    }
+
+    /// Replaces what lies below this image (after [`Self::set_backing`]).
+    pub fn set_below(&mut self, below: Option<Box<dyn GuestRead>>) {
+        self.below = below;
+    }
+}

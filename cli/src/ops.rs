@@ -1,0 +1,229 @@
+//! Whole-image commands: convert, commit, rebase, resize (qemu-img syntax).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use imagefmt::backing::BackingPolicy;
+use imagefmt::qcow2::CreateOptions;
+use imagefmt::ImageFormat;
+
+/// `cowclone convert [-f FMT] -O qcow2|raw [-c] [-B BACKING [-F FMT]] [-o ...] [-p] SRC DST`
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Source format (default: recognised by content, raw otherwise).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub source_format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    pub output_format: String,
+    /// Compress the output's clusters (qcow2).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Backing file of the output: only data that differs from it is written.
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Backing file format (default: recognised by content).
+    #[arg(short = 'F', value_name = "FMT", requires = "backing")]
+    pub backing_format: Option<String>,
+    /// qcow2 creation options, as for create.
+    #[arg(short = 'o', value_name = "key=value,...")]
+    pub options: Vec<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Replace DST if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Refuse backing files outside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub confine: Option<PathBuf>,
+    /// Source image.
+    pub source: PathBuf,
+    /// Output image.
+    pub dest: PathBuf,
+}
+
+/// `cowclone commit [-d] FILE`
+#[derive(Debug, clap::Args)]
+pub struct CommitArgs {
+    /// Keep the overlay's contents (default: empty it after committing).
+    #[arg(short = 'd')]
+    pub keep: bool,
+    /// Refuse backing files outside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub confine: Option<PathBuf>,
+    /// The overlay to commit into its backing file.
+    pub file: PathBuf,
+}
+
+/// `cowclone rebase [-u] -b NEW [-F FMT] FILE`
+#[derive(Debug, clap::Args)]
+pub struct RebaseArgs {
+    /// Unsafe: rewrite the header only, copying no data.
+    #[arg(short = 'u')]
+    pub unsafe_header_only: bool,
+    /// New backing file ("" removes it).
+    #[arg(short = 'b', value_name = "BACKING")]
+    pub backing: String,
+    /// New backing format (default: recognised by content).
+    #[arg(short = 'F', value_name = "FMT")]
+    pub backing_format: Option<String>,
+    /// Refuse backing files outside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub confine: Option<PathBuf>,
+    /// The image to rebase (qcow2).
+    pub file: PathBuf,
+}
+
+/// `cowclone resize [--shrink] FILE [+|-]SIZE`
+#[derive(Debug, clap::Args)]
+pub struct ResizeArgs {
+    /// Allow shrinking (refused anyway if data lies past the new end).
+    #[arg(long)]
+    pub shrink: bool,
+    /// The image (qcow2 or raw).
+    pub file: PathBuf,
+    /// New size, or +SIZE / -SIZE relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+}
+
+fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
+    match confine {
+        Some(dir) => BackingPolicy::Confine(dir.clone()),
+        None => BackingPolicy::FollowLocal,
+    }
+}
+
+fn format(name: &Option<String>) -> Result<Option<ImageFormat>> {
+    Ok(name.as_deref().map(str::parse).transpose()?)
+}
+
+/// Runs convert.
+pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
+    let policy = policy(&args.confine);
+    let source = imagefmt::chain::open_chain(&args.source, format(&args.source_format)?, &policy)
+        .with_context(|| format!("{}", args.source.display()))?;
+    let mut qcow2 = CreateOptions::default();
+    for item in args.options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
+        qcow2.set(key, value)?;
+    }
+    let output = args.output_format.parse::<ImageFormat>()?;
+    let options = imagefmt::convert::ConvertOptions {
+        format: output,
+        qcow2,
+        compress: args.compress,
+        backing: match &args.backing {
+            Some(name) => Some((name.clone(), format(&args.backing_format)?)),
+            None => None,
+        },
+        mode: imagefmt::new_file::NewFileMode {
+            overwrite: args.overwrite,
+            durable: false,
+        },
+    };
+    let bar = args.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(source.virtual_size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut report = |done: u64, _total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    };
+    imagefmt::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)
+        .with_context(|| format!("{}", args.dest.display()))?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(())
+}
+
+/// Runs commit.
+pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
+    imagefmt::commit::commit(&args.file, &policy(&args.confine), args.keep)
+        .with_context(|| format!("{}", args.file.display()))?;
+    writeln!(out, "Image committed.")?;
+    Ok(())
+}
+
+/// Runs rebase.
+pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
+    let new = if args.backing.is_empty() {
+        None
+    } else {
+        let fmt = match format(&args.backing_format)? {
+            Some(f) => f,
+            None if args.unsafe_header_only => bail!("-u needs the backing format (-F)"),
+            None => {
+                let path = imagefmt::backing::resolve(&args.file, &args.backing)?;
+                let file =
+                    std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                imagefmt::image::ImageHeader::read_detected(&file, &path, false)?.format()
+            }
+        };
+        Some((args.backing.clone(), fmt))
+    };
+    imagefmt::rebase::rebase(
+        &args.file,
+        &new,
+        args.unsafe_header_only,
+        &policy(&args.confine),
+    )
+    .with_context(|| format!("{}", args.file.display()))?;
+    Ok(())
+}
+
+/// Runs resize.
+pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
+    let file =
+        std::fs::File::open(&args.file).with_context(|| format!("{}", args.file.display()))?;
+    let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)?;
+    let current = header.virtual_size();
+    let new = if let Some(delta) = args.size.strip_prefix('+') {
+        current
+            .checked_add(imagefmt::size::parse_size(delta)?)
+            .context("size overflows")?
+    } else if let Some(delta) = args.size.strip_prefix('-') {
+        current
+            .checked_sub(imagefmt::size::parse_size(delta)?)
+            .context("the image would shrink below zero")?
+    } else {
+        imagefmt::size::parse_size(&args.size)?
+    };
+    drop(file);
+    match header.format() {
+        ImageFormat::Qcow2 => {
+            let mut image = imagefmt::chain::open_qcow2_rw(
+                &args.file,
+                &BackingPolicy::FollowLocal,
+                imagefmt::qcow2::write::WriteOptions::default(),
+            )
+            .with_context(|| format!("{}", args.file.display()))?;
+            image
+                .resize(new, args.shrink)
+                .with_context(|| format!("{}", args.file.display()))?;
+            image.flush()?;
+        }
+        ImageFormat::Raw => {
+            if new < current && !args.shrink {
+                bail!("shrinking needs --shrink (data past the new end is lost in a raw image)");
+            }
+            let file = std::fs::OpenOptions::new().write(true).open(&args.file)?;
+            file.set_len(new)?;
+        }
+        ImageFormat::Vdi => bail!("resizing VDI images is not supported"),
+    }
+    writeln!(out, "Image resized.")?;
+    Ok(())
+}
