@@ -475,3 +475,60 @@ fn resize_grows_like_qemu_img_and_refuses_to_lose_data() {
     ours(&["resize", "--shrink", "r.qcow2", "3584K"], d);
     assert_clean("r.qcow2", d);
 }
+
+#[test]
+fn no_backing_reads_the_overlay_alone_like_qemu_with_a_null_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned(d, "base.qcow2", None);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x99 2M 64k", "top.qcow2"],
+        d,
+    );
+    ours(
+        &[
+            "convert",
+            "--no-backing",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "alone.raw",
+        ],
+        d,
+    );
+    // qemu's view of the overlay alone: a null backing.
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"},"backing":null}"#,
+            "-O",
+            "raw",
+            "theirs.raw",
+        ],
+        d,
+    );
+    assert_identical("alone.raw", "theirs.raw", d);
+    let differ = cowclone(&["compare", "--no-backing", "top.qcow2", "base.qcow2"], d);
+    assert_eq!(
+        differ.status.code(),
+        Some(1),
+        "without its base the overlay differs from it"
+    );
+}

@@ -220,3 +220,57 @@ fn dirty_images_with_lazy_refcounts_read_correctly() {
     assert!(ours[..128 << 10].iter().all(|&b| b == 0x66));
     assert!(ours[128 << 10..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn external_data_files_are_read_only_when_allowed_and_then_like_qemu() {
+    use imagefmt::chain::open_chain_allowing_data_files;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, opts) in [
+        ("df.qcow2", "data_file=df.data"),
+        ("dfraw.qcow2", "data_file=dfraw.data,data_file_raw=on"),
+    ] {
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"],
+            d,
+        );
+        for w in [
+            "write -P 0x61 64k 64k",
+            "write -z 1M 64k",
+            "write -P 0x62 3M 5k",
+        ] {
+            run("qemu-io", &["-f", "qcow2", "-c", w, name], d);
+        }
+        let image = d.join(name);
+        // Refused by default: the header may name any host file.
+        let refused = open_chain(&image, None, &BackingPolicy::FollowLocal);
+        assert!(
+            matches!(
+                refused,
+                Err(imagefmt::Error::Qcow2(
+                    imagefmt::qcow2::Qcow2Error::ExternalDataFileRefused { .. }
+                ))
+            ),
+            "{name}: {:?}",
+            refused.err()
+        );
+        // Confinement applies to data files as to backing files.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let confined = open_chain_allowing_data_files(
+            &image,
+            None,
+            &BackingPolicy::Confine(elsewhere.path().to_owned()),
+        );
+        assert!(
+            confined.is_err(),
+            "{name}: data file outside the confinement was opened"
+        );
+        // Allowed: reads like qemu.
+        let reader =
+            open_chain_allowing_data_files(&image, None, &BackingPolicy::FollowLocal).unwrap();
+        let mut ours = vec![0u8; reader.virtual_size() as usize];
+        reader.read_at(&mut ours, 0).unwrap();
+        assert_eq!(ours, qemu_raw(&image), "{name}");
+    }
+}

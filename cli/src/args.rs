@@ -125,6 +125,13 @@ pub struct CompareArgs {
     /// Refuse any backing file outside DIR.
     #[arg(long, value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// Open no backing file: what would fall through to one reads as zeros.
+    #[arg(long, conflicts_with = "confine")]
+    pub no_backing: bool,
+    /// Read qcow2 guest data from the external data file the header names (refused by default:
+    /// the name can point at any host file; --confine applies to it too).
+    #[arg(long)]
+    pub allow_data_file: bool,
     /// First image.
     pub file1: PathBuf,
     /// Second image.

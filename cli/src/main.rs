@@ -51,6 +51,7 @@ fn main() -> ExitCode {
 fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     use imagefmt::compare::Comparison;
     let policy = match &args.confine {
+        _ if args.no_backing => BackingPolicy::Detach,
         Some(dir) => BackingPolicy::Confine(dir.clone()),
         None => BackingPolicy::FollowLocal,
     };
@@ -59,8 +60,12 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
             .as_deref()
             .map(str::parse::<ImageFormat>)
             .transpose()?;
-        imagefmt::chain::open_chain(path, format, &policy)
-            .with_context(|| format!("{}", path.display()))
+        let opened = if args.allow_data_file {
+            imagefmt::chain::open_chain_allowing_data_files(path, format, &policy)
+        } else {
+            imagefmt::chain::open_chain(path, format, &policy)
+        };
+        opened.with_context(|| format!("{}", path.display()))
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;

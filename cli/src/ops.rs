@@ -38,6 +38,13 @@ pub struct ConvertArgs {
     /// Refuse backing files outside DIR.
     #[arg(long, value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// Open no backing file of the source: what would fall through reads as zeros.
+    #[arg(long, conflicts_with = "confine")]
+    pub no_backing: bool,
+    /// Read the source's guest data from the external data file its header names (refused by
+    /// default: the name can point at any host file).
+    #[arg(long)]
+    pub allow_data_file: bool,
     /// Source image.
     pub source: PathBuf,
     /// Output image.
@@ -102,9 +109,18 @@ fn format(name: &Option<String>) -> Result<Option<ImageFormat>> {
 
 /// Runs convert.
 pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
-    let policy = policy(&args.confine);
-    let source = imagefmt::chain::open_chain(&args.source, format(&args.source_format)?, &policy)
-        .with_context(|| format!("{}", args.source.display()))?;
+    let policy = if args.no_backing {
+        BackingPolicy::Detach
+    } else {
+        policy(&args.confine)
+    };
+    let source_format = format(&args.source_format)?;
+    let source = if args.allow_data_file {
+        imagefmt::chain::open_chain_allowing_data_files(&args.source, source_format, &policy)
+    } else {
+        imagefmt::chain::open_chain(&args.source, source_format, &policy)
+    }
+    .with_context(|| format!("{}", args.source.display()))?;
     let mut qcow2 = CreateOptions::default();
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item

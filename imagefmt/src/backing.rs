@@ -96,6 +96,9 @@ pub enum BackingPolicy {
     FollowLocal,
     /// Follow local files only inside this directory (symlinks resolved before checking).
     Confine(PathBuf),
+    /// Open no backing file and read the image alone: what would fall through to a backing
+    /// file reads as zeros (the CLI's `--no-backing`).
+    Detach,
 }
 
 impl BackingPolicy {
@@ -103,7 +106,7 @@ impl BackingPolicy {
     pub fn resolve(&self, image_path: &Path, name: &str) -> Result<PathBuf, BackingError> {
         let path = resolve(image_path, name)?;
         match self {
-            Self::Deny => Err(BackingError::NotFollowed {
+            Self::Deny | Self::Detach => Err(BackingError::NotFollowed {
                 name: name.to_owned(),
             }),
             Self::FollowLocal => Ok(path),

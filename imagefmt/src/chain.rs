@@ -90,13 +90,28 @@ pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
 
 /// Opens `path` (format from content, raw if unrecognised, unless `format` names it) and every
 /// backing file below it that `policy` allows.
+///
+/// Images with an external data file are refused: use [`open_chain_allowing_data_files`].
 pub fn open_chain(
     path: &Path,
     format: Option<ImageFormat>,
     policy: &BackingPolicy,
 ) -> Result<Box<dyn GuestRead>> {
     let mut guard = ChainGuard::default();
-    open_level(path, format, policy, &mut guard, true)
+    open_level(path, format, policy, &mut guard, true, false)
+}
+
+/// Like [`open_chain`], but qcow2 images in the chain may read their guest data from the
+/// external data file their header names, resolved and confined like a backing file under
+/// `policy`. Only for callers who trust the images or confine them: the name can point at any
+/// host file.
+pub fn open_chain_allowing_data_files(
+    path: &Path,
+    format: Option<ImageFormat>,
+    policy: &BackingPolicy,
+) -> Result<Box<dyn GuestRead>> {
+    let mut guard = ChainGuard::default();
+    open_level(path, format, policy, &mut guard, true, true)
 }
 
 /// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
@@ -134,6 +149,9 @@ fn open_backing(
     let Some(name) = cluster.backing_file.as_deref() else {
         return Ok(None);
     };
+    if *policy == BackingPolicy::Detach {
+        return Ok(None);
+    }
     let backing_path = policy.resolve(path, name)?;
     let backing_format = cluster.backing_format().map(str::parse).transpose()?;
     Ok(Some(open_level(
@@ -141,6 +159,7 @@ fn open_backing(
         backing_format,
         policy,
         guard,
+        false,
         false,
     )?))
 }
@@ -151,6 +170,7 @@ fn open_level(
     policy: &BackingPolicy,
     guard: &mut ChainGuard,
     top: bool,
+    data_files: bool,
 ) -> Result<Box<dyn GuestRead>> {
     let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
     let meta = file
@@ -167,21 +187,23 @@ fn open_level(
             name: "vdi (reading VDI guest data arrives with the VDI engine)".into(),
         }),
         ImageHeader::Qcow2(cluster) => {
-            let below = match cluster.backing_file.as_deref() {
-                None => None,
-                Some(name) => {
-                    let backing_path = policy.resolve(path, name)?;
-                    let backing_format = cluster.backing_format().map(str::parse).transpose()?;
-                    Some(open_level(
-                        &backing_path,
-                        backing_format,
-                        policy,
-                        guard,
-                        false,
-                    )?)
+            let below = open_backing(path, &cluster, policy, guard)?;
+            match cluster.data_file() {
+                Some(name) if data_files => {
+                    let data_path = policy.resolve(path, name)?;
+                    let data = File::open(&data_path).map_err(Error::io(format!(
+                        "opening data file {}",
+                        data_path.display()
+                    )))?;
+                    Ok(Box::new(Qcow2Image::open_with_data_file(
+                        file,
+                        cluster,
+                        below,
+                        Box::new(data),
+                    )?))
                 }
-            };
-            Ok(Box::new(Qcow2Image::open(file, cluster, below)?))
+                _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+            }
         }
     }
 }

@@ -195,6 +195,9 @@ pub fn backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInf
         let Some(name) = header.backing_name() else {
             return Ok(chain);
         };
+        if *policy == BackingPolicy::Detach {
+            return Ok(chain);
+        }
         format = header.backing_format().map(str::parse).transpose()?;
         current = policy.resolve(&current, name)?;
     }

@@ -34,6 +34,8 @@ pub struct Qcow2Image<B> {
     pub(super) below: Option<Box<dyn GuestRead>>,
     /// Present when the image is open for writing.
     pub(super) writer: Option<super::allocator::WriteState>,
+    /// The external data file, when the image has one and the caller allowed opening it.
+    pub(super) data_file: Option<Box<dyn Backend + Send + Sync>>,
 }
 
 impl<B> std::fmt::Debug for Qcow2Image<B> {
@@ -90,7 +92,24 @@ impl<B: Backend> Qcow2Image<B> {
             l2_cache_len,
             below,
             writer: None,
+            data_file: None,
         })
+    }
+
+    /// Opens an image that keeps its guest data in an external data file (incompatible bit 2),
+    /// reading data clusters from `data_file`. The caller decides whether that file may be
+    /// opened at all: its name in the header is untrusted and can name any host file.
+    pub fn open_with_data_file(
+        backend: B,
+        mut cluster: HeaderCluster,
+        below: Option<Box<dyn GuestRead>>,
+        data_file: Box<dyn Backend + Send + Sync>,
+    ) -> Result<Self> {
+        cluster.header.incompatible_features -= IncompatibleFeatures::EXTERNAL_DATA_FILE;
+        let mut image = Self::open(backend, cluster, below)?;
+        image.header.incompatible_features |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
+        image.data_file = Some(data_file);
+        Ok(image)
     }
 
     /// The image's header.
@@ -170,8 +189,22 @@ impl<B: Backend> Qcow2Image<B> {
                 if host % cluster_size != 0 {
                     return Err(corrupt("unaligned data cluster offset", offset, entry));
                 }
-                self.read_host(buf, host + in_cluster)
+                match &self.data_file {
+                    Some(data) => {
+                        let got = data
+                            .read_prefix_at(buf, host + in_cluster)
+                            .map_err(Error::reading("qcow2 external data file"))?;
+                        buf[got..].fill(0);
+                        Ok(())
+                    }
+                    None => self.read_host(buf, host + in_cluster),
+                }
             }
+            ClusterKind::Compressed { .. } if self.data_file.is_some() => Err(corrupt(
+                "compressed cluster in an image with an external data file",
+                offset,
+                entry,
+            )),
             ClusterKind::Compressed { host, len } => {
                 let cluster = self.decompress(host, len)?;
                 let start = in_cluster as usize;
