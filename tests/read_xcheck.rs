@@ -274,3 +274,22 @@ fn external_data_files_are_read_only_when_allowed_and_then_like_qemu() {
         assert_eq!(ours, qemu_raw(&image), "{name}");
     }
 }
+
+#[test]
+fn images_with_internal_snapshots_read_their_active_state_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = make(d, "snap.qcow2", "", None, &["write -P 0x10 0 256k"]);
+    run("qemu-img", &["snapshot", "-c", "first", "snap.qcow2"], d);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x20 64k 64k", "snap.qcow2"], d);
+    run("qemu-img", &["snapshot", "-c", "second", "snap.qcow2"], d);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -z 128k 64k", "snap.qcow2"], d);
+    assert_reads_like_qemu(&image);
+    // Writing is refused rather than risking clusters shared with a snapshot.
+    let rw = imagefmt::chain::open_qcow2_rw(
+        &image,
+        &BackingPolicy::Deny,
+        imagefmt::qcow2::write::WriteOptions::default(),
+    );
+    assert!(rw.is_err(), "images with snapshots must not be opened for writing");
+}
