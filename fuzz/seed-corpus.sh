@@ -59,3 +59,17 @@ done
 for t in qcow2_header qcow2_read vdi_header size; do
     echo "$t: $(ls "$corpus/$t" | wc -l) files"
 done
+
+# qcow2_guest: whole small images (512-byte clusters keep them a few KiB), with data, zero,
+# compressed and extended-L2 clusters, so the fuzzer starts inside the L1/L2/data paths.
+mkdir -p "$corpus/qcow2_guest"
+guest_tmp=$(mktemp -d)
+for opts in "cluster_size=512" "cluster_size=512,compat=0.10" "cluster_size=16k,extended_l2=on" "cluster_size=512,refcount_bits=1"; do
+  name="$guest_tmp/g-$(echo "$opts" | tr ',=' '__').qcow2"
+  qemu-img create -q -f qcow2 -o "$opts" "$name" 64k
+  qemu-io -f qcow2 -c 'write -P 0x11 0 1k' -c 'write -z 4k 1k' -c 'write -P 0x22 20k 3k' "$name" >/dev/null
+  cp "$name" "$corpus/qcow2_guest/"
+done
+head -c 65536 /dev/zero | tr '\0' 'a' > "$guest_tmp/a.raw"
+qemu-img convert -c -O qcow2 -o cluster_size=4k "$guest_tmp/a.raw" "$corpus/qcow2_guest/compressed.qcow2"
+rm -rf "$guest_tmp"

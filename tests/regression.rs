@@ -499,3 +499,69 @@ fn size_hex_ending_in_b_or_e_is_read_as_hex_digits_like_qemu_img() {
     assert_eq!(imagefmt::size::parse_size("0x1E"), Ok(0x1e));
     assert_eq!(imagefmt::size::parse_size("0x1b"), Ok(0x1b));
 }
+
+/// Fuzz find (qcow2_guest, 2026-11-22): an L2 entry pointing at a metadata cluster made an
+/// in-place guest write overwrite the L1 table. Writes into metadata clusters are now refused
+/// (qemu's metadata overlap check), and the metadata is left intact.
+#[test]
+fn qcow2_guest_write_through_an_l2_entry_pointing_at_metadata_is_refused() {
+    use imagefmt::chain::GuestRead;
+    use imagefmt::io::{Backend, MemBackend};
+    use imagefmt::qcow2::image::Qcow2Image;
+    use imagefmt::qcow2::write::WriteOptions;
+    use imagefmt::qcow2::HeaderCluster;
+
+    // A 1 MiB image with one data cluster: L1 at 0x30000, L2 at 0x40000, data at 0x50000.
+    let mem = MemBackend::default();
+    imagefmt::Qcow2Builder::new("x")
+        .size(1 << 20)
+        .create_on(&mem)
+        .unwrap();
+    let cluster = HeaderCluster::read_from(&mem).unwrap();
+    let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+    image.write_at(&[1u8; 4096], 0).unwrap();
+    let mut bytes = image.backend().to_vec();
+    let l1_before = bytes[0x30000..0x30010].to_vec();
+    // Hostile edit: L2 entry 1 (guest cluster 1) says its data lives in the L1 table's cluster.
+    bytes[0x40008..0x40010].copy_from_slice(&0x8000_0000_0003_0000u64.to_be_bytes());
+
+    let mem = MemBackend::new(bytes);
+    let cluster = HeaderCluster::read_from(&mem).unwrap();
+    let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+    let err = image.write_at(&[0x5a; 4096], 0x10000).unwrap_err();
+    assert!(err.to_string().contains("overlaps metadata"), "{err}");
+    let mut l1_after = vec![0u8; 16];
+    image
+        .backend()
+        .read_exact_at(&mut l1_after, 0x30000)
+        .unwrap();
+    assert_eq!(l1_after, l1_before, "the L1 table was overwritten");
+    let mut first = [0u8; 4096];
+    image.read_at(&mut first, 0).unwrap();
+    assert_eq!(first, [1u8; 4096]);
+}
+
+/// Two metadata structures in one cluster (an L1 entry naming the refcount table as its L2
+/// table): the image cannot be written safely, so opening it for writing is refused.
+#[test]
+fn qcow2_with_overlapping_metadata_is_not_opened_for_writing() {
+    use imagefmt::io::MemBackend;
+    use imagefmt::qcow2::image::Qcow2Image;
+    use imagefmt::qcow2::write::WriteOptions;
+    use imagefmt::qcow2::HeaderCluster;
+
+    let mem = MemBackend::default();
+    imagefmt::Qcow2Builder::new("x")
+        .size(1 << 20)
+        .create_on(&mem)
+        .unwrap();
+    let mut bytes = mem.to_vec();
+    bytes[0x30000..0x30008].copy_from_slice(&0x8000_0000_0001_0000u64.to_be_bytes());
+    let mem = MemBackend::new(bytes);
+    let cluster = HeaderCluster::read_from(&mem).unwrap();
+    let refused = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default());
+    assert!(
+        refused.is_err(),
+        "an image whose L2 table is its refcount table was opened for writing"
+    );
+}

@@ -38,6 +38,11 @@ pub struct WriteState {
     pub(super) next_free: u64,
     /// fsync between dependent metadata updates.
     pub(super) durable: bool,
+    /// Host clusters holding metadata (header, refcount table and blocks, L1 and L2 tables).
+    /// Data is never written into them and they are never handed out: on a hostile image whose
+    /// refcounts or L2 entries lie, this is what keeps a guest write from overwriting metadata
+    /// (qemu's metadata overlap check).
+    pub(super) metadata: std::collections::HashSet<u64>,
 }
 
 impl WriteState {
@@ -66,6 +71,7 @@ impl WriteState {
             refblock_cache_len: (REFBLOCK_CACHE_BYTES / cluster_size).max(2) as usize,
             next_free: file_len.div_ceil(cluster_size),
             durable,
+            metadata: std::collections::HashSet::new(),
         })
     }
 }
@@ -180,6 +186,7 @@ impl<B: Backend> Qcow2Image<B> {
         let per_block = self.per_block();
         let cluster_size = self.header.cluster_size();
         let own = self.take_free_cluster()?;
+        self.state().metadata.insert(own);
         let offset = own * cluster_size;
         let mut bytes = vec![0u8; cluster_size as usize];
         let counts_itself = own / per_block == index;
@@ -205,7 +212,7 @@ impl<B: Backend> Qcow2Image<B> {
         loop {
             let cluster = self.state().next_free;
             self.state().next_free += 1;
-            if self.refcount(cluster)? == 0 {
+            if !self.state().metadata.contains(&cluster) && self.refcount(cluster)? == 0 {
                 return Ok(cluster);
             }
         }
@@ -260,7 +267,7 @@ impl<B: Backend> Qcow2Image<B> {
         'search: loop {
             let start = self.state().next_free;
             for cluster in start..start + count {
-                if self.refcount(cluster)? != 0 {
+                if self.state().metadata.contains(&cluster) || self.refcount(cluster)? != 0 {
                     self.state().next_free = cluster + 1;
                     continue 'search;
                 }
@@ -315,12 +322,13 @@ impl<B: Backend> Qcow2Image<B> {
         // The area must be free: it lies at or past next_free, where nothing is counted, unless
         // stray refcounts exist past the end of the file; then start over further on.
         for cluster in start..area_end {
-            if self.refcount(cluster)? != 0 {
+            if self.state().metadata.contains(&cluster) || self.refcount(cluster)? != 0 {
                 self.state().next_free = cluster + 1;
                 return self.grow_reftable(needed_index);
             }
         }
         self.state().next_free = area_end;
+        self.state().metadata.extend(start..area_end);
 
         let mut table = self.state().reftable.clone();
         table.resize((table_clusters * entries_per_cluster) as usize, 0);
@@ -357,10 +365,56 @@ impl<B: Backend> Qcow2Image<B> {
         self.barrier()?;
         self.state().reftable = table;
         self.state().refblocks.clear();
+        let old_first = old_offset / cluster_size;
+        for cluster in old_first..old_first + old_clusters {
+            self.state().metadata.remove(&cluster);
+        }
         for cluster in 0..old_clusters {
             self.free_cluster(old_offset + cluster * cluster_size)?;
         }
         Ok(())
+    }
+
+    /// Records every cluster that holds metadata now (called once when opening for writing).
+    /// Returns false if two metadata structures share a cluster: such an image cannot be
+    /// written safely.
+    pub(super) fn collect_metadata(&mut self) -> bool {
+        let cluster_bits = self.header.cluster_bits;
+        let span = |offset: u64, len: u64| {
+            (offset >> cluster_bits)..(offset + len).div_ceil(1 << cluster_bits)
+        };
+        let mut all: Vec<u64> = vec![0];
+        all.extend(span(
+            self.header.refcount_table_offset,
+            u64::from(self.header.refcount_table_clusters) << cluster_bits,
+        ));
+        all.extend(span(self.header.l1_table_offset, self.l1.len() as u64 * 8));
+        all.extend(
+            self.l1
+                .iter()
+                .filter_map(|&e| super::tables::L1Entry(e).l2_offset())
+                .map(|o| o >> cluster_bits),
+        );
+        all.extend(
+            self.state()
+                .reftable
+                .iter()
+                .map(|e| e & REFTABLE_OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .map(|o| o >> cluster_bits),
+        );
+        let count = all.len();
+        let clusters: std::collections::HashSet<u64> = all.into_iter().collect();
+        let disjoint = clusters.len() == count;
+        self.state().metadata = clusters;
+        disjoint
+    }
+
+    /// True if the host cluster at `offset` holds metadata.
+    pub(super) fn is_metadata(&self, offset: u64) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|w| w.metadata.contains(&(offset >> self.header.cluster_bits)))
     }
 
     /// Rewrites the fixed header fields (never the extension area or backing name).

@@ -72,6 +72,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             image.file_len,
             options.durable,
         )?);
+        if !image.collect_metadata() {
+            return refuse("metadata structures overlap (the image is corrupt); repair it with check -r all first");
+        }
         if !image.header.autoclear_features.is_empty() {
             image.header.autoclear_features = AutoclearFeatures::empty();
             image.write_fixed_header()?;
@@ -222,6 +225,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let cluster_size = self.header.cluster_size();
         let clusters = (entries * 8).div_ceil(cluster_size);
         let offset = self.alloc_contiguous(clusters)?;
+        let first = offset >> self.header.cluster_bits;
+        self.state().metadata.extend(first..first + clusters);
         let mut table = self.l1.clone();
         table.resize(entries as usize, 0);
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
@@ -234,7 +239,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.barrier()?;
         self.l1 = table;
         for cluster in 0..(old_len * 8).div_ceil(cluster_size) {
-            self.free_cluster(old_offset + cluster * cluster_size)?;
+            let old = old_offset + cluster * cluster_size;
+            let cluster = old >> self.header.cluster_bits;
+            self.state().metadata.remove(&cluster);
+            self.free_cluster(old)?;
         }
         Ok(())
     }
@@ -309,6 +317,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         let cluster_size = self.header.cluster_size();
         let table = self.alloc_cluster()?;
+        let cluster = table >> self.header.cluster_bits;
+        self.state().metadata.insert(cluster);
         self.write_host(&vec![0u8; cluster_size as usize], table)?;
         self.barrier()?;
         let cluster_index = pos >> self.header.cluster_bits;
@@ -389,11 +399,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     if host % cluster_size != 0 {
                         return Err(corrupt("unaligned data cluster offset", pos, entry.entry));
                     }
+                    self.refuse_metadata_overlap(host, pos, entry.entry)?;
                     return self.write_host(data, host + pos % cluster_size);
                 }
                 ClusterKind::ZeroAllocated { host }
                     if entry.copied() && host % cluster_size == 0 =>
                 {
+                    self.refuse_metadata_overlap(host, pos, entry.entry)?;
                     let mut full = vec![0u8; cluster_size as usize];
                     let at = (pos % cluster_size) as usize;
                     full[at..at + data.len()].copy_from_slice(data);
@@ -425,6 +437,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             self.set_l2_entry(table, index, host | COPIED, 0xffff_ffff)?;
             return self.release(entry);
         }
+        if host != 0 {
+            if host % cluster_size != 0 {
+                return Err(corrupt("unaligned data cluster offset", pos, entry.entry));
+            }
+            self.refuse_metadata_overlap(host, pos, entry.entry)?;
+        }
         if matches!(kind, ClusterKind::Normal { .. }) {
             return self.write_host(data, host + pos % cluster_size);
         }
@@ -438,6 +456,15 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.barrier()?;
         let bitmap = (entry.bitmap | (1 << sub_index)) & !(1u64 << (sub_index + SUBCLUSTERS));
         self.set_l2_entry(table, index, host | COPIED, bitmap)
+    }
+
+    /// Refuses a guest write into a host cluster that holds metadata (a corrupt or hostile L2
+    /// entry), as qemu's overlap check does, instead of overwriting the metadata.
+    fn refuse_metadata_overlap(&self, host: u64, pos: u64, entry: u64) -> Result<()> {
+        if self.is_metadata(host) {
+            return Err(corrupt("data cluster overlaps metadata", pos, entry));
+        }
+        Ok(())
     }
 
     /// Turns the whole unit at `pos` into zeros by metadata (v3 only).
@@ -517,6 +544,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             for entry in entries {
                 self.release(entry)?;
             }
+            let cluster = table >> self.header.cluster_bits;
+            self.state().metadata.remove(&cluster);
             self.free_cluster(table)?;
         }
         Ok(())
