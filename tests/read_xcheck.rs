@@ -281,9 +281,17 @@ fn images_with_internal_snapshots_read_their_active_state_like_qemu() {
     let d = dir.path();
     let image = make(d, "snap.qcow2", "", None, &["write -P 0x10 0 256k"]);
     run("qemu-img", &["snapshot", "-c", "first", "snap.qcow2"], d);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x20 64k 64k", "snap.qcow2"], d);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x20 64k 64k", "snap.qcow2"],
+        d,
+    );
     run("qemu-img", &["snapshot", "-c", "second", "snap.qcow2"], d);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -z 128k 64k", "snap.qcow2"], d);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -z 128k 64k", "snap.qcow2"],
+        d,
+    );
     assert_reads_like_qemu(&image);
     // Writing is refused rather than risking clusters shared with a snapshot.
     let rw = imagefmt::chain::open_qcow2_rw(
@@ -291,5 +299,8 @@ fn images_with_internal_snapshots_read_their_active_state_like_qemu() {
         &BackingPolicy::Deny,
         imagefmt::qcow2::write::WriteOptions::default(),
     );
-    assert!(rw.is_err(), "images with snapshots must not be opened for writing");
+    assert!(
+        rw.is_err(),
+        "images with snapshots must not be opened for writing"
+    );
 }

@@ -565,3 +565,31 @@ fn qcow2_with_overlapping_metadata_is_not_opened_for_writing() {
         "an image whose L2 table is its refcount table was opened for writing"
     );
 }
+
+/// Fuzz find (qcow2_guest, 2026-11-22): a data cluster referenced with COPIED but counted as
+/// free was written in place and then handed out again (as a refcount block), losing the write.
+/// In-place writes now require the refcount the COPIED flag promises.
+#[test]
+fn qcow2_in_place_write_into_a_cluster_counted_as_free_is_refused() {
+    use imagefmt::io::MemBackend;
+    use imagefmt::qcow2::image::Qcow2Image;
+    use imagefmt::qcow2::write::WriteOptions;
+    use imagefmt::qcow2::HeaderCluster;
+
+    let mem = MemBackend::default();
+    imagefmt::Qcow2Builder::new("x")
+        .size(1 << 20)
+        .create_on(&mem)
+        .unwrap();
+    let cluster = HeaderCluster::read_from(&mem).unwrap();
+    let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+    image.write_at(&[1u8; 4096], 0).unwrap(); // L2 at cluster 4, data at cluster 5
+    let mut bytes = image.backend().to_vec();
+    bytes[0x2000a..0x2000c].copy_from_slice(&[0, 0]); // refcount of cluster 5 := 0 (16-bit entries)
+
+    let mem = MemBackend::new(bytes);
+    let cluster = HeaderCluster::read_from(&mem).unwrap();
+    let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+    let err = image.write_at(&[2u8; 512], 0).unwrap_err();
+    assert!(err.to_string().contains("refcount is not 1"), "{err}");
+}

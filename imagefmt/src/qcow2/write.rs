@@ -458,11 +458,20 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.set_l2_entry(table, index, host | COPIED, bitmap)
     }
 
-    /// Refuses a guest write into a host cluster that holds metadata (a corrupt or hostile L2
-    /// entry), as qemu's overlap check does, instead of overwriting the metadata.
-    fn refuse_metadata_overlap(&self, host: u64, pos: u64, entry: u64) -> Result<()> {
+    /// Checks a host cluster before a guest write goes into it in place: it must not hold
+    /// metadata (qemu's overlap check) and its refcount must really be 1, as the COPIED flag
+    /// claims — a cluster the refcounts call free could be handed out again and overwritten.
+    /// A corrupt or hostile L2 entry is refused instead of damaging other data.
+    fn refuse_metadata_overlap(&mut self, host: u64, pos: u64, entry: u64) -> Result<()> {
         if self.is_metadata(host) {
             return Err(corrupt("data cluster overlaps metadata", pos, entry));
+        }
+        if self.refcount(host >> self.header.cluster_bits)? != 1 {
+            return Err(corrupt(
+                "data cluster refcount is not 1 despite the COPIED flag",
+                pos,
+                entry,
+            ));
         }
         Ok(())
     }
