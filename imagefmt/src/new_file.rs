@@ -1,10 +1,13 @@
 //! Materialising a new image file: never half-written under its final name, never replacing an
 //! existing file unless asked, optionally durable.
 //!
-//! The image is written to a hidden temporary file in the target's directory and then linked
-//! into place with `renameat2(RENAME_NOREPLACE)` (or `rename` when overwriting), so a reader sees
-//! either no file or a complete image. A crash leaves at worst a `.NAME.*.cowclone-tmp` file.
-//! Durable mode fsyncs the file before it is linked and the directory after.
+//! The image is written to an anonymous file (`O_TMPFILE`) in the target's directory and linked
+//! into place with `linkat`, which fails if the name exists — so a reader sees either no file or
+//! a complete image, and a crash leaves nothing behind. Where `O_TMPFILE` or `/proc` is not
+//! available, and when overwriting, a hidden temporary file `.NAME.*.cowclone-tmp` is written and
+//! renamed into place instead (`renameat2(RENAME_NOREPLACE)`, or `rename` to overwrite); a crash
+//! then leaves at worst that file. Durable mode fsyncs the file before it is linked and the
+//! directory after.
 
 use std::fs::File;
 use std::io;
@@ -39,6 +42,20 @@ pub fn create_with<T>(
         });
     }
     let dir = parent_dir(path);
+    if !mode.overwrite {
+        if let Some(file) = anonymous_file(&dir) {
+            let value = fill(&file)?;
+            if mode.durable {
+                file.sync_all()
+                    .map_err(Error::io(format!("syncing {}", path.display())))?;
+            }
+            link_into_place(&file, path)?;
+            if mode.durable {
+                sync_dir(&dir)?;
+            }
+            return Ok(value);
+        }
+    }
     let name = path
         .file_name()
         .ok_or_else(|| Error::Io {
@@ -81,11 +98,54 @@ pub fn create_with<T>(
         }
     })?;
     if mode.durable {
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Error::io(format!("syncing directory {}", dir.display())))?;
+        sync_dir(&dir)?;
     }
     Ok(value)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(format!("syncing directory {}", dir.display())))
+}
+
+/// An unnamed file in `dir` (`O_TMPFILE`), or `None` where the filesystem or `/proc` (needed to
+/// link it) does not allow that.
+fn anonymous_file(dir: &Path) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+    rustix::fs::open(dir, flags, Mode::from_raw_mode(0o666))
+        .ok()
+        .map(File::from)
+}
+
+/// Gives an anonymous file its name; fails with `AlreadyExists` if the name is taken.
+fn link_into_place(file: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(|errno| {
+        let source = io::Error::from(errno);
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            Error::AlreadyExists {
+                path: path.to_owned(),
+            }
+        } else {
+            Error::Io {
+                step: format!("linking the new image into place at {}", path.display()),
+                source,
+            }
+        }
+    })
 }
 
 /// The directory a path's file lives in (`.` for a bare file name).

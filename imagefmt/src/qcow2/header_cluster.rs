@@ -11,6 +11,9 @@ use super::features::IncompatibleFeatures;
 use super::header::{Header, Version};
 use crate::io::Backend;
 
+/// Bytes of cluster 0 read first; more only if the extension area needs it.
+const PREFIX_READ: u64 = 4096;
+
 /// The decoded contents of a qcow2 image's first cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderCluster {
@@ -76,12 +79,21 @@ impl HeaderCluster {
             .max(name_end)
             .max(header.encoded_len() as u64)
             .min(header.cluster_size());
-        let mut cluster0 = vec![0u8; wanted as usize];
-        let got = backend
-            .read_prefix_at(&mut cluster0, 0)
-            .map_err(crate::Error::reading("qcow2 header cluster"))?;
-        cluster0.truncate(got);
-        Ok(Self::parse(&cluster0)?)
+        // Extensions and name almost always sit in the first 4 KiB: read that first, and the
+        // rest of the area only if parsing needs it (a base's area runs to the cluster's end).
+        let first = wanted.min(PREFIX_READ.max(name_end).max(header.encoded_len() as u64));
+        for len in [first, wanted] {
+            let mut cluster0 = vec![0u8; len as usize];
+            let got = backend
+                .read_prefix_at(&mut cluster0, 0)
+                .map_err(crate::Error::reading("qcow2 header cluster"))?;
+            cluster0.truncate(got);
+            match Self::parse(&cluster0) {
+                Err(Qcow2Error::Truncated { .. }) if got as u64 == len && len < wanted => continue,
+                result => return Ok(result?),
+            }
+        }
+        unreachable!("the second pass reads the whole area")
     }
 
     /// The backing file format recorded in the backing-format extension, if any.
