@@ -167,13 +167,19 @@ impl Qcow2Builder {
     }
 }
 
-/// True if both paths name the same existing file, or are spelled the same.
-fn is_same_file(a: &Path, b: &Path) -> bool {
+/// True if both paths name the same existing file, or are spelled the same. `target` is
+/// looked at first: it usually does not exist yet, which settles it with one `stat`.
+fn is_same_file(backing: &Path, target: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => a == b,
+    if backing == target {
+        return true;
     }
+    let Ok(t) = target.metadata() else {
+        return false;
+    };
+    backing
+        .metadata()
+        .is_ok_and(|b| (b.dev(), b.ino()) == (t.dev(), t.ino()))
 }
 
 fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> {

@@ -36,13 +36,9 @@ pub fn create_with<T>(
     mode: NewFileMode,
     fill: impl FnOnce(&File) -> Result<T>,
 ) -> Result<T> {
-    if !mode.overwrite && path.symlink_metadata().is_ok() {
-        return Err(Error::AlreadyExists {
-            path: path.to_owned(),
-        });
-    }
     let dir = parent_dir(path);
     if !mode.overwrite {
+        // linkat refuses an existing name, so no separate existence check is needed.
         if let Some(file) = anonymous_file(&dir) {
             let value = fill(&file)?;
             if mode.durable {
@@ -55,6 +51,11 @@ pub fn create_with<T>(
             }
             return Ok(value);
         }
+    }
+    if !mode.overwrite && path.symlink_metadata().is_ok() {
+        return Err(Error::AlreadyExists {
+            path: path.to_owned(),
+        });
     }
     let name = path
         .file_name()
@@ -113,7 +114,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// link it) does not allow that.
 fn anonymous_file(dir: &Path) -> Option<File> {
     use rustix::fs::{Mode, OFlags};
-    if !Path::new("/proc/self/fd").is_dir() {
+    static HAVE_PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*HAVE_PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
         return None;
     }
     let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
