@@ -532,3 +532,40 @@ fn no_backing_reads_the_overlay_alone_like_qemu_with_a_null_backing() {
         "without its base the overlay differs from it"
     );
 }
+
+#[test]
+fn check_cli_exit_codes_and_leak_repair_agree_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "leak.qcow2", "1M"],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write 0 4k", "leak.qcow2"],
+        d,
+    );
+    // Clusters 0-5 are in use; add cluster 6 to the file and count it: a leak.
+    let path = d.join("leak.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.resize(7 << 16, 0);
+    bytes[0x2000c..0x2000e].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let qemu = tool("qemu-img", &["check", "leak.qcow2"], d);
+    let ours = cowclone(&["check", "leak.qcow2"], d);
+    assert_eq!(qemu.status.code(), Some(3), "qemu sees a leak");
+    assert_eq!(ours.status.code(), qemu.status.code());
+    let json = cowclone(&["check", "--output", "json", "leak.qcow2"], d);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["leaks"], 1, "{report}");
+    let repaired = cowclone(&["check", "-r", "leaks", "leak.qcow2"], d);
+    assert_eq!(
+        repaired.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&repaired.stdout)
+    );
+    assert_clean("leak.qcow2", d);
+}

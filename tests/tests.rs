@@ -5,6 +5,7 @@
 
 mod util;
 
+mod check_xcheck;
 mod cli;
 mod ops_xcheck;
 mod qemu_xcheck;

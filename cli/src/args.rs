@@ -29,6 +29,10 @@ pub enum Command {
     Clone(CloneArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
+    /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
+    Check(crate::check_map::CheckArgs),
+    /// Show how an image chain's guest ranges map to layers and files (qemu-img map).
+    Map(crate::check_map::MapArgs),
     /// Copy an image's guest content into a new qcow2 or raw image (sparse, streaming).
     Convert(crate::ops::ConvertArgs),
     /// Fold an overlay into its backing file.

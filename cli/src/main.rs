@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod check_map;
 mod ops;
 mod output;
 
@@ -28,6 +29,8 @@ fn main() -> ExitCode {
         Command::Info(args) => (info(args, &mut out).map(|()| 0), 1),
         Command::Clone(args) => (clone(args, &mut out).map(|()| 0), 1),
         Command::Compare(args) => (compare(args, &mut out), 2),
+        Command::Check(args) => (check_map::check(args, &mut out), 1),
+        Command::Map(args) => (check_map::map(args, &mut out), 1),
         Command::Convert(args) => (ops::convert(args, &mut out).map(|()| 0), 1),
         Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),

@@ -48,6 +48,7 @@ pub mod error;
 pub mod image;
 pub mod info;
 pub mod io;
+pub mod map;
 pub mod new_file;
 pub mod qcow2;
 pub mod rebase;

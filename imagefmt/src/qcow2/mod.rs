@@ -12,6 +12,7 @@
 //! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer).
 
 pub mod allocator;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod error;
