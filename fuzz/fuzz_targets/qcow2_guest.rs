@@ -1,4 +1,4 @@
-//! Open + guest read + write of arbitrary bytes as a qcow2 image, on memory.
+//! Open + guest read + write + check of arbitrary bytes as a qcow2 image, on memory.
 //!
 //! Properties: never a panic; memory bounded by the input (every table must lie inside the
 //! file before it is read); reads inside the virtual disk either succeed or return an error;
@@ -9,6 +9,7 @@ use imagefmt::chain::GuestRead;
 use imagefmt::io::MemBackend;
 use imagefmt::qcow2::image::Qcow2Image;
 use imagefmt::qcow2::write::WriteOptions;
+use imagefmt::qcow2::check::Repair;
 use imagefmt::qcow2::HeaderCluster;
 use libfuzzer_sys::{fuzz_target, Corpus};
 
@@ -27,6 +28,13 @@ fuzz_target!(|data: &[u8]| -> Corpus {
             let len = size.saturating_sub(offset).min(buf.len() as u64) as usize;
             let _ = image.read_at(&mut buf[..len], offset);
         }
+    }
+    // check and repair never panic (like qemu, one repair pass may report a rebuilt refcount
+    // structure that is still broken; the CLI re-checks afterwards, as qemu-img does).
+    let _ = imagefmt::qcow2::check::check(&MemBackend::new(data.to_vec()), Repair::None);
+    let repaired = MemBackend::new(data.to_vec()).with_limit(64 << 20);
+    if imagefmt::qcow2::check::check(&repaired, Repair::All).is_ok() {
+        let _ = imagefmt::qcow2::check::check(&repaired, Repair::None);
     }
     let rw = MemBackend::new(data.to_vec()).with_limit(64 << 20);
     if let Ok(mut image) = Qcow2Image::open_rw(rw, cluster, None, WriteOptions::default()) {
