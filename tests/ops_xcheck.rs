@@ -3,7 +3,7 @@
 //! wrote must pass `qemu-img check`.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::util::cowclone_in;
 
@@ -16,21 +16,11 @@ fn cowclone(args: &[&str], dir: &Path) -> Output {
 }
 
 fn tool(name: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(name)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} not found ({e}): install the Debian package qemu-utils"))
+    crate::util::tool_in(name, dir, args)
 }
 
 fn ok(name: &str, args: &[&str], dir: &Path) {
-    let out = tool(name, args, dir);
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::util::tool_ok_in(name, dir, args);
 }
 
 fn ours(args: &[&str], dir: &Path) {
@@ -70,8 +60,7 @@ fn assert_clean(image: &str, dir: &Path) {
 }
 
 fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
+    crate::util::allocated_bytes(path)
 }
 
 /// A 4 MiB image with data, zero, compressed-looking and unallocated regions, made by qemu-io.

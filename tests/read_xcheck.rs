@@ -8,18 +8,7 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::open_chain;
 
 fn run(tool: &str, args: &[&str], dir: &Path) {
-    let out = Command::new(tool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{tool} not found ({e}): install the Debian package qemu-utils")
-        });
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::util::tool_ok_in(tool, dir, args);
 }
 
 /// qemu's view of the image: its whole guest content as raw bytes.

@@ -403,3 +403,25 @@ fn zero_extended_comparison_finds_every_kind_of_difference() {
     );
     assert_eq!(first_difference_zero_extended(&empty, &a), Some(0));
 }
+
+/// Runs a reference tool (`qemu-img`, `qemu-io`) with `args` in `dir`. A missing tool fails the
+/// test naming the Debian package that provides it.
+pub fn tool_in(tool: &str, dir: &Path, args: &[&str]) -> Output {
+    Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} not found ({e}): install the Debian package qemu-utils"))
+}
+
+/// Like [`tool_in`], and asserts that the tool succeeded.
+pub fn tool_ok_in(tool: &str, dir: &Path, args: &[&str]) -> Output {
+    let out = tool_in(tool, dir, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

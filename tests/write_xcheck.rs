@@ -3,7 +3,6 @@
 //! must find the image equal to the model. Tools: Debian package qemu-utils.
 
 use std::path::Path;
-use std::process::Command;
 
 use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::open_qcow2_rw;
@@ -13,13 +12,7 @@ use imagefmt::{ImageFormat, Qcow2Builder};
 use proptest::prelude::*;
 
 fn qemu_img(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("qemu-img not found ({e}): install the Debian package qemu-utils")
-        })
+    crate::util::tool_in("qemu-img", dir, args)
 }
 
 /// (corruptions, leaks, check-errors) from `qemu-img check --output=json`.
