@@ -11,4 +11,5 @@ mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
 mod regression;
+mod vdi_xcheck;
 mod write_xcheck;

@@ -123,6 +123,19 @@ impl BlockMap {
     /// Refuses a block past the end of the map and an index no image of this size can hold.
     /// Keeping indices unique and below `blocks_allocated` is the caller's job.
     pub fn set(&mut self, block: u32, entry: BlockEntry) -> Result<(), VdiError> {
+        self.check_set(block, entry)?;
+        let blocks = self.len();
+        let slot = self
+            .entries
+            .get_mut(block as usize)
+            .ok_or(VdiError::BlockOutOfRange { block, blocks })?;
+        *slot = entry.encode();
+        Ok(())
+    }
+
+    /// The checks of [`BlockMap::set`] without the update: a writer validates an entry before
+    /// writing it to disk and records it after.
+    pub fn check_set(&self, block: u32, entry: BlockEntry) -> Result<(), VdiError> {
         let blocks = self.len();
         if let BlockEntry::Allocated(index) = entry {
             if index >= blocks || index >= BLOCK_ZERO {
@@ -133,11 +146,9 @@ impl BlockMap {
                 });
             }
         }
-        let slot = self
-            .entries
-            .get_mut(block as usize)
-            .ok_or(VdiError::BlockOutOfRange { block, blocks })?;
-        *slot = entry.encode();
+        if block >= blocks {
+            return Err(VdiError::BlockOutOfRange { block, blocks });
+        }
         Ok(())
     }
 

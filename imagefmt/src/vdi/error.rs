@@ -1,6 +1,9 @@
 //! Everything that can be wrong with a VDI header or block map, one variant per check.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
+use uuid::Uuid;
 
 /// A VDI header, block map or creation request that cowclone refuses.
 ///
@@ -194,5 +197,105 @@ pub enum VdiError {
         index: u32,
         /// The number of blocks in the map.
         blocks: u32,
+    },
+    /// The block map does not lie inside the file (checked before it is read or allocated).
+    #[error("VDI block map at {offset:#x} ({len} bytes) extends past the end of the file ({file_len} bytes)")]
+    BlockMapBeyondEndOfFile {
+        /// The block map offset.
+        offset: u64,
+        /// The block map length in bytes.
+        len: u64,
+        /// The file length.
+        file_len: u64,
+    },
+    /// An allocated block whose data is not inside the file (VirtualBox: VERR_VD_READ_OUT_OF_RANGE).
+    #[error("VDI block {block} (data block {index}) at {host_offset:#x} is past the end of the file ({file_len} bytes)")]
+    ReadOutOfRange {
+        /// The virtual block.
+        block: u32,
+        /// The data block index.
+        index: u32,
+        /// Where the bytes read would start in the file.
+        host_offset: u64,
+        /// The file length.
+        file_len: u64,
+    },
+    /// A data area shorter than the header's allocated block count (refused for writing: new
+    /// blocks would be appended after a hole).
+    #[error("VDI data area is truncated: {allocated} allocated blocks need {needed} bytes, the file has {file_len}")]
+    DataAreaTruncated {
+        /// The allocated block count.
+        allocated: u32,
+        /// The file length the allocated blocks need.
+        needed: u64,
+        /// The file length.
+        file_len: u64,
+    },
+    /// No data block index is left for a new block (every index below the block count is used).
+    #[error("VDI data area is full: {allocated} of {blocks} data blocks are allocated")]
+    DataAreaFull {
+        /// The allocated block count.
+        allocated: u32,
+        /// The block count.
+        blocks: u32,
+    },
+    /// A differencing image opened for writing without its parent (copy-on-write must read it).
+    #[error("a VDI differencing image can only be written with its parent chain attached")]
+    ParentRequired,
+    /// A write to an image opened read-only.
+    #[error("VDI image was opened read-only")]
+    NotOpenForWriting,
+    /// A differencing image's parent candidate whose creation UUID is not the child's linkage.
+    #[error("{parent} is not the parent of this differencing image: its UUID is {{{found}}}, the image links to {{{expected}}}")]
+    ParentMismatch {
+        /// The child's linkage UUID (the parent's creation UUID it expects).
+        expected: Uuid,
+        /// The candidate's creation UUID.
+        found: Uuid,
+        /// The candidate.
+        parent: PathBuf,
+    },
+    /// No parent with the linkage UUID was found.
+    #[error(
+        "parent of differencing image {child} (UUID {{{linkage}}}) not found; name it explicitly"
+    )]
+    ParentNotFound {
+        /// The child's linkage UUID.
+        linkage: Uuid,
+        /// The differencing image.
+        child: PathBuf,
+    },
+    /// Two candidate parents carry the same creation UUID (a copied image): which one is meant
+    /// cannot be told.
+    #[error("parent UUID {{{linkage}}} is carried by both {first} and {second}; name the parent explicitly")]
+    AmbiguousParent {
+        /// The linkage UUID.
+        linkage: Uuid,
+        /// One candidate.
+        first: PathBuf,
+        /// Another candidate.
+        second: PathBuf,
+    },
+    /// A directory searched for a parent holds more VDI files than the search looks at.
+    #[error("{dir} holds more than {limit} VDI files; name the parent explicitly")]
+    TooManyCandidates {
+        /// The directory.
+        dir: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// A differencing image at the bottom of a chain (VirtualBox refuses one as a base).
+    #[error("{path} is a differencing image without a parent (null linkage UUID)")]
+    DiffWithoutParent {
+        /// The image.
+        path: PathBuf,
+    },
+    /// A differencing image was requested on a parent that is not a VDI image.
+    #[error("{path} is a {format} image, not VDI: a VDI differencing image needs a VDI parent")]
+    ParentNotVdi {
+        /// The intended parent.
+        path: PathBuf,
+        /// Its format.
+        format: &'static str,
     },
 }

@@ -406,6 +406,27 @@ impl VdiHeader {
         self.image_type == ImageType::Diff || !self.uuid_linkage.is_nil()
     }
 
+    /// How many leading bytes of [`VdiHeader::to_bytes`] hold the pre-header and header proper:
+    /// 0x1D8 with LCHS geometry (1.1+), 0x1C8 without. A writer updating the header of an
+    /// existing file rewrites only these, so bytes after the header are never touched.
+    pub fn encoded_len(&self) -> usize {
+        if self.lchs_geometry.is_some() {
+            HEADER_END_V1_1_PLUS
+        } else {
+            HEADER_END_V1_1
+        }
+    }
+
+    /// Byte offset in the file of data block `index` (`offset_data + index × block_size`).
+    pub fn data_block_offset(&self, index: u32) -> u64 {
+        u64::from(self.offset_data) + u64::from(index) * u64::from(self.block_size)
+    }
+
+    /// File length that holds the header, block map and `blocks_allocated` whole data blocks.
+    pub fn allocated_end(&self) -> u64 {
+        self.data_block_offset(self.blocks_allocated)
+    }
+
     /// Length of the block map in bytes (4 × `blocks_in_image`); at most 2 GiB for a parsed
     /// header. Callers must check `offset_blocks` + this fits in the file before reading it.
     pub fn block_map_len_bytes(&self) -> u64 {

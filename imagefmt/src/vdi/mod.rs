@@ -1,18 +1,32 @@
-//! VDI (VirtualBox Disk Image): header and block map codecs.
+//! VDI (VirtualBox Disk Image): header and block map codecs, reading and writing guest data,
+//! creating bases and differencing images, and finding parents.
 //!
 //! A VDI file starts with a 0x48-byte pre-header (free text, signature, version), followed by the
 //! header proper (sizes, offsets, geometry, UUIDs), then a block map of one little-endian `u32`
 //! per 1 MiB virtual block, then the data area where allocated blocks are appended in order.
 //! A differencing image names its parent only by UUID (its linkage UUID is the parent's creation
 //! UUID); the file stores no parent path. Facts: FORMATS.md §2.
+//!
+//! Files: `header` and `blockmap` (codecs), [`image`] ([`VdiImage`]: read, write, discard),
+//! [`create`] (new dynamic, fixed and differencing images), [`parent`] (finding and opening the
+//! parent chain of a differencing image).
 
 mod blockmap;
+pub mod create;
 mod error;
 mod header;
+pub mod image;
+pub mod parent;
 
 pub use blockmap::{BlockEntry, BlockMap};
+pub use create::{create_differencing, create_dynamic, create_fixed};
 pub use error::VdiError;
 pub use header::{Geometry, ImageType, VdiHeader};
+pub use image::VdiImage;
+pub use parent::{
+    open_vdi, open_vdi_chain, open_vdi_file, open_vdi_rw, open_vdi_under_policy, Explicit,
+    ParentLink, ParentResolver, SameDirectory, UnderPolicy,
+};
 
 /// The signature at [`SIGNATURE_OFFSET`] (bytes `7F 10 DA BE` on disk).
 pub const SIGNATURE: u32 = 0xBEDA_107F;
