@@ -3,6 +3,7 @@
 //! Cross-checks run the reference tools (`qemu-img`, from Debian's `qemu-utils`); a missing tool
 //! fails the test with a message naming the package, it never skips.
 
+mod guest;
 mod util;
 
 mod check_xcheck;
@@ -12,4 +13,5 @@ mod qemu_xcheck;
 mod read_xcheck;
 mod regression;
 mod vdi_xcheck;
+mod vm_e2e;
 mod write_xcheck;

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use imagefmt::{ImageFormat, Qcow2Builder};
 
+pub mod vm;
+
 /// Why a clone failed.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
