@@ -95,6 +95,9 @@ pub enum VmError {
         /// Where the guest's console went.
         log: PathBuf,
     },
+    /// The guest's result could not be decoded.
+    #[error("the guest's result is malformed: {0}")]
+    BadResult(String),
     /// The guest stopped without reporting a result.
     #[error("the guest stopped without reporting a result (serial log: {log})")]
     NoResult {

@@ -18,8 +18,10 @@
 //! port.
 
 pub mod accel;
+pub mod cidata;
 pub mod error;
 pub mod pidfile;
+pub mod provision;
 pub mod qemu;
 pub mod qmp;
 pub mod runner;
