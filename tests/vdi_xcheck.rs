@@ -556,6 +556,7 @@ fn same_directory_finds_the_parent_among_several() {
         header_of(&diff),
         &diff,
         &imagefmt::backing::BackingPolicy::Deny,
+        &SameDirectory,
         &mut ChainGuard::default(),
     )
     .err()

@@ -46,7 +46,8 @@ pub enum Command {
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// Format of the new image (only qcow2 for now).
+    /// Format of the new image: qcow2, or vdi (-o static=on for a fixed image; -b PARENT.vdi
+    /// for a differencing image linked to its parent by UUID).
     #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
     pub format: String,
     /// Backing file, stored verbatim; relative names resolve against FILE's directory.
@@ -89,6 +90,10 @@ pub struct InfoArgs {
     /// With --backing-chain: refuse any backing file outside DIR.
     #[arg(long, value_name = "DIR", requires = "backing_chain")]
     pub confine: Option<PathBuf>,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
 }
@@ -136,6 +141,10 @@ pub struct CompareArgs {
     /// the name can point at any host file; --confine applies to it too).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable; used for both images); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// First image.
     pub file1: PathBuf,
     /// Second image.

@@ -6,6 +6,7 @@ mod args;
 mod check_map;
 mod ops;
 mod output;
+mod vdi_create;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -58,17 +59,15 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
         Some(dir) => BackingPolicy::Confine(dir.clone()),
         None => BackingPolicy::FollowLocal,
     };
+    let parents = imagefmt::vdi::Explicit(args.parents.clone());
+    let options = chain_options(&policy, args.allow_data_file, &parents);
     let open = |path: &std::path::Path, format: &Option<String>| -> Result<_> {
         let format = format
             .as_deref()
             .map(str::parse::<ImageFormat>)
             .transpose()?;
-        let opened = if args.allow_data_file {
-            imagefmt::chain::open_chain_allowing_data_files(path, format, &policy)
-        } else {
-            imagefmt::chain::open_chain(path, format, &policy)
-        };
-        opened.with_context(|| format!("{}", path.display()))
+        imagefmt::chain::open_chain_with(path, format, &options)
+            .with_context(|| format!("{}", path.display()))
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
@@ -86,17 +85,30 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     Ok(code)
 }
 
+/// How commands open chains: `policy`, data files if allowed, and VDI parents from `--parent`
+/// (nearest first) when given, else from each image's own directory.
+pub(crate) fn chain_options<'a>(
+    policy: &'a BackingPolicy,
+    allow_data_files: bool,
+    parents: &'a imagefmt::vdi::Explicit,
+) -> imagefmt::chain::ChainOptions<'a> {
+    imagefmt::chain::ChainOptions {
+        policy,
+        allow_data_files,
+        vdi_parents: (!parents.0.is_empty()).then_some(parents as _),
+    }
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.downcast_ref::<io::Error>()
         .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
-    if args.format != "qcow2" {
-        bail!(
-            "creating {:?} images is not supported yet (only qcow2)",
-            args.format
-        );
+    match args.format.as_str() {
+        "qcow2" => {}
+        "vdi" => return vdi_create::create_vdi(&args, out),
+        other => bail!("creating {other:?} images is not supported (qcow2 and vdi are)"),
     }
     let mut options = CreateOptions::default();
     let mut size_text = args.size.clone();
@@ -189,7 +201,10 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             Some(dir) => BackingPolicy::Confine(dir.clone()),
             None => BackingPolicy::FollowLocal,
         };
-        let chain = imagefmt::info::backing_chain(&args.file, &policy).with_context(context)?;
+        let parents = imagefmt::vdi::Explicit(args.parents.clone());
+        let options = chain_options(&policy, false, &parents);
+        let chain =
+            imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
             OutputFormat::Human => {
