@@ -11,5 +11,6 @@ mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
 mod regression;
+mod vdi_cli;
 mod vdi_xcheck;
 mod write_xcheck;

@@ -254,17 +254,17 @@ fn ensure_dissect() {
 }
 
 /// What dissect.hypervisor reports about the top of a chain (UUIDs as the bytes on disk).
-struct DissectView {
-    content: Vec<u8>,
-    uuid_create: [u8; 16],
-    uuid_modify: [u8; 16],
-    uuid_linkage: [u8; 16],
-    uuid_parent_modify: [u8; 16],
-    image_type: u32,
-    size: u64,
+pub(crate) struct DissectView {
+    pub content: Vec<u8>,
+    pub uuid_create: [u8; 16],
+    pub uuid_modify: [u8; 16],
+    pub uuid_linkage: [u8; 16],
+    pub uuid_parent_modify: [u8; 16],
+    pub image_type: u32,
+    pub size: u64,
 }
 
-fn dissect_read(chain_base_first: &[&Path], dir: &Path) -> DissectView {
+pub(crate) fn dissect_read(chain_base_first: &[&Path], dir: &Path) -> DissectView {
     ensure_dissect();
     let out = dir.join("dissect-view.raw");
     let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"-c", &DISSECT_DUMP, &out];
