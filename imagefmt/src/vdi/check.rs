@@ -16,7 +16,7 @@
 
 use byteorder::{ByteOrder, LittleEndian};
 
-use super::{BlockEntry, VdiError, VdiHeader, HEADER_REGION_LEN};
+use super::{BlockEntry, VdiHeader, HEADER_REGION_LEN};
 use crate::io::Backend;
 use crate::qcow2::check::CheckReport;
 use crate::{Error, Result};
@@ -35,22 +35,7 @@ pub fn check<B: Backend + ?Sized>(backend: &B) -> Result<CheckReport> {
         .read_prefix_at(&mut head, 0)
         .map_err(Error::reading("VDI header"))?;
     let header = VdiHeader::parse(&head[..got])?;
-    let file_len = backend.len().map_err(Error::reading("VDI file length"))?;
-    let offset = u64::from(header.offset_blocks);
-    let len = header.block_map_len_bytes();
-    let beyond = || VdiError::BlockMapBeyondEndOfFile {
-        offset,
-        len,
-        file_len,
-    };
-    if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Err(beyond().into());
-    }
-    // Inside the file, so no larger than it.
-    let mut raw = vec![0u8; usize::try_from(len).map_err(|_| beyond())?];
-    backend
-        .read_exact_at(&mut raw, offset)
-        .map_err(Error::reading("VDI block map"))?;
+    let (raw, file_len) = super::image::read_raw_block_map(backend, &header)?;
     Ok(check_map(&header, &raw, file_len))
 }
 
