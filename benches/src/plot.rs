@@ -53,11 +53,9 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
                 let i = i as i32;
-                Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), min / 2.0),
-                        (SegmentValue::Exact(i + 1), *v),
-                    ],
+                bar(
+                    (SegmentValue::Exact(i), min / 2.0),
+                    (SegmentValue::Exact(i + 1), *v),
                     color(i as usize),
                 )
             }))
@@ -76,11 +74,9 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
                 let i = i as i32;
-                Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), 0.0),
-                        (SegmentValue::Exact(i + 1), *v),
-                    ],
+                bar(
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
                     color(i as usize),
                 )
             }))
@@ -88,6 +84,13 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
     }
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
+}
+
+/// One bar: a filled rectangle between two corners, with a gap on each side.
+fn bar<X, Y>(corner: (X, Y), opposite: (X, Y), style: ShapeStyle) -> Rectangle<(X, Y)> {
+    let mut rect = Rectangle::new([corner, opposite], style);
+    rect.set_margin(0, 0, 12, 12);
+    rect
 }
 
 #[cfg(test)]
