@@ -504,9 +504,8 @@ impl Cloner {
                 )?;
             }
             Method::Copy => copy_file(&self.base_qcow2(), path)?,
-            Method::Reflink => reflink_copy::reflink(self.base_qcow2(), path).map_err(
-                BenchError::io(format!("reflinking {BASE_QCOW2} to {}", path.display())),
-            )?,
+            Method::Reflink => reflink_copy::reflink(self.base_qcow2(), path)
+                .map_err(BenchError::io(format!("FICLONE of {BASE_QCOW2}")))?,
             Method::VBoxManage => {
                 tools::run_ok(
                     "VBoxManage",
