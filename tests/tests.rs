@@ -5,6 +5,7 @@
 
 mod util;
 
+mod bench_cli;
 mod check_xcheck;
 mod cli;
 mod ops_xcheck;

@@ -41,6 +41,8 @@ pub enum Command {
     Rebase(crate::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
     Resize(crate::ops::ResizeArgs),
+    /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
+    Bench(crate::bench_cmd::BenchArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

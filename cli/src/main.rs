@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bench_cmd;
 mod check_map;
 mod ops;
 mod output;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
+        Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),
