@@ -341,3 +341,36 @@ fn bench_io_reports_both_sides_and_never_modifies_the_image() {
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     assert!(String::from_utf8_lossy(&output.stderr).contains("must divide the virtual size"));
 }
+
+/// A chain qemu cannot open (a VDI differencing image) is measured on our side; qemu-img's side
+/// is listed as skipped with qemu's reason, not dropped and not an error.
+#[test]
+fn bench_io_on_a_vdi_diff_lists_qemu_as_skipped_with_its_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vdi");
+    let diff = tmp.path().join("diff.vdi");
+    cowclone_ok(&[&"create", &"-q", &"-f", &"vdi", &base, &"4M"]);
+    qemu_io_ok(&[&"-f", &"vdi", &"-c", &"write -P 0x5a 0 4M", &base]);
+    cowclone_ok(&[&"create", &"-q", &"-f", &"vdi", &"-b", &base, &diff]);
+    let stdout = cowclone_ok(&[
+        &"bench",
+        &"io",
+        &diff,
+        &"--count",
+        &"50",
+        &"--output",
+        &"json",
+        &"--scratch-dir",
+        &tmp.path(),
+    ]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["format"], "vdi");
+    let sides = report["results"].as_array().unwrap();
+    assert!(sides[0]["skipped"].is_null(), "{report:#}");
+    positive(
+        &sides[0]["mb_per_s"],
+        "our throughput through the VDI chain",
+    );
+    let reason = sides[1]["skipped"].as_str().unwrap_or_default();
+    assert!(reason.contains("link UUID"), "{report:#}");
+}

@@ -199,7 +199,11 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
     progress.set_message("qemu-img bench");
     let theirs = match tools::unavailable("qemu-img") {
         Some(reason) => skipped_side(config, reason),
-        None => qemu_img_bench(&image, format, scratch.path(), config)?,
+        // qemu cannot open some chains cowclone reads (VDI differencing images): the side is
+        // then listed as skipped with qemu's own message, not silently dropped.
+        None => qemu_img_bench(&image, format, scratch.path(), config).unwrap_or_else(|e| {
+            skipped_side(config, format!("qemu-img cannot run on this image: {e}"))
+        }),
     };
     Ok(Report {
         image,
