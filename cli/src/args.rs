@@ -25,8 +25,6 @@ pub enum Command {
     Create(CreateArgs),
     /// Show an image's format, size, backing file and header facts (qemu-img info syntax).
     Info(InfoArgs),
-    /// Clone a base image: a qcow2 overlay at CLONE that reads through to BASE.
-    Clone(CloneArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
     /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
@@ -41,6 +39,9 @@ pub enum Command {
     Rebase(crate::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
     Resize(crate::ops::ResizeArgs),
+    /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
+    #[command(flatten)]
+    Registry(crate::registry_cmd::RegistryCommand),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -91,24 +92,6 @@ pub struct InfoArgs {
     pub confine: Option<PathBuf>,
     /// The image.
     pub file: PathBuf,
-}
-
-/// `cowclone clone BASE CLONE`
-#[derive(Debug, clap::Args)]
-pub struct CloneArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
-    /// fsync the clone and its directory before returning.
-    #[arg(long)]
-    pub durable: bool,
-    /// The base image (qcow2, VDI or raw is recognised by content; raw must be named with --raw).
-    pub base: PathBuf,
-    /// The clone to create (a qcow2 overlay).
-    pub clone: PathBuf,
-    /// Treat BASE as a raw disk (raw cannot be recognised by content).
-    #[arg(long)]
-    pub raw: bool,
 }
 
 /// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
