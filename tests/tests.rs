@@ -10,6 +10,7 @@ mod cli;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
+mod registry;
 mod regression;
 mod vdi_xcheck;
 mod write_xcheck;
