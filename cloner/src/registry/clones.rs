@@ -369,9 +369,14 @@ fn make_all(
                 (header.virtual_size(), Some(ids))
             }
             _ => {
+                // The source's header was read at registration and its fingerprint checked
+                // above (under the write lock), so its format and size are known: no need to
+                // open it again per clone.
                 let created = Qcow2Builder::new(&path)
                     .backing(backing.clone())
                     .backing_format(source.format)
+                    .without_opening_backing()
+                    .size(source.virtual_size)
                     .durable(durable)
                     .create()
                     .map_err(RegistryError::image(context()))?;
