@@ -90,7 +90,13 @@ fn assert_consistent(home: &Path, base: &Path, context: &str) -> Vec<Value> {
     let claimed: BTreeSet<String> = records
         .iter()
         .filter_map(|r| r["dir"].as_str())
-        .map(|d| Path::new(d).file_name().unwrap().to_string_lossy().into_owned())
+        .map(|d| {
+            Path::new(d)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     let on_disk: BTreeSet<String> = dir_entries(&home.join("clones")).into_iter().collect();
     assert_eq!(
