@@ -25,8 +25,6 @@ pub enum Command {
     Create(CreateArgs),
     /// Show an image's format, size, backing file and header facts (qemu-img info syntax).
     Info(InfoArgs),
-    /// Clone a base image: a qcow2 overlay at CLONE that reads through to BASE.
-    Clone(CloneArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
     /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
@@ -43,6 +41,9 @@ pub enum Command {
     Resize(crate::ops::ResizeArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
     Bench(crate::bench_cmd::BenchArgs),
+    /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
+    #[command(flatten)]
+    Registry(crate::registry_cmd::RegistryCommand),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -98,24 +99,6 @@ pub struct InfoArgs {
     pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
-}
-
-/// `cowclone clone BASE CLONE`
-#[derive(Debug, clap::Args)]
-pub struct CloneArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
-    /// fsync the clone and its directory before returning.
-    #[arg(long)]
-    pub durable: bool,
-    /// The base image (qcow2, VDI or raw is recognised by content; raw must be named with --raw).
-    pub base: PathBuf,
-    /// The clone to create (a qcow2 overlay).
-    pub clone: PathBuf,
-    /// Treat BASE as a raw disk (raw cannot be recognised by content).
-    #[arg(long)]
-    pub raw: bool,
 }
 
 /// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`

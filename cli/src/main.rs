@@ -7,6 +7,7 @@ mod bench_cmd;
 mod check_map;
 mod ops;
 mod output;
+mod registry_cmd;
 mod vdi_create;
 
 use std::io::{self, Write};
@@ -18,7 +19,7 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};
 
-use args::{Cli, CloneArgs, Command, CompareArgs, CreateArgs, InfoArgs, OutputFormat};
+use args::{Cli, Command, CompareArgs, CreateArgs, InfoArgs, OutputFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,7 +30,6 @@ fn main() -> ExitCode {
     let (result, error_code) = match cli.command {
         Command::Create(args) => (create(args, &mut out).map(|()| 0), 1),
         Command::Info(args) => (info(args, &mut out).map(|()| 0), 1),
-        Command::Clone(args) => (clone(args, &mut out).map(|()| 0), 1),
         Command::Compare(args) => (compare(args, &mut out), 2),
         Command::Check(args) => (check_map::check(args, &mut out), 1),
         Command::Map(args) => (check_map::map(args, &mut out), 1),
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
         Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
+        Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),
@@ -224,45 +225,6 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
             OutputFormat::Human => output::write_info(out, &info)?,
         }
-    }
-    Ok(())
-}
-
-fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
-    let request = cloner::CloneRequest {
-        base: args.base.clone(),
-        clone: args.clone.clone(),
-        base_format: args.raw.then_some(ImageFormat::Raw),
-        durable: args.durable,
-    };
-    let made = cloner::clone_base(&request).with_context(|| {
-        format!(
-            "cloning {} to {}",
-            args.base.display(),
-            args.clone.display()
-        )
-    })?;
-    match args.output {
-        OutputFormat::Json => writeln!(
-            out,
-            "{}",
-            serde_json::json!({
-                "clone": made.clone.to_string_lossy(),
-                "base": made.backing_name,
-                "base-format": made.base_format.name(),
-                "virtual-size": made.virtual_size,
-                "elapsed-us": made.elapsed.as_micros() as u64,
-            })
-        )?,
-        OutputFormat::Human => writeln!(
-            out,
-            "cloned {} -> {} ({} base, {} bytes virtual) in {} us",
-            made.backing_name,
-            made.clone.display(),
-            made.base_format,
-            made.virtual_size,
-            made.elapsed.as_micros()
-        )?,
     }
     Ok(())
 }
