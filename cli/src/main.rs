@@ -7,6 +7,7 @@ mod check_map;
 mod ops;
 mod output;
 mod registry_cmd;
+mod vm_cmd;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
         Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
+        Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),

@@ -55,7 +55,9 @@ pub fn probe_kvm(qemu: &str, scratch: &Path) -> Result<Probe> {
     std::fs::write(&disk, probe_boot_sector()).map_err(io("writing the KVM probe disk"))?;
     let _ = std::fs::remove_file(&serial);
     let mut child = match Command::new(qemu)
-        .args(["-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none"])
+        .args([
+            "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
+        ])
         .args(["-nodefaults", "-no-user-config", "-serial"])
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")

@@ -37,7 +37,10 @@ pub fn write_seed(path: &Path, meta_data: &str, user_data: &[u8]) -> Result<()> 
         let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).map_err(fat)?;
         {
             let root = fs.root_dir();
-            for (name, bytes) in [("meta-data", meta_data.as_bytes()), ("user-data", user_data)] {
+            for (name, bytes) in [
+                ("meta-data", meta_data.as_bytes()),
+                ("user-data", user_data),
+            ] {
                 let mut entry = root.create_file(name).map_err(fat)?;
                 entry.truncate().map_err(fat)?;
                 entry.write_all(bytes).map_err(fat)?;

@@ -138,10 +138,7 @@ pub fn domain_xml(spec: &VmSpec, kvm: bool) -> Result<String> {
                     .with_attribute(("type", "file"))
                     .write_inner_content(|w| {
                         w.create_element("source")
-                            .with_attribute((
-                                "path",
-                                spec.serial_log().to_string_lossy().as_ref(),
-                            ))
+                            .with_attribute(("path", spec.serial_log().to_string_lossy().as_ref()))
                             .write_empty()?;
                         Ok::<(), std::io::Error>(())
                     })?;

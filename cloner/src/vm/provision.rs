@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::runner::CommandRunner;
+use super::runner::{CommandRunner, SystemRunner};
 use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
 use super::{accel, cidata, io, qemu, Result, VmError};
 use crate::{CloneSpec, Registry};
@@ -110,10 +110,12 @@ fn read_script(path: &Path) -> Result<String> {
 }
 
 /// Runs the script at `request.script` in a new clone of its plan's base; see the module docs.
+/// Commands run through `runner`, by default a [`SystemRunner`] logging to the new clone's
+/// `commands.log`.
 pub fn provision(
     registry: &mut Registry,
     request: &ProvisionRequest,
-    runner: &dyn CommandRunner,
+    runner: Option<&dyn CommandRunner>,
 ) -> Result<ProvisionOutcome> {
     let script = read_script(&request.script)?;
     let plan = crate::plan::parse_plan(&script).map_err(|e| VmError::Invalid(e.to_string()))?;
@@ -162,7 +164,8 @@ pub fn provision(
         .unwrap_or(DEFAULT_TIMEOUT);
 
     let started = Instant::now();
-    qemu::start(&spec, accel, runner)?;
+    let system = SystemRunner::logging_to(super::spec::command_log(&spec.run_dir));
+    qemu::start(&spec, accel, runner.unwrap_or(&system))?;
     let log = spec.serial_log();
     loop {
         let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();

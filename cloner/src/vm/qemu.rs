@@ -86,12 +86,17 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
     push(&["-m", &memory_mib, "-smp", &cpus]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     let serial = format!("file:{}", path_opt(&spec.serial_log())?);
-    let qmp = format!(
-        "unix:{},server=on,wait=off",
-        path_opt(&spec.qmp_socket())?
-    );
+    let qmp = format!("unix:{},server=on,wait=off", path_opt(&spec.qmp_socket())?);
     let pidfile = path_opt(&spec.pidfile())?;
-    push(&["-serial", &serial, "-qmp", &qmp, "-pidfile", &pidfile, "-daemonize"]);
+    push(&[
+        "-serial",
+        &serial,
+        "-qmp",
+        &qmp,
+        "-pidfile",
+        &pidfile,
+        "-daemonize",
+    ]);
 
     // The chain, base first so that each node can name the one below it.
     let last = spec.disks.len() - 1;
@@ -114,7 +119,7 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
         }
         push(&["-blockdev", &file, "-blockdev", &format]);
     }
-    push(&["-device", "virtio-blk-pci,drive=disk0,bootindex=0"]);
+    push(&["-device", "virtio-blk-pci,drive=disk0"]);
     for (j, extra) in spec.extra_drives.iter().enumerate() {
         let file = format!(
             "driver=file,node-name=extrafile{j},filename={},read-only=on",
@@ -310,16 +315,22 @@ mod tests {
              -blockdev driver=raw,node-name=disk1,file=file1,read-only=on \
              -blockdev driver=file,node-name=file0,filename=/h/clones/web-1/disk.qcow2,read-only=off \
              -blockdev driver=qcow2,node-name=disk0,file=file0,read-only=off,backing=disk1 \
-             -device virtio-blk-pci,drive=disk0,bootindex=0";
+             -device virtio-blk-pci,drive=disk0";
         assert!(line.contains(expected_disks), "{line}");
         assert!(line.contains("-accel tcg"), "{line}");
         assert!(line.contains("-m 256 -smp 2"), "{line}");
-        assert!(line.contains("-pidfile /h/clones/web-1/qemu.pid -daemonize"), "{line}");
+        assert!(
+            line.contains("-pidfile /h/clones/web-1/qemu.pid -daemonize"),
+            "{line}"
+        );
         assert!(
             line.contains("-netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"),
             "{line}"
         );
-        assert!(line.contains("-kernel /boot/vmlinuz -append console=ttyS0"), "{line}");
+        assert!(
+            line.contains("-kernel /boot/vmlinuz -append console=ttyS0"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -342,5 +353,20 @@ mod tests {
         // Our own pid is alive but its command line does not name this pidfile.
         std::fs::write(spec::pidfile(dir.path()), std::process::id().to_string()).unwrap();
         assert_eq!(state(dir.path()), VmState::Stopped);
+    }
+}
+
+/// The runtime state `ls` shows for registered images: `running` or `stopped` for clones (from
+/// their directory's pidfile), nothing for bases.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QemuStateProbe;
+
+impl crate::runtime::StateProbe for QemuStateProbe {
+    fn state(&self, record: &crate::ImageRecord) -> Option<String> {
+        let dir = record.dir.as_deref()?;
+        Some(match state(dir) {
+            VmState::Running(_) => "running".into(),
+            VmState::Stopped => "stopped".into(),
+        })
     }
 }

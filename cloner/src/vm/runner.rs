@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn quotes_only_what_needs_it() {
         assert_eq!(shell_quote("-blockdev"), "-blockdev");
-        assert_eq!(shell_quote("driver=file,filename=/a b"), "'driver=file,filename=/a b'");
+        assert_eq!(
+            shell_quote("driver=file,filename=/a b"),
+            "'driver=file,filename=/a b'"
+        );
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
     }
@@ -157,7 +160,10 @@ mod tests {
             .unwrap();
         assert_eq!(out, "hi\n");
         let err = runner
-            .run(&Invocation::new("sh", vec!["-c".into(), "echo no >&2; exit 3".into()]))
+            .run(&Invocation::new(
+                "sh",
+                vec!["-c".into(), "echo no >&2; exit 3".into()],
+            ))
             .unwrap_err();
         assert!(err.to_string().contains("no"), "{err}");
         let err = runner
@@ -167,7 +173,10 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("commands.log")).unwrap();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines.len(), 3, "{log}");
-        assert!(lines[0].contains("sh -c 'echo hi' # exit status: 0"), "{log}");
+        assert!(
+            lines[0].contains("sh -c 'echo hi' # exit status: 0"),
+            "{log}"
+        );
         assert!(lines[1].contains("exit status: 3"), "{log}");
     }
 }

@@ -98,7 +98,11 @@ impl std::str::FromStr for Egress {
         let mut allowed = Vec::new();
         for item in list.split(',') {
             let (host, port) = item.rsplit_once(':').ok_or_else(bad)?;
-            let port = port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad)?;
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(bad)?;
             if host.is_empty() || host.contains([',', ' ']) {
                 return Err(bad());
             }
@@ -227,7 +231,9 @@ mod tests {
         }
         assert_eq!("deny".parse::<Egress>().unwrap(), Egress::Deny);
         assert_eq!(
-            "allow:10.0.2.2:3128,example.org:443".parse::<Egress>().unwrap(),
+            "allow:10.0.2.2:3128,example.org:443"
+                .parse::<Egress>()
+                .unwrap(),
             Egress::Allow(vec![("10.0.2.2".into(), 3128), ("example.org".into(), 443)])
         );
         for bad in ["allow", "allow:", "allow:host", "allow:host:0", "open"] {

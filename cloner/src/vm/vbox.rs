@@ -42,17 +42,41 @@ pub fn start_sequence(spec: &VmSpec) -> Result<Vec<Invocation>> {
     }
     let folder = path(&spec.run_dir);
     steps.push(vbox(&[
-        "createvm", "--name", name, "--ostype", "Linux_64", "--basefolder", &folder,
+        "createvm",
+        "--name",
+        name,
+        "--ostype",
+        "Linux_64",
+        "--basefolder",
+        &folder,
         "--register",
     ]));
     steps.push(vbox(&[
-        "storagectl", name, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci",
-        "--portcount", "1",
+        "storagectl",
+        name,
+        "--name",
+        CONTROLLER,
+        "--add",
+        "sata",
+        "--controller",
+        "IntelAhci",
+        "--portcount",
+        "1",
     ]));
     let top = path(&spec.disks[0].path);
     steps.push(vbox(&[
-        "storageattach", name, "--storagectl", CONTROLLER, "--port", "0", "--device", "0",
-        "--type", "hdd", "--medium", &top,
+        "storageattach",
+        name,
+        "--storagectl",
+        CONTROLLER,
+        "--port",
+        "0",
+        "--device",
+        "0",
+        "--type",
+        "hdd",
+        "--medium",
+        &top,
     ]));
     let memory = spec.memory.div_ceil(1 << 20).to_string();
     let cpus = spec.cpus.to_string();
