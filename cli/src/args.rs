@@ -44,6 +44,8 @@ pub enum Command {
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
     #[command(flatten)]
     Registry(crate::registry_cmd::RegistryCommand),
+    #[command(flatten)]
+    Vm(crate::vm_cmd::VmCommand),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

@@ -9,6 +9,7 @@ mod ops;
 mod output;
 mod registry_cmd;
 mod vdi_create;
+mod vm_cmd;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
         Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
         Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
+        Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),

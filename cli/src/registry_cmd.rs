@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use cloner::runtime::{NoRuntime, StateProbe};
+use cloner::runtime::StateProbe;
 use cloner::{CloneSpec, Home, ImageRecord, Kind, RegisterBase, Registry};
 use imagefmt::ImageFormat;
 use serde_json::json;
@@ -471,8 +471,8 @@ fn print_records(
     output: OutputFormat,
     with_state: bool,
 ) -> Result<()> {
-    // Hypervisor drivers replace NoRuntime with a probe that knows running VMs.
-    let probe = NoRuntime;
+    // Running state from the qemu driver's pidfiles in each clone's directory.
+    let probe = cloner::vm::qemu::QemuStateProbe;
     match output {
         OutputFormat::Json => {
             let rows: Vec<serde_json::Value> = records

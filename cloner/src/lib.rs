@@ -29,6 +29,7 @@ pub mod plan;
 pub mod registry;
 pub mod runtime;
 pub mod store;
+pub mod vm;
 
 pub use error::RegistryError;
 pub use home::Home;

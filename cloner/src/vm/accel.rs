@@ -1,0 +1,123 @@
+//! Choosing the accelerator for `--accel auto`: KVM only if a guest proves alive under it.
+//!
+//! `/dev/kvm` opening is not enough: nested under another hypervisor it can open and yet hang
+//! every guest. The probe boots a one-sector guest (a boot sector that writes `K` to the first
+//! serial port and halts) under KVM with a short deadline; KVM is used only if the `K` arrives.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{io, Result};
+
+/// How long the probe guest may take to speak under KVM.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The probe's boot sector: `mov dx, 0x3f8; mov al, 'K'; out dx, al; cli; hlt; jmp $-2`, padded
+/// to 512 bytes with the 0x55AA signature.
+pub fn probe_boot_sector() -> [u8; 512] {
+    let mut sector = [0u8; 512];
+    let code = [
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+        0xB0, b'K', // mov al, 'K'
+        0xEE, // out dx, al
+        0xFA, // cli
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp back to hlt
+    ];
+    sector[..code.len()].copy_from_slice(&code);
+    sector[510] = 0x55;
+    sector[511] = 0xAA;
+    sector
+}
+
+/// What the probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// True if the probe guest ran under KVM.
+    pub kvm_alive: bool,
+    /// Why (for logs and `status`).
+    pub reason: String,
+}
+
+/// Boots the probe guest under KVM with `qemu` (e.g. `qemu-system-x86_64`), working in
+/// `scratch`; false (with the reason) if `/dev/kvm` is missing, qemu fails, or the guest stays
+/// silent past [`PROBE_DEADLINE`].
+pub fn probe_kvm(qemu: &str, scratch: &Path) -> Result<Probe> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(Probe {
+            kvm_alive: false,
+            reason: "/dev/kvm does not exist".into(),
+        });
+    }
+    let disk = scratch.join("kvm-probe.img");
+    let serial = scratch.join("kvm-probe.serial");
+    std::fs::write(&disk, probe_boot_sector()).map_err(io("writing the KVM probe disk"))?;
+    let _ = std::fs::remove_file(&serial);
+    let mut child = match Command::new(qemu)
+        .args([
+            "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", disk.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            return Ok(Probe {
+                kvm_alive: false,
+                reason: format!("cannot run {qemu}: {e}"),
+            })
+        }
+    };
+    let start = Instant::now();
+    let mut alive = false;
+    let mut exited = None;
+    while start.elapsed() < PROBE_DEADLINE {
+        if std::fs::read(&serial).is_ok_and(|out| out.contains(&b'K')) {
+            alive = true;
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&serial);
+    let reason = match (alive, exited) {
+        (true, _) => format!(
+            "a probe guest ran under KVM in {} ms",
+            start.elapsed().as_millis()
+        ),
+        (false, Some(status)) => format!("qemu with KVM exited ({status})"),
+        (false, None) => format!(
+            "/dev/kvm opens but a probe guest stayed silent for {} s (nested KVM?)",
+            PROBE_DEADLINE.as_secs()
+        ),
+    };
+    Ok(Probe {
+        kvm_alive: alive,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_sector_is_bootable() {
+        let sector = probe_boot_sector();
+        assert_eq!(&sector[510..], &[0x55, 0xAA]);
+        assert_eq!(sector[4], b'K');
+    }
+}

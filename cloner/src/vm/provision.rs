@@ -1,0 +1,256 @@
+//! `provision`: run a script in a fresh VM and get its output and exit status back.
+//!
+//! The script's `/* rexxjs-vm-KEY: VALUE */` lines give the plan ([`crate::plan`]); the named
+//! base is cloned through the registry; the script travels to the guest in a cloud-init NoCloud
+//! seed ([`super::cidata`]) as the `user-data` of a small wrapper; the clone boots under qemu;
+//! the wrapper runs the script and prints its output and exit status on the serial console
+//! between two marker lines carrying a random nonce; cowclone reads them from the serial log.
+//!
+//! Guest contract: something in the guest must run the seed's `user-data` once at boot, as
+//! cloud-init does for a `user-data` that starts with `#!`. The wrapper then powers the guest
+//! off (`poweroff -f`, after `sync`) unless the VM is kept running.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::runner::{CommandRunner, SystemRunner};
+use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
+use super::{accel, cidata, io, qemu, Result, VmError};
+use crate::{CloneSpec, Registry};
+
+/// Largest script accepted (it travels on a 1 MiB seed volume).
+pub const MAX_SCRIPT: u64 = 256 << 10;
+/// Run time limit when the plan sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What to provision.
+#[derive(Debug, Clone)]
+pub struct ProvisionRequest {
+    /// The script (its directives name the base).
+    pub script: PathBuf,
+    /// Name of the clone to make; default `<base>-run-<8 hex digits>`.
+    pub clone_name: Option<String>,
+    /// Leave the VM running after the script finished.
+    pub keep_running: bool,
+    /// Acceleration.
+    pub accel: Accel,
+    /// Direct kernel boot, for bases without a boot loader.
+    pub kernel: Option<KernelBoot>,
+}
+
+/// What came back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProvisionOutcome {
+    /// The clone the script ran in.
+    pub clone: String,
+    /// The script's output (stdout and stderr, interleaved as the guest wrote them).
+    pub output: String,
+    /// The script's exit status.
+    pub exit_status: i32,
+    /// The VM is still running.
+    pub kept_running: bool,
+    /// The guest's console log.
+    pub serial_log: PathBuf,
+    /// Wall time from boot to result, milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// The seed's `user-data`: a wrapper that writes `script` to a file, runs it, prints the output
+/// and status between markers carrying `nonce`, and powers off unless `keep_running`.
+pub fn wrapper(script: &str, nonce: &str, keep_running: bool) -> String {
+    let mut body = script.to_owned();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    let power = if keep_running {
+        ""
+    } else {
+        "sync\npoweroff -f 2>/dev/null || poweroff\n"
+    };
+    format!(
+        "#!/bin/sh\n\
+         # cowclone provision wrapper\n\
+         cat > /tmp/cowclone-script <<'COWCLONE_SCRIPT_{nonce}'\n\
+         {body}COWCLONE_SCRIPT_{nonce}\n\
+         chmod +x /tmp/cowclone-script\n\
+         /tmp/cowclone-script > /tmp/cowclone-output 2>&1\n\
+         status=$?\n\
+         {{ echo \"COWCLONE-BEGIN {nonce}\"; cat /tmp/cowclone-output; echo; \
+         echo \"COWCLONE-END {nonce} $status\"; }} > /dev/console\n\
+         {power}"
+    )
+}
+
+/// Finds the wrapper's report in a serial log: the output between the markers and the exit
+/// status; `None` until the end marker has arrived.
+pub fn parse_report(serial: &str, nonce: &str) -> Option<(String, i32)> {
+    let text = serial.replace("\r\n", "\n");
+    let begin = format!("COWCLONE-BEGIN {nonce}\n");
+    let end = format!("\nCOWCLONE-END {nonce} ");
+    let start = text.find(&begin)? + begin.len();
+    let stop = start + text[start..].find(&end)?;
+    let status_text = &text[stop + end.len()..];
+    let status = status_text.lines().next()?.trim().parse().ok()?;
+    // The newline before the end marker is the one the wrapper's `echo` added.
+    Some((text[start..stop].to_owned(), status))
+}
+
+fn read_script(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    if meta.len() > MAX_SCRIPT {
+        return Err(VmError::Invalid(format!(
+            "{} is {} bytes; scripts are limited to {MAX_SCRIPT}",
+            path.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))
+}
+
+/// Runs the script at `request.script` in a new clone of its plan's base; see the module docs.
+/// Commands run through `runner`, by default a [`SystemRunner`] logging to the new clone's
+/// `commands.log`.
+pub fn provision(
+    registry: &mut Registry,
+    request: &ProvisionRequest,
+    runner: Option<&dyn CommandRunner>,
+) -> Result<ProvisionOutcome> {
+    let script = read_script(&request.script)?;
+    let plan = crate::plan::parse_plan(&script).map_err(|e| VmError::Invalid(e.to_string()))?;
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let name = request
+        .clone_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-run-{}", plan.base, &nonce[..8]));
+    registry.clone_images(&CloneSpec::new(&plan.base, &name))?;
+    let record = registry.clone_record(&name)?;
+    let mut spec = VmSpec::from_clone(&record)?;
+    if let Some(memory) = plan.memory {
+        spec.memory = memory;
+    }
+    if let Some(cpus) = plan.cpus {
+        spec.cpus = cpus;
+    }
+    spec.ingress = plan
+        .ingress_port
+        .map(|p| PortForward { host: p, guest: p })
+        .into_iter()
+        .collect();
+    spec.egress = if plan.egress_ports.is_empty() {
+        Egress::Deny
+    } else {
+        Egress::Allow(
+            plan.egress_ports
+                .iter()
+                .map(|&p| ("127.0.0.1".to_owned(), p))
+                .collect(),
+        )
+    };
+    spec.kernel = request.kernel.clone();
+    let seed = spec.run_dir.join("seed.img");
+    let _ = std::fs::remove_file(&seed);
+    cidata::write_seed(
+        &seed,
+        &cidata::meta_data(&name),
+        wrapper(&script, &nonce, request.keep_running).as_bytes(),
+    )?;
+    spec.extra_drives.push(seed);
+    let accel = resolve_accel(request.accel, &spec.run_dir)?;
+    let timeout = plan
+        .timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TIMEOUT);
+
+    let started = Instant::now();
+    let system = SystemRunner::logging_to(super::spec::command_log(&spec.run_dir));
+    qemu::start(&spec, accel, runner.unwrap_or(&system))?;
+    let log = spec.serial_log();
+    loop {
+        let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        if let Some((output, exit_status)) = parse_report(&serial, &nonce) {
+            let kept_running = request.keep_running;
+            if !kept_running && !qemu::wait_gone(&spec.run_dir, Duration::from_secs(30)) {
+                qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
+            }
+            return Ok(ProvisionOutcome {
+                clone: name,
+                output,
+                exit_status,
+                kept_running,
+                serial_log: log,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if qemu::state(&spec.run_dir) == qemu::VmState::Stopped {
+            return Err(VmError::Invalid(format!(
+                "the guest stopped without reporting the script's result (serial log: {})",
+                log.display()
+            )));
+        }
+        if started.elapsed() > timeout {
+            qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
+            return Err(VmError::Timeout {
+                seconds: timeout.as_secs(),
+                log: log.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
+pub fn resolve_accel(requested: Accel, scratch: &Path) -> Result<Accel> {
+    Ok(match requested {
+        Accel::Auto => {
+            if accel::probe_kvm(qemu::QEMU, scratch)?.kvm_alive {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }
+        }
+        other => other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_is_found_between_markers_even_without_a_final_newline() {
+        let serial = "boot noise\r\nCOWCLONE-BEGIN n1\r\nhello\r\nworld\r\n\r\nCOWCLONE-END n1 3\r\n[ 3.1] reboot\r\n";
+        assert_eq!(
+            parse_report(serial, "n1"),
+            Some(("hello\nworld\n".to_owned(), 3))
+        );
+        let no_newline = "COWCLONE-BEGIN n1\nabc\nCOWCLONE-END n1 0\n";
+        assert_eq!(parse_report(no_newline, "n1"), Some(("abc".to_owned(), 0)));
+        assert_eq!(parse_report("COWCLONE-BEGIN n1\nabc\n", "n1"), None);
+        assert_eq!(parse_report(no_newline, "other"), None);
+    }
+
+    #[test]
+    fn the_wrapper_runs_the_script_and_reports_between_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console");
+        let script = "#!/bin/sh\necho out; echo err >&2; exit 7";
+        // Run the wrapper on this host with /dev/console and /tmp redirected into the tempdir.
+        let wrapper = wrapper(script, "abc", true)
+            .replace("/tmp/", &format!("{}/", dir.path().display()))
+            .replace("/dev/console", &console.to_string_lossy());
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&wrapper)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let report = std::fs::read_to_string(&console).unwrap();
+        assert_eq!(
+            parse_report(&report, "abc"),
+            Some(("out\nerr\n".to_owned(), 7))
+        );
+        assert!(!wrapper.contains("poweroff"));
+    }
+}

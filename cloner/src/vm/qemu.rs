@@ -1,0 +1,372 @@
+//! The qemu-system driver: the command line, started as a daemon with a pidfile, a QMP socket
+//! and a serial log in the clone's directory; stopped by ACPI powerdown, then quit.
+//!
+//! The disk chain is passed explicitly, one `-blockdev` pair (file node, format node) per image,
+//! base first: every format is pinned, every layer below the top is read-only, and each qcow2
+//! node names the node below it as `backing=` (the bottom one `backing=null`), so qemu follows
+//! no path written in an image header and probes no format.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use imagefmt::ImageFormat;
+
+use super::runner::{CommandRunner, Invocation};
+use super::spec::{self, Accel, Egress, VmSpec};
+use super::{io, qmp::Qmp, Result, VmError};
+
+/// The qemu binary for x86-64 guests.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// How long `stop` waits for the guest to power down before asking qemu to quit.
+pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Escapes a value for qemu's `key=value,...` option syntax (a comma is doubled).
+fn opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_opt(path: &Path) -> Result<String> {
+    path.to_str()
+        .map(opt)
+        .ok_or_else(|| VmError::Invalid(format!("{} is not UTF-8", path.display())))
+}
+
+/// The block driver name of a format.
+fn driver(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Qcow2 => "qcow2",
+        ImageFormat::Vdi => "vdi",
+        ImageFormat::Raw => "raw",
+    }
+}
+
+/// Refuses chains qemu cannot open as given: a VDI differencing image (qemu's vdi driver refuses
+/// them; use the VirtualBox driver), a layer that would need a layer below it but has none, or
+/// a raw or VDI layer with something below it.
+fn check_chain(spec: &VmSpec) -> Result<()> {
+    if spec.disks.is_empty() {
+        return Err(VmError::Invalid("no disk to boot from".into()));
+    }
+    for (i, layer) in spec.disks.iter().enumerate() {
+        let has_below = i + 1 < spec.disks.len();
+        match layer.format {
+            ImageFormat::Qcow2 => {}
+            ImageFormat::Vdi | ImageFormat::Raw if has_below => {
+                let what = if layer.format == ImageFormat::Vdi {
+                    "a VDI differencing image (qemu cannot open those; use the VirtualBox driver)"
+                } else {
+                    "a raw image with an image below it"
+                };
+                return Err(VmError::Invalid(format!(
+                    "{} is {what}",
+                    layer.path.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The qemu-system command line that runs `spec` as a daemon (pidfile, QMP socket and serial log
+/// in its runtime directory). `accel` must be resolved (not `Auto`).
+pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
+    check_chain(spec)?;
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    let accel = match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+        Accel::Auto => return Err(VmError::Invalid("accelerator not resolved".into())),
+    };
+    let memory_mib = spec.memory.div_ceil(1 << 20).to_string();
+    let cpus = spec.cpus.to_string();
+    push(&["-name", &opt(&spec.name), "-accel", accel, "-machine", "pc"]);
+    push(&["-m", &memory_mib, "-smp", &cpus]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    let serial = format!("file:{}", path_opt(&spec.serial_log())?);
+    let qmp = format!("unix:{},server=on,wait=off", path_opt(&spec.qmp_socket())?);
+    let pidfile = path_opt(&spec.pidfile())?;
+    push(&[
+        "-serial",
+        &serial,
+        "-qmp",
+        &qmp,
+        "-pidfile",
+        &pidfile,
+        "-daemonize",
+    ]);
+
+    // The chain, base first so that each node can name the one below it.
+    let last = spec.disks.len() - 1;
+    for (i, layer) in spec.disks.iter().enumerate().rev() {
+        let read_only = if layer.read_only { "on" } else { "off" };
+        let file = format!(
+            "driver=file,node-name=file{i},filename={},read-only={read_only}",
+            path_opt(&layer.path)?
+        );
+        let mut format = format!(
+            "driver={},node-name=disk{i},file=file{i},read-only={read_only}",
+            driver(layer.format)
+        );
+        if layer.format == ImageFormat::Qcow2 {
+            if i < last {
+                format.push_str(&format!(",backing=disk{}", i + 1));
+            } else {
+                format.push_str(",backing=null");
+            }
+        }
+        push(&["-blockdev", &file, "-blockdev", &format]);
+    }
+    push(&["-device", "virtio-blk-pci,drive=disk0"]);
+    for (j, extra) in spec.extra_drives.iter().enumerate() {
+        let file = format!(
+            "driver=file,node-name=extrafile{j},filename={},read-only=on",
+            path_opt(extra)?
+        );
+        let raw = format!("driver=raw,node-name=extra{j},file=extrafile{j},read-only=on");
+        let device = format!("virtio-blk-pci,drive=extra{j}");
+        push(&["-blockdev", &file, "-blockdev", &raw, "-device", &device]);
+    }
+
+    // User-mode networking: restricted unless egress says otherwise; forwards bound to loopback.
+    let mut netdev = String::from("user,id=net0");
+    match &spec.egress {
+        Egress::Deny => netdev.push_str(",restrict=on"),
+        Egress::Allow(allowed) => {
+            netdev.push_str(",restrict=on");
+            for (k, (host, port)) in allowed.iter().enumerate() {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:10.0.2.{}:{port}-tcp:{}:{port}",
+                    100 + k,
+                    opt(host)
+                ));
+            }
+        }
+    }
+    for forward in &spec.ingress {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            forward.host, forward.guest
+        ));
+    }
+    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"]);
+
+    if let Some(boot) = &spec.kernel {
+        push(&["-kernel", &path_opt(&boot.kernel)?]);
+        if let Some(initrd) = &boot.initrd {
+            push(&["-initrd", &path_opt(initrd)?]);
+        }
+        if let Some(append) = &boot.append {
+            push(&["-append", append]);
+        }
+    }
+    Ok(Invocation::new(QEMU, args))
+}
+
+/// The running state of a clone's qemu.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    /// qemu runs with this pid.
+    Running(i32),
+    /// No live qemu for this clone (no pidfile, or a stale one).
+    Stopped,
+}
+
+/// Reads the clone's pidfile; `Running` only if that process is alive and is the qemu started
+/// for this directory (its command line names this pidfile), so a reused pid is not mistaken.
+pub fn state(run_dir: &Path) -> VmState {
+    let pidfile = spec::pidfile(run_dir);
+    let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+    else {
+        return VmState::Stopped;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = pidfile
+        .to_str()
+        .is_some_and(|p| cmdline.windows(p.len()).any(|w| w == p.as_bytes()));
+    if ours {
+        VmState::Running(pid)
+    } else {
+        VmState::Stopped
+    }
+}
+
+/// Starts `spec` with `runner` (resolving `Auto` beforehand is the caller's job: see
+/// [`super::accel::probe_kvm`]). Refuses a clone that is already running; removes stale
+/// runtime files first.
+pub fn start(spec: &VmSpec, accel: Accel, runner: &dyn CommandRunner) -> Result<Invocation> {
+    if let VmState::Running(pid) = state(&spec.run_dir) {
+        return Err(VmError::AlreadyRunning {
+            name: spec.name.clone(),
+            pid,
+        });
+    }
+    let invocation = command_line(spec, accel)?;
+    for stale in [spec.pidfile(), spec.qmp_socket(), spec.serial_log()] {
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing {}", stale.display()))(e)),
+        }
+    }
+    runner.run(&invocation)?;
+    Ok(invocation)
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was not running.
+    WasNotRunning,
+    /// The guest powered off after the ACPI request.
+    PoweredDown,
+    /// The guest ignored the request; qemu was told to quit.
+    Quit,
+    /// qemu did not answer; it was killed.
+    Killed,
+}
+
+/// Stops the clone's qemu: ACPI powerdown through QMP, waiting up to `timeout`; then QMP
+/// `quit`; then SIGKILL if qemu is still there.
+pub fn stop(run_dir: &Path, timeout: Duration) -> Result<Stopped> {
+    let VmState::Running(pid) = state(run_dir) else {
+        return Ok(Stopped::WasNotRunning);
+    };
+    let socket = spec::qmp_socket(run_dir);
+    let qmp = Qmp::connect(&socket);
+    if let Ok(mut qmp) = qmp {
+        if qmp.execute("system_powerdown", None).is_ok() && wait_gone(run_dir, timeout) {
+            return Ok(Stopped::PoweredDown);
+        }
+        let _ = qmp.execute("quit", None);
+        if wait_gone(run_dir, Duration::from_secs(5)) {
+            return Ok(Stopped::Quit);
+        }
+    }
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    wait_gone(run_dir, Duration::from_secs(5));
+    Ok(Stopped::Killed)
+}
+
+/// Waits until the clone's qemu is gone, up to `timeout`.
+pub fn wait_gone(run_dir: &Path, timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if state(run_dir) == VmState::Stopped {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::vm::spec::{DiskLayer, KernelBoot, PortForward};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            run_dir: PathBuf::from("/h/clones/web-1"),
+            disks: vec![
+                DiskLayer {
+                    path: "/h/clones/web-1/disk.qcow2".into(),
+                    format: ImageFormat::Qcow2,
+                    read_only: false,
+                },
+                DiskLayer {
+                    path: "/srv/base,v1.raw".into(),
+                    format: ImageFormat::Raw,
+                    read_only: true,
+                },
+            ],
+            memory: 256 << 20,
+            cpus: 2,
+            accel: Accel::Tcg,
+            ingress: vec![PortForward {
+                host: 8080,
+                guest: 80,
+            }],
+            egress: Egress::Deny,
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: None,
+                append: Some("console=ttyS0".into()),
+            }),
+            extra_drives: vec![],
+        }
+    }
+
+    #[test]
+    fn the_chain_is_explicit_base_first_with_formats_pinned() {
+        let line = command_line(&spec(), Accel::Tcg).unwrap().shell_line();
+        let expected_disks = "-blockdev driver=file,node-name=file1,filename=/srv/base,,v1.raw,read-only=on \
+             -blockdev driver=raw,node-name=disk1,file=file1,read-only=on \
+             -blockdev driver=file,node-name=file0,filename=/h/clones/web-1/disk.qcow2,read-only=off \
+             -blockdev driver=qcow2,node-name=disk0,file=file0,read-only=off,backing=disk1 \
+             -device virtio-blk-pci,drive=disk0";
+        assert!(line.contains(expected_disks), "{line}");
+        assert!(line.contains("-accel tcg"), "{line}");
+        assert!(line.contains("-m 256 -smp 2"), "{line}");
+        assert!(
+            line.contains("-pidfile /h/clones/web-1/qemu.pid -daemonize"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-kernel /boot/vmlinuz -append console=ttyS0"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_qemu_cannot_open_as_given() {
+        let mut s = spec();
+        s.disks[0].format = ImageFormat::Vdi;
+        let e = command_line(&s, Accel::Tcg).unwrap_err().to_string();
+        assert!(e.contains("VirtualBox"), "{e}");
+        let mut s = spec();
+        s.disks.truncate(1);
+        let line = command_line(&s, Accel::Tcg).unwrap().shell_line();
+        assert!(line.contains("backing=null"), "{line}");
+        assert!(command_line(&spec(), Accel::Auto).is_err());
+    }
+
+    #[test]
+    fn a_missing_pidfile_or_a_foreign_pid_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(state(dir.path()), VmState::Stopped);
+        // Our own pid is alive but its command line does not name this pidfile.
+        std::fs::write(spec::pidfile(dir.path()), std::process::id().to_string()).unwrap();
+        assert_eq!(state(dir.path()), VmState::Stopped);
+    }
+}
+
+/// The runtime state `ls` shows for registered images: `running` or `stopped` for clones (from
+/// their directory's pidfile), nothing for bases.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QemuStateProbe;
+
+impl crate::runtime::StateProbe for QemuStateProbe {
+    fn state(&self, record: &crate::ImageRecord) -> Option<String> {
+        let dir = record.dir.as_deref()?;
+        Some(match state(dir) {
+            VmState::Running(_) => "running".into(),
+            VmState::Stopped => "stopped".into(),
+        })
+    }
+}
