@@ -15,4 +15,6 @@ mod registry;
 mod regression;
 mod vdi_cli;
 mod vdi_xcheck;
+mod vm_e2e;
+mod vm_guest;
 mod write_xcheck;

@@ -303,8 +303,46 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
             let virsh = libvirt::Virsh {
                 connect: args.target.connect.clone(),
             };
-            let steps = [virsh.shutdown(&spec.name), virsh.undefine(&spec.name)];
-            execute(&steps, &spec, dry_run, out)?;
+            if dry_run {
+                let steps = [
+                    virsh.shutdown(&spec.name),
+                    virsh.destroy(&spec.name),
+                    virsh.undefine(&spec.name),
+                ];
+                writeln!(
+                    out,
+                    "# shutdown; destroy if still running after {} s; undefine",
+                    args.timeout
+                )?;
+                return execute(&steps, &spec, true, out);
+            }
+            let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
+            let domstate = || {
+                runner
+                    .run(&virsh.domstate(&spec.name))
+                    .map(|s| s.trim().to_owned())
+            };
+            let how = if domstate()? == "running" {
+                // A domain that stops between the check and the request makes shutdown fail;
+                // the state is what counts.
+                let _ = runner.run(&virsh.shutdown(&spec.name));
+                let start = std::time::Instant::now();
+                while domstate()? == "running"
+                    && start.elapsed() < Duration::from_secs(args.timeout)
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                if domstate()? == "running" {
+                    runner.run(&virsh.destroy(&spec.name))?;
+                    "did not power down in time; destroyed"
+                } else {
+                    "powered down"
+                }
+            } else {
+                "was not running"
+            };
+            runner.run(&virsh.undefine(&spec.name))?;
+            writeln!(out, "{}: {how}; undefined", spec.name)?;
         }
         Driver::Virtualbox => execute(&vbox::stop_sequence(&spec), &spec, dry_run, out)?,
     }

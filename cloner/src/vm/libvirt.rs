@@ -66,6 +66,14 @@ pub fn domain_xml(spec: &VmSpec, kvm: bool) -> Result<String> {
                 .write_text_content(BytesText::new(&(spec.memory / 1024).to_string()))?;
             w.create_element("vcpu")
                 .write_text_content(BytesText::new(&spec.cpus.to_string()))?;
+            // ACPI, so that `virsh shutdown` (a power-button press) reaches the guest.
+            w.create_element("features").write_inner_content(|w| {
+                w.create_element("acpi").write_empty()?;
+                w.create_element("apic").write_empty()?;
+                Ok::<(), std::io::Error>(())
+            })?;
+            w.create_element("on_poweroff")
+                .write_text_content(BytesText::new("destroy"))?;
             w.create_element("os").write_inner_content(|w| {
                 w.create_element("type")
                     .with_attribute(("arch", "x86_64"))
@@ -185,6 +193,10 @@ impl Virsh {
     /// `virsh destroy NAME` (hard stop).
     pub fn destroy(&self, name: &str) -> Invocation {
         self.command("destroy", name)
+    }
+    /// `virsh domstate NAME` (prints `running`, `shut off`, …).
+    pub fn domstate(&self, name: &str) -> Invocation {
+        self.command("domstate", name)
     }
     /// `virsh undefine NAME`.
     pub fn undefine(&self, name: &str) -> Invocation {
