@@ -73,3 +73,14 @@ done
 head -c 65536 /dev/zero | tr '\0' 'a' > "$guest_tmp/a.raw"
 qemu-img convert -c -O qcow2 -o cluster_size=4k "$guest_tmp/a.raw" "$corpus/qcow2_guest/compressed.qcow2"
 rm -rf "$guest_tmp"
+
+# vdi_guest: whole small VDI images made by qemu (a 3 MiB dynamic one with two blocks written,
+# a 2 MiB static one), so the fuzzer starts inside the block map and data paths.
+mkdir -p "$corpus/vdi_guest"
+vdi_tmp=$(mktemp -d)
+qemu-img create -q -f vdi "$vdi_tmp/dyn.vdi" 3M
+qemu-io -f vdi -c 'write -P 0x11 0 4k' -c 'write -P 0x22 2M 4k' "$vdi_tmp/dyn.vdi" >/dev/null
+qemu-img create -q -f vdi -o static=on "$vdi_tmp/static.vdi" 2M
+cp "$vdi_tmp/dyn.vdi" "$vdi_tmp/static.vdi" "$corpus/vdi_guest/"
+rm -rf "$vdi_tmp"
+echo "vdi_guest: $(ls "$corpus/vdi_guest" | wc -l) files"

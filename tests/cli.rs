@@ -560,45 +560,58 @@ fn create_prints_the_line_qemu_img_prints_for_compat_and_unaligned_sizes() {
 fn clone_json_describes_a_clone_qemu_img_can_use() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let home = dir.join("home");
     let base = dir.join("base.qcow2");
     qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"3M"]);
     write_patterns(&base, "qcow2");
     let raw = dir.join("base.img");
     write_pattern_file(&raw, 2 << 20);
 
-    for (base, format, extra) in [(&base, "qcow2", None), (&raw, "raw", Some("--raw"))] {
-        let clone = dir.join(format!("clone-{format}.qcow2"));
-        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"clone", base, &clone, &"--output", &"json"];
-        if let Some(flag) = &extra {
-            args.push(flag);
-        }
-        let stdout = cowclone_ok(&args);
+    for (base, format) in [(&base, "qcow2"), (&raw, "raw")] {
+        let name = format!("base-{format}");
+        cowclone_ok(&[
+            &"base",
+            &"register",
+            &name,
+            base,
+            &"--format",
+            &format,
+            &"--home",
+            &home,
+        ]);
+        let clone_name = format!("clone-{format}");
+        let stdout = cowclone_ok(&[
+            &"clone",
+            &name,
+            &clone_name,
+            &"--output",
+            &"json",
+            &"--home",
+            &home,
+        ]);
         let report: Value = serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("clone --output json printed no JSON ({e}): {stdout}"));
-        assert_eq!(report["clone"], clone.to_str().unwrap(), "{report}");
+        let made = &report["clones"][0];
+        assert_eq!(made["name"], clone_name.as_str(), "{report}");
+        let clone = std::path::PathBuf::from(made["path"].as_str().expect("a clone path"));
+        assert!(clone.starts_with(home.canonicalize().unwrap()), "{report}");
 
         let info = qemu_info_json(&clone);
         assert_eq!(
-            report["base"], info["backing-filename"],
-            "{report}\n{info:#}"
-        );
-        assert_eq!(
-            report["base"],
+            info["backing-filename"],
             base.canonicalize().unwrap().to_str().unwrap(),
             "the clone names its base by canonical path"
         );
-        assert_eq!(report["base-format"], info["backing-filename-format"]);
-        assert_eq!(report["base-format"], format);
-        assert_eq!(report["virtual-size"], info["virtual-size"]);
-        assert_eq!(report["virtual-size"], qemu_info_json(base)["virtual-size"]);
+        assert_eq!(info["backing-filename-format"], format);
+        assert_eq!(made["virtual_size"], info["virtual-size"]);
+        assert_eq!(made["virtual_size"], qemu_info_json(base)["virtual-size"]);
         assert_qemu_check_clean(&clone, format);
         let output = qemu_img(&[&"compare", &"-F", &format, &clone, base]);
         assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     }
 
-    // A raw base must be named as raw: refused, nothing created.
-    let clone = dir.join("clone-unnamed-raw.qcow2");
-    let output = cowclone(&[&"clone", &raw, &clone]);
-    assert_one_line_error(&output, "clone of a raw base without --raw");
-    assert!(!clone.exists());
+    // An unregistered base is refused in one line, and nothing is created.
+    let output = cowclone(&[&"clone", &"nope", &"c", &"--home", &home]);
+    assert_one_line_error(&output, "clone of an unregistered base");
+    assert!(!home.join("clones/c").exists());
 }

@@ -3,15 +3,18 @@
 //! Cross-checks run the reference tools (`qemu-img`, from Debian's `qemu-utils`); a missing tool
 //! fails the test with a message naming the package, it never skips.
 
-mod guest;
 mod util;
 
+mod bench_cli;
 mod check_xcheck;
 mod cli;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
+mod registry;
 mod regression;
+mod vdi_cli;
 mod vdi_xcheck;
 mod vm_e2e;
+mod vm_guest;
 mod write_xcheck;

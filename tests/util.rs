@@ -22,7 +22,7 @@ pub fn args_of<S: AsRef<OsStr>>(items: &[S]) -> Vec<&dyn AsRef<OsStr>> {
 
 /// Runs `program args` in `dir` (or the current directory) and returns its output; a program that
 /// is not installed fails the test with a message naming the package that provides it.
-fn run(program: &str, package: &str, dir: Option<&Path>, args: &Args) -> Output {
+pub fn run(program: &str, package: &str, dir: Option<&Path>, args: &Args) -> Output {
     let mut command = Command::new(program);
     command.args(args.iter().map(|a| a.as_ref()));
     if let Some(dir) = dir {

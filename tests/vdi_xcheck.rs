@@ -11,9 +11,8 @@
 //! that cannot be installed fails naming the PyPI package. Nothing skips.
 
 use std::ffi::OsStr;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use imagefmt::backing::ChainGuard;
@@ -25,51 +24,20 @@ use imagefmt::vdi::{
 };
 use imagefmt::{Error, Qcow2Builder};
 
+use crate::util::{self, command_line, qemu_img, qemu_img_ok, Args};
+
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers (self-contained: this file runs its own tools).
 
-/// Runs `program args`; a program that is not installed fails naming what provides it.
-fn run(program: &str, provider: &str, args: &[&dyn AsRef<OsStr>]) -> Output {
-    match Command::new(program)
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-    {
-        Ok(output) => output,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            panic!("{program} not found: install {provider}")
-        }
-        Err(e) => panic!("cannot run {program}: {e}"),
-    }
-}
-
-fn describe(program: &str, args: &[&dyn AsRef<OsStr>], output: &Output) -> String {
-    let line: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
+/// A failed command described for a message: the command line, then what it printed.
+fn explain(program: &str, args: &Args, output: &Output) -> String {
     format!(
-        "{program} {} → status {:?}\n--- stdout\n{}--- stderr\n{}",
-        line.join(" "),
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        "{} → {}",
+        command_line(program, args),
+        util::describe(output)
     )
-}
-
-fn qemu_img(args: &[&dyn AsRef<OsStr>]) -> Output {
-    run("qemu-img", "the Debian package qemu-utils", args)
-}
-
-fn qemu_img_ok(args: &[&dyn AsRef<OsStr>]) -> String {
-    let output = qemu_img(args);
-    assert!(
-        output.status.success(),
-        "{}",
-        describe("qemu-img", args, &output)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// `qemu-io -f vdi -c CMD ... FILE`; qemu-io reports some failures on stdout with status 0.
@@ -80,13 +48,7 @@ fn qemu_io_ok(file: &Path, commands: &[&str]) {
         args.push(c);
     }
     args.push(&file);
-    let output = run("qemu-io", "the Debian package qemu-utils", &args);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && !stdout.contains("failed"),
-        "{}",
-        describe("qemu-io", &args, &output)
-    );
+    util::qemu_io_ok(&args);
 }
 
 /// Asserts `qemu-img check -f vdi` finds nothing wrong.
@@ -96,7 +58,7 @@ fn assert_qemu_check_clean(path: &Path) {
     assert!(
         output.status.success() && stdout.contains("No errors were found"),
         "{}",
-        describe("qemu-img", &[&"check", &"-f", &"vdi", &path], &output)
+        explain("qemu-img", &[&"check", &"-f", &"vdi", &path], &output)
     );
 }
 
@@ -118,7 +80,7 @@ fn assert_qemu_compare_identical(path: &Path, model: &[u8], dir: &Path) {
     assert!(
         output.status.success(),
         "{}",
-        describe("qemu-img", &args, &output)
+        explain("qemu-img", &args, &output)
     );
     std::fs::remove_file(&raw).unwrap();
 }
@@ -225,9 +187,10 @@ with open(out, "wb") as o:
 "#;
 
 fn python(args: &[&dyn AsRef<OsStr>]) -> Output {
-    run(
+    util::run(
         "python3",
         &format!("python3 (needed for the PyPI package {DISSECT})"),
+        None,
         args,
     )
 }
@@ -247,24 +210,24 @@ fn ensure_dissect() {
             again.status.success(),
             "the independent VDI reader, PyPI package `{DISSECT}`, is not installed and \
              `python3 -m pip install {DISSECT}` did not make it importable:\n{}\n{}",
-            describe("python3", &install, &output),
-            describe("python3", &import, &again)
+            explain("python3", &install, &output),
+            explain("python3", &import, &again)
         );
     });
 }
 
 /// What dissect.hypervisor reports about the top of a chain (UUIDs as the bytes on disk).
-struct DissectView {
-    content: Vec<u8>,
-    uuid_create: [u8; 16],
-    uuid_modify: [u8; 16],
-    uuid_linkage: [u8; 16],
-    uuid_parent_modify: [u8; 16],
-    image_type: u32,
-    size: u64,
+pub(crate) struct DissectView {
+    pub content: Vec<u8>,
+    pub uuid_create: [u8; 16],
+    pub uuid_modify: [u8; 16],
+    pub uuid_linkage: [u8; 16],
+    pub uuid_parent_modify: [u8; 16],
+    pub image_type: u32,
+    pub size: u64,
 }
 
-fn dissect_read(chain_base_first: &[&Path], dir: &Path) -> DissectView {
+pub(crate) fn dissect_read(chain_base_first: &[&Path], dir: &Path) -> DissectView {
     ensure_dissect();
     let out = dir.join("dissect-view.raw");
     let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"-c", &DISSECT_DUMP, &out];
@@ -275,7 +238,7 @@ fn dissect_read(chain_base_first: &[&Path], dir: &Path) -> DissectView {
     assert!(
         output.status.success(),
         "{}",
-        describe("python3", &args, &output)
+        explain("python3", &args, &output)
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let fields: Vec<&str> = stdout.split_whitespace().collect();
@@ -556,6 +519,7 @@ fn same_directory_finds_the_parent_among_several() {
         header_of(&diff),
         &diff,
         &imagefmt::backing::BackingPolicy::Deny,
+        &SameDirectory,
         &mut ChainGuard::default(),
     )
     .err()
@@ -737,7 +701,7 @@ fn qemu_reads_a_qcow2_overlay_over_our_vdi_base() {
     assert!(
         output.status.success() && String::from_utf8_lossy(&output.stdout).contains("identical"),
         "{}",
-        describe("qemu-img", &args, &output)
+        explain("qemu-img", &args, &output)
     );
     let info = qemu_img_ok(&[&"info", &"--output=json", &ov]);
     assert!(

@@ -25,8 +25,6 @@ pub enum Command {
     Create(CreateArgs),
     /// Show an image's format, size, backing file and header facts (qemu-img info syntax).
     Info(InfoArgs),
-    /// Clone a base image: a qcow2 overlay at CLONE that reads through to BASE.
-    Clone(CloneArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
     /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
@@ -41,12 +39,20 @@ pub enum Command {
     Rebase(crate::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
     Resize(crate::ops::ResizeArgs),
+    /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
+    Bench(crate::bench_cmd::BenchArgs),
+    /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
+    #[command(flatten)]
+    Registry(crate::registry_cmd::RegistryCommand),
+    #[command(flatten)]
+    Vm(crate::vm_cmd::VmCommand),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// Format of the new image (only qcow2 for now).
+    /// Format of the new image: qcow2, or vdi (-o static=on for a fixed image; -b PARENT.vdi
+    /// for a differencing image linked to its parent by UUID).
     #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
     pub format: String,
     /// Backing file, stored verbatim; relative names resolve against FILE's directory.
@@ -89,26 +95,12 @@ pub struct InfoArgs {
     /// With --backing-chain: refuse any backing file outside DIR.
     #[arg(long, value_name = "DIR", requires = "backing_chain")]
     pub confine: Option<PathBuf>,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
-}
-
-/// `cowclone clone BASE CLONE`
-#[derive(Debug, clap::Args)]
-pub struct CloneArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
-    /// fsync the clone and its directory before returning.
-    #[arg(long)]
-    pub durable: bool,
-    /// The base image (qcow2, VDI or raw is recognised by content; raw must be named with --raw).
-    pub base: PathBuf,
-    /// The clone to create (a qcow2 overlay).
-    pub clone: PathBuf,
-    /// Treat BASE as a raw disk (raw cannot be recognised by content).
-    #[arg(long)]
-    pub raw: bool,
 }
 
 /// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
@@ -136,6 +128,10 @@ pub struct CompareArgs {
     /// the name can point at any host file; --confine applies to it too).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable; used for both images); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// First image.
     pub file1: PathBuf,
     /// Second image.

@@ -2,7 +2,8 @@
 //! output and exit codes.
 //!
 //! check exits 0 when clean, 2 for corruptions, 3 for leaks only, 1 when the check could not be
-//! done (open failure, internal errors) and 63 for formats without a check (raw, VDI). After a
+//! done (open failure, internal errors) and 63 for formats without a check (raw) or without a
+//! repair (VDI with -r). After a
 //! repair the image is checked again and that result is reported, as qemu-img does.
 
 use std::io::Write;
@@ -34,6 +35,10 @@ pub struct CheckArgs {
     /// Print nothing but errors; only the exit code tells.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
 }
@@ -56,6 +61,10 @@ pub struct MapArgs {
     /// Format of FILE (default: recognised by content, raw otherwise).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
 }
@@ -84,9 +93,20 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         None => ImageHeader::read_detected(&file, path, true),
     }
     .with_context(context)?;
-    let ImageHeader::Qcow2(cluster) = &header else {
-        eprintln!("cowclone: This image format does not support checks");
-        return Ok(63);
+    let cluster = match &header {
+        ImageHeader::Qcow2(cluster) => cluster,
+        ImageHeader::Vdi(vdi) => {
+            if repair != Repair::None {
+                // As qemu-img: VDI has a check but no repair.
+                eprintln!("cowclone: VDI images cannot be repaired (check them without -r)");
+                return Ok(63);
+            }
+            return check_vdi(&args, &file, vdi, out);
+        }
+        ImageHeader::Raw { .. } => {
+            eprintln!("cowclone: This image format does not support checks");
+            return Ok(63);
+        }
     };
     // qemu-img opens the whole chain (and the external data file) before checking.
     if let Some(name) = cluster.backing_file.as_deref() {
@@ -132,17 +152,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     report.filename = path.to_string_lossy().into_owned();
 
     if !args.quiet {
-        match args.output {
-            OutputFormat::Human => write_human_check(out, &report)?,
-            OutputFormat::Json => {
-                let mut json = Vec::new();
-                let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-                let mut serializer = serde_json::Serializer::with_formatter(&mut json, formatter);
-                serde::Serialize::serialize(&report, &mut serializer)?;
-                out.write_all(&json)?;
-                writeln!(out)?;
-            }
-        }
+        write_report(out, args.output, &report)?;
     }
     let code = report.exit_code();
     if code == 1 {
@@ -150,6 +160,70 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         eprintln!("cowclone: Check failed");
     }
     Ok(code)
+}
+
+/// `check` of a VDI image: qemu's block map checks, and for a differencing image its linkage (the
+/// parent chain must be found and match by UUID, else exit 1 as when qemu-img cannot open a
+/// backing file; a parent modified since the diff was made is a warning, as VirtualBox does not
+/// refuse it either).
+fn check_vdi(
+    args: &CheckArgs,
+    file: &std::fs::File,
+    header: &imagefmt::vdi::VdiHeader,
+    out: &mut impl Write,
+) -> Result<u8> {
+    let path = &args.file;
+    if header.is_differencing() {
+        let parents = imagefmt::vdi::Explicit(args.parents.clone());
+        let resolver: &dyn imagefmt::vdi::ParentResolver = if parents.0.is_empty() {
+            &imagefmt::vdi::SameDirectory
+        } else {
+            &parents
+        };
+        let image = imagefmt::vdi::open_vdi(
+            path,
+            resolver,
+            &mut imagefmt::backing::ChainGuard::default(),
+        )
+        .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
+        for link in image.parent_links() {
+            if !args.quiet && !link.modification_matches() {
+                eprintln!(
+                    "cowclone: warning: {} was modified after {} was made on it (modification \
+                     UUID {{{}}}, the diff recorded {{{}}}): the diff may show a mix of old and \
+                     new parent data",
+                    link.parent.display(),
+                    link.child.display(),
+                    link.parent_modify,
+                    link.expected_parent_modify
+                );
+            }
+        }
+    }
+    let mut report = imagefmt::vdi::check::check(file)
+        .with_context(|| format!("Check failed: {}", path.display()))?;
+    print_messages(&report);
+    report.filename = path.to_string_lossy().into_owned();
+    if !args.quiet {
+        write_report(out, args.output, &report)?;
+    }
+    Ok(report.exit_code())
+}
+
+/// Prints a check result in the chosen format.
+fn write_report(out: &mut impl Write, format: OutputFormat, report: &CheckReport) -> Result<()> {
+    match format {
+        OutputFormat::Human => write_human_check(out, report)?,
+        OutputFormat::Json => {
+            let mut json = Vec::new();
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+            let mut serializer = serde_json::Serializer::with_formatter(&mut json, formatter);
+            serde::Serialize::serialize(report, &mut serializer)?;
+            out.write_all(&json)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
 }
 
 /// What qemu-img prints on stderr while checking.
@@ -213,7 +287,9 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .as_deref()
         .map(str::parse::<ImageFormat>)
         .transpose()?;
-    let entries = imagefmt::map::map(&args.file, format, &BackingPolicy::FollowLocal)
+    let parents = imagefmt::vdi::Explicit(args.parents.clone());
+    let options = crate::chain_options(&BackingPolicy::FollowLocal, false, &parents);
+    let entries = imagefmt::map::map_with(&args.file, format, &options)
         .with_context(|| format!("{}", args.file.display()))?;
     match args.output {
         OutputFormat::Json => write_json_map(out, &entries)?,

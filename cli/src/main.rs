@@ -3,9 +3,13 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bench_cmd;
 mod check_map;
 mod ops;
 mod output;
+mod registry_cmd;
+mod vdi_create;
+mod vm_cmd;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -16,7 +20,7 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};
 
-use args::{Cli, CloneArgs, Command, CompareArgs, CreateArgs, InfoArgs, OutputFormat};
+use args::{Cli, Command, CompareArgs, CreateArgs, InfoArgs, OutputFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,7 +31,6 @@ fn main() -> ExitCode {
     let (result, error_code) = match cli.command {
         Command::Create(args) => (create(args, &mut out).map(|()| 0), 1),
         Command::Info(args) => (info(args, &mut out).map(|()| 0), 1),
-        Command::Clone(args) => (clone(args, &mut out).map(|()| 0), 1),
         Command::Compare(args) => (compare(args, &mut out), 2),
         Command::Check(args) => (check_map::check(args, &mut out), 1),
         Command::Map(args) => (check_map::map(args, &mut out), 1),
@@ -35,6 +38,9 @@ fn main() -> ExitCode {
         Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
+        Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
+        Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
+        Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),
@@ -58,17 +64,15 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
         Some(dir) => BackingPolicy::Confine(dir.clone()),
         None => BackingPolicy::FollowLocal,
     };
+    let parents = imagefmt::vdi::Explicit(args.parents.clone());
+    let options = chain_options(&policy, args.allow_data_file, &parents);
     let open = |path: &std::path::Path, format: &Option<String>| -> Result<_> {
         let format = format
             .as_deref()
             .map(str::parse::<ImageFormat>)
             .transpose()?;
-        let opened = if args.allow_data_file {
-            imagefmt::chain::open_chain_allowing_data_files(path, format, &policy)
-        } else {
-            imagefmt::chain::open_chain(path, format, &policy)
-        };
-        opened.with_context(|| format!("{}", path.display()))
+        imagefmt::chain::open_chain_with(path, format, &options)
+            .with_context(|| format!("{}", path.display()))
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
@@ -86,17 +90,30 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     Ok(code)
 }
 
+/// How commands open chains: `policy`, data files if allowed, and VDI parents from `--parent`
+/// (nearest first) when given, else from each image's own directory.
+pub(crate) fn chain_options<'a>(
+    policy: &'a BackingPolicy,
+    allow_data_files: bool,
+    parents: &'a imagefmt::vdi::Explicit,
+) -> imagefmt::chain::ChainOptions<'a> {
+    imagefmt::chain::ChainOptions {
+        policy,
+        allow_data_files,
+        vdi_parents: (!parents.0.is_empty()).then_some(parents as _),
+    }
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.downcast_ref::<io::Error>()
         .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
-    if args.format != "qcow2" {
-        bail!(
-            "creating {:?} images is not supported yet (only qcow2)",
-            args.format
-        );
+    match args.format.as_str() {
+        "qcow2" => {}
+        "vdi" => return vdi_create::create_vdi(&args, out),
+        other => bail!("creating {other:?} images is not supported (qcow2 and vdi are)"),
     }
     let mut options = CreateOptions::default();
     let mut size_text = args.size.clone();
@@ -189,7 +206,10 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             Some(dir) => BackingPolicy::Confine(dir.clone()),
             None => BackingPolicy::FollowLocal,
         };
-        let chain = imagefmt::info::backing_chain(&args.file, &policy).with_context(context)?;
+        let parents = imagefmt::vdi::Explicit(args.parents.clone());
+        let options = chain_options(&policy, false, &parents);
+        let chain =
+            imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
             OutputFormat::Human => {
@@ -207,45 +227,6 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
             OutputFormat::Human => output::write_info(out, &info)?,
         }
-    }
-    Ok(())
-}
-
-fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
-    let request = cloner::CloneRequest {
-        base: args.base.clone(),
-        clone: args.clone.clone(),
-        base_format: args.raw.then_some(ImageFormat::Raw),
-        durable: args.durable,
-    };
-    let made = cloner::clone_base(&request).with_context(|| {
-        format!(
-            "cloning {} to {}",
-            args.base.display(),
-            args.clone.display()
-        )
-    })?;
-    match args.output {
-        OutputFormat::Json => writeln!(
-            out,
-            "{}",
-            serde_json::json!({
-                "clone": made.clone.to_string_lossy(),
-                "base": made.backing_name,
-                "base-format": made.base_format.name(),
-                "virtual-size": made.virtual_size,
-                "elapsed-us": made.elapsed.as_micros() as u64,
-            })
-        )?,
-        OutputFormat::Human => writeln!(
-            out,
-            "cloned {} -> {} ({} base, {} bytes virtual) in {} us",
-            made.backing_name,
-            made.clone.display(),
-            made.base_format,
-            made.virtual_size,
-            made.elapsed.as_micros()
-        )?,
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::ImageFormat;
 
-/// `cowclone convert [-f FMT] -O qcow2|raw [-c] [-B BACKING [-F FMT]] [-o ...] [-p] SRC DST`
+/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-B BACKING [-F FMT]] [-o ...] [-p] SRC DST`
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Source format (default: recognised by content, raw otherwise).
@@ -20,13 +20,14 @@ pub struct ConvertArgs {
     /// Compress the output's clusters (qcow2).
     #[arg(short = 'c')]
     pub compress: bool,
-    /// Backing file of the output: only data that differs from it is written.
+    /// Backing file of the output (for -O vdi: the VDI parent of a differencing image): only
+    /// data that differs from it is written.
     #[arg(short = 'B', value_name = "BACKING")]
     pub backing: Option<String>,
     /// Backing file format (default: recognised by content).
     #[arg(short = 'F', value_name = "FMT", requires = "backing")]
     pub backing_format: Option<String>,
-    /// qcow2 creation options, as for create.
+    /// Creation options, as for create (qcow2 options; for -O vdi: static=on|off).
     #[arg(short = 'o', value_name = "key=value,...")]
     pub options: Vec<String>,
     /// Show a progress bar.
@@ -45,6 +46,10 @@ pub struct ConvertArgs {
     /// default: the name can point at any host file).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
     /// Source image.
     pub source: PathBuf,
     /// Output image.
@@ -115,22 +120,32 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         policy(&args.confine)
     };
     let source_format = format(&args.source_format)?;
-    let source = if args.allow_data_file {
-        imagefmt::chain::open_chain_allowing_data_files(&args.source, source_format, &policy)
-    } else {
-        imagefmt::chain::open_chain(&args.source, source_format, &policy)
-    }
-    .with_context(|| format!("{}", args.source.display()))?;
+    let parents = imagefmt::vdi::Explicit(args.parents.clone());
+    let chain_options = crate::chain_options(&policy, args.allow_data_file, &parents);
+    let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
+        .with_context(|| format!("{}", args.source.display()))?;
+    let output = args.output_format.parse::<ImageFormat>()?;
     let mut qcow2 = CreateOptions::default();
+    let mut vdi_static = false;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
-        qcow2.set(key, value)?;
+        match (output, key) {
+            (ImageFormat::Qcow2, _) => qcow2.set(key, value)?,
+            (ImageFormat::Vdi, "static") => {
+                vdi_static = match value {
+                    "on" | "yes" | "true" | "y" => true,
+                    "off" | "no" | "false" | "n" => false,
+                    _ => bail!("Parameter 'static' expects 'on' or 'off'"),
+                }
+            }
+            (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
+        }
     }
-    let output = args.output_format.parse::<ImageFormat>()?;
     let options = imagefmt::convert::ConvertOptions {
         format: output,
+        vdi_static,
         qcow2,
         compress: args.compress,
         backing: match &args.backing {

@@ -5,6 +5,11 @@
 //! following names only under the caller's [`BackingPolicy`], with [`ChainGuard`]'s depth and loop
 //! limits, and pinning each backing file's format from its overlay's header — a backing file
 //! whose format is not recorded is recognised by magic and never assumed to be raw.
+//!
+//! A VDI differencing image names no parent path, only a UUID: [`ChainOptions::vdi_parents`]
+//! says who proposes parent files (the image's own directory by default, or the user's
+//! `--parent` list, or a registry), and each proposal is verified by UUID and followed only as
+//! the policy allows.
 
 use std::fs::File;
 use std::path::Path;
@@ -14,7 +19,37 @@ use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
 use crate::qcow2::image::Qcow2Image;
+use crate::vdi::{ParentResolver, SameDirectory};
 use crate::{Error, Result};
+
+/// How a chain is opened: which files below the top may be followed, and how.
+#[derive(Clone, Copy)]
+pub struct ChainOptions<'a> {
+    /// Which backing files, VDI parents and data files may be followed.
+    pub policy: &'a BackingPolicy,
+    /// Let qcow2 images read guest data from the external data file their header names
+    /// (resolved and confined like a backing file). Only for trusted or confined images.
+    pub allow_data_files: bool,
+    /// Who proposes the parent of a VDI differencing image; `None` searches the image's own
+    /// directory ([`SameDirectory`]). Proposals are verified by UUID whoever makes them.
+    pub vdi_parents: Option<&'a dyn ParentResolver>,
+}
+
+impl<'a> ChainOptions<'a> {
+    /// Follows what `policy` allows; no data files; VDI parents from the image's directory.
+    pub fn new(policy: &'a BackingPolicy) -> Self {
+        Self {
+            policy,
+            allow_data_files: false,
+            vdi_parents: None,
+        }
+    }
+
+    /// The VDI parent resolver in effect.
+    pub fn vdi_resolver(&self) -> &'a dyn ParentResolver {
+        self.vdi_parents.unwrap_or(&SameDirectory)
+    }
+}
 
 /// Reads guest data of an image (and whatever is below it).
 pub trait GuestRead: Send + Sync {
@@ -97,8 +132,7 @@ pub fn open_chain(
     format: Option<ImageFormat>,
     policy: &BackingPolicy,
 ) -> Result<Box<dyn GuestRead>> {
-    let mut guard = ChainGuard::default();
-    open_level(path, format, policy, &mut guard, true, false)
+    open_chain_with(path, format, &ChainOptions::new(policy))
 }
 
 /// Like [`open_chain`], but qcow2 images in the chain may read their guest data from the
@@ -110,8 +144,22 @@ pub fn open_chain_allowing_data_files(
     format: Option<ImageFormat>,
     policy: &BackingPolicy,
 ) -> Result<Box<dyn GuestRead>> {
+    let options = ChainOptions {
+        allow_data_files: true,
+        ..ChainOptions::new(policy)
+    };
+    open_chain_with(path, format, &options)
+}
+
+/// Opens `path` (format from content, raw if unrecognised, unless `format` names it) and every
+/// image below it that `options` allows: qcow2 backing files, VDI parents, data files.
+pub fn open_chain_with(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+) -> Result<Box<dyn GuestRead>> {
     let mut guard = ChainGuard::default();
-    open_level(path, format, policy, &mut guard, true, true)
+    open_level(path, format, options, &mut guard, true)
 }
 
 /// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
@@ -135,7 +183,7 @@ pub fn open_qcow2_rw(
         ImageHeader::Qcow2(cluster) => cluster,
         _ => unreachable!("read_as(Qcow2) returns a qcow2 header"),
     };
-    let below = open_backing(path, &cluster, policy, &mut guard)?;
+    let below = open_backing(path, &cluster, &ChainOptions::new(policy), &mut guard)?;
     Qcow2Image::open_rw(file, cluster, below, options)
 }
 
@@ -143,23 +191,22 @@ pub fn open_qcow2_rw(
 fn open_backing(
     path: &Path,
     cluster: &crate::qcow2::HeaderCluster,
-    policy: &BackingPolicy,
+    options: &ChainOptions<'_>,
     guard: &mut ChainGuard,
 ) -> Result<Option<Box<dyn GuestRead>>> {
     let Some(name) = cluster.backing_file.as_deref() else {
         return Ok(None);
     };
-    if *policy == BackingPolicy::Detach {
+    if *options.policy == BackingPolicy::Detach {
         return Ok(None);
     }
-    let backing_path = policy.resolve(path, name)?;
+    let backing_path = options.policy.resolve(path, name)?;
     let backing_format = cluster.backing_format().map(str::parse).transpose()?;
     Ok(Some(open_level(
         &backing_path,
         backing_format,
-        policy,
+        options,
         guard,
-        false,
         false,
     )?))
 }
@@ -167,11 +214,11 @@ fn open_backing(
 fn open_level(
     path: &Path,
     format: Option<ImageFormat>,
-    policy: &BackingPolicy,
+    options: &ChainOptions<'_>,
     guard: &mut ChainGuard,
     top: bool,
-    data_files: bool,
 ) -> Result<Box<dyn GuestRead>> {
+    let policy = options.policy;
     let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
     let meta = file
         .metadata()
@@ -183,13 +230,18 @@ fn open_level(
     };
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
-        ImageHeader::Vdi(_) => Err(Error::UnsupportedFormat {
-            name: "vdi (reading VDI guest data arrives with the VDI engine)".into(),
-        }),
+        ImageHeader::Vdi(header) => crate::vdi::open_vdi_under_policy(
+            file,
+            *header,
+            path,
+            policy,
+            options.vdi_resolver(),
+            guard,
+        ),
         ImageHeader::Qcow2(cluster) => {
-            let below = open_backing(path, &cluster, policy, guard)?;
+            let below = open_backing(path, &cluster, options, guard)?;
             match cluster.data_file() {
-                Some(name) if data_files => {
+                Some(name) if options.allow_data_files => {
                     let data_path = policy.resolve(path, name)?;
                     let data = File::open(&data_path).map_err(Error::io(format!(
                         "opening data file {}",

@@ -1,6 +1,7 @@
-//! `convert`: copy an image's guest content into a new qcow2 or raw image, streaming in constant
-//! memory, writing nothing for zero runs (sparse output), optionally compressed, and with a
-//! backing file (`-B`) writing only what differs from it.
+//! `convert`: copy an image's guest content into a new qcow2, VDI or raw image, streaming in
+//! constant memory, writing nothing for zero runs (sparse output), optionally compressed (qcow2),
+//! and with a backing file (`-B`: a qcow2 backing file, or the parent of a VDI differencing
+//! image) writing only what differs from it.
 
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,10 @@ pub const SPARSE_BLOCK: usize = 4096;
 /// What to make.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Output format: qcow2 or raw.
+    /// Output format: qcow2, vdi or raw.
     pub format: ImageFormat,
+    /// VDI output: a fixed (preallocated) image instead of a dynamic one (`-o static=on`).
+    pub vdi_static: bool,
     /// qcow2 creation options (`-o`).
     pub qcow2: CreateOptions,
     /// Write compressed clusters (`-c`, qcow2 only).
@@ -90,10 +93,90 @@ pub fn convert(
             })
         }
         ImageFormat::Qcow2 => convert_to_qcow2(source, dest, options, policy, progress),
-        ImageFormat::Vdi => Err(Error::UnsupportedFormat {
-            name: "vdi output (arrives with the VDI engine)".into(),
-        }),
+        ImageFormat::Vdi => convert_to_vdi(source, dest, options, policy, progress),
     }
+}
+
+/// VDI output: a dynamic (or fixed) base, or with `-B PARENT` a differencing image linked to the
+/// VDI parent by UUID that stores only the 1 MiB blocks differing from the parent's chain.
+fn convert_to_vdi(
+    source: &dyn GuestRead,
+    dest: &Path,
+    options: &ConvertOptions,
+    policy: &BackingPolicy,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats> {
+    use crate::vdi::{create, VdiImage, DEFAULT_BLOCK_SIZE};
+    if options.compress {
+        return Err(Error::UnsupportedFormat {
+            name: "compressed vdi output (only qcow2 compresses)".into(),
+        });
+    }
+    let size = source.virtual_size();
+    let parent = match &options.backing {
+        None => None,
+        Some((_, Some(format))) if *format != ImageFormat::Vdi => {
+            return Err(crate::vdi::VdiError::ParentNotVdi {
+                path: dest.to_owned(),
+                format: format.name(),
+            }
+            .into())
+        }
+        Some((name, _)) => {
+            if options.vdi_static {
+                return Err(Error::UnsupportedFormat {
+                    name: "a static (fixed) vdi differencing image".into(),
+                });
+            }
+            let path: PathBuf = crate::backing::resolve(dest, name)?;
+            let header = create::read_parent_header(&path)?;
+            if header.virtual_size() != size {
+                return Err(crate::vdi::VdiError::DiffSizeMismatch {
+                    parent: header.virtual_size(),
+                    requested: size,
+                }
+                .into());
+            }
+            let chain = open_chain(&path, Some(ImageFormat::Vdi), policy)?;
+            Some((header, chain))
+        }
+    };
+    create_with(dest, options.mode, |file| {
+        let (header, below) = match parent {
+            Some((parent_header, chain)) => (
+                create::write_differencing(file, &parent_header)?,
+                Some(chain),
+            ),
+            None if options.vdi_static => (create::write_fixed(file, size)?, None),
+            None => (create::write_dynamic(file, size)?, None),
+        };
+        let has_parent = below.is_some();
+        let mut image = VdiImage::open_rw(file, header, below, options.mode.durable)?;
+        let mut parent_buf = vec![0u8; DEFAULT_BLOCK_SIZE as usize];
+        copy(
+            source,
+            size,
+            u64::from(DEFAULT_BLOCK_SIZE),
+            progress,
+            |chunk, offset| {
+                if has_parent {
+                    let parent_part = &mut parent_buf[..chunk.len()];
+                    image.read_at(parent_part, offset)?; // still FREE: reads the parent chain
+                    if parent_part == chunk {
+                        return Ok(false);
+                    }
+                    if is_zero(chunk) {
+                        image.write_zeroes(offset, chunk.len() as u64)?;
+                        return Ok(true);
+                    }
+                } else if is_zero(chunk) {
+                    return Ok(false);
+                }
+                image.write_at(chunk, offset)?;
+                Ok(true)
+            },
+        )
+    })
 }
 
 fn convert_to_qcow2(

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backing::{BackingPolicy, ChainGuard};
+use crate::chain::ChainOptions;
 use crate::image::ImageHeader;
 use crate::qcow2::features::{CompatibleFeatures, IncompatibleFeatures};
 use crate::{Error, Result};
@@ -169,11 +170,20 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
 }
 
 /// The facts of `path` and of every image below it, top first, following backing names only as
-/// `policy` allows, with a depth limit and loop detection.
+/// `policy` allows, with a depth limit and loop detection (VDI parents from the image's own
+/// directory; see [`backing_chain_with`]).
 ///
 /// A backing file's format comes from the overlay's backing-format extension; without one it is
 /// recognised by content, and an unrecognised backing file is refused, never assumed raw.
 pub fn backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInfo>> {
+    backing_chain_with(path, &ChainOptions::new(policy))
+}
+
+/// [`backing_chain`] with VDI parents proposed by `options.vdi_parents` and verified by UUID: a
+/// VDI differencing image's parent is the next entry (its `backing-filename` is set to the
+/// parent found, since the file itself names none).
+pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec<ImageInfo>> {
+    let policy = options.policy;
     let mut chain = Vec::new();
     let mut guard = ChainGuard::default();
     let mut current: PathBuf = path.to_owned();
@@ -191,7 +201,24 @@ pub fn backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInf
             None if chain.is_empty() => ImageHeader::read_detected(&file, &current, true)?,
             None => ImageHeader::read_detected(&file, &current, false)?,
         };
-        chain.push(ImageInfo::from_header(&current, &header, &meta));
+        let mut info = ImageInfo::from_header(&current, &header, &meta);
+        if let ImageHeader::Vdi(vdi) = &header {
+            if !vdi.is_differencing() || *policy == BackingPolicy::Detach {
+                chain.push(info);
+                return Ok(chain);
+            }
+            let parent =
+                crate::vdi::find_parent(&current, vdi, options.policy, options.vdi_resolver())?;
+            let name = parent.to_string_lossy().into_owned();
+            info.backing_filename = Some(name.clone());
+            info.full_backing_filename = Some(name);
+            info.backing_filename_format = Some("vdi".into());
+            chain.push(info);
+            format = Some(crate::ImageFormat::Vdi);
+            current = parent;
+            continue;
+        }
+        chain.push(info);
         let Some(name) = header.backing_name() else {
             return Ok(chain);
         };

@@ -28,6 +28,7 @@ use byteorder::{BigEndian, ByteOrder};
 use serde::Serialize;
 
 use crate::backing::{BackingPolicy, ChainGuard};
+use crate::chain::ChainOptions;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
@@ -35,6 +36,7 @@ use crate::qcow2::features::IncompatibleFeatures;
 use crate::qcow2::header::{Header, Version};
 use crate::qcow2::tables::{COMPRESSED, L1_OFFSET_MASK, L2_OFFSET_MASK, ZERO};
 use crate::qcow2::Qcow2Error;
+use crate::vdi::{BlockEntry, VdiImage};
 use crate::{Error, Result};
 
 /// One extent of `qemu-img map --output=json`.
@@ -82,7 +84,9 @@ impl MapEntry {
 /// Maps the image at `path` (format by content, raw if unrecognised, unless `format` names it)
 /// and the backing files `policy` lets it follow, like `qemu-img map --output=json`.
 ///
-/// VDI layers and qcow2 images with an external data file are refused. Corrupt metadata that
+/// qcow2 images with an external data file are refused. VDI layers map as qemu maps a VDI base
+/// (an unwritten block of a base reads as present zeros); in a differencing image an unwritten
+/// (FREE) block falls through to the parent, found as [`map_with`] says. Corrupt metadata that
 /// qemu refuses at run time (unaligned offsets, zero clusters in a version 2 image, invalid
 /// subcluster bitmaps) is an error, as it is for qemu-img.
 pub fn map(
@@ -90,7 +94,16 @@ pub fn map(
     format: Option<ImageFormat>,
     policy: &BackingPolicy,
 ) -> Result<Vec<MapEntry>> {
-    let layers = open_layers(path, format, policy)?;
+    map_with(path, format, &ChainOptions::new(policy))
+}
+
+/// [`map`] with VDI parents proposed by `options.vdi_parents` (verified by UUID).
+pub fn map_with(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+) -> Result<Vec<MapEntry>> {
+    let layers = open_layers(path, format, options)?;
     let mut mapper = Mapper {
         layers,
         l2_cache: None,
@@ -182,13 +195,16 @@ enum LayerKind {
         l1: Vec<u64>,
         file_len: u64,
     },
+    /// A VDI image (its block map validated on open).
+    Vdi(Box<VdiImage<File>>),
 }
 
 fn open_layers(
     path: &Path,
     format: Option<ImageFormat>,
-    policy: &BackingPolicy,
+    options: &ChainOptions<'_>,
 ) -> Result<Vec<Layer>> {
+    let policy = options.policy;
     let mut guard = ChainGuard::default();
     let mut layers = Vec::new();
     let mut next: Option<(PathBuf, Option<ImageFormat>)> = Some((path.to_owned(), format));
@@ -211,10 +227,17 @@ fn open_layers(
                 filename,
                 kind: LayerKind::Raw,
             }),
-            ImageHeader::Vdi(_) => {
-                return Err(Error::UnsupportedFormat {
-                    name: "vdi (mapping VDI images is not supported)".into(),
-                })
+            ImageHeader::Vdi(header) => {
+                if header.is_differencing() && *policy != BackingPolicy::Detach {
+                    let parent =
+                        crate::vdi::find_parent(&path, &header, policy, options.vdi_resolver())?;
+                    next = Some((parent, Some(ImageFormat::Vdi)));
+                }
+                layers.push(Layer {
+                    size: header.virtual_size(),
+                    filename,
+                    kind: LayerKind::Vdi(Box::new(VdiImage::open(file, *header, None)?)),
+                });
             }
             ImageHeader::Qcow2(cluster) => {
                 let header = cluster.header.clone();
@@ -352,6 +375,7 @@ impl Mapper {
                     offset: Some(offset),
                 })
             }
+            LayerKind::Vdi(image) => return Ok(vdi_block_status(image, offset, bytes)),
             LayerKind::Qcow2 {
                 file,
                 header,
@@ -408,6 +432,34 @@ impl Mapper {
             status.length += next.length.min(end - pos);
         }
         Ok(status)
+    }
+}
+
+/// qemu's `vdi_co_block_status` for the block holding `offset`, up to the block's end: an
+/// allocated block is data at its host offset; ZERO and, in a base, FREE read as zeros; FREE in
+/// a differencing image is unallocated (the parent answers).
+fn vdi_block_status(image: &VdiImage<File>, offset: u64, bytes: u64) -> Status {
+    let header = image.header();
+    let block_size = u64::from(header.block_size);
+    let in_block = offset % block_size;
+    let length = (block_size - in_block).min(bytes);
+    let entry = u32::try_from(offset / block_size)
+        .ok()
+        .and_then(|block| image.block_map().get(block));
+    let (data, zero, host) = match entry {
+        Some(BlockEntry::Allocated(index)) => (
+            true,
+            false,
+            Some(header.data_block_offset(index) + in_block),
+        ),
+        Some(BlockEntry::Free) if header.is_differencing() => (false, false, None),
+        _ => (false, true, None),
+    };
+    Status {
+        length,
+        data,
+        zero,
+        offset: host,
     }
 }
 

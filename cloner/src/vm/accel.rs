@@ -1,178 +1,123 @@
-//! Choosing an accelerator for `--accel auto`: KVM only if a probe guest proves alive under it.
+//! Choosing the accelerator for `--accel auto`: KVM only if a guest proves alive under it.
 //!
-//! `/dev/kvm` opening is not enough: under nested virtualization it can open and accept guests
-//! that then make no progress (on the development machine a trivial guest needs 3–4 s under KVM
-//! against 0.2 s under TCG, and a Linux kernel stops in its real-mode setup). The probe boots a
-//! 40-byte multiboot kernel that writes one byte to qemu's `isa-debug-exit` port, which makes
-//! qemu exit with status `(0x31 << 1) | 1` = 99. KVM is chosen only if that happens within the
-//! probe timeout.
+//! `/dev/kvm` opening is not enough: nested under another hypervisor it can open and yet hang
+//! every guest. The probe boots a one-sector guest (a boot sector that writes `K` to the first
+//! serial port and halts) under KVM with a short deadline; KVM is used only if the `K` arrives.
 
-use std::fs;
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use super::runner::{CommandRunner, Invocation};
-use super::spec::Accel;
-use super::VmError;
+use super::{io, Result};
 
-/// How long the probe guest may take under KVM before KVM is declared unusable.
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the probe guest may take to speak under KVM.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The exit status qemu reports when the probe guest wrote its byte.
-pub const PROBE_EXIT_STATUS: i32 = (0x31 << 1) | 1;
-
-/// An accelerator after `auto` was decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolved {
-    /// KVM (`-accel kvm -cpu host`).
-    Kvm,
-    /// TCG (`-accel tcg`).
-    Tcg,
-}
-
-impl Resolved {
-    /// The name qemu's `-accel` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Resolved::Kvm => "kvm",
-            Resolved::Tcg => "tcg",
-        }
-    }
-}
-
-/// The probe kernel: a multiboot header (a.out kludge, loaded and entered at 1 MiB) followed by
-/// `mov al, 0x31; out 0xf4, al; cli; hlt; jmp $-2`.
-pub fn probe_kernel() -> Vec<u8> {
-    const MAGIC: u32 = 0x1BAD_B002;
-    const FLAGS: u32 = 1 << 16; // the load addresses below are valid
-    const LOAD: u32 = 0x10_0000;
-    let header = [
-        MAGIC,
-        FLAGS,
-        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)), // checksum
-        LOAD,                                         // header_addr
-        LOAD,                                         // load_addr
-        0,                                            // load_end_addr: the whole file
-        0,                                            // bss_end_addr: no bss
-        LOAD + 32,                                    // entry_addr: just after this header
+/// The probe's boot sector: `mov dx, 0x3f8; mov al, 'K'; out dx, al; cli; hlt; jmp $-2`, padded
+/// to 512 bytes with the 0x55AA signature.
+pub fn probe_boot_sector() -> [u8; 512] {
+    let mut sector = [0u8; 512];
+    let code = [
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+        0xB0, b'K', // mov al, 'K'
+        0xEE, // out dx, al
+        0xFA, // cli
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp back to hlt
     ];
-    let mut image: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
-    image.extend_from_slice(&[0xB0, 0x31, 0xE6, 0xF4, 0xFA, 0xF4, 0xEB, 0xFD]);
-    image
+    sector[..code.len()].copy_from_slice(&code);
+    sector[510] = 0x55;
+    sector[511] = 0xAA;
+    sector
 }
 
-/// The probe's command line, with the probe kernel at `kernel`.
-pub fn probe_invocation(
-    qemu: &str,
-    kernel: &Path,
-    timeout: Duration,
-) -> Result<Invocation, VmError> {
-    let kernel = super::spec::utf8(kernel)?;
-    Ok(Invocation::new(
-        qemu,
-        [
-            "-accel",
-            "kvm",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-m",
-            "16M",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-            kernel,
-        ],
-    )
-    .with_timeout(timeout))
+/// What the probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// True if the probe guest ran under KVM.
+    pub kvm_alive: bool,
+    /// Why (for logs and `status`).
+    pub reason: String,
 }
 
-/// Decides `accel`: `Kvm`/`Tcg` as asked; `Auto` runs the probe (its kernel written to
-/// `scratch_dir`, removed afterwards) and picks KVM only if the probe guest exits as expected
-/// within `timeout`.
-pub fn resolve(
-    accel: Accel,
-    qemu: &str,
-    runner: &dyn CommandRunner,
-    scratch_dir: &Path,
-    timeout: Duration,
-) -> Result<Resolved, VmError> {
-    match accel {
-        Accel::Kvm => return Ok(Resolved::Kvm),
-        Accel::Tcg => return Ok(Resolved::Tcg),
-        Accel::Auto => {}
+/// Boots the probe guest under KVM with `qemu` (e.g. `qemu-system-x86_64`), working in
+/// `scratch`; false (with the reason) if `/dev/kvm` is missing, qemu fails, or the guest stays
+/// silent past [`PROBE_DEADLINE`].
+pub fn probe_kvm(qemu: &str, scratch: &Path) -> Result<Probe> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(Probe {
+            kvm_alive: false,
+            reason: "/dev/kvm does not exist".into(),
+        });
     }
-    let kernel = scratch_dir.join("accel-probe.bin");
-    fs::write(&kernel, probe_kernel()).map_err(VmError::io("writing the accel probe", &kernel))?;
-    let outcome = runner.run(&probe_invocation(qemu, &kernel, timeout)?);
-    let _ = fs::remove_file(&kernel);
-    Ok(match outcome {
-        Ok(done) if done.code == Some(PROBE_EXIT_STATUS) => Resolved::Kvm,
-        // No KVM, a hang, or qemu missing (then the start itself reports it): TCG.
-        _ => Resolved::Tcg,
+    let disk = scratch.join("kvm-probe.img");
+    let serial = scratch.join("kvm-probe.serial");
+    std::fs::write(&disk, probe_boot_sector()).map_err(io("writing the KVM probe disk"))?;
+    let _ = std::fs::remove_file(&serial);
+    let mut child = match Command::new(qemu)
+        .args([
+            "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", disk.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            return Ok(Probe {
+                kvm_alive: false,
+                reason: format!("cannot run {qemu}: {e}"),
+            })
+        }
+    };
+    let start = Instant::now();
+    let mut alive = false;
+    let mut exited = None;
+    while start.elapsed() < PROBE_DEADLINE {
+        if std::fs::read(&serial).is_ok_and(|out| out.contains(&b'K')) {
+            alive = true;
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&serial);
+    let reason = match (alive, exited) {
+        (true, _) => format!(
+            "a probe guest ran under KVM in {} ms",
+            start.elapsed().as_millis()
+        ),
+        (false, Some(status)) => format!("qemu with KVM exited ({status})"),
+        (false, None) => format!(
+            "/dev/kvm opens but a probe guest stayed silent for {} s (nested KVM?)",
+            PROBE_DEADLINE.as_secs()
+        ),
+    };
+    Ok(Probe {
+        kvm_alive: alive,
+        reason,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::runner::{Completed, RecordingRunner};
     use super::*;
 
     #[test]
-    fn the_probe_kernel_is_a_valid_multiboot_image() {
-        let image = probe_kernel();
-        let word = |i: usize| u32::from_le_bytes(image[i * 4..i * 4 + 4].try_into().unwrap());
-        assert_eq!(word(0), 0x1BAD_B002);
-        assert_eq!(word(0).wrapping_add(word(1)).wrapping_add(word(2)), 0);
-        assert_eq!(word(7), 0x10_0020);
-        assert_eq!(&image[32..36], &[0xB0, 0x31, 0xE6, 0xF4]);
-    }
-
-    #[test]
-    fn auto_picks_kvm_only_when_the_probe_exits_with_its_status() {
-        let dir = tempfile::tempdir().unwrap();
-        for (code, timed_out, expected) in [
-            (Some(PROBE_EXIT_STATUS), false, Resolved::Kvm),
-            (None, true, Resolved::Tcg),
-            (Some(1), false, Resolved::Tcg),
-        ] {
-            let runner = RecordingRunner::answering(move |_| Completed {
-                code,
-                timed_out,
-                ..Completed::default()
-            });
-            let got = resolve(
-                Accel::Auto,
-                "qemu",
-                &runner,
-                dir.path(),
-                DEFAULT_PROBE_TIMEOUT,
-            )
-            .unwrap();
-            assert_eq!(got, expected);
-            let recorded = runner.recorded();
-            assert_eq!(recorded.len(), 1);
-            assert_eq!(recorded[0].timeout, Some(DEFAULT_PROBE_TIMEOUT));
-            assert!(recorded[0].args.windows(2).any(|w| w == ["-accel", "kvm"]));
-        }
-        let runner = RecordingRunner::new();
-        assert_eq!(
-            resolve(
-                Accel::Tcg,
-                "qemu",
-                &runner,
-                dir.path(),
-                DEFAULT_PROBE_TIMEOUT
-            )
-            .unwrap(),
-            Resolved::Tcg
-        );
-        assert!(runner.recorded().is_empty());
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "probe kernel left behind"
-        );
+    fn the_probe_sector_is_bootable() {
+        let sector = probe_boot_sector();
+        assert_eq!(&sector[510..], &[0x55, 0xAA]);
+        assert_eq!(sector[4], b'K');
     }
 }

@@ -1,32 +1,83 @@
-//! Hypervisor drivers: cowclone starts VMs from clones with the hypervisor's own tools
-//! (`qemu-system-x86_64`, `virsh`, `VBoxManage`) and never emulates anything itself.
+//! Running clones as VMs through the hypervisors' own tools: qemu-system, libvirt's `virsh`,
+//! VirtualBox's `VBoxManage`. cowclone never re-implements a hypervisor; it builds their command
+//! lines from a clone record and owns the disk chain it hands them.
 //!
 //! ```text
-//!   VmSpec (what to run: disk chain nearest-first, memory, cpus, network, boot)
-//!     │
-//!     ├─ QemuDriver     argv for qemu-system (-blockdev chain, base read-only), daemonized,
-//!     │                 pidfile + QMP socket + serial log in the run directory; stop over QMP
-//!     ├─ LibvirtDriver  domain XML with the <backingStore> chain; virsh define/start/...
-//!     └─ VBoxDriver     the VBoxManage sequence (register base, createvm, storageattach, ...)
-//!           │
-//!           └─ CommandRunner (SystemRunner runs, RecordingRunner records; Logged<R> appends
-//!                             every invocation to a JSON-lines log) ── dry runs print argv
+//! CloneRecord ──► VmSpec (disk chain nearest first, formats pinned, memory, cpus, ports)
+//!                   ├─ qemu::QemuDriver    argv with -blockdev nodes; daemon, pidfile, QMP, serial log
+//!                   ├─ libvirt::domain_xml  <disk> with the full <backingStore> chain; virsh argv
+//!                   └─ vbox::sequence      VBoxManage steps (parent registered before the diff)
+//! runner::CommandRunner ─ every invocation logged; a recording runner for tests and --dry-run
+//! cidata::write_seed     NoCloud seed volume (vfat labelled CIDATA), built natively
+//! provision::provision   plan → clone → seed → boot → wait → output and exit status
 //! ```
-//!
-//! [`provision`] builds on the qemu driver: a NoCloud seed ([`cidata`]) carries a wrapper
-//! script to the guest, which reports the script's output and exit status on a second serial
-//! port.
 
 pub mod accel;
 pub mod cidata;
-pub mod error;
-pub mod pidfile;
+pub mod libvirt;
 pub mod provision;
 pub mod qemu;
 pub mod qmp;
 pub mod runner;
 pub mod spec;
+pub mod vbox;
 
-pub use error::VmError;
-pub use runner::{CommandRunner, Completed, Invocation, Logged, RecordingRunner, SystemRunner};
-pub use spec::{Accel, DiskLayer, Egress, Endpoint, ExtraDrive, KernelBoot, PortForward, VmSpec};
+pub use runner::{CommandRunner, Invocation, RecordingRunner, SystemRunner};
+pub use spec::{Accel, DiskLayer, Egress, KernelBoot, PortForward, VmSpec};
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmError {
+    /// A hypervisor tool could not be run or failed.
+    #[error("{command} failed: {detail}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// Exit status and stderr, or the spawn error.
+        detail: String,
+    },
+    /// A file in the clone's runtime directory could not be used.
+    #[error("{step}")]
+    Io {
+        /// What was being done.
+        step: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QMP (qemu's control socket) answered unexpectedly.
+    #[error("QMP: {0}")]
+    Qmp(String),
+    /// The request cannot be run as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM is already running (its pidfile names a live qemu).
+    #[error("{name} is already running (pid {pid})")]
+    AlreadyRunning {
+        /// The clone.
+        name: String,
+        /// The qemu process.
+        pid: i32,
+    },
+    /// The guest did not finish within the time allowed.
+    #[error("the guest did not finish within {seconds} s (serial log: {log})")]
+    Timeout {
+        /// The limit.
+        seconds: u64,
+        /// Where the guest's console output is.
+        log: String,
+    },
+    /// The registry refused or failed.
+    #[error(transparent)]
+    Registry(#[from] crate::RegistryError),
+}
+
+/// Results of VM operations.
+pub type Result<T, E = VmError> = std::result::Result<T, E>;
+
+/// An `Io` error maker for `map_err`.
+pub(crate) fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let step = step.into();
+    move |source| VmError::Io { step, source }
+}

@@ -1,235 +1,256 @@
-//! Provisioning: run a script inside a fresh VM and get its output and exit status back.
+//! `provision`: run a script in a fresh VM and get its output and exit status back.
 //!
-//! The script travels in a NoCloud seed ([`super::cidata`]) as part of a `user-data` wrapper
-//! that cowclone writes: the wrapper decodes the script (base64, so any bytes survive), runs it
-//! with stdin closed, and writes the result to the guest's second serial port, which qemu
-//! records in `result.log` in the run directory:
+//! The script's `/* rexxjs-vm-KEY: VALUE */` lines give the plan ([`crate::plan`]); the named
+//! base is cloned through the registry; the script travels to the guest in a cloud-init NoCloud
+//! seed ([`super::cidata`]) as the `user-data` of a small wrapper; the clone boots under qemu;
+//! the wrapper runs the script and prints its output and exit status on the serial console
+//! between two marker lines carrying a random nonce; cowclone reads them from the serial log.
 //!
-//! ```text
-//! COWCLONE-RESULT-BEGIN
-//! <the script's stdout and stderr, base64>
-//! COWCLONE-RESULT-END <exit status>
-//! ```
-//!
-//! cowclone waits (within the timeout) for the end line or for the VM to stop, then stops the
-//! VM (ACPI powerdown, then quit) unless asked to keep it running.
+//! Guest contract: something in the guest must run the seed's `user-data` once at boot, as
+//! cloud-init does for a `user-data` that starts with `#!`. The wrapper then powers the guest
+//! off (`poweroff -f`, after `sync`) unless the VM is kept running.
 
-use std::fs;
-use std::path::PathBuf;
-use std::thread;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use imagefmt::ImageFormat;
 use serde::Serialize;
 
-use super::cidata;
-use super::qemu::{QemuDriver, Stopped};
-use super::spec::{ExtraDrive, VmSpec};
-use super::VmError;
+use super::runner::{CommandRunner, SystemRunner};
+use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
+use super::{accel, cidata, io, qemu, Result, VmError};
+use crate::{CloneSpec, Registry};
 
-/// The line that opens a result.
-pub const BEGIN: &str = "COWCLONE-RESULT-BEGIN";
-/// The line that closes a result, followed by the exit status.
-pub const END: &str = "COWCLONE-RESULT-END";
-/// Default limit for a whole provisioning run.
+/// Largest script accepted (it travels on a 1 MiB seed volume).
+pub const MAX_SCRIPT: u64 = 256 << 10;
+/// Run time limit when the plan sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// How to provision.
+/// What to provision.
 #[derive(Debug, Clone)]
-pub struct ProvisionOptions {
-    /// Limit for boot plus script.
-    pub timeout: Duration,
-    /// Leave the VM running afterwards.
+pub struct ProvisionRequest {
+    /// The script (its directives name the base).
+    pub script: PathBuf,
+    /// Name of the clone to make; default `<base>-run-<8 hex digits>`.
+    pub clone_name: Option<String>,
+    /// Leave the VM running after the script finished.
     pub keep_running: bool,
-    /// How long the stop waits for the guest to power off before quitting qemu.
-    pub stop_timeout: Duration,
+    /// Acceleration.
+    pub accel: Accel,
+    /// Direct kernel boot, for bases without a boot loader.
+    pub kernel: Option<KernelBoot>,
 }
 
-impl Default for ProvisionOptions {
-    fn default() -> Self {
-        ProvisionOptions {
-            timeout: DEFAULT_TIMEOUT,
-            keep_running: false,
-            stop_timeout: super::qemu::DEFAULT_STOP_TIMEOUT,
-        }
-    }
-}
-
-/// What a provisioning run produced.
+/// What came back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Provisioned {
-    /// The script's stdout and stderr, interleaved as written.
-    #[serde(serialize_with = "lossy")]
-    pub output: Vec<u8>,
+pub struct ProvisionOutcome {
+    /// The clone the script ran in.
+    pub clone: String,
+    /// The script's output (stdout and stderr, interleaved as the guest wrote them).
+    pub output: String,
     /// The script's exit status.
     pub exit_status: i32,
-    /// How the VM was stopped (`None`: it was kept running).
-    pub stopped: Option<Stopped>,
-    /// Where the guest console went.
+    /// The VM is still running.
+    pub kept_running: bool,
+    /// The guest's console log.
     pub serial_log: PathBuf,
-    /// Wall time from start to result, in milliseconds.
-    pub elapsed_ms: u128,
+    /// Wall time from boot to result, milliseconds.
+    pub elapsed_ms: u64,
 }
 
-fn lossy<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&String::from_utf8_lossy(bytes))
-}
-
-/// The `user-data` wrapper that runs `script` and reports on `/dev/ttyS1`.
-pub fn wrapper(script: &[u8]) -> String {
-    let encoded = STANDARD.encode(script);
-    let mut lines = String::new();
-    for chunk in encoded.as_bytes().chunks(76) {
-        lines.push_str(&String::from_utf8_lossy(chunk));
-        lines.push('\n');
+/// The seed's `user-data`: a wrapper that writes `script` to a file, runs it, prints the output
+/// and status between markers carrying `nonce`, and powers off unless `keep_running`.
+pub fn wrapper(script: &str, nonce: &str, keep_running: bool) -> String {
+    let mut body = script.to_owned();
+    if !body.ends_with('\n') {
+        body.push('\n');
     }
+    let power = if keep_running {
+        ""
+    } else {
+        "sync\npoweroff -f 2>/dev/null || poweroff\n"
+    };
     format!(
         "#!/bin/sh\n\
-         # cowclone provision wrapper: runs the script below and reports its output and exit\n\
-         # status on the second serial port.\n\
-         dir=$(mktemp -d 2>/dev/null || echo /tmp)\n\
-         base64 -d > \"$dir/script\" <<'COWCLONE_SCRIPT'\n\
-         {lines}COWCLONE_SCRIPT\n\
-         chmod 700 \"$dir/script\"\n\
-         \"$dir/script\" < /dev/null > \"$dir/output\" 2>&1\n\
+         # cowclone provision wrapper\n\
+         cat > /tmp/cowclone-script <<'COWCLONE_SCRIPT_{nonce}'\n\
+         {body}COWCLONE_SCRIPT_{nonce}\n\
+         chmod +x /tmp/cowclone-script\n\
+         /tmp/cowclone-script > /tmp/cowclone-output 2>&1\n\
          status=$?\n\
-         stty -F /dev/ttyS1 raw -echo 2>/dev/null\n\
-         {{ echo {BEGIN}; base64 < \"$dir/output\"; echo \"{END} $status\"; }} > /dev/ttyS1\n"
+         {{ echo \"COWCLONE-BEGIN {nonce}\"; cat /tmp/cowclone-output; echo; \
+         echo \"COWCLONE-END {nonce} $status\"; }} > /dev/console\n\
+         {power}"
     )
 }
 
-/// The result in a result log, once complete: `(output, exit status)`.
-pub fn parse_result(log: &[u8]) -> Option<Result<(Vec<u8>, i32), String>> {
-    let text = String::from_utf8_lossy(log);
-    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
-    let begin = lines.iter().rposition(|l| *l == BEGIN)?;
-    let (end, status) = lines[begin..]
-        .iter()
-        .enumerate()
-        .find_map(|(i, l)| l.strip_prefix(END).map(|rest| (begin + i, rest.trim())))?;
-    let Ok(status) = status.parse::<i32>() else {
-        return Some(Err(format!("bad exit status {status:?}")));
-    };
-    let encoded: String = lines[begin + 1..end].concat();
-    Some(
-        STANDARD
-            .decode(encoded.as_bytes())
-            .map(|output| (output, status))
-            .map_err(|e| format!("undecodable output: {e}")),
-    )
+/// Finds the wrapper's report in a serial log: the output between the markers and the exit
+/// status; `None` until the end marker has arrived.
+pub fn parse_report(serial: &str, nonce: &str) -> Option<(String, i32)> {
+    let text = serial.replace("\r\n", "\n");
+    let begin = format!("COWCLONE-BEGIN {nonce}\n");
+    let end = format!("\nCOWCLONE-END {nonce} ");
+    let start = text.find(&begin)? + begin.len();
+    let stop = start + text[start..].find(&end)?;
+    let status_text = &text[stop + end.len()..];
+    let status = status_text.lines().next()?.trim().parse().ok()?;
+    // The newline before the end marker is the one the wrapper's `echo` added.
+    Some((text[start..stop].to_owned(), status))
 }
 
-/// Boots `spec` (its disks already cloned) with `script` in a cidata seed, waits for the
-/// result, and stops the VM unless `options.keep_running`.
-pub fn provision(
-    driver: &QemuDriver<'_>,
-    mut spec: VmSpec,
-    script: &[u8],
-    options: &ProvisionOptions,
-) -> Result<Provisioned, VmError> {
-    fs::create_dir_all(&spec.run_dir)
-        .map_err(VmError::io("creating the run directory", &spec.run_dir))?;
-    let seed = spec.run_dir.join("cidata.img");
-    let result_log = spec.run_dir.join("result.log");
-    for stale in [&seed, &result_log] {
-        let _ = fs::remove_file(stale);
+fn read_script(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    if meta.len() > MAX_SCRIPT {
+        return Err(VmError::Invalid(format!(
+            "{} is {} bytes; scripts are limited to {MAX_SCRIPT}",
+            path.display(),
+            meta.len()
+        )));
     }
-    let meta_data = format!(
-        "instance-id: cowclone-{}-{}\nlocal-hostname: {}\n",
-        spec.name,
-        super::runner::now_ns(),
-        spec.name
-    );
+    std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))
+}
+
+/// Runs the script at `request.script` in a new clone of its plan's base; see the module docs.
+/// Commands run through `runner`, by default a [`SystemRunner`] logging to the new clone's
+/// `commands.log`.
+pub fn provision(
+    registry: &mut Registry,
+    request: &ProvisionRequest,
+    runner: Option<&dyn CommandRunner>,
+) -> Result<ProvisionOutcome> {
+    let script = read_script(&request.script)?;
+    let plan = crate::plan::parse_plan(&script).map_err(|e| VmError::Invalid(e.to_string()))?;
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let name = request
+        .clone_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-run-{}", plan.base, &nonce[..8]));
+    registry.clone_images(&CloneSpec::new(&plan.base, &name))?;
+    let record = registry.clone_record(&name)?;
+    let mut spec = VmSpec::from_clone(&record)?;
+    if let Some(memory) = plan.memory {
+        spec.memory = memory;
+    }
+    if let Some(cpus) = plan.cpus {
+        spec.cpus = cpus;
+    }
+    spec.ingress = plan
+        .ingress_port
+        .map(|p| PortForward { host: p, guest: p })
+        .into_iter()
+        .collect();
+    spec.egress = if plan.egress_ports.is_empty() {
+        Egress::Deny
+    } else {
+        Egress::Allow(
+            plan.egress_ports
+                .iter()
+                .map(|&p| ("127.0.0.1".to_owned(), p))
+                .collect(),
+        )
+    };
+    spec.kernel = request.kernel.clone();
+    let seed = spec.run_dir.join("seed.img");
+    let _ = std::fs::remove_file(&seed);
     cidata::write_seed(
         &seed,
-        &[
-            ("user-data", wrapper(script).as_bytes()),
-            ("meta-data", meta_data.as_bytes()),
-        ],
+        &cidata::meta_data(&name),
+        wrapper(&script, &nonce, request.keep_running).as_bytes(),
     )?;
-    spec.extra_drives.push(ExtraDrive {
-        path: seed,
-        format: ImageFormat::Raw,
-        read_only: true,
-    });
-    spec.extra_serial_logs.push(result_log.clone());
-    let started_at = Instant::now();
-    driver.start(&spec)?;
-    let result = loop {
-        let log = fs::read(&result_log).unwrap_or_default();
-        if let Some(result) = parse_result(&log) {
-            break result.map_err(VmError::BadResult);
-        }
-        if driver.live_pid(&spec).is_none() {
-            // The VM stopped: one last look, the port may have been written just before.
-            let log = fs::read(&result_log).unwrap_or_default();
-            break match parse_result(&log) {
-                Some(result) => result.map_err(VmError::BadResult),
-                None => Err(VmError::NoResult {
-                    log: spec.serial_log(),
-                }),
-            };
-        }
-        if started_at.elapsed() >= options.timeout {
-            break Err(VmError::GuestTimedOut {
-                seconds: options.timeout.as_secs(),
-                log: spec.serial_log(),
+    spec.extra_drives.push(seed);
+    let accel = resolve_accel(request.accel, &spec.run_dir)?;
+    let timeout = plan
+        .timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TIMEOUT);
+
+    let started = Instant::now();
+    let system = SystemRunner::logging_to(super::spec::command_log(&spec.run_dir));
+    qemu::start(&spec, accel, runner.unwrap_or(&system))?;
+    let log = spec.serial_log();
+    loop {
+        let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        if let Some((output, exit_status)) = parse_report(&serial, &nonce) {
+            let kept_running = request.keep_running;
+            if !kept_running && !qemu::wait_gone(&spec.run_dir, Duration::from_secs(30)) {
+                qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
+            }
+            return Ok(ProvisionOutcome {
+                clone: name,
+                output,
+                exit_status,
+                kept_running,
+                serial_log: log,
+                elapsed_ms: started.elapsed().as_millis() as u64,
             });
         }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let elapsed_ms = started_at.elapsed().as_millis();
-    let stopped = if options.keep_running && result.is_ok() {
-        None
-    } else {
-        Some(driver.stop(&spec, options.stop_timeout)?)
-    };
-    let (output, exit_status) = result?;
-    Ok(Provisioned {
-        output,
-        exit_status,
-        stopped,
-        serial_log: spec.serial_log(),
-        elapsed_ms,
+        if qemu::state(&spec.run_dir) == qemu::VmState::Stopped {
+            return Err(VmError::Invalid(format!(
+                "the guest stopped without reporting the script's result (serial log: {})",
+                log.display()
+            )));
+        }
+        if started.elapsed() > timeout {
+            qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
+            return Err(VmError::Timeout {
+                seconds: timeout.as_secs(),
+                log: log.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
+pub fn resolve_accel(requested: Accel, scratch: &Path) -> Result<Accel> {
+    Ok(match requested {
+        Accel::Auto => {
+            if accel::probe_kvm(qemu::QEMU, scratch)?.kvm_alive {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }
+        }
+        other => other,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
-
     use super::*;
 
     #[test]
-    fn the_wrapper_runs_the_script_and_its_result_parses_back() {
-        // Run the wrapper on the host with /dev/ttyS1 swapped for a file: the protocol end to end.
-        let dir = tempfile::tempdir().unwrap();
-        let port = dir.path().join("port");
-        let script = b"#!/bin/sh\nprintf 'out \\001\\377\\n'\necho err >&2\nexit 7\n";
-        let wrapper = wrapper(script).replace("/dev/ttyS1", &port.to_string_lossy());
-        let status = Command::new("sh").arg("-c").arg(&wrapper).status().unwrap();
-        assert!(status.success());
-        let log = fs::read(&port).unwrap();
-        let (output, code) = parse_result(&log).unwrap().unwrap();
-        assert_eq!(output, b"out \x01\xff\nerr\n");
-        assert_eq!(code, 7);
+    fn the_report_is_found_between_markers_even_without_a_final_newline() {
+        let serial = "boot noise\r\nCOWCLONE-BEGIN n1\r\nhello\r\nworld\r\n\r\nCOWCLONE-END n1 3\r\n[ 3.1] reboot\r\n";
+        assert_eq!(
+            parse_report(serial, "n1"),
+            Some(("hello\nworld\n".to_owned(), 3))
+        );
+        let no_newline = "COWCLONE-BEGIN n1\nabc\nCOWCLONE-END n1 0\n";
+        assert_eq!(parse_report(no_newline, "n1"), Some(("abc".to_owned(), 0)));
+        assert_eq!(parse_report("COWCLONE-BEGIN n1\nabc\n", "n1"), None);
+        assert_eq!(parse_report(no_newline, "other"), None);
     }
 
     #[test]
-    fn results_are_found_among_noise_and_incomplete_ones_are_not() {
-        let log = b"junk\r\nCOWCLONE-RESULT-BEGIN\r\naGk=\r\nCOWCLONE-RESULT-END 0\r\n";
-        assert_eq!(parse_result(log), Some(Ok((b"hi".to_vec(), 0))));
-        assert_eq!(parse_result(b"COWCLONE-RESULT-BEGIN\naGk=\n"), None);
-        assert_eq!(parse_result(b""), None);
-        assert!(matches!(
-            parse_result(b"COWCLONE-RESULT-BEGIN\n!!\nCOWCLONE-RESULT-END 1\n"),
-            Some(Err(_))
-        ));
-        assert!(matches!(
-            parse_result(b"COWCLONE-RESULT-BEGIN\nCOWCLONE-RESULT-END x\n"),
-            Some(Err(_))
-        ));
+    fn the_wrapper_runs_the_script_and_reports_between_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console");
+        let script = "#!/bin/sh\necho out; echo err >&2; exit 7";
+        // Run the wrapper on this host with /dev/console and /tmp redirected into the tempdir.
+        let wrapper = wrapper(script, "abc", true)
+            .replace("/tmp/", &format!("{}/", dir.path().display()))
+            .replace("/dev/console", &console.to_string_lossy());
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&wrapper)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let report = std::fs::read_to_string(&console).unwrap();
+        assert_eq!(
+            parse_report(&report, "abc"),
+            Some(("out\nerr\n".to_owned(), 7))
+        );
+        assert!(!wrapper.contains("poweroff"));
     }
 }

@@ -167,6 +167,12 @@ fn is_zero(value: &u64) -> bool {
 }
 
 impl CheckReport {
+    /// Records one corruption and the message qemu-img would print for it.
+    pub fn corrupt(&mut self, message: String) {
+        self.corruptions += 1;
+        self.messages.push(message);
+    }
+
     /// `qemu-img check`'s exit status for this result: 1 if the check had internal errors,
     /// 2 for corruptions, 3 for leaks only, 0 if clean.
     pub fn exit_code(&self) -> u8 {

@@ -298,4 +298,13 @@ pub enum VdiError {
         /// Its format.
         format: &'static str,
     },
+    /// A differencing image was requested with a size other than its parent's (a VDI diff always
+    /// has its parent's size).
+    #[error("a VDI differencing image has its parent's size ({parent} bytes), not {requested}")]
+    DiffSizeMismatch {
+        /// The parent's virtual size.
+        parent: u64,
+        /// The size asked for.
+        requested: u64,
+    },
 }

@@ -54,6 +54,32 @@ use crate::chain::{check_range, read_below, GuestRead};
 use crate::io::Backend;
 use crate::{Error, Result};
 
+/// Reads the block map bytes of the image described by `header` (undecoded) and the file's
+/// length, after checking that the map lies inside the file: a hostile header cannot make this
+/// allocate more than the file holds.
+pub(super) fn read_raw_block_map<B: Backend + ?Sized>(
+    backend: &B,
+    header: &VdiHeader,
+) -> Result<(Vec<u8>, u64)> {
+    let file_len = backend.len().map_err(Error::reading("VDI file length"))?;
+    let offset = u64::from(header.offset_blocks);
+    let len = header.block_map_len_bytes();
+    let beyond = || VdiError::BlockMapBeyondEndOfFile {
+        offset,
+        len,
+        file_len,
+    };
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(beyond().into());
+    }
+    // Inside the file, so no larger than it.
+    let mut raw = vec![0u8; usize::try_from(len).map_err(|_| beyond())?];
+    backend
+        .read_exact_at(&mut raw, offset)
+        .map_err(Error::reading("VDI block map"))?;
+    Ok((raw, file_len))
+}
+
 /// Marks a data block no map entry uses.
 const UNUSED: u32 = u32::MAX;
 
@@ -110,22 +136,7 @@ impl<B: Backend> VdiImage<B> {
             }
             .into());
         }
-        let file_len = backend.len().map_err(Error::reading("VDI file length"))?;
-        let offset = u64::from(header.offset_blocks);
-        let len = header.block_map_len_bytes();
-        let beyond = || VdiError::BlockMapBeyondEndOfFile {
-            offset,
-            len,
-            file_len,
-        };
-        if offset.checked_add(len).is_none_or(|end| end > file_len) {
-            return Err(beyond().into());
-        }
-        // Inside the file, so no larger than it.
-        let mut raw = vec![0u8; usize::try_from(len).map_err(|_| beyond())?];
-        backend
-            .read_exact_at(&mut raw, offset)
-            .map_err(Error::reading("VDI block map"))?;
+        let (raw, file_len) = read_raw_block_map(&backend, &header)?;
         let map = BlockMap::parse(&raw, &header)?;
         Ok(Self {
             backend,

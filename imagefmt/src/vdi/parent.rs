@@ -78,7 +78,8 @@ impl ParentResolver for SameDirectory {
                 }
                 .into());
             }
-            candidates.push(dir.join(name));
+            // Named as the child is: "b.vdi" next to "d.vdi", "dir/b.vdi" next to "dir/d.vdi".
+            candidates.push(child_path.with_file_name(name));
         }
         candidates.sort();
         let mut found: Option<(PathBuf, (u64, u64))> = None;
@@ -150,15 +151,15 @@ impl ParentResolver for Explicit {
 /// Another resolver's proposals, followed only as far as a [`BackingPolicy`] allows: nothing
 /// under `Deny`/`Detach` (an error naming the UUID), anything under `FollowLocal`, and only
 /// paths inside the directory under `Confine` (symlinks resolved before checking).
-#[derive(Debug, Clone, Copy)]
-pub struct UnderPolicy<'a, R> {
+#[derive(Clone, Copy)]
+pub struct UnderPolicy<'a> {
     /// The policy.
     pub policy: &'a BackingPolicy,
     /// The resolver proposing paths.
-    pub resolver: R,
+    pub resolver: &'a dyn ParentResolver,
 }
 
-impl<R: ParentResolver> ParentResolver for UnderPolicy<'_, R> {
+impl ParentResolver for UnderPolicy<'_> {
     fn find(&self, child_path: &Path, linkage: Uuid) -> Result<Option<PathBuf>> {
         let not_followed = || {
             Error::from(BackingError::NotFollowed {
@@ -254,22 +255,21 @@ pub fn open_vdi_file(
 }
 
 /// Opens a VDI image found by the format-neutral chain opener, under its backing policy: the
-/// parent is searched in the image's directory ([`SameDirectory`]) and followed as `policy`
-/// allows; under [`BackingPolicy::Detach`] the image is read alone (FREE blocks read as zeros).
+/// parent is proposed by `resolver` (e.g. [`SameDirectory`] or [`Explicit`]) and followed only
+/// as `policy` allows; under [`BackingPolicy::Detach`] the image is read alone (FREE blocks read
+/// as zeros).
 pub fn open_vdi_under_policy(
     file: File,
     header: VdiHeader,
     path: &Path,
     policy: &BackingPolicy,
+    resolver: &dyn ParentResolver,
     guard: &mut ChainGuard,
 ) -> Result<Box<dyn GuestRead>> {
     if *policy == BackingPolicy::Detach {
         return Ok(Box::new(VdiImage::open(file, header, None)?));
     }
-    let resolver = UnderPolicy {
-        policy,
-        resolver: SameDirectory,
-    };
+    let resolver = UnderPolicy { policy, resolver };
     Ok(Box::new(open_vdi_file(
         file, header, path, &resolver, guard,
     )?))
@@ -288,6 +288,45 @@ pub fn open_vdi_rw(
     let mut image = VdiImage::open_rw(file, header, below, durable)?;
     image.links = links;
     Ok(image)
+}
+
+/// The path of the parent of the differencing image `header` at `path`, as `resolver` proposes
+/// it and `policy` allows, after checking that its creation UUID equals the link. For callers
+/// that walk a chain by headers (info, map) rather than opening it for reading.
+pub fn find_parent(
+    path: &Path,
+    header: &VdiHeader,
+    policy: &BackingPolicy,
+    resolver: &dyn ParentResolver,
+) -> Result<PathBuf> {
+    let linkage = header.uuid_linkage;
+    if linkage.is_nil() {
+        return Err(VdiError::DiffWithoutParent {
+            path: path.to_owned(),
+        }
+        .into());
+    }
+    let parent = UnderPolicy { policy, resolver }
+        .find(path, linkage)?
+        .ok_or_else(|| VdiError::ParentNotFound {
+            linkage,
+            child: path.to_owned(),
+        })?;
+    let (_, parent_header) = crate::image::read_file_header(&parent)?;
+    match parent_header {
+        ImageHeader::Vdi(h) if h.uuid_create == linkage => Ok(parent),
+        ImageHeader::Vdi(h) => Err(VdiError::ParentMismatch {
+            expected: linkage,
+            found: h.uuid_create,
+            parent,
+        }
+        .into()),
+        other => Err(VdiError::ParentNotVdi {
+            path: parent,
+            format: other.format().name(),
+        }
+        .into()),
+    }
 }
 
 /// Opens `path`, enters it into `guard` and reads its VDI header.
@@ -385,7 +424,7 @@ mod tests {
         for policy in [BackingPolicy::Deny, BackingPolicy::Detach] {
             let r = UnderPolicy {
                 policy: &policy,
-                resolver: registry,
+                resolver: &registry,
             };
             let e = r.find(Path::new("c.vdi"), id).unwrap_err();
             assert!(e.to_string().contains(&id.to_string()), "{e}");
@@ -393,14 +432,14 @@ mod tests {
         let follow = BackingPolicy::FollowLocal;
         let r = UnderPolicy {
             policy: &follow,
-            resolver: registry,
+            resolver: &registry,
         };
         assert_eq!(r.find(Path::new("c.vdi"), id).unwrap(), Some(found));
         let dir = tempfile::tempdir().unwrap();
         let confine = BackingPolicy::Confine(dir.path().to_owned());
         let r = UnderPolicy {
             policy: &confine,
-            resolver: registry,
+            resolver: &registry,
         };
         assert!(matches!(
             r.find(Path::new("c.vdi"), id),

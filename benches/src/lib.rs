@@ -1,0 +1,27 @@
+//! cowclone-benches: the `cowclone bench` harness and the criterion benches' shared home.
+//!
+//! The harness measures, on the user's own machine and in one run, what the published tables
+//! of cloning methods measure elsewhere:
+//!
+//! ```text
+//! clone_methods ─► one base (qcow2, VDI) ─► N rounds × every method, interleaved ─► stats
+//! io            ─► reads/writes through imagefmt's chain  ┐
+//!                  `qemu-img bench` on the same image      ┴─► stats
+//! report (human / JSON / CSV)    plot (SVG bar chart via plotters)
+//! ```
+//!
+//! The CLI (`cowclone bench clone|io`) only parses arguments and calls [`clone_methods::run`]
+//! and [`io::run`]; all measuring lives here so that it can be reused and tested.
+#![forbid(unsafe_code)]
+
+pub mod clone_methods;
+pub mod data;
+pub mod error;
+pub mod fs_facts;
+pub mod io;
+pub mod plot;
+pub mod report;
+pub mod stats;
+pub mod tools;
+
+pub use error::{BenchError, Result};

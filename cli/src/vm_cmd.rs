@@ -1,0 +1,393 @@
+//! `cowclone start | stop | status | provision`: run registered clones as VMs through the
+//! hypervisors' own tools (qemu-system by default; libvirt's virsh; VirtualBox's VBoxManage).
+//! `--dry-run` prints the exact command lines (and libvirt's domain XML) without running them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use cloner::vm::provision::{provision, resolve_accel, ProvisionRequest};
+use cloner::vm::qemu::{self, Stopped, VmState};
+use cloner::vm::runner::{CommandRunner, Invocation, SystemRunner};
+use cloner::vm::spec::command_log;
+use cloner::vm::{libvirt, vbox, Accel, Egress, KernelBoot, PortForward, VmSpec};
+use cloner::{Home, Registry};
+use serde_json::json;
+
+use crate::args::OutputFormat;
+
+/// VM subcommands (flattened into the top level).
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Start clone NAME as a VM (daemonized; pidfile, QMP socket, serial log in its directory).
+    Start(StartArgs),
+    /// Stop clone NAME's VM: ACPI powerdown, then quit after a timeout.
+    Stop(StopArgs),
+    /// Show whether clone NAME's VM runs.
+    Status(StatusArgs),
+    /// Run SCRIPT in a fresh clone of the base its `/* rexxjs-vm-base: NAME */` line names and
+    /// return its output and exit status.
+    Provision(ProvisionArgs),
+}
+
+/// Which hypervisor tool runs the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Driver {
+    /// qemu-system-x86_64.
+    Qemu,
+    /// libvirt's virsh (domain XML with the full backingStore chain).
+    Libvirt,
+    /// VirtualBox's VBoxManage (VDI clones).
+    Virtualbox,
+}
+
+/// Options shared by the commands that name a clone.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The registered clone.
+    pub name: String,
+    /// Registry home directory (default: $COWCLONE_HOME, else $XDG_DATA_HOME/cowclone).
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Hypervisor tool.
+    #[arg(long, value_enum, default_value_t = Driver::Qemu)]
+    pub driver: Driver,
+    /// libvirt connection URI (e.g. qemu+ssh://host/system).
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
+    /// Print the command lines instead of running them.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Direct kernel boot options.
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    /// Boot this kernel directly (for disks without a boot loader).
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ram disk (with --kernel).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    pub append: Option<String>,
+}
+
+impl KernelArgs {
+    /// The boot options with absolute paths (qemu runs as a daemon from `/`).
+    fn boot(&self) -> Result<Option<KernelBoot>> {
+        let absolute =
+            |p: &PathBuf| std::fs::canonicalize(p).with_context(|| format!("{}", p.display()));
+        let Some(kernel) = &self.kernel else {
+            return Ok(None);
+        };
+        Ok(Some(KernelBoot {
+            kernel: absolute(kernel)?,
+            initrd: self.initrd.as_ref().map(absolute).transpose()?,
+            append: self.append.clone(),
+        }))
+    }
+}
+
+/// `cowclone start NAME [...]`
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Guest memory (default: the base's, else 512M).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Guest CPUs (default: the base's, else 1).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Acceleration: auto uses KVM only if a probe guest proves alive under it.
+    #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
+    accel: String,
+    /// Forward host port HOST (on 127.0.0.1) to guest port GUEST (repeatable).
+    #[arg(long, value_name = "HOST:GUEST")]
+    ingress: Vec<String>,
+    /// What the guest may reach: deny (default) or allow:HOST:PORT,...
+    #[arg(long, value_name = "POLICY", default_value = "deny")]
+    egress: String,
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+/// `cowclone stop NAME [...]`
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Seconds to wait for the guest to power down before quitting qemu.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    timeout: u64,
+}
+
+/// `cowclone status NAME [--output json]`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The registered clone.
+    name: String,
+    /// Registry home directory.
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    output: OutputFormat,
+}
+
+/// `cowclone provision SCRIPT [--keep-running] [...]`
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// The script; its `/* rexxjs-vm-KEY: VALUE */` lines give base, memory, cpus, ports, timeout.
+    script: PathBuf,
+    /// Leave the VM running after the script finished.
+    #[arg(long)]
+    keep_running: bool,
+    /// Name of the clone to make (default: BASE-run-XXXXXXXX).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Registry home directory.
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Acceleration: auto uses KVM only if a probe guest proves alive under it.
+    #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
+    accel: String,
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// Output format: human prints the script's output and exits with its status; json prints
+    /// the whole outcome (and still exits with the script's status).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    output: OutputFormat,
+}
+
+fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> {
+    let home = Home::resolve(home)?;
+    Registry::open(&home)
+        .with_context(|| format!("opening the registry in {}", home.root().display()))
+}
+
+fn spec_for(target: &Target) -> Result<VmSpec> {
+    let registry = open_registry(target.home.as_deref())?;
+    let record = registry.clone_record(&target.name)?;
+    Ok(VmSpec::from_clone(&record)?)
+}
+
+/// Runs a VM subcommand; returns the exit code.
+pub fn run(command: VmCommand, out: &mut impl Write) -> Result<u8> {
+    match command {
+        VmCommand::Start(args) => start(args, out).map(|()| 0),
+        VmCommand::Stop(args) => stop(args, out).map(|()| 0),
+        VmCommand::Status(args) => status(args, out).map(|()| 0),
+        VmCommand::Provision(args) => run_provision(args, out),
+    }
+}
+
+/// Runs `steps` for real (logging each to the clone's commands.log) or prints them.
+fn execute(steps: &[Invocation], spec: &VmSpec, dry_run: bool, out: &mut impl Write) -> Result<()> {
+    if dry_run {
+        for step in steps {
+            writeln!(out, "{}", step.shell_line())?;
+        }
+        return Ok(());
+    }
+    let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
+    for step in steps {
+        runner.run(step)?;
+    }
+    Ok(())
+}
+
+fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
+    let mut spec = spec_for(&args.target)?;
+    if let Some(memory) = &args.memory {
+        spec.memory = imagefmt::size::parse_size(memory)?;
+    }
+    if let Some(cpus) = args.cpus {
+        if cpus == 0 {
+            bail!("--cpus must be at least 1");
+        }
+        spec.cpus = cpus;
+    }
+    spec.ingress = args
+        .ingress
+        .iter()
+        .map(|s| s.parse::<PortForward>())
+        .collect::<Result<_, _>>()?;
+    spec.egress = args.egress.parse::<Egress>()?;
+    spec.kernel = args.kernel.boot()?;
+    let requested: Accel = args.accel.parse()?;
+    let dry_run = args.target.dry_run;
+    match args.target.driver {
+        Driver::Qemu => {
+            // A dry run does not probe KVM: it shows the choice it would make as "auto → tcg"
+            // only when asked explicitly.
+            let accel = if dry_run && requested == Accel::Auto {
+                Accel::Tcg
+            } else {
+                resolve_accel(requested, &spec.run_dir)?
+            };
+            if dry_run {
+                let line = qemu::command_line(&spec, accel)?;
+                writeln!(out, "{}", line.shell_line())?;
+                return Ok(());
+            }
+            let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
+            qemu::start(&spec, accel, &runner)?;
+            let VmState::Running(pid) = qemu::state(&spec.run_dir) else {
+                bail!(
+                    "qemu exited right after starting; see {}",
+                    command_log(&spec.run_dir).display()
+                );
+            };
+            writeln!(
+                out,
+                "{} running (pid {pid}, accel {}); serial log {}",
+                spec.name,
+                if accel == Accel::Kvm { "kvm" } else { "tcg" },
+                spec.serial_log().display()
+            )?;
+        }
+        Driver::Libvirt => {
+            let kvm = requested == Accel::Kvm;
+            let xml = libvirt::domain_xml(&spec, kvm)?;
+            let xml_path = spec.run_dir.join("domain.xml");
+            let virsh = libvirt::Virsh {
+                connect: args.target.connect.clone(),
+            };
+            let path = xml_path.to_string_lossy();
+            let steps = [virsh.define(&path), virsh.start(&spec.name)];
+            if dry_run {
+                write!(out, "{xml}")?;
+            } else {
+                std::fs::write(&xml_path, &xml)
+                    .with_context(|| format!("writing {}", xml_path.display()))?;
+            }
+            execute(&steps, &spec, dry_run, out)?;
+        }
+        Driver::Virtualbox => {
+            let steps = vbox::start_sequence(&spec)?;
+            execute(&steps, &spec, dry_run, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
+    let spec = spec_for(&args.target)?;
+    let dry_run = args.target.dry_run;
+    match args.target.driver {
+        Driver::Qemu => {
+            if dry_run {
+                writeln!(
+                    out,
+                    "# QMP {}: system_powerdown; after {} s: quit; then SIGKILL",
+                    spec.qmp_socket().display(),
+                    args.timeout
+                )?;
+                return Ok(());
+            }
+            let how = qemu::stop(&spec.run_dir, Duration::from_secs(args.timeout))?;
+            let text = match how {
+                Stopped::WasNotRunning => "was not running",
+                Stopped::PoweredDown => "powered down",
+                Stopped::Quit => "did not power down in time; qemu quit",
+                Stopped::Killed => "qemu did not answer; killed",
+            };
+            writeln!(out, "{}: {text}", spec.name)?;
+        }
+        Driver::Libvirt => {
+            let virsh = libvirt::Virsh {
+                connect: args.target.connect.clone(),
+            };
+            if dry_run {
+                let steps = [
+                    virsh.shutdown(&spec.name),
+                    virsh.destroy(&spec.name),
+                    virsh.undefine(&spec.name),
+                ];
+                writeln!(
+                    out,
+                    "# shutdown; destroy if still running after {} s; undefine",
+                    args.timeout
+                )?;
+                return execute(&steps, &spec, true, out);
+            }
+            let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
+            let domstate = || {
+                runner
+                    .run(&virsh.domstate(&spec.name))
+                    .map(|s| s.trim().to_owned())
+            };
+            let how = if domstate()? == "running" {
+                // A domain that stops between the check and the request makes shutdown fail;
+                // the state is what counts.
+                let _ = runner.run(&virsh.shutdown(&spec.name));
+                let start = std::time::Instant::now();
+                while domstate()? == "running"
+                    && start.elapsed() < Duration::from_secs(args.timeout)
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                if domstate()? == "running" {
+                    runner.run(&virsh.destroy(&spec.name))?;
+                    "did not power down in time; destroyed"
+                } else {
+                    "powered down"
+                }
+            } else {
+                "was not running"
+            };
+            runner.run(&virsh.undefine(&spec.name))?;
+            writeln!(out, "{}: {how}; undefined", spec.name)?;
+        }
+        Driver::Virtualbox => execute(&vbox::stop_sequence(&spec), &spec, dry_run, out)?,
+    }
+    Ok(())
+}
+
+fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
+    let registry = open_registry(args.home.as_deref())?;
+    let record = registry.clone_record(&args.name)?;
+    let spec = VmSpec::from_clone(&record)?;
+    let (state, pid) = match qemu::state(&spec.run_dir) {
+        VmState::Running(pid) => ("running", Some(pid)),
+        VmState::Stopped => ("stopped", None),
+    };
+    match args.output {
+        OutputFormat::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "name": spec.name, "state": state, "pid": pid,
+                "serial_log": spec.serial_log(), "qmp_socket": spec.qmp_socket(),
+            }))?
+        )?,
+        OutputFormat::Human => match pid {
+            Some(pid) => writeln!(out, "{}: running (pid {pid})", spec.name)?,
+            None => writeln!(out, "{}: stopped", spec.name)?,
+        },
+    }
+    Ok(())
+}
+
+fn run_provision(args: ProvisionArgs, out: &mut impl Write) -> Result<u8> {
+    let mut registry = open_registry(args.home.as_deref())?;
+    let request = ProvisionRequest {
+        script: args.script.clone(),
+        clone_name: args.name.clone(),
+        keep_running: args.keep_running,
+        accel: args.accel.parse()?,
+        kernel: args.kernel.boot()?,
+    };
+    let outcome = provision(&mut registry, &request, None)
+        .with_context(|| format!("provisioning {}", args.script.display()))?;
+    match args.output {
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?,
+        OutputFormat::Human => write!(out, "{}", outcome.output)?,
+    }
+    Ok(u8::try_from(outcome.exit_status).unwrap_or(1))
+}

@@ -1,0 +1,105 @@
+//! The schema, versioned with `PRAGMA user_version`: [`MIGRATIONS`]`[i]` takes a database from
+//! version `i` to `i + 1`. Migrations run in one `BEGIN IMMEDIATE` transaction, so concurrent
+//! first opens apply each exactly once. A database newer than this build is refused.
+
+use rusqlite::Connection;
+
+use crate::error::{RegistryError, Result};
+
+/// Ordered migrations; append, never edit.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: images (bases and clones share one namespace), places clones are made in, audit log.
+    r#"
+    CREATE TABLE images (
+        id              INTEGER PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        kind            TEXT NOT NULL CHECK (kind IN ('base', 'clone')),
+        path            TEXT NOT NULL UNIQUE,
+        format          TEXT NOT NULL,
+        virtual_size    INTEGER NOT NULL,
+        parent_id       INTEGER REFERENCES images(id),
+        dir             TEXT UNIQUE,
+        owned           INTEGER NOT NULL,
+        guarded         INTEGER NOT NULL DEFAULT 0,
+        fp_size         INTEGER,
+        fp_mtime_ns     INTEGER,
+        fp_crc32        INTEGER,
+        sha256          TEXT,
+        original_mode   INTEGER,
+        vdi_uuid_create TEXT,
+        vdi_uuid_modify TEXT,
+        vdi_uuid_link   TEXT,
+        memory          INTEGER,
+        cpus            INTEGER,
+        meta            TEXT NOT NULL DEFAULT '{}',
+        created_ns      INTEGER NOT NULL
+    );
+    CREATE INDEX images_parent ON images(parent_id);
+    CREATE INDEX images_vdi ON images(vdi_uuid_create);
+    CREATE TABLE places (
+        dir TEXT PRIMARY KEY
+    );
+    CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY,
+        at_ns      INTEGER NOT NULL,
+        operation  TEXT NOT NULL,
+        arguments  TEXT NOT NULL,
+        outcome    TEXT NOT NULL CHECK (outcome IN ('ok', 'error')),
+        detail     TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Applies the migrations the database lacks.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == current_version() {
+        return Ok(());
+    }
+    let tx = super::write(conn)?;
+    // Read again under the write lock: another process may have migrated meanwhile.
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > current_version() {
+        return Err(RegistryError::SchemaTooNew {
+            found: version,
+            known: current_version(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_newer_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let conn = crate::store::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, current_version());
+        drop(conn);
+        // Reopening does not re-run migration 1 (which would fail: tables exist).
+        let conn = crate::store::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", current_version() + 1)
+            .unwrap();
+        drop(conn);
+        assert!(matches!(
+            crate::store::open(&path),
+            Err(RegistryError::SchemaTooNew { .. })
+        ));
+    }
+}
