@@ -117,7 +117,7 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
     assert!(serial.contains("GUEST: marker written"), "{serial}");
     let log = std::fs::read_to_string(clone_dir.join("commands.log")).unwrap();
     assert!(
-        log.contains("qemu-system-x86_64") && log.contains("backing=disk1"),
+        log.contains("qemu-system-x86_64") && log.contains(r#""backing":"disk1""#),
         "{log}"
     );
 
@@ -152,6 +152,90 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         cowclone_ok(&[&"stop", &"vm1", &"--home", &home]),
         "vm1: was not running\n"
     );
+}
+
+/// A clone of a clone of a qcow2 base: three qcow2 layers, the bottom one with `"backing":
+/// null`, in a home whose path has a comma (escaped in `-chardev`, verbatim in JSON). qemu must
+/// open the chain exactly as given; the guest reads the base's pattern through both overlays.
+#[test]
+fn a_clone_of_a_clone_of_a_qcow2_base_boots_and_writes_only_its_own_overlay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home,1");
+    let raw = tmp.path().join("gold.raw");
+    let mut bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    bytes[..16].copy_from_slice(b"COWCLONE-PATTERN");
+    std::fs::write(&raw, &bytes).unwrap();
+    let base = tmp.path().join("gold.qcow2");
+    qemu_img_ok(&[&"convert", &"-O", &"qcow2", &raw, &base]);
+    cowclone_ok(&[&"base", &"register", &"gold", &base, &"--home", &home]);
+    cowclone_ok(&[&"clone", &"gold", &"mid", &"--home", &home]);
+    cowclone_ok(&[&"clone", &"mid", &"vm2", &"--home", &home]);
+    let mid = home.join("clones/mid/disk.qcow2");
+    let base_before = std::fs::read(&base).unwrap();
+    let mid_before = std::fs::read(&mid).unwrap();
+    let _guard = StopOnDrop {
+        home: home.clone(),
+        name: "vm2".into(),
+    };
+    let g = guest();
+    let started = cowclone(&[
+        &"start",
+        &"vm2",
+        &"--home",
+        &home,
+        &"--accel",
+        &"tcg",
+        &"--memory",
+        &"256M",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
+    ]);
+    assert!(started.status.success(), "{}", describe(&started));
+    wait_stopped(&home, "vm2", Duration::from_secs(120));
+    let clone_dir = home.join("clones/vm2");
+    let serial = std::fs::read_to_string(clone_dir.join("serial.log")).unwrap();
+    assert!(
+        serial.contains("GUEST-PATTERN: COWCLONE-PATTERN"),
+        "{serial}"
+    );
+    assert!(serial.contains("GUEST: marker written"), "{serial}");
+    let log = std::fs::read_to_string(clone_dir.join("commands.log")).unwrap();
+    for node in [
+        r#""backing":"disk1""#,
+        r#""backing":"disk2""#,
+        r#""backing":null"#,
+    ] {
+        assert!(log.contains(node), "{node} missing: {log}");
+    }
+
+    let overlay = clone_dir.join("disk.qcow2");
+    let ours = tmp.path().join("ours.raw");
+    cowclone_ok(&[&"convert", &"-O", &"raw", &overlay, &ours]);
+    let theirs = tmp.path().join("theirs.raw");
+    qemu_img_ok(&[&"convert", &"-O", &"raw", &overlay, &theirs]);
+    let mut expected = bytes.clone();
+    expected[1 << 20..(1 << 20) + 18].copy_from_slice(b"MARKER-FROM-GUEST\n");
+    for view in [&ours, &theirs] {
+        assert!(
+            std::fs::read(view).unwrap() == expected,
+            "{}: the base's bytes plus the marker",
+            view.display()
+        );
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base changed"
+    );
+    assert!(
+        std::fs::read(&mid).unwrap() == mid_before,
+        "the middle clone changed"
+    );
+    assert_qemu_check_clean(&overlay, "top overlay after the guest ran");
+    assert_qemu_check_clean(&mid, "middle overlay after the guest ran");
 }
 
 #[test]

@@ -3,13 +3,21 @@
 //!
 //! The disk chain is passed explicitly, one `-blockdev` pair (file node, format node) per image,
 //! base first: every format is pinned, every layer below the top is read-only, and each qcow2
-//! node names the node below it as `backing=` (the bottom one `backing=null`), so qemu follows
-//! no path written in an image header and probes no format.
+//! node names the node below it as `"backing"` (the bottom one `"backing": null`), so qemu
+//! follows no path written in an image header and probes no format.
+//!
+//! The `-blockdev` values are JSON objects, not `key=value` lists: qemu's dotted-key syntax has
+//! no null, and `backing=null` there names a node called `null` ("Cannot find device='null' nor
+//! node-name='null'", qemu 7.2), so a clone of a qcow2 base would not start. JSON also carries
+//! any path without escaping. The serial log and the QMP socket are `-chardev` options, where a
+//! comma in a path is escaped by doubling; `-serial file:PATH` would take the doubled comma
+//! literally.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use imagefmt::ImageFormat;
+use serde_json::{json, Value};
 
 use super::runner::{CommandRunner, Invocation};
 use super::spec::{self, Accel, Egress, VmSpec};
@@ -26,10 +34,23 @@ fn opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
-fn path_opt(path: &Path) -> Result<String> {
+fn utf8(path: &Path) -> Result<&str> {
     path.to_str()
-        .map(opt)
         .ok_or_else(|| VmError::Invalid(format!("{} is not UTF-8", path.display())))
+}
+
+fn path_opt(path: &Path) -> Result<String> {
+    utf8(path).map(opt)
+}
+
+/// A `-blockdev` file-protocol node (JSON).
+fn file_node(node: &str, path: &Path, read_only: bool) -> Result<Value> {
+    Ok(json!({
+        "driver": "file",
+        "node-name": node,
+        "filename": utf8(path)?,
+        "read-only": read_only,
+    }))
 }
 
 /// The block driver name of a format.
@@ -85,49 +106,60 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
     push(&["-name", &opt(&spec.name), "-accel", accel, "-machine", "pc"]);
     push(&["-m", &memory_mib, "-smp", &cpus]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    let serial = format!("file:{}", path_opt(&spec.serial_log())?);
-    let qmp = format!("unix:{},server=on,wait=off", path_opt(&spec.qmp_socket())?);
-    let pidfile = path_opt(&spec.pidfile())?;
-    push(&[
-        "-serial",
-        &serial,
-        "-qmp",
-        &qmp,
-        "-pidfile",
-        &pidfile,
-        "-daemonize",
-    ]);
+    let serial = format!("file,id=serial0,path={}", path_opt(&spec.serial_log())?);
+    let qmp = format!(
+        "socket,id=qmp,path={},server=on,wait=off",
+        path_opt(&spec.qmp_socket())?
+    );
+    // -pidfile takes its argument verbatim (no option syntax).
+    let pidfile = spec.pidfile();
+    let pidfile = utf8(&pidfile)?;
+    push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+    push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
+    push(&["-pidfile", pidfile, "-daemonize"]);
 
     // The chain, base first so that each node can name the one below it.
     let last = spec.disks.len() - 1;
     for (i, layer) in spec.disks.iter().enumerate().rev() {
-        let read_only = if layer.read_only { "on" } else { "off" };
-        let file = format!(
-            "driver=file,node-name=file{i},filename={},read-only={read_only}",
-            path_opt(&layer.path)?
-        );
-        let mut format = format!(
-            "driver={},node-name=disk{i},file=file{i},read-only={read_only}",
-            driver(layer.format)
-        );
+        let file = file_node(&format!("file{i}"), &layer.path, layer.read_only)?;
+        let mut format = json!({
+            "driver": driver(layer.format),
+            "node-name": format!("disk{i}"),
+            "file": format!("file{i}"),
+            "read-only": layer.read_only,
+        });
         if layer.format == ImageFormat::Qcow2 {
-            if i < last {
-                format.push_str(&format!(",backing=disk{}", i + 1));
+            format["backing"] = if i < last {
+                json!(format!("disk{}", i + 1))
             } else {
-                format.push_str(",backing=null");
-            }
+                Value::Null
+            };
         }
-        push(&["-blockdev", &file, "-blockdev", &format]);
+        push(&[
+            "-blockdev",
+            &file.to_string(),
+            "-blockdev",
+            &format.to_string(),
+        ]);
     }
     push(&["-device", "virtio-blk-pci,drive=disk0"]);
     for (j, extra) in spec.extra_drives.iter().enumerate() {
-        let file = format!(
-            "driver=file,node-name=extrafile{j},filename={},read-only=on",
-            path_opt(extra)?
-        );
-        let raw = format!("driver=raw,node-name=extra{j},file=extrafile{j},read-only=on");
+        let file = file_node(&format!("extrafile{j}"), extra, true)?;
+        let raw = json!({
+            "driver": "raw",
+            "node-name": format!("extra{j}"),
+            "file": format!("extrafile{j}"),
+            "read-only": true,
+        });
         let device = format!("virtio-blk-pci,drive=extra{j}");
-        push(&["-blockdev", &file, "-blockdev", &raw, "-device", &device]);
+        push(&[
+            "-blockdev",
+            &file.to_string(),
+            "-blockdev",
+            &raw.to_string(),
+            "-device",
+            &device,
+        ]);
     }
 
     // User-mode networking: restricted unless egress says otherwise; forwards bound to loopback.
@@ -311,12 +343,35 @@ mod tests {
     #[test]
     fn the_chain_is_explicit_base_first_with_formats_pinned() {
         let line = command_line(&spec(), Accel::Tcg).unwrap().shell_line();
-        let expected_disks = "-blockdev driver=file,node-name=file1,filename=/srv/base,,v1.raw,read-only=on \
-             -blockdev driver=raw,node-name=disk1,file=file1,read-only=on \
-             -blockdev driver=file,node-name=file0,filename=/h/clones/web-1/disk.qcow2,read-only=off \
-             -blockdev driver=qcow2,node-name=disk0,file=file0,read-only=off,backing=disk1 \
-             -device virtio-blk-pci,drive=disk0";
-        assert!(line.contains(expected_disks), "{line}");
+        let args = command_line(&spec(), Accel::Tcg).unwrap().args;
+        let expected_disks = [
+            "-blockdev",
+            r#"{"driver":"file","filename":"/srv/base,v1.raw","node-name":"file1","read-only":true}"#,
+            "-blockdev",
+            r#"{"driver":"raw","file":"file1","node-name":"disk1","read-only":true}"#,
+            "-blockdev",
+            r#"{"driver":"file","filename":"/h/clones/web-1/disk.qcow2","node-name":"file0","read-only":false}"#,
+            "-blockdev",
+            r#"{"backing":"disk1","driver":"qcow2","file":"file0","node-name":"disk0","read-only":false}"#,
+            "-device",
+            "virtio-blk-pci,drive=disk0",
+        ];
+        assert!(
+            args.windows(expected_disks.len())
+                .any(|w| w == expected_disks),
+            "{line}"
+        );
+        let runtime = [
+            "-chardev",
+            "file,id=serial0,path=/h/clones/web-1/serial.log",
+            "-serial",
+            "chardev:serial0",
+            "-chardev",
+            "socket,id=qmp,path=/h/clones/web-1/qmp.sock,server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ];
+        assert!(args.windows(runtime.len()).any(|w| w == runtime), "{line}");
         assert!(line.contains("-accel tcg"), "{line}");
         assert!(line.contains("-m 256 -smp 2"), "{line}");
         assert!(
@@ -341,8 +396,15 @@ mod tests {
         assert!(e.contains("VirtualBox"), "{e}");
         let mut s = spec();
         s.disks.truncate(1);
-        let line = command_line(&s, Accel::Tcg).unwrap().shell_line();
-        assert!(line.contains("backing=null"), "{line}");
+        let args = command_line(&s, Accel::Tcg).unwrap().args;
+        // JSON null: in key=value syntax `backing=null` would name a node called "null".
+        assert!(
+            args.contains(
+                &r#"{"backing":null,"driver":"qcow2","file":"file0","node-name":"disk0","read-only":false}"#
+                    .to_owned()
+            ),
+            "{args:?}"
+        );
         assert!(command_line(&spec(), Accel::Auto).is_err());
     }
 
