@@ -294,6 +294,60 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
     assert!(ls.contains("job1"), "{ls}");
 }
 
+/// `provision --keep-running` leaves the VM up; `status` sees it running and `stop` powers it
+/// down through the ACPI power button (QMP `system_powerdown`), without needing `quit`.
+#[test]
+fn a_kept_vm_runs_until_stop_powers_it_down_through_acpi() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    registered_base(tmp.path(), &home);
+    let script = tmp.path().join("job.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n: <<'PLAN'\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 256M */\n\
+         /* rexxjs-vm-timeout: 120 */\nPLAN\necho kept\n",
+    )
+    .unwrap();
+    let g = guest();
+    let _guard = StopOnDrop {
+        home: home.clone(),
+        name: "kept".into(),
+    };
+    let output = cowclone(&[
+        &"provision",
+        &script,
+        &"--home",
+        &home,
+        &"--name",
+        &"kept",
+        &"--keep-running",
+        &"--accel",
+        &"tcg",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1",
+        &"--output",
+        &"json",
+    ]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(outcome["output"], "kept\n", "{outcome:#}");
+    assert_eq!(outcome["kept_running"], true);
+    assert_eq!(state(&home, "kept"), "running");
+    let stopped = cowclone_ok(&[&"stop", &"kept", &"--home", &home, &"--timeout", &"60"]);
+    assert_eq!(stopped, "kept: powered down\n");
+    assert_eq!(state(&home, "kept"), "stopped");
+    let clone_dir = home.join("clones/kept");
+    let serial = std::fs::read_to_string(clone_dir.join("serial.log")).unwrap();
+    assert!(serial.contains("GUEST: ACPI power button"), "{serial}");
+    let log = std::fs::read_to_string(clone_dir.join("commands.log")).unwrap();
+    assert!(log.contains("qmp.sock system_powerdown # ok"), "{log}");
+    assert!(!log.contains(" quit #"), "no quit was needed: {log}");
+}
+
 /// The KVM liveness probe's guest is a real guest: under TCG it speaks.
 #[test]
 fn the_kvm_probe_guest_speaks_under_tcg() {

@@ -6,7 +6,12 @@
 //! * with `cowclone.test=marker` on the kernel command line: prints the first 16 bytes of
 //!   /dev/vda (`GUEST-PATTERN: ...`), writes `MARKER-FROM-GUEST` at 1 MiB, syncs, powers off;
 //! * otherwise it stands in for cloud-init: mounts the NoCloud seed (/dev/vdb, FAT) and runs its
-//!   `user-data` once (the provision wrapper then reports and powers off).
+//!   `user-data` once (the provision wrapper then reports and powers off), and then stays up like
+//!   a booted system (with `--keep-running` the wrapper leaves it running).
+//!
+//! In both modes it brings up `eth0` (qemu user networking: 10.0.2.15/24) when the VM has one,
+//! and it stands in for `acpid`: a press of the ACPI power button (QMP `system_powerdown`, what
+//! `cowclone stop` sends first) prints `GUEST: ACPI power button` and powers off.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -26,6 +31,11 @@ const MODULES: &[&str] = &[
     "fs/fat/vfat.ko",
     "fs/nls/nls_cp437.ko",
     "fs/nls/nls_iso8859-1.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+    "drivers/acpi/button.ko",
+    "drivers/input/evdev.ko",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
@@ -33,9 +43,18 @@ const INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk fat vfat nls_cp437 nls_iso8859-1; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk fat vfat nls_cp437 nls_iso8859-1 failover net_failover virtio_net button evdev; do
   insmod /lib/modules/$m.ko || echo "GUEST: cannot load $m"
 done
+for e in /sys/class/input/event*; do
+  if grep -q "Power Button" "$e/device/name" 2>/dev/null; then
+    (head -c 1 "/dev/input/${e##*/}" >/dev/null; echo "GUEST: ACPI power button"; sync; poweroff -f) &
+  fi
+done
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up; ip link set eth0 up
+  ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
+fi
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if grep -q cowclone.test=marker /proc/cmdline; then
   echo "GUEST-PATTERN: $(dd if=/dev/vda bs=16 count=1 2>/dev/null)"
@@ -46,6 +65,8 @@ else
   i=0; while [ ! -b /dev/vdb ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
   mount -t vfat -o ro,codepage=437,iocharset=iso8859-1 /dev/vdb /mnt && cp /mnt/user-data /tmp/user-data
   chmod +x /tmp/user-data && /tmp/user-data
+  echo "GUEST: user-data finished; staying up"
+  while :; do sleep 3600; done
 fi
 sync
 poweroff -f

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use imagefmt::ImageFormat;
 use serde_json::{json, Value};
 
-use super::runner::{CommandRunner, Invocation};
+use super::runner::{log_line, CommandRunner, Invocation};
 use super::spec::{self, Accel, Egress, VmSpec};
 use super::{io, qmp::Qmp, Result, VmError};
 
@@ -269,18 +269,39 @@ pub fn stop(run_dir: &Path, timeout: Duration) -> Result<Stopped> {
         return Ok(Stopped::WasNotRunning);
     };
     let socket = spec::qmp_socket(run_dir);
+    let log = spec::command_log(run_dir);
+    // Every request is logged with its outcome, like the commands in the same log.
+    let send = |qmp: &mut Qmp, command: &str| -> Result<bool> {
+        let sent = qmp.execute(command, None);
+        let outcome = match &sent {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error: {e}"),
+        };
+        log_line(
+            &log,
+            &format!("QMP {} {command}", socket.display()),
+            &outcome,
+        )?;
+        Ok(sent.is_ok())
+    };
     let qmp = Qmp::connect(&socket);
     if let Ok(mut qmp) = qmp {
-        if qmp.execute("system_powerdown", None).is_ok() && wait_gone(run_dir, timeout) {
+        if send(&mut qmp, "system_powerdown")? && wait_gone(run_dir, timeout) {
             return Ok(Stopped::PoweredDown);
         }
-        let _ = qmp.execute("quit", None);
+        send(&mut qmp, "quit")?;
         if wait_gone(run_dir, Duration::from_secs(5)) {
             return Ok(Stopped::Quit);
         }
     }
     if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let killed = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let outcome = killed.map_or_else(|e| format!("error: {e}"), |()| "ok".into());
+        log_line(
+            &log,
+            &format!("kill -KILL {}", pid.as_raw_nonzero()),
+            &outcome,
+        )?;
     }
     wait_gone(run_dir, Duration::from_secs(5));
     Ok(Stopped::Killed)

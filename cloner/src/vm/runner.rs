@@ -2,7 +2,7 @@
 //! recording runner stands in for tools that cannot run here (VirtualBox) and for `--dry-run`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -68,18 +68,23 @@ impl SystemRunner {
     }
 
     fn record(&self, invocation: &Invocation, outcome: &str) -> Result<()> {
-        let Some(log) = &self.log else {
-            return Ok(());
-        };
-        let when = humantime::format_rfc3339_seconds(SystemTime::now());
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(io(format!("opening {}", log.display())))?;
-        writeln!(file, "{when} {} # {outcome}", invocation.shell_line())
-            .map_err(io(format!("writing {}", log.display())))
+        match &self.log {
+            Some(log) => log_line(log, &invocation.shell_line(), outcome),
+            None => Ok(()),
+        }
     }
+}
+
+/// Appends `{time} {what} # {outcome}` to the command log `log`: the format of every line there,
+/// commands run and QMP requests sent alike.
+pub fn log_line(log: &Path, what: &str, outcome: &str) -> Result<()> {
+    let when = humantime::format_rfc3339_seconds(SystemTime::now());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("opening {}", log.display())))?;
+    writeln!(file, "{when} {what} # {outcome}").map_err(io(format!("writing {}", log.display())))
 }
 
 impl CommandRunner for SystemRunner {
