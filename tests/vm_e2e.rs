@@ -348,6 +348,110 @@ fn a_kept_vm_runs_until_stop_powers_it_down_through_acpi() {
     assert!(!log.contains(" quit #"), "no quit was needed: {log}");
 }
 
+/// Networking for real, through a provision plan: `egress-ports P` lets the guest reach the
+/// host's 127.0.0.1:P at 10.0.2.100:P (twice: one relay per connection), another host port stays
+/// unreachable (`restrict=on`), and `ingress-port Q` lets the host reach the guest's port Q.
+#[test]
+fn provision_networking_reaches_allowed_endpoints_only_and_accepts_ingress() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    registered_base(tmp.path(), &home);
+    // The allowed endpoint answers every connection with its sequence number.
+    let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let allowed_port = allowed.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, conn) in allowed.incoming().enumerate() {
+            let Ok(mut conn) = conn else { break };
+            let _ = writeln!(conn, "EGRESS-OK {n}");
+        }
+    });
+    // A host service the plan does not allow: it must see no connection.
+    let forbidden = TcpListener::bind("127.0.0.1:0").unwrap();
+    let forbidden_port = forbidden.local_addr().unwrap().port();
+    forbidden.set_nonblocking(true).unwrap();
+    let ingress_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = tmp.path().join("net.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n: <<'PLAN'\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 256M */\n\
+             /* rexxjs-vm-timeout: 120 */\n/* rexxjs-vm-egress-ports: {allowed_port} */\n\
+             /* rexxjs-vm-ingress-port: {ingress_port} */\nPLAN\n\
+             nc -w 10 10.0.2.100 {allowed_port} </dev/null\n\
+             nc -w 10 10.0.2.100 {allowed_port} </dev/null\n\
+             nc -w 3 10.0.2.2 {forbidden_port} </dev/null && echo REACHED-FORBIDDEN\n\
+             echo INGRESS-OK | nc -l -p {ingress_port}\necho done\n"
+        ),
+    )
+    .unwrap();
+    // The host side of the ingress check: connect until the guest's listener answers.
+    let ingress = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", ingress_port)) {
+                let mut got = String::new();
+                let _ = conn.read_to_string(&mut got);
+                if got.contains("INGRESS-OK") {
+                    return got;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        String::new()
+    });
+    let g = guest();
+    let _guard = StopOnDrop {
+        home: home.clone(),
+        name: "net".into(),
+    };
+    let output = cowclone(&[
+        &"provision",
+        &script,
+        &"--home",
+        &home,
+        &"--name",
+        &"net",
+        &"--accel",
+        &"tcg",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1",
+        &"--output",
+        &"json",
+    ]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Two connections, two relays; the forbidden port is refused by qemu's restricted network.
+    assert_eq!(
+        outcome["output"],
+        "EGRESS-OK 0\nEGRESS-OK 1\n\
+         nc: can't connect to remote host (10.0.2.2): Connection refused\ndone\n",
+        "{outcome:#}"
+    );
+    assert_eq!(ingress.join().unwrap().trim(), "INGRESS-OK");
+    assert!(
+        forbidden.accept().is_err(),
+        "the guest reached a port the plan does not allow"
+    );
+    let log = std::fs::read_to_string(home.join("clones/net/commands.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "guestfwd=tcp:10.0.2.100:{allowed_port}-cmd:{}",
+            crate::util::cowclone_bin().display()
+        )),
+        "{log}"
+    );
+}
+
 /// The KVM liveness probe's guest is a real guest: under TCG it speaks.
 #[test]
 fn the_kvm_probe_guest_speaks_under_tcg() {

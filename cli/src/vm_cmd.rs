@@ -30,6 +30,33 @@ pub enum VmCommand {
     /// Run SCRIPT in a fresh clone of the base its `/* rexxjs-vm-base: NAME */` line names and
     /// return its output and exit status.
     Provision(ProvisionArgs),
+    /// Relay stdin/stdout to HOST:PORT (what qemu runs per guest connection for --egress allow).
+    #[command(hide = true)]
+    Relay(RelayArgs),
+}
+
+/// `cowclone relay HOST PORT` (internal).
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The allowed endpoint's host.
+    host: String,
+    /// Its TCP port.
+    port: u16,
+}
+
+/// The program qemu runs per guest connection for `--egress allow`: this binary.
+fn relay_program() -> Result<PathBuf> {
+    std::env::current_exe().context("locating the cowclone binary (the egress relay)")
+}
+
+/// Relays one guest connection. stdout and stderr are the guest's socket, so nothing is printed:
+/// a failure only closes the connection (exit status 1).
+fn run_relay(args: RelayArgs) -> u8 {
+    let stdout = std::io::stdout();
+    match cloner::vm::relay::relay(&args.host, args.port, std::io::stdin(), stdout.lock()) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
 }
 
 /// Which hypervisor tool runs the VM.
@@ -183,6 +210,7 @@ pub fn run(command: VmCommand, out: &mut impl Write) -> Result<u8> {
         VmCommand::Stop(args) => stop(args, out).map(|()| 0),
         VmCommand::Status(args) => status(args, out).map(|()| 0),
         VmCommand::Provision(args) => run_provision(args, out),
+        VmCommand::Relay(args) => Ok(run_relay(args)),
     }
 }
 
@@ -218,6 +246,7 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
         .map(|s| s.parse::<PortForward>())
         .collect::<Result<_, _>>()?;
     spec.egress = args.egress.parse::<Egress>()?;
+    spec.egress_relay = Some(relay_program()?);
     spec.kernel = args.kernel.boot()?;
     let requested: Accel = args.accel.parse()?;
     let dry_run = args.target.dry_run;
@@ -382,6 +411,7 @@ fn run_provision(args: ProvisionArgs, out: &mut impl Write) -> Result<u8> {
         keep_running: args.keep_running,
         accel: args.accel.parse()?,
         kernel: args.kernel.boot()?,
+        egress_relay: Some(relay_program()?),
     };
     let outcome = provision(&mut registry, &request, None)
         .with_context(|| format!("provisioning {}", args.script.display()))?;

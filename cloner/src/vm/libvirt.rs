@@ -6,7 +6,7 @@ use quick_xml::events::BytesText;
 use quick_xml::Writer;
 
 use super::runner::Invocation;
-use super::spec::{DiskLayer, VmSpec};
+use super::spec::{DiskLayer, Egress, VmSpec};
 use super::{Result, VmError};
 
 fn xml_error(e: impl std::fmt::Display) -> VmError {
@@ -49,12 +49,21 @@ fn write_store(w: &mut Writer<Vec<u8>>, layers: &[DiskLayer]) -> Result<()> {
     Ok(())
 }
 
-/// The domain XML for `spec` (kvm or qemu domain type by `kvm`).
+/// The domain XML for `spec` (kvm or qemu domain type by `kvm`). The domain has no network
+/// interface, which keeps the default `--egress deny`; port forwards and egress destinations
+/// are refused rather than dropped (the qemu driver has them).
 pub fn domain_xml(spec: &VmSpec, kvm: bool) -> Result<String> {
     let top = spec
         .disks
         .first()
         .ok_or_else(|| VmError::Invalid("no disk to boot from".into()))?;
+    if !spec.ingress.is_empty() || spec.egress != Egress::Deny {
+        return Err(VmError::Invalid(
+            "the libvirt driver gives the VM no network: --ingress and --egress allow need \
+             --driver qemu"
+                .into(),
+        ));
+    }
     let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
     w.create_element("domain")
         .with_attribute(("type", if kvm { "kvm" } else { "qemu" }))
@@ -270,6 +279,7 @@ mod tests {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: vec![],
+            egress_relay: None,
         };
         let xml = domain_xml(&spec, false).unwrap();
         let (chain, closed) = chain_of(&xml);
@@ -300,5 +310,20 @@ mod tests {
             Virsh::default().destroy("web").shell_line(),
             "virsh destroy web"
         );
+        assert!(
+            !xml.contains("<interface"),
+            "no network: egress deny holds: {xml}"
+        );
+        // What the domain cannot honour is refused, not dropped.
+        let forwarded = VmSpec {
+            ingress: vec!["8080:80".parse().unwrap()],
+            ..spec.clone()
+        };
+        assert!(domain_xml(&forwarded, false).is_err());
+        let allowed = VmSpec {
+            egress: "allow:10.0.0.1:443".parse().unwrap(),
+            ..spec
+        };
+        assert!(domain_xml(&allowed, false).is_err());
     }
 }

@@ -18,6 +18,7 @@ pub mod libvirt;
 pub mod provision;
 pub mod qemu;
 pub mod qmp;
+pub mod relay;
 pub mod runner;
 pub mod spec;
 pub mod vbox;

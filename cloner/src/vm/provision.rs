@@ -38,6 +38,8 @@ pub struct ProvisionRequest {
     pub accel: Accel,
     /// Direct kernel boot, for bases without a boot loader.
     pub kernel: Option<KernelBoot>,
+    /// The relay program for the plan's `egress-ports` (see [`VmSpec::egress_relay`]).
+    pub egress_relay: Option<PathBuf>,
 }
 
 /// What came back.
@@ -149,6 +151,7 @@ pub fn provision(
         )
     };
     spec.kernel = request.kernel.clone();
+    spec.egress_relay = request.egress_relay.clone();
     let seed = spec.run_dir.join("seed.img");
     let _ = std::fs::remove_file(&seed);
     cidata::write_seed(

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use imagefmt::ImageFormat;
 use serde_json::{json, Value};
 
-use super::runner::{log_line, CommandRunner, Invocation};
+use super::runner::{log_line, shell_quote, CommandRunner, Invocation};
 use super::spec::{self, Accel, Egress, VmSpec};
-use super::{io, qmp::Qmp, Result, VmError};
+use super::{io, qmp::Qmp, relay, Result, VmError};
 
 /// The qemu binary for x86-64 guests.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -168,11 +168,22 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
         Egress::Deny => netdev.push_str(",restrict=on"),
         Egress::Allow(allowed) => {
             netdev.push_str(",restrict=on");
+            // One relay process per guest connection (`cmd:`), not a `tcp:` character device:
+            // qemu connects that once at start, refuses to start if the endpoint is down, and
+            // shares the one stream between all guest connections.
+            let relay = spec.egress_relay.as_deref().ok_or_else(|| {
+                VmError::Invalid("--egress allow needs the relay program (cowclone)".into())
+            })?;
+            let relay = shell_quote(utf8(relay)?);
+            if allowed.len() > 100 {
+                return Err(VmError::Invalid("at most 100 egress destinations".into()));
+            }
             for (k, (host, port)) in allowed.iter().enumerate() {
+                let command = format!("{relay} {} {} {port}", relay::SUBCOMMAND, shell_quote(host));
                 netdev.push_str(&format!(
-                    ",guestfwd=tcp:10.0.2.{}:{port}-tcp:{}:{port}",
+                    ",guestfwd=tcp:10.0.2.{}:{port}-cmd:{}",
                     100 + k,
-                    opt(host)
+                    opt(&command)
                 ));
             }
         }
@@ -358,6 +369,7 @@ mod tests {
                 append: Some("console=ttyS0".into()),
             }),
             extra_drives: vec![],
+            egress_relay: None,
         }
     }
 
@@ -406,6 +418,23 @@ mod tests {
         assert!(
             line.contains("-kernel /boot/vmlinuz -append console=ttyS0"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn egress_runs_one_relay_per_connection_and_needs_the_relay_program() {
+        let mut s = spec();
+        s.egress = "allow:mirror.example:443,10.1.2.3:80".parse().unwrap();
+        assert!(command_line(&s, Accel::Tcg).is_err(), "no relay program");
+        s.egress_relay = Some("/opt/cow,clone/bin/cowclone".into());
+        let args = command_line(&s, Accel::Tcg).unwrap().args;
+        let netdev = &args[args.iter().position(|a| a == "-netdev").unwrap() + 1];
+        assert_eq!(
+            netdev,
+            "user,id=net0,restrict=on\
+             ,guestfwd=tcp:10.0.2.100:443-cmd:/opt/cow,,clone/bin/cowclone relay mirror.example 443\
+             ,guestfwd=tcp:10.0.2.101:80-cmd:/opt/cow,,clone/bin/cowclone relay 10.1.2.3 80\
+             ,hostfwd=tcp:127.0.0.1:8080-:80"
         );
     }
 

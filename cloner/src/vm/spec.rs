@@ -146,6 +146,10 @@ pub struct VmSpec {
     pub kernel: Option<KernelBoot>,
     /// More read-only drives after the boot disk (e.g. a cloud-init seed), raw format.
     pub extra_drives: Vec<PathBuf>,
+    /// The program qemu runs per guest connection to an `Egress::Allow` endpoint, as
+    /// `PROGRAM relay HOST PORT` (see [`super::relay`]): the `cowclone` binary itself.
+    /// Required when egress is allowed.
+    pub egress_relay: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -179,6 +183,7 @@ impl VmSpec {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: Vec::new(),
+            egress_relay: None,
         })
     }
 

@@ -9,7 +9,7 @@
 use imagefmt::ImageFormat;
 
 use super::runner::{CommandRunner, Invocation};
-use super::spec::VmSpec;
+use super::spec::{Egress, VmSpec};
 use super::{Result, VmError};
 
 /// The storage controller the clone's disk is attached to.
@@ -84,7 +84,21 @@ pub fn start_sequence(spec: &VmSpec) -> Result<Vec<Invocation>> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    modify.extend(["--nic1".into(), "nat".into()]);
+    if let Egress::Allow(_) = spec.egress {
+        return Err(VmError::Invalid(
+            "VirtualBox's NAT cannot limit the guest to chosen destinations: --egress allow \
+             needs --driver qemu"
+                .into(),
+        ));
+    }
+    // No NIC at all unless a port forward needs NAT (which VirtualBox cannot stop from also
+    // reaching outside: see docs/drivers/virtualbox.md).
+    let nic = if spec.ingress.is_empty() {
+        "none"
+    } else {
+        "nat"
+    };
+    modify.extend(["--nic1".into(), nic.into()]);
     for (k, forward) in spec.ingress.iter().enumerate() {
         modify.push("--natpf1".into());
         modify.push(format!(
@@ -149,6 +163,7 @@ mod tests {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: vec![],
+            egress_relay: None,
         }
     }
 
@@ -182,6 +197,23 @@ mod tests {
                 "VBoxManage unregistervm win-1"
             ]
         );
+    }
+
+    #[test]
+    fn no_ingress_means_no_nic_and_egress_destinations_are_refused() {
+        let mut s = spec();
+        s.ingress.clear();
+        let steps = start_sequence(&s).unwrap();
+        let modify = steps[steps.len() - 2].shell_line();
+        assert_eq!(
+            modify,
+            "VBoxManage modifyvm win-1 --memory 2048 --cpus 2 --nic1 none"
+        );
+        s.egress = "allow:10.0.0.1:443".parse().unwrap();
+        assert!(start_sequence(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("--driver qemu"));
     }
 
     #[test]
