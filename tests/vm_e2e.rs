@@ -361,10 +361,15 @@ fn provision_networking_reaches_allowed_endpoints_only_and_accepts_ingress() {
     // The allowed endpoint answers every connection with its sequence number.
     let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
     let allowed_port = allowed.local_addr().unwrap().port();
+    // Its second connection also tells the ingress side that the guest's network is up.
+    let (network_up, wait_network) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for (n, conn) in allowed.incoming().enumerate() {
             let Ok(mut conn) = conn else { break };
             let _ = writeln!(conn, "EGRESS-OK {n}");
+            if n == 1 {
+                let _ = network_up.send(());
+            }
         }
     });
     // A host service the plan does not allow: it must see no connection.
@@ -390,8 +395,13 @@ fn provision_networking_reaches_allowed_endpoints_only_and_accepts_ingress() {
         ),
     )
     .unwrap();
-    // The host side of the ingress check: connect until the guest's listener answers.
+    // The host side of the ingress check: connect until the guest's listener answers. Only
+    // once the guest's network is up: before, qemu accepts on the host side and keeps retrying
+    // the guest for seconds; after, a port nobody listens on is refused at once.
     let ingress = std::thread::spawn(move || {
+        if wait_network.recv_timeout(Duration::from_secs(120)).is_err() {
+            return String::new();
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(120) {
             if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", ingress_port)) {
