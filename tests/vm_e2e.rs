@@ -248,7 +248,7 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
         &script,
         "#!/bin/sh\n: <<'PLAN'\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 256M */\n\
          /* rexxjs-vm-timeout: 120 */\nPLAN\necho \"hello from $(uname -s)\"\n\
-         echo to-stderr >&2\nexit 3\n",
+         echo to-stderr >&2\nprintf 'crlf\\r\\n'\nexit 3\n",
     )
     .unwrap();
     let g = guest();
@@ -266,7 +266,8 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
         &"--initrd",
         &g.initrd,
         &"--append",
-        &"console=ttyS0 quiet panic=-1",
+        // Not quiet: kernel messages fill the console while the report has a port of its own.
+        &"console=ttyS0 panic=-1",
         &"--output",
         &"json",
     ]);
@@ -282,12 +283,19 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
     );
     let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
-        outcome["output"], "hello from Linux\nto-stderr\n",
+        outcome["output"], "hello from Linux\nto-stderr\ncrlf\r\n",
         "{outcome:#}"
     );
     assert_eq!(outcome["exit_status"], 3);
     assert_eq!(outcome["clone"], "job1");
     assert_eq!(outcome["kept_running"], false);
+    let serial = std::fs::read_to_string(outcome["serial_log"].as_str().unwrap()).unwrap();
+    assert!(
+        serial.contains("Linux version"),
+        "the console had the kernel's messages"
+    );
+    let report = std::fs::read_to_string(outcome["result_log"].as_str().unwrap()).unwrap();
+    assert!(!report.contains("Linux version"), "{report}");
     // The VM was stopped and the clone is registered.
     assert_eq!(state(&home, "job1"), "stopped");
     let ls = cowclone_ok(&[&"ls", &"--home", &home]);

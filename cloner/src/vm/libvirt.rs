@@ -279,6 +279,7 @@ mod tests {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: vec![],
+            extra_serial_logs: vec![],
             egress_relay: None,
         };
         let xml = domain_xml(&spec, false).unwrap();

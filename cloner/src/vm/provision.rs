@@ -3,8 +3,19 @@
 //! The script's `/* rexxjs-vm-KEY: VALUE */` lines give the plan ([`crate::plan`]); the named
 //! base is cloned through the registry; the script travels to the guest in a cloud-init NoCloud
 //! seed ([`super::cidata`]) as the `user-data` of a small wrapper; the clone boots under qemu;
-//! the wrapper runs the script and prints its output and exit status on the serial console
-//! between two marker lines carrying a random nonce; cowclone reads them from the serial log.
+//! the wrapper runs the script and writes its output (base64) and exit status between two marker
+//! lines carrying a random nonce to the guest's second serial port (`/dev/ttyS1`), which qemu
+//! records in `result.log` in the clone's directory:
+//!
+//! ```text
+//! COWCLONE-BEGIN <nonce>
+//! <stdout and stderr of the script, base64>
+//! COWCLONE-END <nonce> <exit status>
+//! ```
+//!
+//! A port of its own keeps kernel and init messages (which go to the console, `serial.log`)
+//! out of the output, and base64 keeps the output's bytes as they were (no `\n` → `\r\n`
+//! translation by the tty).
 //!
 //! Guest contract: something in the guest must run the seed's `user-data` once at boot, as
 //! cloud-init does for a `user-data` that starts with `#!`. The wrapper then powers the guest
@@ -13,6 +24,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde::Serialize;
 
 use super::runner::{CommandRunner, SystemRunner};
@@ -55,12 +68,15 @@ pub struct ProvisionOutcome {
     pub kept_running: bool,
     /// The guest's console log.
     pub serial_log: PathBuf,
+    /// Where the guest's report arrived (its second serial port).
+    pub result_log: PathBuf,
     /// Wall time from boot to result, milliseconds.
     pub elapsed_ms: u64,
 }
 
-/// The seed's `user-data`: a wrapper that writes `script` to a file, runs it, prints the output
-/// and status between markers carrying `nonce`, and powers off unless `keep_running`.
+/// The seed's `user-data`: a wrapper that writes `script` to a file, runs it, reports its
+/// output and status on `/dev/ttyS1` between markers carrying `nonce` (see the module docs),
+/// and powers off unless `keep_running`.
 pub fn wrapper(script: &str, nonce: &str, keep_running: bool) -> String {
     let mut body = script.to_owned();
     if !body.ends_with('\n') {
@@ -79,24 +95,43 @@ pub fn wrapper(script: &str, nonce: &str, keep_running: bool) -> String {
          chmod +x /tmp/cowclone-script\n\
          /tmp/cowclone-script > /tmp/cowclone-output 2>&1\n\
          status=$?\n\
-         {{ echo \"COWCLONE-BEGIN {nonce}\"; cat /tmp/cowclone-output; echo; \
-         echo \"COWCLONE-END {nonce} $status\"; }} > /dev/console\n\
+         stty -F {REPORT_PORT} raw -echo 2>/dev/null\n\
+         {{ echo \"COWCLONE-BEGIN {nonce}\"; base64 < /tmp/cowclone-output; \
+         echo \"COWCLONE-END {nonce} $status\"; }} > {REPORT_PORT}\n\
          {power}"
     )
 }
 
-/// Finds the wrapper's report in a serial log: the output between the markers and the exit
-/// status; `None` until the end marker has arrived.
-pub fn parse_report(serial: &str, nonce: &str) -> Option<(String, i32)> {
-    let text = serial.replace("\r\n", "\n");
-    let begin = format!("COWCLONE-BEGIN {nonce}\n");
-    let end = format!("\nCOWCLONE-END {nonce} ");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    let status_text = &text[stop + end.len()..];
-    let status = status_text.lines().next()?.trim().parse().ok()?;
-    // The newline before the end marker is the one the wrapper's `echo` added.
-    Some((text[start..stop].to_owned(), status))
+/// The guest device the wrapper reports on: the second serial port.
+pub const REPORT_PORT: &str = "/dev/ttyS1";
+
+/// The file that receives the guest's second serial port.
+pub fn result_log(run_dir: &Path) -> PathBuf {
+    run_dir.join("result.log")
+}
+
+/// Finds the wrapper's report in `log`: the decoded output (invalid UTF-8 replaced) and the
+/// exit status. `None` until the end marker has arrived; `Some(Err)` for a report that does
+/// not decode.
+pub fn parse_report(log: &str, nonce: &str) -> Option<Result<(String, i32), String>> {
+    let lines: Vec<&str> = log.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let begin_line = format!("COWCLONE-BEGIN {nonce}");
+    let end_prefix = format!("COWCLONE-END {nonce} ");
+    let begin = lines.iter().position(|l| *l == begin_line)?;
+    let (end, status) = lines[begin + 1..].iter().enumerate().find_map(|(i, l)| {
+        l.strip_prefix(end_prefix.as_str())
+            .map(|s| (begin + 1 + i, s))
+    })?;
+    let Ok(status) = status.trim().parse::<i32>() else {
+        return Some(Err(format!("bad exit status {status:?}")));
+    };
+    let encoded: String = lines[begin + 1..end].concat();
+    Some(
+        STANDARD
+            .decode(encoded.as_bytes())
+            .map(|bytes| (String::from_utf8_lossy(&bytes).into_owned(), status))
+            .map_err(|e| format!("the output does not decode as base64: {e}")),
+    )
 }
 
 fn read_script(path: &Path) -> Result<String> {
@@ -166,27 +201,27 @@ pub fn provision(
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_TIMEOUT);
 
+    let report_log = result_log(&spec.run_dir);
+    let _ = std::fs::remove_file(&report_log);
+    spec.extra_serial_logs.push(report_log.clone());
     let started = Instant::now();
     let system = SystemRunner::logging_to(super::spec::command_log(&spec.run_dir));
     qemu::start(&spec, accel, runner.unwrap_or(&system))?;
     let log = spec.serial_log();
-    loop {
-        let serial = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-        if let Some((output, exit_status)) = parse_report(&serial, &nonce) {
-            let kept_running = request.keep_running;
-            if !kept_running && !qemu::wait_gone(&spec.run_dir, Duration::from_secs(30)) {
-                qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
-            }
-            return Ok(ProvisionOutcome {
-                clone: name,
-                output,
-                exit_status,
-                kept_running,
-                serial_log: log,
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            });
+    let read_report = || {
+        let text =
+            String::from_utf8_lossy(&std::fs::read(&report_log).unwrap_or_default()).into_owned();
+        parse_report(&text, &nonce)
+    };
+    let report = loop {
+        if let Some(report) = read_report() {
+            break report;
         }
         if qemu::state(&spec.run_dir) == qemu::VmState::Stopped {
+            // The guest may have reported just before it powered off: look once more.
+            if let Some(report) = read_report() {
+                break report;
+            }
             return Err(VmError::Invalid(format!(
                 "the guest stopped without reporting the script's result (serial log: {})",
                 log.display()
@@ -200,7 +235,23 @@ pub fn provision(
             });
         }
         std::thread::sleep(Duration::from_millis(200));
+    };
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let kept_running = request.keep_running;
+    if !kept_running && !qemu::wait_gone(&spec.run_dir, Duration::from_secs(30)) {
+        qemu::stop(&spec.run_dir, Duration::from_secs(5))?;
     }
+    let (output, exit_status) =
+        report.map_err(|e| VmError::Invalid(format!("{e} (report: {})", report_log.display())))?;
+    Ok(ProvisionOutcome {
+        clone: name,
+        output,
+        exit_status,
+        kept_running,
+        serial_log: log,
+        result_log: report_log,
+        elapsed_ms,
+    })
 }
 
 /// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
@@ -222,37 +273,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_report_is_found_between_markers_even_without_a_final_newline() {
-        let serial = "boot noise\r\nCOWCLONE-BEGIN n1\r\nhello\r\nworld\r\n\r\nCOWCLONE-END n1 3\r\n[ 3.1] reboot\r\n";
+    fn the_report_is_found_between_markers_and_decoded() {
+        let log = "noise\r\nCOWCLONE-BEGIN n1\r\naGVsbG8NCndv\r\ncmxkAP8K\r\nCOWCLONE-END n1 3\r\n";
         assert_eq!(
-            parse_report(serial, "n1"),
-            Some(("hello\nworld\n".to_owned(), 3))
+            parse_report(log, "n1"),
+            Some(Ok(("hello\r\nworld\0\u{fffd}\n".to_owned(), 3)))
         );
-        let no_newline = "COWCLONE-BEGIN n1\nabc\nCOWCLONE-END n1 0\n";
-        assert_eq!(parse_report(no_newline, "n1"), Some(("abc".to_owned(), 0)));
-        assert_eq!(parse_report("COWCLONE-BEGIN n1\nabc\n", "n1"), None);
-        assert_eq!(parse_report(no_newline, "other"), None);
+        let empty = "COWCLONE-BEGIN n1\nCOWCLONE-END n1 0\n";
+        assert_eq!(parse_report(empty, "n1"), Some(Ok((String::new(), 0))));
+        assert_eq!(parse_report("COWCLONE-BEGIN n1\naGk=\n", "n1"), None);
+        assert_eq!(parse_report(empty, "other"), None);
+        assert!(matches!(
+            parse_report("COWCLONE-BEGIN n1\n!!\nCOWCLONE-END n1 0\n", "n1"),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            parse_report("COWCLONE-BEGIN n1\nCOWCLONE-END n1 x\n", "n1"),
+            Some(Err(_))
+        ));
     }
 
     #[test]
-    fn the_wrapper_runs_the_script_and_reports_between_markers() {
+    fn the_wrapper_runs_the_script_and_reports_on_the_second_port() {
         let dir = tempfile::tempdir().unwrap();
-        let console = dir.path().join("console");
-        let script = "#!/bin/sh\necho out; echo err >&2; exit 7";
-        // Run the wrapper on this host with /dev/console and /tmp redirected into the tempdir.
+        let port = dir.path().join("ttyS1");
+        let script = "#!/bin/sh\nprintf 'out\\r\\n'; echo err >&2; exit 7";
+        // Run the wrapper on this host with the port and /tmp redirected into the tempdir.
         let wrapper = wrapper(script, "abc", true)
             .replace("/tmp/", &format!("{}/", dir.path().display()))
-            .replace("/dev/console", &console.to_string_lossy());
+            .replace(REPORT_PORT, &port.to_string_lossy());
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&wrapper)
             .status()
             .unwrap();
         assert!(status.success());
-        let report = std::fs::read_to_string(&console).unwrap();
+        let report = std::fs::read_to_string(&port).unwrap();
         assert_eq!(
             parse_report(&report, "abc"),
-            Some(("out\nerr\n".to_owned(), 7))
+            Some(Ok(("out\r\nerr\n".to_owned(), 7)))
         );
         assert!(!wrapper.contains("poweroff"));
     }

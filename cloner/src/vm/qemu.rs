@@ -115,6 +115,11 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
     let pidfile = spec.pidfile();
     let pidfile = utf8(&pidfile)?;
     push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+    for (k, log) in spec.extra_serial_logs.iter().enumerate() {
+        let id = format!("serial{}", k + 1);
+        let chardev = format!("file,id={id},path={}", path_opt(log)?);
+        push(&["-chardev", &chardev, "-serial", &format!("chardev:{id}")]);
+    }
     push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
     push(&["-pidfile", pidfile, "-daemonize"]);
 
@@ -369,6 +374,7 @@ mod tests {
                 append: Some("console=ttyS0".into()),
             }),
             extra_drives: vec![],
+            extra_serial_logs: vec![],
             egress_relay: None,
         }
     }

@@ -146,6 +146,9 @@ pub struct VmSpec {
     pub kernel: Option<KernelBoot>,
     /// More read-only drives after the boot disk (e.g. a cloud-init seed), raw format.
     pub extra_drives: Vec<PathBuf>,
+    /// Files receiving serial ports 2, 3, ... (port 1 is the console, `serial.log`); qemu driver
+    /// only. Provisioning reports results on port 2, away from console noise.
+    pub extra_serial_logs: Vec<PathBuf>,
     /// The program qemu runs per guest connection to an `Egress::Allow` endpoint, as
     /// `PROGRAM relay HOST PORT` (see [`super::relay`]): the `cowclone` binary itself.
     /// Required when egress is allowed.
@@ -183,6 +186,7 @@ impl VmSpec {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: Vec::new(),
+            extra_serial_logs: Vec::new(),
             egress_relay: None,
         })
     }

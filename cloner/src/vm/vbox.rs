@@ -163,6 +163,7 @@ mod tests {
             egress: Egress::Deny,
             kernel: None,
             extra_drives: vec![],
+            extra_serial_logs: vec![],
             egress_relay: None,
         }
     }
