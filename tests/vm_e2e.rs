@@ -69,7 +69,7 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         name: "vm1".into(),
     };
     let g = guest();
-    let started = cowclone_ok(&[
+    let start_args: [&dyn AsRef<std::ffi::OsStr>; 15] = [
         &"start",
         &"vm1",
         &"--home",
@@ -84,7 +84,12 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         &g.initrd,
         &"--append",
         &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
-    ]);
+        &"--dry-run",
+    ];
+    // The dry run prints exactly the command line the real start then runs (and logs).
+    let dry = cowclone_ok(&start_args);
+    assert_eq!(dry.lines().count(), 1, "{dry}");
+    let started = cowclone_ok(&start_args[..14]);
     assert!(started.contains("vm1 running"), "{started}");
     // ls shows the running state while it runs (the guest needs seconds under TCG).
     let ls: Value = serde_json::from_str(&cowclone_ok(&[
@@ -120,6 +125,11 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         log.contains("qemu-system-x86_64") && log.contains(r#""backing":"disk1""#),
         "{log}"
     );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!(" {} # exit status: 0", dry.trim()))),
+        "the dry run's line is not what ran:\n{dry}\n{log}"
+    );
 
     // The marker is in the overlay: read by cowclone and by qemu-img.
     let overlay = clone_dir.join("disk.qcow2");
@@ -152,6 +162,42 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         cowclone_ok(&[&"stop", &"vm1", &"--home", &home]),
         "vm1: was not running\n"
     );
+}
+
+/// `start --dry-run` with `--accel auto` runs nothing, not even the KVM probe, and prints the
+/// probe with both outcomes.
+#[test]
+fn a_dry_run_with_auto_accel_shows_the_probe_and_both_command_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    registered_base(tmp.path(), &home);
+    cowclone_ok(&[&"clone", &"gold", &"vm1", &"--home", &home]);
+    let dry = cowclone_ok(&[&"start", &"vm1", &"--home", &home, &"--dry-run"]);
+    let lines: Vec<&str> = dry.lines().collect();
+    assert_eq!(lines.len(), 6, "{dry}");
+    assert!(lines[0].starts_with("# --accel auto: KVM only if"), "{dry}");
+    assert!(
+        lines[1].starts_with("qemu-system-x86_64 -accel kvm -machine pc -m 16"),
+        "{dry}"
+    );
+    assert_eq!(
+        (lines[2], lines[4]),
+        ("# if it does:", "# otherwise:"),
+        "{dry}"
+    );
+    assert!(
+        lines[3].contains(" -accel kvm ") && lines[5].contains(" -accel tcg "),
+        "{dry}"
+    );
+    assert_eq!(
+        lines[3].replace(" -accel kvm ", " -accel tcg "),
+        lines[5],
+        "the two outcomes differ only in the accelerator"
+    );
+    let clone_dir = home.join("clones/vm1");
+    for ran in ["commands.log", "qemu.pid", "kvm-probe.img"] {
+        assert!(!clone_dir.join(ran).exists(), "a dry run left {ran}");
+    }
 }
 
 /// A clone of a clone of a qcow2 base: three qcow2 layers, the bottom one with `"backing":

@@ -252,18 +252,34 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     let dry_run = args.target.dry_run;
     match args.target.driver {
         Driver::Qemu => {
-            // A dry run does not probe KVM: it shows the choice it would make as "auto → tcg"
-            // only when asked explicitly.
-            let accel = if dry_run && requested == Accel::Auto {
-                Accel::Tcg
-            } else {
-                resolve_accel(requested, &spec.run_dir)?
-            };
             if dry_run {
-                let line = qemu::command_line(&spec, accel)?;
-                writeln!(out, "{}", line.shell_line())?;
+                // Nothing runs, not even the KVM probe: for auto, the probe and both outcomes.
+                if requested == Accel::Auto {
+                    let probe = cloner::vm::accel::probe_invocation(qemu::QEMU, &spec.run_dir)?;
+                    writeln!(
+                        out,
+                        "# --accel auto: KVM only if this probe guest writes K to its serial \
+                         port within {} s",
+                        cloner::vm::accel::PROBE_DEADLINE.as_secs()
+                    )?;
+                    writeln!(out, "{}", probe.shell_line())?;
+                    writeln!(out, "# if it does:")?;
+                    writeln!(
+                        out,
+                        "{}",
+                        qemu::command_line(&spec, Accel::Kvm)?.shell_line()
+                    )?;
+                    writeln!(out, "# otherwise:")?;
+                }
+                let accel = if requested == Accel::Auto {
+                    Accel::Tcg
+                } else {
+                    requested
+                };
+                writeln!(out, "{}", qemu::command_line(&spec, accel)?.shell_line())?;
                 return Ok(());
             }
+            let accel = resolve_accel(requested, &spec.run_dir)?;
             let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
             qemu::start(&spec, accel, &runner)?;
             let VmState::Running(pid) = qemu::state(&spec.run_dir) else {

@@ -11,11 +11,13 @@
 //! time. A working KVM starts qemu and runs SeaBIOS to the boot sector in well under a second,
 //! so [`PROBE_DEADLINE`] is 2 s; a slow host that misses it gets TCG, which is slower but runs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{io, Result};
+use super::runner::{log_line, Invocation};
+use super::spec::command_log;
+use super::{io, Result, VmError};
 
 /// How long the probe guest may take to speak under KVM.
 pub const PROBE_DEADLINE: Duration = Duration::from_secs(2);
@@ -57,21 +59,15 @@ pub fn probe_kvm(qemu: &str, scratch: &Path) -> Result<Probe> {
             reason: "/dev/kvm does not exist".into(),
         });
     }
-    let disk = scratch.join("kvm-probe.img");
-    let serial = scratch.join("kvm-probe.serial");
+    let (disk, serial) = probe_files(scratch);
     std::fs::write(&disk, probe_boot_sector()).map_err(io("writing the KVM probe disk"))?;
     let _ = std::fs::remove_file(&serial);
-    let mut child = match Command::new(qemu)
-        .args([
-            "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
-        ])
-        .args(["-nodefaults", "-no-user-config", "-serial"])
-        .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", disk.display()))
+    let invocation = probe_invocation(qemu, scratch)?;
+    let mut child = match Command::new(&invocation.program)
+        .args(&invocation.args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
     {
         Ok(child) => child,
@@ -111,10 +107,65 @@ pub fn probe_kvm(qemu: &str, scratch: &Path) -> Result<Probe> {
             PROBE_DEADLINE.as_secs()
         ),
     };
+    log_line(
+        &command_log(scratch),
+        &invocation.shell_line(),
+        &format!("kvm {}: {reason}", if alive { "used" } else { "not used" }),
+    )?;
     Ok(Probe {
         kvm_alive: alive,
         reason,
     })
+}
+
+/// The probe's disk image and serial log in `scratch`.
+fn probe_files(scratch: &Path) -> (PathBuf, PathBuf) {
+    (
+        scratch.join("kvm-probe.img"),
+        scratch.join("kvm-probe.serial"),
+    )
+}
+
+/// The probe's qemu command line (what `--dry-run` shows for `--accel auto`). Its disk and
+/// serial log live in `scratch`; paths go through `-blockdev` JSON and `-chardev` (commas
+/// doubled), so any directory name works.
+pub fn probe_invocation(qemu: &str, scratch: &Path) -> Result<Invocation> {
+    let (disk, serial) = probe_files(scratch);
+    let utf8 = |p: &Path| {
+        p.to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| VmError::Invalid(format!("{} is not UTF-8", p.display())))
+    };
+    let blockdev = serde_json::json!({
+        "driver": "raw",
+        "node-name": "probe",
+        "file": { "driver": "file", "filename": utf8(&disk)? },
+    });
+    let chardev = format!("file,id=probe,path={}", utf8(&serial)?.replace(',', ",,"));
+    let args = [
+        "-accel",
+        "kvm",
+        "-machine",
+        "pc",
+        "-m",
+        "16",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-chardev",
+        &chardev,
+        "-serial",
+        "chardev:probe",
+        "-blockdev",
+        &blockdev.to_string(),
+        "-device",
+        "ide-hd,drive=probe,bootindex=0",
+    ];
+    Ok(Invocation::new(
+        qemu,
+        args.iter().map(|a| (*a).to_owned()).collect(),
+    ))
 }
 
 #[cfg(test)]
