@@ -516,28 +516,21 @@ fn provision_networking_reaches_allowed_endpoints_only_and_accepts_ingress() {
     );
 }
 
-/// The KVM liveness probe's guest is a real guest: under TCG it speaks.
+/// The KVM liveness probe's guest is a real guest: run by the probe's own command line, with
+/// only the accelerator switched to TCG, it speaks.
 #[test]
 fn the_kvm_probe_guest_speaks_under_tcg() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("probe.img");
-    let serial = tmp.path().join("serial");
+    let disk = tmp.path().join("kvm-probe.img");
+    let serial = tmp.path().join("kvm-probe.serial");
     std::fs::write(&disk, cloner::vm::accel::probe_boot_sector()).unwrap();
-    let mut child = std::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "16",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", disk.display()))
+    let probe = cloner::vm::accel::probe_invocation("qemu-system-x86_64", tmp.path()).unwrap();
+    let mut args = probe.args.clone();
+    let accel = args.iter().position(|a| a == "-accel").unwrap() + 1;
+    assert_eq!(args[accel], "kvm");
+    args[accel] = "tcg".into();
+    let mut child = std::process::Command::new(&probe.program)
+        .args(&args)
         .spawn()
         .expect("qemu-system-x86_64 not found: install the Debian package qemu-system-x86");
     let start = Instant::now();
