@@ -26,6 +26,9 @@ use super::{io, qmp::Qmp, relay, Result, VmError};
 /// The qemu binary for x86-64 guests.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// How long `stop` waits for the guest to power down before asking qemu to quit.
 pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -94,6 +97,14 @@ fn check_chain(spec: &VmSpec) -> Result<()> {
 /// in its runtime directory). `accel` must be resolved (not `Auto`).
 pub fn command_line(spec: &VmSpec, accel: Accel) -> Result<Invocation> {
     check_chain(spec)?;
+    let socket = spec.qmp_socket();
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(VmError::Invalid(format!(
+            "the QMP socket path {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket \
+             allows; use a registry home with a shorter path",
+            socket.display()
+        )));
+    }
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     let accel = match accel {
@@ -462,6 +473,10 @@ mod tests {
             "{args:?}"
         );
         assert!(command_line(&spec(), Accel::Auto).is_err());
+        let mut s = spec();
+        s.run_dir = PathBuf::from("/h").join("c".repeat(100));
+        let e = command_line(&s, Accel::Tcg).unwrap_err().to_string();
+        assert!(e.contains("shorter path"), "{e}");
     }
 
     #[test]
