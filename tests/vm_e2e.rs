@@ -37,6 +37,40 @@ fn state(home: &Path, name: &str) -> String {
     v["state"].as_str().unwrap().to_owned()
 }
 
+/// `cowclone provision SCRIPT --name NAME [--keep-running] --output json`, booting the test
+/// guest under TCG with kernel command line `append`.
+fn provision_json(
+    home: &Path,
+    script: &Path,
+    name: &str,
+    keep_running: bool,
+    append: &str,
+) -> std::process::Output {
+    let g = guest();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"provision",
+        &script,
+        &"--home",
+        &home,
+        &"--name",
+        &name,
+        &"--accel",
+        &"tcg",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &append,
+        &"--output",
+        &"json",
+    ];
+    if keep_running {
+        args.push(&"--keep-running");
+    }
+    cowclone(&args)
+}
+
 fn wait_stopped(home: &Path, name: &str, limit: Duration) {
     let start = Instant::now();
     while state(home, name) != "stopped" {
@@ -297,26 +331,8 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
          echo to-stderr >&2\nprintf 'crlf\\r\\n'\nexit 3\n",
     )
     .unwrap();
-    let g = guest();
-    let output = cowclone(&[
-        &"provision",
-        &script,
-        &"--home",
-        &home,
-        &"--name",
-        &"job1",
-        &"--accel",
-        &"tcg",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        // Not quiet: kernel messages fill the console while the report has a port of its own.
-        &"console=ttyS0 panic=-1",
-        &"--output",
-        &"json",
-    ]);
+    // Not quiet: kernel messages fill the console while the report has a port of its own.
+    let output = provision_json(&home, &script, "job1", false, "console=ttyS0 panic=-1");
     let _guard = StopOnDrop {
         home: home.clone(),
         name: "job1".into(),
@@ -362,30 +378,11 @@ fn a_kept_vm_runs_until_stop_powers_it_down_through_acpi() {
          /* rexxjs-vm-timeout: 120 */\nPLAN\necho kept\n",
     )
     .unwrap();
-    let g = guest();
     let _guard = StopOnDrop {
         home: home.clone(),
         name: "kept".into(),
     };
-    let output = cowclone(&[
-        &"provision",
-        &script,
-        &"--home",
-        &home,
-        &"--name",
-        &"kept",
-        &"--keep-running",
-        &"--accel",
-        &"tcg",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1",
-        &"--output",
-        &"json",
-    ]);
+    let output = provision_json(&home, &script, "kept", true, "console=ttyS0 quiet panic=-1");
     assert!(output.status.success(), "{}", describe(&output));
     let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(outcome["output"], "kept\n", "{outcome:#}");
@@ -469,29 +466,11 @@ fn provision_networking_reaches_allowed_endpoints_only_and_accepts_ingress() {
         }
         String::new()
     });
-    let g = guest();
     let _guard = StopOnDrop {
         home: home.clone(),
         name: "net".into(),
     };
-    let output = cowclone(&[
-        &"provision",
-        &script,
-        &"--home",
-        &home,
-        &"--name",
-        &"net",
-        &"--accel",
-        &"tcg",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1",
-        &"--output",
-        &"json",
-    ]);
+    let output = provision_json(&home, &script, "net", false, "console=ttyS0 quiet panic=-1");
     assert!(output.status.success(), "{}", describe(&output));
     let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
     // Two connections, two relays; the forbidden port is refused by qemu's restricted network.
