@@ -37,6 +37,32 @@ fn state(home: &Path, name: &str) -> String {
     v["state"].as_str().unwrap().to_owned()
 }
 
+/// `cowclone start NAME` of the test guest under TCG in marker mode (it reads the pattern,
+/// writes the marker and powers off); with `dry_run`, only the command line is printed.
+fn start_marker_guest(home: &Path, name: &str, dry_run: bool) -> std::process::Output {
+    let g = guest();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"start",
+        &name,
+        &"--home",
+        &home,
+        &"--accel",
+        &"tcg",
+        &"--memory",
+        &"256M",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
+    ];
+    if dry_run {
+        args.push(&"--dry-run");
+    }
+    cowclone(&args)
+}
+
 /// `cowclone provision SCRIPT --name NAME [--keep-running] --output json`, booting the test
 /// guest under TCG with kernel command line `append`.
 fn provision_json(
@@ -102,28 +128,14 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         home: home.clone(),
         name: "vm1".into(),
     };
-    let g = guest();
-    let start_args: [&dyn AsRef<std::ffi::OsStr>; 15] = [
-        &"start",
-        &"vm1",
-        &"--home",
-        &home,
-        &"--accel",
-        &"tcg",
-        &"--memory",
-        &"256M",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
-        &"--dry-run",
-    ];
     // The dry run prints exactly the command line the real start then runs (and logs).
-    let dry = cowclone_ok(&start_args);
+    let dry = start_marker_guest(&home, "vm1", true);
+    assert!(dry.status.success(), "{}", describe(&dry));
+    let dry = String::from_utf8(dry.stdout).unwrap();
     assert_eq!(dry.lines().count(), 1, "{dry}");
-    let started = cowclone_ok(&start_args[..14]);
+    let started = start_marker_guest(&home, "vm1", false);
+    assert!(started.status.success(), "{}", describe(&started));
+    let started = String::from_utf8(started.stdout).unwrap();
     assert!(started.contains("vm1 running"), "{started}");
     // ls shows the running state while it runs (the guest needs seconds under TCG).
     let ls: Value = serde_json::from_str(&cowclone_ok(&[
@@ -257,23 +269,7 @@ fn a_clone_of_a_clone_of_a_qcow2_base_boots_and_writes_only_its_own_overlay() {
         home: home.clone(),
         name: "vm2".into(),
     };
-    let g = guest();
-    let started = cowclone(&[
-        &"start",
-        &"vm2",
-        &"--home",
-        &home,
-        &"--accel",
-        &"tcg",
-        &"--memory",
-        &"256M",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
-    ]);
+    let started = start_marker_guest(&home, "vm2", false);
     assert!(started.status.success(), "{}", describe(&started));
     wait_stopped(&home, "vm2", Duration::from_secs(120));
     let clone_dir = home.join("clones/vm2");
