@@ -84,3 +84,9 @@ qemu-img create -q -f vdi -o static=on "$vdi_tmp/static.vdi" 2M
 cp "$vdi_tmp/dyn.vdi" "$vdi_tmp/static.vdi" "$corpus/vdi_guest/"
 rm -rf "$vdi_tmp"
 echo "vdi_guest: $(ls "$corpus/vdi_guest" | wc -l) files"
+
+# plan and provision_report: a script with every key, and a framed report.
+mkdir -p "$corpus/plan" "$corpus/provision_report"
+printf '#!/bin/sh\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 2G */\n/* rexxjs-vm-cpus: 2 */\n/* rexxjs-vm-ingress-port: 8080 */\n/* rexxjs-vm-egress-ports: 80,443 */\n/* rexxjs-vm-timeout: 5m */\necho hi\n' \
+    > "$corpus/plan/every-key"
+printf 'COWCLONE-BEGIN n0nce\r\naGVsbG8K\r\nCOWCLONE-END n0nce 3\r\n' > "$corpus/provision_report/framed"

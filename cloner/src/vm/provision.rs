@@ -134,6 +134,29 @@ pub fn parse_report(log: &str, nonce: &str) -> Option<Result<(String, i32), Stri
     )
 }
 
+/// Largest report read back from the guest (base64 of about 48 MiB of output): the guest
+/// controls what it writes on its serial port, so reading it is bounded.
+pub const MAX_REPORT: u64 = 64 << 20;
+
+/// The report file's text (empty if it does not exist yet), or an error if the guest wrote more
+/// than [`MAX_REPORT`] bytes.
+fn read_bounded(path: &Path) -> std::result::Result<String, String> {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(String::new());
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_REPORT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_REPORT {
+        return Err(format!(
+            "the guest's report is larger than {MAX_REPORT} bytes"
+        ));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn read_script(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
     if meta.len() > MAX_SCRIPT {
@@ -208,10 +231,9 @@ pub fn provision(
     let system = SystemRunner::logging_to(super::spec::command_log(&spec.run_dir));
     qemu::start(&spec, accel, runner.unwrap_or(&system))?;
     let log = spec.serial_log();
-    let read_report = || {
-        let text =
-            String::from_utf8_lossy(&std::fs::read(&report_log).unwrap_or_default()).into_owned();
-        parse_report(&text, &nonce)
+    let read_report = || match read_bounded(&report_log) {
+        Ok(text) => parse_report(&text, &nonce),
+        Err(e) => Some(Err(e)),
     };
     let report = loop {
         if let Some(report) = read_report() {
@@ -271,6 +293,20 @@ pub fn resolve_accel(requested: Accel, scratch: &Path) -> Result<Accel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_are_read_only_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("result.log");
+        assert_eq!(read_bounded(&path), Ok(String::new()), "no report yet");
+        std::fs::write(&path, "COWCLONE-BEGIN n\naGk=\nCOWCLONE-END n 0\n").unwrap();
+        let text = read_bounded(&path).unwrap();
+        assert_eq!(parse_report(&text, "n"), Some(Ok(("hi".to_owned(), 0))));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(MAX_REPORT + 1).unwrap(); // sparse: no real 64 MiB written
+        let e = read_bounded(&path).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+    }
 
     #[test]
     fn the_report_is_found_between_markers_and_decoded() {
