@@ -37,9 +37,9 @@ fn state(home: &Path, name: &str) -> String {
     v["state"].as_str().unwrap().to_owned()
 }
 
-/// `cowclone start NAME` of the test guest under TCG in marker mode (it reads the pattern,
-/// writes the marker and powers off); with `dry_run`, only the command line is printed.
-fn start_marker_guest(home: &Path, name: &str, dry_run: bool) -> std::process::Output {
+/// `cowclone start NAME EXTRA...` of the test guest under TCG in marker mode (it reads the
+/// pattern, writes the marker and powers off); `extra` adds options (`--dry-run`, `--driver`).
+fn start_marker_guest(home: &Path, name: &str, extra: &[&str]) -> std::process::Output {
     let g = guest();
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"start",
@@ -57,8 +57,8 @@ fn start_marker_guest(home: &Path, name: &str, dry_run: bool) -> std::process::O
         &"--append",
         &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
     ];
-    if dry_run {
-        args.push(&"--dry-run");
+    for option in extra {
+        args.push(option);
     }
     cowclone(&args)
 }
@@ -129,11 +129,11 @@ fn a_booted_clone_writes_its_overlay_and_leaves_the_base_untouched() {
         name: "vm1".into(),
     };
     // The dry run prints exactly the command line the real start then runs (and logs).
-    let dry = start_marker_guest(&home, "vm1", true);
+    let dry = start_marker_guest(&home, "vm1", &["--dry-run"]);
     assert!(dry.status.success(), "{}", describe(&dry));
     let dry = String::from_utf8(dry.stdout).unwrap();
     assert_eq!(dry.lines().count(), 1, "{dry}");
-    let started = start_marker_guest(&home, "vm1", false);
+    let started = start_marker_guest(&home, "vm1", &[]);
     assert!(started.status.success(), "{}", describe(&started));
     let started = String::from_utf8(started.stdout).unwrap();
     assert!(started.contains("vm1 running"), "{started}");
@@ -269,7 +269,7 @@ fn a_clone_of_a_clone_of_a_qcow2_base_boots_and_writes_only_its_own_overlay() {
         home: home.clone(),
         name: "vm2".into(),
     };
-    let started = start_marker_guest(&home, "vm2", false);
+    let started = start_marker_guest(&home, "vm2", &[]);
     assert!(started.status.success(), "{}", describe(&started));
     wait_stopped(&home, "vm2", Duration::from_secs(120));
     let clone_dir = home.join("clones/vm2");
@@ -558,27 +558,12 @@ fn libvirt_boots_a_clone_from_the_domain_xml() {
         }
     }
     let _cleanup = Undefine(name.clone());
-    let g = guest();
-    cowclone_ok(&[
-        &"start",
-        &name,
-        &"--home",
+    let started = start_marker_guest(
         &home,
-        &"--driver",
-        &"libvirt",
-        &"--connect",
-        &"qemu:///system",
-        &"--accel",
-        &"tcg",
-        &"--memory",
-        &"256M",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
-    ]);
+        &name,
+        &["--driver", "libvirt", "--connect", "qemu:///system"],
+    );
+    assert!(started.status.success(), "{}", describe(&started));
     let start = Instant::now();
     loop {
         let state = virsh(&["domstate", &name]);

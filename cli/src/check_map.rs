@@ -175,14 +175,10 @@ fn check_vdi(
     let path = &args.file;
     if header.is_differencing() {
         let parents = imagefmt::vdi::Explicit(args.parents.clone());
-        let resolver: &dyn imagefmt::vdi::ParentResolver = if parents.0.is_empty() {
-            &imagefmt::vdi::SameDirectory
-        } else {
-            &parents
-        };
+        let options = crate::chain_options(&BackingPolicy::FollowLocal, false, &parents);
         let image = imagefmt::vdi::open_vdi(
             path,
-            resolver,
+            options.vdi_resolver(),
             &mut imagefmt::backing::ChainGuard::default(),
         )
         .with_context(|| format!("could not open the parent chain of {}", path.display()))?;

@@ -47,10 +47,15 @@ pub struct HomeArg {
 
 impl HomeArg {
     fn open(&self) -> Result<Registry> {
-        let home = Home::resolve(self.home.as_deref())?;
-        Registry::open(&home)
-            .with_context(|| format!("opening the registry in {}", home.root().display()))
+        open_registry(self.home.as_deref())
     }
+}
+
+/// Opens the registry in `home` (else `$COWCLONE_HOME`, else the XDG data directory).
+pub(crate) fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> {
+    let home = Home::resolve(home)?;
+    Registry::open(&home)
+        .with_context(|| format!("opening the registry in {}", home.root().display()))
 }
 
 /// `cowclone base SUBCOMMAND`

@@ -13,10 +13,10 @@ use cloner::vm::qemu::{self, Stopped, VmState};
 use cloner::vm::runner::{CommandRunner, Invocation, SystemRunner};
 use cloner::vm::spec::command_log;
 use cloner::vm::{libvirt, vbox, Accel, Egress, KernelBoot, PortForward, VmSpec};
-use cloner::{Home, Registry};
 use serde_json::json;
 
 use crate::args::OutputFormat;
+use crate::registry_cmd::open_registry;
 
 /// VM subcommands (flattened into the top level).
 #[derive(Debug, Subcommand)]
@@ -189,12 +189,6 @@ pub struct ProvisionArgs {
     /// the whole outcome (and still exits with the script's status).
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
-}
-
-fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> {
-    let home = Home::resolve(home)?;
-    Registry::open(&home)
-        .with_context(|| format!("opening the registry in {}", home.root().display()))
 }
 
 fn spec_for(target: &Target) -> Result<VmSpec> {
