@@ -153,29 +153,15 @@ fn convert_to_vdi(
         let has_parent = below.is_some();
         let mut image = VdiImage::open_rw(file, header, below, options.mode.durable)?;
         let mut parent_buf = vec![0u8; DEFAULT_BLOCK_SIZE as usize];
-        copy(
-            source,
-            size,
-            u64::from(DEFAULT_BLOCK_SIZE),
-            progress,
-            |chunk, offset| {
-                if has_parent {
-                    let parent_part = &mut parent_buf[..chunk.len()];
-                    image.read_at(parent_part, offset)?; // still FREE: reads the parent chain
-                    if parent_part == chunk {
-                        return Ok(false);
-                    }
-                    if is_zero(chunk) {
-                        image.write_zeroes(offset, chunk.len() as u64)?;
-                        return Ok(true);
-                    }
-                } else if is_zero(chunk) {
-                    return Ok(false);
-                }
-                image.write_at(chunk, offset)?;
-                Ok(true)
-            },
-        )
+        let block = u64::from(DEFAULT_BLOCK_SIZE);
+        copy(source, size, block, progress, |chunk, offset| {
+            match needed_write(&image, has_parent, chunk, offset, &mut parent_buf)? {
+                NeededWrite::Nothing => return Ok(false),
+                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64)?,
+                NeededWrite::Data => image.write_at(chunk, offset)?,
+            }
+            Ok(true)
+        })
     })
 }
 
@@ -211,24 +197,13 @@ fn convert_to_qcow2(
         let mut image = Qcow2Image::open_rw(file, cluster, below, WriteOptions::default())?;
         let chunk_size = image.header().cluster_size();
         let mut backing_buf = vec![0u8; chunk_size as usize];
+        let has_backing = options.backing.is_some();
         let stats = copy(source, size, chunk_size, progress, |chunk, offset| {
-            let has_backing = options.backing.is_some();
-            if has_backing {
-                let backing_part = &mut backing_buf[..chunk.len()];
-                image.read_at(backing_part, offset)?; // still unallocated: reads the backing chain
-                if backing_part == chunk {
-                    return Ok(false);
-                }
-            }
-            if is_zero(chunk) {
-                if !has_backing {
-                    return Ok(false);
-                }
-                image.write_zeroes(offset, chunk.len() as u64)?;
-            } else if options.compress {
-                image.write_compressed(chunk, offset)?;
-            } else {
-                image.write_at(chunk, offset)?;
+            match needed_write(&image, has_backing, chunk, offset, &mut backing_buf)? {
+                NeededWrite::Nothing => return Ok(false),
+                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64)?,
+                NeededWrite::Data if options.compress => image.write_compressed(chunk, offset)?,
+                NeededWrite::Data => image.write_at(chunk, offset)?,
             }
             Ok(true)
         })?;
@@ -236,6 +211,39 @@ fn convert_to_qcow2(
             image.flush()?;
         }
         Ok(stats)
+    })
+}
+
+/// What a chunk of the source needs in a new output image.
+enum NeededWrite {
+    /// The output already reads so: zeros with nothing below, or what lies below.
+    Nothing,
+    /// Zeros that must hide different data below.
+    Zeroes,
+    /// The bytes themselves.
+    Data,
+}
+
+/// Decides what `chunk` at `offset` needs in the new (still unwritten there) `image`, which
+/// reads through to an image below it if `has_below`; `scratch` is at least `chunk.len()` long.
+fn needed_write(
+    image: &dyn GuestRead,
+    has_below: bool,
+    chunk: &[u8],
+    offset: u64,
+    scratch: &mut [u8],
+) -> Result<NeededWrite> {
+    if has_below {
+        let below = &mut scratch[..chunk.len()];
+        image.read_at(below, offset)?; // still unallocated: reads the chain below
+        if below == chunk {
+            return Ok(NeededWrite::Nothing);
+        }
+    }
+    Ok(match (is_zero(chunk), has_below) {
+        (true, false) => NeededWrite::Nothing,
+        (true, true) => NeededWrite::Zeroes,
+        (false, _) => NeededWrite::Data,
     })
 }
 
