@@ -134,11 +134,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         match (output, key) {
             (ImageFormat::Qcow2, _) => qcow2.set(key, value)?,
             (ImageFormat::Vdi, "static") => {
-                vdi_static = match value {
-                    "on" | "yes" | "true" | "y" => true,
-                    "off" | "no" | "false" | "n" => false,
-                    _ => bail!("Parameter 'static' expects 'on' or 'off'"),
-                }
+                vdi_static = crate::vdi_create::parse_on_off(key, value)?
             }
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }

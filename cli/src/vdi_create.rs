@@ -101,7 +101,7 @@ pub fn create_vdi(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
 }
 
 /// qemu's boolean option syntax.
-fn parse_on_off(key: &str, value: &str) -> Result<bool> {
+pub(crate) fn parse_on_off(key: &str, value: &str) -> Result<bool> {
     match value {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
