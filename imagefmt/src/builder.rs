@@ -183,10 +183,7 @@ fn is_same_file(backing: &Path, target: &Path) -> bool {
 }
 
 fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> {
-    let file = std::fs::File::open(path).map_err(Error::io(format!(
-        "opening backing file {}",
-        path.display()
-    )))?;
+    let file = crate::open::open_image(path, crate::open::OpenHow::read())?;
     match format {
         Some(format) => ImageHeader::read_as(&file, format, path),
         None => ImageHeader::read_detected(&file, path, false),

@@ -18,6 +18,7 @@ use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
+use crate::open::{open_image, OpenHow};
 use crate::qcow2::image::Qcow2Image;
 use crate::vdi::{ParentResolver, SameDirectory};
 use crate::{Error, Result};
@@ -33,6 +34,10 @@ pub struct ChainOptions<'a> {
     /// Who proposes the parent of a VDI differencing image; `None` searches the image's own
     /// directory ([`SameDirectory`]). Proposals are verified by UUID whoever makes them.
     pub vdi_parents: Option<&'a dyn ParentResolver>,
+    /// Read images that other processes may be writing (`-U`/`--force-share`): take no lock
+    /// that keeps writers out and check none against them. Off by default: reads are refused
+    /// while another process (qemu, or another cowclone) writes an image of the chain.
+    pub force_share: bool,
 }
 
 impl<'a> ChainOptions<'a> {
@@ -42,6 +47,7 @@ impl<'a> ChainOptions<'a> {
             policy,
             allow_data_files: false,
             vdi_parents: None,
+            force_share: false,
         }
     }
 
@@ -162,18 +168,25 @@ pub fn open_chain_with(
     open_level(path, format, options, &mut guard, true)
 }
 
-/// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
-/// under `policy`) below it.
+/// Opens the qcow2 image at `path` for reading and writing (holding qemu's write locks), with
+/// its backing chain (read-only, shared-read locks, under `policy`) below it.
 pub fn open_qcow2_rw(
     path: &Path,
     policy: &BackingPolicy,
     options: crate::qcow2::write::WriteOptions,
 ) -> Result<crate::qcow2::image::Qcow2Image<File>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(Error::io(format!("opening {} for writing", path.display())))?;
+    let file = open_image(path, OpenHow::write())?;
+    qcow2_rw_from_file(file, path, policy, options)
+}
+
+/// [`open_qcow2_rw`] on a file the caller already opened for writing with
+/// [`crate::open::open_image`] (so its locks are held from before its header was read).
+pub fn qcow2_rw_from_file(
+    file: File,
+    path: &Path,
+    policy: &BackingPolicy,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -219,7 +232,7 @@ fn open_level(
     top: bool,
 ) -> Result<Box<dyn GuestRead>> {
     let policy = options.policy;
-    let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    let file = open_image(path, OpenHow::reading(options.force_share))?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -243,10 +256,7 @@ fn open_level(
             match cluster.data_file() {
                 Some(name) if options.allow_data_files => {
                     let data_path = policy.resolve(path, name)?;
-                    let data = File::open(&data_path).map_err(Error::io(format!(
-                        "opening data file {}",
-                        data_path.display()
-                    )))?;
+                    let data = open_image(&data_path, OpenHow::reading(options.force_share))?;
                     Ok(Box::new(Qcow2Image::open_with_data_file(
                         file,
                         cluster,

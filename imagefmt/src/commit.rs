@@ -20,7 +20,9 @@ pub struct CommitStats {
 /// Commits the qcow2 overlay at `path` into its backing image (qcow2 or raw). With `keep`, the
 /// overlay is left as it was (`qemu-img commit -d`); otherwise it is emptied.
 pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitStats> {
-    let mut top = open_qcow2_rw(path, policy, WriteOptions::default())?;
+    // The overlay alone: its own clusters are all that is read, and its backing file is opened
+    // below for writing (a read-locked copy of it here would conflict with that write lock).
+    let mut top = open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())?;
     let cluster = crate::qcow2::HeaderCluster::read_from(top.backend())?;
     let Some(name) = cluster.backing_file.clone() else {
         return Err(Error::UnsupportedFormat {
@@ -49,13 +51,7 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
             base.flush()?;
         }
         ImageFormat::Raw => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&backing_path)
-                .map_err(Error::io(format!(
-                    "opening {} for writing",
-                    backing_path.display()
-                )))?;
+            let file = crate::open::open_image(&backing_path, crate::open::OpenHow::write())?;
             for_each_allocated(&top, size, unit, &mut buf, |data, offset| {
                 stats.bytes_committed += data.len() as u64;
                 Backend::write_all_at(&file, data, offset)

@@ -210,7 +210,8 @@ fn open_layers(
     let mut next: Option<(PathBuf, Option<ImageFormat>)> = Some((path.to_owned(), format));
     let mut top = true;
     while let Some((path, format)) = next.take() {
-        let file = File::open(&path).map_err(Error::io(format!("opening {}", path.display())))?;
+        let file =
+            crate::open::open_image(&path, crate::open::OpenHow::reading(options.force_share))?;
         let meta = file
             .metadata()
             .map_err(Error::io(format!("reading metadata of {}", path.display())))?;

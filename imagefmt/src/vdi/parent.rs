@@ -22,6 +22,7 @@ use crate::chain::GuestRead;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
+use crate::open::{open_image, OpenHow};
 use crate::{Error, Result};
 
 /// Most `*.vdi` files [`SameDirectory`] looks at in one directory.
@@ -329,13 +330,15 @@ pub fn find_parent(
     }
 }
 
-/// Opens `path`, enters it into `guard` and reads its VDI header.
+/// Opens `path` (a regular file, locked as qemu does), enters it into `guard` and reads its VDI
+/// header.
 fn open_file(path: &Path, write: bool, guard: &mut ChainGuard) -> Result<(File, VdiHeader)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(Error::io(format!("opening {}", path.display())))?;
+    let how = if write {
+        OpenHow::write()
+    } else {
+        OpenHow::read()
+    };
+    let file = open_image(path, how)?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
