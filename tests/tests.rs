@@ -8,6 +8,7 @@ mod util;
 mod bench_cli;
 mod check_xcheck;
 mod cli;
+mod hostile_names;
 mod locking;
 mod ops_xcheck;
 mod qemu_xcheck;
