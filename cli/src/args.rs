@@ -123,6 +123,9 @@ pub struct ChainPolicyArgs {
     /// that keeps writers out; what is read may be inconsistent.
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// Accept block devices as the image and in its chain (default: only regular files).
+    #[arg(long)]
+    pub allow_block_devices: bool,
     /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
     /// found by UUID among the VDI files in the image's own directory.
     #[arg(long = "parent", value_name = "FILE")]
@@ -136,6 +139,18 @@ impl ChainPolicyArgs {
             Some(dir) => imagefmt::backing::BackingPolicy::Confine(dir.clone()),
             None => imagefmt::backing::BackingPolicy::FollowLocal,
         }
+    }
+
+    /// Chain options for `policy` (from [`Self::policy`]) with these flags.
+    pub fn options<'a>(
+        &self,
+        policy: &'a imagefmt::backing::BackingPolicy,
+        parents: &'a imagefmt::vdi::Explicit,
+    ) -> imagefmt::chain::ChainOptions<'a> {
+        let mut options = crate::chain_options(policy, self.allow_data_file, parents);
+        options.force_share = self.force_share;
+        options.block_devices = self.allow_block_devices;
+        options
     }
 }
 

@@ -92,7 +92,8 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         OpenHow::reading(args.chain.force_share)
     } else {
         OpenHow::write()
-    };
+    }
+    .with_block_devices(args.chain.allow_block_devices);
     let file =
         open_image(path, how).with_context(|| format!("could not open {}", path.display()))?;
     let header = match format {
@@ -120,8 +121,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     // policy as every other command: --confine, and data files only with --allow-data-file.
     let policy = args.chain.policy();
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
-    let mut options = crate::chain_options(&policy, args.chain.allow_data_file, &parents);
-    options.force_share = args.chain.force_share;
+    let options = args.chain.options(&policy, &parents);
     let _backing = match cluster.backing_file.as_deref() {
         Some(name) => {
             let backing = policy.resolve(path, name).with_context(context)?;
@@ -147,7 +147,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         {
             let data = policy.resolve(path, name).with_context(context)?;
             Some(
-                open_image(&data, OpenHow::reading(args.chain.force_share))
+                open_image(&data, options.open_how())
                     .with_context(|| format!("could not open data file {}", data.display()))?,
             )
         }
@@ -200,11 +200,21 @@ fn check_vdi(
     if header.is_differencing() {
         let policy = args.chain.policy();
         let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
-        let options = crate::chain_options(&policy, false, &parents);
-        let image = imagefmt::vdi::open_vdi(
+        let options = args.chain.options(&policy, &parents);
+        // The same open file description (and so the same locks) as the one being checked.
+        let top = file
+            .try_clone()
+            .with_context(|| format!("{}", path.display()))?;
+        let mut guard = imagefmt::backing::ChainGuard::default();
+        guard.enter(path, &top.metadata()?)?;
+        let image = imagefmt::vdi::open_vdi_file_under_policy(
+            top,
+            header.clone(),
             path,
+            &policy,
             options.vdi_resolver(),
-            &mut imagefmt::backing::ChainGuard::default(),
+            &mut guard,
+            options.open_how(),
         )
         .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
         for link in image.parent_links() {
@@ -310,8 +320,7 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .transpose()?;
     let policy = args.chain.policy();
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
-    let mut options = crate::chain_options(&policy, args.chain.allow_data_file, &parents);
-    options.force_share = args.chain.force_share;
+    let options = args.chain.options(&policy, &parents);
     let entries = imagefmt::map::map_with(&args.file, format, &options)
         .with_context(|| format!("{}", args.file.display()))?;
     match args.output {

@@ -38,6 +38,8 @@ pub struct ChainOptions<'a> {
     /// that keeps writers out and check none against them. Off by default: reads are refused
     /// while another process (qemu, or another cowclone) writes an image of the chain.
     pub force_share: bool,
+    /// Accept block devices as images of the chain (refused by default: only regular files).
+    pub block_devices: bool,
 }
 
 impl<'a> ChainOptions<'a> {
@@ -48,7 +50,14 @@ impl<'a> ChainOptions<'a> {
             allow_data_files: false,
             vdi_parents: None,
             force_share: false,
+            block_devices: false,
         }
+    }
+
+    /// How each image of the chain is opened: for reading, with `force_share` and
+    /// `block_devices` as set.
+    pub fn open_how(&self) -> OpenHow {
+        OpenHow::reading(self.force_share).with_block_devices(self.block_devices)
     }
 
     /// The VDI parent resolver in effect.
@@ -232,7 +241,7 @@ fn open_level(
     top: bool,
 ) -> Result<Box<dyn GuestRead>> {
     let policy = options.policy;
-    let file = open_image(path, OpenHow::reading(options.force_share))?;
+    let file = open_image(path, options.open_how())?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -243,20 +252,21 @@ fn open_level(
     };
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
-        ImageHeader::Vdi(header) => crate::vdi::open_vdi_under_policy(
+        ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::open_vdi_file_under_policy(
             file,
             *header,
             path,
             policy,
             options.vdi_resolver(),
             guard,
-        ),
+            options.open_how(),
+        )?)),
         ImageHeader::Qcow2(cluster) => {
             let below = open_backing(path, &cluster, options, guard)?;
             match cluster.data_file() {
                 Some(name) if options.allow_data_files => {
                     let data_path = policy.resolve(path, name)?;
-                    let data = open_image(&data_path, OpenHow::reading(options.force_share))?;
+                    let data = open_image(&data_path, options.open_how())?;
                     Ok(Box::new(Qcow2Image::open_with_data_file(
                         file,
                         cluster,

@@ -194,8 +194,7 @@ pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec
     let mut current: PathBuf = path.to_owned();
     let mut format: Option<crate::ImageFormat> = None;
     loop {
-        let file =
-            crate::open::open_image(&current, crate::open::OpenHow::reading(options.force_share))?;
+        let file = crate::open::open_image(&current, options.open_how())?;
         let meta = file.metadata().map_err(Error::io(format!(
             "reading metadata of {}",
             current.display()

@@ -214,8 +214,7 @@ fn open_layers(
     let mut next: Option<(PathBuf, Option<ImageFormat>)> = Some((path.to_owned(), format));
     let mut top = true;
     while let Some((path, format)) = next.take() {
-        let file =
-            crate::open::open_image(&path, crate::open::OpenHow::reading(options.force_share))?;
+        let file = crate::open::open_image(&path, options.open_how())?;
         let meta = file
             .metadata()
             .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -262,10 +261,7 @@ fn open_layers(
                         .into());
                     }
                     let data_path = policy.resolve(&path, name)?;
-                    data_file = Some(crate::open::open_image(
-                        &data_path,
-                        crate::open::OpenHow::reading(options.force_share),
-                    )?);
+                    data_file = Some(crate::open::open_image(&data_path, options.open_how())?);
                     filename = data_path.to_string_lossy().into_owned();
                 }
                 let file_len = file.len().map_err(Error::reading("qcow2 file length"))?;
