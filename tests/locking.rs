@@ -258,6 +258,18 @@ fn qemu_io_writing_an_image_refuses_every_cowclone_write_and_plain_reads() {
         WRITE_LOCK,
         &overlay,
     );
+    assert_refused(
+        &[
+            &"convert",
+            &"-O",
+            &"qcow2",
+            &"--overwrite",
+            &other,
+            &overlay,
+        ],
+        WRITE_LOCK,
+        &overlay,
+    );
     // Reads refuse as qemu-img's do...
     assert_refused(&[&"info", &overlay], SHARED_WRITE_LOCK, &overlay);
     assert_refused(&[&"check", &overlay], SHARED_WRITE_LOCK, &overlay);
@@ -358,6 +370,11 @@ fn a_running_qemu_system_holds_its_clone_against_every_cowclone_write() {
     assert_refused(&[&"check", &"-r", &"leaks", &clone], WRITE_LOCK, &clone);
     assert_refused(
         &[&"create", &"-q", &"--overwrite", &clone, &"1M"],
+        WRITE_LOCK,
+        &clone,
+    );
+    assert_refused(
+        &[&"convert", &"-O", &"qcow2", &"--overwrite", &other, &clone],
         WRITE_LOCK,
         &clone,
     );
@@ -535,4 +552,39 @@ fn resize_and_convert_of_one_image_agree_with_qemu() {
         tally.push(outcomes);
     }
     eprintln!("resize‖convert outcomes over {RUNS} runs: {tally:?}");
+}
+
+#[test]
+fn an_image_that_is_its_own_backing_file_is_a_loop_not_a_lock() {
+    // One process opening one file twice meets its own locks; that must not be reported as
+    // another process using the image.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("loop.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"1M"]);
+    qemu_img_ok(&[
+        &"rebase",
+        &"-u",
+        &"-b",
+        &"loop.qcow2",
+        &"-F",
+        &"qcow2",
+        &image,
+    ]);
+    for args in [
+        &[&"resize" as &dyn AsRef<std::ffi::OsStr>, &image, &"+1M"][..],
+        &[&"commit", &image],
+        &[&"rebase", &"-b", &"", &image],
+        &[&"info", &"--backing-chain", &image],
+        &[&"map", &image],
+    ] {
+        let output = cowclone(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success()
+                && stderr.contains("backing chain loops back to")
+                && !stderr.contains("lock"),
+            "{}",
+            describe(&output)
+        );
+    }
 }

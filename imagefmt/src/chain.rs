@@ -241,6 +241,7 @@ fn open_level(
     top: bool,
 ) -> Result<Box<dyn GuestRead>> {
     let policy = options.policy;
+    guard.refuse_seen(path)?;
     let file = open_image(path, options.open_how())?;
     let meta = file
         .metadata()

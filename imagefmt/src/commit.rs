@@ -30,6 +30,14 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
         });
     };
     let backing_path = policy.resolve(path, &name)?;
+    let mut guard = crate::backing::ChainGuard::default();
+    guard.enter(
+        path,
+        &top.backend()
+            .metadata()
+            .map_err(Error::io("reading metadata"))?,
+    )?;
+    guard.refuse_seen(&backing_path)?;
     let format = match cluster.backing_format() {
         Some(f) => f.parse()?,
         None => crate::image::read_file_header(&backing_path)?.1.format(),
