@@ -46,7 +46,9 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
     let unit = top.unit_size();
     let mut buf = vec![0u8; unit as usize];
     let mut stats = CommitStats::default();
-    match format {
+    // The base stays locked until the overlay is emptied (a duplicate descriptor shares the
+    // open file description, and so its locks).
+    let _held_base: std::fs::File = match format {
         ImageFormat::Qcow2 => {
             let mut base = open_qcow2_rw(&backing_path, policy, WriteOptions::default())?;
             if base.virtual_size() < size {
@@ -57,6 +59,9 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
                 base.write_at(data, offset)
             })?;
             base.flush()?;
+            base.backend()
+                .try_clone()
+                .map_err(Error::io("duplicating the base's descriptor"))?
         }
         ImageFormat::Raw => {
             let file = crate::open::open_image(&backing_path, crate::open::OpenHow::write())?;
@@ -67,13 +72,14 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
             })?;
             file.sync_all()
                 .map_err(Error::io("syncing the backing image"))?;
+            file
         }
         ImageFormat::Vdi => {
             return Err(Error::UnsupportedFormat {
                 name: "commit into a VDI backing image (arrives with the VDI engine)".into(),
             })
         }
-    }
+    };
     if !keep {
         top.make_empty()?;
     }
