@@ -224,7 +224,7 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             }
         }
     } else {
-        let how = imagefmt::open::OpenHow::reading(args.force_share);
+        let how = imagefmt::open::OpenHow::reading(args.force_share).metadata_only();
         let info = imagefmt::info::image_info_with(&args.file, how).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,

@@ -162,7 +162,7 @@ impl ImageInfo {
 /// Reads the facts of the image at `path` (format recognised by content; raw otherwise).
 /// Does not open any backing file.
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
-    image_info_with(path, crate::open::OpenHow::read())
+    image_info_with(path, crate::open::OpenHow::read().metadata_only())
 }
 
 /// [`image_info`], opening the image as `how` says (`--force-share` reads an image in use).
@@ -194,7 +194,7 @@ pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec
     let mut current: PathBuf = path.to_owned();
     let mut format: Option<crate::ImageFormat> = None;
     loop {
-        let file = crate::open::open_image(&current, options.open_how())?;
+        let file = crate::open::open_image(&current, options.open_how().metadata_only())?;
         let meta = file.metadata().map_err(Error::io(format!(
             "reading metadata of {}",
             current.display()

@@ -28,9 +28,13 @@
 //!
 //! | [`Access`] | holds (100+i) | does not share (200+i) | like |
 //! |---|---|---|---|
-//! | `Read` | consistent read | write, resize | `qemu-img info/check/map/compare/convert`, a backing file |
-//! | `ForceShare` | consistent read | — | `qemu-img … -U` |
+//! | `Read` | consistent read | write, resize | `qemu-img check/map/compare/convert`, a backing file |
+//! | `ForceShare` | consistent read | — | `qemu-img check/map/compare/convert -U` |
+//! | `Metadata` | — | write, resize | `qemu-img info` (it opens without I/O) |
+//! | `MetadataForceShare` | — | — (no lock at all) | `qemu-img info -U` |
 //! | `Write` | consistent read, write, resize | write, resize | `qemu-img commit/resize/rebase`, a running VM |
+//!
+//! (Checked with `strace -e fcntl` against qemu-img 10.0: the same bytes, in the same order.)
 
 use std::fmt;
 use std::fs::File;
@@ -101,6 +105,11 @@ pub enum Access {
     /// shares everything, so it neither blocks nor is blocked by writers. What is read may be
     /// inconsistent if someone writes meanwhile.
     ForceShare,
+    /// Reading headers only (`info`, like qemu-img's open without I/O): holds no permission,
+    /// still does not share write or resize, so it is refused while another process writes.
+    Metadata,
+    /// [`Access::Metadata`] with `--force-share`: takes no lock at all.
+    MetadataForceShare,
     /// Writing: holds consistent read, write and resize, shares neither write nor resize.
     Write,
 }
@@ -111,6 +120,7 @@ impl Access {
         let read = Permission::ConsistentRead.bit();
         match self {
             Access::Read | Access::ForceShare => read,
+            Access::Metadata | Access::MetadataForceShare => 0,
             Access::Write => read | Permission::Write.bit() | Permission::Resize.bit(),
         }
     }
@@ -119,8 +129,8 @@ impl Access {
     pub const fn shared(self) -> u8 {
         let all = 0b1111;
         match self {
-            Access::ForceShare => all,
-            Access::Read | Access::Write => {
+            Access::ForceShare | Access::MetadataForceShare => all,
+            Access::Read | Access::Metadata | Access::Write => {
                 all & !(Permission::Write.bit() | Permission::Resize.bit())
             }
         }
@@ -354,5 +364,21 @@ mod tests {
         assert_eq!(Access::Write.held(), 0b1011);
         assert_eq!(!Access::Write.shared() & 0b1111, 0b1010);
         assert_eq!(Access::ForceShare.shared(), 0b1111);
+        // info: holds nothing, still keeps writers out; info -U: no lock at all.
+        assert_eq!(Access::Metadata.held(), 0);
+        assert_eq!(!Access::Metadata.shared() & 0b1111, 0b1010);
+        assert_eq!(Access::MetadataForceShare.held(), 0);
+        assert_eq!(Access::MetadataForceShare.shared(), 0b1111);
+    }
+
+    #[test]
+    fn metadata_readers_keep_writers_out_and_are_kept_out_by_them() {
+        let (_dir, path) = image();
+        let info = take(&path, Access::Metadata).unwrap();
+        assert!(take(&path, Access::Write).unwrap_err().is_conflict());
+        drop(info);
+        let _writer = take(&path, Access::Write).unwrap();
+        assert!(take(&path, Access::Metadata).unwrap_err().is_conflict());
+        take(&path, Access::MetadataForceShare).unwrap();
     }
 }

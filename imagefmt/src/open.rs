@@ -71,6 +71,17 @@ impl OpenHow {
         }
     }
 
+    /// The same, reading headers only (`info`): [`Access::Metadata`] for a read,
+    /// [`Access::MetadataForceShare`] for a forced-share read; a write is left as it is.
+    pub const fn metadata_only(mut self) -> Self {
+        self.access = match self.access {
+            Access::Read => Access::Metadata,
+            Access::ForceShare => Access::MetadataForceShare,
+            other => other,
+        };
+        self
+    }
+
     /// The same, also accepting block devices.
     pub const fn with_block_devices(mut self, allowed: bool) -> Self {
         self.block_devices = allowed;
