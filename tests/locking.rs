@@ -588,3 +588,69 @@ fn an_image_that_is_its_own_backing_file_is_a_loop_not_a_lock() {
         );
     }
 }
+
+/// The OFD locks the kernel lists for `path` in /proc/locks: (READ/WRITE, first byte, last byte).
+fn ofd_locks(path: &Path) -> Vec<(String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(path).unwrap().ino();
+    let table = std::fs::read_to_string("/proc/locks").expect("/proc/locks is readable");
+    let mut locks: Vec<(String, u64, u64)> = table
+        .lines()
+        .filter_map(|line| {
+            // "1: OFDLCK ADVISORY READ -1 08:01:1234 100 101"
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let owner = f.get(5)?;
+            if f.get(1) != Some(&"OFDLCK") || owner.rsplit(':').next() != Some(&*inode.to_string())
+            {
+                return None;
+            }
+            Some((f[3].to_owned(), f[6].parse().ok()?, f[7].parse().ok()?))
+        })
+        .collect();
+    locks.sort();
+    locks
+}
+
+#[test]
+fn cowclone_places_the_lock_bytes_qemu_places() {
+    // The same chain twice: qemu-io holds one for writing, cowclone the other; the kernel's
+    // lock table must show the same bytes on the overlays and on the bases.
+    let dir = tempfile::tempdir().unwrap();
+    let theirs_dir = dir.path().join("qemu");
+    let ours_dir = dir.path().join("cowclone");
+    std::fs::create_dir(&theirs_dir).unwrap();
+    std::fs::create_dir(&ours_dir).unwrap();
+    let (their_base, their_overlay) = base_and_overlay(&theirs_dir);
+    let (our_base, our_overlay) = base_and_overlay(&ours_dir);
+
+    let qemu = Holder::qemu_io(&their_overlay, false);
+    let ours = Holder::cowclone_resize(&our_overlay, "+0");
+    let (their_top, their_below) = (ofd_locks(&their_overlay), ofd_locks(&their_base));
+    let (our_top, our_below) = (ofd_locks(&our_overlay), ofd_locks(&our_base));
+    ours.release();
+    qemu.release();
+
+    // qemu-io read-write: holds 100, 101, 103; does not share 201, 203. Its backing file:
+    // holds 100; does not share 201, 203. All shared (READ) locks.
+    assert!(
+        !their_top.is_empty() && !their_below.is_empty(),
+        "qemu-io took no locks?"
+    );
+    let bytes = |locks: &[(String, u64, u64)]| -> Vec<u64> {
+        locks
+            .iter()
+            .flat_map(|(kind, first, last)| {
+                assert_eq!(kind, "READ");
+                *first..=*last
+            })
+            .collect()
+    };
+    assert_eq!(bytes(&our_top), bytes(&their_top), "writer's bytes");
+    assert_eq!(
+        bytes(&our_below),
+        bytes(&their_below),
+        "backing file's bytes"
+    );
+    assert_eq!(bytes(&our_top), [100, 101, 103, 201, 203]);
+    assert_eq!(bytes(&our_below), [100, 201, 203]);
+}
