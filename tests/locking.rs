@@ -287,6 +287,28 @@ fn qemu_io_writing_an_image_refuses_every_cowclone_write_and_plain_reads() {
         &overlay,
         &dir.path().join("copy.raw"),
     ]);
+    // Creating an overlay reads the backing file's header under no lock, as qemu-img create
+    // does: both may stack a new image on one in use.
+    assert_ok(&[
+        &"create",
+        &"-q",
+        &"-b",
+        &overlay,
+        &"-F",
+        &"qcow2",
+        &dir.path().join("ours.qcow2"),
+    ]);
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &overlay,
+        &"-F",
+        &"qcow2",
+        &dir.path().join("theirs.qcow2"),
+    ]);
     // The base is only read by qemu-io: reading it is fine, writing it is not.
     assert_ok(&[&"info", &base]);
     assert_refused(&[&"resize", &base, &"+1M"], WRITE_LOCK, &base);

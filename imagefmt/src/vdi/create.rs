@@ -71,7 +71,11 @@ pub fn create_differencing(
 
 /// Reads and validates the header (and block map) of the VDI image meant as a parent.
 pub fn read_parent_header(parent_path: &Path) -> Result<VdiHeader> {
-    let file = crate::open::open_image(parent_path, crate::open::OpenHow::read())?;
+    // Headers only, no lock, as for a qcow2 overlay's backing file (see `builder.rs`).
+    let file = crate::open::open_image(
+        parent_path,
+        crate::open::OpenHow::force_share().metadata_only(),
+    )?;
     let header = match ImageHeader::read_detected(&file, parent_path, true)? {
         ImageHeader::Vdi(header) => *header,
         other => {
