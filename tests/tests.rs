@@ -8,6 +8,8 @@ mod util;
 mod bench_cli;
 mod check_xcheck;
 mod cli;
+mod hostile_names;
+mod locking;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;

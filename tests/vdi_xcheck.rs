@@ -659,6 +659,8 @@ fn a_modified_parent_is_reported_not_refused() {
     let (base, diff, mut model) = base_and_diff(dir.path(), "base.vdi", "diff.vdi");
     let image = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap();
     assert!(image.parent_links()[0].modification_matches());
+    // Let go of the chain (and its read lock on the base) before writing the base.
+    drop(image);
     // Writing the base gives it a new modification UUID (as VirtualBox does).
     write(&base, &mut model, 3 * MIB, 10, 0x40);
     let image = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap();

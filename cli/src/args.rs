@@ -99,8 +99,59 @@ pub struct InfoArgs {
     /// found by UUID among the VDI files in the image's own directory.
     #[arg(long = "parent", value_name = "FILE")]
     pub parents: Vec<PathBuf>,
+    /// Read the images even if another process is writing them (qemu-img -U): takes no lock
+    /// that keeps writers out; what is shown may be inconsistent.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// The image.
     pub file: PathBuf,
+}
+
+/// Which images below the one named may be opened, and how: the options `check` and `map`
+/// share (backing files, VDI parents and external data files follow the same policy as in
+/// every other command).
+#[derive(Debug, clap::Args)]
+pub struct ChainPolicyArgs {
+    /// Refuse any backing, parent or data file outside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub confine: Option<PathBuf>,
+    /// Open the qcow2 external data file the header names (refused by default: the name can
+    /// point at any host file; --confine applies to it too).
+    #[arg(long)]
+    pub allow_data_file: bool,
+    /// Read the images even if another process is writing them (qemu-img -U): takes no lock
+    /// that keeps writers out; what is read may be inconsistent.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+    /// Accept block devices as the image and in its chain (default: only regular files).
+    #[arg(long)]
+    pub allow_block_devices: bool,
+    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
+    /// found by UUID among the VDI files in the image's own directory.
+    #[arg(long = "parent", value_name = "FILE")]
+    pub parents: Vec<PathBuf>,
+}
+
+impl ChainPolicyArgs {
+    /// The backing policy: local files, confined to `--confine` if given.
+    pub fn policy(&self) -> imagefmt::backing::BackingPolicy {
+        match &self.confine {
+            Some(dir) => imagefmt::backing::BackingPolicy::Confine(dir.clone()),
+            None => imagefmt::backing::BackingPolicy::FollowLocal,
+        }
+    }
+
+    /// Chain options for `policy` (from [`Self::policy`]) with these flags.
+    pub fn options<'a>(
+        &self,
+        policy: &'a imagefmt::backing::BackingPolicy,
+        parents: &'a imagefmt::vdi::Explicit,
+    ) -> imagefmt::chain::ChainOptions<'a> {
+        let mut options = crate::chain_options(policy, self.allow_data_file, parents);
+        options.force_share = self.force_share;
+        options.block_devices = self.allow_block_devices;
+        options
+    }
 }
 
 /// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
@@ -128,6 +179,9 @@ pub struct CompareArgs {
     /// the name can point at any host file; --confine applies to it too).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Read the images even if another process is writing them (qemu-img -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// Parent of a VDI differencing image in the chain, nearest first (repeatable; used for both images); default:
     /// found by UUID among the VDI files in the image's own directory.
     #[arg(long = "parent", value_name = "FILE")]

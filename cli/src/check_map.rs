@@ -10,21 +10,27 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use imagefmt::backing::BackingPolicy;
 use imagefmt::image::ImageHeader;
 use imagefmt::map::MapEntry;
+use imagefmt::open::{open_image, OpenHow};
 use imagefmt::qcow2::check::{CheckReport, Repair};
 use imagefmt::qcow2::features::IncompatibleFeatures;
 use imagefmt::ImageFormat;
 
-use crate::args::OutputFormat;
+use crate::args::{ChainPolicyArgs, OutputFormat};
 
-/// `cowclone check [-r leaks|all] [--output human|json] [-f FMT] FILE`
+/// `cowclone check [-r leaks|all] [--output human|json] [-f FMT] [-U] [--confine DIR] FILE`
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// Repair: `leaks` lowers refcounts that are too high; `all` also fixes refcounts that are
-    /// too low and wrong COPIED flags, rebuilding the refcount structure if needed.
-    #[arg(short = 'r', value_enum, value_name = "leaks|all")]
+    /// too low and wrong COPIED flags, rebuilding the refcount structure if needed. The image
+    /// is locked for writing: refused while another process uses it.
+    #[arg(
+        short = 'r',
+        value_enum,
+        value_name = "leaks|all",
+        conflicts_with = "force_share"
+    )]
     pub repair: Option<RepairMode>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
@@ -35,10 +41,9 @@ pub struct CheckArgs {
     /// Print nothing but errors; only the exit code tells.
     #[arg(short = 'q', long)]
     pub quiet: bool,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Backing, parent and data file policy.
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// The image.
     pub file: PathBuf,
 }
@@ -52,7 +57,7 @@ pub enum RepairMode {
     All,
 }
 
-/// `cowclone map [--output human|json] [-f FMT] FILE`
+/// `cowclone map [--output human|json] [-f FMT] [-U] [--confine DIR] FILE`
 #[derive(Debug, clap::Args)]
 pub struct MapArgs {
     /// Output format.
@@ -61,10 +66,9 @@ pub struct MapArgs {
     /// Format of FILE (default: recognised by content, raw otherwise).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Backing, parent and data file policy.
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// The image.
     pub file: PathBuf,
 }
@@ -83,11 +87,15 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         Some(RepairMode::Leaks) => Repair::Leaks,
         Some(RepairMode::All) => Repair::All,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(repair != Repair::None)
-        .open(path)
-        .with_context(|| format!("could not open {}", path.display()))?;
+    // Locked before its header is read: for writing when repairing, else for shared reading.
+    let how = if repair == Repair::None {
+        OpenHow::reading(args.chain.force_share)
+    } else {
+        OpenHow::write()
+    }
+    .with_block_devices(args.chain.allow_block_devices);
+    let file =
+        open_image(path, how).with_context(|| format!("could not open {}", path.display()))?;
     let header = match format {
         Some(format) => ImageHeader::read_as(&file, format, path),
         None => ImageHeader::read_detected(&file, path, true),
@@ -108,27 +116,43 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
             return Ok(63);
         }
     };
-    // qemu-img opens the whole chain (and the external data file) before checking.
-    if let Some(name) = cluster.backing_file.as_deref() {
-        let policy = BackingPolicy::FollowLocal;
-        let backing = policy.resolve(path, name).with_context(context)?;
-        let backing_format = cluster
-            .backing_format()
-            .map(str::parse::<ImageFormat>)
-            .transpose()?;
-        imagefmt::chain::open_chain(&backing, backing_format, &policy)
-            .with_context(|| format!("could not open backing file {}", backing.display()))?;
-    }
-    if cluster
-        .header
-        .incompatible_features
-        .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
-    {
-        let name = cluster.data_file().unwrap_or_default();
-        let data = imagefmt::backing::resolve(path, name).with_context(context)?;
-        std::fs::File::open(&data)
-            .with_context(|| format!("could not open data file {}", data.display()))?;
-    }
+    // qemu-img opens the whole chain (and the external data file) before checking; the handles
+    // (and their shared-read locks) are held until the check is done. Both follow the same
+    // policy as every other command: --confine, and data files only with --allow-data-file.
+    let policy = args.chain.policy();
+    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let options = args.chain.options(&policy, &parents);
+    let _backing = match cluster.backing_file.as_deref() {
+        Some(name) => {
+            let backing = policy.resolve(path, name).with_context(context)?;
+            let backing_format = cluster
+                .backing_format()
+                .map(str::parse::<ImageFormat>)
+                .transpose()?;
+            Some(
+                imagefmt::chain::open_chain_with(&backing, backing_format, &options).with_context(
+                    || format!("could not open backing file {}", backing.display()),
+                )?,
+            )
+        }
+        None => None,
+    };
+    let _data_file = match cluster.data_file() {
+        Some(name)
+            if args.chain.allow_data_file
+                && cluster
+                    .header
+                    .incompatible_features
+                    .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE) =>
+        {
+            let data = policy.resolve(path, name).with_context(context)?;
+            Some(
+                open_image(&data, options.open_how())
+                    .with_context(|| format!("could not open data file {}", data.display()))?,
+            )
+        }
+        _ => None,
+    };
 
     let first = imagefmt::qcow2::check::check(&file, repair)
         .with_context(|| format!("Check failed: {}", path.display()))?;
@@ -174,12 +198,23 @@ fn check_vdi(
 ) -> Result<u8> {
     let path = &args.file;
     if header.is_differencing() {
-        let parents = imagefmt::vdi::Explicit(args.parents.clone());
-        let options = crate::chain_options(&BackingPolicy::FollowLocal, false, &parents);
-        let image = imagefmt::vdi::open_vdi(
+        let policy = args.chain.policy();
+        let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+        let options = args.chain.options(&policy, &parents);
+        // The same open file description (and so the same locks) as the one being checked.
+        let top = file
+            .try_clone()
+            .with_context(|| format!("{}", path.display()))?;
+        let mut guard = imagefmt::backing::ChainGuard::default();
+        guard.enter(path, &top.metadata()?)?;
+        let image = imagefmt::vdi::open_vdi_file_under_policy(
+            top,
+            header.clone(),
             path,
+            &policy,
             options.vdi_resolver(),
-            &mut imagefmt::backing::ChainGuard::default(),
+            &mut guard,
+            options.open_how(),
         )
         .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
         for link in image.parent_links() {
@@ -283,8 +318,9 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .as_deref()
         .map(str::parse::<ImageFormat>)
         .transpose()?;
-    let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let options = crate::chain_options(&BackingPolicy::FollowLocal, false, &parents);
+    let policy = args.chain.policy();
+    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let options = args.chain.options(&policy, &parents);
     let entries = imagefmt::map::map_with(&args.file, format, &options)
         .with_context(|| format!("{}", args.file.display()))?;
     match args.output {

@@ -65,7 +65,8 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
         None => BackingPolicy::FollowLocal,
     };
     let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let options = chain_options(&policy, args.allow_data_file, &parents);
+    let mut options = chain_options(&policy, args.allow_data_file, &parents);
+    options.force_share = args.force_share;
     let open = |path: &std::path::Path, format: &Option<String>| -> Result<_> {
         let format = format
             .as_deref()
@@ -98,9 +99,9 @@ pub(crate) fn chain_options<'a>(
     parents: &'a imagefmt::vdi::Explicit,
 ) -> imagefmt::chain::ChainOptions<'a> {
     imagefmt::chain::ChainOptions {
-        policy,
         allow_data_files,
         vdi_parents: (!parents.0.is_empty()).then_some(parents as _),
+        ..imagefmt::chain::ChainOptions::new(policy)
     }
 }
 
@@ -207,7 +208,8 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             None => BackingPolicy::FollowLocal,
         };
         let parents = imagefmt::vdi::Explicit(args.parents.clone());
-        let options = chain_options(&policy, false, &parents);
+        let mut options = chain_options(&policy, false, &parents);
+        options.force_share = args.force_share;
         let chain =
             imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
         match args.output {
@@ -222,7 +224,8 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
             }
         }
     } else {
-        let info = imagefmt::info::image_info(&args.file).with_context(context)?;
+        let how = imagefmt::open::OpenHow::reading(args.force_share).metadata_only();
+        let info = imagefmt::info::image_info_with(&args.file, how).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
             OutputFormat::Human => output::write_info(out, &info)?,

@@ -46,6 +46,9 @@ pub struct ConvertArgs {
     /// default: the name can point at any host file).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Read the source even if another process is writing it (qemu-img -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
     /// found by UUID among the VDI files in the image's own directory.
     #[arg(long = "parent", value_name = "FILE")]
@@ -121,7 +124,8 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
     };
     let source_format = format(&args.source_format)?;
     let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let chain_options = crate::chain_options(&policy, args.allow_data_file, &parents);
+    let mut chain_options = crate::chain_options(&policy, args.allow_data_file, &parents);
+    chain_options.force_share = args.force_share;
     let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
         .with_context(|| format!("{}", args.source.display()))?;
     let output = args.output_format.parse::<ImageFormat>()?;
@@ -194,8 +198,8 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
             None if args.unsafe_header_only => bail!("-u needs the backing format (-F)"),
             None => {
                 let path = imagefmt::backing::resolve(&args.file, &args.backing)?;
-                let file =
-                    std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                let file = imagefmt::open::open_image(&path, imagefmt::open::OpenHow::read())
+                    .with_context(|| format!("{}", path.display()))?;
                 imagefmt::image::ImageHeader::read_detected(&file, &path, false)?.format()
             }
         };
@@ -211,11 +215,13 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Runs resize.
+/// Runs resize. The image is write-locked before its header is read and held to the end.
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
-    let file =
-        std::fs::File::open(&args.file).with_context(|| format!("{}", args.file.display()))?;
-    let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)?;
+    let context = || format!("{}", args.file.display());
+    let file = imagefmt::open::open_image(&args.file, imagefmt::open::OpenHow::write())
+        .with_context(context)?;
+    let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)
+        .with_context(context)?;
     let current = header.virtual_size();
     let new = if let Some(delta) = args.size.strip_prefix('+') {
         current
@@ -228,29 +234,39 @@ pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
     } else {
         imagefmt::size::parse_size(&args.size)?
     };
-    drop(file);
     match header.format() {
         ImageFormat::Qcow2 => {
-            let mut image = imagefmt::chain::open_qcow2_rw(
+            let mut image = imagefmt::chain::qcow2_rw_from_file(
+                file,
                 &args.file,
                 &BackingPolicy::FollowLocal,
                 imagefmt::qcow2::write::WriteOptions::default(),
             )
-            .with_context(|| format!("{}", args.file.display()))?;
-            image
-                .resize(new, args.shrink)
-                .with_context(|| format!("{}", args.file.display()))?;
+            .with_context(context)?;
+            image.resize(new, args.shrink).with_context(context)?;
             image.flush()?;
+            hold_if_asked(&args.file);
         }
         ImageFormat::Raw => {
             if new < current && !args.shrink {
                 bail!("shrinking needs --shrink (data past the new end is lost in a raw image)");
             }
-            let file = std::fs::OpenOptions::new().write(true).open(&args.file)?;
-            file.set_len(new)?;
+            file.set_len(new).with_context(context)?;
+            hold_if_asked(&args.file);
         }
         ImageFormat::Vdi => bail!("resizing VDI images is not supported"),
     }
     writeln!(out, "Image resized.")?;
     Ok(())
+}
+
+/// With `COWCLONE_HOLD_LOCKS` set in the environment, says so on stderr and waits for standard
+/// input to close before the operation lets go of the image (and of its locks). For tests and
+/// demonstrations that another process is refused while cowclone writes an image, without
+/// depending on timing.
+fn hold_if_asked(path: &std::path::Path) {
+    if std::env::var_os("COWCLONE_HOLD_LOCKS").is_some() {
+        eprintln!("cowclone: holding {} until stdin closes", path.display());
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    }
 }

@@ -149,6 +149,19 @@ impl ChainGuard {
         }
         Ok(())
     }
+
+    /// Refuses `path` if it is an image already in the chain, before it is opened: opening it
+    /// again would meet this very chain's own locks (an image held for writing conflicts with a
+    /// second, read-only open of it), which would be reported as another process's lock.
+    pub fn refuse_seen(&self, path: &Path) -> Result<(), BackingError> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(meta) if self.seen.contains(&(meta.dev(), meta.ino())) => Err(BackingError::Loop {
+                path: path.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

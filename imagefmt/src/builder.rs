@@ -183,10 +183,9 @@ fn is_same_file(backing: &Path, target: &Path) -> bool {
 }
 
 fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> {
-    let file = std::fs::File::open(path).map_err(Error::io(format!(
-        "opening backing file {}",
-        path.display()
-    )))?;
+    // Headers only, no lock: what qemu-img create does with a backing file (forced sharing, no
+    // I/O), so that clones can be made of an image in use.
+    let file = crate::open::open_image(path, crate::open::OpenHow::force_share().metadata_only())?;
     match format {
         Some(format) => ImageHeader::read_as(&file, format, path),
         None => ImageHeader::read_detected(&file, path, false),

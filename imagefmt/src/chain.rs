@@ -18,6 +18,7 @@ use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
+use crate::open::{open_image, OpenHow};
 use crate::qcow2::image::Qcow2Image;
 use crate::vdi::{ParentResolver, SameDirectory};
 use crate::{Error, Result};
@@ -33,6 +34,12 @@ pub struct ChainOptions<'a> {
     /// Who proposes the parent of a VDI differencing image; `None` searches the image's own
     /// directory ([`SameDirectory`]). Proposals are verified by UUID whoever makes them.
     pub vdi_parents: Option<&'a dyn ParentResolver>,
+    /// Read images that other processes may be writing (`-U`/`--force-share`): take no lock
+    /// that keeps writers out and check none against them. Off by default: reads are refused
+    /// while another process (qemu, or another cowclone) writes an image of the chain.
+    pub force_share: bool,
+    /// Accept block devices as images of the chain (refused by default: only regular files).
+    pub block_devices: bool,
 }
 
 impl<'a> ChainOptions<'a> {
@@ -42,7 +49,15 @@ impl<'a> ChainOptions<'a> {
             policy,
             allow_data_files: false,
             vdi_parents: None,
+            force_share: false,
+            block_devices: false,
         }
+    }
+
+    /// How each image of the chain is opened: for reading, with `force_share` and
+    /// `block_devices` as set.
+    pub fn open_how(&self) -> OpenHow {
+        OpenHow::reading(self.force_share).with_block_devices(self.block_devices)
     }
 
     /// The VDI parent resolver in effect.
@@ -162,18 +177,25 @@ pub fn open_chain_with(
     open_level(path, format, options, &mut guard, true)
 }
 
-/// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
-/// under `policy`) below it.
+/// Opens the qcow2 image at `path` for reading and writing (holding qemu's write locks), with
+/// its backing chain (read-only, shared-read locks, under `policy`) below it.
 pub fn open_qcow2_rw(
     path: &Path,
     policy: &BackingPolicy,
     options: crate::qcow2::write::WriteOptions,
 ) -> Result<crate::qcow2::image::Qcow2Image<File>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(Error::io(format!("opening {} for writing", path.display())))?;
+    let file = open_image(path, OpenHow::write())?;
+    qcow2_rw_from_file(file, path, policy, options)
+}
+
+/// [`open_qcow2_rw`] on a file the caller already opened for writing with
+/// [`crate::open::open_image`] (so its locks are held from before its header was read).
+pub fn qcow2_rw_from_file(
+    file: File,
+    path: &Path,
+    policy: &BackingPolicy,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -219,7 +241,8 @@ fn open_level(
     top: bool,
 ) -> Result<Box<dyn GuestRead>> {
     let policy = options.policy;
-    let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    guard.refuse_seen(path)?;
+    let file = open_image(path, options.open_how())?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -230,23 +253,21 @@ fn open_level(
     };
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
-        ImageHeader::Vdi(header) => crate::vdi::open_vdi_under_policy(
+        ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::open_vdi_file_under_policy(
             file,
             *header,
             path,
             policy,
             options.vdi_resolver(),
             guard,
-        ),
+            options.open_how(),
+        )?)),
         ImageHeader::Qcow2(cluster) => {
             let below = open_backing(path, &cluster, options, guard)?;
             match cluster.data_file() {
                 Some(name) if options.allow_data_files => {
                     let data_path = policy.resolve(path, name)?;
-                    let data = File::open(&data_path).map_err(Error::io(format!(
-                        "opening data file {}",
-                        data_path.display()
-                    )))?;
+                    let data = open_image(&data_path, options.open_how())?;
                     Ok(Box::new(Qcow2Image::open_with_data_file(
                         file,
                         cluster,

@@ -20,7 +20,9 @@ pub struct CommitStats {
 /// Commits the qcow2 overlay at `path` into its backing image (qcow2 or raw). With `keep`, the
 /// overlay is left as it was (`qemu-img commit -d`); otherwise it is emptied.
 pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitStats> {
-    let mut top = open_qcow2_rw(path, policy, WriteOptions::default())?;
+    // The overlay alone: its own clusters are all that is read, and its backing file is opened
+    // below for writing (a read-locked copy of it here would conflict with that write lock).
+    let mut top = open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())?;
     let cluster = crate::qcow2::HeaderCluster::read_from(top.backend())?;
     let Some(name) = cluster.backing_file.clone() else {
         return Err(Error::UnsupportedFormat {
@@ -28,6 +30,14 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
         });
     };
     let backing_path = policy.resolve(path, &name)?;
+    let mut guard = crate::backing::ChainGuard::default();
+    guard.enter(
+        path,
+        &top.backend()
+            .metadata()
+            .map_err(Error::io("reading metadata"))?,
+    )?;
+    guard.refuse_seen(&backing_path)?;
     let format = match cluster.backing_format() {
         Some(f) => f.parse()?,
         None => crate::image::read_file_header(&backing_path)?.1.format(),
@@ -36,7 +46,9 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
     let unit = top.unit_size();
     let mut buf = vec![0u8; unit as usize];
     let mut stats = CommitStats::default();
-    match format {
+    // The base stays locked until the overlay is emptied (a duplicate descriptor shares the
+    // open file description, and so its locks).
+    let _held_base: std::fs::File = match format {
         ImageFormat::Qcow2 => {
             let mut base = open_qcow2_rw(&backing_path, policy, WriteOptions::default())?;
             if base.virtual_size() < size {
@@ -47,15 +59,12 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
                 base.write_at(data, offset)
             })?;
             base.flush()?;
+            base.backend()
+                .try_clone()
+                .map_err(Error::io("duplicating the base's descriptor"))?
         }
         ImageFormat::Raw => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&backing_path)
-                .map_err(Error::io(format!(
-                    "opening {} for writing",
-                    backing_path.display()
-                )))?;
+            let file = crate::open::open_image(&backing_path, crate::open::OpenHow::write())?;
             for_each_allocated(&top, size, unit, &mut buf, |data, offset| {
                 stats.bytes_committed += data.len() as u64;
                 Backend::write_all_at(&file, data, offset)
@@ -63,13 +72,14 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
             })?;
             file.sync_all()
                 .map_err(Error::io("syncing the backing image"))?;
+            file
         }
         ImageFormat::Vdi => {
             return Err(Error::UnsupportedFormat {
                 name: "commit into a VDI backing image (arrives with the VDI engine)".into(),
             })
         }
-    }
+    };
     if !keep {
         top.make_empty()?;
     }

@@ -5,6 +5,8 @@
 //! ├── Qcow2(Qcow2Error)      a qcow2 header or option cowclone refuses
 //! ├── Vdi(VdiError)          a VDI header or block map cowclone refuses
 //! ├── Backing(BackingError)  an untrusted backing reference refused by policy
+//! ├── Open(OpenError)        not a regular file, or swapped while opening
+//! ├── Lock(LockError)        another process uses the image (qemu's locks)
 //! ├── Io { step, source }    the operating system failed a step
 //! └── refusals               unrecognised format, existing target, mismatched format ...
 //! ```
@@ -16,6 +18,8 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::backing::BackingError;
+use crate::lock::LockError;
+use crate::open::OpenError;
 use crate::qcow2::Qcow2Error;
 use crate::vdi::VdiError;
 
@@ -35,6 +39,12 @@ pub enum Error {
     /// A backing file reference was refused.
     #[error(transparent)]
     Backing(#[from] BackingError),
+    /// An image, backing, parent or data file that is not a regular file.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Another process uses the image in a way this operation cannot share.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// An I/O step failed.
     #[error("{step} failed")]
     Io {

@@ -108,10 +108,18 @@ impl ImageHeader {
     }
 }
 
-/// Opens `path` read-only and reads its header (format by content, raw if unrecognised).
+/// Opens `path` read-only (shared-read locks) and reads its header (format by content, raw if
+/// unrecognised).
 pub fn read_file_header(path: &Path) -> Result<(std::fs::File, ImageHeader)> {
-    let file =
-        std::fs::File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    read_file_header_with(path, crate::open::OpenHow::read())
+}
+
+/// [`read_file_header`], opening the file as `how` says (e.g. with `--force-share`).
+pub fn read_file_header_with(
+    path: &Path,
+    how: crate::open::OpenHow,
+) -> Result<(std::fs::File, ImageHeader)> {
+    let file = crate::open::open_image(path, how)?;
     let header = ImageHeader::read_detected(&file, path, true)?;
     Ok((file, header))
 }

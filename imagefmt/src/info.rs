@@ -162,7 +162,12 @@ impl ImageInfo {
 /// Reads the facts of the image at `path` (format recognised by content; raw otherwise).
 /// Does not open any backing file.
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
-    let (file, header) = crate::image::read_file_header(path)?;
+    image_info_with(path, crate::open::OpenHow::read().metadata_only())
+}
+
+/// [`image_info`], opening the image as `how` says (`--force-share` reads an image in use).
+pub fn image_info_with(path: &Path, how: crate::open::OpenHow) -> Result<ImageInfo> {
+    let (file, header) = crate::image::read_file_header_with(path, how)?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -189,8 +194,7 @@ pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec
     let mut current: PathBuf = path.to_owned();
     let mut format: Option<crate::ImageFormat> = None;
     loop {
-        let file = std::fs::File::open(&current)
-            .map_err(Error::io(format!("opening {}", current.display())))?;
+        let file = crate::open::open_image(&current, options.open_how().metadata_only())?;
         let meta = file.metadata().map_err(Error::io(format!(
             "reading metadata of {}",
             current.display()

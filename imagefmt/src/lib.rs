@@ -10,7 +10,12 @@
 //!                                         ▲
 //! builder::Qcow2Builder ─► qcow2::create ─┘─► qcow2::layout ─► new_file (temp + link)
 //! info ──► image facts with qemu-img's JSON keys; backing ──► untrusted names under a policy
+//! open::open_image ──► regular files only ──► lock (qemu's OFD image locks) ──► every reader/writer
 //! ```
+//!
+//! Every image file is opened through [`open::open_image`], which takes qemu-compatible locks
+//! ([`lock`]): writing an image another process (qemu, or another cowclone) uses is refused, and
+//! so is reading one that another process writes, unless [`chain::ChainOptions::force_share`].
 //!
 //! Creating an overlay on a base image, in-process (what `qemu-img create -b base.qcow2 -F qcow2
 //! clone.qcow2` does in a subprocess):
@@ -48,8 +53,10 @@ pub mod error;
 pub mod image;
 pub mod info;
 pub mod io;
+pub mod lock;
 pub mod map;
 pub mod new_file;
+pub mod open;
 pub mod qcow2;
 pub mod rebase;
 pub mod size;

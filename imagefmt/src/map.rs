@@ -84,7 +84,9 @@ impl MapEntry {
 /// Maps the image at `path` (format by content, raw if unrecognised, unless `format` names it)
 /// and the backing files `policy` lets it follow, like `qemu-img map --output=json`.
 ///
-/// qcow2 images with an external data file are refused. VDI layers map as qemu maps a VDI base
+/// qcow2 images with an external data file are refused unless `options.allow_data_files` (the
+/// data file is then resolved under the policy, opened and locked, and named as the file the
+/// extents are mapped to, as qemu-img does). VDI layers map as qemu maps a VDI base
 /// (an unwritten block of a base reads as present zeros); in a differencing image an unwritten
 /// (FREE) block falls through to the parent, found as [`map_with`] says. Corrupt metadata that
 /// qemu refuses at run time (unaligned offsets, zero clusters in a version 2 image, invalid
@@ -181,9 +183,11 @@ fn hex(value: u64) -> String {
 struct Layer {
     /// Guest size as qemu's block layer sees it (whole 512-byte sectors).
     size: u64,
-    /// The path, for `MapEntry::filename`.
+    /// The path, for `MapEntry::filename` (a qcow2 image's external data file, if it has one).
     filename: String,
     kind: LayerKind,
+    /// The external data file, held open (and locked) while the chain is mapped.
+    _data_file: Option<File>,
 }
 
 enum LayerKind {
@@ -210,7 +214,7 @@ fn open_layers(
     let mut next: Option<(PathBuf, Option<ImageFormat>)> = Some((path.to_owned(), format));
     let mut top = true;
     while let Some((path, format)) = next.take() {
-        let file = File::open(&path).map_err(Error::io(format!("opening {}", path.display())))?;
+        let file = crate::open::open_image(&path, options.open_how())?;
         let meta = file
             .metadata()
             .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -226,6 +230,7 @@ fn open_layers(
                 size: len.next_multiple_of(512),
                 filename,
                 kind: LayerKind::Raw,
+                _data_file: None,
             }),
             ImageHeader::Vdi(header) => {
                 if header.is_differencing() && *policy != BackingPolicy::Detach {
@@ -237,18 +242,27 @@ fn open_layers(
                     size: header.virtual_size(),
                     filename,
                     kind: LayerKind::Vdi(Box::new(VdiImage::open(file, *header, None)?)),
+                    _data_file: None,
                 });
             }
             ImageHeader::Qcow2(cluster) => {
                 let header = cluster.header.clone();
+                let mut filename = filename;
+                let mut data_file = None;
                 if header
                     .incompatible_features
                     .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
                 {
-                    return Err(Qcow2Error::ExternalDataFileRefused {
-                        name: cluster.data_file().unwrap_or_default().to_owned(),
+                    let name = cluster.data_file().unwrap_or_default();
+                    if !options.allow_data_files {
+                        return Err(Qcow2Error::ExternalDataFileRefused {
+                            name: name.to_owned(),
+                        }
+                        .into());
                     }
-                    .into());
+                    let data_path = policy.resolve(&path, name)?;
+                    data_file = Some(crate::open::open_image(&data_path, options.open_how())?);
+                    filename = data_path.to_string_lossy().into_owned();
                 }
                 let file_len = file.len().map_err(Error::reading("qcow2 file length"))?;
                 let l1 = read_l1(&file, &header, file_len)?;
@@ -268,6 +282,7 @@ fn open_layers(
                         l1,
                         file_len,
                     },
+                    _data_file: data_file,
                 });
             }
         }

@@ -8,6 +8,11 @@
 //! renamed into place instead (`renameat2(RENAME_NOREPLACE)`, or `rename` to overwrite); a crash
 //! then leaves at worst that file. Durable mode fsyncs the file before it is linked and the
 //! directory after.
+//!
+//! A file being replaced is an image someone may be using: it is opened and write-locked
+//! ([`crate::open::open_image`]) before anything is written and held until the new file is in
+//! its place, so a VM or another process using it makes the overwrite fail instead of losing
+//! its image under it.
 
 use std::fs::File;
 use std::io;
@@ -57,6 +62,15 @@ pub fn create_with<T>(
             path: path.to_owned(),
         });
     }
+    // Held (with its write locks) until the replacement is in place.
+    let _replaced = if mode.overwrite && path.exists() {
+        Some(crate::open::open_image(
+            path,
+            crate::open::OpenHow::write(),
+        )?)
+    } else {
+        None
+    };
     let name = path
         .file_name()
         .ok_or_else(|| Error::Io {

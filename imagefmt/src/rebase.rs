@@ -66,14 +66,7 @@ pub fn rebase(
 
 /// Opens an image for writing without opening any backing file (for header-only changes).
 fn open_without_backing(path: &Path) -> Result<crate::qcow2::image::Qcow2Image<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(crate::Error::io(format!(
-            "opening {} for writing",
-            path.display()
-        )))?;
+    let file = crate::open::open_image(path, crate::open::OpenHow::write())?;
     let cluster = crate::qcow2::HeaderCluster::read_from(&file)?;
     crate::qcow2::image::Qcow2Image::open_rw(file, cluster, None, WriteOptions::default())
 }

@@ -8,7 +8,6 @@
 //! Files are created through [`create_with`]: never half-written under the final name, never
 //! replacing a file unless asked, durable on request.
 
-use std::fs::File;
 use std::path::Path;
 
 use super::image::VdiImage;
@@ -72,8 +71,11 @@ pub fn create_differencing(
 
 /// Reads and validates the header (and block map) of the VDI image meant as a parent.
 pub fn read_parent_header(parent_path: &Path) -> Result<VdiHeader> {
-    let file =
-        File::open(parent_path).map_err(Error::io(format!("opening {}", parent_path.display())))?;
+    // Headers only, no lock, as for a qcow2 overlay's backing file (see `builder.rs`).
+    let file = crate::open::open_image(
+        parent_path,
+        crate::open::OpenHow::force_share().metadata_only(),
+    )?;
     let header = match ImageHeader::read_detected(&file, parent_path, true)? {
         ImageHeader::Vdi(header) => *header,
         other => {

@@ -25,8 +25,8 @@ pub use error::VdiError;
 pub use header::{Geometry, ImageType, VdiHeader};
 pub use image::VdiImage;
 pub use parent::{
-    find_parent, open_vdi, open_vdi_chain, open_vdi_file, open_vdi_rw, open_vdi_under_policy,
-    Explicit, ParentLink, ParentResolver, SameDirectory, UnderPolicy,
+    find_parent, open_vdi, open_vdi_chain, open_vdi_file, open_vdi_file_under_policy, open_vdi_rw,
+    open_vdi_under_policy, Explicit, ParentLink, ParentResolver, SameDirectory, UnderPolicy,
 };
 
 /// The signature at [`SIGNATURE_OFFSET`] (bytes `7F 10 DA BE` on disk).

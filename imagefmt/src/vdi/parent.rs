@@ -22,6 +22,7 @@ use crate::chain::GuestRead;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
+use crate::open::{open_image, OpenHow};
 use crate::{Error, Result};
 
 /// Most `*.vdi` files [`SameDirectory`] looks at in one directory.
@@ -226,7 +227,7 @@ pub fn open_vdi(
     resolver: &dyn ParentResolver,
     guard: &mut ChainGuard,
 ) -> Result<VdiImage<File>> {
-    let (file, header) = open_file(path, false, guard)?;
+    let (file, header) = open_file(path, OpenHow::read(), guard)?;
     open_vdi_file(file, header, path, resolver, guard)
 }
 
@@ -248,7 +249,7 @@ pub fn open_vdi_file(
     resolver: &dyn ParentResolver,
     guard: &mut ChainGuard,
 ) -> Result<VdiImage<File>> {
-    let (below, links) = open_parents(path, &header, resolver, guard)?;
+    let (below, links) = open_parents(path, &header, resolver, guard, OpenHow::read())?;
     let mut image = VdiImage::open(file, header, below)?;
     image.links = links;
     Ok(image)
@@ -257,7 +258,7 @@ pub fn open_vdi_file(
 /// Opens a VDI image found by the format-neutral chain opener, under its backing policy: the
 /// parent is proposed by `resolver` (e.g. [`SameDirectory`] or [`Explicit`]) and followed only
 /// as `policy` allows; under [`BackingPolicy::Detach`] the image is read alone (FREE blocks read
-/// as zeros).
+/// as zeros). Parents are opened for shared reading.
 pub fn open_vdi_under_policy(
     file: File,
     header: VdiHeader,
@@ -266,13 +267,36 @@ pub fn open_vdi_under_policy(
     resolver: &dyn ParentResolver,
     guard: &mut ChainGuard,
 ) -> Result<Box<dyn GuestRead>> {
+    Ok(Box::new(open_vdi_file_under_policy(
+        file,
+        header,
+        path,
+        policy,
+        resolver,
+        guard,
+        OpenHow::read(),
+    )?))
+}
+
+/// [`open_vdi_under_policy`] as the VDI image itself (its [`VdiImage::parent_links`] tell what
+/// was found), its parents opened as `parents` says (e.g. with `--force-share`).
+pub fn open_vdi_file_under_policy(
+    file: File,
+    header: VdiHeader,
+    path: &Path,
+    policy: &BackingPolicy,
+    resolver: &dyn ParentResolver,
+    guard: &mut ChainGuard,
+    parents: OpenHow,
+) -> Result<VdiImage<File>> {
     if *policy == BackingPolicy::Detach {
-        return Ok(Box::new(VdiImage::open(file, header, None)?));
+        return VdiImage::open(file, header, None);
     }
     let resolver = UnderPolicy { policy, resolver };
-    Ok(Box::new(open_vdi_file(
-        file, header, path, &resolver, guard,
-    )?))
+    let (below, links) = open_parents(path, &header, &resolver, guard, parents)?;
+    let mut image = VdiImage::open(file, header, below)?;
+    image.links = links;
+    Ok(image)
 }
 
 /// Opens the VDI image at `path` for reading and writing, its parent chain (read-only) below it.
@@ -283,8 +307,8 @@ pub fn open_vdi_rw(
     durable: bool,
 ) -> Result<VdiImage<File>> {
     let mut guard = ChainGuard::default();
-    let (file, header) = open_file(path, true, &mut guard)?;
-    let (below, links) = open_parents(path, &header, resolver, &mut guard)?;
+    let (file, header) = open_file(path, OpenHow::write(), &mut guard)?;
+    let (below, links) = open_parents(path, &header, resolver, &mut guard, OpenHow::read())?;
     let mut image = VdiImage::open_rw(file, header, below, durable)?;
     image.links = links;
     Ok(image)
@@ -312,7 +336,8 @@ pub fn find_parent(
             linkage,
             child: path.to_owned(),
         })?;
-    let (_, parent_header) = crate::image::read_file_header(&parent)?;
+    // Only the header, to check the UUID; whoever opens the parent takes its locks then.
+    let (_, parent_header) = crate::image::read_file_header_with(&parent, OpenHow::force_share())?;
     match parent_header {
         ImageHeader::Vdi(h) if h.uuid_create == linkage => Ok(parent),
         ImageHeader::Vdi(h) => Err(VdiError::ParentMismatch {
@@ -329,13 +354,10 @@ pub fn find_parent(
     }
 }
 
-/// Opens `path`, enters it into `guard` and reads its VDI header.
-fn open_file(path: &Path, write: bool, guard: &mut ChainGuard) -> Result<(File, VdiHeader)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(Error::io(format!("opening {}", path.display())))?;
+/// Opens `path` (a regular file, locked as qemu does), enters it into `guard` and reads its VDI
+/// header.
+fn open_file(path: &Path, how: OpenHow, guard: &mut ChainGuard) -> Result<(File, VdiHeader)> {
+    let file = open_image(path, how)?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -359,6 +381,7 @@ fn open_parents(
     header: &VdiHeader,
     resolver: &dyn ParentResolver,
     guard: &mut ChainGuard,
+    how: OpenHow,
 ) -> Result<Parents> {
     if !header.is_differencing() {
         return Ok((None, Vec::new()));
@@ -376,7 +399,7 @@ fn open_parents(
             linkage,
             child: path.to_owned(),
         })?;
-    let (file, parent_header) = open_file(&parent_path, false, guard)?;
+    let (file, parent_header) = open_file(&parent_path, how, guard)?;
     if parent_header.uuid_create != linkage {
         return Err(VdiError::ParentMismatch {
             expected: linkage,
@@ -392,7 +415,7 @@ fn open_parents(
         expected_parent_modify: header.uuid_parent_modify,
         parent_modify: parent_header.uuid_modify,
     };
-    let (below, mut links) = open_parents(&parent_path, &parent_header, resolver, guard)?;
+    let (below, mut links) = open_parents(&parent_path, &parent_header, resolver, guard, how)?;
     let parent = VdiImage::open(file, parent_header, below)?;
     links.insert(0, link);
     Ok((Some(Box::new(parent)), links))
