@@ -10,6 +10,7 @@ use crate::chain::{open_chain, read_below, GuestRead};
 use crate::detect::ImageFormat;
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
+use crate::qcow2::compressed_writer::CompressedWriter;
 use crate::qcow2::create::{write_new_image, BackingReference};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
@@ -198,15 +199,19 @@ fn convert_to_qcow2(
         let chunk_size = image.header().cluster_size();
         let mut backing_buf = vec![0u8; chunk_size as usize];
         let has_backing = options.backing.is_some();
+        let mut compressed = CompressedWriter::new(&image);
         let stats = copy(source, size, chunk_size, progress, |chunk, offset| {
             match needed_write(&image, has_backing, chunk, offset, &mut backing_buf)? {
                 NeededWrite::Nothing => return Ok(false),
                 NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64)?,
-                NeededWrite::Data if options.compress => image.write_compressed(chunk, offset)?,
+                NeededWrite::Data if options.compress => {
+                    compressed.write(&mut image, chunk, offset)?
+                }
                 NeededWrite::Data => image.write_at(chunk, offset)?,
             }
             Ok(true)
         })?;
+        compressed.finish(&mut image)?;
         if options.mode.durable {
             image.flush()?;
         }

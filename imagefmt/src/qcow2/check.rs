@@ -38,8 +38,7 @@ use super::features::{AutoclearFeatures, IncompatibleFeatures};
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
 use super::refcount;
-use super::tables::{COMPRESSED, COPIED, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK};
-use super::tables::{L2_RESERVED_MASK, ZERO};
+use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
 use crate::io::Backend;
 use crate::Error;
 
@@ -79,6 +78,10 @@ const MAX_GROWN_REFCOUNT_BYTES: u64 = 256 << 20;
 const MAX_GROWTH: u64 = 1 << 30;
 /// The cached refcount blocks (a cluster each).
 const REFBLOCK_CACHE_ENTRIES: usize = 8;
+/// Messages a check keeps for its report; the rest are counted (see [`Messages`]).
+const MAX_MESSAGES: usize = 10_000;
+/// L1 entries read at a time while walking an L1 table (64 KiB).
+const L1_CHUNK_ENTRIES: u64 = 8192;
 
 /// qemu's metadata sections (`QCow2MetadataOverlap`), checked before every repair write as
 /// qemu's default `overlap-check=cached` does; a write may ignore the section it updates.
@@ -221,16 +224,6 @@ struct Counts {
     compressed_clusters: u64,
 }
 
-/// How a standard L2 entry maps its cluster (qemu's `QCow2ClusterType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClusterType {
-    Unallocated,
-    ZeroPlain,
-    ZeroAlloc,
-    Normal,
-    Compressed,
-}
-
 /// One snapshot table entry, as far as the check needs it.
 #[derive(Debug, Clone)]
 struct Snapshot {
@@ -287,6 +280,42 @@ impl Imrt {
     }
 }
 
+/// The messages of one check, in order. qemu prints each one on stderr as it goes; a hostile image
+/// makes one per reference (an L1 table whose 8,192 entries share one L2 table whose entries share
+/// one cluster: 67 million refcount overflows), so only the first [`MAX_MESSAGES`] are kept and
+/// the rest are counted, keeping memory bounded whatever the image.
+#[derive(Debug, Default)]
+struct Messages {
+    kept: Vec<String>,
+    dropped: u64,
+}
+
+impl Messages {
+    fn is_full(&self) -> bool {
+        self.kept.len() >= MAX_MESSAGES
+    }
+
+    fn push(&mut self, line: String) {
+        if !self.is_full() {
+            self.kept.push(line);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    /// The kept lines, plus one line counting those that were not kept.
+    fn take_lines(&mut self) -> Vec<String> {
+        let mut lines = std::mem::take(&mut self.kept);
+        let dropped = std::mem::take(&mut self.dropped);
+        if dropped > 0 {
+            lines.push(format!(
+                "... and {dropped} more messages (only the first {MAX_MESSAGES} are kept)"
+            ));
+        }
+        lines
+    }
+}
+
 struct Checker<'a, B> {
     backend: &'a B,
     header: Header,
@@ -311,7 +340,7 @@ struct Checker<'a, B> {
     refblock_cache: Vec<(u64, Vec<u8>)>,
     l2_cache: Option<(u64, Vec<u8>)>,
     res: Counts,
-    messages: Vec<String>,
+    messages: Messages,
     imrt: Imrt,
     /// The image was marked corrupt after a refused write (qemu reports that only once).
     signalled_corruption: bool,
@@ -359,7 +388,7 @@ impl<'a, B: Backend> Checker<'a, B> {
             refblock_cache: Vec::new(),
             l2_cache: None,
             res: Counts::default(),
-            messages: Vec::new(),
+            messages: Messages::default(),
             signalled_corruption: false,
             imrt: Imrt {
                 bytes: Vec::new(),
@@ -413,9 +442,20 @@ impl<'a, B: Backend> Checker<'a, B> {
             .saturating_sub(offset)
             .div_ceil(8)
             .min(entries);
-        let mut raw = vec![0u8; in_file as usize * 8];
-        self.read_padded(&mut raw, offset, what)?;
-        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+        let mut table = Vec::new();
+        table
+            .try_reserve_exact(in_file as usize)
+            .map_err(|_| aborted(io::ErrorKind::OutOfMemory, "cannot allocate a table"))?;
+        // Through a small buffer, so that only the decoded table is held.
+        let mut raw = [0u8; 8192];
+        let mut done = 0u64;
+        while done < in_file {
+            let n = (in_file - done).min(raw.len() as u64 / 8) as usize;
+            self.read_padded(&mut raw[..n * 8], offset + done * 8, what)?;
+            table.extend(raw[..n * 8].chunks_exact(8).map(BigEndian::read_u64));
+            done += n as u64;
+        }
+        Ok(table)
     }
 
     fn write(&mut self, buf: &[u8], offset: u64, what: &'static str) -> Result<(), Error> {
@@ -463,10 +503,10 @@ impl<'a, B: Backend> Checker<'a, B> {
             return Some("inactive L1 table");
         }
         if check(overlap::ACTIVE_L2)
-            && self.l1.iter().any(|e| {
-                let l2 = e & L1_OFFSET_MASK;
-                l2 != 0 && hits(l2, cs)
-            })
+            && self
+                .l1
+                .iter()
+                .any(|e| L1Entry(*e).l2_offset().is_some_and(|l2| hits(l2, cs)))
         {
             return Some("active L2 table");
         }
@@ -673,11 +713,21 @@ impl<'a, B: Backend> Checker<'a, B> {
             }
             let count = self.imrt.get(k);
             if count == max_refcount {
+                self.res.corruptions += 1;
+                if self.messages.is_full() {
+                    // Millions of these are possible: do not even format them.
+                    self.messages.dropped += 2;
+                    continue;
+                }
                 self.messages.push(format!(
                     "ERROR: overflow cluster offset={:#x}",
                     k << self.cluster_bits
                 ));
-                self.res.corruptions += 1;
+                self.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert \
+                     to create a clean copy if the image cannot be opened for writing"
+                        .to_owned(),
+                );
                 continue;
             }
             self.imrt.set(k, count + 1);
@@ -685,32 +735,11 @@ impl<'a, B: Backend> Checker<'a, B> {
         Ok(())
     }
 
-    fn cluster_type(&self, entry: u64) -> ClusterType {
-        if entry & COMPRESSED != 0 {
-            ClusterType::Compressed
-        } else if entry & ZERO != 0 && !self.extended_l2 {
-            if entry & L2_OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
-            }
-        } else if entry & L2_OFFSET_MASK == 0 {
-            if self.has_data_file && entry & COPIED != 0 {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
-        } else {
-            ClusterType::Normal
-        }
-    }
-
-    /// (host byte offset, bytes) of a compressed cluster descriptor.
-    fn compressed_range(&self, entry: u64) -> (u64, u64) {
-        let shift = 62 - (self.cluster_bits - 8);
-        let offset = entry & ((1u64 << shift) - 1);
-        let sectors = ((entry >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
-        (offset, sectors * 512 - (offset & 511))
+    /// Entry `index` of an L2 table and its kind, decoded by [`L2Entry`].
+    fn l2_entry_at(&self, table: &[u8], index: usize) -> (L2Entry, ClusterKind) {
+        let entry = L2Entry::read(table, index, self.extended_l2);
+        let kind = entry.cluster_kind(self.cluster_bits, self.extended_l2, self.has_data_file);
+        (entry, kind)
     }
 
     fn l2_entry_size(&self) -> usize {
@@ -721,17 +750,6 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
     }
 
-    fn l2_entry_at(&self, table: &[u8], index: usize) -> (u64, u64) {
-        let size = self.l2_entry_size();
-        let entry = BigEndian::read_u64(&table[index * size..]);
-        let bitmap = if self.extended_l2 {
-            BigEndian::read_u64(&table[index * size + 8..])
-        } else {
-            0
-        };
-        (entry, bitmap)
-    }
-
     /// qemu's `check_refcounts_l2`. `frag` (frag info) is set for the active table only, so it
     /// also tells active from snapshot tables.
     fn check_l2(&mut self, l2_offset: u64, frag: bool, repair: Repair) -> Result<(), Error> {
@@ -739,18 +757,21 @@ impl<'a, B: Backend> Checker<'a, B> {
         let entries = self.cluster_size as usize / self.l2_entry_size();
         let mut next_contiguous = 0u64;
         for i in 0..entries {
-            let (mut entry, bitmap) = self.l2_entry_at(&table, i);
-            let kind = self.cluster_type(entry);
-            if kind != ClusterType::Compressed && entry & L2_RESERVED_MASK != 0 {
+            let (decoded, kind) = self.l2_entry_at(&table, i);
+            let (mut entry, bitmap) = (decoded.entry, decoded.bitmap);
+            let compressed = matches!(kind, ClusterKind::Compressed { .. });
+            if !compressed && entry & L2_RESERVED_MASK != 0 {
                 self.messages.push(format!(
                     "ERROR found l2 entry with reserved bits set: {entry:x}"
                 ));
                 self.res.corruptions += 1;
             }
             match kind {
-                ClusterType::Compressed => {
+                ClusterKind::Compressed {
+                    host: coffset,
+                    len: csize,
+                } => {
                     if entry & COPIED != 0 {
-                        let (coffset, _) = self.compressed_range(entry);
                         self.messages.push(format!(
                             "ERROR: coffset={coffset:#x}: copied flag must never be set for \
                              compressed clusters"
@@ -773,7 +794,6 @@ impl<'a, B: Backend> Checker<'a, B> {
                         self.res.corruptions += 1;
                         continue;
                     }
-                    let (coffset, csize) = self.compressed_range(entry);
                     self.inc_refcounts(coffset, csize)?;
                     if frag {
                         self.res.allocated_clusters += 1;
@@ -781,8 +801,8 @@ impl<'a, B: Backend> Checker<'a, B> {
                         self.res.fragmented_clusters += 1;
                     }
                 }
-                ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let offset = entry & L2_OFFSET_MASK;
+                ClusterKind::ZeroAllocated { host: offset }
+                | ClusterKind::Normal { host: offset } => {
                     if (bitmap >> 32) & bitmap != 0 {
                         self.res.corruptions += 1;
                         self.messages.push(format!(
@@ -829,8 +849,8 @@ impl<'a, B: Backend> Checker<'a, B> {
                         self.inc_refcounts(offset, self.cluster_size)?;
                     }
                 }
-                ClusterType::ZeroPlain => {}
-                ClusterType::Unallocated => {
+                ClusterKind::ZeroPlain => {}
+                ClusterKind::Unallocated => {
                     if bitmap & 0xffff_ffff != 0 {
                         self.res.corruptions += 1;
                         self.messages.push(
@@ -896,29 +916,42 @@ impl<'a, B: Backend> Checker<'a, B> {
             return Ok(());
         }
         self.inc_refcounts(l1_offset, l1_size * 8)?;
-        let table = self.read_u64_table(l1_offset, l1_size, "qcow2 L1 table")?;
-        for entry in table {
-            if entry == 0 {
-                continue;
+        // In chunks: an L1 table may be 32 MiB, and a snapshot's is read besides the active one.
+        let mut first = 0u64;
+        while first < l1_size {
+            let count = L1_CHUNK_ENTRIES.min(l1_size - first);
+            let chunk = self.read_u64_table(l1_offset + first * 8, count, "qcow2 L1 table")?;
+            for entry in chunk {
+                self.check_l1_entry(L1Entry(entry), frag, repair)?;
             }
-            if entry & L1_RESERVED_MASK != 0 {
-                self.messages.push(format!(
-                    "ERROR found L1 entry with reserved bits set: {entry:x}"
-                ));
-                self.res.corruptions += 1;
-            }
-            let l2_offset = entry & L1_OFFSET_MASK;
-            self.inc_refcounts(l2_offset, self.cluster_size)?;
-            if l2_offset % self.cluster_size != 0 {
-                self.messages.push(format!(
-                    "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
-                     corrupted"
-                ));
-                self.res.corruptions += 1;
-            }
-            self.check_l2(l2_offset, frag, repair)?;
+            first += count;
         }
         Ok(())
+    }
+
+    /// One L1 entry of [`Self::check_l1`].
+    fn check_l1_entry(&mut self, entry: L1Entry, frag: bool, repair: Repair) -> Result<(), Error> {
+        if entry.0 == 0 {
+            return Ok(());
+        }
+        if entry.reserved_bits() != 0 {
+            self.messages.push(format!(
+                "ERROR found L1 entry with reserved bits set: {:x}",
+                entry.0
+            ));
+            self.res.corruptions += 1;
+        }
+        // Like qemu, an entry with only flag bits counts a reference to cluster 0.
+        let l2_offset = entry.l2_offset().unwrap_or(0);
+        self.inc_refcounts(l2_offset, self.cluster_size)?;
+        if l2_offset % self.cluster_size != 0 {
+            self.messages.push(format!(
+                "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
+                 corrupted"
+            ));
+            self.res.corruptions += 1;
+        }
+        self.check_l2(l2_offset, frag, repair)
     }
 
     /// qemu's `check_refblocks`: every refcount block is referenced once.
@@ -1256,10 +1289,9 @@ impl<'a, B: Backend> Checker<'a, B> {
         let verb = if fix { "Repairing" } else { "ERROR" };
         for i in 0..self.l1.len() {
             let l1_entry = self.l1[i];
-            let l2_offset = l1_entry & L1_OFFSET_MASK;
-            if l2_offset == 0 {
+            let Some(l2_offset) = L1Entry(l1_entry).l2_offset() else {
                 continue;
-            }
+            };
             let Ok(count) = self.disk_refcount(l2_offset >> self.cluster_bits) else {
                 continue;
             };
@@ -1294,15 +1326,16 @@ impl<'a, B: Backend> Checker<'a, B> {
             let entries = self.cluster_size as usize / self.l2_entry_size();
             let mut dirty = 0u64;
             for j in 0..entries {
-                let (entry, _) = self.l2_entry_at(&table, j);
-                let kind = self.cluster_type(entry);
-                if kind != ClusterType::Normal && kind != ClusterType::ZeroAlloc {
+                let (decoded, kind) = self.l2_entry_at(&table, j);
+                let entry = decoded.entry;
+                let (ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host }) = kind
+                else {
                     continue;
-                }
+                };
                 let count = if self.has_data_file {
                     1
                 } else {
-                    match self.disk_refcount((entry & L2_OFFSET_MASK) >> self.cluster_bits) {
+                    match self.disk_refcount(host >> self.cluster_bits) {
                         Ok(count) => count,
                         Err(_) => continue,
                     }
@@ -1640,7 +1673,7 @@ impl<'a, B: Backend> Checker<'a, B> {
             filename: String::new(),
             format: "qcow2".to_owned(),
             fragmented_clusters: res.fragmented_clusters,
-            messages: std::mem::take(&mut self.messages),
+            messages: self.messages.take_lines(),
         })
     }
 

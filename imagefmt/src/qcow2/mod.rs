@@ -9,11 +9,13 @@
 //!
 //! Files: [`header`] (fixed fields), [`features`] (feature bits and names), [`extensions`]
 //! (TLV area), [`header_cluster`] (cluster 0 as a unit), [`refcount`] (refcount entry widths),
-//! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer).
+//! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer),
+//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them).
 
 pub mod allocator;
 pub mod check;
 pub mod compress;
+pub mod compressed_writer;
 pub mod create;
 pub mod error;
 pub mod extensions;

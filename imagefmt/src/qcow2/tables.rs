@@ -103,6 +103,39 @@ impl L2Entry {
         }
     }
 
+    /// Entry `index` of an L2 table's bytes: 8 bytes per entry, or 16 with extended L2.
+    ///
+    /// # Panics
+    /// If `index` is outside `table` (a caller bug: indices come from the table's size).
+    pub fn read(table: &[u8], index: usize, extended_l2: bool) -> L2Entry {
+        let at = index * if extended_l2 { 16 } else { 8 };
+        let word = |at: usize| u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes"));
+        L2Entry {
+            entry: word(at),
+            bitmap: if extended_l2 { word(at + 8) } else { 0 },
+        }
+    }
+
+    /// The kind of the whole cluster as qemu's `qcow2_get_cluster_type` sees it: with extended
+    /// L2 entries bit 0 is not a zero flag, and with an external data file an entry with offset
+    /// 0 and COPIED set is a normal cluster at host offset 0 of the data file.
+    pub fn cluster_kind(
+        self,
+        cluster_bits: u32,
+        extended_l2: bool,
+        data_file: bool,
+    ) -> ClusterKind {
+        let host = self.entry & L2_OFFSET_MASK;
+        if self.is_compressed() || (self.entry & ZERO != 0 && !extended_l2) {
+            return self.kind(cluster_bits);
+        }
+        if host != 0 || (data_file && self.copied()) {
+            ClusterKind::Normal { host }
+        } else {
+            ClusterKind::Unallocated
+        }
+    }
+
     /// The kind of subcluster `index` (0..32) for an extended entry. An invalid bitmap (a
     /// subcluster both allocated and zero, or allocated without a host cluster) is `Err`.
     pub fn subcluster_kind(
@@ -211,6 +244,42 @@ mod tests {
             bitmap: 1,
         };
         assert!(no_host.subcluster_kind(0, 16).is_err());
+    }
+
+    #[test]
+    fn cluster_kind_follows_qemu_for_extended_entries_and_data_files() {
+        let entry = |entry| L2Entry { entry, bitmap: 0 };
+        // Extended L2: bit 0 is no zero flag.
+        assert_eq!(
+            entry(1).cluster_kind(16, true, false),
+            ClusterKind::Unallocated
+        );
+        assert_eq!(
+            entry(0x50001).cluster_kind(16, true, false),
+            ClusterKind::Normal { host: 0x50000 }
+        );
+        assert_eq!(
+            entry(1).cluster_kind(16, false, false),
+            ClusterKind::ZeroPlain
+        );
+        // Data file: offset 0 with COPIED is host offset 0.
+        assert_eq!(
+            entry(COPIED).cluster_kind(16, false, true),
+            ClusterKind::Normal { host: 0 }
+        );
+        assert_eq!(
+            entry(COPIED).cluster_kind(16, false, false),
+            ClusterKind::Unallocated
+        );
+        let table = [0x80, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC];
+        assert_eq!(
+            L2Entry::read(&table, 0, true),
+            L2Entry {
+                entry: 0x8000_0000_0005_0000,
+                bitmap: 0xC
+            }
+        );
+        assert_eq!(L2Entry::read(&table, 1, false).entry, 0xC);
     }
 
     #[test]

@@ -303,7 +303,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// The L2 table for `pos`, allocated (zeroed, then linked from L1) if missing.
-    fn l2_for_write(&mut self, pos: u64) -> Result<(u64, usize, L2Entry)> {
+    pub(super) fn l2_for_write(&mut self, pos: u64) -> Result<(u64, usize, L2Entry)> {
         if let Some(found) = self.existing_entry(pos)? {
             let l1_index = ((pos >> self.header.cluster_bits) / self.header.l2_entries()) as usize;
             if !L1Entry(self.l1[l1_index]).copied() {
@@ -338,7 +338,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Writes one L2 entry (and bitmap) to disk and to the cached table.
-    fn set_l2_entry(&mut self, table: u64, index: usize, entry: u64, bitmap: u64) -> Result<()> {
+    pub(super) fn set_l2_entry(
+        &mut self,
+        table: u64,
+        index: usize,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
         let extended = self.header.extended_l2();
         let width = if extended { 16 } else { 8 };
         let mut bytes = [0u8; 16];
@@ -355,7 +361,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Drops the host clusters an entry referenced (after the entry was rewritten).
-    fn release(&mut self, old: L2Entry) -> Result<()> {
+    pub(super) fn release(&mut self, old: L2Entry) -> Result<()> {
         match old.kind(self.header.cluster_bits) {
             ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
                 self.free_cluster(host)
@@ -558,38 +564,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             self.free_cluster(table)?;
         }
         Ok(())
-    }
-
-    /// Writes one whole cluster compressed (deflate or zstd, per the header), at a
-    /// cluster-aligned `offset`. Data that does not shrink is written uncompressed, as qemu does.
-    /// Images with extended L2 entries get a normal write (compressed clusters there have no
-    /// subclusters, which this writer does not produce).
-    pub fn write_compressed(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        if offset % cluster_size != 0
-            || (data.len() as u64 != cluster_size && offset + data.len() as u64 != self.header.size)
-            || self.header.extended_l2()
-        {
-            return self.write_at(data, offset);
-        }
-        let mut full = vec![0u8; cluster_size as usize];
-        full[..data.len()].copy_from_slice(data);
-        let compressed = match self.header.compression_type {
-            super::CompressionType::Deflate => super::compress::deflate(&full),
-            super::CompressionType::Zstd => super::compress::zstd(&full),
-        };
-        let Some(compressed) = compressed.filter(|c| (c.len() as u64) < cluster_size) else {
-            return self.write_at(data, offset);
-        };
-        let (table, index, entry) = self.l2_for_write(offset)?;
-        let host = self.alloc_cluster()?;
-        self.write_host(&compressed, host)?;
-        self.barrier()?;
-        let sectors = (compressed.len() as u64).div_ceil(512);
-        let offset_bits = 62 - (self.header.cluster_bits - 8);
-        let descriptor = super::tables::COMPRESSED | host | ((sectors - 1) << offset_bits);
-        self.set_l2_entry(table, index, descriptor, 0)?;
-        self.release(entry)
     }
 
     /// Points the image at a new backing file (or none), rewriting cluster 0: the header, the
