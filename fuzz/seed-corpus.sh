@@ -1,19 +1,24 @@
 #!/bin/sh
-# Regenerates the seed corpora under fuzz/corpus/<target>/ (gitignored) from images qemu-img
-# makes: the first 4 KiB of each (cluster 0 / header + start of the block map is all the
-# targets read). Needs qemu-img (Debian package qemu-utils). Safe to re-run: seeds are
-# overwritten, inputs the fuzzer added to the corpora are kept.
+# Regenerates the seed corpora under fuzz/corpus/<target>/ (gitignored), or under the directory
+# given as the first argument (.ci/fuzz seeds a temporary one), from images qemu-img makes: the
+# first 4 KiB of each (cluster 0 / header + start of the block map is all the header targets
+# read), whole small images for the guest targets. Needs qemu-img and qemu-io (Debian package
+# qemu-utils). Safe to re-run: seeds are overwritten, inputs the fuzzer added are kept.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-corpus="$here/corpus"
+corpus=${1:-"$here/corpus"}
+mkdir -p "$corpus"
+corpus=$(cd "$corpus" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-command -v qemu-img >/dev/null || {
-    echo "seed-corpus.sh: qemu-img not found (Debian package qemu-utils)" >&2
-    exit 1
-}
+for tool in qemu-img qemu-io; do
+    command -v "$tool" >/dev/null || {
+        echo "seed-corpus.sh: $tool not found (Debian package qemu-utils)" >&2
+        exit 1
+    }
+done
 mkdir -p "$corpus/qcow2_header" "$corpus/qcow2_read" "$corpus/vdi_header" "$corpus/size"
 
 # seed <format> <name> <target...> -- <qemu-img create arguments after the file name>
@@ -51,7 +56,7 @@ head -c 4096 /dev/zero > "$corpus/qcow2_read/zeros"
 # size: the forms qemu-img accepts, and edges.
 i=0
 for s in 0 512 4096 64k 64K 1M 1.5G 10G 2T 1P 15E 512b 0.5k .5M 18446744073709551615 \
-         15.999999999999999999E " 1G " 1.0000000000000000001T; do
+         15.999999999999999999E " 1G " 1.0000000000000000001T 0x10000 0x1e; do
     i=$((i + 1))
     printf '%s' "$s" > "$corpus/size/seed-$i"
 done
@@ -90,3 +95,35 @@ mkdir -p "$corpus/plan" "$corpus/provision_report"
 printf '#!/bin/sh\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 2G */\n/* rexxjs-vm-cpus: 2 */\n/* rexxjs-vm-ingress-port: 8080 */\n/* rexxjs-vm-egress-ports: 80,443 */\n/* rexxjs-vm-timeout: 5m */\necho hi\n' \
     > "$corpus/plan/every-key"
 printf 'COWCLONE-BEGIN n0nce\r\naGVsbG8K\r\nCOWCLONE-END n0nce 3\r\n' > "$corpus/provision_report/framed"
+
+# chain_policy: [flags][top length, u16 LE][top][base], from qemu-made overlays (512-byte
+# clusters keep them a few KiB) over a qcow2 base and a raw base, each with data written.
+mkdir -p "$corpus/chain_policy"
+chain_tmp=$(mktemp -d)
+# chain_seed <name> <flags> <top file> <base file>
+chain_seed() {
+    len=$(stat -c %s "$3")
+    {
+        printf "\\$(printf %o "$2")"
+        printf "\\$(printf %o $((len & 255)))\\$(printf %o $((len >> 8)))"
+        cat "$3" "$4"
+    } > "$corpus/chain_policy/$1"
+}
+(
+    cd "$chain_tmp"
+    qemu-img create -q -f qcow2 -o cluster_size=512 base 64k
+    qemu-io -f qcow2 -c 'write -P 0x11 0 8k' base >/dev/null
+    qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 over-qcow2.qcow2 64k
+    qemu-io -f qcow2 -c 'write -P 0x22 4k 1k' over-qcow2.qcow2 >/dev/null
+    head -c 65536 /dev/zero | tr '\0' '\063' > base.raw
+    qemu-img create -q -f qcow2 -o cluster_size=512 -b base.raw -F raw over-raw.qcow2 64k
+    qemu-io -f qcow2 -c 'write -P 0x44 0 512' over-raw.qcow2 >/dev/null
+    qemu-img create -q -f qcow2 -o cluster_size=512 alone.qcow2 64k
+)
+chain_seed qcow2-over-qcow2 0 "$chain_tmp/over-qcow2.qcow2" "$chain_tmp/base"
+chain_seed qcow2-over-raw 0 "$chain_tmp/over-raw.qcow2" "$chain_tmp/base.raw"
+chain_seed named-base-raw-format 9 "$chain_tmp/alone.qcow2" "$chain_tmp/base.raw"
+chain_seed named-outside 2 "$chain_tmp/over-raw.qcow2" "$chain_tmp/base.raw"
+chain_seed named-link-in 4 "$chain_tmp/over-qcow2.qcow2" "$chain_tmp/base"
+rm -rf "$chain_tmp"
+echo "chain_policy: $(ls "$corpus/chain_policy" | wc -l) files"

@@ -593,3 +593,70 @@ fn qcow2_in_place_write_into_a_cluster_counted_as_free_is_refused() {
     let err = image.write_at(&[2u8; 512], 0).unwrap_err();
     assert!(err.to_string().contains("refcount is not 1"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz finds of 2026-12-01 (.ci/fuzz): both were wrong properties in the targets; the inputs
+// stay here so the library keeps reading them as qemu does.
+
+/// Fuzz find (`qcow2_header`, within 5,000 runs): `backing_file_offset` 65 with
+/// `backing_file_size` 0. The parser reads no backing file; the target insisted that a header
+/// without a name has offset 0. qemu reads `backing_file_size` bytes at the offset, gets an
+/// empty name, and an empty name is no backing file: `qemu-img info` shows none, `qemu-img
+/// check` is clean and qemu-io reads the image. So the parser was right and the target's
+/// property was fixed; this test holds the parser to qemu's reading.
+#[test]
+fn qcow2_backing_offset_65_with_size_0_is_no_backing_file_as_in_qemu() {
+    let mut image = qemu_style_qcow2();
+    put_be64(&mut image, 8, 65); // backing_file_offset: inside the fixed header
+    put_be32(&mut image, 16, 0); // backing_file_size
+    let (parsed, _) = parse_cluster0(&image);
+    let parsed = parsed.expect("qemu opens this header, so must we");
+    assert_eq!(parsed.backing_file, None);
+    assert_eq!(
+        (
+            parsed.header.backing_file_offset,
+            parsed.header.backing_file_size
+        ),
+        (65, 0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offset65.qcow2");
+    std::fs::write(&path, &image).unwrap();
+    let theirs = crate::util::qemu_info_json(&path);
+    assert_eq!(theirs["format"], "qcow2", "qemu-img info: {theirs}");
+    assert!(
+        theirs.get("backing-filename").is_none(),
+        "qemu-img info reports a backing file: {theirs}"
+    );
+    crate::util::assert_qemu_check_clean(&path, "offset 65, size 0");
+
+    let ours = imagefmt::info::image_info(&path).unwrap();
+    assert_eq!(ours.backing_filename, None);
+    assert_eq!(ours.virtual_size, theirs["virtual-size"].as_u64().unwrap());
+    // And the chain is this image alone, under the strictest following policy too.
+    let chain = imagefmt::info::backing_chain(&path, &BackingPolicy::Confine(dir.path().into()))
+        .expect("an image without a backing file opens under confinement");
+    assert_eq!(chain.len(), 1);
+}
+
+/// Fuzz find (`size`, within 15,000 runs): `0XD`. `parse_size` reads 13; the target took the
+/// trailing `D` for an (unknown) suffix and expected a refusal. qemu reads hex as strtoull
+/// does, every hex digit part of the number (`qemu-io -c 'read 0 0XD'` reads 13 bytes), so the
+/// target's property was fixed; this test holds the parser to qemu-io's reading.
+#[test]
+fn size_0xd_is_13_bytes_as_qemu_io_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("4k.raw");
+    std::fs::write(&path, [0u8; 4096]).unwrap();
+    for (input, value) in [("0XD", 13u64), ("0xd", 13), ("0x1e", 30), ("0x10b", 0x10b)] {
+        assert_eq!(imagefmt::size::parse_size(input), Ok(value), "{input}");
+        let command = format!("read 0 {input}");
+        let stdout =
+            crate::util::qemu_io_ok(&[&"-f", &"raw", &"-c", &command.as_str(), &path.as_path()]);
+        assert!(
+            stdout.contains(&format!("read {value}/{value} bytes at offset 0")),
+            "qemu-io reads {input} differently: {stdout}"
+        );
+    }
+}

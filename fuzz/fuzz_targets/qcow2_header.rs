@@ -4,7 +4,8 @@
 //! 1. `Header::parse` accepts ⇒ `Header::to_bytes` reproduces the input's first
 //!    `encoded_len()` bytes exactly, and re-parses to an equal `Header`.
 //! 2. `HeaderCluster::parse` accepts ⇒ `Header::parse` accepts the same bytes with the same
-//!    header, and the backing name is exactly the bytes the header points at.
+//!    header, and the backing name is exactly the bytes the header points at; no name means
+//!    offset 0 or size 0 (an empty name is no backing file, as qemu reads it).
 //! 3. `HeaderCluster::to_bytes` of an accepted cluster either fails for one of the two
 //!    writer-only reasons (`HeaderLengthUnaligned`, `HeaderClusterOverflow`) or yields at most
 //!    one cluster of bytes that re-parse to an equal cluster (modulo `backing_file_offset` /
@@ -56,11 +57,19 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     );
     let h = &cluster.header;
     match &cluster.backing_file {
-        None => assert_eq!(h.backing_file_offset, 0, "backing offset without a name"),
+        // qemu reads `backing_file_size` bytes at a non-zero offset; zero bytes is an empty
+        // name, which means no backing file (qcow2_do_open, then bdrv_open_backing_file).
+        None => assert!(
+            h.backing_file_offset == 0 || h.backing_file_size == 0,
+            "a {}-byte backing name at offset {} was dropped",
+            h.backing_file_size,
+            h.backing_file_offset
+        ),
         Some(name) => {
             let start = h.backing_file_offset as usize;
             let end = start + h.backing_file_size as usize;
             assert!(h.backing_file_offset != 0, "name without a backing offset");
+            assert!(!name.is_empty(), "an empty name is no backing file");
             assert!(
                 end as u64 <= h.cluster_size(),
                 "backing name outside cluster 0"

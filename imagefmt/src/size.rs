@@ -12,31 +12,22 @@ pub struct InvalidSize {
     pub input: String,
 }
 
-/// Parses a size: a number (decimals allowed with a suffix other than bytes; hex with `0x`)
-/// with an optional binary suffix `b`/`B` (bytes), `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of
-/// 1024), as qemu-img accepts.
+/// Parses a size as qemu-img does: a decimal number (a fraction only with a suffix other than
+/// bytes) with an optional binary suffix `b`/`B` (bytes), `k`/`K`, `M`, `G`, `T`, `P`, `E`
+/// (powers of 1024), or a `0x` hex number without a suffix.
 pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
     let err = || InvalidSize {
         input: input.to_owned(),
     };
     let text = input.trim();
     if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        // As strtoull reads it: every hex digit belongs to the number ("0x1e" is 30), and only
-        // a trailing non-hex letter is a suffix.
-        let digits = hex.bytes().take_while(u8::is_ascii_hexdigit).count();
-        let shift = match &hex[digits..] {
-            "" => 0,
-            "k" | "K" => 10,
-            "m" | "M" => 20,
-            "g" | "G" => 30,
-            "t" | "T" => 40,
-            "p" | "P" => 50,
-            _ => return Err(err()),
-        };
-        return u64::from_str_radix(&hex[..digits], 16)
-            .ok()
-            .and_then(|n| n.checked_mul(1u64 << shift))
-            .ok_or_else(err);
+        // As qemu-img 10 reads it (qemu_strtosz): hex digits only, every one of them part of
+        // the number ("0x1e" is 30, "0XD" is 13), and no suffix ("0x10M" is refused; qemu 6.0
+        // deprecated hex with a suffix, and later releases refuse it).
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(err());
+        }
+        return u64::from_str_radix(hex, 16).map_err(|_| err());
     }
     let (number, shift) = match text.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -105,9 +96,23 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("512b").unwrap(), 512);
         assert_eq!(parse_size("0x100000").unwrap(), 1 << 20);
-        assert_eq!(parse_size("0x10M").unwrap(), 16 << 20);
         assert_eq!(parse_size("0x1e").unwrap(), 30);
         assert_eq!(parse_size("0x1b").unwrap(), 27);
+        assert_eq!(parse_size("0XD").unwrap(), 13);
+    }
+
+    #[test]
+    fn hex_takes_no_suffix_as_in_current_qemu() {
+        // qemu-io 10.0.2: "read 0 0x10k" -> "Parsing error: non-numeric argument, or
+        // extraneous/unrecognized suffix"; "read 0 0x10b" reads 267 bytes (b is a hex digit).
+        for bad in [
+            "0x10k", "0x10M", "0X1g", "0x1T", "0x1p", "0x", "0x1.5", "0x-1",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_size("0x10b").unwrap(), 0x10b);
+        assert_eq!(parse_size("0xffffffffffffffff").unwrap(), u64::MAX);
+        assert!(parse_size("0x10000000000000000").is_err());
     }
 
     #[test]
