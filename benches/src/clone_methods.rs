@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
@@ -32,7 +31,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::data::XorShift;
-use crate::stats::{median, median_u64, p90, round1};
+use crate::stats::{median, median_u64, p90, round1, round_significant};
 use crate::{fs_facts, tools, BenchError, Result};
 
 /// The qcow2 base's file name inside the bench directory.
@@ -252,7 +251,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
     let base_vdi_bytes = if config.methods.iter().any(|m| m.needs_vdi_base()) {
         progress.set_message(format!("writing {BASE_VDI}"));
         make_vdi_base(&cloner.base_vdi(), config.size)?;
-        Some(settled_bytes(&cloner.base_vdi())?)
+        Some(fs_facts::settled_bytes(&cloner.base_vdi())?)
     } else {
         None
     };
@@ -292,7 +291,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
             let start = Instant::now();
             cloner.clone_once(method, &path)?;
             let micros = start.elapsed().as_secs_f64() * 1e6;
-            let (apparent, allocated) = settled_bytes(&path)?;
+            let (apparent, allocated) = fs_facts::settled_bytes(&path)?;
             let entry = samples.entry(method).or_default();
             entry.micros.push(micros);
             entry.apparent.push(apparent);
@@ -323,7 +322,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
         size: config.size,
         count: config.count,
         durable: config.durable,
-        base_qcow2_bytes: settled_bytes(&cloner.base_qcow2())?,
+        base_qcow2_bytes: fs_facts::settled_bytes(&cloner.base_qcow2())?,
         base_vdi_bytes,
         qemu_img_version: tools::version("qemu-img"),
     };
@@ -364,14 +363,6 @@ fn summarize(
             }
         })
         .collect()
-}
-
-fn round_significant(value: f64, digits: i32) -> f64 {
-    if value == 0.0 || !value.is_finite() {
-        return value;
-    }
-    let scale = 10f64.powi(digits - 1 - value.abs().log10().floor() as i32);
-    (value * scale).round() / scale
 }
 
 /// Creates the bench directory; the `TempDir`, if any, removes it when dropped.
@@ -438,18 +429,6 @@ fn make_vdi_base(path: &Path, size: u64) -> Result<()> {
     })?;
     image.flush()?;
     Ok(())
-}
-
-/// fsyncs `path` (so that delayed allocation is settled) and returns (st_size, st_blocks×512).
-fn settled_bytes(path: &Path) -> Result<(u64, u64)> {
-    let file = File::open(path).map_err(BenchError::io(format!("opening {}", path.display())))?;
-    file.sync_all()
-        .map_err(BenchError::io(format!("syncing {}", path.display())))?;
-    let meta = file.metadata().map_err(BenchError::io(format!(
-        "reading metadata of {}",
-        path.display()
-    )))?;
-    Ok((meta.len(), meta.blocks() * 512))
 }
 
 /// Makes clones in one directory.

@@ -43,6 +43,15 @@ pub enum BenchError {
         /// The directory.
         path: PathBuf,
     },
+    /// cowclone's result of an operation is not what qemu-img's is: a fast wrong answer is not
+    /// a result, so the run stops.
+    #[error("{operation}: cowclone's result differs from qemu-img's: {detail}")]
+    Mismatch {
+        /// The operation (`bench ops` name).
+        operation: &'static str,
+        /// What differs, with the judging command.
+        detail: String,
+    },
     /// A parameter makes the run impossible.
     #[error("{0}")]
     Invalid(String),

@@ -1,6 +1,11 @@
-//! Facts about the machine a run measured on: the filesystem type of the bench directory.
+//! Facts about the machine a run measured on and the files it made: the filesystem type of the
+//! bench directory, a file's settled size, the host's name and kernel.
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use crate::{BenchError, Result};
 
 /// The name of the filesystem holding `path`, from `statfs`'s magic number (the numbers are
 /// the kernel's, `include/uapi/linux/magic.h`); `"unknown (0x…)"` for others.
@@ -26,4 +31,41 @@ pub fn filesystem_name(path: &Path) -> String {
         _ => return format!("unknown (statfs magic {magic:#x})"),
     };
     name.to_owned()
+}
+
+/// fsyncs `path` (so that delayed allocation is settled) and returns (st_size, st_blocks×512).
+pub fn settled_bytes(path: &Path) -> Result<(u64, u64)> {
+    let file = File::open(path).map_err(BenchError::io(format!("opening {}", path.display())))?;
+    file.sync_all()
+        .map_err(BenchError::io(format!("syncing {}", path.display())))?;
+    let meta = file.metadata().map_err(BenchError::io(format!(
+        "reading metadata of {}",
+        path.display()
+    )))?;
+    Ok((meta.len(), meta.blocks() * 512))
+}
+
+/// Writes back every dirty page of the filesystem holding `path` (`syncfs`), so that writeback
+/// left by one measured command does not fall on the next.
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| rustix::fs::syncfs(&f).map_err(std::io::Error::from))
+        .map_err(BenchError::io(format!(
+            "syncing the filesystem of {}",
+            path.display()
+        )))
+}
+
+/// A line of `/proc/sys/kernel/<name>` (hostname, osrelease), or `"unknown"`.
+pub fn kernel_fact(name: &str) -> String {
+    std::fs::read_to_string(Path::new("/proc/sys/kernel").join(name))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// The 1-, 5- and 15-minute load averages from `/proc/loadavg`, as the kernel prints them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }

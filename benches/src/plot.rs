@@ -1,104 +1,211 @@
-//! `--plot FILE.svg`: a bar chart of one figure per method or tool, drawn with plotters' SVG
-//! backend.
+//! `--plot FILE.svg`: bar charts drawn with plotters' SVG backend: one bar per method or tool
+//! ([`bar_chart`]), or one group of bars per operation with one bar per tool
+//! ([`grouped_bar_chart`]). Every bar carries its value as a label; the x axis has exactly one
+//! slot per label.
 
+use std::ops::Range;
 use std::path::Path;
 
+use plotters::coord::combinators::BindKeyPoints;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::{BenchError, Result};
 
-/// Draws a bar chart of `bars` (label, value; values must be positive) to the SVG file
-/// `path`. The y axis is logarithmic when the largest value is over 20 times the smallest,
-/// so that microseconds and seconds fit on one chart.
+/// Draws a bar chart of `bars` (label, value; bars whose value is not positive are left out)
+/// to the SVG file `path`, each bar in its own colour with its value on top. The y axis is
+/// logarithmic when the largest value is over 20 times the smallest, so that microseconds and
+/// seconds fit on one chart.
 pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]) -> Result<()> {
+    let bars: Vec<&(String, f64)> = bars.iter().filter(|(_, v)| *v > 0.0).collect();
+    let labels: Vec<String> = bars.iter().map(|(l, _)| l.clone()).collect();
+    let values: Vec<f64> = bars.iter().map(|(_, v)| *v).collect();
+    draw(
+        path,
+        &Chart {
+            title,
+            y_label,
+            groups: &labels,
+            series: &[("", values)],
+            value_label: &|v| format!("{v:.1}"),
+        },
+    )
+}
+
+/// Draws one group of bars per entry of `groups`, with one bar per series in each (series:
+/// name, one value per group; a value that is not positive leaves its bar out), a legend
+/// naming the series, and each bar's value written on it by `value_label`. The y axis is
+/// logarithmic when the values span more than 20×.
+pub fn grouped_bar_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(&str, Vec<f64>)],
+    value_label: &dyn Fn(f64) -> String,
+) -> Result<()> {
+    draw(
+        path,
+        &Chart {
+            title,
+            y_label,
+            groups,
+            series,
+            value_label,
+        },
+    )
+}
+
+/// What to draw.
+struct Chart<'a> {
+    title: &'a str,
+    y_label: &'a str,
+    groups: &'a [String],
+    /// (name, one value per group); a single series with an empty name gets one colour per
+    /// bar and no legend.
+    series: &'a [(&'a str, Vec<f64>)],
+    value_label: &'a dyn Fn(f64) -> String,
+}
+
+fn draw(path: &Path, chart: &Chart<'_>) -> Result<()> {
     let fail = |message: String| BenchError::Plot {
         path: path.to_owned(),
         message,
     };
-    let bars: Vec<&(String, f64)> = bars.iter().filter(|(_, v)| *v > 0.0).collect();
-    if bars.is_empty() {
+    let values = || {
+        chart
+            .series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|v| *v > 0.0 && v.is_finite())
+    };
+    if chart.groups.is_empty() || values().next().is_none() {
         return Err(fail("nothing to plot: no method was measured".into()));
     }
-    let max = bars.iter().map(|(_, v)| *v).fold(f64::MIN, f64::max);
-    let min = bars.iter().map(|(_, v)| *v).fold(f64::MAX, f64::min);
-    let width = 160 + 120 * bars.len() as u32;
-    let root = SVGBackend::new(path, (width.max(480), 420)).into_drawing_area();
+    let max = values().fold(f64::MIN, f64::max);
+    let min = values().fold(f64::MAX, f64::min);
+    let per_group = 40 + 70 * chart.series.len() as u32;
+    let width = (120 + per_group * chart.groups.len() as u32).max(480);
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    let labels: Vec<String> = bars.iter().map(|(l, _)| l.clone()).collect();
-    let x_range = (0..bars.len() as i32).into_segmented();
-    let x_label_of = |x: &SegmentValue<i32>| match x {
-        SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
-            labels.get(*i as usize).cloned().unwrap_or_default()
-        }
-        SegmentValue::Last => String::new(),
-    };
-    let mut builder = ChartBuilder::on(&root);
-    builder
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(80);
-    let color = |i: usize| Palette99::pick(i).filled();
     if max / min > 20.0 {
-        let mut chart = builder
-            .build_cartesian_2d(x_range, (min / 2.0..max * 2.0).log_scale())
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&x_label_of)
-            .y_desc(format!("{y_label} (log scale)"))
-            .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-                let i = i as i32;
-                bar(
-                    (SegmentValue::Exact(i), min / 2.0),
-                    (SegmentValue::Exact(i + 1), *v),
-                    color(i as usize),
-                )
-            }))
-            .map_err(|e| fail(e.to_string()))?;
+        let y = (min / 2.0..max * 3.0).log_scale();
+        let y_label = format!("{} (log scale)", chart.y_label);
+        draw_on(&root, chart, y, min / 2.0, &y_label)
     } else {
-        let mut chart = builder
-            .build_cartesian_2d(x_range, 0.0..max * 1.1)
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&x_label_of)
-            .y_desc(y_label)
-            .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-                let i = i as i32;
-                bar(
-                    (SegmentValue::Exact(i), 0.0),
-                    (SegmentValue::Exact(i + 1), *v),
-                    color(i as usize),
-                )
-            }))
-            .map_err(|e| fail(e.to_string()))?;
+        draw_on(&root, chart, 0.0..max * 1.15, 0.0, chart.y_label)
     }
+    .map_err(fail)?;
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
 
-/// One bar: a filled rectangle between two corners, with a gap on each side.
-fn bar<X, Y>(corner: (X, Y), opposite: (X, Y), style: ShapeStyle) -> Rectangle<(X, Y)> {
-    let mut rect = Rectangle::new([corner, opposite], style);
-    rect.set_margin(0, 0, 12, 12);
-    rect
+/// Slot width on the x axis: group `i` spans `i × SLOT .. (i + 1) × SLOT`, its bars side by
+/// side in the middle 80 %.
+const SLOT: i32 = 100;
+
+/// Draws the bars on `root` with the y coordinate `y` (linear or logarithmic); bars start at
+/// `floor`.
+fn draw_on<Y>(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    chart: &Chart<'_>,
+    y: Y,
+    floor: f64,
+    y_label: &str,
+) -> std::result::Result<(), String>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let groups = chart.groups.len();
+    let x: Range<i32> = 0..groups as i32 * SLOT;
+    let x = x.with_key_points((0..groups as i32).map(|i| i * SLOT + SLOT / 2).collect());
+    let mut plot = ChartBuilder::on(root)
+        .caption(chart.title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| e.to_string())?;
+    let names = chart.groups;
+    plot.configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&|x| {
+            usize::try_from(x / SLOT)
+                .ok()
+                .and_then(|i| names.get(i))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .y_label_formatter(&|v| (chart.value_label)(*v))
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| e.to_string())?;
+
+    let legend = chart.series.len() > 1 || !chart.series[0].0.is_empty();
+    let width = SLOT * 8 / 10 / chart.series.len() as i32;
+    let label_style = TextStyle::from(("sans-serif", 12)).pos(Pos::new(HPos::Center, VPos::Bottom));
+    for (s, (name, values)) in chart.series.iter().enumerate() {
+        let colour = |g: usize| Palette99::pick(if legend { s } else { g }).filled();
+        let bars: Vec<(usize, f64)> = values
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(g, v)| *g < groups && *v > 0.0 && v.is_finite())
+            .collect();
+        let left = |g: usize| g as i32 * SLOT + SLOT / 10 + width * s as i32;
+        let drawn = plot
+            .draw_series(bars.iter().map(|&(g, v)| {
+                let mut rect = Rectangle::new([(left(g), floor), (left(g) + width, v)], colour(g));
+                rect.set_margin(0, 0, 2, 2);
+                rect
+            }))
+            .map_err(|e| e.to_string())?;
+        if legend {
+            let style = colour(0);
+            drawn
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], style));
+        }
+        plot.draw_series(bars.iter().map(|&(g, v)| {
+            Text::new(
+                (chart.value_label)(v),
+                (left(g) + width / 2, v),
+                label_style.clone(),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    }
+    if legend {
+        plot.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The text of every `<text>` element of an SVG, trimmed.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                let body = &t[t.find('>')? + 1..];
+                Some(body[..body.find("</text>")?].trim().to_owned())
+            })
+            .collect()
+    }
+
     #[test]
-    fn draws_an_svg_naming_every_bar_and_refuses_an_empty_chart() {
+    fn draws_an_svg_naming_every_bar_with_its_value_and_refuses_an_empty_chart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chart.svg");
         let bars = vec![
@@ -110,7 +217,50 @@ mod tests {
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(100)]);
         assert!(svg.contains("native-qcow2") && svg.contains("qemu-img"));
         assert!(svg.contains("log scale"));
+        let texts = texts(&svg);
+        assert!(
+            texts.contains(&"50.0".to_owned()),
+            "value labels: {texts:?}"
+        );
+        assert!(
+            texts.contains(&"7000.0".to_owned()),
+            "value labels: {texts:?}"
+        );
         let err = bar_chart(&path, "t", "y", &[("x".into(), 0.0)]).unwrap_err();
         assert!(matches!(err, BenchError::Plot { .. }));
+    }
+
+    #[test]
+    fn grouped_bars_have_a_legend_and_labels_and_skip_missing_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ops.svg");
+        let groups = vec!["convert".to_owned(), "map".to_owned()];
+        let series = [
+            ("cowclone", vec![1500.0, 0.0]),
+            ("qemu-img", vec![900.0, 12.0]),
+        ];
+        grouped_bar_chart(&path, "ops", "ms", &groups, &series, &|v| format!("{v} ms")).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let texts = texts(&svg);
+        for text in [
+            "convert", "map", "cowclone", "qemu-img", "1500 ms", "12 ms", "900 ms",
+        ] {
+            assert!(
+                texts.contains(&text.to_owned()),
+                "{text} missing: {texts:?}"
+            );
+        }
+        assert!(
+            !texts.contains(&"0 ms".to_owned()),
+            "no bar or label for a missing value"
+        );
+        // Three bars (one value is missing), each a filled rectangle of a series colour.
+        let first = Palette99::pick(0).to_rgba();
+        let fill = format!("fill=\"#{:02X}{:02X}{:02X}\"", first.0, first.1, first.2);
+        assert_eq!(
+            svg.matches(&fill).count(),
+            1 + 1,
+            "one cowclone bar + its legend mark"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::clone_methods::{self, MethodResult};
-use crate::{io, BenchError, Result};
+use crate::{io, ops, BenchError, Result};
 
 /// Writes the clone comparison as a table for people, with the run's circumstances.
 pub fn clone_human(report: &clone_methods::Report, out: &mut dyn Write) -> std::io::Result<()> {
@@ -140,6 +140,111 @@ pub fn io_human(report: &io::Report, out: &mut dyn Write) -> std::io::Result<()>
     Ok(())
 }
 
+/// Writes the whole-image operations comparison as a table for people, with the run's
+/// circumstances and how each operation's outputs were judged.
+pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<()> {
+    let env = &report.environment;
+    let work = &report.workload;
+    writeln!(
+        out,
+        "bench ops: {}: {} B image, {} B of data; built in {} s",
+        work.source, work.virtual_size, work.data_bytes, work.build_seconds
+    )?;
+    writeln!(
+        out,
+        "{}, kernel {}, {} CPUs, load average {} at the start, {} at the end",
+        env.host, env.kernel, env.cpus, env.load_average_start, env.load_average_end
+    )?;
+    writeln!(
+        out,
+        "{} | {} ({}) | bench directory in {} ({}) | {}",
+        env.qemu_img_version,
+        env.cowclone_version,
+        env.cowclone_binary.display(),
+        env.dir.display(),
+        env.filesystem,
+        env.date
+    )?;
+    let runs = report.operations.first().map_or(0, |o| o.runs);
+    writeln!(
+        out,
+        "median of {runs} timed runs per tool; speedup = qemu-img ÷ cowclone (above 1: cowclone \
+         faster); RSS = peak over all runs; out = allocated output bytes"
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<24} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14} {:>14}",
+        "operation",
+        "cowclone ms",
+        "qemu-img ms",
+        "speedup",
+        "RSS MiB",
+        "qemu MiB",
+        "out B",
+        "qemu out B"
+    )?;
+    for op in &report.operations {
+        writeln!(
+            out,
+            "{:<24} {:>12.1} {:>12.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
+            op.operation,
+            op.cowclone.median_ms,
+            op.qemu_img.median_ms,
+            op.speedup,
+            op.cowclone.peak_rss_kib as f64 / 1024.0,
+            op.qemu_img.peak_rss_kib as f64 / 1024.0,
+            int(op.cowclone.output_allocated_bytes),
+            int(op.qemu_img.output_allocated_bytes),
+        )?;
+    }
+    writeln!(out)?;
+    for op in &report.operations {
+        writeln!(out, "{:<24} judged: {}", op.operation, op.verified)?;
+    }
+    Ok(())
+}
+
+/// Writes the whole-image operations comparison as CSV: one line per operation.
+pub fn ops_csv(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "operation,runs,cowclone_median_ms,qemu_img_median_ms,speedup,cowclone_peak_rss_kib,\
+         qemu_img_peak_rss_kib,cowclone_output_allocated_bytes,qemu_img_output_allocated_bytes"
+    )?;
+    for op in &report.operations {
+        writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{}",
+            csv_field(op.operation),
+            op.runs,
+            op.cowclone.median_ms,
+            op.qemu_img.median_ms,
+            op.speedup,
+            op.cowclone.peak_rss_kib,
+            op.qemu_img.peak_rss_kib,
+            op.cowclone
+                .output_allocated_bytes
+                .map_or(String::new(), |v| v.to_string()),
+            op.qemu_img
+                .output_allocated_bytes
+                .map_or(String::new(), |v| v.to_string()),
+        )?;
+    }
+    Ok(())
+}
+
+/// A duration given in milliseconds, for chart labels: `1.23 s`, `456 ms`, `7.8 ms`.
+pub fn milliseconds(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2} s", ms / 1000.0)
+    } else if ms >= 10.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
 /// Writes `value` as pretty JSON to `path` (replacing it), for plotting elsewhere.
 pub fn write_json_file(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)
@@ -168,6 +273,13 @@ fn csv_field(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn milliseconds_read_as_people_write_them() {
+        assert_eq!(milliseconds(1234.5), "1.23 s");
+        assert_eq!(milliseconds(456.4), "456 ms");
+        assert_eq!(milliseconds(7.84), "7.8 ms");
+    }
 
     #[test]
     fn csv_quotes_reasons_with_commas_and_leaves_nulls_empty() {

@@ -36,6 +36,16 @@ pub fn round1(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
 }
 
+/// Rounds to `digits` significant digits (ratios: more would be noise). Zero, infinities and
+/// NaN are returned as they are.
+pub fn round_significant(value: f64, digits: i32) -> f64 {
+    if value == 0.0 || !value.is_finite() {
+        return value;
+    }
+    let scale = 10f64.powi(digits - 1 - value.abs().log10().floor() as i32);
+    (value * scale).round() / scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +61,8 @@ mod tests {
         assert!((p90(&ten).unwrap() - 9.1).abs() < 1e-9);
         assert_eq!(median_u64(&[10, 11]), Some(11));
         assert_eq!(round1(1.26), 1.3);
+        assert_eq!(round_significant(1.0 / 3.0, 4), 0.3333);
+        assert_eq!(round_significant(12_345.0, 2), 12_000.0);
+        assert_eq!(round_significant(0.0, 4), 0.0);
     }
 }

@@ -1,4 +1,4 @@
-//! `cowclone bench clone|io`: argument parsing and output for the benchmark harness, which
+//! `cowclone bench clone|io|ops`: argument parsing and output for the benchmark harness, which
 //! lives in the `cowclone-benches` crate.
 
 use std::io::Write;
@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use cowclone_benches::clone_methods::{self, WorkDir};
-use cowclone_benches::{io, plot, report};
+use cowclone_benches::{io, ops, plot, report};
 use imagefmt::ImageFormat;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// `cowclone bench clone|io`
+/// `cowclone bench clone|io|ops`
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// What to measure.
@@ -35,6 +35,17 @@ pub enum BenchCommand {
     /// IMAGE is never modified: writes go, on each side, to a new qcow2 overlay on IMAGE in a
     /// temporary directory. See BENCHMARKS.md for what --depth means on each side.
     Io(BenchIoArgs),
+    /// Measure whole-image operations beside qemu-img on a real filesystem image: convert
+    /// (qcow2, zlib-compressed qcow2 and a 3-deep chain to raw; raw to qcow2, with and without
+    /// -c), compare, commit, map and check.
+    ///
+    /// The workload is built at bench time in a temporary directory in --dir: an ext4
+    /// filesystem made from TREE (`mkfs.ext4 -d`) in a sparse SIZE file (or --image, converted
+    /// to raw), converted to qcow2 and zlib-compressed qcow2 by qemu-img, and two overlays with
+    /// qemu-io writes. Each operation runs once untimed, its outputs judged by qemu-img (a
+    /// mismatch is an error), then RUNS times per tool, interleaved. Needs qemu-img, qemu-io,
+    /// mkfs.ext4 and GNU time (/usr/bin/time, for the peak RSS).
+    Ops(BenchOpsArgs),
 }
 
 /// `cowclone bench clone [--count N] [--size SIZE] [--methods LIST] [--durable] ...`
@@ -110,6 +121,42 @@ pub struct BenchIoArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// `cowclone bench ops [--image FILE | --tree DIR] [--size SIZE] [--runs N] ...`
+#[derive(Debug, clap::Args)]
+pub struct BenchOpsArgs {
+    /// Build the workload from this image instead of a tree (any format qemu-img reads; never
+    /// modified).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tree", "size"])]
+    pub image: Option<PathBuf>,
+    /// Directory tree copied into the workload's ext4 filesystem (default: /usr/share, or
+    /// /usr/lib).
+    #[arg(long, value_name = "DIR")]
+    pub tree: Option<PathBuf>,
+    /// Size of the workload's filesystem image (k, M, G, T suffixes; at least 16M).
+    #[arg(long, default_value = "4G")]
+    pub size: String,
+    /// Timed runs per operation and tool.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Measure this cowclone binary (another build, say) instead of the running one.
+    #[arg(long, value_name = "BIN")]
+    pub cowclone: Option<PathBuf>,
+    /// Put the bench's temporary directory in DIR (default: the system's temporary directory).
+    /// It needs room for the workload and two outputs at a time.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+    pub output: ReportFormat,
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
+    /// Draw a bar chart of both tools' median times per operation to FILE.svg (and the JSON
+    /// next to it, FILE.json, unless --json-out is given).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
 /// Output formats of the bench reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
@@ -126,6 +173,7 @@ pub fn bench(args: BenchArgs, out: &mut impl Write) -> Result<()> {
     match args.what {
         BenchCommand::Clone(args) => bench_clone(args, out),
         BenchCommand::Io(args) => bench_io(args, out),
+        BenchCommand::Ops(args) => bench_ops(args, out),
     }
 }
 
@@ -161,17 +209,17 @@ fn bench_clone(args: BenchCloneArgs, out: &mut impl Write) -> Result<()> {
         args.json_out.as_deref(),
         args.plot.as_deref(),
         &results,
-        || {
-            results
+        |path| {
+            let bars: Vec<(String, f64)> = results
                 .iter()
                 .filter_map(|r| r.median_us.map(|m| (r.method.to_owned(), m)))
-                .collect()
+                .collect();
+            let title = format!(
+                "Time per clone ({} base, {} clones per method)",
+                args.size, args.count
+            );
+            plot::bar_chart(path, &title, "median µs per clone", &bars)
         },
-        &format!(
-            "Time per clone ({} base, {} clones per method)",
-            args.size, args.count
-        ),
-        "median µs per clone",
     )?;
     match args.output {
         ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(results)?)?,
@@ -205,18 +253,18 @@ fn bench_io(args: BenchIoArgs, out: &mut impl Write) -> Result<()> {
         args.json_out.as_deref(),
         args.plot.as_deref(),
         &report,
-        || {
-            report
+        |path| {
+            let bars: Vec<(String, f64)> = report
                 .results
                 .iter()
                 .filter_map(|s| s.mb_per_s.map(|v| (s.tool.to_owned(), v)))
-                .collect()
+                .collect();
+            let title = format!(
+                "{:?} {:?}, {} B requests, depth {}",
+                report.rw, report.pattern, report.block_size, report.depth
+            );
+            plot::bar_chart(path, &title, "MB/s", &bars)
         },
-        &format!(
-            "{:?} {:?}, {} B requests, depth {}",
-            report.rw, report.pattern, report.block_size, report.depth
-        ),
-        "MB/s",
     )?;
     match args.output {
         ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
@@ -250,14 +298,74 @@ fn bench_io(args: BenchIoArgs, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Writes the JSON file (`--json-out`, or next to `--plot`) and the chart.
+fn bench_ops(args: BenchOpsArgs, out: &mut impl Write) -> Result<()> {
+    let source = match (&args.image, &args.tree) {
+        (Some(image), _) => ops::Source::Image(image.clone()),
+        (None, Some(tree)) => ops::Source::Tree(tree.clone()),
+        (None, None) => ops::Source::default_tree(),
+    };
+    let config = ops::Config {
+        source,
+        size: imagefmt::size::parse_size(&args.size)?,
+        runs: args.runs,
+        dir_parent: args.dir.clone().unwrap_or_else(std::env::temp_dir),
+        cowclone: match args.cowclone.clone() {
+            Some(bin) => bin,
+            None => std::env::current_exe().context("finding the cowclone binary to measure")?,
+        },
+    };
+    let progress = progress_bar();
+    let result = ops::run(&config, &progress);
+    progress.finish_and_clear();
+    let report = result.context("bench ops")?;
+
+    write_side_files(
+        args.json_out.as_deref(),
+        args.plot.as_deref(),
+        &report,
+        |path| {
+            let groups: Vec<String> = report
+                .operations
+                .iter()
+                .map(|o| o.operation.to_owned())
+                .collect();
+            let times = |side: fn(&ops::OperationResult) -> f64| {
+                report.operations.iter().map(side).collect::<Vec<f64>>()
+            };
+            let series = [
+                ("cowclone", times(|o| o.cowclone.median_ms)),
+                ("qemu-img", times(|o| o.qemu_img.median_ms)),
+            ];
+            let title = format!(
+                "Whole-image operations beside qemu-img: median of {} runs, {} MiB image",
+                args.runs,
+                report.workload.virtual_size >> 20
+            );
+            plot::grouped_bar_chart(
+                path,
+                &title,
+                "median wall time, ms",
+                &groups,
+                &series,
+                &report::milliseconds,
+            )
+        },
+    )?;
+    match args.output {
+        ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        ReportFormat::Csv => report::ops_csv(&report, out)?,
+        ReportFormat::Human => report::ops_human(&report, out)?,
+    }
+    Ok(())
+}
+
+/// Writes the JSON file (`--json-out`, or next to `--plot`) and the chart (`draw` gets its
+/// path).
 fn write_side_files(
     json_out: Option<&Path>,
     plot_path: Option<&Path>,
     value: &impl serde::Serialize,
-    bars: impl FnOnce() -> Vec<(String, f64)>,
-    title: &str,
-    y_label: &str,
+    draw: impl FnOnce(&Path) -> cowclone_benches::Result<()>,
 ) -> Result<()> {
     let json_path = json_out
         .map(Path::to_owned)
@@ -266,7 +374,7 @@ fn write_side_files(
         report::write_json_file(path, value)?;
     }
     if let Some(path) = plot_path {
-        plot::bar_chart(path, title, y_label, &bars())?;
+        draw(path)?;
     }
     Ok(())
 }
