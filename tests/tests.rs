@@ -11,6 +11,7 @@ mod cli;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
+mod reflink;
 mod registry;
 mod regression;
 mod vdi_cli;
