@@ -288,3 +288,55 @@ fn without_reflinks_reflink_is_refused_and_auto_makes_an_overlay() {
     let compare = qemu_img(&[&"compare", &"-F", &"raw", &clone, &base]);
     assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
 }
+
+/// `bench clone` measures `reflink` for real on XFS: not skipped, every clone as long as the
+/// base and (by `st_blocks`) as allocated, yet owning no extent of its own, unlike the full
+/// copy; the overlays own what they allocate. The kept clones are checked by qemu-img.
+#[test]
+fn bench_clone_measures_reflinks_on_xfs() {
+    let fs = LoopFs::new("xfs");
+    let keep = fs.mount.join("bench");
+    let stdout = cowclone_ok(&[
+        &"bench",
+        &"clone",
+        &"--count",
+        &"3",
+        &"--size",
+        &"32M",
+        &"--methods",
+        &"native-qcow2,qemu-img,copy,reflink",
+        &"--output",
+        &"json",
+        &"--keep",
+        &keep,
+    ]);
+    let results: Vec<Value> = serde_json::from_str(&stdout).expect("bench printed JSON");
+    let by = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["method"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+            .clone()
+    };
+    let reflink = by("reflink");
+    assert!(reflink["skipped"].is_null(), "{reflink}");
+    let base = keep.join("base.qcow2");
+    let base_len = file_len(&base);
+    assert_eq!(reflink["apparent_bytes"], base_len, "{reflink}");
+    assert!(reflink["allocated_bytes"].as_u64().unwrap() >= 32 << 20);
+    assert_eq!(reflink["unshared_bytes"], 0, "{reflink}");
+    let copy = by("copy");
+    assert!(
+        copy["unshared_bytes"].as_u64().unwrap() >= 32 << 20,
+        "{copy}"
+    );
+    let native = by("native-qcow2");
+    assert_eq!(native["unshared_bytes"], native["allocated_bytes"]);
+    for round in 0..3 {
+        let clone = keep.join(format!("reflink-{round}.qcow2"));
+        assert_eq!(shared_extents(&clone).0, shared_extents(&clone).1);
+        assert_qemu_check_clean(&clone, "bench reflink");
+        let compare = qemu_img(&[&"compare", &"-f", &"qcow2", &"-F", &"qcow2", &clone, &base]);
+        assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
+    }
+}
