@@ -36,16 +36,17 @@ fn sh_ok(program: &str, package: &str, args: &[&dyn AsRef<OsStr>]) -> String {
 }
 
 /// A filesystem made in a file and loop-mounted; unmounted and its loop device detached on drop.
-struct LoopFs {
+pub(crate) struct LoopFs {
     kind: &'static str,
-    mount: PathBuf,
+    /// Where it is mounted.
+    pub(crate) mount: PathBuf,
     device: String,
     _tmp: tempfile::TempDir,
 }
 
 impl LoopFs {
     /// Makes a `kind` filesystem (btrfs or xfs) in a sparse file and mounts it.
-    fn new(kind: &'static str) -> LoopFs {
+    pub(crate) fn new(kind: &'static str) -> LoopFs {
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join(format!("{kind}.img"));
         let mount = tmp.path().join("mnt");

@@ -196,9 +196,10 @@ pub fn command_line(spec: &VmSpec, payload: &Payload) -> Result<Invocation> {
     Ok(Invocation::new(PROGRAM, args))
 }
 
-/// Reads the header of every qcow2 image of the chain but the last and checks that it names the
-/// next image of `spec`'s chain as its backing file, with that image's format pinned in the
-/// header (cloud-hypervisor follows the header, and probes a format that is not pinned).
+/// Reads the header of every image of the chain and checks that each names the next image of
+/// `spec`'s chain as its backing file, with that image's format pinned in the header, and that
+/// the last names none (cloud-hypervisor follows the headers, and probes a format that is not
+/// pinned).
 pub fn check_chain_headers(spec: &VmSpec) -> Result<()> {
     for pair in spec.disks.windows(2) {
         let (layer, below) = (&pair[0], &pair[1]);
@@ -225,6 +226,18 @@ pub fn check_chain_headers(spec: &VmSpec) -> Result<()> {
                 layer.path.display(),
                 below.format.name()
             )));
+        }
+    }
+    if let Some(last) = spec.disks.last() {
+        if last.format == ImageFormat::Qcow2 {
+            let info = imagefmt::info::image_info(&last.path)
+                .map_err(|e| VmError::Invalid(format!("reading {}: {e}", last.path.display())))?;
+            if let Some(backing) = info.backing_filename {
+                return Err(VmError::Invalid(format!(
+                    "{} names a backing file ({backing}) outside the registered chain:                      cloud-hypervisor would open it or fail; register that file as a base",
+                    last.path.display()
+                )));
+            }
         }
     }
     Ok(())
@@ -450,6 +463,10 @@ mod tests {
         s.disks[1].path = dir.path().join("other.raw");
         let err = check_chain_headers(&s).unwrap_err().to_string();
         assert!(err.contains("names"), "{err}");
+        // A top image whose backing file the registry does not know.
+        s.disks.truncate(1);
+        let err = check_chain_headers(&s).unwrap_err().to_string();
+        assert!(err.contains("outside the registered chain"), "{err}");
     }
 
     #[test]
