@@ -65,6 +65,15 @@ pub fn spawn(
         }
     };
     let pid = child.id() as i32;
+    // The parent of a new process may run on before the kernel has set up the new program's
+    // arguments (/proc/PID/cmdline is empty for a moment): wait for them, so that `state`
+    // recognises the process from the start.
+    let started = Instant::now();
+    while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+        && started.elapsed() < Duration::from_secs(2)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     log_line(
         log,
         &invocation.shell_line(),
@@ -91,7 +100,7 @@ pub fn wait_gone(pidfile: &Path, marker: &str, timeout: Duration) -> bool {
 
 /// Stops the process of `pidfile`: runs `graceful` (the hypervisor's power-button request) and
 /// waits up to `timeout`; then `forceful` (its own shutdown request, if it has one) and waits 5 s;
-/// then SIGKILL. Failed requests are logged and passed over: the process's state is what counts.
+/// then SIGKILL to its process group. Failed requests are logged and passed over: the process's state is what counts.
 pub fn stop(
     pidfile: &Path,
     marker: &str,
@@ -113,11 +122,12 @@ pub fn stop(
         }
     }
     if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-        let killed = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        // The whole group: the hypervisor was started as its leader.
+        let killed = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         let outcome = killed.map_or_else(|e| format!("error: {e}"), |()| "ok".into());
         log_line(
             log,
-            &format!("kill -KILL {}", pid.as_raw_nonzero()),
+            &format!("kill -KILL -{}", pid.as_raw_nonzero()),
             &outcome,
         )?;
     }
@@ -144,14 +154,21 @@ mod tests {
             "sh",
             vec![
                 "-c".into(),
-                "echo up; sleep 60".into(),
+                // Not ending in a simple command, which the shell may exec in its own place.
+                "echo up; sleep 60; exit 0".into(),
                 "fake-hypervisor".into(),
                 marker.clone(),
             ],
         );
         let out = dir.path().join("serial.log");
         let pid = spawn(&vm, &out, &dir.path().join("err.log"), &pidfile, &log).unwrap();
-        assert_eq!(state(&pidfile, &marker), VmState::Running(pid));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert_eq!(
+            state(&pidfile, &marker),
+            VmState::Running(pid),
+            "{:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
         assert_eq!(state(&pidfile, "not-this-clone"), VmState::Stopped);
         let nothing = Invocation::new("true", vec![]);
         let runner = SystemRunner::logging_to(log.clone());
