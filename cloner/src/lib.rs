@@ -11,6 +11,7 @@
 //! Home ─► store (SQLite, WAL, migrations) ─► Registry
 //!           ├─ registry::bases   register / verify / rm / promote   (guard: chmod a-w + fingerprint)
 //!           ├─ registry::clones  clone (qcow2 via Qcow2Builder, VDI via vdi::create_differencing) / rm
+//!           │    └─ reflink     clone --method reflink|auto: FICLONE copies (btrfs, XFS)
 //!           ├─ registry::gc      orphans, temp files, missing files
 //!           ├─ registry::resolver  VDI parents by UUID from the registry
 //!           └─ audit             every change, with its outcome
