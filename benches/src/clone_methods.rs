@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::data::XorShift;
 use crate::stats::{median, median_u64, p90, round1, round_significant};
-use crate::{fs_facts, tools, BenchError, Result};
+use crate::{extents, fs_facts, tools, BenchError, Result};
 
 /// The qcow2 base's file name inside the bench directory.
 pub const BASE_QCOW2: &str = "base.qcow2";
@@ -191,6 +191,9 @@ pub struct MethodResult {
     pub apparent_bytes: Option<u64>,
     /// Median space allocated per clone (`st_blocks × 512`, after fsync), bytes.
     pub allocated_bytes: Option<u64>,
+    /// Median bytes per clone in extents not shared with another file (`filefrag -v`, see
+    /// [`crate::extents`]): what a reflink really adds; null without filefrag.
+    pub unshared_bytes: Option<u64>,
     /// `median_us` divided by the `qemu-img` method's median (null if either is missing).
     pub ratio_vs_qemu_img: Option<f64>,
     /// Why the method was not measured here, or null.
@@ -232,6 +235,7 @@ struct Samples {
     micros: Vec<f64>,
     apparent: Vec<u64>,
     allocated: Vec<u64>,
+    unshared: Vec<u64>,
 }
 
 /// Runs the comparison. `progress` gets the number of clones as its length and advances by
@@ -296,6 +300,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
             entry.micros.push(micros);
             entry.apparent.push(apparent);
             entry.allocated.push(allocated);
+            entry.unshared.extend(extents::unshared_bytes(&path));
             cloner.release(method, &path, config)?;
             progress.inc(1);
         }
@@ -354,6 +359,7 @@ fn summarize(
                 p90_us: s.and_then(|s| p90(&s.micros)).map(round1),
                 apparent_bytes: s.and_then(|s| median_u64(&s.apparent)),
                 allocated_bytes: s.and_then(|s| median_u64(&s.allocated)),
+                unshared_bytes: s.and_then(|s| median_u64(&s.unshared)),
                 ratio_vs_qemu_img: match (median_us, qemu_median) {
                     // Rounded to 4 significant digits: more would be noise.
                     (Some(m), Some(q)) if q > 0.0 => Some(round_significant(m / q, 4)),
@@ -483,8 +489,9 @@ impl Cloner {
                 )?;
             }
             Method::Copy => copy_file(&self.base_qcow2(), path)?,
-            Method::Reflink => reflink_copy::reflink(self.base_qcow2(), path)
-                .map_err(BenchError::io(format!("FICLONE of {BASE_QCOW2}")))?,
+            // What `clone --method reflink` does (fsync, if durable, below as for the others).
+            Method::Reflink => cloner::reflink::reflink_new(&self.base_qcow2(), path, false)
+                .map_err(|e| BenchError::Invalid(cloner::registry::error_chain(&e)))?,
             Method::VBoxManage => {
                 tools::run_ok(
                     "VBoxManage",
@@ -617,6 +624,7 @@ mod tests {
                 micros: vec![100.0, 300.0, 200.0],
                 apparent: vec![10; 3],
                 allocated: vec![20; 3],
+                unshared: vec![20; 3],
             },
         );
         samples.insert(
@@ -625,6 +633,7 @@ mod tests {
                 micros: vec![1.0, 2.0, 3.0],
                 apparent: vec![5; 3],
                 allocated: vec![4096; 3],
+                unshared: vec![],
             },
         );
         let skipped = HashMap::from([(Method::Reflink, "no reflinks".to_owned())]);
@@ -632,6 +641,8 @@ mod tests {
         let results = summarize(&methods, &samples, &skipped);
         assert_eq!(results[0].ratio_vs_qemu_img, Some(0.01));
         assert_eq!(results[0].allocated_bytes, Some(4096));
+        assert_eq!(results[0].unshared_bytes, None);
+        assert_eq!(results[1].unshared_bytes, Some(20));
         assert_eq!(results[1].ratio_vs_qemu_img, Some(1.0));
         assert_eq!(results[1].median_us, Some(200.0));
         assert_eq!(results[2].skipped.as_deref(), Some("no reflinks"));

@@ -19,6 +19,7 @@
 pub mod clone_methods;
 pub mod data;
 pub mod error;
+pub mod extents;
 pub mod fs_facts;
 pub mod io;
 pub mod ops;

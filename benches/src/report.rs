@@ -42,20 +42,21 @@ pub fn clone_human(report: &clone_methods::Report, out: &mut dyn Write) -> std::
     writeln!(out)?;
     writeln!(
         out,
-        "{:<13} {:>12} {:>12} {:>14} {:>14} {:>10}",
-        "method", "median µs", "p90 µs", "apparent B", "allocated B", "vs qemu-img"
+        "{:<13} {:>12} {:>12} {:>14} {:>14} {:>14} {:>10}",
+        "method", "median µs", "p90 µs", "apparent B", "allocated B", "unshared B", "vs qemu-img"
     )?;
     for r in &report.results {
         match &r.skipped {
             Some(reason) => writeln!(out, "{:<13} skipped: {reason}", r.method)?,
             None => writeln!(
                 out,
-                "{:<13} {:>12} {:>12} {:>14} {:>14} {:>10}",
+                "{:<13} {:>12} {:>12} {:>14} {:>14} {:>14} {:>10}",
                 r.method,
                 float(r.median_us),
                 float(r.p90_us),
                 int(r.apparent_bytes),
                 int(r.allocated_bytes),
+                int(r.unshared_bytes),
                 r.ratio_vs_qemu_img
                     .map_or("-".to_owned(), |x| format!("{x}×")),
             )?,
@@ -291,6 +292,7 @@ mod tests {
             p90_us: None,
             apparent_bytes: None,
             allocated_bytes: None,
+            unshared_bytes: None,
             ratio_vs_qemu_img: None,
             skipped: Some("not here, \"ext4\"".into()),
         }];

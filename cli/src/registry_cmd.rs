@@ -162,6 +162,10 @@ pub struct CloneArgs {
     /// fsync each clone and its directory before registering.
     #[arg(long)]
     pub durable: bool,
+    /// overlay (default): a qcow2/VDI overlay over the source; reflink: a full copy sharing the
+    /// source's extents (btrfs, XFS; refused elsewhere); auto: reflink where possible.
+    #[arg(long, value_name = "overlay|reflink|auto", default_value = "overlay")]
+    pub method: cloner::CloneMethod,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
@@ -319,6 +323,7 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
         dir: args.dir.clone(),
         format,
         durable: args.durable,
+        method: args.method,
         ..CloneSpec::new(&args.base, &args.name)
     };
     let made = args
@@ -334,6 +339,7 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "source": args.base,
+                "method": made.method,
                 "clones": made.clones,
                 "elapsed-us": elapsed_us.round() as u64,
                 "per-clone-us": (per_clone_us * 10.0).round() / 10.0,
@@ -357,8 +363,9 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
             }
             writeln!(
                 out,
-                "{} clone(s) in {:.0} us ({per_clone_us:.1} us per clone)",
+                "{} {} clone(s) in {:.0} us ({per_clone_us:.1} us per clone)",
                 made.clones.len(),
+                made.method.name(),
                 elapsed_us
             )?;
         }

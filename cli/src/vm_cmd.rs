@@ -12,7 +12,9 @@ use cloner::vm::provision::{provision, resolve_accel, ProvisionRequest};
 use cloner::vm::qemu::{self, Stopped, VmState};
 use cloner::vm::runner::{CommandRunner, Invocation, SystemRunner};
 use cloner::vm::spec::command_log;
-use cloner::vm::{libvirt, vbox, Accel, Egress, KernelBoot, PortForward, VmSpec};
+use cloner::vm::{
+    cloud_hypervisor, firecracker, libvirt, vbox, Accel, Egress, KernelBoot, PortForward, VmSpec,
+};
 use serde_json::json;
 
 use crate::args::OutputFormat;
@@ -68,6 +70,10 @@ pub enum Driver {
     Libvirt,
     /// VirtualBox's VBoxManage (VDI clones).
     Virtualbox,
+    /// cloud-hypervisor (raw or qcow2 clones; KVM; --kernel or --firmware).
+    CloudHypervisor,
+    /// Firecracker (one raw image: a reflink or flattened clone; KVM; --kernel).
+    Firecracker,
 }
 
 /// Options shared by the commands that name a clone.
@@ -141,6 +147,9 @@ pub struct StartArgs {
     egress: String,
     #[command(flatten)]
     kernel: KernelArgs,
+    /// Boot this firmware instead of a kernel (--driver cloud-hypervisor only).
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    firmware: Option<PathBuf>,
 }
 
 /// `cowclone stop NAME [...]`
@@ -244,6 +253,9 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     spec.kernel = args.kernel.boot()?;
     let requested: Accel = args.accel.parse()?;
     let dry_run = args.target.dry_run;
+    if args.firmware.is_some() && args.target.driver != Driver::CloudHypervisor {
+        bail!("--firmware is for --driver cloud-hypervisor");
+    }
     match args.target.driver {
         Driver::Qemu => {
             if dry_run {
@@ -311,8 +323,60 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
             let steps = vbox::start_sequence(&spec)?;
             execute(&steps, &spec, dry_run, out)?;
         }
+        Driver::CloudHypervisor => {
+            spec.accel = requested;
+            let payload = match &args.firmware {
+                Some(firmware) => cloud_hypervisor::Payload::Firmware(
+                    std::fs::canonicalize(firmware)
+                        .with_context(|| format!("{}", firmware.display()))?,
+                ),
+                None => cloud_hypervisor::Payload::Kernel,
+            };
+            if dry_run {
+                cloud_hypervisor::check_chain_headers(&spec)?;
+                let line = cloud_hypervisor::command_line(&spec, &payload)?;
+                writeln!(out, "{}", line.shell_line())?;
+                return Ok(());
+            }
+            let pid = cloud_hypervisor::start(&spec, &payload)?;
+            writeln!(
+                out,
+                "{} running under cloud-hypervisor (pid {pid}); serial log {}",
+                spec.name,
+                spec.serial_log().display()
+            )?;
+        }
+        Driver::Firecracker => {
+            spec.accel = requested;
+            if dry_run {
+                let config = firecracker::config(&spec)?;
+                let file = firecracker::config_file(&spec.run_dir);
+                writeln!(out, "# {}", file.display())?;
+                write!(out, "{}", firecracker::config_json(&config)?)?;
+                let line = firecracker::command_line(&spec.run_dir)?;
+                writeln!(out, "{}", line.shell_line())?;
+                return Ok(());
+            }
+            let pid = firecracker::start(&spec)?;
+            writeln!(
+                out,
+                "{} running under Firecracker (pid {pid}); serial log {}",
+                spec.name,
+                spec.serial_log().display()
+            )?;
+        }
     }
     Ok(())
+}
+
+/// How a stop of `hypervisor` went, for people.
+fn stopped_text(how: Stopped, hypervisor: &str) -> String {
+    match how {
+        Stopped::WasNotRunning => "was not running".into(),
+        Stopped::PoweredDown => "powered down".into(),
+        Stopped::Quit => format!("did not power down in time; {hypervisor} quit"),
+        Stopped::Killed => format!("{hypervisor} did not answer; killed"),
+    }
 }
 
 fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
@@ -330,13 +394,7 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
                 return Ok(());
             }
             let how = qemu::stop(&spec.run_dir, Duration::from_secs(args.timeout))?;
-            let text = match how {
-                Stopped::WasNotRunning => "was not running",
-                Stopped::PoweredDown => "powered down",
-                Stopped::Quit => "did not power down in time; qemu quit",
-                Stopped::Killed => "qemu did not answer; killed",
-            };
-            writeln!(out, "{}: {text}", spec.name)?;
+            writeln!(out, "{}: {}", spec.name, stopped_text(how, "qemu"))?;
         }
         Driver::Libvirt => {
             let virsh = libvirt::Virsh {
@@ -384,6 +442,40 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
             writeln!(out, "{}: {how}; undefined", spec.name)?;
         }
         Driver::Virtualbox => execute(&vbox::stop_sequence(&spec), &spec, dry_run, out)?,
+        Driver::CloudHypervisor | Driver::Firecracker => {
+            let run_dir = &spec.run_dir;
+            let timeout = Duration::from_secs(args.timeout);
+            let cloud = args.target.driver == Driver::CloudHypervisor;
+            if dry_run {
+                let (graceful, forceful) = if cloud {
+                    (
+                        cloud_hypervisor::remote(run_dir, "power-button"),
+                        Some(cloud_hypervisor::remote(run_dir, "shutdown-vmm")),
+                    )
+                } else {
+                    (firecracker::ctrl_alt_del(run_dir), None)
+                };
+                writeln!(out, "{}", graceful.shell_line())?;
+                writeln!(out, "# after {} s:", args.timeout)?;
+                if let Some(forceful) = forceful {
+                    writeln!(out, "{}", forceful.shell_line())?;
+                    writeln!(out, "# after 5 s more:")?;
+                }
+                writeln!(out, "# SIGKILL")?;
+                return Ok(());
+            }
+            let runner = SystemRunner::logging_to(command_log(run_dir));
+            let (how, hypervisor) = if cloud {
+                let how = cloud_hypervisor::stop(run_dir, &runner, timeout)?;
+                (how, cloud_hypervisor::PROGRAM)
+            } else {
+                (
+                    firecracker::stop(run_dir, &runner, timeout)?,
+                    firecracker::PROGRAM,
+                )
+            };
+            writeln!(out, "{}: {}", spec.name, stopped_text(how, hypervisor))?;
+        }
     }
     Ok(())
 }

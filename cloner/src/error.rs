@@ -110,6 +110,14 @@ pub enum RegistryError {
         /// Why not.
         reason: &'static str,
     },
+    /// A reflink clone cannot be made of this source here.
+    #[error("cannot reflink {path}: {reason}")]
+    NoReflink {
+        /// The source image.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
     /// Something is already at the clone's path (left by an interrupted clone, or a stranger).
     #[error("{path} already exists (left by an interrupted clone? `cowclone gc` removes such leftovers)")]
     PathExists {

@@ -11,6 +11,7 @@
 //! Home ─► store (SQLite, WAL, migrations) ─► Registry
 //!           ├─ registry::bases   register / verify / rm / promote   (guard: chmod a-w + fingerprint)
 //!           ├─ registry::clones  clone (qcow2 via Qcow2Builder, VDI via vdi::create_differencing) / rm
+//!           │    └─ reflink     clone --method reflink|auto: FICLONE copies (btrfs, XFS)
 //!           ├─ registry::gc      orphans, temp files, missing files
 //!           ├─ registry::resolver  VDI parents by UUID from the registry
 //!           └─ audit             every change, with its outcome
@@ -26,6 +27,7 @@ pub mod fingerprint;
 pub mod home;
 mod path_clone;
 pub mod plan;
+pub mod reflink;
 pub mod registry;
 pub mod runtime;
 pub mod store;
@@ -34,6 +36,7 @@ pub mod vm;
 pub use error::RegistryError;
 pub use home::Home;
 pub use path_clone::{clone_base, Clone, CloneError, CloneRequest};
+pub use reflink::CloneMethod;
 pub use registry::bases::{RegisterBase, RemovedBase, Verification};
 pub use registry::clones::{CloneSpec, Cloned};
 pub use registry::gc::GcReport;

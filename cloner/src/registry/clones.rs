@@ -36,6 +36,7 @@ use super::records::{self, path_text, ImageRecord, Kind};
 use super::{validate_name, Registry};
 use crate::audit::now_ns;
 use crate::error::{RegistryError, Result};
+use crate::reflink::{self, CloneMethod};
 
 /// Most clones one call makes.
 pub const MAX_COUNT: u64 = 100_000;
@@ -59,6 +60,8 @@ pub struct CloneSpec {
     pub format: Option<ImageFormat>,
     /// fsync each image and its directory before the commit.
     pub durable: bool,
+    /// Overlay (default), reflink copy, or reflink where the filesystem can ([`crate::reflink`]).
+    pub method: CloneMethod,
 }
 
 impl CloneSpec {
@@ -71,6 +74,7 @@ impl CloneSpec {
             dir: None,
             format: None,
             durable: false,
+            method: CloneMethod::Overlay,
         }
     }
 
@@ -94,6 +98,8 @@ impl CloneSpec {
 pub struct Cloned {
     /// The new clones, in name order of creation.
     pub clones: Vec<ImageRecord>,
+    /// How they were made: `overlay` or `reflink` (what `auto` came to).
+    pub method: CloneMethod,
     /// Time from the start of the call to the commit.
     #[serde(skip)]
     pub elapsed: Duration,
@@ -106,6 +112,7 @@ impl Registry {
         let arguments = json!({
             "source": spec.source, "name": spec.name, "count": spec.count, "dir": spec.dir,
             "format": spec.format.map(ImageFormat::name), "durable": spec.durable,
+            "method": spec.method.name(),
         });
         let names = spec.names();
         let place = spec.dir.as_ref().map(|dir| prepare_place(self, dir));
@@ -126,19 +133,29 @@ impl Registry {
                     check_unchanged(record)?;
                 }
             }
-            let format = clone_format(&source, spec.format)?;
+            let method = reflink::resolve(spec.method, &source, spec.format, &place)?;
+            let format = match method {
+                CloneMethod::Reflink => source.format,
+                _ => clone_format(&source, spec.format)?,
+            };
             for name in &names {
                 if records::find(tx, name)?.is_some() {
                     return Err(RegistryError::NameTaken { name: name.clone() });
                 }
             }
-            let newly_guarded = if source.guarded {
+            // A reflink clone reads through the source's parent, not the source.
+            let newly_guarded = if source.guarded || method == CloneMethod::Reflink {
                 None
             } else {
                 Some(guard_source(tx, &source)?)
             };
             let mut made = Vec::with_capacity(names.len());
-            let result = make_all(tx, &source, format, &place, &names, spec.durable, &mut made);
+            let result = match method {
+                CloneMethod::Reflink => {
+                    make_reflinks(tx, &source, &place, &names, spec.durable, &mut made)
+                }
+                _ => make_all(tx, &source, format, &place, &names, spec.durable, &mut made),
+            };
             if let Err(e) = result {
                 for dir in &made {
                     let _ = std::fs::remove_dir_all(dir);
@@ -153,17 +170,20 @@ impl Registry {
                 clones.push(records::get(tx, name)?);
             }
             let detail = format!(
-                "{} {} clone(s) of {} in {}",
+                "{} {} {} clone(s) of {} in {}",
                 clones.len(),
                 format.name(),
+                method.name(),
                 source.name,
                 place.display()
             );
-            Ok((clones, detail))
+            Ok(((clones, method), detail))
         })?;
+        let (clones, method) = clones;
         crash_point("after-commit", clones.len().saturating_sub(1));
         Ok(Cloned {
             clones,
+            method,
             elapsed: started.elapsed(),
         })
     }
@@ -347,14 +367,7 @@ fn make_all(
     )?;
     for (index, name) in names.iter().enumerate() {
         crash_point("before-create", index);
-        let dir = place.join(name);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => made.push(dir.clone()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(RegistryError::PathExists { path: dir })
-            }
-            Err(e) => return Err(RegistryError::io(format!("creating {}", dir.display()))(e)),
-        }
+        let dir = make_clone_dir(place, name, made)?;
         let path = dir.join(format!("disk.{}", format.name()));
         let context = || format!("creating clone {name} at {}", path.display());
         let (virtual_size, vdi) = match format {
@@ -393,6 +406,55 @@ fn make_all(
             vdi.as_ref().map(|v| &v.0),
             vdi.as_ref().map(|v| &v.1),
             vdi.as_ref().map(|v| &v.2),
+            now_ns(),
+        ])?;
+        crash_point("after-create", index);
+    }
+    Ok(())
+}
+
+/// Creates clone `name`'s directory in `place` (refusing an existing one) and adds it to `made`.
+fn make_clone_dir(place: &Path, name: &str, made: &mut Vec<PathBuf>) -> Result<PathBuf> {
+    let dir = place.join(name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {
+            made.push(dir.clone());
+            Ok(dir)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(RegistryError::PathExists { path: dir })
+        }
+        Err(e) => Err(RegistryError::io(format!("creating {}", dir.display()))(e)),
+    }
+}
+
+/// Like [`make_all`] for reflink copies of `source`: each clone is a copy of the source file
+/// sharing its extents, in the source's format, whose parent is the source's parent (the
+/// image the copy's own header reads through, if any).
+fn make_reflinks(
+    tx: &Transaction<'_>,
+    source: &ImageRecord,
+    place: &Path,
+    names: &[String],
+    durable: bool,
+    made: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO images (name, kind, path, format, virtual_size, parent_id, dir, owned, \
+         guarded, created_ns) VALUES (?1, 'clone', ?2, ?3, ?4, ?5, ?6, 1, 0, ?7)",
+    )?;
+    for (index, name) in names.iter().enumerate() {
+        crash_point("before-create", index);
+        let dir = make_clone_dir(place, name, made)?;
+        let path = dir.join(format!("disk.{}", source.format.name()));
+        reflink::reflink_new(&source.path, &path, durable)?;
+        insert.execute(rusqlite::params![
+            name,
+            path_text(&path)?,
+            source.format.name(),
+            source.virtual_size as i64,
+            source.parent_id,
+            path_text(&dir)?,
             now_ns(),
         ])?;
         crash_point("after-create", index);

@@ -1,12 +1,16 @@
 //! Running clones as VMs through the hypervisors' own tools: qemu-system, libvirt's `virsh`,
-//! VirtualBox's `VBoxManage`. cowclone never re-implements a hypervisor; it builds their command
-//! lines from a clone record and owns the disk chain it hands them.
+//! VirtualBox's `VBoxManage`, cloud-hypervisor, Firecracker. cowclone never re-implements a
+//! hypervisor; it builds their command lines from a clone record and owns the disk chain it
+//! hands them.
 //!
 //! ```text
 //! CloneRecord ──► VmSpec (disk chain nearest first, formats pinned, memory, cpus, ports)
 //!                   ├─ qemu::QemuDriver    argv with -blockdev nodes; daemon, pidfile, QMP, serial log
 //!                   ├─ libvirt::domain_xml  <disk> with the full <backingStore> chain; virsh argv
-//!                   └─ vbox::sequence      VBoxManage steps (parent registered before the diff)
+//!                   ├─ vbox::sequence      VBoxManage steps (parent registered before the diff)
+//!                   ├─ cloud_hypervisor     --disk path=…,image_type=…,backing_files=on argv
+//!                   └─ firecracker          --config-file JSON (schema-checked types), raw rootfs
+//! daemon                 foreground hypervisors started detached; pidfile; stop by API, then signal
 //! runner::CommandRunner ─ every invocation logged; a recording runner for tests and --dry-run
 //! cidata::write_seed     NoCloud seed volume (vfat labelled CIDATA), built natively
 //! provision::provision   plan → clone → seed → boot → wait → output and exit status
@@ -14,6 +18,9 @@
 
 pub mod accel;
 pub mod cidata;
+pub mod cloud_hypervisor;
+pub mod daemon;
+pub mod firecracker;
 pub mod libvirt;
 pub mod provision;
 pub mod qemu;

@@ -237,21 +237,7 @@ pub enum VmState {
 /// for this directory (its command line names this pidfile), so a reused pid is not mistaken.
 pub fn state(run_dir: &Path) -> VmState {
     let pidfile = spec::pidfile(run_dir);
-    let Some(pid) = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-    else {
-        return VmState::Stopped;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let ours = pidfile
-        .to_str()
-        .is_some_and(|p| cmdline.windows(p.len()).any(|w| w == p.as_bytes()));
-    if ours {
-        VmState::Running(pid)
-    } else {
-        VmState::Stopped
-    }
+    super::daemon::state(&pidfile, &pidfile.to_string_lossy())
 }
 
 /// Starts `spec` with `runner` (resolving `Auto` beforehand is the caller's job: see
