@@ -193,7 +193,7 @@ fn convert_to_qcow2(
         write_new_image(file, size, &options.qcow2, reference.as_ref())?;
         let cluster = HeaderCluster::read_from(file)?;
         // The output reads through to its backing chain for copy-on-write of partial clusters.
-        let below = backing.map(|b| Box::new(SharedRead(b)) as Box<dyn GuestRead>);
+        let below = backing;
         let mut image = Qcow2Image::open_rw(file, cluster, below, WriteOptions::default())?;
         let chunk_size = image.header().cluster_size();
         let mut backing_buf = vec![0u8; chunk_size as usize];
@@ -275,16 +275,4 @@ fn copy(
 /// True if every byte is zero.
 pub fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| b == 0)
-}
-
-/// A boxed chain used as the image below another.
-struct SharedRead(Box<dyn GuestRead>);
-
-impl GuestRead for SharedRead {
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
-    }
 }

@@ -79,6 +79,16 @@ pub enum Error {
     /// The backing file is not to be opened, so its format must be named.
     #[error("a backing format is required when the backing file is not opened")]
     BackingFormatRequired,
+    /// A guest read or status query outside the virtual disk.
+    #[error("guest access of {len} bytes at {offset:#x} is outside the {size}-byte disk")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
     /// The backing file is the image being created (qemu-img refuses this too).
     #[error("{path} cannot be its own backing file")]
     BackingIsTarget {
