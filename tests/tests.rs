@@ -8,6 +8,7 @@ mod util;
 mod bench_cli;
 mod check_xcheck;
 mod cli;
+mod map_xcheck;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;

@@ -43,6 +43,9 @@ pub enum ExtentKind {
     Data {
         /// Stored compressed (a qcow2 compressed cluster): no host offset is given.
         compressed: bool,
+        /// Allocated, but known to read as zeros: the host range is a hole in its file (what
+        /// qemu reports as data + zero for images it detects as metadata-preallocated).
+        zero: bool,
     },
     /// Reads as zeros, said so by the layer at the extent's depth (a zero cluster, a VDI ZERO
     /// block, a hole in a raw file, or the area past the end of a shorter backing file).
@@ -67,6 +70,14 @@ pub struct Extent {
     pub host: Option<HostLocation>,
 }
 
+impl ExtentKind {
+    /// Plain uncompressed data.
+    pub const DATA: ExtentKind = ExtentKind::Data {
+        compressed: false,
+        zero: false,
+    };
+}
+
 impl Extent {
     /// One past the last guest byte.
     pub fn end(&self) -> GuestOffset {
@@ -75,7 +86,12 @@ impl Extent {
 
     /// True if the extent reads as zeros without reading any data.
     pub fn reads_as_zeros(&self) -> bool {
-        !matches!(self.kind, ExtentKind::Data { .. })
+        !matches!(self.kind, ExtentKind::Data { zero: false, .. })
+    }
+
+    /// True if the layer at `depth` stores the range as data (compressed or not).
+    pub fn is_data(&self) -> bool {
+        matches!(self.kind, ExtentKind::Data { .. })
     }
 
     /// True if the layer at `depth` provides the range (qemu's "present"/allocated).

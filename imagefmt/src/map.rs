@@ -9,6 +9,7 @@
 //! Extent kind            present  zero   data   compressed  offset
 //! Data (uncompressed)    true     false  true   false       host offset
 //! Data (compressed)      true     false  true   true        -
+//! Data over a host hole  true     true   true   false       host offset (metadata-preallocated)
 //! Zero                   true     true   false  false       host offset if preallocated / raw hole
 //! Unallocated            false    true   false  false       host offset if the cluster exists
 //! adjacent entries merge when all flags, the depth and the file agree and offsets are contiguous
@@ -217,8 +218,14 @@ impl MapEntry {
             depth: u64::from(extent.depth),
             present: extent.is_allocated(),
             zero: extent.reads_as_zeros(),
-            data: !extent.reads_as_zeros(),
-            compressed: matches!(extent.kind, ExtentKind::Data { compressed: true }),
+            data: extent.is_data(),
+            compressed: matches!(
+                extent.kind,
+                ExtentKind::Data {
+                    compressed: true,
+                    ..
+                }
+            ),
             offset,
             filename,
         }

@@ -53,6 +53,47 @@ fn seek_status(fd: BorrowedFd<'_>, offset: u64) -> Option<(bool, u64)> {
     }
 }
 
+/// qemu's status of a host file (`file-posix.c` `raw_co_block_status` under `block/io.c`
+/// `bdrv_co_block_status`) for `bytes` at `offset`, the file being `total` bytes long (its length
+/// rounded up to 512).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStatus {
+    /// The run reads as zeros (a hole, or past the end of the file).
+    pub zero: bool,
+    /// Bytes in the run (0 at or past the end of the file).
+    pub len: u64,
+    /// The run reaches the end of the file.
+    pub eof: bool,
+}
+
+/// The status of `fd` (or, without one, "data throughout") at `offset`, at most `bytes`.
+pub(crate) fn file_status(
+    fd: Option<BorrowedFd<'_>>,
+    offset: u64,
+    bytes: u64,
+    total: u64,
+) -> FileStatus {
+    if offset >= total {
+        return FileStatus {
+            zero: false,
+            len: 0,
+            eof: true,
+        };
+    }
+    let bytes = bytes.min(total - offset);
+    let (data, len) = fd
+        .and_then(|fd| seek_status(fd, offset))
+        .unwrap_or((true, bytes));
+    // A data run ending in a partial sector at the end of the file is rounded up to the
+    // sector, as qemu does; never report an empty run.
+    let len = len.min(bytes).next_multiple_of(512).clamp(1, bytes);
+    FileStatus {
+        zero: !data,
+        len,
+        eof: offset + len == total,
+    }
+}
+
 impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
     fn virtual_size(&self) -> u64 {
         self.size
@@ -70,23 +111,15 @@ impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
 
     fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
         check_range(start.0, 1, self.size)?;
-        let max_len = max_len.min(self.size - start.0).max(1);
-        let (data, len) = self
-            .backend
-            .as_fd()
-            .and_then(|fd| seek_status(fd, start.0))
-            .unwrap_or((true, max_len));
-        // A data run ending in a partial sector at the end of the file is rounded up to the
-        // sector, as qemu does; never report an empty run.
-        let len = len.min(max_len).next_multiple_of(512).clamp(1, max_len);
+        let status = file_status(self.backend.as_fd(), start.0, max_len.max(1), self.size);
         Ok(Extent {
             start,
-            len,
+            len: status.len,
             depth: 0,
-            kind: if data {
-                ExtentKind::Data { compressed: false }
-            } else {
+            kind: if status.zero {
                 ExtentKind::Zero
+            } else {
+                ExtentKind::DATA
             },
             host: Some(HostLocation {
                 file: HostFile::Image,
@@ -119,7 +152,7 @@ mod tests {
         let first = raw.block_status(GuestOffset(0), 4 << 20).unwrap();
         // tmpfs and every common Linux file system report holes; the data block must be data.
         let at_data = raw.block_status(GuestOffset(1 << 20), 4 << 20).unwrap();
-        assert_eq!(at_data.kind, ExtentKind::Data { compressed: false });
+        assert_eq!(at_data.kind, ExtentKind::DATA);
         assert_eq!(at_data.host.unwrap().offset, HostOffset(1 << 20));
         if first.kind == ExtentKind::Zero {
             assert_eq!(first.len, 1 << 20);
@@ -127,10 +160,7 @@ mod tests {
         }
         let mem = RawReader::new(MemBackend::new(vec![0; 1000])).unwrap();
         let all = mem.block_status(GuestOffset(0), u64::MAX).unwrap();
-        assert_eq!(
-            (all.len, all.kind),
-            (1024, ExtentKind::Data { compressed: false })
-        );
+        assert_eq!((all.len, all.kind), (1024, ExtentKind::DATA));
         assert!(mem.block_status(GuestOffset(1024), 1).is_err());
     }
 }

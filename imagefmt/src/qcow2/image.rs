@@ -8,7 +8,7 @@
 //! [`L2_CACHE_BYTES`].
 
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -40,6 +40,8 @@ pub struct Qcow2Image<B> {
     pub(super) writer: Option<super::allocator::WriteState>,
     /// The external data file, when the image has one and the caller allowed opening it.
     pub(super) data_file: Option<Box<dyn Backend + Send + Sync>>,
+    /// qemu's `metadata_preallocation`, detected on the first block status query.
+    pub(super) metadata_preallocation: OnceLock<bool>,
 }
 
 impl<B> std::fmt::Debug for Qcow2Image<B> {
@@ -97,6 +99,7 @@ impl<B: Backend> Qcow2Image<B> {
             below,
             writer: None,
             data_file: None,
+            metadata_preallocation: OnceLock::new(),
         })
     }
 
@@ -234,9 +237,7 @@ impl<B: Backend> Qcow2Image<B> {
             ));
         }
         Ok(match kind {
-            Subcluster::Normal { host } => {
-                (ExtentKind::Data { compressed: false }, located(host)?, len)
-            }
+            Subcluster::Normal { host } => (ExtentKind::DATA, located(host)?, len),
             Subcluster::Compressed { .. } if format.data_file => {
                 return Err(corrupt(
                     "compressed cluster in an image with an external data file",
@@ -244,7 +245,14 @@ impl<B: Backend> Qcow2Image<B> {
                     entry.entry,
                 ))
             }
-            Subcluster::Compressed { .. } => (ExtentKind::Data { compressed: true }, None, len),
+            Subcluster::Compressed { .. } => (
+                ExtentKind::Data {
+                    compressed: true,
+                    zero: false,
+                },
+                None,
+                len,
+            ),
             Subcluster::ZeroPlain => (ExtentKind::Zero, None, len),
             Subcluster::ZeroAlloc { host } => (ExtentKind::Zero, located(host)?, len),
             Subcluster::UnallocatedPlain => (ExtentKind::Unallocated, None, len),
@@ -297,6 +305,98 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(extent)
     }
 
+    /// qemu's `qcow2_detect_metadata_preallocation`: noticeably more clusters are in use
+    /// (refcount > 0) than the file has allocated on disk, so data clusters may be holes and
+    /// block status asks the file system about them. Memory: one refcount block at a time.
+    fn detect_metadata_preallocation(&self) -> bool {
+        let Some(stat) = self
+            .backend
+            .as_fd()
+            .and_then(|fd| rustix::fs::fstat(fd).ok())
+        else {
+            return false;
+        };
+        let cluster_bits = self.header.cluster_bits;
+        let real_clusters = (stat.st_blocks as u64 * 512) >> cluster_bits;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.file_len.div_ceil(1 << cluster_bits);
+        let order = self.header.refcount_order;
+        let per_block = super::refcount::entries_per_block(cluster_bits, order);
+        let table_entries = u64::from(self.header.refcount_table_clusters) << (cluster_bits - 3);
+        let mut block = vec![0u8; 1 << cluster_bits];
+        let (mut count, mut cluster) = (0u64, 0u64);
+        while cluster < end_cluster && count < threshold {
+            let index = cluster / per_block;
+            let mut entry = [0u8; 8];
+            let read = index < table_entries
+                && self
+                    .backend
+                    .read_exact_at(&mut entry, self.header.refcount_table_offset + index * 8)
+                    .is_ok();
+            let offset = u64::from_be_bytes(entry) & super::allocator::REFTABLE_OFFSET_MASK;
+            if !read || offset == 0 {
+                cluster = (index + 1) * per_block;
+                continue;
+            }
+            if offset & ((1 << cluster_bits) - 1) != 0
+                || self.backend.read_exact_at(&mut block, offset).is_err()
+            {
+                return false;
+            }
+            let last = ((index + 1) * per_block).min(end_cluster);
+            while cluster < last && count < threshold {
+                count += u64::from(super::refcount::get(&block, cluster % per_block, order) != 0);
+                cluster += 1;
+            }
+        }
+        count >= threshold
+    }
+
+    /// `block/io.c`'s recursion into the host file for data of a metadata-preallocated image:
+    /// a hole in the host file under a data range reads as zeros (qemu: data + zero).
+    fn refine_with_host_holes(&self, mut extent: Extent) -> Extent {
+        let (
+            ExtentKind::Data {
+                compressed: false, ..
+            },
+            Some(at),
+        ) = (extent.kind, extent.host)
+        else {
+            return extent;
+        };
+        if !*self
+            .metadata_preallocation
+            .get_or_init(|| self.detect_metadata_preallocation())
+        {
+            return extent;
+        }
+        let (fd, len) = match at.file {
+            HostFile::Image => (self.backend.as_fd(), Some(self.file_len)),
+            HostFile::DataFile => match self.data_file.as_deref() {
+                Some(data) => (data.as_fd(), data.len().ok()),
+                None => return extent,
+            },
+        };
+        let Some(len) = len else {
+            return extent;
+        };
+        let status =
+            crate::raw::file_status(fd, at.offset.0, extent.len, len.next_multiple_of(512));
+        if status.eof && (status.len == 0 || status.zero) {
+            extent.kind = ExtentKind::Data {
+                compressed: false,
+                zero: true,
+            };
+        } else {
+            extent.len = status.len;
+            extent.kind = ExtentKind::Data {
+                compressed: false,
+                zero: status.zero,
+            };
+        }
+        extent
+    }
+
     /// Reads one extent of this image's own status into `buf` (`buf.len() == extent.len`).
     fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         match (extent.kind, extent.host) {
@@ -305,7 +405,12 @@ impl<B: Backend> Qcow2Image<B> {
                 buf.fill(0);
                 Ok(())
             }
-            (ExtentKind::Data { compressed: false }, Some(at)) => match at.file {
+            (
+                ExtentKind::Data {
+                    compressed: false, ..
+                },
+                Some(at),
+            ) => match at.file {
                 HostFile::DataFile => {
                     let data = self.data_file.as_deref().ok_or_else(|| {
                         corrupt("data file cluster without a data file", extent.start.0, 0)
@@ -406,7 +511,7 @@ impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
     }
 
     fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
-        self.layer_status(start, max_len)
+        Ok(self.refine_with_host_holes(self.layer_status(start, max_len)?))
     }
 
     fn below(&self) -> Option<&dyn GuestRead> {

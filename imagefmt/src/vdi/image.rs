@@ -256,7 +256,7 @@ impl<B: Backend + Send + Sync> GuestRead for VdiImage<B> {
             let (block, in_block) = (pos / block_size, pos % block_size);
             Ok(match self.entry(block)? {
                 BlockEntry::Allocated(index) => (
-                    ExtentKind::Data { compressed: false },
+                    ExtentKind::DATA,
                     Some(HostLocation {
                         file: HostFile::Image,
                         offset: HostOffset(self.header.data_block_offset(index) + in_block),
