@@ -2,6 +2,8 @@
 //! `qemu-img map --output=json` (qemu 10, Debian package qemu-utils) over random chains: a raw,
 //! VDI or qcow2 base under up to two qcow2 overlays of random sizes, cluster sizes and extended-L2
 //! settings, each written by qemu-io with data, zero writes, discards and compressed clusters.
+//! `convert`, which copies only what the extents call data, is judged on the same chains by
+//! `qemu-img compare` and `qemu-img check`.
 
 use std::path::Path;
 
@@ -202,5 +204,116 @@ proptest! {
             .unwrap_or_else(|e| panic!("map of {layers:?} failed: {e}"));
         let ours: Vec<Value> = ours.iter().map(|e| serde_json::to_value(e).unwrap()).collect();
         prop_assert_eq!(ours, theirs, "chain {:?}", layers);
+    }
+}
+
+/// Runs the cowclone binary in `dir`, asserting success.
+fn cowclone_ok_in(dir: &Path, args: &[&str]) {
+    let os: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    let out = crate::util::cowclone_in(dir, &os);
+    assert!(
+        out.status.success(),
+        "cowclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn convert_xcheck_random_chains_are_identical_for_qemu_img(
+        layers in chain(),
+        output in prop_oneof![Just("raw"), Just("qcow2"), Just("vdi")],
+        parallel in prop_oneof![Just("1"), Just("3"), Just("8")],
+        out_of_order in any::<bool>(),
+        compress in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let top = build(d, &layers);
+        let out_name = format!("out.{output}");
+        let mut args = vec!["convert", "-O", output, "-m", parallel];
+        if out_of_order {
+            args.push("-W");
+        }
+        if compress && output == "qcow2" {
+            args.push("-c");
+        }
+        args.extend([top.as_str(), out_name.as_str()]);
+        cowclone_ok_in(d, &args);
+        let compare = crate::util::tool_in("qemu-img", d, &["compare", &top, &out_name]);
+        prop_assert!(
+            compare.status.success(),
+            "qemu-img compare {} {}: {}{}",
+            top,
+            out_name,
+            String::from_utf8_lossy(&compare.stdout),
+            String::from_utf8_lossy(&compare.stderr)
+        );
+        if output != "raw" {
+            tool_ok_in("qemu-img", d, &["check", &out_name]);
+        }
+    }
+}
+
+/// Issue 12: an error reading the source names the source, not the destination.
+#[test]
+fn convert_errors_name_the_source_when_the_source_is_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok_in(
+        "qemu-img",
+        d,
+        &["create", "-q", "-f", "qcow2", "bad.qcow2", "4M"],
+    );
+    tool_ok_in(
+        "qemu-io",
+        d,
+        &["-f", "qcow2", "-c", "write -P 1 0 64k", "bad.qcow2"],
+    );
+    // Make the first L2 entry point at an unaligned host offset: qemu calls that corruption.
+    let path = d.join("bad.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_offset = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2_offset = (u64::from_be_bytes(bytes[l1_offset..l1_offset + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = u64::from_be_bytes(bytes[l2_offset..l2_offset + 8].try_into().unwrap());
+    bytes[l2_offset..l2_offset + 8].copy_from_slice(&(entry | 0x200).to_be_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let theirs = crate::util::tool_in(
+        "qemu-img",
+        d,
+        &["convert", "-O", "raw", "bad.qcow2", "q.raw"],
+    );
+    assert!(
+        !theirs.status.success(),
+        "qemu-img converted a corrupt image"
+    );
+    for output in ["raw", "qcow2", "vdi"] {
+        let dest = format!("out.{output}");
+        let args = ["convert", "-O", output, "bad.qcow2", dest.as_str()];
+        let os: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        let out = crate::util::cowclone_in(d, &os);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{output}: converted a corrupt image");
+        assert!(
+            stderr.contains("source image") && stderr.contains("bad.qcow2"),
+            "{output}: the error does not name the source: {stderr}"
+        );
+        assert!(
+            !stderr.contains(&dest),
+            "{output}: the error blames the destination: {stderr}"
+        );
+        assert!(
+            !d.join(&dest).exists(),
+            "{output}: a partial destination was left behind"
+        );
     }
 }
