@@ -264,6 +264,42 @@ fn external_data_files_are_read_only_when_allowed_and_then_like_qemu() {
     }
 }
 
+/// Issue 11: with an external data file, guest cluster 0 can sit at host offset 0 (its L2 entry
+/// is then COPIED with offset 0); qemu reads that data, and so must we.
+#[test]
+fn external_data_file_data_at_guest_offset_0_reads_like_qemu() {
+    use imagefmt::chain::open_chain_allowing_data_files;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, opts) in [
+        ("z.qcow2", "data_file=z.data"),
+        ("zraw.qcow2", "data_file=zraw.data,data_file_raw=on"),
+        (
+            "zx.qcow2",
+            "data_file=zx.data,data_file_raw=on,extended_l2=on",
+        ),
+    ] {
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"],
+            d,
+        );
+        for w in ["write -P 0x71 0 4k", "write -P 0x72 1M 64k"] {
+            run("qemu-io", &["-f", "qcow2", "-c", w, name], d);
+        }
+        let image = d.join(name);
+        let reader =
+            open_chain_allowing_data_files(&image, None, &BackingPolicy::FollowLocal).unwrap();
+        let mut ours = vec![0u8; reader.virtual_size() as usize];
+        reader.read_at(&mut ours, 0).unwrap();
+        assert!(
+            ours[..4096].iter().all(|&b| b == 0x71),
+            "{name}: guest offset 0 read back as something else"
+        );
+        assert_eq!(ours, qemu_raw(&image), "{name}");
+    }
+}
+
 #[test]
 fn images_with_internal_snapshots_read_their_active_state_like_qemu() {
     let dir = tempfile::tempdir().unwrap();

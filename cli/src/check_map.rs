@@ -321,32 +321,53 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     let policy = args.chain.policy();
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
     let options = args.chain.options(&policy, &parents);
-    let entries = imagefmt::map::map_with(&args.file, format, &options)
-        .with_context(|| format!("{}", args.file.display()))?;
-    match args.output {
-        OutputFormat::Json => write_json_map(out, &entries)?,
-        OutputFormat::Human => imagefmt::map::write_human(out, &entries)?,
+    // Entries are written as they are found: memory stays constant on any image.
+    let mut first = true;
+    let mut human_error = None;
+    if args.output == OutputFormat::Human {
+        imagefmt::map::write_human_header(out)?;
+    } else {
+        write!(out, "[")?;
+    }
+    imagefmt::map::map_each(&args.file, format, &options, |entry| {
+        let written = match args.output {
+            OutputFormat::Json => write_json_entry(out, &entry, std::mem::take(&mut first)),
+            OutputFormat::Human if human_error.is_some() => Ok(()),
+            OutputFormat::Human => match imagefmt::map::write_human_row(out, &entry) {
+                Err(imagefmt::map::HumanMapError::Io(e)) => Err(e),
+                Err(e) => {
+                    human_error = Some(e);
+                    Ok(())
+                }
+                Ok(()) => Ok(()),
+            },
+        };
+        written.map_err(imagefmt::Error::io("writing the map"))
+    })
+    .with_context(|| format!("{}", args.file.display()))?;
+    if let Some(e) = human_error {
+        return Err(e.into());
+    }
+    if args.output == OutputFormat::Json {
+        writeln!(out, "]")?;
     }
     Ok(0)
 }
 
-/// The JSON qemu-img map prints: one entry per line, in qemu's key order and spacing.
-fn write_json_map(out: &mut impl Write, entries: &[MapEntry]) -> std::io::Result<()> {
-    write!(out, "[")?;
-    for (i, e) in entries.iter().enumerate() {
-        write!(
-            out,
-            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \
-             \"data\": {}",
-            e.start, e.length, e.depth, e.present, e.zero, e.data
-        )?;
-        if let Some(offset) = e.offset {
-            write!(out, ", \"offset\": {offset}")?;
-        }
-        write!(out, "}}")?;
-        if i + 1 < entries.len() {
-            writeln!(out, ",")?;
-        }
+/// One entry of the JSON qemu-img map prints (one entry per line, in qemu's key order and
+/// spacing), preceded by the separator unless it is the first.
+fn write_json_entry(out: &mut impl Write, e: &MapEntry, first: bool) -> std::io::Result<()> {
+    if !first {
+        writeln!(out, ",")?;
     }
-    writeln!(out, "]")
+    write!(
+        out,
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \
+         \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    )?;
+    if let Some(offset) = e.offset {
+        write!(out, ", \"offset\": {offset}")?;
+    }
+    write!(out, "}}")
 }

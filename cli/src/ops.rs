@@ -33,6 +33,12 @@ pub struct ConvertArgs {
     /// Show a progress bar.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Parallel read requests (1..16, as qemu-img's -m).
+    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::convert::DEFAULT_PARALLEL)]
+    pub parallel: usize,
+    /// Allow out-of-order writes to the destination (as qemu-img's -W).
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -156,6 +162,8 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
             overwrite: args.overwrite,
             durable: false,
         },
+        parallel: args.parallel,
+        out_of_order: args.out_of_order,
     };
     let bar = args.progress.then(|| {
         let bar = indicatif::ProgressBar::new(source.virtual_size());
@@ -172,8 +180,8 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
             bar.set_position(done);
         }
     };
-    imagefmt::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)
-        .with_context(|| format!("{}", args.dest.display()))?;
+    // Errors name the file at fault themselves (source image, destination or backing file).
+    imagefmt::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)?;
     if let Some(bar) = bar {
         bar.finish();
     }

@@ -16,8 +16,9 @@ use std::path::Path;
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
+use crate::extent::{Extent, Named};
 use crate::image::ImageHeader;
-use crate::io::Backend;
+use crate::offsets::GuestOffset;
 use crate::open::{open_image, OpenHow};
 use crate::qcow2::image::Qcow2Image;
 use crate::vdi::{ParentResolver, SameDirectory};
@@ -66,75 +67,74 @@ impl<'a> ChainOptions<'a> {
     }
 }
 
-/// Reads guest data of an image (and whatever is below it).
-pub trait GuestRead: Send + Sync {
-    /// The guest-visible size in bytes.
-    fn virtual_size(&self) -> u64;
-    /// Fills `buf` with guest bytes starting at `offset`; the range must lie inside the disk.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
-}
+/// Moved to [`crate::extent`] and [`crate::raw`]; re-exported here for existing callers.
+pub use crate::extent::{check_range, read_below, GuestRead};
+pub use crate::raw::RawReader;
 
-/// Reads `buf.len()` bytes at `offset` from an optional lower image: bytes beyond the lower
-/// image's size (or with no lower image at all) read as zeros, as qemu defines for backing files.
-pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<()> {
-    let Some(below) = below else {
-        buf.fill(0);
-        return Ok(());
-    };
-    let size = below.virtual_size();
-    let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-    let (head, tail) = buf.split_at_mut(inside);
-    if !head.is_empty() {
-        below.read_at(head, offset)?;
-    }
-    tail.fill(0);
-    Ok(())
-}
-
-/// A raw image: guest bytes are file bytes. Like qemu, its size is the file length rounded up
-/// to whole 512-byte sectors; the bytes past the end of the file read as zeros.
-#[derive(Debug)]
-pub struct RawReader<B> {
-    backend: B,
-    size: u64,
-}
-
-impl<B: Backend> RawReader<B> {
-    /// Wraps a backend whose whole length is the disk.
-    pub fn new(backend: B) -> Result<Self> {
-        let size = backend
-            .len()
-            .map_err(Error::reading("raw image length"))?
-            .next_multiple_of(512);
-        Ok(Self { backend, size })
-    }
-}
-
-impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.size)?;
-        let got = self
-            .backend
-            .read_prefix_at(buf, offset)
-            .map_err(Error::reading("raw image data"))?;
-        buf[got..].fill(0);
-        Ok(())
-    }
-}
-
-/// Refuses reads outside `0..size`.
-pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
-    match offset.checked_add(len as u64) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(crate::qcow2::Qcow2Error::ReadOutOfRange {
-            offset,
-            len: len as u64,
-            size,
+/// qemu's `bdrv_block_status_above` as `qemu-img map` and `convert` use it: the status of the
+/// chain `top` at `start`, at most `max_len` bytes (clamped to the disk, never empty).
+///
+/// Each layer from the top answers for the range; an unallocated answer asks the layer below,
+/// narrowed to what the upper layers left open. The walk stops at the first layer that
+/// provides the range (data or zeros), at the bottom layer ([`Unallocated`](crate::extent::ExtentKind::Unallocated): reads
+/// as zeros), or where the range lies past the end of a shorter layer below (zeros, reported as
+/// unallocated at the depth where the walk stopped, as qemu does).
+pub fn block_status(top: &dyn GuestRead, start: GuestOffset, max_len: u64) -> Result<Extent> {
+    let size = top.virtual_size();
+    check_range(start.0, 1, size)?;
+    let mut bytes = max_len.min(size - start.0).max(1);
+    let mut layer = top;
+    let mut depth = 0u32;
+    loop {
+        bytes = bytes
+            .min(layer.virtual_size().saturating_sub(start.0))
+            .max(1);
+        let mut extent = layer.block_status(start, bytes)?;
+        bytes = extent.len;
+        let below = layer.below().filter(|below| start.0 < below.virtual_size());
+        match below {
+            Some(below) if !extent.is_allocated() => {
+                layer = below;
+                depth += 1;
+            }
+            _ => {
+                extent.depth = depth;
+                return Ok(extent);
+            }
         }
-        .into()),
+    }
+}
+
+/// Every extent of `top` from `start` to the end of the disk, in order, each as long as
+/// [`block_status`] answers (adjacent extents are not merged). Errors end the walk.
+pub fn extents(top: &dyn GuestRead, start: GuestOffset) -> Extents<'_> {
+    Extents {
+        top,
+        next: start,
+        failed: false,
+    }
+}
+
+/// The iterator of [`extents`].
+pub struct Extents<'a> {
+    top: &'a dyn GuestRead,
+    next: GuestOffset,
+    failed: bool,
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Result<Extent>;
+    fn next(&mut self) -> Option<Result<Extent>> {
+        if self.failed || self.next.0 >= self.top.virtual_size() {
+            return None;
+        }
+        // qemu probes at most 1 GiB at a time.
+        let result = block_status(self.top, self.next, 1 << 30);
+        match &result {
+            Ok(extent) => self.next = extent.end(),
+            Err(_) => self.failed = true,
+        }
+        Some(result)
     }
 }
 
@@ -234,6 +234,18 @@ fn open_backing(
 }
 
 fn open_level(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    guard: &mut ChainGuard,
+    top: bool,
+) -> Result<Box<dyn GuestRead>> {
+    let layer = open_layer(path, format, options, guard, top)?;
+    Ok(Box::new(Named::new(layer, path.to_owned())))
+}
+
+/// Opens one layer (and, inside it, the layers below).
+fn open_layer(
     path: &Path,
     format: Option<ImageFormat>,
     options: &ChainOptions<'_>,

@@ -1,15 +1,32 @@
 //! `convert`: copy an image's guest content into a new qcow2, VDI or raw image, streaming in
-//! constant memory, writing nothing for zero runs (sparse output), optionally compressed (qcow2),
+//! bounded memory, writing nothing for zero runs (sparse output), optionally compressed (qcow2),
 //! and with a backing file (`-B`: a qcow2 backing file, or the parent of a VDI differencing
 //! image) writing only what differs from it.
+//!
+//! The source is never read where its extents ([`crate::chain::extents`]) say zeros or
+//! unallocated. Without `-B` the copy is a pipeline:
+//!
+//! ```text
+//! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX, aligned to the output's unit
+//!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset
+//!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
+//!        copy_file_range where the bytes sit verbatim in a file, else pwrite non-zero blocks
+//!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
+//! ```
+//!
+//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes (N ≤ [`MAX_PARALLEL`]).
 
 use std::path::{Path, PathBuf};
 
+use std::os::fd::BorrowedFd;
+
 use crate::backing::BackingPolicy;
-use crate::chain::{open_chain, read_below, GuestRead};
+use crate::chain::{self, open_chain};
 use crate::detect::ImageFormat;
+use crate::extent::{Extent, ExtentKind, GuestRead, HostLocation};
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
+use crate::offsets::{GuestOffset, HostOffset};
 use crate::qcow2::compressed_writer::CompressedWriter;
 use crate::qcow2::create::{write_new_image, BackingReference};
 use crate::qcow2::image::Qcow2Image;
@@ -17,10 +34,16 @@ use crate::qcow2::write::WriteOptions;
 use crate::qcow2::{CreateOptions, HeaderCluster};
 use crate::{Error, Result};
 
-/// Bytes copied per step for raw output (qcow2 output steps by its cluster size).
+/// Bytes copied per step where the output is compared with a backing file (`-B`).
 pub const RAW_CHUNK: u64 = 1 << 20;
 /// Granularity of hole detection in raw output.
 pub const SPARSE_BLOCK: usize = 4096;
+/// Largest read request of the pipeline (qemu-img uses 2 MiB buffers).
+pub const REQUEST_MAX: u64 = 2 << 20;
+/// Default number of parallel requests (qemu-img's `-m` default).
+pub const DEFAULT_PARALLEL: usize = 8;
+/// Largest accepted `-m` (as qemu-img).
+pub const MAX_PARALLEL: usize = 16;
 
 /// What to make.
 #[derive(Debug, Clone)]
@@ -38,6 +61,11 @@ pub struct ConvertOptions {
     pub backing: Option<(String, Option<ImageFormat>)>,
     /// Overwrite / durability of the new file.
     pub mode: NewFileMode,
+    /// Parallel requests (`-m`, 1..=[`MAX_PARALLEL`]).
+    pub parallel: usize,
+    /// Let writes into qcow2/VDI output happen out of guest order (`-W`); raw output is always
+    /// written in any order.
+    pub out_of_order: bool,
 }
 
 /// What a conversion did.
@@ -51,6 +79,9 @@ pub struct ConvertStats {
 
 /// Converts `source` into a new image at `dest`. `progress(done, total)` is called after each
 /// step. The output appears under `dest` only when complete.
+///
+/// Every error names the file at fault: [`Error::InFile`] with role "source image" for reads
+/// and block status of `source`, "destination" for everything about the output.
 pub fn convert(
     source: &dyn GuestRead,
     dest: &Path,
@@ -59,6 +90,13 @@ pub fn convert(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     let size = source.virtual_size();
+    let in_dest = |e: Error| e.in_file("destination", dest);
+    if !(1..=MAX_PARALLEL).contains(&options.parallel) {
+        return Err(Error::InvalidParameter {
+            name: "-m",
+            reason: "the number of parallel requests must be between 1 and 16",
+        });
+    }
     match options.format {
         ImageFormat::Raw => {
             if options.backing.is_some() || options.compress {
@@ -69,28 +107,9 @@ pub fn convert(
             }
             create_with(dest, options.mode, |file| {
                 file.set_len(size)
-                    .map_err(Error::writing("raw image length"))?;
-                copy(source, size, RAW_CHUNK, progress, |chunk, offset| {
-                    let mut wrote = false;
-                    // Write runs of non-zero 4 KiB blocks; zero blocks stay holes.
-                    let mut block = 0;
-                    while block < chunk.len() {
-                        let start = block;
-                        while block < chunk.len()
-                            && !is_zero(&chunk[block..(block + SPARSE_BLOCK).min(chunk.len())])
-                        {
-                            block += SPARSE_BLOCK;
-                        }
-                        let end = block.min(chunk.len());
-                        if end > start {
-                            Backend::write_all_at(&file, &chunk[start..end], offset + start as u64)
-                                .map_err(Error::writing("raw image data"))?;
-                            wrote = true;
-                        }
-                        block = end.max(start + SPARSE_BLOCK);
-                    }
-                    Ok(wrote)
-                })
+                    .map_err(Error::writing("raw image length"))
+                    .map_err(in_dest)?;
+                pipeline(source, 1, options, progress, Sink::Raw(file, dest))
             })
         }
         ImageFormat::Qcow2 => convert_to_qcow2(source, dest, options, policy, progress),
@@ -108,6 +127,7 @@ fn convert_to_vdi(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     use crate::vdi::{create, VdiImage, DEFAULT_BLOCK_SIZE};
+    let in_dest = |e: Error| e.in_file("destination", dest);
     if options.compress {
         return Err(Error::UnsupportedFormat {
             name: "compressed vdi output (only qcow2 compresses)".into(),
@@ -117,11 +137,13 @@ fn convert_to_vdi(
     let parent = match &options.backing {
         None => None,
         Some((_, Some(format))) if *format != ImageFormat::Vdi => {
-            return Err(crate::vdi::VdiError::ParentNotVdi {
-                path: dest.to_owned(),
-                format: format.name(),
-            }
-            .into())
+            return Err(in_dest(
+                crate::vdi::VdiError::ParentNotVdi {
+                    path: dest.to_owned(),
+                    format: format.name(),
+                }
+                .into(),
+            ))
         }
         Some((name, _)) => {
             if options.vdi_static {
@@ -129,38 +151,53 @@ fn convert_to_vdi(
                     name: "a static (fixed) vdi differencing image".into(),
                 });
             }
-            let path: PathBuf = crate::backing::resolve(dest, name)?;
-            let header = create::read_parent_header(&path)?;
+            let path: PathBuf =
+                crate::backing::resolve(dest, name).map_err(|e| in_dest(e.into()))?;
+            let in_parent = |e: Error| e.in_file("backing file", &path);
+            let header = create::read_parent_header(&path).map_err(in_parent)?;
             if header.virtual_size() != size {
-                return Err(crate::vdi::VdiError::DiffSizeMismatch {
-                    parent: header.virtual_size(),
-                    requested: size,
-                }
-                .into());
+                return Err(in_dest(
+                    crate::vdi::VdiError::DiffSizeMismatch {
+                        parent: header.virtual_size(),
+                        requested: size,
+                    }
+                    .into(),
+                ));
             }
-            let chain = open_chain(&path, Some(ImageFormat::Vdi), policy)?;
+            let chain = open_chain(&path, Some(ImageFormat::Vdi), policy).map_err(in_parent)?;
             Some((header, chain))
         }
     };
     create_with(dest, options.mode, |file| {
         let (header, below) = match parent {
             Some((parent_header, chain)) => (
-                create::write_differencing(file, &parent_header)?,
+                create::write_differencing(file, &parent_header).map_err(in_dest)?,
                 Some(chain),
             ),
-            None if options.vdi_static => (create::write_fixed(file, size)?, None),
-            None => (create::write_dynamic(file, size)?, None),
+            None if options.vdi_static => (create::write_fixed(file, size).map_err(in_dest)?, None),
+            None => (create::write_dynamic(file, size).map_err(in_dest)?, None),
         };
         let has_parent = below.is_some();
-        let mut image = VdiImage::open_rw(file, header, below, options.mode.durable)?;
-        let mut parent_buf = vec![0u8; DEFAULT_BLOCK_SIZE as usize];
+        let mut image =
+            VdiImage::open_rw(file, header, below, options.mode.durable).map_err(in_dest)?;
         let block = u64::from(DEFAULT_BLOCK_SIZE);
+        if !has_parent {
+            return pipeline(
+                source,
+                block,
+                options,
+                progress,
+                Sink::Vdi(&mut image, dest),
+            );
+        }
+        let mut parent_buf = vec![0u8; block as usize];
         copy(source, size, block, progress, |chunk, offset| {
-            match needed_write(&image, has_parent, chunk, offset, &mut parent_buf)? {
+            match needed_write(&image, true, chunk, offset, &mut parent_buf).map_err(in_dest)? {
                 NeededWrite::Nothing => return Ok(false),
-                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64)?,
-                NeededWrite::Data => image.write_at(chunk, offset)?,
+                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64),
+                NeededWrite::Data => image.write_at(chunk, offset),
             }
+            .map_err(in_dest)?;
             Ok(true)
         })
     })
@@ -174,14 +211,20 @@ fn convert_to_qcow2(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     let size = source.virtual_size();
+    let in_dest = |e: Error| e.in_file("destination", dest);
     let (reference, backing) = match &options.backing {
         None => (None, None),
         Some((name, format)) => {
-            let path: PathBuf = crate::backing::resolve(dest, name)?;
-            let chain = open_chain(&path, *format, policy)?;
+            let path: PathBuf =
+                crate::backing::resolve(dest, name).map_err(|e| in_dest(e.into()))?;
+            let in_backing = |e: Error| e.in_file("backing file", &path);
+            let chain = open_chain(&path, *format, policy).map_err(in_backing)?;
             let format = match format {
                 Some(f) => *f,
-                None => crate::image::read_file_header(&path)?.1.format(),
+                None => crate::image::read_file_header(&path)
+                    .map_err(in_backing)?
+                    .1
+                    .format(),
             };
             let reference = BackingReference {
                 name: name.clone(),
@@ -191,32 +234,60 @@ fn convert_to_qcow2(
         }
     };
     create_with(dest, options.mode, |file| {
-        write_new_image(file, size, &options.qcow2, reference.as_ref())?;
-        let cluster = HeaderCluster::read_from(file)?;
+        write_new_image(file, size, &options.qcow2, reference.as_ref()).map_err(in_dest)?;
+        let cluster = HeaderCluster::read_from(file).map_err(in_dest)?;
         // The output reads through to its backing chain for copy-on-write of partial clusters.
-        let below = backing.map(|b| Box::new(SharedRead(b)) as Box<dyn GuestRead>);
-        let mut image = Qcow2Image::open_rw(file, cluster, below, WriteOptions::default())?;
+        let has_backing = backing.is_some();
+        let mut image = Qcow2Image::open_rw(file, cluster, backing, WriteOptions::default())
+            .map_err(in_dest)?;
         let chunk_size = image.header().cluster_size();
-        let mut backing_buf = vec![0u8; chunk_size as usize];
-        let has_backing = options.backing.is_some();
-        let mut compressed = CompressedWriter::new(&image);
-        let stats = copy(source, size, chunk_size, progress, |chunk, offset| {
-            match needed_write(&image, has_backing, chunk, offset, &mut backing_buf)? {
-                NeededWrite::Nothing => return Ok(false),
-                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64)?,
-                NeededWrite::Data if options.compress => {
-                    compressed.write(&mut image, chunk, offset)?
+        // Compressed output goes through one writer that packs clusters as qemu does.
+        let mut compressed = options.compress.then(|| CompressedWriter::new(&image));
+        let stats = if has_backing {
+            let mut backing_buf = vec![0u8; chunk_size as usize];
+            copy(source, size, chunk_size, progress, |chunk, offset| {
+                match needed_write(&image, true, chunk, offset, &mut backing_buf)
+                    .map_err(in_dest)?
+                {
+                    NeededWrite::Nothing => return Ok(false),
+                    NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64),
+                    NeededWrite::Data => {
+                        write_qcow2(&mut image, compressed.as_mut(), chunk, offset)
+                    }
                 }
-                NeededWrite::Data => image.write_at(chunk, offset)?,
-            }
-            Ok(true)
-        })?;
-        compressed.finish(&mut image)?;
+                .map_err(in_dest)?;
+                Ok(true)
+            })?
+        } else {
+            let sink = Sink::Qcow2 {
+                image: &mut image,
+                compressed: compressed.as_mut(),
+                dest,
+            };
+            pipeline(source, chunk_size, options, progress, sink)?
+        };
+        if let Some(writer) = compressed {
+            writer.finish(&mut image).map_err(in_dest)?;
+        }
         if options.mode.durable {
-            image.flush()?;
+            image.flush().map_err(in_dest)?;
         }
         Ok(stats)
     })
+}
+
+/// Writes one cluster-aligned piece of data into qcow2 output: the one place where compressed
+/// output branches off (into the compressed writer).
+fn write_qcow2(
+    image: &mut Qcow2Image<&std::fs::File>,
+    compressed: Option<&mut CompressedWriter>,
+    data: &[u8],
+    offset: u64,
+) -> Result<()> {
+    match compressed {
+        Some(writer) => writer.write(image, data, offset),
+        None => image.write_at(data, offset),
+    }
 }
 
 /// What a chunk of the source needs in a new output image.
@@ -253,7 +324,7 @@ fn needed_write(
 }
 
 /// Streams `source` in `chunk_size` steps, handing each chunk to `write` (which says whether
-/// it wrote anything).
+/// it wrote anything). Ranges the source reports as zeros are not read.
 fn copy(
     source: &dyn GuestRead,
     size: u64,
@@ -266,7 +337,7 @@ fn copy(
     let mut offset = 0;
     while offset < size {
         let len = (size - offset).min(chunk_size) as usize;
-        read_below(Some(source), &mut buf[..len], offset)?;
+        read_data_only(source, &mut buf[..len], offset).map_err(|e| in_source(source, e))?;
         if write(&buf[..len], offset)? {
             stats.bytes_written += len as u64;
         }
@@ -277,19 +348,507 @@ fn copy(
     Ok(stats)
 }
 
-/// True if every byte is zero.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    bytes.iter().all(|&b| b == 0)
+/// Reads `buf` at guest `offset` of `source`, reading only what its extents call data.
+fn read_data_only(source: &dyn GuestRead, buf: &mut [u8], offset: u64) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let mut at = GuestOffset(offset);
+    while at.0 < end {
+        let extent = chain::block_status(source, at, end - at.0)?;
+        let piece = &mut buf[(at.0 - offset) as usize..(extent.end().0 - offset) as usize];
+        read_piece(source, &extent, piece)?;
+        at = extent.end();
+    }
+    Ok(())
 }
 
-/// A boxed chain used as the image below another.
-struct SharedRead(Box<dyn GuestRead>);
+/// Reads one extent of `top` into `buf`: zeros without reading, uncompressed data straight from
+/// its layer's file at its host offset, anything else through `read_at`.
+fn read_piece(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+    if extent.reads_as_zeros() {
+        buf.fill(0);
+        return Ok(());
+    }
+    if let Some((fd, offset)) = verbatim_source(top, extent) {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(Error::reading("guest data")(e.into())),
+            }
+        }
+        // Past the end of the file reads as zeros, as qemu's file driver does.
+        buf[done..].fill(0);
+        return Ok(());
+    }
+    top.read_at(buf, extent.start.0)
+}
 
-impl GuestRead for SharedRead {
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
+/// The file and offset holding `extent`'s bytes verbatim, when there is one.
+fn verbatim_source<'a>(top: &'a dyn GuestRead, extent: &Extent) -> Option<(BorrowedFd<'a>, u64)> {
+    let ExtentKind::Data {
+        compressed: false,
+        zero: false,
+    } = extent.kind
+    else {
+        return None;
+    };
+    let host = extent.host?;
+    let mut layer = top;
+    for _ in 0..extent.depth {
+        layer = layer.below()?;
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
+    Some((layer.host_fd(host.file)?, host.offset.0))
+}
+
+/// A source-side error, naming the source file.
+fn in_source(source: &dyn GuestRead, error: Error) -> Error {
+    match source.path() {
+        Some(path) => error.in_file("source image", path),
+        None => error,
     }
+}
+
+/// True if every byte is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // Word-wise: the common case (data) fails on the first word.
+    let (head, words, tail) = {
+        let (prefix, rest) = bytes.split_at(bytes.len().min(bytes.as_ptr().align_offset(8)));
+        let (words, tail) = rest.split_at(rest.len() / 8 * 8);
+        (prefix, words, tail)
+    };
+    head.iter().all(|&b| b == 0)
+        && words
+            .chunks_exact(8)
+            .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+// ------------------------------------------------------------------------------------------
+// The pipeline.
+
+/// One read request: a guest range and the data extents inside it (the rest reads as zeros).
+struct Request {
+    seq: u64,
+    start: u64,
+    end: u64,
+    pieces: Vec<Extent>,
+}
+
+/// Turns the source's extents into requests: data only, coalesced while contiguous up to
+/// [`REQUEST_MAX`], widened to whole output units (clusters, blocks; 1 for raw) so that no two
+/// requests share a unit.
+struct Planner<'a> {
+    extents: chain::Extents<'a>,
+    unit: u64,
+    size: u64,
+    max: u64,
+    current: Option<Request>,
+    /// The data extent being split into requests.
+    pending: Option<Extent>,
+    seq: u64,
+    done: bool,
+}
+
+impl<'a> Planner<'a> {
+    fn new(source: &'a dyn GuestRead, unit: u64) -> Self {
+        Self {
+            extents: chain::extents(source, GuestOffset(0)),
+            unit,
+            size: source.virtual_size(),
+            max: REQUEST_MAX.max(unit) / unit * unit,
+            current: None,
+            pending: None,
+            seq: 0,
+            done: false,
+        }
+    }
+
+    fn emit(&mut self) -> Option<Request> {
+        let mut request = self.current.take()?;
+        request.seq = self.seq;
+        self.seq += 1;
+        Some(request)
+    }
+
+    fn next_request(&mut self) -> Result<Option<Request>> {
+        loop {
+            let extent = match self.pending.take() {
+                Some(extent) => extent,
+                None if self.done => return Ok(self.emit()),
+                None => match self.extents.next() {
+                    None => {
+                        self.done = true;
+                        continue;
+                    }
+                    Some(extent) => {
+                        let extent = extent?;
+                        if extent.reads_as_zeros() {
+                            continue;
+                        }
+                        extent
+                    }
+                },
+            };
+            let unit_start = extent.start.0 / self.unit * self.unit;
+            if let Some(current) = &mut self.current {
+                if extent.start.0 < current.end {
+                    // The extent starts inside the current request's last unit.
+                    let (head, rest) = split(&extent, current.end);
+                    current.pieces.push(head);
+                    self.pending = rest;
+                    continue;
+                }
+                if unit_start == current.end && current.end - current.start < self.max {
+                    let end = (current.start + self.max).min(align_up(
+                        extent.end().0,
+                        self.unit,
+                        self.size,
+                    ));
+                    current.end = end;
+                    let (head, rest) = split(&extent, end);
+                    current.pieces.push(head);
+                    self.pending = rest;
+                    continue;
+                }
+                self.pending = Some(extent);
+                return Ok(self.emit());
+            }
+            let end = (unit_start + self.max).min(align_up(extent.end().0, self.unit, self.size));
+            let (head, rest) = split(&extent, end);
+            self.current = Some(Request {
+                seq: 0,
+                start: unit_start,
+                end,
+                pieces: vec![head],
+            });
+            self.pending = rest;
+        }
+    }
+}
+
+/// `x` rounded up to a multiple of `unit`, at most `size`.
+fn align_up(x: u64, unit: u64, size: u64) -> u64 {
+    x.div_ceil(unit).saturating_mul(unit).min(size)
+}
+
+/// Splits `extent` at guest offset `at`: the part before (never empty) and the rest, if any.
+fn split(extent: &Extent, at: u64) -> (Extent, Option<Extent>) {
+    if at >= extent.end().0 {
+        return (*extent, None);
+    }
+    let head_len = at - extent.start.0;
+    let head = Extent {
+        len: head_len,
+        ..*extent
+    };
+    let rest = Extent {
+        start: GuestOffset(at),
+        len: extent.len - head_len,
+        host: extent.host.map(|h| HostLocation {
+            offset: HostOffset(h.offset.0 + head_len),
+            ..h
+        }),
+        ..*extent
+    };
+    (head, Some(rest))
+}
+
+/// Where the pipeline's data goes.
+enum Sink<'a, 'f> {
+    /// A raw file (and its name): the reader threads write (or copy) themselves.
+    Raw(&'f std::fs::File, &'a Path),
+    /// A qcow2 image, written on the main thread.
+    Qcow2 {
+        image: &'a mut Qcow2Image<&'f std::fs::File>,
+        /// Set for compressed output (`-c`).
+        compressed: Option<&'a mut CompressedWriter>,
+        dest: &'a Path,
+    },
+    /// A VDI image, written on the main thread.
+    Vdi(&'a mut crate::vdi::VdiImage<&'f std::fs::File>, &'a Path),
+}
+
+impl Sink<'_, '_> {
+    /// True if the main thread writes (qcow2, VDI); raw output is written by the readers.
+    fn writes_on_main(&self) -> bool {
+        !matches!(self, Sink::Raw(..))
+    }
+
+    /// Writes a filled request (qcow2/VDI) unit by unit, skipping all-zero units and joining
+    /// neighbouring non-zero units into one write (except for compressed output, which takes a
+    /// cluster at a time); returns the bytes written.
+    fn write(&mut self, filled: &Filled, unit: u64) -> Result<u64> {
+        let start = filled.request.start;
+        let data = &filled.data;
+        let mut written = 0;
+        let mut run: Option<usize> = None;
+        let mut at = 0usize;
+        loop {
+            let (end, zero) = if at < data.len() {
+                let end = (at + (unit - (start + at as u64) % unit) as usize).min(data.len());
+                (end, is_zero(&data[at..end]))
+            } else {
+                (at, true)
+            };
+            if zero || self.per_unit() {
+                if let Some(from) = run.take() {
+                    self.write_run(&data[from..at], start + from as u64)?;
+                    written += (at - from) as u64;
+                }
+            }
+            if !zero {
+                run.get_or_insert(at);
+            }
+            if at >= data.len() {
+                return Ok(written);
+            }
+            at = end;
+        }
+    }
+
+    /// Compressed output goes one cluster at a time.
+    fn per_unit(&self) -> bool {
+        matches!(
+            self,
+            Sink::Qcow2 {
+                compressed: Some(_),
+                ..
+            }
+        )
+    }
+
+    fn write_run(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Sink::Raw(..) => Ok(()),
+            Sink::Qcow2 {
+                image,
+                compressed,
+                dest,
+            } => write_qcow2(image, compressed.as_deref_mut(), data, offset)
+                .map_err(|e| e.in_file("destination", dest)),
+            Sink::Vdi(image, dest) => image
+                .write_at(data, offset)
+                .map_err(|e| e.in_file("destination", dest)),
+        }
+    }
+}
+
+/// A filled request on its way to the main thread.
+struct Filled {
+    request: Request,
+    /// The request's bytes (qcow2/VDI output), or the emptied buffer (raw: already written).
+    data: Vec<u8>,
+    /// Bytes the reader wrote to raw output.
+    written: u64,
+}
+
+/// Reads `request` into `buf` (zeros between its pieces); for raw output `out`, writes it too:
+/// `copy_file_range` for pieces that sit verbatim in a file, `pwrite` of the non-zero
+/// [`SPARSE_BLOCK`]s of the rest.
+fn fill(
+    source: &dyn GuestRead,
+    request: Request,
+    mut buf: Vec<u8>,
+    out: Option<(&std::fs::File, &Path)>,
+) -> Result<Filled> {
+    let len = (request.end - request.start) as usize;
+    buf.clear();
+    buf.resize(len, 0);
+    let mut written = 0;
+    for piece in &request.pieces {
+        let at = (piece.start.0 - request.start) as usize;
+        let range = at..at + piece.len as usize;
+        if let Some((file, dest)) = out {
+            let copied = match verbatim_source(source, piece) {
+                Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
+                None => 0,
+            };
+            written += copied;
+            let rest = range.start + copied as usize..range.end;
+            if rest.is_empty() {
+                continue;
+            }
+            let rest_extent = split(piece, piece.start.0 + copied).1.unwrap_or(*piece);
+            read_piece(source, &rest_extent, &mut buf[rest.clone()])
+                .map_err(|e| in_source(source, e))?;
+            written += write_sparse(file, &buf[rest.clone()], request.start + rest.start as u64)
+                .map_err(|e| e.in_file("destination", dest))?;
+        } else {
+            read_piece(source, piece, &mut buf[range]).map_err(|e| in_source(source, e))?;
+        }
+    }
+    Ok(Filled {
+        request,
+        data: buf,
+        written,
+    })
+}
+
+/// Copies `len` bytes from `from` at `from_offset` to `to` at `to_offset` in the kernel; returns
+/// how many were copied (fewer, down to 0, where the file system cannot: the caller copies the
+/// rest itself).
+fn copy_range(
+    from: BorrowedFd<'_>,
+    from_offset: u64,
+    to: &std::fs::File,
+    to_offset: u64,
+    len: u64,
+) -> u64 {
+    let (mut off_in, mut off_out) = (from_offset, to_offset);
+    let mut done = 0;
+    while done < len {
+        let want = (len - done).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => break,
+            Ok(n) => done += n as u64,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
+        }
+    }
+    done
+}
+
+/// Writes the non-zero [`SPARSE_BLOCK`]s (aligned to guest offsets) of `data` at `offset`;
+/// zero blocks stay holes. Returns the bytes written.
+fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> Result<u64> {
+    let block = SPARSE_BLOCK as u64;
+    let mut written = 0;
+    let mut at = 0usize;
+    while at < data.len() {
+        // Find a run of non-zero blocks.
+        let next = |from: usize| {
+            (from + (block - (offset + from as u64) % block) as usize).min(data.len())
+        };
+        let mut end = next(at);
+        if is_zero(&data[at..end]) {
+            at = end;
+            continue;
+        }
+        while end < data.len() {
+            let after = next(end);
+            if is_zero(&data[end..after]) {
+                break;
+            }
+            end = after;
+        }
+        Backend::write_all_at(file, &data[at..end], offset + at as u64)
+            .map_err(Error::writing("raw image data"))?;
+        written += (end - at) as u64;
+        at = end;
+    }
+    Ok(written)
+}
+
+/// Runs the pipeline: planner and readers on `options.parallel` threads, writes per `sink`.
+fn pipeline(
+    source: &dyn GuestRead,
+    unit: u64,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    mut sink: Sink<'_, '_>,
+) -> Result<ConvertStats> {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Mutex};
+
+    let size = source.virtual_size();
+    let workers = options.parallel;
+    let planner = Mutex::new(Planner::new(source, unit));
+    let stop = AtomicBool::new(false);
+    let raw_out = match &sink {
+        Sink::Raw(file, dest) => Some((*file, *dest)),
+        _ => None,
+    };
+    let in_order = sink.writes_on_main() && !options.out_of_order;
+    // Buffers circulate between the readers and the main thread: at most 2 × workers exist.
+    let (give_back, pool) = mpsc::sync_channel::<Vec<u8>>(2 * workers);
+    for _ in 0..2 * workers {
+        let _ = give_back.send(Vec::new());
+    }
+    let pool = Mutex::new(pool);
+    let (filled_tx, filled_rx) = mpsc::sync_channel::<Result<Filled>>(2 * workers);
+    let mut stats = ConvertStats::default();
+    let mut first_error: Option<Error> = None;
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let filled_tx = filled_tx.clone();
+            let (planner, pool, stop) = (&planner, &pool, &stop);
+            let raw = raw_out;
+            scope.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(buf) = pool.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+                    return;
+                };
+                let next = planner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_request();
+                let message = match next {
+                    Ok(None) => return,
+                    Ok(Some(request)) => fill(source, request, buf, raw),
+                    Err(e) => Err(in_source(source, e)),
+                };
+                let failed = message.is_err();
+                if filled_tx.send(message).is_err() || failed {
+                    return;
+                }
+            });
+        }
+        drop(filled_tx);
+        let mut waiting: BTreeMap<u64, Filled> = BTreeMap::new();
+        let mut next_seq = 0u64;
+        let mut done_to = 0u64;
+        for message in filled_rx.iter() {
+            let filled = match message {
+                Ok(filled) => filled,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            };
+            let mut ready = Vec::new();
+            if in_order {
+                waiting.insert(filled.request.seq, filled);
+                while let Some(f) = waiting.remove(&next_seq) {
+                    next_seq += 1;
+                    ready.push(f);
+                }
+            } else {
+                ready.push(filled);
+            }
+            for mut f in ready {
+                let written = if sink.writes_on_main() {
+                    sink.write(&f, unit)
+                } else {
+                    Ok(f.written)
+                };
+                match written {
+                    Ok(n) => stats.bytes_written += n,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                done_to = done_to.max(f.request.end);
+                progress(done_to, size);
+                let _ = give_back.send(std::mem::take(&mut f.data));
+            }
+            if first_error.is_some() {
+                break;
+            }
+        }
+        // Unblock and end the readers: no more buffers, nobody listening.
+        stop.store(true, Ordering::Relaxed);
+        drop(give_back);
+        drop(filled_rx);
+    });
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    stats.bytes_read = size;
+    progress(size, size);
+    Ok(stats)
 }

@@ -89,6 +89,36 @@ pub enum Error {
     /// The backing file is not to be opened, so its format must be named.
     #[error("a backing format is required when the backing file is not opened")]
     BackingFormatRequired,
+    /// A guest read or status query outside the virtual disk.
+    #[error("guest access of {len} bytes at {offset:#x} is outside the {size}-byte disk")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// An operation failed on one of its files: says which file and in what role ("source
+    /// image", "destination", "backing file"), so a message never blames the wrong file.
+    #[error("{role} {path}")]
+    InFile {
+        /// What the file is to the operation.
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong with it.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A parameter of a request is out of its range.
+    #[error("invalid parameter {name}: {reason}")]
+    InvalidParameter {
+        /// The parameter, as the command line names it.
+        name: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The backing file is the image being created (qemu-img refuses this too).
     #[error("{path} cannot be its own backing file")]
     BackingIsTarget {
@@ -120,15 +150,31 @@ impl Error {
         move |source| Error::Io { step, source }
     }
 
+    /// Wraps this error with the file it concerns and that file's role (see
+    /// [`Error::InFile`]); an error that already names a file is returned as it is.
+    pub fn in_file(self, role: &'static str, path: &std::path::Path) -> Error {
+        match self {
+            Error::InFile { .. } => self,
+            other => Error::InFile {
+                role,
+                path: path.to_owned(),
+                source: Box::new(other),
+            },
+        }
+    }
+
     /// True if the image was refused for what it contains (as opposed to an I/O failure or a
     /// refused request): callers reporting "this file is bad" branch on it.
     pub fn is_invalid_image(&self) -> bool {
-        matches!(
-            self,
-            Error::Qcow2(_)
-                | Error::Vdi(_)
-                | Error::UnrecognizedFormat { .. }
-                | Error::FormatMismatch { .. }
-        )
+        match self {
+            Error::InFile { source, .. } => source.is_invalid_image(),
+            _ => matches!(
+                self,
+                Error::Qcow2(_)
+                    | Error::Vdi(_)
+                    | Error::UnrecognizedFormat { .. }
+                    | Error::FormatMismatch { .. }
+            ),
+        }
     }
 }

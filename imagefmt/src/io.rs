@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
@@ -38,6 +39,12 @@ pub trait Backend {
         self.read_exact_at(&mut buf[..available], offset)?;
         Ok(available)
     }
+
+    /// The open file behind this storage, if it is one (for `SEEK_DATA`/`SEEK_HOLE` and
+    /// `copy_file_range`); `None` for memory.
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Backend for File {
@@ -69,6 +76,9 @@ impl Backend for File {
         }
         Ok(done)
     }
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(AsFd::as_fd(self))
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for &B {
@@ -89,6 +99,9 @@ impl<B: Backend + ?Sized> Backend for &B {
     }
     fn read_prefix_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         (**self).read_prefix_at(buf, offset)
+    }
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        (**self).as_fd()
     }
 }
 

@@ -38,7 +38,7 @@ use super::features::{AutoclearFeatures, IncompatibleFeatures};
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
 use super::refcount;
-use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
+use super::tables::{ClusterKind, EntryFormat, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
 use crate::io::Backend;
 use crate::Error;
 
@@ -737,8 +737,13 @@ impl<'a, B: Backend> Checker<'a, B> {
 
     /// Entry `index` of an L2 table and its kind, decoded by [`L2Entry`].
     fn l2_entry_at(&self, table: &[u8], index: usize) -> (L2Entry, ClusterKind) {
-        let entry = L2Entry::read(table, index, self.extended_l2);
-        let kind = entry.cluster_kind(self.cluster_bits, self.extended_l2, self.has_data_file);
+        let format = EntryFormat {
+            cluster_bits: self.cluster_bits,
+            extended: self.extended_l2,
+            data_file: self.has_data_file,
+        };
+        let entry = L2Entry::from_table(table, index, format);
+        let kind = entry.cluster_kind(format);
         (entry, kind)
     }
 

@@ -7,7 +7,8 @@
 //! L1 table (≤ 32 MiB, and only if the file really holds it) and an L2 cache of at most
 //! [`L2_CACHE_BYTES`].
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -15,9 +16,12 @@ use super::error::Qcow2Error;
 use super::features::IncompatibleFeatures;
 use super::header::{CompressionType, Header, Version};
 use super::header_cluster::HeaderCluster;
-use super::tables::{ClusterKind, L1Entry, L2Entry, SUBCLUSTERS};
-use crate::chain::{check_range, read_below, GuestRead};
+use super::tables::{EntryFormat, L1Entry, L2Entry, Subcluster};
+use crate::extent::{
+    check_range, read_below, Extent, ExtentKind, GuestRead, HostFile, HostLocation,
+};
 use crate::io::Backend;
+use crate::offsets::{GuestOffset, HostOffset};
 use crate::{Error, Result};
 
 /// Upper bound on cached L2 tables, in bytes.
@@ -36,6 +40,8 @@ pub struct Qcow2Image<B> {
     pub(super) writer: Option<super::allocator::WriteState>,
     /// The external data file, when the image has one and the caller allowed opening it.
     pub(super) data_file: Option<Box<dyn Backend + Send + Sync>>,
+    /// qemu's `metadata_preallocation`, detected on the first block status query.
+    pub(super) metadata_preallocation: OnceLock<bool>,
 }
 
 impl<B> std::fmt::Debug for Qcow2Image<B> {
@@ -93,6 +99,7 @@ impl<B: Backend> Qcow2Image<B> {
             below,
             writer: None,
             data_file: None,
+            metadata_preallocation: OnceLock::new(),
         })
     }
 
@@ -146,69 +153,301 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(table)
     }
 
-    /// Looks up the L2 entry for guest `offset` (`None` if its L1 entry is unallocated).
-    pub(super) fn l2_entry(&self, offset: u64) -> Result<Option<L2Entry>> {
-        let cluster_index = offset >> self.header.cluster_bits;
-        let per_table = self.header.l2_entries();
-        let l1_index = (cluster_index / per_table) as usize;
-        let Some(&l1_raw) = self.l1.get(l1_index) else {
+    /// How this image's L2 entries decode.
+    pub(super) fn entry_format(&self) -> EntryFormat {
+        EntryFormat {
+            cluster_bits: self.header.cluster_bits,
+            extended: self.header.extended_l2(),
+            data_file: self
+                .header
+                .incompatible_features
+                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
+        }
+    }
+
+    /// The L2 table covering guest `at` (`None` if its L1 entry is unallocated or absent).
+    fn l2_table_for(&self, at: GuestOffset) -> Result<Option<Arc<[u8]>>> {
+        let per_table = self.entry_format().l2_entries();
+        let l1_index = at.cluster(self.header.cluster_bits).l1_index(per_table);
+        let Some(&l1_raw) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
             return Ok(None);
         };
         let Some(l2_offset) = L1Entry(l1_raw).l2_offset() else {
             return Ok(None);
         };
-        let table = self.l2_table(l2_offset, offset, l1_raw)?;
-        let index = (cluster_index % per_table) as usize;
-        Ok(Some(if self.header.extended_l2() {
-            L2Entry {
-                entry: BigEndian::read_u64(&table[index * 16..]),
-                bitmap: BigEndian::read_u64(&table[index * 16 + 8..]),
-            }
-        } else {
-            L2Entry {
-                entry: BigEndian::read_u64(&table[index * 8..]),
-                bitmap: 0,
-            }
-        }))
+        self.l2_table(l2_offset, at.0, l1_raw).map(Some)
     }
 
-    /// Reads one piece lying inside a single (sub)cluster of kind `kind`.
-    fn read_piece(&self, kind: ClusterKind, buf: &mut [u8], offset: u64, entry: u64) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        let in_cluster = offset & (cluster_size - 1);
-        match kind {
-            ClusterKind::Unallocated => read_below(self.below.as_deref(), buf, offset),
-            ClusterKind::ZeroPlain | ClusterKind::ZeroAllocated { .. } => {
-                if self.header.version == Version::V2 {
-                    return Err(corrupt("zero flag in a version 2 image", offset, entry));
-                }
+    /// Looks up the L2 entry for guest `offset` (`None` if its L1 entry is unallocated).
+    pub(super) fn l2_entry(&self, offset: u64) -> Result<Option<L2Entry>> {
+        let at = GuestOffset(offset);
+        let format = self.entry_format();
+        let index = at
+            .cluster(format.cluster_bits)
+            .l2_index(format.l2_entries());
+        Ok(self
+            .l2_table_for(at)?
+            .map(|table| L2Entry::from_table(&table, index, format)))
+    }
+
+    /// The status of the (sub)cluster holding `at`, up to the end of that unit, from `table`.
+    fn unit_status(
+        &self,
+        table: &[u8],
+        at: GuestOffset,
+    ) -> Result<(ExtentKind, Option<HostLocation>, u64)> {
+        let format = self.entry_format();
+        let cluster_bits = format.cluster_bits;
+        let unit_size = 1u64 << format.unit_bits();
+        let len = unit_size - (at.0 & (unit_size - 1));
+        let entry = L2Entry::from_table(
+            table,
+            at.cluster(cluster_bits).l2_index(format.l2_entries()),
+            format,
+        );
+        let sub = (at.in_cluster_offset(cluster_bits) >> format.unit_bits()) as u32;
+        let kind = entry
+            .subcluster(sub, format)
+            .map_err(|_| corrupt("invalid subcluster allocation bitmap", at.0, entry.entry))?;
+        let file = if format.data_file {
+            HostFile::DataFile
+        } else {
+            HostFile::Image
+        };
+        let located = |host: HostOffset| -> Result<Option<HostLocation>> {
+            if !host.is_aligned(1 << cluster_bits) {
+                return Err(corrupt(
+                    "cluster allocation offset unaligned",
+                    at.0,
+                    entry.entry,
+                ));
+            }
+            let offset = host
+                .checked_add(at.in_cluster_offset(cluster_bits))
+                .ok_or_else(|| corrupt("cluster allocation offset unaligned", at.0, entry.entry))?;
+            Ok(Some(HostLocation { file, offset }))
+        };
+        let zero_in_v2 = matches!(kind, Subcluster::ZeroPlain | Subcluster::ZeroAlloc { .. })
+            && self.header.version == Version::V2;
+        if zero_in_v2 {
+            return Err(corrupt(
+                "zero cluster entry in a version 2 image",
+                at.0,
+                entry.entry,
+            ));
+        }
+        Ok(match kind {
+            Subcluster::Normal { host } => (ExtentKind::DATA, located(host)?, len),
+            Subcluster::Compressed { .. } if format.data_file => {
+                return Err(corrupt(
+                    "compressed cluster in an image with an external data file",
+                    at.0,
+                    entry.entry,
+                ))
+            }
+            Subcluster::Compressed { .. } => (
+                ExtentKind::Data {
+                    compressed: true,
+                    zero: false,
+                },
+                None,
+                len,
+            ),
+            Subcluster::ZeroPlain => (ExtentKind::Zero, None, len),
+            Subcluster::ZeroAlloc { host } => (ExtentKind::Zero, located(host)?, len),
+            Subcluster::UnallocatedPlain => (ExtentKind::Unallocated, None, len),
+            Subcluster::UnallocatedAlloc { host } => (ExtentKind::Unallocated, located(host)?, len),
+        })
+    }
+
+    /// qemu's `qcow2_co_block_status`: this image's own status of the range at `start`, at most
+    /// `max_len` bytes and never past the current L2 table. Consecutive (sub)clusters with the
+    /// same status (and contiguous host offsets) are answered at once.
+    fn layer_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
+        check_range(start.0, 1, self.header.size)?;
+        let format = self.entry_format();
+        let table_span = format.l2_entries() << format.cluster_bits;
+        let to_table_end = table_span - (start.0 % table_span);
+        let limit = max_len
+            .min(self.header.size - start.0)
+            .min(to_table_end)
+            .max(1);
+        let end = GuestOffset(start.0 + limit);
+        let Some(table) = self.l2_table_for(start)? else {
+            return Ok(Extent {
+                start,
+                len: limit,
+                depth: 0,
+                kind: ExtentKind::Unallocated,
+                host: None,
+            });
+        };
+        let (kind, host, len) = self.unit_status(&table, start)?;
+        let mut extent = Extent {
+            start,
+            len: len.min(limit),
+            depth: 0,
+            kind,
+            host,
+        };
+        while extent.end() < end {
+            let (kind, host, len) = self.unit_status(&table, extent.end())?;
+            let contiguous = match (extent.host, host) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.offset.checked_add(extent.len) == Some(b.offset),
+                _ => false,
+            };
+            if kind != extent.kind || !contiguous {
+                break;
+            }
+            extent.len += len.min(extent.end().distance_to(end));
+        }
+        Ok(extent)
+    }
+
+    /// qemu's `qcow2_detect_metadata_preallocation`: noticeably more clusters are in use
+    /// (refcount > 0) than the file has allocated on disk, so data clusters may be holes and
+    /// block status asks the file system about them. Memory: one refcount block at a time.
+    fn detect_metadata_preallocation(&self) -> bool {
+        let Some(stat) = self
+            .backend
+            .as_fd()
+            .and_then(|fd| rustix::fs::fstat(fd).ok())
+        else {
+            return false;
+        };
+        let cluster_bits = self.header.cluster_bits;
+        let real_clusters = (stat.st_blocks as u64 * 512) >> cluster_bits;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.file_len.div_ceil(1 << cluster_bits);
+        let order = self.header.refcount_order;
+        let per_block = super::refcount::entries_per_block(cluster_bits, order);
+        let table_entries = u64::from(self.header.refcount_table_clusters) << (cluster_bits - 3);
+        let mut block = vec![0u8; 1 << cluster_bits];
+        let (mut count, mut cluster) = (0u64, 0u64);
+        while cluster < end_cluster && count < threshold {
+            let index = cluster / per_block;
+            let mut entry = [0u8; 8];
+            let read = index < table_entries
+                && self
+                    .backend
+                    .read_exact_at(&mut entry, self.header.refcount_table_offset + index * 8)
+                    .is_ok();
+            let offset = u64::from_be_bytes(entry) & super::allocator::REFTABLE_OFFSET_MASK;
+            if !read || offset == 0 {
+                cluster = (index + 1) * per_block;
+                continue;
+            }
+            if offset & ((1 << cluster_bits) - 1) != 0
+                || self.backend.read_exact_at(&mut block, offset).is_err()
+            {
+                return false;
+            }
+            let last = ((index + 1) * per_block).min(end_cluster);
+            while cluster < last && count < threshold {
+                count += u64::from(super::refcount::get(&block, cluster % per_block, order) != 0);
+                cluster += 1;
+            }
+        }
+        count >= threshold
+    }
+
+    /// `block/io.c`'s recursion into the host file for data of a metadata-preallocated image:
+    /// a hole in the host file under a data range reads as zeros (qemu: data + zero).
+    fn refine_with_host_holes(&self, mut extent: Extent) -> Extent {
+        let (
+            ExtentKind::Data {
+                compressed: false, ..
+            },
+            Some(at),
+        ) = (extent.kind, extent.host)
+        else {
+            return extent;
+        };
+        if !*self
+            .metadata_preallocation
+            .get_or_init(|| self.detect_metadata_preallocation())
+        {
+            return extent;
+        }
+        let (fd, len) = match at.file {
+            HostFile::Image => (self.backend.as_fd(), Some(self.file_len)),
+            HostFile::DataFile => match self.data_file.as_deref() {
+                Some(data) => (data.as_fd(), data.len().ok()),
+                None => return extent,
+            },
+        };
+        let Some(len) = len else {
+            return extent;
+        };
+        let status =
+            crate::raw::file_status(fd, at.offset.0, extent.len, len.next_multiple_of(512));
+        if status.eof && (status.len == 0 || status.zero) {
+            extent.kind = ExtentKind::Data {
+                compressed: false,
+                zero: true,
+            };
+        } else {
+            extent.len = status.len;
+            extent.kind = ExtentKind::Data {
+                compressed: false,
+                zero: status.zero,
+            };
+        }
+        extent
+    }
+
+    /// Reads one extent of this image's own status into `buf` (`buf.len() == extent.len`).
+    fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        match (extent.kind, extent.host) {
+            (ExtentKind::Unallocated, _) => read_below(self.below.as_deref(), buf, extent.start.0),
+            (ExtentKind::Zero, _) => {
                 buf.fill(0);
                 Ok(())
             }
-            ClusterKind::Normal { host } => {
-                if host % cluster_size != 0 {
-                    return Err(corrupt("unaligned data cluster offset", offset, entry));
+            (
+                ExtentKind::Data {
+                    compressed: false, ..
+                },
+                Some(at),
+            ) => match at.file {
+                HostFile::DataFile => {
+                    let data = self.data_file.as_deref().ok_or_else(|| {
+                        corrupt("data file cluster without a data file", extent.start.0, 0)
+                    })?;
+                    let got = data
+                        .read_prefix_at(buf, at.offset.0)
+                        .map_err(Error::reading("qcow2 external data file"))?;
+                    buf[got..].fill(0);
+                    Ok(())
                 }
-                match &self.data_file {
-                    Some(data) => {
-                        let got = data
-                            .read_prefix_at(buf, host + in_cluster)
-                            .map_err(Error::reading("qcow2 external data file"))?;
-                        buf[got..].fill(0);
-                        Ok(())
-                    }
-                    None => self.read_host(buf, host + in_cluster),
+                HostFile::Image => self.read_host(buf, at.offset.0),
+            },
+            (ExtentKind::Data { .. }, _) => {
+                // Compressed: one cluster at a time.
+                let cluster_bits = self.header.cluster_bits;
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let at = GuestOffset(extent.start.0 + done as u64);
+                    let entry = self.l2_entry(at.0)?.unwrap_or(L2Entry {
+                        entry: 0,
+                        bitmap: 0,
+                    });
+                    let Ok(Subcluster::Compressed { host, len }) =
+                        entry.subcluster(0, self.entry_format())
+                    else {
+                        return Err(corrupt(
+                            "compressed cluster changed under a read",
+                            at.0,
+                            entry.entry,
+                        ));
+                    };
+                    let cluster = self.decompress(host.0, len)?;
+                    let start = at.in_cluster_offset(cluster_bits) as usize;
+                    let n = (cluster.len() - start).min(buf.len() - done);
+                    buf[done..done + n].copy_from_slice(&cluster[start..start + n]);
+                    done += n;
                 }
-            }
-            ClusterKind::Compressed { .. } if self.data_file.is_some() => Err(corrupt(
-                "compressed cluster in an image with an external data file",
-                offset,
-                entry,
-            )),
-            ClusterKind::Compressed { host, len } => {
-                let cluster = self.decompress(host, len)?;
-                let start = in_cluster as usize;
-                buf.copy_from_slice(&cluster[start..start + buf.len()]);
                 Ok(())
             }
         }
@@ -260,38 +499,30 @@ impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len(), self.header.size)?;
-        let cluster_bits = self.header.cluster_bits;
-        let cluster_size = self.header.cluster_size();
-        let extended = self.header.extended_l2();
-        let sub_size = if extended {
-            cluster_size / u64::from(SUBCLUSTERS)
-        } else {
-            cluster_size
-        };
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
-            // One piece never crosses a (sub)cluster boundary.
-            let room = sub_size - (pos & (sub_size - 1));
-            let len = room.min((buf.len() - done) as u64) as usize;
-            let piece = &mut buf[done..done + len];
-            match self.l2_entry(pos)? {
-                None => read_below(self.below.as_deref(), piece, pos)?,
-                Some(entry) => {
-                    let kind = if extended {
-                        let index = ((pos & (cluster_size - 1)) / sub_size) as u32;
-                        entry
-                            .subcluster_kind(index, cluster_bits)
-                            .map_err(|_| corrupt("invalid subcluster bitmap", pos, entry.bitmap))?
-                    } else {
-                        entry.kind(cluster_bits)
-                    };
-                    self.read_piece(kind, piece, pos, entry.entry)?;
-                }
-            }
+            let at = GuestOffset(offset + done as u64);
+            let extent = self.layer_status(at, (buf.len() - done) as u64)?;
+            let len = extent.len as usize;
+            self.read_extent(&extent, &mut buf[done..done + len])?;
             done += len;
         }
         Ok(())
+    }
+
+    fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
+        Ok(self.refine_with_host_holes(self.layer_status(start, max_len)?))
+    }
+
+    fn below(&self) -> Option<&dyn GuestRead> {
+        self.below.as_deref()
+    }
+
+    fn host_fd(&self, file: HostFile) -> Option<BorrowedFd<'_>> {
+        match file {
+            HostFile::Image => self.backend.as_fd(),
+            HostFile::DataFile => self.data_file.as_deref().and_then(|d| d.as_fd()),
+        }
     }
 }
 

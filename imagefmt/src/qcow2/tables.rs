@@ -4,6 +4,10 @@
 //! FORMATS.md §1.5, §1.7, §1.8. An L1 entry points at an L2 table; an L2 entry says whether a
 //! guest cluster is unallocated (read the backing file), zero, stored normally or compressed.
 
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::offsets::HostOffset;
+
 /// L1 entry bits 9-55: offset of the L2 table.
 pub const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// L1 entry reserved bits (0-8, 56-62).
@@ -42,7 +46,8 @@ impl L1Entry {
     }
 }
 
-/// What a guest cluster (or subcluster) is, from its L2 entry.
+/// What a guest cluster (or subcluster) is, from its L2 entry: the summary writes work with.
+/// [`Subcluster`] is the full decoding that reads, block status and map use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterKind {
     /// Not allocated here: read from the backing file (zeros without one).
@@ -68,6 +73,75 @@ pub enum ClusterKind {
     },
 }
 
+/// qemu's `QCow2SubclusterType` with its host offsets: what one (sub)cluster is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subcluster {
+    /// Data at `host` (the start of the host cluster) in the image file or its data file.
+    Normal {
+        /// Host offset of the cluster.
+        host: HostOffset,
+    },
+    /// Compressed: `len` bytes at host byte offset `host` decode to the whole cluster.
+    Compressed {
+        /// Host byte offset of the compressed data (not aligned).
+        host: HostOffset,
+        /// Bytes to read.
+        len: u64,
+    },
+    /// Reads as zeros; no host cluster.
+    ZeroPlain,
+    /// Reads as zeros; the host cluster at `host` stays reserved.
+    ZeroAlloc {
+        /// Host offset of the cluster.
+        host: HostOffset,
+    },
+    /// Not allocated: the layer below answers; no host cluster.
+    UnallocatedPlain,
+    /// Not allocated (an extended-L2 subcluster of an allocated cluster): the layer below
+    /// answers, though the host cluster at `host` exists.
+    UnallocatedAlloc {
+        /// Host offset of the cluster.
+        host: HostOffset,
+    },
+}
+
+/// What the entry decoder needs to know about the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryFormat {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// 128-bit extended L2 entries with 32 subclusters.
+    pub extended: bool,
+    /// The image keeps its data in an external data file: host offset 0 with COPIED is a
+    /// real cluster there (all its clusters have refcount 1), not "unallocated".
+    pub data_file: bool,
+}
+
+impl EntryFormat {
+    /// Bytes per L2 entry: 8, or 16 with extended entries.
+    pub fn entry_bytes(self) -> usize {
+        if self.extended {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Entries per L2 table.
+    pub fn l2_entries(self) -> u64 {
+        (1u64 << self.cluster_bits) / self.entry_bytes() as u64
+    }
+
+    /// log2 of the unit an entry describes separately: the subcluster or the cluster.
+    pub fn unit_bits(self) -> u32 {
+        if self.extended {
+            self.cluster_bits - SUBCLUSTERS.trailing_zeros()
+        } else {
+            self.cluster_bits
+        }
+    }
+}
+
 /// A decoded L2 entry: the 64-bit entry plus, with extended L2, the subcluster bitmap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct L2Entry {
@@ -78,6 +152,16 @@ pub struct L2Entry {
 }
 
 impl L2Entry {
+    /// Entry `index` of the L2 table `table` (an entry past the end of a short table is 0).
+    pub fn from_table(table: &[u8], index: usize, format: EntryFormat) -> Self {
+        let at = index * format.entry_bytes();
+        let word = |at: usize| table.get(at..at + 8).map_or(0, BigEndian::read_u64);
+        Self {
+            entry: word(at),
+            bitmap: if format.extended { word(at + 8) } else { 0 },
+        }
+    }
+
     /// True if the COPIED flag is set.
     pub fn copied(self) -> bool {
         self.entry & COPIED != 0
@@ -88,73 +172,113 @@ impl L2Entry {
         self.entry & COMPRESSED != 0
     }
 
+    /// qemu's `qcow2_get_subcluster_type`: what subcluster `index` (0 for standard entries)
+    /// is. An impossible bitmap (a subcluster both allocated and zero, or allocated subclusters
+    /// without a host cluster) is `Err`, as qemu reports it.
+    pub fn subcluster(
+        self,
+        index: u32,
+        format: EntryFormat,
+    ) -> Result<Subcluster, InvalidSubcluster> {
+        if self.is_compressed() {
+            let (host, len) = compressed_descriptor(self.entry, format.cluster_bits);
+            return Ok(Subcluster::Compressed {
+                host: HostOffset(host),
+                len,
+            });
+        }
+        let host = self.entry & L2_OFFSET_MASK;
+        // Offset 0 means unallocated, except in an external data file, where 0 is a real
+        // offset and COPIED (refcount 1, always true there) tells them apart.
+        let allocated = host != 0 || (format.data_file && self.copied());
+        let host = HostOffset(host);
+        if !format.extended {
+            return Ok(match (self.entry & ZERO != 0, host.0 != 0, allocated) {
+                (true, false, _) => Subcluster::ZeroPlain,
+                (true, true, _) => Subcluster::ZeroAlloc { host },
+                (false, _, true) => Subcluster::Normal { host },
+                (false, _, false) => Subcluster::UnallocatedPlain,
+            });
+        }
+        let alloc = self.bitmap & (1 << index) != 0;
+        let zero = self.bitmap & (1 << (index + SUBCLUSTERS)) != 0;
+        if allocated {
+            if (self.bitmap >> SUBCLUSTERS) & self.bitmap != 0 {
+                Err(InvalidSubcluster { index })
+            } else if zero {
+                Ok(Subcluster::ZeroAlloc { host })
+            } else if alloc {
+                Ok(Subcluster::Normal { host })
+            } else {
+                Ok(Subcluster::UnallocatedAlloc { host })
+            }
+        } else if self.bitmap & 0xffff_ffff != 0 {
+            Err(InvalidSubcluster { index })
+        } else if zero {
+            Ok(Subcluster::ZeroPlain)
+        } else {
+            Ok(Subcluster::UnallocatedPlain)
+        }
+    }
+
     /// The kind of the whole cluster for a standard (non-extended) entry.
     pub fn kind(self, cluster_bits: u32) -> ClusterKind {
-        if self.is_compressed() {
-            let (host, len) = compressed_descriptor(self.entry, cluster_bits);
-            return ClusterKind::Compressed { host, len };
-        }
-        let host = self.entry & L2_OFFSET_MASK;
-        match (self.entry & ZERO != 0, host) {
-            (true, 0) => ClusterKind::ZeroPlain,
-            (true, host) => ClusterKind::ZeroAllocated { host },
-            (false, 0) => ClusterKind::Unallocated,
-            (false, host) => ClusterKind::Normal { host },
-        }
+        self.cluster_kind(EntryFormat {
+            cluster_bits,
+            extended: false,
+            data_file: false,
+        })
     }
 
-    /// Entry `index` of an L2 table's bytes: 8 bytes per entry, or 16 with extended L2.
-    ///
-    /// # Panics
-    /// If `index` is outside `table` (a caller bug: indices come from the table's size).
-    pub fn read(table: &[u8], index: usize, extended_l2: bool) -> L2Entry {
-        let at = index * if extended_l2 { 16 } else { 8 };
-        let word = |at: usize| u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes"));
-        L2Entry {
-            entry: word(at),
-            bitmap: if extended_l2 { word(at + 8) } else { 0 },
-        }
-    }
-
-    /// The kind of the whole cluster as qemu's `qcow2_get_cluster_type` sees it: with extended
-    /// L2 entries bit 0 is not a zero flag, and with an external data file an entry with offset
-    /// 0 and COPIED set is a normal cluster at host offset 0 of the data file.
-    pub fn cluster_kind(
-        self,
-        cluster_bits: u32,
-        extended_l2: bool,
-        data_file: bool,
-    ) -> ClusterKind {
-        let host = self.entry & L2_OFFSET_MASK;
-        if self.is_compressed() || (self.entry & ZERO != 0 && !extended_l2) {
-            return self.kind(cluster_bits);
-        }
-        if host != 0 || (data_file && self.copied()) {
-            ClusterKind::Normal { host }
+    /// The kind of the whole cluster as qemu's `qcow2_get_cluster_type` sees it (what `check`
+    /// counts): the subcluster bitmap is not looked at, with extended L2 entries bit 0 is no
+    /// zero flag, and in an external data file offset 0 with COPIED is a normal cluster.
+    pub fn cluster_kind(self, format: EntryFormat) -> ClusterKind {
+        let (entry, format) = if format.extended {
+            let whole = L2Entry {
+                entry: self.entry & !ZERO,
+                bitmap: 0,
+            };
+            let standard = EntryFormat {
+                extended: false,
+                ..format
+            };
+            (whole, standard)
         } else {
-            ClusterKind::Unallocated
+            (self, format)
+        };
+        match entry.subcluster(0, format) {
+            Ok(Subcluster::Normal { host }) => ClusterKind::Normal { host: host.0 },
+            Ok(Subcluster::Compressed { host, len }) => {
+                ClusterKind::Compressed { host: host.0, len }
+            }
+            Ok(Subcluster::ZeroAlloc { host }) => ClusterKind::ZeroAllocated { host: host.0 },
+            Ok(Subcluster::ZeroPlain) => ClusterKind::ZeroPlain,
+            Ok(Subcluster::UnallocatedPlain | Subcluster::UnallocatedAlloc { .. }) | Err(_) => {
+                ClusterKind::Unallocated
+            }
         }
     }
 
-    /// The kind of subcluster `index` (0..32) for an extended entry. An invalid bitmap (a
-    /// subcluster both allocated and zero, or allocated without a host cluster) is `Err`.
+    /// The kind of subcluster `index` (0..32) for an extended entry. An invalid bitmap is `Err`.
     pub fn subcluster_kind(
         self,
         index: u32,
         cluster_bits: u32,
     ) -> Result<ClusterKind, InvalidSubcluster> {
-        if self.is_compressed() {
-            return Ok(self.kind(cluster_bits));
-        }
-        let allocated = self.bitmap & (1 << index) != 0;
-        let zero = self.bitmap & (1 << (index + SUBCLUSTERS)) != 0;
-        let host = self.entry & L2_OFFSET_MASK;
-        match (allocated, zero, host) {
-            (true, true, _) | (true, false, 0) => Err(InvalidSubcluster { index }),
-            (true, false, host) => Ok(ClusterKind::Normal { host }),
-            (false, true, _) => Ok(ClusterKind::ZeroPlain),
-            (false, false, _) => Ok(ClusterKind::Unallocated),
-        }
+        let format = EntryFormat {
+            cluster_bits,
+            extended: true,
+            data_file: false,
+        };
+        Ok(match self.subcluster(index, format)? {
+            Subcluster::Normal { host } => ClusterKind::Normal { host: host.0 },
+            Subcluster::Compressed { host, len } => ClusterKind::Compressed { host: host.0, len },
+            Subcluster::ZeroAlloc { .. } | Subcluster::ZeroPlain => ClusterKind::ZeroPlain,
+            Subcluster::UnallocatedPlain | Subcluster::UnallocatedAlloc { .. } => {
+                ClusterKind::Unallocated
+            }
+        })
     }
 }
 
@@ -247,39 +371,52 @@ mod tests {
     }
 
     #[test]
-    fn cluster_kind_follows_qemu_for_extended_entries_and_data_files() {
-        let entry = |entry| L2Entry { entry, bitmap: 0 };
-        // Extended L2: bit 0 is no zero flag.
+    fn host_offset_zero_is_data_only_in_an_external_data_file() {
+        let entry = L2Entry {
+            entry: COPIED,
+            bitmap: 0,
+        };
+        let mut format = EntryFormat {
+            cluster_bits: 16,
+            extended: false,
+            data_file: false,
+        };
         assert_eq!(
-            entry(1).cluster_kind(16, true, false),
-            ClusterKind::Unallocated
+            entry.subcluster(0, format),
+            Ok(Subcluster::UnallocatedPlain)
+        );
+        format.data_file = true;
+        assert_eq!(
+            entry.subcluster(0, format),
+            Ok(Subcluster::Normal {
+                host: HostOffset(0)
+            })
+        );
+        let not_copied = L2Entry {
+            entry: 0,
+            bitmap: 0,
+        };
+        assert_eq!(
+            not_copied.subcluster(0, format),
+            Ok(Subcluster::UnallocatedPlain)
+        );
+        format.extended = true;
+        let sub = L2Entry {
+            entry: COPIED,
+            bitmap: 0b10,
+        };
+        assert_eq!(
+            sub.subcluster(1, format),
+            Ok(Subcluster::Normal {
+                host: HostOffset(0)
+            })
         );
         assert_eq!(
-            entry(0x50001).cluster_kind(16, true, false),
-            ClusterKind::Normal { host: 0x50000 }
+            sub.subcluster(0, format),
+            Ok(Subcluster::UnallocatedAlloc {
+                host: HostOffset(0)
+            })
         );
-        assert_eq!(
-            entry(1).cluster_kind(16, false, false),
-            ClusterKind::ZeroPlain
-        );
-        // Data file: offset 0 with COPIED is host offset 0.
-        assert_eq!(
-            entry(COPIED).cluster_kind(16, false, true),
-            ClusterKind::Normal { host: 0 }
-        );
-        assert_eq!(
-            entry(COPIED).cluster_kind(16, false, false),
-            ClusterKind::Unallocated
-        );
-        let table = [0x80, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC];
-        assert_eq!(
-            L2Entry::read(&table, 0, true),
-            L2Entry {
-                entry: 0x8000_0000_0005_0000,
-                bitmap: 0xC
-            }
-        );
-        assert_eq!(L2Entry::read(&table, 1, false).entry, 0xC);
     }
 
     #[test]
@@ -289,5 +426,49 @@ mod tests {
         assert!(e.copied());
         assert_eq!(L1Entry(0).l2_offset(), None);
         assert_eq!(L1Entry(0x40001).reserved_bits(), 1);
+    }
+
+    #[test]
+    fn cluster_kind_follows_qemu_for_extended_entries_and_data_files() {
+        let entry = |entry| L2Entry { entry, bitmap: 0 };
+        let format = |extended, data_file| EntryFormat {
+            cluster_bits: 16,
+            extended,
+            data_file,
+        };
+        // Extended L2: bit 0 is no zero flag.
+        assert_eq!(
+            entry(1).cluster_kind(format(true, false)),
+            ClusterKind::Unallocated
+        );
+        assert_eq!(
+            entry(0x50001).cluster_kind(format(true, false)),
+            ClusterKind::Normal { host: 0x50000 }
+        );
+        assert_eq!(
+            entry(1).cluster_kind(format(false, false)),
+            ClusterKind::ZeroPlain
+        );
+        // Data file: offset 0 with COPIED is host offset 0.
+        assert_eq!(
+            entry(COPIED).cluster_kind(format(false, true)),
+            ClusterKind::Normal { host: 0 }
+        );
+        assert_eq!(
+            entry(COPIED).cluster_kind(format(false, false)),
+            ClusterKind::Unallocated
+        );
+        let table = [0x80, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC];
+        assert_eq!(
+            L2Entry::from_table(&table, 0, format(true, false)),
+            L2Entry {
+                entry: 0x8000_0000_0005_0000,
+                bitmap: 0xC
+            }
+        );
+        assert_eq!(
+            L2Entry::from_table(&table, 1, format(false, false)).entry,
+            0xC
+        );
     }
 }

@@ -19,7 +19,7 @@ use super::header::Version;
 use super::header_cluster::HeaderCluster;
 use super::image::{corrupt, Qcow2Image};
 use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO};
-use crate::chain::{check_range, GuestRead};
+use crate::extent::{check_range, GuestRead};
 use crate::io::Backend;
 use crate::{Error, Result};
 

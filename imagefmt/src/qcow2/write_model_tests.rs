@@ -8,8 +8,9 @@ use super::create::{write_new_image, BackingReference, CreateOptions};
 use super::header_cluster::HeaderCluster;
 use super::image::Qcow2Image;
 use super::write::WriteOptions;
-use crate::chain::{GuestRead, RawReader};
+use crate::extent::GuestRead;
 use crate::io::MemBackend;
+use crate::raw::RawReader;
 
 /// One guest operation.
 #[derive(Debug, Clone)]

@@ -154,7 +154,7 @@ pub fn write_image<B: Backend + ?Sized>(backend: &B, header: &VdiHeader) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::GuestRead;
+    use crate::extent::GuestRead;
     use crate::io::MemBackend;
 
     #[test]

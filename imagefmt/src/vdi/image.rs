@@ -50,8 +50,11 @@ use uuid::Uuid;
 
 use super::parent::ParentLink;
 use super::{BlockEntry, BlockMap, ImageType, VdiError, VdiHeader, DEFAULT_BLOCK_SIZE};
-use crate::chain::{check_range, read_below, GuestRead};
+use crate::extent::{
+    check_range, read_below, Extent, ExtentKind, GuestRead, HostFile, HostLocation,
+};
 use crate::io::Backend;
+use crate::offsets::{GuestOffset, HostOffset};
 use crate::{Error, Result};
 
 /// Reads the block map bytes of the image described by `header` (undecoded) and the file's
@@ -239,6 +242,64 @@ impl<B: Backend + Send + Sync> GuestRead for VdiImage<B> {
             done += len;
         }
         Ok(())
+    }
+
+    /// qemu's `vdi_co_block_status`, block by block, merging blocks with the same status (and
+    /// contiguous data): an allocated block is data at its host offset; ZERO and, in a base,
+    /// FREE read as zeros; FREE in a differencing image is unallocated (the parent answers).
+    fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
+        let size = self.header.virtual_size();
+        check_range(start.0, 1, size)?;
+        let end = start.0 + max_len.min(size - start.0).max(1);
+        let block_size = self.block_size();
+        let status = |pos: u64| -> Result<(ExtentKind, Option<HostLocation>)> {
+            let (block, in_block) = (pos / block_size, pos % block_size);
+            Ok(match self.entry(block)? {
+                BlockEntry::Allocated(index) => (
+                    ExtentKind::DATA,
+                    Some(HostLocation {
+                        file: HostFile::Image,
+                        offset: HostOffset(self.header.data_block_offset(index) + in_block),
+                    }),
+                ),
+                BlockEntry::Free if self.header.is_differencing() => {
+                    (ExtentKind::Unallocated, None)
+                }
+                BlockEntry::Free | BlockEntry::Zero => (ExtentKind::Zero, None),
+            })
+        };
+        let (kind, host) = status(start.0)?;
+        let mut extent = Extent {
+            start,
+            len: (block_size - start.0 % block_size).min(end - start.0),
+            depth: 0,
+            kind,
+            host,
+        };
+        while extent.end().0 < end {
+            let (kind, host) = status(extent.end().0)?;
+            let contiguous = match (extent.host, host) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.offset.checked_add(extent.len) == Some(b.offset),
+                _ => false,
+            };
+            if kind != extent.kind || !contiguous {
+                break;
+            }
+            extent.len += block_size.min(end - extent.end().0);
+        }
+        Ok(extent)
+    }
+
+    fn below(&self) -> Option<&dyn GuestRead> {
+        self.below.as_deref()
+    }
+
+    fn host_fd(&self, file: HostFile) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match file {
+            HostFile::Image => self.backend.as_fd(),
+            HostFile::DataFile => None,
+        }
     }
 }
 

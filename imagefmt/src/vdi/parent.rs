@@ -18,8 +18,8 @@ use uuid::Uuid;
 use super::image::VdiImage;
 use super::{VdiError, VdiHeader, HEADER_REGION_LEN};
 use crate::backing::{BackingError, BackingPolicy, ChainGuard};
-use crate::chain::GuestRead;
 use crate::detect::ImageFormat;
+use crate::extent::{GuestRead, Named};
 use crate::image::ImageHeader;
 use crate::io::Backend;
 use crate::open::{open_image, OpenHow};
@@ -418,7 +418,10 @@ fn open_parents(
     let (below, mut links) = open_parents(&parent_path, &parent_header, resolver, guard, how)?;
     let parent = VdiImage::open(file, parent_header, below)?;
     links.insert(0, link);
-    Ok((Some(Box::new(parent)), links))
+    Ok((
+        Some(Box::new(Named::new(Box::new(parent), parent_path))),
+        links,
+    ))
 }
 
 #[cfg(test)]
