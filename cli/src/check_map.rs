@@ -321,15 +321,27 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     let policy = args.chain.policy();
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
     let options = args.chain.options(&policy, &parents);
-    // Entries are written as they are found: memory stays constant on any image.
+    // Entries are written as they are found: memory stays constant on any image. The header
+    // (or the opening bracket) comes with the first entry, so an image that cannot be opened
+    // prints nothing on stdout, as with qemu-img.
+    let mut started = false;
     let mut first = true;
     let mut human_error = None;
-    if args.output == OutputFormat::Human {
-        imagefmt::map::write_human_header(out)?;
-    } else {
-        write!(out, "[")?;
-    }
+    let json = args.output == OutputFormat::Json;
+    let start = |out: &mut dyn Write| -> std::io::Result<()> {
+        if json {
+            write!(out, "[")
+        } else {
+            imagefmt::map::write_human_header(out).map_err(|e| match e {
+                imagefmt::map::HumanMapError::Io(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })
+        }
+    };
     imagefmt::map::map_each(&args.file, format, &options, |entry| {
+        if !std::mem::replace(&mut started, true) {
+            start(out).map_err(imagefmt::Error::io("writing the map"))?;
+        }
         let written = match args.output {
             OutputFormat::Json => write_json_entry(out, &entry, std::mem::take(&mut first)),
             OutputFormat::Human if human_error.is_some() => Ok(()),
@@ -345,6 +357,9 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         written.map_err(imagefmt::Error::io("writing the map"))
     })
     .with_context(|| format!("{}", args.file.display()))?;
+    if !started {
+        start(out)?;
+    }
     if let Some(e) = human_error {
         return Err(e.into());
     }

@@ -240,17 +240,22 @@ fn open_level(
     guard: &mut ChainGuard,
     top: bool,
 ) -> Result<Box<dyn GuestRead>> {
-    let layer = open_layer(path, format, options, guard, top)?;
-    Ok(Box::new(Named::new(layer, path.to_owned())))
+    let mut data_path = None;
+    let layer = open_layer(path, format, options, guard, top, &mut data_path)?;
+    Ok(Box::new(
+        Named::new(layer, path.to_owned()).with_data_file(data_path),
+    ))
 }
 
-/// Opens one layer (and, inside it, the layers below).
+/// Opens one layer (and, inside it, the layers below); sets `data_path` to the external data
+/// file the layer reads from, if any.
 fn open_layer(
     path: &Path,
     format: Option<ImageFormat>,
     options: &ChainOptions<'_>,
     guard: &mut ChainGuard,
     top: bool,
+    data_path: &mut Option<std::path::PathBuf>,
 ) -> Result<Box<dyn GuestRead>> {
     let policy = options.policy;
     guard.refuse_seen(path)?;
@@ -278,8 +283,9 @@ fn open_layer(
             let below = open_backing(path, &cluster, options, guard)?;
             match cluster.data_file() {
                 Some(name) if options.allow_data_files => {
-                    let data_path = policy.resolve(path, name)?;
-                    let data = open_image(&data_path, options.open_how())?;
+                    let resolved = policy.resolve(path, name)?;
+                    let data = open_image(&resolved, options.open_how())?;
+                    *data_path = Some(resolved);
                     Ok(Box::new(Qcow2Image::open_with_data_file(
                         file,
                         cluster,

@@ -124,6 +124,15 @@ pub trait GuestRead: Send + Sync {
         None
     }
 
+    /// The path of the file holding `file`'s bytes, when the opener recorded it: the image's
+    /// own path, or its external data file's.
+    fn host_path(&self, file: HostFile) -> Option<&Path> {
+        match file {
+            HostFile::Image => self.path(),
+            HostFile::DataFile => None,
+        }
+    }
+
     /// The open file behind `file`, when it is a real file whose bytes at the offsets of
     /// [`Extent::host`] are the guest bytes verbatim (for `copy_file_range`).
     fn host_fd(&self, file: HostFile) -> Option<BorrowedFd<'_>> {
@@ -148,21 +157,36 @@ impl GuestRead for Box<dyn GuestRead> {
     fn path(&self) -> Option<&Path> {
         (**self).path()
     }
+    fn host_path(&self, file: HostFile) -> Option<&Path> {
+        (**self).host_path(file)
+    }
     fn host_fd(&self, file: HostFile) -> Option<BorrowedFd<'_>> {
         (**self).host_fd(file)
     }
 }
 
-/// A layer together with the path it was opened from (for `map`'s file column).
+/// A layer together with the path it was opened from and its external data file's, if any
+/// (for `map`'s file column).
 pub struct Named {
     inner: Box<dyn GuestRead>,
     path: PathBuf,
+    data_file: Option<PathBuf>,
 }
 
 impl Named {
     /// Records `path` as the file of `inner`.
     pub fn new(inner: Box<dyn GuestRead>, path: PathBuf) -> Self {
-        Self { inner, path }
+        Self {
+            inner,
+            path,
+            data_file: None,
+        }
+    }
+
+    /// Records `data_file` as the path of the layer's external data file.
+    pub fn with_data_file(mut self, data_file: Option<PathBuf>) -> Self {
+        self.data_file = data_file;
+        self
     }
 }
 
@@ -181,6 +205,12 @@ impl GuestRead for Named {
     }
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+    fn host_path(&self, file: HostFile) -> Option<&Path> {
+        match file {
+            HostFile::Image => Some(&self.path),
+            HostFile::DataFile => self.data_file.as_deref(),
+        }
     }
     fn host_fd(&self, file: HostFile) -> Option<BorrowedFd<'_>> {
         self.inner.host_fd(file)

@@ -205,9 +205,9 @@ impl MapEntry {
     /// The map entry of one chain extent of `top`.
     pub fn from_extent(extent: &Extent, top: &dyn GuestRead) -> Self {
         let offset = extent.host.map(|h| h.offset.0);
-        let filename = match offset {
-            Some(_) => layer_at(top, extent.depth)
-                .and_then(GuestRead::path)
+        let filename = match extent.host {
+            Some(host) => layer_at(top, extent.depth)
+                .and_then(|layer| layer.host_path(host.file))
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             None => String::new(),
