@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::util::*;
 
 /// `cowclone ARGS --home HOME`, asserting success; returns stdout.
-fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
+pub(crate) fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
     let mut all = args.to_vec();
     all.push(&"--home");
     all.push(&home);
@@ -24,7 +24,7 @@ fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
 }
 
 /// `cowclone ARGS --home HOME --output json`, parsed.
-fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
+pub(crate) fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
     let mut all = args.to_vec();
     all.extend([&"--output" as &dyn AsRef<OsStr>, &"json"]);
     let stdout = ok_in(home, &all);
@@ -37,7 +37,7 @@ fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
 }
 
 /// `cowclone ARGS --home HOME`, expected to fail with a one-line error; returns the line.
-fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
+pub(crate) fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
     let mut all = args.to_vec();
     all.push(&"--home");
     all.push(&home);
@@ -57,7 +57,7 @@ fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
 }
 
 /// Every record of `cowclone ls --output json`.
-fn ls(home: &Path) -> Vec<Value> {
+pub(crate) fn ls(home: &Path) -> Vec<Value> {
     json_in(home, &[&"ls"])
         .as_array()
         .expect("ls prints an array")
@@ -73,7 +73,7 @@ fn names_of(records: &[Value], kind: &str) -> BTreeSet<String> {
 }
 
 /// A 4 MiB qcow2 base with data, made by qemu-img.
-fn qcow2_base(dir: &Path) -> PathBuf {
+pub(crate) fn qcow2_base(dir: &Path) -> PathBuf {
     let base = dir.join("base.qcow2");
     qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4M"]);
     qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x5a 0 1M", &base]);

@@ -12,6 +12,7 @@ mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;
 mod registry;
+mod registry_safety;
 mod regression;
 mod vdi_cli;
 mod vdi_xcheck;

@@ -41,6 +41,8 @@ pub struct CheckArgs {
     pub parents: Vec<PathBuf>,
     /// The image.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// What `check -r` repairs.
@@ -83,6 +85,9 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         Some(RepairMode::Leaks) => Repair::Leaks,
         Some(RepairMode::All) => Repair::All,
     };
+    if repair != Repair::None {
+        args.guard.check("check -r", std::slice::from_ref(path))?;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(repair != Repair::None)

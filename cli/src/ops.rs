@@ -67,6 +67,8 @@ pub struct CommitArgs {
     pub confine: Option<PathBuf>,
     /// The overlay to commit into its backing file.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone rebase [-u] -b NEW [-F FMT] FILE`
@@ -86,6 +88,8 @@ pub struct RebaseArgs {
     pub confine: Option<PathBuf>,
     /// The image to rebase (qcow2).
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone resize [--shrink] FILE [+|-]SIZE`
@@ -99,6 +103,8 @@ pub struct ResizeArgs {
     /// New size, or +SIZE / -SIZE relative to the current one.
     #[arg(allow_hyphen_values = true)]
     pub size: String,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
@@ -178,6 +184,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
 
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
+    args.guard.check_commit(&args.file, args.keep)?;
     imagefmt::commit::commit(&args.file, &policy(&args.confine), args.keep)
         .with_context(|| format!("{}", args.file.display()))?;
     writeln!(out, "Image committed.")?;
@@ -186,6 +193,8 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
 
 /// Runs rebase.
 pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
+    args.guard
+        .check("rebase", std::slice::from_ref(&args.file))?;
     let new = if args.backing.is_empty() {
         None
     } else {
@@ -213,6 +222,8 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
 
 /// Runs resize.
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
+    args.guard
+        .check("resize", std::slice::from_ref(&args.file))?;
     let file =
         std::fs::File::open(&args.file).with_context(|| format!("{}", args.file.display()))?;
     let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)?;

@@ -58,6 +58,64 @@ pub(crate) fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> 
         .with_context(|| format!("opening the registry in {}", home.root().display()))
 }
 
+/// The registry guard of the plain-path commands that write images (commit, rebase, resize,
+/// check -r): a registered base, or a clone that has clones, is refused whatever its file mode,
+/// recognised by device and inode in the registry of the effective home (which is consulted only
+/// if it exists; none is created).
+#[derive(Debug, Args)]
+pub struct WriteGuardArgs {
+    /// Registry home whose registered images are protected (default: $COWCLONE_HOME, else
+    /// $XDG_DATA_HOME/cowclone).
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Write even a registered base or a clone that has clones (its clones then read different
+    /// data). Warned about on stderr and recorded in the registry's audit log.
+    #[arg(long)]
+    pub force_registered_write: bool,
+}
+
+impl WriteGuardArgs {
+    /// Refuses `operation` if it would write a protected image among `paths`; with
+    /// `--force-registered-write`, warns on stderr instead (the registry logs it).
+    pub fn check(&self, operation: &str, paths: &[PathBuf]) -> Result<()> {
+        let home = Home::resolve(self.home.as_deref())?;
+        let Some(mut registry) = Registry::open_existing(&home)
+            .with_context(|| format!("opening the registry in {}", home.root().display()))?
+        else {
+            return Ok(());
+        };
+        let forced = registry.guard_writes(operation, paths, self.force_registered_write)?;
+        for protection in forced {
+            eprintln!(
+                "cowclone: WARNING: --force-registered-write: {operation} writes {} ({}); \
+                 its clones will read different data (recorded in the audit log of {})",
+                protection.path.display(),
+                protection.what(),
+                home.root().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Like [`WriteGuardArgs::check`] for `commit` of the overlay `file`: the overlay (emptied
+    /// unless kept) and the backing file it writes into.
+    pub fn check_commit(&self, file: &std::path::Path, keep: bool) -> Result<()> {
+        let mut paths = Vec::new();
+        if !keep {
+            paths.push(file.to_owned());
+        }
+        // An image that cannot be read here fails in commit itself, with its own error.
+        if let Ok((_, header)) = imagefmt::image::read_file_header(file) {
+            if let Some(name) = header.backing_name() {
+                if let Ok(backing) = imagefmt::backing::resolve(file, name) {
+                    paths.push(backing);
+                }
+            }
+        }
+        self.check("commit", &paths)
+    }
+}
+
 /// `cowclone base SUBCOMMAND`
 #[derive(Debug, Args)]
 pub struct BaseArgs {

@@ -148,6 +148,7 @@ impl Registry {
                 let _ = release(&path, Some(mode));
                 return Err(e.into());
             }
+            super::protect::record_identity(tx, tx.last_insert_rowid(), &path)?;
             let record = records::get(tx, &request.name)?;
             let detail = format!("registered {} ({})", path.display(), header.format().name());
             Ok((record, detail))
@@ -222,6 +223,9 @@ impl Registry {
                     name: name.to_owned(),
                     clones: records::children(tx, base.id)?,
                 });
+            }
+            for record in clones.iter().chain([&base]) {
+                super::clones::refuse_running(record)?;
             }
             for record in clones.iter().chain([&base]) {
                 tx.execute("DELETE FROM images WHERE id = ?1", [record.id])?;

@@ -183,6 +183,7 @@ impl Registry {
                         expected: "clone (use `cowclone base rm` for bases)",
                     });
                 }
+                refuse_running(&record)?;
                 if !removed.iter().any(|r: &ImageRecord| r.id == record.id) {
                     removed.push(record);
                 }
@@ -240,6 +241,17 @@ impl Registry {
             release(&parent.path, parent.original_mode)?;
         }
         Ok(removed)
+    }
+}
+
+/// Refuses to remove a clone whose VM runs: its disk is in use.
+pub(crate) fn refuse_running(record: &ImageRecord) -> Result<()> {
+    match record.dir.as_deref().and_then(crate::runtime::running_pid) {
+        Some(pid) => Err(RegistryError::Running {
+            name: record.name.clone(),
+            pid,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -395,6 +407,7 @@ fn make_all(
             vdi.as_ref().map(|v| &v.2),
             now_ns(),
         ])?;
+        super::protect::record_identity(tx, tx.last_insert_rowid(), &path)?;
         crash_point("after-create", index);
     }
     Ok(())

@@ -234,23 +234,11 @@ pub enum VmState {
 }
 
 /// Reads the clone's pidfile; `Running` only if that process is alive and is the qemu started
-/// for this directory (its command line names this pidfile), so a reused pid is not mistaken.
+/// for this directory (see [`crate::runtime::running_pid`]).
 pub fn state(run_dir: &Path) -> VmState {
-    let pidfile = spec::pidfile(run_dir);
-    let Some(pid) = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-    else {
-        return VmState::Stopped;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let ours = pidfile
-        .to_str()
-        .is_some_and(|p| cmdline.windows(p.len()).any(|w| w == p.as_bytes()));
-    if ours {
-        VmState::Running(pid)
-    } else {
-        VmState::Stopped
+    match crate::runtime::running_pid(run_dir) {
+        Some(pid) => VmState::Running(pid),
+        None => VmState::Stopped,
     }
 }
 
