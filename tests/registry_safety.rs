@@ -194,3 +194,180 @@ fn rm_of_a_running_clone_is_refused() {
     ok_in(&home, &[&"rm", &"vm"]);
     assert!(!dir.exists());
 }
+
+#[test]
+fn regression_issue_12_gc_keeps_a_directory_it_did_not_make_beside_clones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = qcow2_base(tmp.path());
+    ok_in(&home, &[&"base", &"register", &"b", &base]);
+    let place = tmp.path().join("vms");
+    ok_in(&home, &[&"clone", &"b", &"web", &"--dir", &place]);
+    // The operator's own VM, in the same directory, holding only a disk.qcow2 (made by qemu-img).
+    let important = place.join("important-vm");
+    std::fs::create_dir(&important).unwrap();
+    let disk = important.join("disk.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &disk, &"1M"]);
+    let before = sha256(&disk);
+    for args in [vec!["gc", "--dry-run"], vec!["gc"]] {
+        let report = json_in(&home, &args_of(&args));
+        let kept: Vec<&str> = report["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["path"].as_str().unwrap())
+            .collect();
+        assert!(
+            kept.iter().any(|p| p.ends_with("/vms/important-vm")),
+            "{args:?}: {report}"
+        );
+        assert_eq!(report["removed"], Value::Array(vec![]), "{report}");
+    }
+    assert_eq!(sha256(&disk), before, "gc touched important-vm");
+    // rm of the clone leaves the stranger alone too, and a file put into the clone's own
+    // directory survives the clone's removal.
+    std::fs::write(place.join("web/notes.txt"), b"mine").unwrap();
+    ok_in(&home, &[&"rm", &"web"]);
+    assert!(disk.is_file());
+    assert_eq!(dir_entries(&place.join("web")), ["notes.txt"]);
+}
+
+#[test]
+fn the_home_registry_clone_dirs_and_disks_are_private() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = qcow2_base(tmp.path());
+    ok_in(&home, &[&"base", &"register", &"b", &base]);
+    ok_in(&home, &[&"clone", &"b", &"vm"]);
+    // Hold the database open so that its -wal and -shm files exist while modes are read.
+    let registry = cloner::Registry::open(&cloner::Home::at(&home)).unwrap();
+    let record = registry.get("vm").unwrap();
+    let dir = record.dir.clone().unwrap();
+    let mut expected = vec![
+        (home.clone(), 0o700),
+        (home.join("clones"), 0o700),
+        (home.join("registry.sqlite"), 0o600),
+        (dir.clone(), 0o700),
+        (record.path.clone(), 0o600),
+        (base.clone(), 0o444),
+    ];
+    for side in ["registry.sqlite-wal", "registry.sqlite-shm"] {
+        let path = home.join(side);
+        assert!(path.exists(), "{side} exists while the database is open");
+        expected.push((path, 0o600));
+    }
+    for (path, want) in &expected {
+        assert_eq!(mode(path), *want, "{}", path.display());
+    }
+    drop(registry);
+    // The clone directory (where the QMP socket and pidfile go) is private to its owner: the
+    // socket path qemu gets is inside it.
+    let status = json_in(&home, &[&"status", &"vm"]);
+    let socket = PathBuf::from(status["qmp_socket"].as_str().unwrap());
+    assert_eq!(socket.parent(), Some(dir.as_path()), "{status}");
+    assert_eq!(mode(&dir), 0o700);
+}
+
+/// Sets bits in the qcow2 header's incompatible-features field (bytes 72-79, big-endian).
+fn set_incompatible_bits(path: &Path, bits: u8) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 79).unwrap();
+    file.write_all_at(&[byte[0] | bits], 79).unwrap();
+}
+
+#[test]
+fn regression_issue_12_base_register_refuses_what_cannot_be_read_in_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let make = |name: &str| -> PathBuf {
+        let path = tmp.path().join(name);
+        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &path, &"1M"]);
+        qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x33 0 64k", &path]);
+        path
+    };
+    let encrypted = tmp.path().join("encrypted.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"--object",
+        &"secret,id=sec0,data=password",
+        &"-o",
+        &"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &encrypted,
+        &"1M",
+    ]);
+    let corrupt = make("corrupt.qcow2");
+    set_incompatible_bits(&corrupt, 0x02);
+    let info = qemu_info_json(&corrupt);
+    assert_eq!(info["format-specific"]["data"]["corrupt"], true, "{info}");
+    let dirty = make("dirty.qcow2");
+    set_incompatible_bits(&dirty, 0x01);
+    let unknown = make("unknown-bit.qcow2");
+    set_incompatible_bits(&unknown, 0x80);
+    let l1_past_eof = make("l1-past-eof.qcow2");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&l1_past_eof)
+            .unwrap();
+        // l1_table_offset (bytes 40-47): 1 GiB, cluster-aligned, far past the end.
+        file.write_all_at(&(1u64 << 30).to_be_bytes(), 40).unwrap();
+    }
+    // qemu-img does not read these in full either: it refuses the unknown feature bit, and its
+    // check finds the L1 table past the end of the file (exit 2: corruption).
+    let out = qemu_img(&[
+        &"convert",
+        &"-O",
+        &"raw",
+        &unknown,
+        &tmp.path().join("out.raw"),
+    ]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let (code, report) = qemu_check(&l1_past_eof);
+    assert_eq!(code, 2, "{report}");
+    for (path, reason) in [
+        (&encrypted, "encrypted (LUKS)"),
+        (&corrupt, "marked corrupt"),
+        (&dirty, "marked dirty"),
+        (&unknown, "incompatible features 0x80"),
+        (
+            &l1_past_eof,
+            "L1 table (offset 1073741824, 8 bytes) lies past the end",
+        ),
+    ] {
+        let mode_before = mode(path);
+        let e = err_in(&home, &[&"base", &"register", &"x", path]);
+        assert!(e.contains(reason), "{}: {e}", path.display());
+        assert_eq!(mode(path), mode_before, "{}: mode changed", path.display());
+    }
+    assert_eq!(crate::registry::ls(&home), Vec::<Value>::new());
+}
+
+#[test]
+fn regression_issue_12_an_unreadable_base_is_reported_as_unreadable_not_modified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = qcow2_base(tmp.path());
+    ok_in(&home, &[&"base", &"register", &"b", &base]);
+    ok_in(&home, &[&"clone", &"b", &"first"]);
+    // Root reads any mode, so make the path unreadable another way: a directory in its place.
+    std::fs::remove_file(&base).unwrap();
+    std::fs::create_dir(&base).unwrap();
+    for args in [vec!["clone", "b", "second"], vec!["base", "verify", "b"]] {
+        let e = err_in(&home, &args_of(&args));
+        assert!(
+            e.contains("cannot be read") && e.contains("os error 21"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains("modified"), "{args:?}: {e}");
+    }
+}

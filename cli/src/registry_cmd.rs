@@ -28,9 +28,9 @@ pub enum RegistryCommand {
     Ls(ListArgs),
     /// Remove clones (records and files).
     Rm(RmArgs),
-    /// Reconcile files and records: remove orphaned clone directories and stale temporary files,
-    /// report records whose file is gone.
-    Gc(ListArgs),
+    /// Reconcile files and records: remove what cowclone made that no record claims (orphaned
+    /// clone directories, temporary files), report what it keeps and records whose file is gone.
+    Gc(GcArgs),
     /// Print the provisioning plan in a script's `/* rexxjs-vm-KEY: VALUE */` lines.
     Plan(PlanArgs),
     /// Show the audit log of registry changes.
@@ -179,6 +179,16 @@ pub struct ListArgs {
     pub output: OutputFormat,
     #[command(flatten)]
     home: HomeArg,
+}
+
+/// `cowclone gc [--dry-run] [--output json]`
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Report what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    list: ListArgs,
 }
 
 /// A command naming one record.
@@ -424,36 +434,36 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-fn gc(args: ListArgs, out: &mut impl Write) -> Result<()> {
-    let report = args.home.open()?.gc()?;
-    match args.output {
+fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
+    let report = args.list.home.open()?.gc(args.dry_run)?;
+    match args.list.output {
         OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
         OutputFormat::Human => {
-            for path in &report.removed_orphans {
-                writeln!(out, "removed orphan {}", path.display())?;
+            let verb = if report.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            for item in &report.removed {
+                writeln!(out, "{verb} {} ({})", item.path.display(), item.reason)?;
             }
-            for path in &report.removed_temp_files {
-                writeln!(out, "removed temporary file {}", path.display())?;
+            for item in &report.kept {
+                writeln!(out, "kept {} ({})", item.path.display(), item.reason)?;
             }
-            for path in &report.kept_unknown {
+            for missing in &report.missing_files {
                 writeln!(
                     out,
-                    "kept {} (holds files cowclone did not write)",
-                    path.display()
-                )?;
-            }
-            for (name, path) in &report.missing_files {
-                writeln!(
-                    out,
-                    "missing: {name} ({}); `cowclone rm {name}` drops it",
-                    path.display()
+                    "missing: {} ({}); `cowclone rm {}` drops it",
+                    missing.name,
+                    missing.path.display(),
+                    missing.name
                 )?;
             }
             writeln!(
                 out,
-                "gc: {} orphan(s), {} temporary file(s) removed; {} record(s) without file",
-                report.removed_orphans.len(),
-                report.removed_temp_files.len(),
+                "gc: {verb} {}, kept {}; {} record(s) without file",
+                report.removed.len(),
+                report.kept.len(),
                 report.missing_files.len()
             )?;
         }

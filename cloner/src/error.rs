@@ -143,6 +143,25 @@ pub enum RegistryError {
         /// The hypervisor's process.
         pid: i32,
     },
+    /// A would-be base that cowclone cannot read in full (its clones could not be read either).
+    #[error("cowclone cannot read {path} in full: {reason}; refusing to register it")]
+    NotReadableInFull {
+        /// The image.
+        path: PathBuf,
+        /// Why, e.g. `it is encrypted (LUKS)`.
+        reason: String,
+    },
+    /// A registered image's file exists but cannot be read (as opposed to: was modified).
+    #[error("the file of {name:?} cannot be read: {path}")]
+    Unreadable {
+        /// The image's name.
+        name: String,
+        /// Its file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// `--count` out of range.
     #[error("invalid count {count}: expected 1 to {max}")]
     InvalidCount {

@@ -138,10 +138,18 @@ impl Registry {
                 Some(guard_source(tx, &source)?)
             };
             let mut made = Vec::with_capacity(names.len());
-            let result = make_all(tx, &source, format, &place, &names, spec.durable, &mut made);
+            let result = make_all(
+                tx,
+                &source,
+                format,
+                (&place, home.root()),
+                &names,
+                spec.durable,
+                &mut made,
+            );
             if let Err(e) = result {
                 for dir in &made {
-                    let _ = std::fs::remove_dir_all(dir);
+                    let _ = super::made::remove_dir(dir);
                 }
                 if let Some(mode) = newly_guarded {
                     let _ = release(&source.path, Some(mode));
@@ -272,13 +280,8 @@ fn prepare_place(registry: &mut Registry, dir: &Path) -> Result<PathBuf> {
 fn check_unchanged_or_missing(source: &ImageRecord) -> Result<()> {
     if source.guarded {
         check_unchanged(source)
-    } else if source.path.exists() {
-        Ok(())
     } else {
-        Err(RegistryError::FileMissing {
-            name: source.name.clone(),
-            path: source.path.clone(),
-        })
+        super::guard::check_readable(source)
     }
 }
 
@@ -336,13 +339,13 @@ fn clone_format(source: &ImageRecord, asked: Option<ImageFormat>) -> Result<Imag
     }
 }
 
-/// Creates each clone's directory and image and inserts its row; `made` collects the
-/// directories created (for cleanup on error).
+/// Creates each clone's directory (in `place`, marked as made by the registry in `home`) and
+/// image and inserts its row; `made` collects the directories created (for cleanup on error).
 fn make_all(
     tx: &Transaction<'_>,
     source: &ImageRecord,
     format: ImageFormat,
-    place: &Path,
+    (place, home): (&Path, &Path),
     names: &[String],
     durable: bool,
     made: &mut Vec<PathBuf>,
@@ -359,14 +362,8 @@ fn make_all(
     )?;
     for (index, name) in names.iter().enumerate() {
         crash_point("before-create", index);
-        let dir = place.join(name);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => made.push(dir.clone()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(RegistryError::PathExists { path: dir })
-            }
-            Err(e) => return Err(RegistryError::io(format!("creating {}", dir.display()))(e)),
-        }
+        let dir = super::made::make_dir(place, name, home)?;
+        made.push(dir.clone());
         let path = dir.join(format!("disk.{}", format.name()));
         let context = || format!("creating clone {name} at {}", path.display());
         let (virtual_size, vdi) = match format {
@@ -395,6 +392,8 @@ fn make_all(
                 (created.virtual_size, None)
             }
         };
+        // Private: the guest's data is nobody else's business.
+        super::made::set_mode(&path, super::made::FILE_MODE)?;
         insert.execute(rusqlite::params![
             name,
             path_text(&path)?,
@@ -413,19 +412,14 @@ fn make_all(
     Ok(())
 }
 
-/// Deletes a removed record's directory (or, for a file outside one, the file). Missing files
-/// are not an error: `gc` or another process may have removed them.
+/// Deletes a removed record's files: in its directory, only what cowclone wrote there, then the
+/// directory if that empties it (anything else stays; `gc` reports it); a file outside a
+/// directory of its own is deleted alone. Missing files are not an error: `gc` or another
+/// process may have removed them.
 pub(crate) fn remove_files(record: &ImageRecord) -> Result<()> {
-    let (target, result) = match &record.dir {
-        Some(dir) => (dir, std::fs::remove_dir_all(dir)),
-        None => (&record.path, std::fs::remove_file(&record.path)),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RegistryError::io(format!(
-            "removing {}",
-            target.display()
-        ))(e)),
-        _ => Ok(()),
+    match &record.dir {
+        Some(dir) => super::made::remove_dir(dir).map(drop),
+        None => super::made::remove_file(&record.path),
     }
 }
 
