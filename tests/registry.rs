@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::util::*;
 
 /// `cowclone ARGS --home HOME`, asserting success; returns stdout.
-fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
+pub(crate) fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
     let mut all = args.to_vec();
     all.push(&"--home");
     all.push(&home);
@@ -24,7 +24,7 @@ fn ok_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
 }
 
 /// `cowclone ARGS --home HOME --output json`, parsed.
-fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
+pub(crate) fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
     let mut all = args.to_vec();
     all.extend([&"--output" as &dyn AsRef<OsStr>, &"json"]);
     let stdout = ok_in(home, &all);
@@ -37,7 +37,7 @@ fn json_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> Value {
 }
 
 /// `cowclone ARGS --home HOME`, expected to fail with a one-line error; returns the line.
-fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
+pub(crate) fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
     let mut all = args.to_vec();
     all.push(&"--home");
     all.push(&home);
@@ -57,7 +57,7 @@ fn err_in(home: &Path, args: &[&dyn AsRef<OsStr>]) -> String {
 }
 
 /// Every record of `cowclone ls --output json`.
-fn ls(home: &Path) -> Vec<Value> {
+pub(crate) fn ls(home: &Path) -> Vec<Value> {
     json_in(home, &[&"ls"])
         .as_array()
         .expect("ls prints an array")
@@ -73,7 +73,7 @@ fn names_of(records: &[Value], kind: &str) -> BTreeSet<String> {
 }
 
 /// A 4 MiB qcow2 base with data, made by qemu-img.
-fn qcow2_base(dir: &Path) -> PathBuf {
+pub(crate) fn qcow2_base(dir: &Path) -> PathBuf {
     let base = dir.join("base.qcow2");
     qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4M"]);
     qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x5a 0 1M", &base]);
@@ -381,7 +381,7 @@ fn vdi_bases_get_vdi_diffs_resolved_through_the_registry() {
 }
 
 #[test]
-fn gc_removes_orphans_and_temp_files_keeps_strangers_reports_missing() {
+fn gc_removes_only_what_cowclone_made_keeps_strangers_reports_missing() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path().join("home");
     let base = qcow2_base(tmp.path());
@@ -390,12 +390,23 @@ fn gc_removes_orphans_and_temp_files_keeps_strangers_reports_missing() {
     let elsewhere = tmp.path().join("elsewhere");
     ok_in(&home, &[&"clone", &"b", &"far", &"--dir", &elsewhere]);
     let clones = home.join("clones");
-    // An orphan (complete image, no record), an empty orphan, a temp file in a clone dir, a
-    // stranger's directory, and an orphan in the other place.
-    std::fs::create_dir(clones.join("orphan")).unwrap();
+    // A real orphan: a clone killed after its image was made, before its commit.
+    let killed = spawn_in(
+        &home,
+        &["clone", "b", "lost"],
+        Some((cloner::registry::clones::CRASH_ENV, "after-create:0")),
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(!killed.status.success());
+    assert!(clones.join("lost/disk.qcow2").is_file());
+    // Look-alikes cowclone did not make: a directory holding only a disk.qcow2, an empty one,
+    // a stranger's notes, an empty directory in the other place. And a temp file in a clone
+    // directory, and a record whose file is gone.
+    std::fs::create_dir(clones.join("lookalike")).unwrap();
     std::fs::copy(
         clones.join("keep/disk.qcow2"),
-        clones.join("orphan/disk.qcow2"),
+        clones.join("lookalike/disk.qcow2"),
     )
     .unwrap();
     std::fs::create_dir(clones.join("empty")).unwrap();
@@ -404,17 +415,15 @@ fn gc_removes_orphans_and_temp_files_keeps_strangers_reports_missing() {
     std::fs::create_dir(clones.join("stranger")).unwrap();
     std::fs::write(clones.join("stranger/notes.txt"), b"mine").unwrap();
     std::fs::create_dir(elsewhere.join("far-orphan")).unwrap();
-    // A record whose file is gone.
     std::fs::remove_dir_all(elsewhere.join("far")).unwrap();
 
-    let report = json_in(&home, &[&"gc"]);
-    let paths = |key: &str| -> Vec<String> {
+    let names = |report: &Value, key: &str| -> Vec<String> {
         report[key]
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| {
-                Path::new(p.as_str().unwrap())
+            .map(|item| {
+                Path::new(item["path"].as_str().unwrap())
                     .file_name()
                     .unwrap()
                     .to_string_lossy()
@@ -422,20 +431,40 @@ fn gc_removes_orphans_and_temp_files_keeps_strangers_reports_missing() {
             })
             .collect()
     };
+    let before = dir_entries(&clones);
+    let dry = json_in(&home, &[&"gc", &"--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dir_entries(&clones), before, "a dry run removed something");
+    assert!(temp.is_file());
+    let report = json_in(&home, &[&"gc"]);
+    assert_eq!(report["dry_run"], false);
+    for report in [&dry, &report] {
+        assert_eq!(
+            names(report, "removed"),
+            [".disk.qcow2.x1.cowclone-tmp", "lost"],
+            "{report}"
+        );
+        assert_eq!(
+            names(report, "kept"),
+            ["empty", "lookalike", "stranger", "far-orphan"],
+            "{report}"
+        );
+        for item in report["kept"].as_array().unwrap() {
+            assert!(!item["reason"].as_str().unwrap().is_empty(), "{item}");
+        }
+        assert_eq!(report["missing_files"][0]["name"], "far");
+    }
     assert_eq!(
-        paths("removed_orphans"),
-        ["empty", "orphan", "far-orphan"],
-        "{report}"
+        dir_entries(&clones),
+        ["empty", "keep", "lookalike", "stranger"]
     );
-    assert_eq!(paths("removed_temp_files"), [".disk.qcow2.x1.cowclone-tmp"]);
-    assert_eq!(paths("kept_unknown"), ["stranger"]);
-    assert_eq!(report["missing_files"][0][0], "far");
-    assert_eq!(dir_entries(&clones), ["keep", "stranger"]);
+    assert!(clones.join("lookalike/disk.qcow2").is_file());
     assert!(clones.join("keep/disk.qcow2").is_file());
+    assert!(elsewhere.join("far-orphan").is_dir());
     // rm drops the record whose file is gone; a second gc finds nothing to do.
     ok_in(&home, &[&"rm", &"far"]);
     let again = json_in(&home, &[&"gc"]);
-    assert_eq!(again["removed_orphans"], Value::Array(vec![]));
+    assert_eq!(again["removed"], Value::Array(vec![]));
     assert_eq!(again["missing_files"], Value::Array(vec![]));
 }
 
@@ -509,7 +538,7 @@ fn eight_processes_cloning_at_once_lose_nothing_and_duplicate_nothing() {
     assert_eq!(paths.len(), records.len());
     assert_consistent(&home, &base, "after concurrent clones");
     let report = json_in(&home, &[&"gc"]);
-    assert_eq!(report["removed_orphans"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["removed"], Value::Array(vec![]), "{report}");
 }
 
 #[test]
@@ -569,7 +598,7 @@ fn sigkill_at_any_point_leaves_complete_clones_or_what_gc_removes() {
 
     let report = json_in(&home, &[&"gc"]);
     assert!(
-        !report["removed_orphans"].as_array().unwrap().is_empty(),
+        !report["removed"].as_array().unwrap().is_empty(),
         "gc removed the unregistered images: {report}"
     );
     let records = assert_consistent(&home, &base, "after kills and gc");
@@ -593,7 +622,7 @@ fn sigkill_at_any_point_leaves_complete_clones_or_what_gc_removes() {
     // The registry still works, and a second gc has nothing to do.
     ok_in(&home, &[&"clone", &"b", &"after"]);
     let again = json_in(&home, &[&"gc"]);
-    assert_eq!(again["removed_orphans"], Value::Array(vec![]), "{again}");
+    assert_eq!(again["removed"], Value::Array(vec![]), "{again}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ mod qemu_xcheck;
 mod read_xcheck;
 mod reflink;
 mod registry;
+mod registry_safety;
 mod regression;
 mod vdi_cli;
 mod vdi_xcheck;

@@ -46,6 +46,8 @@ pub struct CheckArgs {
     pub chain: ChainPolicyArgs,
     /// The image.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// What `check -r` repairs.
@@ -87,6 +89,9 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
         Some(RepairMode::Leaks) => Repair::Leaks,
         Some(RepairMode::All) => Repair::All,
     };
+    if repair != Repair::None {
+        args.guard.check("check -r", std::slice::from_ref(path))?;
+    }
     // Locked before its header is read: for writing when repairing, else for shared reading.
     let how = if repair == Repair::None {
         OpenHow::reading(args.chain.force_share)

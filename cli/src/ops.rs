@@ -76,6 +76,8 @@ pub struct CommitArgs {
     pub confine: Option<PathBuf>,
     /// The overlay to commit into its backing file.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone rebase [-u] -b NEW [-F FMT] FILE`
@@ -95,6 +97,8 @@ pub struct RebaseArgs {
     pub confine: Option<PathBuf>,
     /// The image to rebase (qcow2).
     pub file: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone resize [--shrink] FILE [+|-]SIZE`
@@ -108,6 +112,8 @@ pub struct ResizeArgs {
     /// New size, or +SIZE / -SIZE relative to the current one.
     #[arg(allow_hyphen_values = true)]
     pub size: String,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
@@ -190,6 +196,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
 
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
+    args.guard.check_commit(&args.file, args.keep)?;
     imagefmt::commit::commit(&args.file, &policy(&args.confine), args.keep)
         .with_context(|| format!("{}", args.file.display()))?;
     writeln!(out, "Image committed.")?;
@@ -198,6 +205,8 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
 
 /// Runs rebase.
 pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
+    args.guard
+        .check("rebase", std::slice::from_ref(&args.file))?;
     let new = if args.backing.is_empty() {
         None
     } else {
@@ -225,6 +234,8 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
 
 /// Runs resize. The image is write-locked before its header is read and held to the end.
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
+    args.guard
+        .check("resize", std::slice::from_ref(&args.file))?;
     let context = || format!("{}", args.file.display());
     let file = imagefmt::open::open_image(&args.file, imagefmt::open::OpenHow::write())
         .with_context(context)?;

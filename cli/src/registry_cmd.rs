@@ -28,9 +28,9 @@ pub enum RegistryCommand {
     Ls(ListArgs),
     /// Remove clones (records and files).
     Rm(RmArgs),
-    /// Reconcile files and records: remove orphaned clone directories and stale temporary files,
-    /// report records whose file is gone.
-    Gc(ListArgs),
+    /// Reconcile files and records: remove what cowclone made that no record claims (orphaned
+    /// clone directories, temporary files), report what it keeps and records whose file is gone.
+    Gc(GcArgs),
     /// Print the provisioning plan in a script's `/* rexxjs-vm-KEY: VALUE */` lines.
     Plan(PlanArgs),
     /// Show the audit log of registry changes.
@@ -56,6 +56,64 @@ pub(crate) fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> 
     let home = Home::resolve(home)?;
     Registry::open(&home)
         .with_context(|| format!("opening the registry in {}", home.root().display()))
+}
+
+/// The registry guard of the plain-path commands that write images (commit, rebase, resize,
+/// check -r): a registered base, or a clone that has clones, is refused whatever its file mode,
+/// recognised by device and inode in the registry of the effective home (which is consulted only
+/// if it exists; none is created).
+#[derive(Debug, Args)]
+pub struct WriteGuardArgs {
+    /// Registry home whose registered images are protected (default: $COWCLONE_HOME, else
+    /// $XDG_DATA_HOME/cowclone).
+    #[arg(long, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Write even a registered base or a clone that has clones (its clones then read different
+    /// data). Warned about on stderr and recorded in the registry's audit log.
+    #[arg(long)]
+    pub force_registered_write: bool,
+}
+
+impl WriteGuardArgs {
+    /// Refuses `operation` if it would write a protected image among `paths`; with
+    /// `--force-registered-write`, warns on stderr instead (the registry logs it).
+    pub fn check(&self, operation: &str, paths: &[PathBuf]) -> Result<()> {
+        let home = Home::resolve(self.home.as_deref())?;
+        let Some(mut registry) = Registry::open_existing(&home)
+            .with_context(|| format!("opening the registry in {}", home.root().display()))?
+        else {
+            return Ok(());
+        };
+        let forced = registry.guard_writes(operation, paths, self.force_registered_write)?;
+        for protection in forced {
+            eprintln!(
+                "cowclone: WARNING: --force-registered-write: {operation} writes {} ({}); \
+                 its clones will read different data (recorded in the audit log of {})",
+                protection.path.display(),
+                protection.what(),
+                home.root().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Like [`WriteGuardArgs::check`] for `commit` of the overlay `file`: the overlay (emptied
+    /// unless kept) and the backing file it writes into.
+    pub fn check_commit(&self, file: &std::path::Path, keep: bool) -> Result<()> {
+        let mut paths = Vec::new();
+        if !keep {
+            paths.push(file.to_owned());
+        }
+        // An image that cannot be read here fails in commit itself, with its own error.
+        if let Ok((_, header)) = imagefmt::image::read_file_header(file) {
+            if let Some(name) = header.backing_name() {
+                if let Ok(backing) = imagefmt::backing::resolve(file, name) {
+                    paths.push(backing);
+                }
+            }
+        }
+        self.check("commit", &paths)
+    }
 }
 
 /// `cowclone base SUBCOMMAND`
@@ -121,6 +179,16 @@ pub struct ListArgs {
     pub output: OutputFormat,
     #[command(flatten)]
     home: HomeArg,
+}
+
+/// `cowclone gc [--dry-run] [--output json]`
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Report what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    list: ListArgs,
 }
 
 /// A command naming one record.
@@ -373,36 +441,36 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-fn gc(args: ListArgs, out: &mut impl Write) -> Result<()> {
-    let report = args.home.open()?.gc()?;
-    match args.output {
+fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
+    let report = args.list.home.open()?.gc(args.dry_run)?;
+    match args.list.output {
         OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
         OutputFormat::Human => {
-            for path in &report.removed_orphans {
-                writeln!(out, "removed orphan {}", path.display())?;
+            let verb = if report.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            for item in &report.removed {
+                writeln!(out, "{verb} {} ({})", item.path.display(), item.reason)?;
             }
-            for path in &report.removed_temp_files {
-                writeln!(out, "removed temporary file {}", path.display())?;
+            for item in &report.kept {
+                writeln!(out, "kept {} ({})", item.path.display(), item.reason)?;
             }
-            for path in &report.kept_unknown {
+            for missing in &report.missing_files {
                 writeln!(
                     out,
-                    "kept {} (holds files cowclone did not write)",
-                    path.display()
-                )?;
-            }
-            for (name, path) in &report.missing_files {
-                writeln!(
-                    out,
-                    "missing: {name} ({}); `cowclone rm {name}` drops it",
-                    path.display()
+                    "missing: {} ({}); `cowclone rm {}` drops it",
+                    missing.name,
+                    missing.path.display(),
+                    missing.name
                 )?;
             }
             writeln!(
                 out,
-                "gc: {} orphan(s), {} temporary file(s) removed; {} record(s) without file",
-                report.removed_orphans.len(),
-                report.removed_temp_files.len(),
+                "gc: {verb} {}, kept {}; {} record(s) without file",
+                report.removed.len(),
+                report.kept.len(),
                 report.missing_files.len()
             )?;
         }

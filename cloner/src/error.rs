@@ -132,6 +132,44 @@ pub enum RegistryError {
         /// Where it was.
         path: PathBuf,
     },
+    /// A write to a registered base, or to a clone that has clones, refused whatever the file
+    /// mode (see `registry::protect`).
+    #[error("{operation} would write {path}, which is {what}: its clones would silently read different data; refusing (override: --force-registered-write)")]
+    WriteProtected {
+        /// The operation (`commit`, `rebase`, `resize`, `check -r`, …).
+        operation: String,
+        /// The file it would write.
+        path: PathBuf,
+        /// What the file is, e.g. `registered base "deb12"`.
+        what: String,
+    },
+    /// The clone's VM runs (its pidfile names a live qemu).
+    #[error("{name:?} is running (qemu pid {pid}); stop it first (`cowclone stop {name}`)")]
+    Running {
+        /// The clone.
+        name: String,
+        /// The hypervisor's process.
+        pid: i32,
+    },
+    /// A would-be base that cowclone cannot read in full (its clones could not be read either).
+    #[error("cowclone cannot read {path} in full: {reason}; refusing to register it")]
+    NotReadableInFull {
+        /// The image.
+        path: PathBuf,
+        /// Why, e.g. `it is encrypted (LUKS)`.
+        reason: String,
+    },
+    /// A registered image's file exists but cannot be read (as opposed to: was modified).
+    #[error("the file of {name:?} cannot be read: {path}")]
+    Unreadable {
+        /// The image's name.
+        name: String,
+        /// Its file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// `--count` out of range.
     #[error("invalid count {count}: expected 1 to {max}")]
     InvalidCount {

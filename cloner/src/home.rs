@@ -2,6 +2,7 @@
 //! directory (`$XDG_DATA_HOME/cowclone`, by default `~/.local/share/cowclone`, via the `dirs`
 //! crate). It holds one SQLite database and the default clones directory.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{RegistryError, Result};
@@ -12,6 +13,9 @@ pub const HOME_ENV: &str = "COWCLONE_HOME";
 pub const DATABASE_NAME: &str = "registry.sqlite";
 /// The default clones directory's name inside the home directory.
 pub const CLONES_DIR_NAME: &str = "clones";
+
+/// Mode of the home and clones directories: private to their owner.
+pub const PRIVATE_DIR: u32 = 0o700;
 
 /// A registry home directory (not necessarily existing yet; [`Home::ensure`] creates it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,14 +58,35 @@ impl Home {
         self.root.join(CLONES_DIR_NAME)
     }
 
-    /// Creates the home and clones directories if missing, and makes the root absolute so that
+    /// Creates the home and clones directories if missing, private to their owner (0700; a
+    /// home made by an older cowclone is made private too), and makes the root absolute so that
     /// recorded paths do not depend on the working directory.
     pub fn ensure(&mut self) -> Result<()> {
         let clones = self.clones_dir();
-        std::fs::create_dir_all(&clones).map_err(RegistryError::io(format!(
-            "creating the home directory {}",
-            clones.display()
-        )))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR)
+            .create(&clones)
+            .map_err(RegistryError::io(format!(
+                "creating the home directory {}",
+                clones.display()
+            )))?;
+        for dir in [self.root.clone(), clones] {
+            let mode = std::fs::metadata(&dir)
+                .map_err(RegistryError::io(format!(
+                    "reading metadata of {}",
+                    dir.display()
+                )))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(PRIVATE_DIR))
+                    .map_err(RegistryError::io(format!(
+                        "making {} private",
+                        dir.display()
+                    )))?;
+            }
+        }
         self.root = self.root.canonicalize().map_err(RegistryError::io(format!(
             "resolving the home directory {}",
             self.root.display()
@@ -88,6 +113,10 @@ mod tests {
         let mut home = Home::at(dir.path().join("a/../h"));
         home.ensure().unwrap();
         assert!(home.clones_dir().is_dir());
+        for dir in [home.root().to_owned(), home.clones_dir()] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, PRIVATE_DIR, "{}", dir.display());
+        }
         assert_eq!(home.root(), dir.path().canonicalize().unwrap().join("h"));
     }
 }

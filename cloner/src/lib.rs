@@ -39,6 +39,6 @@ pub use path_clone::{clone_base, Clone, CloneError, CloneRequest};
 pub use reflink::CloneMethod;
 pub use registry::bases::{RegisterBase, RemovedBase, Verification};
 pub use registry::clones::{CloneSpec, Cloned};
-pub use registry::gc::GcReport;
+pub use registry::gc::{GcItem, GcReport, MissingFile};
 pub use registry::resolver::RegistryResolver;
 pub use registry::{ChainLink, CloneRecord, ImageRecord, Kind, Registry};

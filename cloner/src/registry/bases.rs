@@ -94,6 +94,7 @@ impl Registry {
                 request.disk.display()
             )))?;
             let header = read_header(&path, request.format)?;
+            refuse_partly_readable(&path, &header)?;
             if let Some(backing) = own_backing(&header) {
                 if !request.allow_backing {
                     return Err(RegistryError::HasBacking { path, backing });
@@ -148,6 +149,7 @@ impl Registry {
                 let _ = release(&path, Some(mode));
                 return Err(e.into());
             }
+            super::protect::record_identity(tx, tx.last_insert_rowid(), &path)?;
             let record = records::get(tx, &request.name)?;
             let detail = format!("registered {} ({})", path.display(), header.format().name());
             Ok((record, detail))
@@ -224,6 +226,9 @@ impl Registry {
                 });
             }
             for record in clones.iter().chain([&base]) {
+                super::clones::refuse_running(record)?;
+            }
+            for record in clones.iter().chain([&base]) {
                 tx.execute("DELETE FROM images WHERE id = ?1", [record.id])?;
             }
             let detail = format!("removed {name} and {} clone(s)", clones.len());
@@ -294,6 +299,65 @@ fn read_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> 
         None => ImageHeader::read_detected(&file, path, true),
     }
     .map_err(RegistryError::image(context))
+}
+
+/// Refuses a would-be base that cowclone cannot read in full: encrypted, marked corrupt or
+/// dirty (its refcounts need a repair first), or with its metadata tables past the end of the
+/// file. (Unknown incompatible feature bits are refused when the header is read.)
+fn refuse_partly_readable(path: &Path, header: &ImageHeader) -> Result<()> {
+    use imagefmt::qcow2::features::IncompatibleFeatures;
+    let len = std::fs::metadata(path)
+        .map_err(RegistryError::io(format!(
+            "reading metadata of {}",
+            path.display()
+        )))?
+        .len();
+    let past_eof = |what: &str, offset: u64, bytes: u64| {
+        let end = offset.checked_add(bytes);
+        (end.is_none_or(|end| end > len)).then(|| {
+            format!(
+                "its {what} (offset {offset}, {bytes} bytes) lies past the end of the file ({len} bytes)"
+            )
+        })
+    };
+    let reason = match header {
+        ImageHeader::Qcow2(cluster) => {
+            let h = &cluster.header;
+            let flags = h.incompatible_features;
+            if h.crypt_method != 0 {
+                let method = if h.crypt_method == 1 { "AES" } else { "LUKS" };
+                Some(format!("it is encrypted ({method})"))
+            } else if flags.contains(IncompatibleFeatures::CORRUPT) {
+                Some("it is marked corrupt (qemu-img check -r all repairs it)".to_owned())
+            } else if flags.contains(IncompatibleFeatures::DIRTY) {
+                Some(
+                    "it is marked dirty: its refcounts need a repair (qemu-img check -r all)"
+                        .to_owned(),
+                )
+            } else {
+                past_eof("L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8).or_else(|| {
+                    past_eof(
+                        "refcount table",
+                        h.refcount_table_offset,
+                        u64::from(h.refcount_table_clusters) * h.cluster_size(),
+                    )
+                })
+            }
+        }
+        ImageHeader::Vdi(h) => past_eof(
+            "block map",
+            u64::from(h.offset_blocks),
+            h.block_map_len_bytes(),
+        ),
+        ImageHeader::Raw { .. } => None,
+    };
+    match reason {
+        Some(reason) => Err(RegistryError::NotReadableInFull {
+            path: path.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The image's own backing reference, if it has one.

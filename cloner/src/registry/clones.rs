@@ -151,14 +151,27 @@ impl Registry {
             };
             let mut made = Vec::with_capacity(names.len());
             let result = match method {
-                CloneMethod::Reflink => {
-                    make_reflinks(tx, &source, &place, &names, spec.durable, &mut made)
-                }
-                _ => make_all(tx, &source, format, &place, &names, spec.durable, &mut made),
+                CloneMethod::Reflink => make_reflinks(
+                    tx,
+                    &source,
+                    (&place, home.root()),
+                    &names,
+                    spec.durable,
+                    &mut made,
+                ),
+                _ => make_all(
+                    tx,
+                    &source,
+                    format,
+                    (&place, home.root()),
+                    &names,
+                    spec.durable,
+                    &mut made,
+                ),
             };
             if let Err(e) = result {
                 for dir in &made {
-                    let _ = std::fs::remove_dir_all(dir);
+                    let _ = super::made::remove_dir(dir);
                 }
                 if let Some(mode) = newly_guarded {
                     let _ = release(&source.path, Some(mode));
@@ -203,6 +216,7 @@ impl Registry {
                         expected: "clone (use `cowclone base rm` for bases)",
                     });
                 }
+                refuse_running(&record)?;
                 if !removed.iter().any(|r: &ImageRecord| r.id == record.id) {
                     removed.push(record);
                 }
@@ -263,6 +277,17 @@ impl Registry {
     }
 }
 
+/// Refuses to remove a clone whose VM runs: its disk is in use.
+pub(crate) fn refuse_running(record: &ImageRecord) -> Result<()> {
+    match record.dir.as_deref().and_then(crate::runtime::running_pid) {
+        Some(pid) => Err(RegistryError::Running {
+            name: record.name.clone(),
+            pid,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Creates `dir`, records it as a place clones are made in, and returns it absolute.
 fn prepare_place(registry: &mut Registry, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)
@@ -280,13 +305,8 @@ fn prepare_place(registry: &mut Registry, dir: &Path) -> Result<PathBuf> {
 fn check_unchanged_or_missing(source: &ImageRecord) -> Result<()> {
     if source.guarded {
         check_unchanged(source)
-    } else if source.path.exists() {
-        Ok(())
     } else {
-        Err(RegistryError::FileMissing {
-            name: source.name.clone(),
-            path: source.path.clone(),
-        })
+        super::guard::check_readable(source)
     }
 }
 
@@ -344,13 +364,13 @@ fn clone_format(source: &ImageRecord, asked: Option<ImageFormat>) -> Result<Imag
     }
 }
 
-/// Creates each clone's directory and image and inserts its row; `made` collects the
-/// directories created (for cleanup on error).
+/// Creates each clone's directory (in `place`, marked as made by the registry in `home`) and
+/// image and inserts its row; `made` collects the directories created (for cleanup on error).
 fn make_all(
     tx: &Transaction<'_>,
     source: &ImageRecord,
     format: ImageFormat,
-    place: &Path,
+    (place, home): (&Path, &Path),
     names: &[String],
     durable: bool,
     made: &mut Vec<PathBuf>,
@@ -367,7 +387,8 @@ fn make_all(
     )?;
     for (index, name) in names.iter().enumerate() {
         crash_point("before-create", index);
-        let dir = make_clone_dir(place, name, made)?;
+        let dir = super::made::make_dir(place, name, home)?;
+        made.push(dir.clone());
         let path = dir.join(format!("disk.{}", format.name()));
         let context = || format!("creating clone {name} at {}", path.display());
         let (virtual_size, vdi) = match format {
@@ -396,6 +417,8 @@ fn make_all(
                 (created.virtual_size, None)
             }
         };
+        // Private: the guest's data is nobody else's business.
+        super::made::set_mode(&path, super::made::FILE_MODE)?;
         insert.execute(rusqlite::params![
             name,
             path_text(&path)?,
@@ -408,24 +431,10 @@ fn make_all(
             vdi.as_ref().map(|v| &v.2),
             now_ns(),
         ])?;
+        super::protect::record_identity(tx, tx.last_insert_rowid(), &path)?;
         crash_point("after-create", index);
     }
     Ok(())
-}
-
-/// Creates clone `name`'s directory in `place` (refusing an existing one) and adds it to `made`.
-fn make_clone_dir(place: &Path, name: &str, made: &mut Vec<PathBuf>) -> Result<PathBuf> {
-    let dir = place.join(name);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {
-            made.push(dir.clone());
-            Ok(dir)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Err(RegistryError::PathExists { path: dir })
-        }
-        Err(e) => Err(RegistryError::io(format!("creating {}", dir.display()))(e)),
-    }
 }
 
 /// Like [`make_all`] for reflink copies of `source`: each clone is a copy of the source file
@@ -434,7 +443,7 @@ fn make_clone_dir(place: &Path, name: &str, made: &mut Vec<PathBuf>) -> Result<P
 fn make_reflinks(
     tx: &Transaction<'_>,
     source: &ImageRecord,
-    place: &Path,
+    (place, home): (&Path, &Path),
     names: &[String],
     durable: bool,
     made: &mut Vec<PathBuf>,
@@ -445,9 +454,12 @@ fn make_reflinks(
     )?;
     for (index, name) in names.iter().enumerate() {
         crash_point("before-create", index);
-        let dir = make_clone_dir(place, name, made)?;
+        let dir = super::made::make_dir(place, name, home)?;
+        made.push(dir.clone());
         let path = dir.join(format!("disk.{}", source.format.name()));
         reflink::reflink_new(&source.path, &path, durable)?;
+        // Private: the guest's data is nobody else's business.
+        super::made::set_mode(&path, super::made::FILE_MODE)?;
         insert.execute(rusqlite::params![
             name,
             path_text(&path)?,
@@ -457,24 +469,20 @@ fn make_reflinks(
             path_text(&dir)?,
             now_ns(),
         ])?;
+        super::protect::record_identity(tx, tx.last_insert_rowid(), &path)?;
         crash_point("after-create", index);
     }
     Ok(())
 }
 
-/// Deletes a removed record's directory (or, for a file outside one, the file). Missing files
-/// are not an error: `gc` or another process may have removed them.
+/// Deletes a removed record's files: in its directory, only what cowclone wrote there, then the
+/// directory if that empties it (anything else stays; `gc` reports it); a file outside a
+/// directory of its own is deleted alone. Missing files are not an error: `gc` or another
+/// process may have removed them.
 pub(crate) fn remove_files(record: &ImageRecord) -> Result<()> {
-    let (target, result) = match &record.dir {
-        Some(dir) => (dir, std::fs::remove_dir_all(dir)),
-        None => (&record.path, std::fs::remove_file(&record.path)),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RegistryError::io(format!(
-            "removing {}",
-            target.display()
-        ))(e)),
-        _ => Ok(()),
+    match &record.dir {
+        Some(dir) => super::made::remove_dir(dir).map(drop),
+        None => super::made::remove_file(&record.path),
     }
 }
 

@@ -50,20 +50,53 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     )
 }
 
-/// Refuses a guarded record whose file is gone or differs from its fingerprint.
-pub(crate) fn check_unchanged(record: &ImageRecord) -> Result<()> {
-    if !record.path.exists() {
-        return Err(RegistryError::FileMissing {
-            name: record.name.clone(),
-            path: record.path.clone(),
-        });
+/// Refuses a record whose file is gone, or exists but cannot be read (with the operating
+/// system's error): a FIFO, socket or character device is refused before it is opened.
+pub(crate) fn check_readable(record: &ImageRecord) -> Result<()> {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let unreadable = |source| RegistryError::Unreadable {
+        name: record.name.clone(),
+        path: record.path.clone(),
+        source,
+    };
+    let meta = match std::fs::metadata(&record.path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(RegistryError::FileMissing {
+                name: record.name.clone(),
+                path: record.path.clone(),
+            })
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
+    let kind = meta.file_type();
+    if kind.is_fifo() || kind.is_socket() || kind.is_char_device() {
+        return Err(unreadable(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or character device)",
+        )));
     }
+    let file = std::fs::File::open(&record.path).map_err(unreadable)?;
+    file.read_at(&mut [0u8; 1], 0).map_err(unreadable)?;
+    Ok(())
+}
+
+/// Refuses a guarded record whose file is gone, unreadable, or differs from its fingerprint.
+pub(crate) fn check_unchanged(record: &ImageRecord) -> Result<()> {
+    check_readable(record)?;
     let Some(recorded) = &record.fingerprint else {
         return Ok(());
     };
-    let now = fingerprint(&record.path, record.format).map_err(|e| RegistryError::Modified {
-        name: record.name.clone(),
-        changes: format!("its header no longer reads: {}", super::error_chain(&e)),
+    let now = fingerprint(&record.path, record.format).map_err(|e| match e {
+        RegistryError::Io { source, .. } => RegistryError::Unreadable {
+            name: record.name.clone(),
+            path: record.path.clone(),
+            source,
+        },
+        e => RegistryError::Modified {
+            name: record.name.clone(),
+            changes: format!("its header no longer reads: {}", super::error_chain(&e)),
+        },
     })?;
     match now.changes_since(recorded) {
         None => Ok(()),

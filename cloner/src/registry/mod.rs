@@ -32,6 +32,8 @@ pub mod bases;
 pub mod clones;
 pub mod gc;
 mod guard;
+pub mod made;
+pub mod protect;
 pub mod records;
 pub mod resolver;
 
@@ -77,7 +79,8 @@ impl Registry {
     pub fn open(home: &Home) -> Result<Registry> {
         let mut home = home.clone();
         home.ensure()?;
-        let conn = store::open(&home.database())?;
+        let mut conn = store::open(&home.database())?;
+        protect::backfill_identities(&mut conn)?;
         Ok(Registry { conn, home })
     }
 

@@ -58,6 +58,9 @@ pub struct ImageRecord {
     pub(crate) parent_id: Option<i64>,
     #[serde(skip)]
     pub(crate) original_mode: Option<u32>,
+    /// The file's (device, inode) when registered or cloned (see [`super::protect`]).
+    #[serde(skip)]
+    pub(crate) identity: Option<(u64, u64)>,
     /// Unique name (across bases and clones).
     pub name: String,
     /// Base or clone.
@@ -97,13 +100,13 @@ pub struct ImageRecord {
 pub(crate) const SELECT: &str = "SELECT i.id, i.name, i.kind, i.path, i.format, i.virtual_size, \
     p.name, i.dir, i.owned, i.guarded, i.fp_size, i.fp_mtime_ns, i.fp_crc32, i.sha256, \
     i.original_mode, i.vdi_uuid_create, i.vdi_uuid_modify, i.vdi_uuid_link, i.memory, i.cpus, \
-    i.meta, i.created_ns, i.parent_id FROM images i LEFT JOIN images p ON p.id = i.parent_id";
+    i.meta, i.created_ns, i.parent_id, i.dev, i.ino FROM images i LEFT JOIN images p ON p.id = i.parent_id";
 
 fn format_name<S: Serializer>(format: &ImageFormat, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(format.name())
 }
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
+pub(crate) fn from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
     let kind: String = r.get(2)?;
     let path: String = r.get(3)?;
     let format: String = r.get(4)?;
@@ -152,6 +155,10 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         meta: serde_json::from_str(&meta).unwrap_or_default(),
         created: crate::audit::rfc3339(r.get(21)?),
         parent_id: r.get(22)?,
+        identity: match (r.get::<_, Option<i64>>(23)?, r.get::<_, Option<i64>>(24)?) {
+            (Some(dev), Some(ino)) => Some((dev as u64, ino as u64)),
+            _ => None,
+        },
     })
 }
 

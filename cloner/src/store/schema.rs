@@ -48,6 +48,14 @@ pub const MIGRATIONS: &[&str] = &[
         detail     TEXT NOT NULL
     );
     "#,
+    // 2: the file identity (device, inode) of each image, so that a write through any path to a
+    // registered base is recognised. Old rows are filled in by stat on open
+    // (`registry::protect::backfill_identities`).
+    r#"
+    ALTER TABLE images ADD COLUMN dev INTEGER;
+    ALTER TABLE images ADD COLUMN ino INTEGER;
+    CREATE INDEX images_identity ON images(dev, ino);
+    "#,
 ];
 
 /// The schema version this build writes.

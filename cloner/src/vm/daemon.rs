@@ -17,21 +17,9 @@ use super::{io, Result, VmError};
 /// The state recorded in `pidfile`: `Running` only if that process is alive and its command
 /// line contains `marker`.
 pub fn state(pidfile: &Path, marker: &str) -> VmState {
-    let Some(pid) = std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-    else {
-        return VmState::Stopped;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let ours = !marker.is_empty()
-        && cmdline
-            .windows(marker.len())
-            .any(|w| w == marker.as_bytes());
-    if ours {
-        VmState::Running(pid)
-    } else {
-        VmState::Stopped
+    match crate::runtime::live_pid(pidfile, marker) {
+        Some(pid) => VmState::Running(pid),
+        None => VmState::Stopped,
     }
 }
 

@@ -234,10 +234,12 @@ pub enum VmState {
 }
 
 /// Reads the clone's pidfile; `Running` only if that process is alive and is the qemu started
-/// for this directory (its command line names this pidfile), so a reused pid is not mistaken.
+/// for this directory (see [`crate::runtime::running_pid`]).
 pub fn state(run_dir: &Path) -> VmState {
-    let pidfile = spec::pidfile(run_dir);
-    super::daemon::state(&pidfile, &pidfile.to_string_lossy())
+    match crate::runtime::running_pid(run_dir) {
+        Some(pid) => VmState::Running(pid),
+        None => VmState::Stopped,
+    }
 }
 
 /// Starts `spec` with `runner` (resolving `Auto` beforehand is the caller's job: see
@@ -251,6 +253,7 @@ pub fn start(spec: &VmSpec, accel: Accel, runner: &dyn CommandRunner) -> Result<
         });
     }
     let invocation = command_line(spec, accel)?;
+    make_private(&spec.run_dir)?;
     for stale in [spec.pidfile(), spec.qmp_socket(), spec.serial_log()] {
         match std::fs::remove_file(&stale) {
             Ok(()) => {}
@@ -260,6 +263,22 @@ pub fn start(spec: &VmSpec, accel: Accel, runner: &dyn CommandRunner) -> Result<
     }
     runner.run(&invocation)?;
     Ok(invocation)
+}
+
+/// Makes `run_dir` private (0700) if it is not: the QMP socket in it controls the VM, and the
+/// pidfile and logs are nobody else's business. (Clone directories are made 0700; this covers
+/// those made by older versions.)
+fn make_private(run_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(run_dir)
+        .map_err(io(format!("reading metadata of {}", run_dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("making {} private", run_dir.display())))?;
+    }
+    Ok(())
 }
 
 /// How a stop went.
@@ -463,6 +482,21 @@ mod tests {
         s.run_dir = PathBuf::from("/h").join("c".repeat(100));
         let e = command_line(&s, Accel::Tcg).unwrap_err().to_string();
         assert!(e.contains("shorter path"), "{e}");
+    }
+
+    #[test]
+    fn start_makes_an_old_world_readable_run_dir_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec();
+        s.run_dir = dir.path().join("vm");
+        std::fs::create_dir(&s.run_dir).unwrap();
+        std::fs::set_permissions(&s.run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runner = crate::vm::RecordingRunner::default();
+        start(&s, Accel::Tcg, &runner).unwrap();
+        assert_eq!(runner.calls().len(), 1);
+        let mode = std::fs::metadata(&s.run_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

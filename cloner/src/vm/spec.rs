@@ -209,7 +209,7 @@ impl VmSpec {
 
 /// The pidfile in a clone's runtime directory.
 pub fn pidfile(run_dir: &Path) -> PathBuf {
-    run_dir.join("qemu.pid")
+    crate::runtime::pidfile(run_dir)
 }
 
 /// The QMP socket in a clone's runtime directory.
