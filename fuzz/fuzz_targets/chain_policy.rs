@@ -102,8 +102,12 @@ fn top_image(flags: u8, input: &[u8], tree: &Tree) -> Vec<u8> {
             .extensions
             .retain(|e| !matches!(e, Extension::BackingFormat(_)));
         match format {
-            1 => cluster.extensions.insert(0, Extension::BackingFormat("raw".into())),
-            2 => cluster.extensions.insert(0, Extension::BackingFormat("qcow2".into())),
+            1 => cluster
+                .extensions
+                .insert(0, Extension::BackingFormat("raw".into())),
+            2 => cluster
+                .extensions
+                .insert(0, Extension::BackingFormat("qcow2".into())),
             _ => {}
         }
     }
@@ -120,7 +124,11 @@ fn top_image(flags: u8, input: &[u8], tree: &Tree) -> Vec<u8> {
 fn files(chain: &[ImageInfo]) -> Vec<PathBuf> {
     chain
         .iter()
-        .map(|i| Path::new(&i.filename).canonicalize().expect("a listed image exists"))
+        .map(|i| {
+            Path::new(&i.filename)
+                .canonicalize()
+                .expect("a listed image exists")
+        })
         .collect()
 }
 
@@ -180,11 +188,19 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     // 4.: opening and reading.
     let opened = open_chain(&tree.top, None, &confine);
     if let Ok(image) = &opened {
-        assert!(listed.is_ok(), "opens but does not list: {:?}", listed.err());
+        assert!(
+            listed.is_ok(),
+            "opens but does not list: {:?}",
+            listed.err()
+        );
         let other = open_chain(&tree.top, None, &wider)
             .unwrap_or_else(|e| panic!("opens under Confine(inside), not Confine(root): {e}"));
         assert_eq!(image.virtual_size(), other.virtual_size());
-        assert_eq!(sample(image.as_ref()), sample(other.as_ref()), "guest bytes");
+        assert_eq!(
+            sample(image.as_ref()),
+            sample(other.as_ref()),
+            "guest bytes"
+        );
     }
 
     // 5.: Deny and Detach.
@@ -213,7 +229,11 @@ fuzz_target!(|data: &[u8]| -> Corpus {
 
     // 1.: nothing was written.
     assert_eq!(std::fs::read(&tree.top).unwrap(), top, "top.qcow2 changed");
-    assert_eq!(std::fs::read(&tree.base).unwrap(), base_input, "base changed");
+    assert_eq!(
+        std::fs::read(&tree.base).unwrap(),
+        base_input,
+        "base changed"
+    );
     assert_eq!(std::fs::read(&tree.outside).unwrap(), OUTSIDE_BYTES);
     Corpus::Keep
 });

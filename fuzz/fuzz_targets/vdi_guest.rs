@@ -7,28 +7,29 @@
 //! freed by discard or zero writes reads as zeros.
 #![no_main]
 
-use imagefmt::chain::GuestRead;
+use std::sync::OnceLock;
+
+use imagefmt::chain::{GuestRead, RawReader};
 use imagefmt::io::MemBackend;
 use imagefmt::vdi::{VdiHeader, VdiImage, HEADER_REGION_LEN};
 use libfuzzer_sys::{fuzz_target, Corpus};
 
-/// A parent that reads a position-dependent pattern (what a differencing image falls through to).
-struct Patterned(u64);
+/// Bytes of the patterned parent: as large as the largest input (4 blocks). A differencing
+/// image with a larger virtual size reads zeros past it, as it would over a shorter parent.
+const PARENT_LEN: usize = 4 << 20;
 
-impl GuestRead for Patterned {
-    fn virtual_size(&self) -> u64 {
-        self.0
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> imagefmt::Result<()> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = ((offset + i as u64) % 251) as u8 | 1;
-        }
-        Ok(())
-    }
+/// A parent that reads a position-dependent pattern (what a differencing image falls through
+/// to): a raw image on memory, made once, so the target implements no `GuestRead` itself and
+/// follows the trait as it grows.
+fn patterned() -> Box<dyn GuestRead> {
+    static BYTES: OnceLock<MemBackend> = OnceLock::new();
+    let backend = BYTES
+        .get_or_init(|| MemBackend::new((0..PARENT_LEN).map(|i| (i % 251) as u8 | 1).collect()));
+    Box::new(RawReader::new(backend).expect("a memory backend has a length"))
 }
 
 fn exercise(data: &[u8], header: &VdiHeader, parent: bool) {
-    let below = || parent.then(|| Box::new(Patterned(header.virtual_size())) as Box<dyn GuestRead>);
+    let below = || parent.then(patterned);
     if let Ok(image) = VdiImage::open(MemBackend::new(data.to_vec()), header.clone(), below()) {
         let size = image.virtual_size();
         let mut buf = vec![0u8; 1 << 16];
@@ -56,7 +57,10 @@ fn exercise(data: &[u8], header: &VdiHeader, parent: bool) {
     if whole == 1 << 20 && image.write_zeroes(0, whole).is_ok() {
         let mut back = vec![1u8; whole as usize];
         if image.read_at(&mut back, 0).is_ok() {
-            assert!(back.iter().all(|&b| b == 0), "zeroed block must read as zeros");
+            assert!(
+                back.iter().all(|&b| b == 0),
+                "zeroed block must read as zeros"
+            );
         }
     }
     let _ = image.discard(0, size.min(2 << 20));
