@@ -17,7 +17,9 @@
 //!    `Confine(inside)`, and whatever `Confine(inside)` lists, `Confine(root)` lists the same.
 //! 4. A chain that opens (`chain::open_chain`) under `Confine(inside)` also lists, and opens
 //!    under `Confine(root)` with the same size and the same guest bytes at four offsets.
-//! 5. `Deny` opens no backing file: a qcow2 top that names one is refused, one that names none
+//! 5. Lock-free reading (`force_share`, qemu-img's `-U`) under `Confine(inside)` lists and
+//!    opens exactly what the locking reader does, with the same guest bytes.
+//! 6. `Deny` opens no backing file: a qcow2 top that names one is refused, one that names none
 //!    opens exactly as under `Confine`; `Detach` lists the top alone.
 #![no_main]
 
@@ -25,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::{open_chain, GuestRead};
-use imagefmt::info::{backing_chain, ImageInfo};
+use imagefmt::chain::{open_chain, open_chain_with, ChainOptions, GuestRead};
+use imagefmt::info::{backing_chain, backing_chain_with, ImageInfo};
 use imagefmt::qcow2::extensions::Extension;
 use imagefmt::qcow2::HeaderCluster;
 use libfuzzer_sys::{fuzz_target, Corpus};
@@ -203,7 +205,27 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         );
     }
 
-    // 5.: Deny and Detach.
+    // 5.: lock-free reads (nobody else holds a lock here, so they agree with locked reads).
+    let shared = ChainOptions {
+        force_share: true,
+        ..ChainOptions::new(&confine)
+    };
+    assert_eq!(
+        backing_chain_with(&tree.top, &shared).ok(),
+        listed.as_ref().ok().cloned(),
+        "force_share lists differently"
+    );
+    match (open_chain_with(&tree.top, None, &shared), &opened) {
+        (Ok(a), Ok(b)) => assert_eq!(sample(a.as_ref()), sample(b.as_ref()), "force_share bytes"),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!(
+            "force_share and locked opens differ: {:?} / {:?}",
+            a.err(),
+            b.as_ref().err()
+        ),
+    }
+
+    // 6.: Deny and Detach.
     if let Ok(cluster) = HeaderCluster::parse(&top) {
         let denied = open_chain(&tree.top, None, &BackingPolicy::Deny);
         if cluster.backing_file.is_some() {
