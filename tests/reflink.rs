@@ -341,3 +341,50 @@ fn bench_clone_measures_reflinks_on_xfs() {
         assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
     }
 }
+
+/// A reflink of a qcow2 clone is a copy of the overlay, so it reads through the clone's base:
+/// its record's parent is that base (the backing file qemu-img finds in its header), it reads
+/// like its source, and removing it leaves the source and base alone.
+#[test]
+fn a_reflink_of_an_overlay_reads_through_the_overlays_base() {
+    let fs = LoopFs::new("btrfs");
+    let home = fs.mount.join("home");
+    let base = make_base(&fs.mount, "qcow2");
+    json_in(&home, &[&"base", &"register", &"deb", &base]);
+    let clones = fs.mount.join("clones");
+    let overlay = json_in(&home, &[&"clone", &"deb", &"ov", &"--dir", &clones]);
+    let overlay = PathBuf::from(overlay["clones"][0]["path"].as_str().unwrap());
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x77 40M 1M", &overlay]);
+    let made = json_in(
+        &home,
+        &[
+            &"clone",
+            &"ov",
+            &"rf",
+            &"--method",
+            &"reflink",
+            &"--dir",
+            &clones,
+        ],
+    );
+    let record = &made["clones"][0];
+    assert_eq!(record["parent"], "deb", "{made:#}");
+    let copy = PathBuf::from(record["path"].as_str().unwrap());
+    let info = qemu_info_json(&copy);
+    assert_eq!(
+        info["backing-filename"].as_str().unwrap(),
+        base.to_str().unwrap()
+    );
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_qemu_check_clean(&copy, "reflink of an overlay");
+    let compare = qemu_img(&[&"compare", &copy, &overlay]);
+    assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
+    cowclone_ok(&[&"rm", &"rf", &"--home", &home]);
+    assert!(!copy.exists() && overlay.exists() && base.exists());
+    let compare = qemu_img(&[&"compare", &overlay, &base]);
+    assert_eq!(
+        compare.status.code(),
+        Some(1),
+        "the overlay's own write is still there"
+    );
+}
