@@ -236,6 +236,37 @@ fn reflink_clones_on_btrfs_share_extents_and_stay_independent() {
             "exclusive {exclusive}"
         );
     }
+    // Extents are shared within one filesystem only: into a directory elsewhere (the
+    // temporary directory's filesystem), reflink is refused naming why, and auto makes overlays.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let home = fs.mount.join("home-raw");
+    let output = cowclone(&[
+        &"clone",
+        &"deb",
+        &"x",
+        &"--method",
+        &"reflink",
+        &"--dir",
+        &elsewhere.path(),
+        &"--home",
+        &home,
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(stderr.contains("different filesystems"), "{stderr}");
+    let made = json_in(
+        &home,
+        &[
+            &"clone",
+            &"deb",
+            &"y",
+            &"--method",
+            &"auto",
+            &"--dir",
+            &elsewhere.path(),
+        ],
+    );
+    assert_eq!(made["method"], "overlay", "{made:#}");
 }
 
 #[test]
