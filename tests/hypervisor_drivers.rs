@@ -262,3 +262,119 @@ fn firecracker_boots_a_reflink_clone_and_refuses_an_overlay() {
         "{err}"
     );
 }
+
+/// The real start/stop path with stand-ins for `cloud-hypervisor` and `ch-remote` first in
+/// PATH (shell scripts: the hypervisor records its arguments and waits; `ch-remote
+/// power-button` ends it, as the guest powering off would): `start` runs it detached and writes
+/// its pidfile, a second `start` is refused while it runs, `stop` asks through the API socket
+/// and reports the power-down, and the command log has both.
+#[test]
+fn cloud_hypervisor_runs_detached_and_stops_through_its_api() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = tmp.path().join("base.raw");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"raw", &base, &"16M"]);
+    ok(&home, &[&"base", &"register", &"deb", &base]);
+    ok(&home, &[&"clone", &"deb", &"web"]);
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let script = |name: &str, body: &str| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let args_file = tmp.path().join("args");
+    script(
+        "cloud-hypervisor",
+        &format!("echo \"$@\" > {}\nsleep 60\nexit 0", args_file.display()),
+    );
+    // ch-remote --api-socket SOCKET power-button: end the VM (its process group) whose pidfile
+    // sits by the socket.
+    script(
+        "ch-remote",
+        "[ \"$3\" = power-button ] || exit 1\nkill -TERM -\"$(cat \"$(dirname \"$2\")/cloud-hypervisor.pid\")\"",
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(cowclone_bin())
+            .args(args)
+            .arg("--home")
+            .arg(&home)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let kernel = kernel.to_str().unwrap();
+    let start = [
+        "start",
+        "web",
+        "--driver",
+        "cloud-hypervisor",
+        "--kernel",
+        kernel,
+    ];
+    let (started, text) = run(&start);
+    assert!(started, "{text}");
+    assert!(
+        text.contains("running under cloud-hypervisor (pid "),
+        "{text}"
+    );
+    let dir = clone_path(&home, "web").parent().unwrap().to_owned();
+    let pid: i32 = std::fs::read_to_string(dir.join("cloud-hypervisor.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (again, text) = run(&start);
+    assert!(!again && text.contains("already running"), "{text}");
+    // The stand-in got the command line (written before it sleeps; wait for it).
+    let mut recorded = String::new();
+    for _ in 0..100 {
+        recorded = std::fs::read_to_string(&args_file).unwrap_or_default();
+        if !recorded.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(recorded.contains(",backing_files=on "), "{recorded}");
+    let (stopped, text) = run(&[
+        "stop",
+        "web",
+        "--driver",
+        "cloud-hypervisor",
+        "--timeout",
+        "10",
+    ]);
+    assert!(stopped, "{text}");
+    assert_eq!(text.trim(), "web: powered down");
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty()
+        }
+    );
+    let (stopped, text) = run(&["stop", "web", "--driver", "cloud-hypervisor"]);
+    assert!(stopped && text.trim() == "web: was not running", "{text}");
+    let log = std::fs::read_to_string(dir.join("commands.log")).unwrap();
+    assert!(
+        log.contains("cloud-hypervisor --kernel ") && log.contains("started, pid"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ch-remote --api-socket ") && log.contains("power-button"),
+        "{log}"
+    );
+}
