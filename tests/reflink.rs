@@ -419,3 +419,56 @@ fn a_reflink_of_an_overlay_reads_through_the_overlays_base() {
         "the overlay's own write is still there"
     );
 }
+
+/// A `clone --method reflink` killed (SIGKILL, at the fault-injection points) after a clone's
+/// file appeared but before the commit leaves no record and a directory holding a complete
+/// `disk.raw`, which `gc` removes; killed after the commit, the clones are registered and
+/// complete.
+#[test]
+fn a_killed_reflink_clone_leaves_what_gc_removes_or_complete_clones() {
+    let fs = LoopFs::new("xfs");
+    let home = fs.mount.join("home");
+    let base = make_base(&fs.mount, "raw");
+    json_in(&home, &[&"base", &"register", &"deb", &base]);
+    let clones = fs.mount.join("clones");
+    let kill_at = |point: &str, name: &str| {
+        let output = std::process::Command::new(cowclone_bin())
+            .args([
+                "clone", "deb", name, "--count", "3", "--method", "reflink", "--dir",
+            ])
+            .arg(&clones)
+            .arg("--home")
+            .arg(&home)
+            .env("COWCLONE_CRASH_AT", point)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(output.status.signal(), Some(9), "{}", describe(&output));
+    };
+    kill_at("after-create:1", "a");
+    let listed = json_in(&home, &[&"ls"]);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "only the base: {listed:#}"
+    );
+    let left = dir_entries(&clones);
+    assert_eq!(left, ["a-1", "a-2"], "directories of the two clones made");
+    let raw = clones.join("a-1/disk.raw");
+    assert_eq!(file_len(&raw), file_len(&base), "complete, never partial");
+    let report = json_in(&home, &[&"gc"]);
+    assert_eq!(
+        report["removed_orphans"].as_array().map(Vec::len),
+        Some(2),
+        "{report:#}"
+    );
+    assert!(dir_entries(&clones).is_empty());
+    kill_at("after-commit:2", "b");
+    let listed = json_in(&home, &[&"ls"]);
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed:#}");
+    for i in 1..=3 {
+        let clone = clones.join(format!("b-{i}/disk.raw"));
+        let compare = qemu_img(&[&"compare", &"-f", &"raw", &"-F", &"raw", &clone, &base]);
+        assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
+    }
+}

@@ -3,7 +3,8 @@
 //! killed after its commit) and stale temporary files, and reports records whose file is gone.
 //!
 //! Only directories that look like cowclone's own are removed: every entry must be a clone
-//! image (`disk.qcow2`, `disk.vdi`) or a temporary file; anything else is reported and kept.
+//! image (`disk.qcow2`, `disk.vdi`, a reflink's `disk.raw`) or a temporary file; anything else is
+//! reported and kept.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use super::Registry;
 use crate::error::{RegistryError, Result};
 
 /// File names a clone directory holds when cowclone alone wrote it.
-const OWN_FILES: &[&str] = &["disk.qcow2", "disk.vdi"];
+const OWN_FILES: &[&str] = &["disk.qcow2", "disk.vdi", "disk.raw"];
 
 /// What [`Registry::gc`] did and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
