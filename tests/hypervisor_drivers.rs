@@ -262,3 +262,161 @@ fn firecracker_boots_a_reflink_clone_and_refuses_an_overlay() {
         "{err}"
     );
 }
+
+/// Writes an executable shell script `name` into `bin`: a stand-in for a hypervisor tool.
+fn stand_in(bin: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = bin.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `cowclone ARGS --home HOME` with `bin` first in PATH: (success, stdout + stderr).
+fn run_with_stand_ins(home: &Path, bin: &Path, args: &[&str]) -> (bool, String) {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new(cowclone_bin())
+        .args(args)
+        .arg("--home")
+        .arg(home)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// The contents of `path` once a detached stand-in has written it (up to 5 s).
+fn written(path: &Path) -> String {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if !text.is_empty() {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{} was not written", path.display())
+}
+
+/// A stand-in hypervisor: records its arguments (and, for Firecracker, the config file named
+/// after `--config-file`) and waits, as a running VM does.
+fn hypervisor_stand_in(bin: &Path, name: &str, record: &Path) {
+    stand_in(
+        bin,
+        name,
+        &format!(
+            "echo \"$@\" > {0}.args\n[ \"$3\" = --config-file ] && cp \"$4\" {0}.config\n\
+             sleep 60\nexit 0",
+            record.display()
+        ),
+    );
+}
+
+/// The real start/stop path of both drivers with stand-ins first in PATH: start runs the
+/// hypervisor detached and writes its pidfile, a second start is refused while it runs, stop
+/// asks through the API socket (the stand-in client ends the VM's process group, as the guest
+/// powering off would) and reports the power-down, and the command log has both.
+fn runs_detached_and_stops_through_the_api(
+    home: &Path,
+    clone: &str,
+    driver: &str,
+    pidfile: &str,
+    client: &str,
+    client_body: &str,
+) -> (String, String) {
+    let bin = home.parent().unwrap().join(format!("bin-{driver}"));
+    std::fs::create_dir(&bin).unwrap();
+    let record = bin.join("record");
+    let program = if driver == "cloud-hypervisor" {
+        "cloud-hypervisor"
+    } else {
+        "firecracker"
+    };
+    hypervisor_stand_in(&bin, program, &record);
+    stand_in(&bin, client, client_body);
+    let kernel = home.parent().unwrap().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let start = ["start", clone, "--driver", driver, "--kernel", kernel];
+    let (started, text) = run_with_stand_ins(home, &bin, &start);
+    assert!(started, "{text}");
+    assert!(text.contains("(pid "), "{text}");
+    let dir = clone_path(home, clone).parent().unwrap().to_owned();
+    let pid = std::fs::read_to_string(dir.join(pidfile)).unwrap();
+    let (again, text) = run_with_stand_ins(home, &bin, &start);
+    assert!(!again && text.contains("already running"), "{text}");
+    let args = written(&record.with_extension("args"));
+    let stop = ["stop", clone, "--driver", driver, "--timeout", "10"];
+    let (stopped, text) = run_with_stand_ins(home, &bin, &stop);
+    assert!(stopped, "{text}");
+    assert_eq!(text.trim(), format!("{clone}: powered down"));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    assert!(cmdline.is_empty(), "the VM process is still there");
+    let (_, text) = run_with_stand_ins(home, &bin, &stop);
+    assert_eq!(text.trim(), format!("{clone}: was not running"));
+    let log = std::fs::read_to_string(dir.join("commands.log")).unwrap();
+    assert!(log.contains(&format!("{program} --")), "{log}");
+    assert!(
+        log.contains("started, pid") && log.contains(client),
+        "{log}"
+    );
+    let config = std::fs::read_to_string(record.with_extension("config")).unwrap_or_default();
+    (args, config)
+}
+
+#[test]
+fn cloud_hypervisor_runs_detached_and_stops_through_its_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = tmp.path().join("base.raw");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"raw", &base, &"16M"]);
+    ok(&home, &[&"base", &"register", &"deb", &base]);
+    ok(&home, &[&"clone", &"deb", &"web"]);
+    // ch-remote --api-socket SOCKET power-button: end the process group whose pidfile sits by
+    // the socket.
+    let client = "[ \"$3\" = power-button ] || exit 1\n\
+                  kill -TERM -\"$(cat \"$(dirname \"$2\")/cloud-hypervisor.pid\")\"";
+    let (args, _) = runs_detached_and_stops_through_the_api(
+        &home,
+        "web",
+        "cloud-hypervisor",
+        "cloud-hypervisor.pid",
+        "ch-remote",
+        client,
+    );
+    assert!(args.contains(",backing_files=on "), "{args}");
+}
+
+#[test]
+fn firecracker_runs_detached_and_stops_through_its_api() {
+    let fs = LoopFs::new("btrfs");
+    let home = fs.mount.join("home");
+    let base = fs.mount.join("rootfs.raw");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"raw", &base, &"16M"]);
+    ok(&home, &[&"base", &"register", &"rootfs", &base]);
+    ok(
+        &home,
+        &[&"clone", &"rootfs", &"fc", &"--method", &"reflink"],
+    );
+    // curl --silent --fail --unix-socket SOCKET -X PUT …/actions … -d '{"action_type":…}':
+    // end the process group whose pidfile sits by the socket, for SendCtrlAltDel only.
+    let client = "case \"$*\" in *SendCtrlAltDel*) ;; *) exit 1 ;; esac\n\
+                  kill -TERM -\"$(cat \"$(dirname \"$4\")/firecracker.pid\")\"";
+    let (_, config) = runs_detached_and_stops_through_the_api(
+        &home,
+        "fc",
+        "firecracker",
+        "firecracker.pid",
+        "curl",
+        client,
+    );
+    let config: Value = serde_json::from_str(&config).unwrap();
+    let root = PathBuf::from(config["drives"][0]["path_on_host"].as_str().unwrap());
+    assert_eq!(root, clone_path(&home, "fc"));
+}

@@ -236,6 +236,37 @@ fn reflink_clones_on_btrfs_share_extents_and_stay_independent() {
             "exclusive {exclusive}"
         );
     }
+    // Extents are shared within one filesystem only: into a directory elsewhere (the
+    // temporary directory's filesystem), reflink is refused naming why, and auto makes overlays.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let home = fs.mount.join("home-raw");
+    let output = cowclone(&[
+        &"clone",
+        &"deb",
+        &"x",
+        &"--method",
+        &"reflink",
+        &"--dir",
+        &elsewhere.path(),
+        &"--home",
+        &home,
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(stderr.contains("different filesystems"), "{stderr}");
+    let made = json_in(
+        &home,
+        &[
+            &"clone",
+            &"deb",
+            &"y",
+            &"--method",
+            &"auto",
+            &"--dir",
+            &elsewhere.path(),
+        ],
+    );
+    assert_eq!(made["method"], "overlay", "{made:#}");
 }
 
 #[test]
@@ -338,6 +369,106 @@ fn bench_clone_measures_reflinks_on_xfs() {
         assert_eq!(shared_extents(&clone).0, shared_extents(&clone).1);
         assert_qemu_check_clean(&clone, "bench reflink");
         let compare = qemu_img(&[&"compare", &"-f", &"qcow2", &"-F", &"qcow2", &clone, &base]);
+        assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
+    }
+}
+
+/// A reflink of a qcow2 clone is a copy of the overlay, so it reads through the clone's base:
+/// its record's parent is that base (the backing file qemu-img finds in its header), it reads
+/// like its source, and removing it leaves the source and base alone.
+#[test]
+fn a_reflink_of_an_overlay_reads_through_the_overlays_base() {
+    let fs = LoopFs::new("btrfs");
+    let home = fs.mount.join("home");
+    let base = make_base(&fs.mount, "qcow2");
+    json_in(&home, &[&"base", &"register", &"deb", &base]);
+    let clones = fs.mount.join("clones");
+    let overlay = json_in(&home, &[&"clone", &"deb", &"ov", &"--dir", &clones]);
+    let overlay = PathBuf::from(overlay["clones"][0]["path"].as_str().unwrap());
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x77 40M 1M", &overlay]);
+    let made = json_in(
+        &home,
+        &[
+            &"clone",
+            &"ov",
+            &"rf",
+            &"--method",
+            &"reflink",
+            &"--dir",
+            &clones,
+        ],
+    );
+    let record = &made["clones"][0];
+    assert_eq!(record["parent"], "deb", "{made:#}");
+    let copy = PathBuf::from(record["path"].as_str().unwrap());
+    let info = qemu_info_json(&copy);
+    assert_eq!(
+        info["backing-filename"].as_str().unwrap(),
+        base.to_str().unwrap()
+    );
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_qemu_check_clean(&copy, "reflink of an overlay");
+    let compare = qemu_img(&[&"compare", &copy, &overlay]);
+    assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
+    cowclone_ok(&[&"rm", &"rf", &"--home", &home]);
+    assert!(!copy.exists() && overlay.exists() && base.exists());
+    let compare = qemu_img(&[&"compare", &overlay, &base]);
+    assert_eq!(
+        compare.status.code(),
+        Some(1),
+        "the overlay's own write is still there"
+    );
+}
+
+/// A `clone --method reflink` killed (SIGKILL, at the fault-injection points) after a clone's
+/// file appeared but before the commit leaves no record and a directory holding a complete
+/// `disk.raw`, which `gc` removes; killed after the commit, the clones are registered and
+/// complete.
+#[test]
+fn a_killed_reflink_clone_leaves_what_gc_removes_or_complete_clones() {
+    let fs = LoopFs::new("xfs");
+    let home = fs.mount.join("home");
+    let base = make_base(&fs.mount, "raw");
+    json_in(&home, &[&"base", &"register", &"deb", &base]);
+    let clones = fs.mount.join("clones");
+    let kill_at = |point: &str, name: &str| {
+        let output = std::process::Command::new(cowclone_bin())
+            .args([
+                "clone", "deb", name, "--count", "3", "--method", "reflink", "--dir",
+            ])
+            .arg(&clones)
+            .arg("--home")
+            .arg(&home)
+            .env("COWCLONE_CRASH_AT", point)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(output.status.signal(), Some(9), "{}", describe(&output));
+    };
+    kill_at("after-create:1", "a");
+    let listed = json_in(&home, &[&"ls"]);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "only the base: {listed:#}"
+    );
+    let left = dir_entries(&clones);
+    assert_eq!(left, ["a-1", "a-2"], "directories of the two clones made");
+    let raw = clones.join("a-1/disk.raw");
+    assert_eq!(file_len(&raw), file_len(&base), "complete, never partial");
+    let report = json_in(&home, &[&"gc"]);
+    assert_eq!(
+        report["removed_orphans"].as_array().map(Vec::len),
+        Some(2),
+        "{report:#}"
+    );
+    assert!(dir_entries(&clones).is_empty());
+    kill_at("after-commit:2", "b");
+    let listed = json_in(&home, &[&"ls"]);
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed:#}");
+    for i in 1..=3 {
+        let clone = clones.join(format!("b-{i}/disk.raw"));
+        let compare = qemu_img(&[&"compare", &"-f", &"raw", &"-F", &"raw", &clone, &base]);
         assert_eq!(compare.status.code(), Some(0), "{}", describe(&compare));
     }
 }

@@ -10,7 +10,8 @@
 //! 3. The source and every guarded image below it are checked against their fingerprints; a
 //!    clone source is guarded (made read-only, fingerprinted) if it was not yet.
 //! 4. Per clone: `mkdir PLACE/NAME`, the image is written to an anonymous file and linked as
-//!    `PLACE/NAME/disk.qcow2` (or `disk.vdi`) — complete or absent, never partial — and its
+//!    `PLACE/NAME/disk.qcow2` (or `disk.vdi`; a reflink's extents are cloned into it, as
+//!    `disk.raw` or `disk.qcow2`) — complete or absent, never partial — and its
 //!    row is inserted.
 //! 5. `COMMIT`: the rows (and the audit record) become visible together.
 //!

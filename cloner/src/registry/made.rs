@@ -30,10 +30,12 @@ pub const FILE_MODE: u32 = 0o600;
 
 /// The files cowclone writes in a clone's directory: the disk, the marker, and what the
 /// hypervisor drivers keep there (`vm::spec`, `vm::provision`, `vm::accel`, the libvirt domain
-/// XML). Temporary files (`*.cowclone-tmp`) are cowclone's too.
+/// XML, `vm::cloud_hypervisor`, `vm::firecracker`). Temporary files (`*.cowclone-tmp`) are cowclone's too.
 pub const OWN_FILES: &[&str] = &[
     "disk.qcow2",
     "disk.vdi",
+    // A reflink clone of a raw base.
+    "disk.raw",
     MARKER,
     "qemu.pid",
     "qmp.sock",
@@ -44,6 +46,14 @@ pub const OWN_FILES: &[&str] = &[
     "domain.xml",
     "kvm-probe.img",
     "kvm-probe.serial",
+    "cloud-hypervisor.sock",
+    "cloud-hypervisor.pid",
+    "cloud-hypervisor.out",
+    "cloud-hypervisor.log",
+    "firecracker.json",
+    "firecracker.sock",
+    "firecracker.pid",
+    "firecracker.log",
 ];
 
 /// What the marker says.
