@@ -371,3 +371,115 @@ fn regression_issue_12_an_unreadable_base_is_reported_as_unreadable_not_modified
         assert!(!e.contains("modified"), "{args:?}: {e}");
     }
 }
+
+#[test]
+fn operator_limits_refuse_start_and_provision_beyond_them_naming_limit_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = qcow2_base(tmp.path());
+    ok_in(&home, &[&"base", &"register", &"b", &base]);
+    ok_in(&home, &[&"clone", &"b", &"vm"]);
+    // An empty XDG config directory: no file, today's bounds.
+    let xdg_empty = tmp.path().join("xdg-empty");
+    std::fs::create_dir(&xdg_empty).unwrap();
+    // A config in the XDG config directory, and one named by COWCLONE_CONFIG.
+    let xdg = tmp.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("cowclone")).unwrap();
+    let xdg_file = xdg.join("cowclone/config.toml");
+    std::fs::write(&xdg_file, "[limits]\nmax-memory = \"1G\"\n").unwrap();
+    let explicit = tmp.path().join("limits.toml");
+    std::fs::write(
+        &explicit,
+        "[limits]\nmax-cpus = 1\nmax-run-time = \"1m\"\nallowed-egress = [\"10.0.2.2:3128\"]\n",
+    )
+    .unwrap();
+    let start = |extra: &[&str], config: Option<&Path>, xdg: &Path| -> Output {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+            &"start",
+            &"vm",
+            &"--dry-run",
+            &"--accel",
+            &"tcg",
+            &"--home",
+            &home,
+        ];
+        for a in extra {
+            args.push(a);
+        }
+        let mut command = Command::new(cowclone_bin());
+        command
+            .args(args.iter().map(|a| a.as_ref()))
+            .env("XDG_CONFIG_HOME", xdg)
+            .env_remove("COWCLONE_CONFIG");
+        if let Some(config) = config {
+            command.env("COWCLONE_CONFIG", config);
+        }
+        command.output().unwrap()
+    };
+    let out = start(&["--memory", "2G", "--cpus", "4"], None, &xdg_empty);
+    assert!(
+        out.status.success(),
+        "no file, no limit: {}",
+        describe(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("-m 2048 -smp 4"));
+    let out = start(&["--memory", "2G"], None, &xdg);
+    let e = stderr_of(&out);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        e.contains("memory 2048 MiB") && e.contains("max-memory = 1024 MiB"),
+        "{e}"
+    );
+    assert!(e.contains(&xdg_file.display().to_string()), "{e}");
+    assert!(start(&["--memory", "1G"], None, &xdg).status.success());
+    let out = start(&["--cpus", "2"], Some(&explicit), &xdg);
+    let e = stderr_of(&out);
+    assert!(
+        e.contains("max-cpus = 1") && e.contains(&explicit.display().to_string()),
+        "{e}"
+    );
+    let out = start(
+        &["--egress", "allow:example.org:443"],
+        Some(&explicit),
+        &xdg,
+    );
+    assert!(
+        stderr_of(&out).contains("egress to example.org:443"),
+        "{}",
+        describe(&out)
+    );
+    let out = start(&["--egress", "allow:10.0.2.2:3128"], Some(&explicit), &xdg);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // provision: refused before anything is cloned or booted.
+    for (directive, limit) in [
+        ("/* rexxjs-vm-cpus: 2 */", "max-cpus = 1"),
+        ("/* rexxjs-vm-timeout: 5m */", "max-run-time = 60 s"),
+        (
+            "/* rexxjs-vm-egress-ports: 443 */",
+            "egress to 127.0.0.1:443",
+        ),
+    ] {
+        let script = tmp.path().join("job.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\n/* rexxjs-vm-base: b */\n{directive}\necho hi\n"),
+        )
+        .unwrap();
+        let out = cowclone_env(
+            &[&"provision", &script, &"--accel", &"tcg", &"--home", &home],
+            &[("COWCLONE_CONFIG", explicit.as_os_str())],
+        );
+        let e = stderr_of(&out);
+        assert!(!out.status.success(), "{}", describe(&out));
+        assert!(
+            e.contains(limit) && e.contains("limits.toml"),
+            "{directive}: {e}"
+        );
+    }
+    let names: Vec<String> = crate::registry::ls(&home)
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["b", "vm"], "a refused provision left a clone");
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use cloner::vm::limits::{self, Limits};
 use cloner::vm::provision::{provision, resolve_accel, ProvisionRequest};
 use cloner::vm::qemu::{self, Stopped, VmState};
 use cloner::vm::runner::{CommandRunner, Invocation, SystemRunner};
@@ -251,6 +252,13 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     spec.egress = args.egress.parse::<Egress>()?;
     spec.egress_relay = Some(relay_program()?);
     spec.kernel = args.kernel.boot()?;
+    // The operator's limits, before anything runs (a dry run is refused too).
+    Limits::load()?.check(&limits::Request {
+        memory: spec.memory,
+        cpus: spec.cpus,
+        run_time: None,
+        egress: &spec.egress,
+    })?;
     let requested: Accel = args.accel.parse()?;
     let dry_run = args.target.dry_run;
     if args.firmware.is_some() && args.target.driver != Driver::CloudHypervisor {
@@ -514,6 +522,7 @@ fn run_provision(args: ProvisionArgs, out: &mut impl Write) -> Result<u8> {
         accel: args.accel.parse()?,
         kernel: args.kernel.boot()?,
         egress_relay: Some(relay_program()?),
+        limits: Limits::load()?,
     };
     let outcome = provision(&mut registry, &request, None)
         .with_context(|| format!("provisioning {}", args.script.display()))?;

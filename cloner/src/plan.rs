@@ -169,7 +169,7 @@ fn directive(line: &str) -> Result<Option<(String, String)>, String> {
     )))
 }
 
-fn parse_memory(value: &str) -> Result<u64, String> {
+pub(crate) fn parse_memory(value: &str) -> Result<u64, String> {
     let bytes = imagefmt::size::parse_size(value).map_err(|e| e.to_string())?;
     let (min, max) = MEMORY_RANGE;
     if (min..=max).contains(&bytes) {
@@ -179,7 +179,7 @@ fn parse_memory(value: &str) -> Result<u64, String> {
     }
 }
 
-fn parse_cpus(value: &str) -> Result<u32, String> {
+pub(crate) fn parse_cpus(value: &str) -> Result<u32, String> {
     match value.parse::<u32>() {
         Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
         _ => Err(format!("{value:?} is not a CPU count from 1 to {MAX_CPUS}")),
@@ -207,7 +207,7 @@ fn parse_ports(value: &str) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
-fn parse_timeout(value: &str) -> Result<u64, String> {
+pub(crate) fn parse_timeout(value: &str) -> Result<u64, String> {
     let duration = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => humantime::parse_duration(value)

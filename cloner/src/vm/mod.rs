@@ -22,6 +22,7 @@ pub mod cloud_hypervisor;
 pub mod daemon;
 pub mod firecracker;
 pub mod libvirt;
+pub mod limits;
 pub mod provision;
 pub mod qemu;
 pub mod qmp;
@@ -67,6 +68,16 @@ pub enum VmError {
         name: String,
         /// The qemu process.
         pid: i32,
+    },
+    /// The request goes beyond an operator limit (see [`limits`]).
+    #[error("{asked} is beyond the operator limit {limit} set in {file}")]
+    Limit {
+        /// What was asked, e.g. `memory 8192 MiB`.
+        asked: String,
+        /// The limit, e.g. `max-memory = 4096 MiB`.
+        limit: String,
+        /// The configuration file that sets it.
+        file: String,
     },
     /// The guest did not finish within the time allowed.
     #[error("the guest did not finish within {seconds} s (serial log: {log})")]

@@ -28,6 +28,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Serialize;
 
+use super::limits::{self, Limits};
 use super::runner::{CommandRunner, SystemRunner};
 use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
 use super::{accel, cidata, io, qemu, Result, VmError};
@@ -53,6 +54,9 @@ pub struct ProvisionRequest {
     pub kernel: Option<KernelBoot>,
     /// The relay program for the plan's `egress-ports` (see [`VmSpec::egress_relay`]).
     pub egress_relay: Option<PathBuf>,
+    /// The operator's limits (see [`super::limits`]); a plan beyond them is refused before
+    /// anything is cloned.
+    pub limits: Limits,
 }
 
 /// What came back.
@@ -179,6 +183,23 @@ pub fn provision(
 ) -> Result<ProvisionOutcome> {
     let script = read_script(&request.script)?;
     let plan = crate::plan::parse_plan(&script).map_err(|e| VmError::Invalid(e.to_string()))?;
+    let egress = plan_egress(&plan.egress_ports);
+    let timeout = request
+        .limits
+        .run_time(plan.timeout_secs.map(Duration::from_secs), DEFAULT_TIMEOUT);
+    {
+        // What the clone will get: the plan's settings, else its base's, else the defaults.
+        let base = registry.clone_record(&plan.base)?;
+        request.limits.check(&limits::Request {
+            memory: plan
+                .memory
+                .or(base.memory)
+                .unwrap_or(super::spec::DEFAULT_MEMORY),
+            cpus: plan.cpus.or(base.cpus).unwrap_or(1),
+            run_time: Some(timeout),
+            egress: &egress,
+        })?;
+    }
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     let name = request
         .clone_name
@@ -198,16 +219,7 @@ pub fn provision(
         .map(|p| PortForward { host: p, guest: p })
         .into_iter()
         .collect();
-    spec.egress = if plan.egress_ports.is_empty() {
-        Egress::Deny
-    } else {
-        Egress::Allow(
-            plan.egress_ports
-                .iter()
-                .map(|&p| ("127.0.0.1".to_owned(), p))
-                .collect(),
-        )
-    };
+    spec.egress = egress;
     spec.kernel = request.kernel.clone();
     spec.egress_relay = request.egress_relay.clone();
     let seed = spec.run_dir.join("seed.img");
@@ -219,10 +231,6 @@ pub fn provision(
     )?;
     spec.extra_drives.push(seed);
     let accel = resolve_accel(request.accel, &spec.run_dir)?;
-    let timeout = plan
-        .timeout_secs
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TIMEOUT);
 
     let report_log = result_log(&spec.run_dir);
     let _ = std::fs::remove_file(&report_log);
@@ -274,6 +282,15 @@ pub fn provision(
         result_log: report_log,
         elapsed_ms,
     })
+}
+
+/// The egress policy of a plan's `egress-ports`: the host's loopback at each port.
+fn plan_egress(ports: &[u16]) -> Egress {
+    if ports.is_empty() {
+        Egress::Deny
+    } else {
+        Egress::Allow(ports.iter().map(|&p| ("127.0.0.1".to_owned(), p)).collect())
+    }
 }
 
 /// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
