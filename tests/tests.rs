@@ -9,6 +9,7 @@ mod bench_cli;
 mod check_memory;
 mod check_xcheck;
 mod cli;
+mod compress_xcheck;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;

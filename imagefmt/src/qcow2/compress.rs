@@ -1,6 +1,8 @@
-//! Compressing one cluster for a compressed-cluster write, as qemu stores them: raw deflate
-//! (no zlib header) with a 4 KiB window, because qemu inflates with window bits −12; or a zstd
-//! frame.
+//! Compressing and decompressing one cluster, as qemu stores them (`block/qcow2-threads.c`):
+//! raw deflate (no zlib header) with a 4 KiB window, because qemu inflates with window bits −12;
+//! or zstd frames.
+
+use super::CompressionType;
 
 /// Raw deflate of `data`, or `None` if compression fails.
 pub fn deflate(data: &[u8]) -> Option<Vec<u8>> {
@@ -16,4 +18,95 @@ pub fn deflate(data: &[u8]) -> Option<Vec<u8>> {
 /// One zstd frame of `data`, or `None` if compression fails.
 pub fn zstd(data: &[u8]) -> Option<Vec<u8>> {
     zstd::bulk::compress(data, 0).ok()
+}
+
+/// A compressed cluster that does not decode to exactly one cluster (qemu: `EIO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadCompressedData;
+
+/// Decodes `input` (the bytes the descriptor names: whole sectors, so possibly followed by
+/// unrelated bytes) into `output`, which must come out exactly full.
+///
+/// qemu's rules: deflate must fill the cluster, input left over is fine (the descriptor counts
+/// sectors, not bytes); zstd frames are decoded until the cluster is full, and the last frame
+/// must end there — a stream that would expand past the cluster is an error, never truncated.
+pub fn decompress(
+    compression: CompressionType,
+    input: &[u8],
+    output: &mut [u8],
+) -> Result<(), BadCompressedData> {
+    match compression {
+        CompressionType::Deflate => {
+            let mut inflater = flate2::Decompress::new(false);
+            let status = inflater.decompress(input, output, flate2::FlushDecompress::Finish);
+            if status.is_err() || inflater.total_out() != output.len() as u64 {
+                return Err(BadCompressedData);
+            }
+            Ok(())
+        }
+        CompressionType::Zstd => {
+            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+            let mut decoder = Decoder::new().map_err(|_| BadCompressedData)?;
+            let mut input = InBuffer::around(input);
+            let mut output = OutBuffer::around(output);
+            // The frame's remaining work as zstd reports it: 0 once a frame is complete.
+            let mut remaining = 1;
+            while output.pos() < output.capacity() {
+                let progress = input.pos() + output.pos();
+                remaining = decoder
+                    .run(&mut input, &mut output)
+                    .map_err(|_| BadCompressedData)?;
+                if input.pos() + output.pos() == progress {
+                    return Err(BadCompressedData);
+                }
+            }
+            if remaining != 0 {
+                return Err(BadCompressedData);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_codecs_round_trip_one_cluster_with_trailing_bytes() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        for (kind, mut packed) in [
+            (CompressionType::Deflate, deflate(&data).unwrap()),
+            (CompressionType::Zstd, zstd(&data).unwrap()),
+        ] {
+            packed.extend_from_slice(&[0xa5; 300]); // the rest of the last sector
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &packed, &mut out).unwrap();
+            assert!(out == data, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_expands_past_the_cluster_is_an_error() {
+        // Issue 12: a zstd cluster whose stream expands past one cluster was truncated.
+        let data = vec![7u8; 65536 + 4096];
+        let mut out = vec![0u8; 65536];
+        let packed = zstd(&data).unwrap();
+        assert_eq!(
+            decompress(CompressionType::Zstd, &packed, &mut out),
+            Err(BadCompressedData)
+        );
+        // Short streams are errors for both codecs.
+        let short = vec![7u8; 4096];
+        for (kind, packed) in [
+            (CompressionType::Deflate, deflate(&short).unwrap()),
+            (CompressionType::Zstd, zstd(&short).unwrap()),
+        ] {
+            assert_eq!(
+                decompress(kind, &packed, &mut out),
+                Err(BadCompressedData),
+                "{kind:?}"
+            );
+        }
+    }
 }
