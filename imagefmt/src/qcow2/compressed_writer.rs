@@ -16,9 +16,10 @@
 //! host cluster a compressed cluster touches gets one reference from it (its refcount counts the
 //! compressed clusters in it); a cluster whose refcount reached the maximum is not added to.
 //!
-//! Compression runs on all cores: clusters are queued (8 MiB of guest data per batch), each batch
-//! is compressed by scoped worker threads, and the results are placed in queue order, so the
-//! output is the same whatever the thread count. In each batch, new L2 tables and the clusters
+//! Compression runs on all cores and beside the caller: clusters are queued (4 MiB of guest data
+//! per batch); a full batch is compressed in the background by scoped worker threads while the
+//! caller reads the next one, and the previous batch's results are placed meanwhile, in queue
+//! order, so the output is the same whatever the thread count. In each batch, new L2 tables and the clusters
 //! that stay uncompressed are allocated before the packed data, which therefore runs on across
 //! them without gaps. Data reaches the file before the L2 entries that point at it.
 
@@ -29,11 +30,11 @@ use super::tables::COMPRESSED;
 use super::CompressionType;
 use crate::chain::check_range;
 use crate::io::Backend;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Guest data queued per batch (at least one cluster): its compressed copies and the packed
 /// run come on top, so a batch needs about three times this much memory.
-const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// Writes whole guest clusters compressed into a writable [`Qcow2Image`]. Queue clusters with
 /// [`Self::write`] and end with [`Self::finish`]; clusters still queued when it is dropped
@@ -44,12 +45,19 @@ pub struct CompressedWriter {
     cluster_size: u64,
     compression: CompressionType,
     threads: usize,
-    /// (guest offset, one cluster of data, zero-padded).
-    queue: Vec<(u64, Vec<u8>)>,
+    /// Clusters waiting for the next batch.
+    queue: Batch,
+    /// The previous batch, being compressed while the next one is read.
+    in_flight: Option<thread::JoinHandle<CompressedBatch>>,
     /// Host byte offset where the next compressed cluster may start, inside a cluster that
     /// already holds compressed data (`None`: start in a fresh cluster).
     next_byte: Option<u64>,
 }
+
+/// Queued clusters: (guest offset, one cluster of data, zero-padded).
+type Batch = Vec<(u64, Vec<u8>)>;
+/// A batch and its compressed clusters (`None` where compression failed).
+type CompressedBatch = (Batch, Vec<Option<Vec<u8>>>);
 
 impl CompressedWriter {
     /// A writer for `image`, compressing on every available core.
@@ -68,6 +76,7 @@ impl CompressedWriter {
             compression: image.header().compression_type,
             threads: threads.clamp(1, per_batch),
             queue: Vec::new(),
+            in_flight: None,
             next_byte: None,
         }
     }
@@ -90,7 +99,7 @@ impl CompressedWriter {
         cluster[..data.len()].copy_from_slice(data);
         self.queue.push((offset, cluster));
         if self.queue.len() as u64 >= (BATCH_BYTES / self.cluster_size).max(1) {
-            self.drain(image)?;
+            self.dispatch(image)?;
         }
         Ok(())
     }
@@ -99,7 +108,11 @@ impl CompressedWriter {
     /// filled with compressed data, the file ends after that data (rounded up to 512 bytes, as
     /// the descriptors count sectors), as qemu's output does.
     pub fn finish<B: Backend + Send + Sync>(mut self, image: &mut Qcow2Image<B>) -> Result<()> {
-        self.drain(image)?;
+        self.dispatch(image)?;
+        if let Some(last) = self.in_flight.take() {
+            let (batch, compressed) = join(last)?;
+            self.place_batch(image, batch, compressed)?;
+        }
         if let Some(next) = self.next_byte {
             let cluster_end = next.next_multiple_of(self.cluster_size);
             if image.file_len == cluster_end {
@@ -114,13 +127,36 @@ impl CompressedWriter {
         Ok(())
     }
 
-    /// Compresses the queue in parallel, then places and links each result in queue order.
-    fn drain<B: Backend + Send + Sync>(&mut self, image: &mut Qcow2Image<B>) -> Result<()> {
-        let queue = std::mem::take(&mut self.queue);
-        if queue.is_empty() {
-            return Ok(());
+    /// Starts compressing the queued batch (on `threads` threads, in the background), then
+    /// places the previous batch while that runs.
+    fn dispatch<B: Backend + Send + Sync>(&mut self, image: &mut Qcow2Image<B>) -> Result<()> {
+        let batch = std::mem::take(&mut self.queue);
+        let mut next = None;
+        if !batch.is_empty() {
+            let (compression, threads) = (self.compression, self.threads);
+            let handle = thread::Builder::new()
+                .name("qcow2-compress".into())
+                .spawn(move || {
+                    let compressed = compress_all(&batch, compression, threads);
+                    (batch, compressed)
+                })
+                .map_err(Error::io("starting a compression thread"))?;
+            next = Some(handle);
         }
-        let compressed = compress_all(&queue, self.compression, self.threads);
+        if let Some(previous) = std::mem::replace(&mut self.in_flight, next) {
+            let (batch, compressed) = join(previous)?;
+            self.place_batch(image, batch, compressed)?;
+        }
+        Ok(())
+    }
+
+    /// Places and links each cluster of a compressed batch, in queue order.
+    fn place_batch<B: Backend + Send + Sync>(
+        &mut self,
+        image: &mut Qcow2Image<B>,
+        queue: Batch,
+        compressed: Vec<Option<Vec<u8>>>,
+    ) -> Result<()> {
         // L2 tables and the clusters that stay uncompressed first, so that the packed data
         // after them runs on without gaps (qemu interleaves them, leaving the rest of a
         // packing cluster unused each time).
@@ -198,6 +234,13 @@ impl CompressedWriter {
         self.next_byte = (end % cs != 0).then_some(end);
         Ok(start)
     }
+}
+
+/// Waits for a batch being compressed.
+fn join(handle: thread::JoinHandle<CompressedBatch>) -> Result<CompressedBatch> {
+    handle.join().map_err(|_| {
+        Error::io("compressing clusters")(std::io::Error::other("a compression thread panicked"))
+    })
 }
 
 /// Compresses each queued cluster; `None` where compression failed. Work is split into
