@@ -80,7 +80,7 @@ const MAX_GROWTH: u64 = 1 << 30;
 const REFBLOCK_CACHE_ENTRIES: usize = 8;
 /// Largest in-memory refcount table a check without repair keeps at once; a larger file is
 /// checked in windows of host clusters, walking the metadata once per window.
-const MAX_IMRT_BYTES: u64 = 16 << 20;
+const MAX_IMRT_BYTES: u64 = 8 << 20;
 /// Messages a check keeps for its report; the rest are counted (see [`Messages`]).
 const MAX_MESSAGES: usize = 10_000;
 /// L1 entries read at a time while walking an L1 table (64 KiB).
@@ -233,8 +233,10 @@ struct Snapshot {
     l1_table_offset: u64,
     l1_size: u32,
     extra_data_size: u64,
-    id: String,
-    name: String,
+    /// (offset, length) of the id and of the name in the file, read only for a message:
+    /// 65,536 entries with names of up to 64 KiB each must not all be held.
+    id: (u64, u64),
+    name: (u64, u64),
 }
 
 /// The in-memory refcount table (qemu's "IMRT"): one refcount per host cluster, packed like a
@@ -1235,20 +1237,28 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
         for i in 0..self.snapshots.len() {
             let sn = self.snapshots[i].clone();
+            let label = |c: &Self| {
+                (
+                    c.read_text(sn.id.0, sn.id.1),
+                    c.read_text(sn.name.0, sn.name.1),
+                )
+            };
             if sn.l1_table_offset % self.cluster_size != 0 {
+                let (id, name) = label(self);
                 self.messages.push(format!(
-                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; \
-                     snapshot table entry corrupted",
-                    sn.id, sn.name, sn.l1_table_offset
+                    "ERROR snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster \
+                     aligned; snapshot table entry corrupted",
+                    sn.l1_table_offset
                 ));
                 self.res.corruptions += 1;
                 continue;
             }
             if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
+                let (id, name) = label(self);
                 self.messages.push(format!(
-                    "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot \
-                     table entry corrupted",
-                    sn.id, sn.name, sn.l1_size
+                    "ERROR snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; \
+                     snapshot table entry corrupted",
+                    sn.l1_size
                 ));
                 self.res.corruptions += 1;
                 continue;
@@ -1576,9 +1586,9 @@ impl<'a, B: Backend> Checker<'a, B> {
                 ));
             }
             at += extra_data_size;
-            let id = self.read_text(at, id_size);
+            let id = (at, id_size);
             at += id_size;
-            let name = self.read_text(at, name_size);
+            let name = (at, name_size);
             at += name_size;
             table_length += SNAPSHOT_HEADER_LEN + extra_data_size + id_size + name_size;
             if table_length > MAX_SNAPSHOTS_SIZE || at - offset > i32::MAX as u64 {
