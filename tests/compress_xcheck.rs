@@ -203,3 +203,40 @@ fn regression_zstd_cluster_expanding_past_the_cluster_is_an_io_error() {
     let theirs = qemu_img(&[&"convert", &"-O", &"raw", &bad, &dir.path().join("q.raw")]);
     assert!(!theirs.status.success());
 }
+
+#[test]
+fn convert_c_in_other_layouts_is_clean_identical_and_no_larger_than_qemu_img() {
+    // Small and large clusters, narrow refcounts (a 2-bit refcount caps the compressed clusters
+    // sharing a host cluster at 3), extended L2 entries and version 2.
+    let dir = tempfile::tempdir().unwrap();
+    let source = filesystem_image(dir.path());
+    for options in [
+        "cluster_size=4k",
+        "cluster_size=2M",
+        "refcount_bits=2",
+        "extended_l2=on,cluster_size=128k",
+        "compat=0.10",
+    ] {
+        let theirs = dir.path().join("theirs.qcow2");
+        let ours = dir.path().join("ours.qcow2");
+        for path in [&theirs, &ours] {
+            let _ = std::fs::remove_file(path);
+        }
+        qemu_img_ok(&[
+            &"convert", &"-c", &"-f", &"raw", &"-O", &"qcow2", &"-o", &options, &source, &theirs,
+        ]);
+        cowclone_ok(&[
+            &"convert", &"-c", &"-f", &"raw", &"-O", &"qcow2", &"-o", &options, &source, &ours,
+        ]);
+        assert_qemu_check_clean(&ours, options);
+        qemu_img_ok(&[&"compare", &"-f", &"raw", &"-F", &"qcow2", &source, &ours]);
+        let (our_len, their_len) = (
+            std::fs::metadata(&ours).unwrap().len(),
+            std::fs::metadata(&theirs).unwrap().len(),
+        );
+        assert!(
+            our_len <= their_len,
+            "{options}: ours is {our_len} bytes, qemu-img's {their_len}"
+        );
+    }
+}

@@ -4,10 +4,16 @@
 
 use super::CompressionType;
 
+/// Deflate level. qemu asks zlib for its default (6); zlib-rs, our backend, follows zlib-ng,
+/// whose level 6 uses a faster match search than zlib's and comes out about 0.5% larger on
+/// 4-64 KiB clusters. Level 7 searches as zlib's 6 does and is no larger than qemu's output
+/// (measured on ext4 images; `tests/compress_xcheck.rs` holds us to it).
+const DEFLATE_LEVEL: u32 = 7;
+
 /// Raw deflate of `data`, or `None` if compression fails.
 pub fn deflate(data: &[u8]) -> Option<Vec<u8>> {
     let mut compressor =
-        flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+        flate2::Compress::new_with_window_bits(flate2::Compression::new(DEFLATE_LEVEL), false, 12);
     let mut out = Vec::with_capacity(data.len() + 64);
     match compressor.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
         Ok(flate2::Status::StreamEnd) => Some(out),
