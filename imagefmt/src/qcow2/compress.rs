@@ -26,6 +26,64 @@ pub fn zstd(data: &[u8]) -> Option<Vec<u8>> {
     zstd::bulk::compress(data, 0).ok()
 }
 
+/// One cluster compressed with `compression`, or `None` if compression fails.
+pub fn compress(compression: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
+    match compression {
+        CompressionType::Deflate => deflate(data),
+        CompressionType::Zstd => zstd(data),
+    }
+}
+
+/// `f` applied to every item on up to `threads` threads (contiguous slices, one per thread),
+/// results in the items' order whatever the thread count; `None` for the items of a slice
+/// whose thread panicked. What compressing and decompressing on all cores stand on.
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<Option<R>> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(|item| Some(f(item))).collect();
+    }
+    let per_thread = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = items
+            .chunks(per_thread)
+            .map(|slice| {
+                let len = slice.len();
+                let worker = scope.spawn(move || slice.iter().map(f).collect::<Vec<_>>());
+                (len, worker)
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|(len, worker)| match worker.join() {
+                Ok(results) => results.into_iter().map(Some).collect(),
+                Err(_) => (0..len).map(|_| None).collect::<Vec<_>>(),
+            })
+            .collect()
+    })
+}
+
+/// Decodes compressed clusters on up to `threads` threads, in order: for each input (the
+/// bytes its descriptor names), one cluster of `cluster_size` bytes or the error
+/// [`decompress`] gives. For readers that meet many compressed clusters at once (convert).
+pub fn decompress_all(
+    compression: CompressionType,
+    inputs: &[Vec<u8>],
+    cluster_size: usize,
+    threads: usize,
+) -> Vec<Result<Vec<u8>, BadCompressedData>> {
+    parallel_map(inputs, threads, |input| {
+        let mut output = vec![0u8; cluster_size];
+        decompress(compression, input, &mut output).map(|()| output)
+    })
+    .into_iter()
+    .map(|result| result.unwrap_or(Err(BadCompressedData)))
+    .collect()
+}
+
 /// A compressed cluster that does not decode to exactly one cluster (qemu: `EIO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadCompressedData;
@@ -89,6 +147,29 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(kind, &packed, &mut out).unwrap();
             assert!(out == data, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn decompress_all_keeps_the_order_and_reports_each_bad_cluster() {
+        let clusters: Vec<Vec<u8>> = (0..23u8).map(|i| vec![i; 4096]).collect();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let mut inputs: Vec<Vec<u8>> = clusters
+                .iter()
+                .map(|c| compress(kind, c).unwrap())
+                .collect();
+            inputs[5] = compress(kind, &[1u8; 100]).unwrap(); // too short: an error
+            for threads in [1, 2, 7] {
+                let out = decompress_all(kind, &inputs, 4096, threads);
+                assert_eq!(out.len(), clusters.len());
+                for (i, result) in out.iter().enumerate() {
+                    if i == 5 {
+                        assert_eq!(result, &Err(BadCompressedData));
+                    } else {
+                        assert_eq!(result.as_ref().unwrap(), &clusters[i], "{kind:?} {i}");
+                    }
+                }
+            }
         }
     }
 

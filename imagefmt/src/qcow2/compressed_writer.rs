@@ -243,43 +243,18 @@ fn join(handle: thread::JoinHandle<CompressedBatch>) -> Result<CompressedBatch> 
     })
 }
 
-/// Compresses each queued cluster; `None` where compression failed. Work is split into
-/// contiguous slices, one per thread, and the results keep the queue's order.
+/// Compresses each queued cluster on `threads` threads; `None` where compression failed.
 fn compress_all(
     queue: &[(u64, Vec<u8>)],
     compression: CompressionType,
     threads: usize,
 ) -> Vec<Option<Vec<u8>>> {
-    let compress = |data: &[u8]| match compression {
-        CompressionType::Deflate => super::compress::deflate(data),
-        CompressionType::Zstd => super::compress::zstd(data),
-    };
-    let per_thread = queue.len().div_ceil(threads.max(1));
-    if threads <= 1 || queue.len() <= 1 {
-        return queue.iter().map(|(_, data)| compress(data)).collect();
-    }
-    thread::scope(|scope| {
-        let workers: Vec<_> = queue
-            .chunks(per_thread)
-            .map(|slice| {
-                scope.spawn(move || {
-                    slice
-                        .iter()
-                        .map(|(_, data)| compress(data))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|worker| match worker.join() {
-                Ok(results) => results,
-                // A compressor that panicked: write those clusters uncompressed.
-                Err(_) => vec![None; per_thread],
-            })
-            .take(queue.len())
-            .collect()
+    super::compress::parallel_map(queue, threads, |(_, data)| {
+        super::compress::compress(compression, data)
     })
+    .into_iter()
+    .map(Option::flatten)
+    .collect()
 }
 
 /// Compressed bytes collected while they are contiguous in the file, written in one request.
