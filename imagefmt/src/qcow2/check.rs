@@ -37,15 +37,11 @@ use super::extensions::Extension;
 use super::features::{AutoclearFeatures, IncompatibleFeatures};
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
-use super::refcount;
+use super::refcount::{self, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
 use crate::io::Backend;
 use crate::Error;
 
-/// Reserved bits of a refcount table entry (bits 0-8).
-const REFT_RESERVED_MASK: u64 = 0x1ff;
-/// Offset bits of a refcount table entry.
-const REFT_OFFSET_MASK: u64 = !REFT_RESERVED_MASK;
 /// qemu's `QCOW_MAX_L1_SIZE` in entries.
 const MAX_L1_ENTRIES: u64 = super::MAX_L1_TABLE_BYTES / 8;
 /// Size of a snapshot table entry's fixed part (`QCowSnapshotHeader`).
@@ -553,7 +549,7 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
         if check(overlap::REFCOUNT_BLOCK)
             && self.reftable.iter().any(|e| {
-                let block = e & REFT_OFFSET_MASK;
+                let block = e & REFTABLE_OFFSET_MASK;
                 block != 0 && hits(block, cs)
             })
         {
@@ -659,7 +655,7 @@ impl<'a, B: Backend> Checker<'a, B> {
             .get(table_index as usize)
             .copied()
             .unwrap_or(0);
-        let block_offset = entry & REFT_OFFSET_MASK;
+        let block_offset = entry & REFTABLE_OFFSET_MASK;
         if block_offset == 0 {
             return Ok(None);
         }
@@ -1003,9 +999,9 @@ impl<'a, B: Backend> Checker<'a, B> {
     fn check_refblocks(&mut self, repair: Repair, rebuild: &mut bool) -> Result<(), Error> {
         for i in 0..self.reftable.len() {
             let entry = self.reftable[i];
-            let offset = entry & REFT_OFFSET_MASK;
+            let offset = entry & REFTABLE_OFFSET_MASK;
             let cluster = offset >> self.cluster_bits;
-            if entry & REFT_RESERVED_MASK != 0 {
+            if entry & REFTABLE_RESERVED_MASK != 0 {
                 self.messages.push(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
