@@ -535,16 +535,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
             let entries: Vec<L2Entry> = {
                 let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
-                bytes
-                    .chunks_exact(width)
-                    .map(|e| L2Entry {
-                        entry: BigEndian::read_u64(&e[..8]),
-                        bitmap: if width == 16 {
-                            BigEndian::read_u64(&e[8..])
-                        } else {
-                            0
-                        },
-                    })
+                (0..bytes.len() / width)
+                    .map(|i| L2Entry::read(&bytes, i, width == 16))
                     .collect()
             };
             // Unlink the table first, then free what it referenced.
