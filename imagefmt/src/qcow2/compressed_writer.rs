@@ -38,7 +38,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 
 /// Writes whole guest clusters compressed into a writable [`Qcow2Image`]. Queue clusters with
 /// [`Self::write`] and end with [`Self::finish`]; clusters still queued when it is dropped
-/// are lost.
+/// are lost. Each guest cluster is meant to be written once (as convert does): queued clusters
+/// reach the image later, after any direct write the caller makes meanwhile.
 #[must_use = "call finish() to write the queued clusters"]
 #[derive(Debug)]
 pub struct CompressedWriter {
