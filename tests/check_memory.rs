@@ -137,3 +137,29 @@ fn check_of_the_issue_image_is_bounded() {
     assert_eq!(code, 2);
     assert!(rss <= MAX_RSS_KIB, "cowclone check peaked at {rss} KiB RSS");
 }
+
+#[test]
+fn check_of_a_huge_sparse_file_with_small_clusters_is_bounded() {
+    // 512-byte clusters and a file grown (sparsely) to 16 GiB: 32 Mi host clusters, whose
+    // 16-bit refcounts alone would take 64 MiB if kept at once (qemu-img keeps them all).
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sparse.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &"cluster_size=512",
+        &image,
+        &"64M",
+    ]);
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x33 1M 256k", &image]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(16 << 30)
+        .unwrap();
+    assert_check_agrees_in_bounded_memory(&image, "16 GiB sparse file, 512-byte clusters");
+}

@@ -20,8 +20,9 @@ use super::refcount;
 use crate::io::Backend;
 use crate::{Error, Result};
 
-/// Refcount-table entry bits 9-63: offset of the refcount block.
-pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Refcount-table entry bits 9-63 (decoded in [`super::refcount`]; re-exported for callers).
+pub use super::refcount::REFTABLE_OFFSET_MASK;
+
 /// Upper bound on cached refcount blocks, in bytes.
 pub const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
 

@@ -37,15 +37,11 @@ use super::extensions::Extension;
 use super::features::{AutoclearFeatures, IncompatibleFeatures};
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
-use super::refcount;
+use super::refcount::{self, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use super::tables::{ClusterKind, EntryFormat, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
 use crate::io::Backend;
 use crate::Error;
 
-/// Reserved bits of a refcount table entry (bits 0-8).
-const REFT_RESERVED_MASK: u64 = 0x1ff;
-/// Offset bits of a refcount table entry.
-const REFT_OFFSET_MASK: u64 = !REFT_RESERVED_MASK;
 /// qemu's `QCOW_MAX_L1_SIZE` in entries.
 const MAX_L1_ENTRIES: u64 = super::MAX_L1_TABLE_BYTES / 8;
 /// Size of a snapshot table entry's fixed part (`QCowSnapshotHeader`).
@@ -78,6 +74,9 @@ const MAX_GROWN_REFCOUNT_BYTES: u64 = 256 << 20;
 const MAX_GROWTH: u64 = 1 << 30;
 /// The cached refcount blocks (a cluster each).
 const REFBLOCK_CACHE_ENTRIES: usize = 8;
+/// Largest in-memory refcount table a check without repair keeps at once; a larger file is
+/// checked in windows of host clusters, walking the metadata once per window.
+const MAX_IMRT_BYTES: u64 = 8 << 20;
 /// Messages a check keeps for its report; the rest are counted (see [`Messages`]).
 const MAX_MESSAGES: usize = 10_000;
 /// L1 entries read at a time while walking an L1 table (64 KiB).
@@ -230,15 +229,24 @@ struct Snapshot {
     l1_table_offset: u64,
     l1_size: u32,
     extra_data_size: u64,
-    id: String,
-    name: String,
+    /// (offset, length) of the id and of the name in the file, read only for a message:
+    /// 65,536 entries with names of up to 64 KiB each must not all be held.
+    id: (u64, u64),
+    name: (u64, u64),
 }
 
 /// The in-memory refcount table (qemu's "IMRT"): one refcount per host cluster, packed like a
 /// refcount block so that slices of it can be written as refcount blocks when rebuilding.
+///
+/// It may hold only a window `[base, end)` of the clusters (a check without repair of a file
+/// whose table would exceed [`MAX_IMRT_BYTES`] runs once per window): refcounts outside it read
+/// as 0 and are not kept. Without a window, `base` is 0 and `end` unbounded.
 struct Imrt {
     bytes: Vec<u8>,
+    /// Logical length: clusters below it are counted (grows for references just past EOF).
     len: u64,
+    base: u64,
+    end: u64,
     order: u32,
     cluster_size: u64,
 }
@@ -250,10 +258,12 @@ impl Imrt {
     }
 
     /// qemu's `realloc_refcount_array`: the logical size becomes `entries`, storage is whole
-    /// clusters, new entries are zero. Allocation failure is reported, never an abort.
+    /// clusters (for the part inside the window), new entries are zero. Allocation failure is
+    /// reported, never an abort.
     fn resize(&mut self, entries: u64) -> Result<(), Error> {
+        let stored = entries.min(self.end).saturating_sub(self.base);
         let bytes = self
-            .byte_size(entries)
+            .byte_size(stored)
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| aborted(io::ErrorKind::OutOfMemory, "refcount array too large"))?;
         if bytes > self.bytes.len() {
@@ -266,17 +276,29 @@ impl Imrt {
         Ok(())
     }
 
+    /// True if the refcount of `index` is kept (inside the logical length and the window).
+    fn holds(&self, index: u64) -> bool {
+        index < self.len && index >= self.base && index < self.end
+    }
+
     fn get(&self, index: u64) -> u64 {
-        if index >= self.len {
+        if !self.holds(index) {
             return 0;
         }
-        refcount::get(&self.bytes, index, self.order)
+        refcount::get(&self.bytes, index - self.base, self.order)
     }
 
     fn set(&mut self, index: u64, value: u64) {
-        if index < self.len {
-            refcount::set(&mut self.bytes, index, self.order, value);
+        if self.holds(index) {
+            refcount::set(&mut self.bytes, index - self.base, self.order, value);
         }
+    }
+
+    /// Starts counting the window `[base, end)` afresh.
+    fn set_window(&mut self, base: u64, end: u64) {
+        self.base = base;
+        self.end = end;
+        self.bytes = Vec::new();
     }
 }
 
@@ -288,6 +310,9 @@ impl Imrt {
 struct Messages {
     kept: Vec<String>,
     dropped: u64,
+    /// While a window after the first is counted: only findings about the window's own
+    /// clusters are new, everything else was reported by the first window.
+    muted: bool,
 }
 
 impl Messages {
@@ -296,6 +321,13 @@ impl Messages {
     }
 
     fn push(&mut self, line: String) {
+        if !self.muted {
+            self.push_window(line);
+        }
+    }
+
+    /// A finding about one cluster's refcount, new in every window.
+    fn push_window(&mut self, line: String) {
         if !self.is_full() {
             self.kept.push(line);
         } else {
@@ -340,6 +372,8 @@ struct Checker<'a, B> {
     refblock_cache: Vec<(u64, Vec<u8>)>,
     l2_cache: Option<(u64, Vec<u8>)>,
     res: Counts,
+    /// Corruptions found about single clusters' refcounts (new in every window).
+    window_corruptions: u64,
     messages: Messages,
     imrt: Imrt,
     /// The image was marked corrupt after a refused write (qemu reports that only once).
@@ -388,11 +422,14 @@ impl<'a, B: Backend> Checker<'a, B> {
             refblock_cache: Vec::new(),
             l2_cache: None,
             res: Counts::default(),
+            window_corruptions: 0,
             messages: Messages::default(),
             signalled_corruption: false,
             imrt: Imrt {
                 bytes: Vec::new(),
                 len: 0,
+                base: 0,
+                end: u64::MAX,
                 order: header.refcount_order,
                 cluster_size,
             },
@@ -512,7 +549,7 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
         if check(overlap::REFCOUNT_BLOCK)
             && self.reftable.iter().any(|e| {
-                let block = e & REFT_OFFSET_MASK;
+                let block = e & REFTABLE_OFFSET_MASK;
                 block != 0 && hits(block, cs)
             })
         {
@@ -618,7 +655,7 @@ impl<'a, B: Backend> Checker<'a, B> {
             .get(table_index as usize)
             .copied()
             .unwrap_or(0);
-        let block_offset = entry & REFT_OFFSET_MASK;
+        let block_offset = entry & REFTABLE_OFFSET_MASK;
         if block_offset == 0 {
             return Ok(None);
         }
@@ -711,19 +748,23 @@ impl<'a, B: Backend> Checker<'a, B> {
                     self.res.check_errors += 1;
                 })?;
             }
+            if !self.imrt.holds(k) {
+                continue; // counted in its own window
+            }
             let count = self.imrt.get(k);
             if count == max_refcount {
                 self.res.corruptions += 1;
+                self.window_corruptions += 1;
                 if self.messages.is_full() {
                     // Millions of these are possible: do not even format them.
                     self.messages.dropped += 2;
                     continue;
                 }
-                self.messages.push(format!(
+                self.messages.push_window(format!(
                     "ERROR: overflow cluster offset={:#x}",
                     k << self.cluster_bits
                 ));
-                self.messages.push(
+                self.messages.push_window(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert \
                      to create a clean copy if the image cannot be opened for writing"
                         .to_owned(),
@@ -963,9 +1004,9 @@ impl<'a, B: Backend> Checker<'a, B> {
     fn check_refblocks(&mut self, repair: Repair, rebuild: &mut bool) -> Result<(), Error> {
         for i in 0..self.reftable.len() {
             let entry = self.reftable[i];
-            let offset = entry & REFT_OFFSET_MASK;
+            let offset = entry & REFTABLE_OFFSET_MASK;
             let cluster = offset >> self.cluster_bits;
-            if entry & REFT_RESERVED_MASK != 0 {
+            if entry & REFTABLE_RESERVED_MASK != 0 {
                 self.messages.push(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
@@ -1016,10 +1057,11 @@ impl<'a, B: Backend> Checker<'a, B> {
             if offset != 0 {
                 self.inc_refcounts(offset, self.cluster_size)?;
                 let count = self.imrt.get(cluster);
-                if count != 1 {
+                if count != 1 && self.imrt.holds(cluster) {
                     self.messages
-                        .push(format!("ERROR refcount block {i} refcount={count}"));
+                        .push_window(format!("ERROR refcount block {i} refcount={count}"));
                     self.res.corruptions += 1;
+                    self.window_corruptions += 1;
                     *rebuild = true;
                 }
             }
@@ -1196,20 +1238,28 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
         for i in 0..self.snapshots.len() {
             let sn = self.snapshots[i].clone();
+            let label = |c: &Self| {
+                (
+                    c.read_text(sn.id.0, sn.id.1),
+                    c.read_text(sn.name.0, sn.name.1),
+                )
+            };
             if sn.l1_table_offset % self.cluster_size != 0 {
+                let (id, name) = label(self);
                 self.messages.push(format!(
-                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; \
-                     snapshot table entry corrupted",
-                    sn.id, sn.name, sn.l1_table_offset
+                    "ERROR snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster \
+                     aligned; snapshot table entry corrupted",
+                    sn.l1_table_offset
                 ));
                 self.res.corruptions += 1;
                 continue;
             }
             if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
+                let (id, name) = label(self);
                 self.messages.push(format!(
-                    "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot \
-                     table entry corrupted",
-                    sn.id, sn.name, sn.l1_size
+                    "ERROR snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; \
+                     snapshot table entry corrupted",
+                    sn.l1_size
                 ));
                 self.res.corruptions += 1;
                 continue;
@@ -1228,7 +1278,7 @@ impl<'a, B: Backend> Checker<'a, B> {
     /// qemu's `compare_refcounts`; returns the highest cluster in use.
     fn compare_refcounts(&mut self, repair: Repair, rebuild: &mut bool) -> Result<u64, Error> {
         let mut highest = 0;
-        for i in 0..self.imrt.len {
+        for i in self.imrt.base..self.imrt.len.min(self.imrt.end) {
             let on_disk = match self.disk_refcount(i) {
                 Ok(count) => count,
                 Err(e) => {
@@ -1537,9 +1587,9 @@ impl<'a, B: Backend> Checker<'a, B> {
                 ));
             }
             at += extra_data_size;
-            let id = self.read_text(at, id_size);
+            let id = (at, id_size);
             at += id_size;
-            let name = self.read_text(at, name_size);
+            let name = (at, name_size);
             at += name_size;
             table_length += SNAPSHOT_HEADER_LEN + extra_data_size + id_size + name_size;
             if table_length > MAX_SNAPSHOTS_SIZE || at - offset > i32::MAX as u64 {
@@ -1583,6 +1633,10 @@ impl<'a, B: Backend> Checker<'a, B> {
             ));
         }
         self.res.total_clusters = (self.header.size / 512 * 512).div_ceil(self.cluster_size);
+        let window = (MAX_IMRT_BYTES * 8) >> self.header.refcount_order;
+        if repair == Repair::None && nb_clusters > window {
+            return self.check_refcounts_windowed(nb_clusters, window);
+        }
         self.imrt.resize(nb_clusters).inspect_err(|_| {
             self.res.check_errors += 1;
         })?;
@@ -1639,6 +1693,44 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
 
         self.check_oflag_copied(repair)?;
+        self.res.image_end_offset = (highest + 1) * self.cluster_size;
+        Ok(())
+    }
+
+    /// [`Self::check_refcounts`] without repair for a file whose in-memory refcount table
+    /// would exceed [`MAX_IMRT_BYTES`]: the metadata is walked once per window of `window`
+    /// host clusters and each window compared on its own, so memory stays bounded whatever the
+    /// file size. The first walk reports everything; later walks add only what concerns their
+    /// own clusters (refcount overflows, refcount blocks not counted once, refcount
+    /// mismatches), so the counts are those of a single pass.
+    fn check_refcounts_windowed(&mut self, nb_clusters: u64, window: u64) -> Result<(), Error> {
+        let mut rebuild = false;
+        let mut highest = 0;
+        let mut base = 0;
+        loop {
+            let first = base == 0;
+            self.imrt.set_window(base, base + window);
+            self.imrt.len = 0;
+            self.imrt.resize(nb_clusters).inspect_err(|_| {
+                self.res.check_errors += 1;
+            })?;
+            let saved = (self.res, self.window_corruptions);
+            self.messages.muted = !first;
+            let walked = self.calculate_refcounts(Repair::None, &mut rebuild);
+            self.messages.muted = false;
+            walked?;
+            if !first {
+                self.res = saved.0;
+                self.res.corruptions += self.window_corruptions - saved.1;
+            }
+            highest = highest.max(self.compare_refcounts(Repair::None, &mut rebuild)?);
+            base += window;
+            // The table may have grown past the file for references just beyond its end.
+            if base >= self.imrt.len {
+                break;
+            }
+        }
+        self.check_oflag_copied(Repair::None)?;
         self.res.image_end_offset = (highest + 1) * self.cluster_size;
         Ok(())
     }

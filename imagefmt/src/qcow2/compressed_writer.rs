@@ -16,9 +16,10 @@
 //! host cluster a compressed cluster touches gets one reference from it (its refcount counts the
 //! compressed clusters in it); a cluster whose refcount reached the maximum is not added to.
 //!
-//! Compression runs on all cores: clusters are queued (8 MiB of guest data per batch), each batch
-//! is compressed by scoped worker threads, and the results are placed in queue order, so the
-//! output is the same whatever the thread count. In each batch, new L2 tables and the clusters
+//! Compression runs on all cores and beside the caller: clusters are queued (4 MiB of guest data
+//! per batch); a full batch is compressed in the background by scoped worker threads while the
+//! caller reads the next one, and the previous batch's results are placed meanwhile, in queue
+//! order, so the output is the same whatever the thread count. In each batch, new L2 tables and the clusters
 //! that stay uncompressed are allocated before the packed data, which therefore runs on across
 //! them without gaps. Data reaches the file before the L2 entries that point at it.
 
@@ -29,27 +30,35 @@ use super::tables::COMPRESSED;
 use super::CompressionType;
 use crate::chain::check_range;
 use crate::io::Backend;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Guest data queued per batch (at least one cluster): its compressed copies and the packed
 /// run come on top, so a batch needs about three times this much memory.
-const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// Writes whole guest clusters compressed into a writable [`Qcow2Image`]. Queue clusters with
 /// [`Self::write`] and end with [`Self::finish`]; clusters still queued when it is dropped
-/// are lost.
+/// are lost. Each guest cluster is meant to be written once (as convert does): queued clusters
+/// reach the image later, after any direct write the caller makes meanwhile.
 #[must_use = "call finish() to write the queued clusters"]
 #[derive(Debug)]
 pub struct CompressedWriter {
     cluster_size: u64,
     compression: CompressionType,
     threads: usize,
-    /// (guest offset, one cluster of data, zero-padded).
-    queue: Vec<(u64, Vec<u8>)>,
+    /// Clusters waiting for the next batch.
+    queue: Batch,
+    /// The previous batch, being compressed while the next one is read.
+    in_flight: Option<thread::JoinHandle<CompressedBatch>>,
     /// Host byte offset where the next compressed cluster may start, inside a cluster that
     /// already holds compressed data (`None`: start in a fresh cluster).
     next_byte: Option<u64>,
 }
+
+/// Queued clusters: (guest offset, one cluster of data, zero-padded).
+type Batch = Vec<(u64, Vec<u8>)>;
+/// A batch and its compressed clusters (`None` where compression failed).
+type CompressedBatch = (Batch, Vec<Option<Vec<u8>>>);
 
 impl CompressedWriter {
     /// A writer for `image`, compressing on every available core.
@@ -68,6 +77,7 @@ impl CompressedWriter {
             compression: image.header().compression_type,
             threads: threads.clamp(1, per_batch),
             queue: Vec::new(),
+            in_flight: None,
             next_byte: None,
         }
     }
@@ -90,7 +100,7 @@ impl CompressedWriter {
         cluster[..data.len()].copy_from_slice(data);
         self.queue.push((offset, cluster));
         if self.queue.len() as u64 >= (BATCH_BYTES / self.cluster_size).max(1) {
-            self.drain(image)?;
+            self.dispatch(image)?;
         }
         Ok(())
     }
@@ -99,7 +109,11 @@ impl CompressedWriter {
     /// filled with compressed data, the file ends after that data (rounded up to 512 bytes, as
     /// the descriptors count sectors), as qemu's output does.
     pub fn finish<B: Backend + Send + Sync>(mut self, image: &mut Qcow2Image<B>) -> Result<()> {
-        self.drain(image)?;
+        self.dispatch(image)?;
+        if let Some(last) = self.in_flight.take() {
+            let (batch, compressed) = join(last)?;
+            self.place_batch(image, batch, compressed)?;
+        }
         if let Some(next) = self.next_byte {
             let cluster_end = next.next_multiple_of(self.cluster_size);
             if image.file_len == cluster_end {
@@ -114,13 +128,36 @@ impl CompressedWriter {
         Ok(())
     }
 
-    /// Compresses the queue in parallel, then places and links each result in queue order.
-    fn drain<B: Backend + Send + Sync>(&mut self, image: &mut Qcow2Image<B>) -> Result<()> {
-        let queue = std::mem::take(&mut self.queue);
-        if queue.is_empty() {
-            return Ok(());
+    /// Starts compressing the queued batch (on `threads` threads, in the background), then
+    /// places the previous batch while that runs.
+    fn dispatch<B: Backend + Send + Sync>(&mut self, image: &mut Qcow2Image<B>) -> Result<()> {
+        let batch = std::mem::take(&mut self.queue);
+        let mut next = None;
+        if !batch.is_empty() {
+            let (compression, threads) = (self.compression, self.threads);
+            let handle = thread::Builder::new()
+                .name("qcow2-compress".into())
+                .spawn(move || {
+                    let compressed = compress_all(&batch, compression, threads);
+                    (batch, compressed)
+                })
+                .map_err(Error::io("starting a compression thread"))?;
+            next = Some(handle);
         }
-        let compressed = compress_all(&queue, self.compression, self.threads);
+        if let Some(previous) = std::mem::replace(&mut self.in_flight, next) {
+            let (batch, compressed) = join(previous)?;
+            self.place_batch(image, batch, compressed)?;
+        }
+        Ok(())
+    }
+
+    /// Places and links each cluster of a compressed batch, in queue order.
+    fn place_batch<B: Backend + Send + Sync>(
+        &mut self,
+        image: &mut Qcow2Image<B>,
+        queue: Batch,
+        compressed: Vec<Option<Vec<u8>>>,
+    ) -> Result<()> {
         // L2 tables and the clusters that stay uncompressed first, so that the packed data
         // after them runs on without gaps (qemu interleaves them, leaving the rest of a
         // packing cluster unused each time).
@@ -200,43 +237,25 @@ impl CompressedWriter {
     }
 }
 
-/// Compresses each queued cluster; `None` where compression failed. Work is split into
-/// contiguous slices, one per thread, and the results keep the queue's order.
+/// Waits for a batch being compressed.
+fn join(handle: thread::JoinHandle<CompressedBatch>) -> Result<CompressedBatch> {
+    handle.join().map_err(|_| {
+        Error::io("compressing clusters")(std::io::Error::other("a compression thread panicked"))
+    })
+}
+
+/// Compresses each queued cluster on `threads` threads; `None` where compression failed.
 fn compress_all(
     queue: &[(u64, Vec<u8>)],
     compression: CompressionType,
     threads: usize,
 ) -> Vec<Option<Vec<u8>>> {
-    let compress = |data: &[u8]| match compression {
-        CompressionType::Deflate => super::compress::deflate(data),
-        CompressionType::Zstd => super::compress::zstd(data),
-    };
-    let per_thread = queue.len().div_ceil(threads.max(1));
-    if threads <= 1 || queue.len() <= 1 {
-        return queue.iter().map(|(_, data)| compress(data)).collect();
-    }
-    thread::scope(|scope| {
-        let workers: Vec<_> = queue
-            .chunks(per_thread)
-            .map(|slice| {
-                scope.spawn(move || {
-                    slice
-                        .iter()
-                        .map(|(_, data)| compress(data))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|worker| match worker.join() {
-                Ok(results) => results,
-                // A compressor that panicked: write those clusters uncompressed.
-                Err(_) => vec![None; per_thread],
-            })
-            .take(queue.len())
-            .collect()
+    super::compress::parallel_map(queue, threads, |(_, data)| {
+        super::compress::compress(compression, data)
     })
+    .into_iter()
+    .map(Option::flatten)
+    .collect()
 }
 
 /// Compressed bytes collected while they are contiguous in the file, written in one request.

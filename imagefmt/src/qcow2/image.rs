@@ -14,7 +14,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::error::Qcow2Error;
 use super::features::IncompatibleFeatures;
-use super::header::{CompressionType, Header, Version};
+use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
 use super::tables::{EntryFormat, L1Entry, L2Entry, Subcluster};
 use crate::extent::{
@@ -471,23 +471,8 @@ impl<B: Backend> Qcow2Image<B> {
         let mut input = vec![0u8; len as usize];
         self.read_host(&mut input, host)?;
         let mut output = vec![0u8; cluster_size];
-        match self.header.compression_type {
-            CompressionType::Deflate => {
-                let mut inflater = flate2::Decompress::new(false);
-                let status =
-                    inflater.decompress(&input, &mut output, flate2::FlushDecompress::Finish);
-                if status.is_err() || inflater.total_out() != cluster_size as u64 {
-                    return Err(bad());
-                }
-            }
-            CompressionType::Zstd => {
-                use std::io::Read;
-                let mut decoder = zstd::stream::read::Decoder::with_buffer(&input[..])
-                    .map_err(|_| bad())?
-                    .single_frame();
-                decoder.read_exact(&mut output).map_err(|_| bad())?;
-            }
-        }
+        super::compress::decompress(self.header.compression_type, &input, &mut output)
+            .map_err(|_| bad())?;
         Ok(output)
     }
 }

@@ -4,6 +4,11 @@
 //! integers; 1, 2 and 4-bit entries are packed starting from the least significant bit of each
 //! byte.
 
+/// Refcount-table entry bits 9-63: offset of the refcount block (0: not allocated).
+pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Refcount-table entry bits 0-8: reserved (check reports them).
+pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
+
 /// Refcount entries in one refcount block.
 pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
     ((1u64 << cluster_bits) * 8) >> refcount_order
