@@ -261,6 +261,35 @@ fn commit_folds_the_overlay_into_its_base_like_qemu_img() {
             .all(|e| e["depth"] != 0 || e["present"] == false),
         "overlay not emptied: {entries:?}"
     );
+    // Issue 11: the emptied overlay is shrunk as qemu shrinks it, and a zero run of the
+    // overlay becomes a zero cluster in the base, never allocated data.
+    let (ours_len, theirs_len) = (
+        crate::util::file_len(&d.join("ours-top.qcow2")),
+        crate::util::file_len(&d.join("theirs-top.qcow2")),
+    );
+    assert!(
+        ours_len <= theirs_len,
+        "emptied overlay is {ours_len} bytes, qemu-img leaves {theirs_len}"
+    );
+    for base in ["ours-base.qcow2", "theirs-base.qcow2"] {
+        let map = tool("qemu-img", &["map", "--output=json", base], d);
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+        let at_3m = entries
+            .iter()
+            .find(|e| {
+                e["start"].as_u64() <= Some(3 << 20)
+                    && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() > 3 << 20
+            })
+            .unwrap();
+        assert_eq!(
+            (&at_3m["zero"], &at_3m["data"]),
+            (
+                &serde_json::Value::Bool(true),
+                &serde_json::Value::Bool(false)
+            ),
+            "{base}: the committed zero run is not a zero cluster: {entries:?}"
+        );
+    }
 }
 
 #[test]

@@ -12,11 +12,12 @@
 //! the policy allows.
 
 use std::fs::File;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, Named};
+use crate::extent::{Extent, ExtentKind, Named};
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::qcow2::image::Qcow2Image;
@@ -88,6 +89,52 @@ pub fn block_status(top: &dyn GuestRead, start: GuestOffset, max_len: u64) -> Re
             }
         }
     }
+}
+
+/// Reads one extent of the chain `top` (as [`block_status`] returned it, or a piece of one) into
+/// `buf` (`buf.len() == extent.len`): zeros without reading anything, uncompressed data straight
+/// from its layer's file at its host offset, anything else through [`GuestRead::read_at`].
+pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+    if extent.reads_as_zeros() {
+        buf.fill(0);
+        return Ok(());
+    }
+    if let Some((fd, offset)) = verbatim_source(top, extent) {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(Error::reading("guest data")(e.into())),
+            }
+        }
+        // Past the end of the file reads as zeros, as qemu's file driver does.
+        buf[done..].fill(0);
+        return Ok(());
+    }
+    top.read_at(buf, extent.start.0)
+}
+
+/// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer
+/// backed by a real file), when there is one.
+pub fn verbatim_source<'a>(
+    top: &'a dyn GuestRead,
+    extent: &Extent,
+) -> Option<(BorrowedFd<'a>, u64)> {
+    let ExtentKind::Data {
+        compressed: false,
+        zero: false,
+    } = extent.kind
+    else {
+        return None;
+    };
+    let host = extent.host?;
+    let mut layer = top;
+    for _ in 0..extent.depth {
+        layer = layer.below()?;
+    }
+    Some((layer.host_fd(host.file)?, host.offset.0))
 }
 
 /// Every extent of `top` from `start` to the end of the disk, in order, each as long as

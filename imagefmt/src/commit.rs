@@ -1,12 +1,20 @@
 //! `commit`: fold an overlay's own clusters into its backing image, then (by default) empty the
 //! overlay so it reads through to the updated backing image, as `qemu-img commit` does.
+//!
+//! Only what the overlay itself holds is touched, by its own extents: data ranges are copied
+//! (read straight from the overlay's file, in requests of up to 2 MiB), zero ranges become zeros
+//! in the backing image without data (zero clusters in qcow2, holes in a raw file), unallocated
+//! ranges are skipped. Emptying frees every cluster and shrinks the file, as qemu does.
 
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{open_qcow2_rw, GuestRead};
+use crate::chain::{self, open_qcow2_rw, GuestRead};
+use crate::convert::REQUEST_MAX;
 use crate::detect::ImageFormat;
 use crate::io::Backend;
+use crate::offsets::GuestOffset;
+use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::{Error, Result};
 
@@ -32,19 +40,16 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
         Some(f) => f.parse()?,
         None => crate::image::read_file_header(&backing_path)?.1.format(),
     };
-    let size = top.virtual_size();
-    let unit = top.unit_size();
-    let mut buf = vec![0u8; unit as usize];
     let mut stats = CommitStats::default();
     match format {
         ImageFormat::Qcow2 => {
             let mut base = open_qcow2_rw(&backing_path, policy, WriteOptions::default())?;
-            if base.virtual_size() < size {
-                base.resize(size, false)?;
+            if base.virtual_size() < top.virtual_size() {
+                base.resize(top.virtual_size(), false)?;
             }
-            for_each_allocated(&top, size, unit, &mut buf, |data, offset| {
-                stats.bytes_committed += data.len() as u64;
-                base.write_at(data, offset)
+            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
+                Piece::Data(data) => base.write_at(data, offset),
+                Piece::Zeros(len) => base.write_zeroes(offset, len),
             })?;
             base.flush()?;
         }
@@ -56,10 +61,10 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
                     "opening {} for writing",
                     backing_path.display()
                 )))?;
-            for_each_allocated(&top, size, unit, &mut buf, |data, offset| {
-                stats.bytes_committed += data.len() as u64;
-                Backend::write_all_at(&file, data, offset)
-                    .map_err(Error::writing("raw backing image"))
+            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
+                Piece::Data(data) => Backend::write_all_at(&file, data, offset)
+                    .map_err(Error::writing("raw backing image")),
+                Piece::Zeros(len) => zero_raw(&file, offset, len),
             })?;
             file.sync_all()
                 .map_err(Error::io("syncing the backing image"))?;
@@ -72,26 +77,73 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
     }
     if !keep {
         top.make_empty()?;
+        top.shrink_to_used()?;
     }
     top.flush()?;
     Ok(stats)
 }
 
-fn for_each_allocated<B: Backend + Send + Sync>(
-    top: &crate::qcow2::image::Qcow2Image<B>,
-    size: u64,
-    unit: u64,
-    buf: &mut [u8],
-    mut apply: impl FnMut(&[u8], u64) -> Result<()>,
+/// A piece of the overlay's own content.
+enum Piece<'a> {
+    /// Data bytes.
+    Data(&'a [u8]),
+    /// A run of zeros of this length.
+    Zeros(u64),
+}
+
+/// Hands every range the overlay itself holds to `apply`, by the overlay's own extents (not
+/// its backing chain's): data in pieces of at most [`REQUEST_MAX`] bytes, zeros as a length.
+fn for_each_own_extent<B: Backend + Send + Sync>(
+    top: &Qcow2Image<B>,
+    stats: &mut CommitStats,
+    mut apply: impl FnMut(Piece<'_>, u64) -> Result<()>,
 ) -> Result<()> {
-    let mut offset = 0;
-    while offset < size {
-        let len = (size - offset).min(unit) as usize;
-        if top.is_allocated_here(offset)? {
-            top.read_at(&mut buf[..len], offset)?;
-            apply(&buf[..len], offset)?;
+    let size = top.virtual_size();
+    let mut buf = Vec::new();
+    let mut at = GuestOffset(0);
+    while at.0 < size {
+        let extent = top.block_status(at, size - at.0)?;
+        at = extent.end();
+        if !extent.is_allocated() {
+            continue;
         }
-        offset += len as u64;
+        stats.bytes_committed += extent.len;
+        if extent.reads_as_zeros() {
+            apply(Piece::Zeros(extent.len), extent.start.0)?;
+            continue;
+        }
+        let mut piece = Some(extent);
+        while let Some(current) = piece {
+            let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
+            buf.resize(head.len as usize, 0);
+            chain::read_extent(top, &head, &mut buf)?;
+            apply(Piece::Data(&buf), head.start.0)?;
+            piece = rest;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `offset` of a raw file read as zeros: a punched hole where the file
+/// system can, written zeros where it cannot.
+fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+    use rustix::fs::FallocateFlags;
+    let punched = rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    );
+    if punched.is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(REQUEST_MAX) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        Backend::write_all_at(file, &zeros[..n], offset + done)
+            .map_err(Error::writing("raw backing image"))?;
+        done += n as u64;
     }
     Ok(())
 }
