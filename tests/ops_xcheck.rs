@@ -394,6 +394,26 @@ fn safe_rebase_keeps_guest_data_and_matches_qemu_img_rebase() {
     let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(json["backing-filename"], "new.qcow2");
     assert_eq!(json["backing-filename-format"], "qcow2");
+    // Issue 11: where the old chain read zeros and the new one has data, the overlay gets
+    // zero clusters, not allocated data.
+    let map = tool("qemu-img", &["map", "--output=json", "ours.qcow2"], d);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+    let at_2m = entries
+        .iter()
+        .find(|e| {
+            e["start"].as_u64() <= Some(2 << 20)
+                && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() > 2 << 20
+        })
+        .unwrap();
+    assert_eq!(
+        (&at_2m["depth"], &at_2m["zero"], &at_2m["data"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(true),
+            &serde_json::json!(false)
+        ),
+        "{entries:?}"
+    );
 
     // Removing the backing file copies everything in.
     ours(&["rebase", "-b", "", "ours.qcow2"], d);
