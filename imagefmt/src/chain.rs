@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
@@ -198,6 +198,85 @@ pub fn open_chain_allowing_data_files(
     open_chain_with(path, format, &options)
 }
 
+/// One image of a chain as [`walk`] finds it.
+pub struct Level {
+    /// The path it was opened by (as resolved from the name above it).
+    pub path: PathBuf,
+    /// The open file (read-only).
+    pub file: File,
+    /// The file's metadata.
+    pub meta: std::fs::Metadata,
+    /// Its header.
+    pub header: ImageHeader,
+    /// The image below it that the walk goes on to (backing file or VDI parent), if any.
+    pub below: Option<PathBuf>,
+}
+
+/// Where a chain goes below the image `header` at `path`: its backing file (qcow2, resolved
+/// under the policy, with the format its header records) or its VDI parent (proposed by the
+/// resolver, verified by UUID); `None` at the bottom or under [`BackingPolicy::Detach`].
+fn next_below(
+    path: &Path,
+    header: &ImageHeader,
+    options: &ChainOptions<'_>,
+) -> Result<Option<(PathBuf, Option<ImageFormat>)>> {
+    if *options.policy == BackingPolicy::Detach {
+        return Ok(None);
+    }
+    match header {
+        ImageHeader::Vdi(vdi) if vdi.is_differencing() => {
+            let parent =
+                crate::vdi::find_parent(path, vdi, options.policy, options.vdi_resolver())?;
+            Ok(Some((parent, Some(ImageFormat::Vdi))))
+        }
+        ImageHeader::Qcow2(cluster) => match cluster.backing_file.as_deref() {
+            Some(name) => Ok(Some((
+                options.policy.resolve(path, name)?,
+                cluster.backing_format().map(str::parse).transpose()?,
+            ))),
+            None => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// The one chain walker: opens `path` (format from content, raw if unrecognised when `top`,
+/// unless `format` names it) and every image below it that `options` allows, top first, handing
+/// each to `visit`. Depth and loops are bounded by `guard`; a backing file whose format is not
+/// recorded is recognised by content and never assumed raw.
+pub fn walk(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    guard: &mut ChainGuard,
+    top: bool,
+    mut visit: impl FnMut(Level) -> Result<()>,
+) -> Result<()> {
+    let mut next = Some((path.to_owned(), format));
+    let mut top = top;
+    while let Some((path, format)) = next.take() {
+        let file = File::open(&path).map_err(Error::io(format!("opening {}", path.display())))?;
+        let meta = file
+            .metadata()
+            .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
+        guard.enter(&path, &meta)?;
+        let header = match format {
+            Some(format) => ImageHeader::read_as(&file, format, &path)?,
+            None => ImageHeader::read_detected(&file, &path, top)?,
+        };
+        top = false;
+        next = next_below(&path, &header, options)?;
+        visit(Level {
+            below: next.as_ref().map(|(p, _)| p.clone()),
+            path,
+            file,
+            meta,
+            header,
+        })?;
+    }
+    Ok(())
+}
+
 /// Opens `path` (format from content, raw if unrecognised, unless `format` names it) and every
 /// image below it that `options` allows: qcow2 backing files, VDI parents, data files.
 pub fn open_chain_with(
@@ -206,7 +285,32 @@ pub fn open_chain_with(
     options: &ChainOptions<'_>,
 ) -> Result<Box<dyn GuestRead>> {
     let mut guard = ChainGuard::default();
-    open_level(path, format, options, &mut guard, true)
+    // The walk visits at least the top image (or fails), so a chain is always there.
+    open_levels(path, format, options, &mut guard, true)?.ok_or_else(|| Error::UnrecognizedFormat {
+        path: path.to_owned(),
+    })
+}
+
+/// Walks the chain from `path` and opens it bottom-up, each layer over the one below it.
+fn open_levels(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    guard: &mut ChainGuard,
+    top: bool,
+) -> Result<Option<Box<dyn GuestRead>>> {
+    let mut levels = Vec::new();
+    walk(path, format, options, guard, top, |level| {
+        levels.push(level);
+        Ok(())
+    })?;
+    let mut below: Option<Box<dyn GuestRead>> = None;
+    for level in levels.into_iter().rev() {
+        let path = level.path.clone();
+        let layer = open_layer(level, below.take(), options)?;
+        below = Some(Box::new(Named::new(layer, path)));
+    }
+    Ok(below)
 }
 
 /// Opens the qcow2 image at `path` for reading and writing, with its backing chain (read-only,
@@ -226,95 +330,47 @@ pub fn open_qcow2_rw(
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
     let mut guard = ChainGuard::default();
     guard.enter(path, &meta)?;
-    let cluster = match ImageHeader::read_as(&file, ImageFormat::Qcow2, path)? {
-        ImageHeader::Qcow2(cluster) => cluster,
-        _ => unreachable!("read_as(Qcow2) returns a qcow2 header"),
+    let header = ImageHeader::read_as(&file, ImageFormat::Qcow2, path)?;
+    let chain_options = ChainOptions::new(policy);
+    let below = match next_below(path, &header, &chain_options)? {
+        Some((backing, format)) => {
+            open_levels(&backing, format, &chain_options, &mut guard, false)?
+        }
+        None => None,
     };
-    let below = open_backing(path, &cluster, &ChainOptions::new(policy), &mut guard)?;
+    let ImageHeader::Qcow2(cluster) = header else {
+        unreachable!("read_as(Qcow2) returns a qcow2 header");
+    };
     Qcow2Image::open_rw(file, cluster, below, options)
 }
 
-/// Opens what lies below a qcow2 image: its backing file, if it names one.
-fn open_backing(
-    path: &Path,
-    cluster: &crate::qcow2::HeaderCluster,
-    options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-) -> Result<Option<Box<dyn GuestRead>>> {
-    let Some(name) = cluster.backing_file.as_deref() else {
-        return Ok(None);
-    };
-    if *options.policy == BackingPolicy::Detach {
-        return Ok(None);
-    }
-    let backing_path = options.policy.resolve(path, name)?;
-    let backing_format = cluster.backing_format().map(str::parse).transpose()?;
-    Ok(Some(open_level(
-        &backing_path,
-        backing_format,
-        options,
-        guard,
-        false,
-    )?))
-}
-
-fn open_level(
-    path: &Path,
-    format: Option<ImageFormat>,
-    options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-    top: bool,
-) -> Result<Box<dyn GuestRead>> {
-    let layer = open_layer(path, format, options, guard, top)?;
-    Ok(Box::new(Named::new(layer, path.to_owned())))
-}
-
-/// Opens one layer (and, inside it, the layers below).
+/// Opens one image found by [`walk`] over the already opened image below it.
 fn open_layer(
-    path: &Path,
-    format: Option<ImageFormat>,
+    level: Level,
+    below: Option<Box<dyn GuestRead>>,
     options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-    top: bool,
 ) -> Result<Box<dyn GuestRead>> {
-    let policy = options.policy;
-    let file = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
-    let meta = file
-        .metadata()
-        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
-    guard.enter(path, &meta)?;
-    let header = match format {
-        Some(format) => ImageHeader::read_as(&file, format, path)?,
-        None => ImageHeader::read_detected(&file, path, top)?,
-    };
+    let Level {
+        path, file, header, ..
+    } = level;
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
-        ImageHeader::Vdi(header) => crate::vdi::open_vdi_under_policy(
-            file,
-            *header,
-            path,
-            policy,
-            options.vdi_resolver(),
-            guard,
-        ),
-        ImageHeader::Qcow2(cluster) => {
-            let below = open_backing(path, &cluster, options, guard)?;
-            match cluster.data_file() {
-                Some(name) if options.allow_data_files => {
-                    let data_path = policy.resolve(path, name)?;
-                    let data = File::open(&data_path).map_err(Error::io(format!(
-                        "opening data file {}",
-                        data_path.display()
-                    )))?;
-                    Ok(Box::new(Qcow2Image::open_with_data_file(
-                        file,
-                        cluster,
-                        below,
-                        Box::new(data),
-                    )?))
-                }
-                _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+        ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::VdiImage::open(file, *header, below)?)),
+        ImageHeader::Qcow2(cluster) => match cluster.data_file() {
+            Some(name) if options.allow_data_files => {
+                let data_path = options.policy.resolve(&path, name)?;
+                let data = File::open(&data_path).map_err(Error::io(format!(
+                    "opening data file {}",
+                    data_path.display()
+                )))?;
+                Ok(Box::new(Qcow2Image::open_with_data_file(
+                    file,
+                    cluster,
+                    below,
+                    Box::new(data),
+                )?))
             }
-        }
+            _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+        },
     }
 }

@@ -486,6 +486,12 @@ impl<B: Backend> Qcow2Image<B> {
                     .map_err(|_| bad())?
                     .single_frame();
                 decoder.read_exact(&mut output).map_err(|_| bad())?;
+                // The frame must end with the cluster: a stream that expands past it is
+                // damaged (qemu: EIO), never silently truncated.
+                let mut extra = [0u8; 1];
+                if !matches!(decoder.read(&mut extra), Ok(0)) {
+                    return Err(bad());
+                }
             }
         }
         Ok(output)
@@ -544,5 +550,46 @@ pub(super) fn check_inside(what: &'static str, offset: u64, len: u64, file_len: 
             file_len,
         }
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::create::{write_new_image, CreateOptions};
+    use super::super::write::WriteOptions;
+    use super::*;
+    use crate::io::MemBackend;
+
+    /// Issue 12: a zstd stream that expands past its cluster is an error, as in qemu, not a
+    /// silently truncated cluster.
+    #[test]
+    fn a_zstd_cluster_that_expands_past_the_cluster_is_refused() {
+        let mem = MemBackend::default();
+        let mut options = CreateOptions::default();
+        options.set("compression_type", "zstd").unwrap();
+        write_new_image(&mem, 1 << 20, &options, None).unwrap();
+        let cluster = HeaderCluster::read_from(&mem).unwrap();
+        let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+        image.write_compressed(&[0x5a; 65536], 0).unwrap();
+        let mut buf = vec![0u8; 65536];
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        let entry = image.l2_entry(0).unwrap().unwrap();
+        let Ok(Subcluster::Compressed { host, len }) = entry.subcluster(0, image.entry_format())
+        else {
+            panic!("not compressed: {entry:?}");
+        };
+        // The same bytes, twice as many: a valid frame that decodes to two clusters.
+        let long = zstd::bulk::compress(&[0x5a; 2 * 65536], 0).unwrap();
+        assert!(
+            long.len() as u64 <= len,
+            "the longer frame must fit the descriptor"
+        );
+        image.backend().write_all_at(&long, host.0).unwrap();
+        let err = image.read_at(&mut buf, 0).unwrap_err();
+        assert!(
+            matches!(err, Error::Qcow2(Qcow2Error::BadCompressedCluster { .. })),
+            "{err:?}"
+        );
     }
 }

@@ -576,31 +576,41 @@ fn fill(
     mut buf: Vec<u8>,
     out: Option<(&std::fs::File, &Path)>,
 ) -> Result<Filled> {
-    let len = (request.end - request.start) as usize;
-    buf.clear();
-    buf.resize(len, 0);
     let mut written = 0;
-    for piece in &request.pieces {
-        let at = (piece.start.0 - request.start) as usize;
-        let range = at..at + piece.len as usize;
-        if let Some((file, dest)) = out {
-            let copied = match chain::verbatim_source(source, piece) {
-                Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
-                None => 0,
-            };
-            written += copied;
-            let rest = range.start + copied as usize..range.end;
-            if rest.is_empty() {
-                continue;
-            }
-            let rest_extent = piece.split_at(piece.start.0 + copied).1.unwrap_or(*piece);
-            chain::read_extent(source, &rest_extent, &mut buf[rest.clone()])
+    let Some((file, dest)) = out else {
+        buf.clear();
+        buf.resize((request.end - request.start) as usize, 0);
+        for piece in &request.pieces {
+            let at = (piece.start.0 - request.start) as usize;
+            chain::read_extent(source, piece, &mut buf[at..at + piece.len as usize])
                 .map_err(|e| in_source(source, e))?;
-            written += write_sparse(file, &buf[rest.clone()], request.start + rest.start as u64)
-                .map_err(|e| e.in_file("destination", dest))?;
-        } else {
-            chain::read_extent(source, piece, &mut buf[range]).map_err(|e| in_source(source, e))?;
         }
+        return Ok(Filled {
+            request,
+            data: buf,
+            written,
+        });
+    };
+    // Raw output: each piece copied in the kernel where it can be, else read and written
+    // sparsely; the buffer is only used (and only as long as needed) for the latter.
+    for piece in &request.pieces {
+        let copied = match chain::verbatim_source(source, piece) {
+            Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
+            None => 0,
+        };
+        written += copied;
+        let Some(rest) = (if copied == 0 {
+            Some(*piece)
+        } else {
+            piece.split_at(piece.start.0 + copied).1
+        }) else {
+            continue;
+        };
+        buf.clear();
+        buf.resize(rest.len as usize, 0);
+        chain::read_extent(source, &rest, &mut buf).map_err(|e| in_source(source, e))?;
+        written +=
+            write_sparse(file, &buf, rest.start.0).map_err(|e| e.in_file("destination", dest))?;
     }
     Ok(Filled {
         request,

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_chain, open_qcow2_rw, GuestRead};
-use crate::compare::CHUNK;
-use crate::convert;
 use crate::detect::ImageFormat;
 use crate::offsets::GuestOffset;
+use crate::ops::compare::CHUNK;
+use crate::ops::convert;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::Result;

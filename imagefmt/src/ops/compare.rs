@@ -6,6 +6,7 @@
 
 use crate::chain::{self, GuestRead};
 use crate::offsets::GuestOffset;
+use crate::ops::convert;
 use crate::Result;
 
 /// Bytes compared per step.
@@ -56,6 +57,10 @@ pub fn compare(a: &dyn GuestRead, b: &dyn GuestRead, strict: bool) -> Result<Com
         if !(ea.reads_as_zeros() && eb.reads_as_zeros()) {
             chain::read_extent(a, &ea, &mut buf_a[..len])?;
             chain::read_extent(b, &eb, &mut buf_b[..len])?;
+            if buf_a[..len] == buf_b[..len] {
+                offset += len as u64;
+                continue;
+            }
             if let Some(i) = buf_a[..len]
                 .iter()
                 .zip(&buf_b[..len])
@@ -80,6 +85,10 @@ pub fn compare(a: &dyn GuestRead, b: &dyn GuestRead, strict: bool) -> Result<Com
             let (head, rest) = current.split_at(current.start.0 + CHUNK as u64);
             let len = head.len as usize;
             chain::read_extent(longer, &head, &mut buf_a[..len])?;
+            if convert::is_zero(&buf_a[..len]) {
+                piece = rest;
+                continue;
+            }
             if let Some(i) = buf_a[..len].iter().position(|&x| x != 0) {
                 return Ok(Comparison::ContentMismatch {
                     offset: head.start.0 + i as u64,

@@ -10,10 +10,10 @@ use std::path::Path;
 
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_qcow2_rw, GuestRead};
-use crate::convert::REQUEST_MAX;
 use crate::detect::ImageFormat;
 use crate::io::Backend;
 use crate::offsets::GuestOffset;
+use crate::ops::convert::REQUEST_MAX;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::{Error, Result};
