@@ -521,7 +521,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// (what `qemu-img commit` leaves behind). L2 tables and data clusters are freed.
     pub fn make_empty(&mut self) -> Result<()> {
         let cluster_size = self.header.cluster_size();
-        let width = if self.header.extended_l2() { 16 } else { 8 };
+        let format = self.entry_format();
         for l1_index in 0..self.l1.len() {
             let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
                 continue;
@@ -529,16 +529,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
             let entries: Vec<L2Entry> = {
                 let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
-                bytes
-                    .chunks_exact(width)
-                    .map(|e| L2Entry {
-                        entry: BigEndian::read_u64(&e[..8]),
-                        bitmap: if width == 16 {
-                            BigEndian::read_u64(&e[8..])
-                        } else {
-                            0
-                        },
-                    })
+                (0..format.l2_entries() as usize)
+                    .map(|i| L2Entry::from_table(&bytes, i, format))
                     .collect()
             };
             // Unlink the table first, then free what it referenced.
