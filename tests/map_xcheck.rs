@@ -317,3 +317,98 @@ fn convert_errors_name_the_source_when_the_source_is_at_fault() {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// `compare` (which skips ranges both sides report as zeros) agrees with `qemu-img compare`
+    /// on two random chains, and on a chain and its converted copy.
+    #[test]
+    fn compare_xcheck_random_chains_agree_with_qemu_img(a in chain(), b in chain()) {
+        let dir = tempfile::tempdir().unwrap();
+        let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&da).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let top_a = da.join(build(&da, &a));
+        let top_b = db.join(build(&db, &b));
+        let copy = dir.path().join("copy.qcow2");
+        let (ta, tb, tc) = (top_a.to_str().unwrap(), top_b.to_str().unwrap(), copy.to_str().unwrap());
+        cowclone_ok_in(dir.path(), &["convert", "-O", "qcow2", ta, tc]);
+        for (x, y) in [(ta, tb), (ta, tc), (tb, ta)] {
+            let theirs = crate::util::tool_in("qemu-img", dir.path(), &["compare", x, y]);
+            let args = ["compare", x, y];
+            let os: Vec<&dyn AsRef<std::ffi::OsStr>> =
+                args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>).collect();
+            let ours = crate::util::cowclone_in(dir.path(), &os);
+            prop_assert_eq!(ours.status.code(), theirs.status.code(), "{} vs {}", x, y);
+            prop_assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "{} vs {}", x, y
+            );
+        }
+    }
+}
+
+/// Issue 11: an image whose 8,192 L1 entries all point at one L2 table (that points at one
+/// cluster) is mapped in bounded memory, with the same answer as qemu-img.
+#[test]
+fn map_of_an_image_with_one_shared_l2_table_stays_small_and_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok_in(
+        "qemu-img",
+        d,
+        &["create", "-q", "-f", "qcow2", "shared.qcow2", "4T"],
+    );
+    tool_ok_in(
+        "qemu-io",
+        d,
+        &["-f", "qcow2", "-c", "write -P 7 0 64k", "shared.qcow2"],
+    );
+    let path = d.join("shared.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_size = u32::from_be_bytes(bytes[36..40].try_into().unwrap()) as usize;
+    let l1_offset = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    assert_eq!(l1_size, 8192);
+    let first: [u8; 8] = bytes[l1_offset..l1_offset + 8].try_into().unwrap();
+    for i in 1..l1_size {
+        bytes[l1_offset + i * 8..l1_offset + i * 8 + 8].copy_from_slice(&first);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(
+        bytes.len() < 512 << 10,
+        "the image is {} bytes",
+        bytes.len()
+    );
+    let theirs = tool_ok_in("qemu-img", d, &["map", "--output=json", "shared.qcow2"]);
+    // Peak RSS from GNU time (Debian package time).
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(crate::util::cowclone_bin())
+        .args(["map", "--output", "json", "shared.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("/usr/bin/time not found ({e}): install the Debian package time")
+        });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&theirs.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let peak_kib: u64 = stderr
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(peak_kib < 64 << 10, "map peaked at {peak_kib} KiB");
+}

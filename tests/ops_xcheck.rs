@@ -261,6 +261,35 @@ fn commit_folds_the_overlay_into_its_base_like_qemu_img() {
             .all(|e| e["depth"] != 0 || e["present"] == false),
         "overlay not emptied: {entries:?}"
     );
+    // Issue 11: the emptied overlay is shrunk as qemu shrinks it, and a zero run of the
+    // overlay becomes a zero cluster in the base, never allocated data.
+    let (ours_len, theirs_len) = (
+        crate::util::file_len(&d.join("ours-top.qcow2")),
+        crate::util::file_len(&d.join("theirs-top.qcow2")),
+    );
+    assert!(
+        ours_len <= theirs_len,
+        "emptied overlay is {ours_len} bytes, qemu-img leaves {theirs_len}"
+    );
+    for base in ["ours-base.qcow2", "theirs-base.qcow2"] {
+        let map = tool("qemu-img", &["map", "--output=json", base], d);
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+        let at_3m = entries
+            .iter()
+            .find(|e| {
+                e["start"].as_u64() <= Some(3 << 20)
+                    && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() > 3 << 20
+            })
+            .unwrap();
+        assert_eq!(
+            (&at_3m["zero"], &at_3m["data"]),
+            (
+                &serde_json::Value::Bool(true),
+                &serde_json::Value::Bool(false)
+            ),
+            "{base}: the committed zero run is not a zero cluster: {entries:?}"
+        );
+    }
 }
 
 #[test]
@@ -365,6 +394,26 @@ fn safe_rebase_keeps_guest_data_and_matches_qemu_img_rebase() {
     let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(json["backing-filename"], "new.qcow2");
     assert_eq!(json["backing-filename-format"], "qcow2");
+    // Issue 11: where the old chain read zeros and the new one has data, the overlay gets
+    // zero clusters, not allocated data.
+    let map = tool("qemu-img", &["map", "--output=json", "ours.qcow2"], d);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+    let at_2m = entries
+        .iter()
+        .find(|e| {
+            e["start"].as_u64() <= Some(2 << 20)
+                && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() > 2 << 20
+        })
+        .unwrap();
+    assert_eq!(
+        (&at_2m["depth"], &at_2m["zero"], &at_2m["data"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(true),
+            &serde_json::json!(false)
+        ),
+        "{entries:?}"
+    );
 
     // Removing the backing file copies everything in.
     ours(&["rebase", "-b", "", "ours.qcow2"], d);

@@ -78,6 +78,17 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
     let outcome = imagefmt::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
+    // qemu-img warns about different sizes once the common part compared equal.
+    let common = first.virtual_size().min(second.virtual_size());
+    let sizes_differ = first.virtual_size() != second.virtual_size();
+    let common_equal = match outcome {
+        Comparison::Identical => true,
+        Comparison::ContentMismatch { offset } => offset >= common,
+        Comparison::SizeMismatch { .. } => false,
+    };
+    if sizes_differ && common_equal && !args.quiet {
+        writeln!(out, "Warning: Image size mismatch!")?;
+    }
     let (code, message) = match outcome {
         Comparison::Identical => (0, "Images are identical.".to_owned()),
         Comparison::ContentMismatch { offset } => {

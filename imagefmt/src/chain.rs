@@ -12,11 +12,12 @@
 //! the policy allows.
 
 use std::fs::File;
-use std::path::Path;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, Named};
+use crate::extent::{Extent, ExtentKind, Named};
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::open::{open_image, OpenHow};
@@ -105,6 +106,52 @@ pub fn block_status(top: &dyn GuestRead, start: GuestOffset, max_len: u64) -> Re
     }
 }
 
+/// Reads one extent of the chain `top` (as [`block_status`] returned it, or a piece of one) into
+/// `buf` (`buf.len() == extent.len`): zeros without reading anything, uncompressed data straight
+/// from its layer's file at its host offset, anything else through [`GuestRead::read_at`].
+pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+    if extent.reads_as_zeros() {
+        buf.fill(0);
+        return Ok(());
+    }
+    if let Some((fd, offset)) = verbatim_source(top, extent) {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(Error::reading("guest data")(e.into())),
+            }
+        }
+        // Past the end of the file reads as zeros, as qemu's file driver does.
+        buf[done..].fill(0);
+        return Ok(());
+    }
+    top.read_at(buf, extent.start.0)
+}
+
+/// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer
+/// backed by a real file), when there is one.
+pub fn verbatim_source<'a>(
+    top: &'a dyn GuestRead,
+    extent: &Extent,
+) -> Option<(BorrowedFd<'a>, u64)> {
+    let ExtentKind::Data {
+        compressed: false,
+        zero: false,
+    } = extent.kind
+    else {
+        return None;
+    };
+    let host = extent.host?;
+    let mut layer = top;
+    for _ in 0..extent.depth {
+        layer = layer.below()?;
+    }
+    Some((layer.host_fd(host.file)?, host.offset.0))
+}
+
 /// Every extent of `top` from `start` to the end of the disk, in order, each as long as
 /// [`block_status`] answers (adjacent extents are not merged). Errors end the walk.
 pub fn extents(top: &dyn GuestRead, start: GuestOffset) -> Extents<'_> {
@@ -166,6 +213,90 @@ pub fn open_chain_allowing_data_files(
     open_chain_with(path, format, &options)
 }
 
+/// One image of a chain as [`walk`] finds it.
+pub struct Level {
+    /// The path it was opened by (as resolved from the name above it).
+    pub path: PathBuf,
+    /// The open file (read-only).
+    pub file: File,
+    /// The file's metadata.
+    pub meta: std::fs::Metadata,
+    /// Its header.
+    pub header: ImageHeader,
+    /// The image below it that the walk goes on to (backing file or VDI parent), if any.
+    pub below: Option<PathBuf>,
+}
+
+/// Where a chain goes below the image `header` at `path`: its backing file (qcow2, resolved
+/// under the policy, with the format its header records) or its VDI parent (proposed by the
+/// resolver, verified by UUID); `None` at the bottom or under [`BackingPolicy::Detach`].
+fn next_below(
+    path: &Path,
+    header: &ImageHeader,
+    options: &ChainOptions<'_>,
+) -> Result<Option<(PathBuf, Option<ImageFormat>)>> {
+    if *options.policy == BackingPolicy::Detach {
+        return Ok(None);
+    }
+    match header {
+        ImageHeader::Vdi(vdi) if vdi.is_differencing() => {
+            let parent =
+                crate::vdi::find_parent(path, vdi, options.policy, options.vdi_resolver())?;
+            Ok(Some((parent, Some(ImageFormat::Vdi))))
+        }
+        ImageHeader::Qcow2(cluster) => match cluster.backing_file.as_deref() {
+            Some(name) => Ok(Some((
+                options.policy.resolve(path, name)?,
+                cluster.backing_format().map(str::parse).transpose()?,
+            ))),
+            None => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// The one chain walker: opens `path` (format from content, raw if unrecognised when `top`,
+/// unless `format` names it) and every image below it that `options` allows, top first, handing
+/// each to `visit`. Depth and loops are bounded by `guard`; a backing file whose format is not
+/// recorded is recognised by content and never assumed raw. Each file is opened through
+/// [`open_image`] as `how` says (regular files only; qemu's locks held from before its header
+/// is read for as long as the visitor keeps the file).
+pub fn walk(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    how: OpenHow,
+    guard: &mut ChainGuard,
+    top: bool,
+    mut visit: impl FnMut(Level) -> Result<()>,
+) -> Result<()> {
+    let mut next = Some((path.to_owned(), format));
+    let mut top = top;
+    while let Some((path, format)) = next.take() {
+        // An image met again is a loop, reported as such before its lock could clash with ours.
+        guard.refuse_seen(&path)?;
+        let file = open_image(&path, how)?;
+        let meta = file
+            .metadata()
+            .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
+        guard.enter(&path, &meta)?;
+        let header = match format {
+            Some(format) => ImageHeader::read_as(&file, format, &path)?,
+            None => ImageHeader::read_detected(&file, &path, top)?,
+        };
+        top = false;
+        next = next_below(&path, &header, options)?;
+        visit(Level {
+            below: next.as_ref().map(|(p, _)| p.clone()),
+            path,
+            file,
+            meta,
+            header,
+        })?;
+    }
+    Ok(())
+}
+
 /// Opens `path` (format from content, raw if unrecognised, unless `format` names it) and every
 /// image below it that `options` allows: qcow2 backing files, VDI parents, data files.
 pub fn open_chain_with(
@@ -174,7 +305,41 @@ pub fn open_chain_with(
     options: &ChainOptions<'_>,
 ) -> Result<Box<dyn GuestRead>> {
     let mut guard = ChainGuard::default();
-    open_level(path, format, options, &mut guard, true)
+    // The walk visits at least the top image (or fails), so a chain is always there.
+    open_levels(path, format, options, &mut guard, true)?.ok_or_else(|| Error::UnrecognizedFormat {
+        path: path.to_owned(),
+    })
+}
+
+/// Walks the chain from `path` and opens it bottom-up, each layer over the one below it.
+fn open_levels(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    guard: &mut ChainGuard,
+    top: bool,
+) -> Result<Option<Box<dyn GuestRead>>> {
+    let mut levels = Vec::new();
+    walk(
+        path,
+        format,
+        options,
+        options.open_how(),
+        guard,
+        top,
+        |level| {
+            levels.push(level);
+            Ok(())
+        },
+    )?;
+    let mut below: Option<Box<dyn GuestRead>> = None;
+    for level in levels.into_iter().rev() {
+        let path = level.path.clone();
+        let mut data_path = None;
+        let layer = open_layer(level, below.take(), options, &mut data_path)?;
+        below = Some(Box::new(Named::new(layer, path).with_data_file(data_path)));
+    }
+    Ok(below)
 }
 
 /// Opens the qcow2 image at `path` for reading and writing (holding qemu's write locks), with
@@ -188,8 +353,8 @@ pub fn open_qcow2_rw(
     qcow2_rw_from_file(file, path, policy, options)
 }
 
-/// [`open_qcow2_rw`] on a file the caller already opened for writing with
-/// [`crate::open::open_image`] (so its locks are held from before its header was read).
+/// [`open_qcow2_rw`] on a file the caller already opened for writing with [`open_image`] (so
+/// its locks are held from before its header was read).
 pub fn qcow2_rw_from_file(
     file: File,
     path: &Path,
@@ -201,100 +366,46 @@ pub fn qcow2_rw_from_file(
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
     let mut guard = ChainGuard::default();
     guard.enter(path, &meta)?;
-    let cluster = match ImageHeader::read_as(&file, ImageFormat::Qcow2, path)? {
-        ImageHeader::Qcow2(cluster) => cluster,
-        _ => unreachable!("read_as(Qcow2) returns a qcow2 header"),
+    let header = ImageHeader::read_as(&file, ImageFormat::Qcow2, path)?;
+    let chain_options = ChainOptions::new(policy);
+    let below = match next_below(path, &header, &chain_options)? {
+        Some((backing, format)) => {
+            open_levels(&backing, format, &chain_options, &mut guard, false)?
+        }
+        None => None,
     };
-    let below = open_backing(path, &cluster, &ChainOptions::new(policy), &mut guard)?;
+    let ImageHeader::Qcow2(cluster) = header else {
+        unreachable!("read_as(Qcow2) returns a qcow2 header");
+    };
     Qcow2Image::open_rw(file, cluster, below, options)
 }
 
-/// Opens what lies below a qcow2 image: its backing file, if it names one.
-fn open_backing(
-    path: &Path,
-    cluster: &crate::qcow2::HeaderCluster,
-    options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-) -> Result<Option<Box<dyn GuestRead>>> {
-    let Some(name) = cluster.backing_file.as_deref() else {
-        return Ok(None);
-    };
-    if *options.policy == BackingPolicy::Detach {
-        return Ok(None);
-    }
-    let backing_path = options.policy.resolve(path, name)?;
-    let backing_format = cluster.backing_format().map(str::parse).transpose()?;
-    Ok(Some(open_level(
-        &backing_path,
-        backing_format,
-        options,
-        guard,
-        false,
-    )?))
-}
-
-fn open_level(
-    path: &Path,
-    format: Option<ImageFormat>,
-    options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-    top: bool,
-) -> Result<Box<dyn GuestRead>> {
-    let mut data_path = None;
-    let layer = open_layer(path, format, options, guard, top, &mut data_path)?;
-    Ok(Box::new(
-        Named::new(layer, path.to_owned()).with_data_file(data_path),
-    ))
-}
-
-/// Opens one layer (and, inside it, the layers below); sets `data_path` to the external data
-/// file the layer reads from, if any.
+/// Opens one image found by [`walk`] over the already opened image below it.
 fn open_layer(
-    path: &Path,
-    format: Option<ImageFormat>,
+    level: Level,
+    below: Option<Box<dyn GuestRead>>,
     options: &ChainOptions<'_>,
-    guard: &mut ChainGuard,
-    top: bool,
-    data_path: &mut Option<std::path::PathBuf>,
+    data_path: &mut Option<PathBuf>,
 ) -> Result<Box<dyn GuestRead>> {
-    let policy = options.policy;
-    guard.refuse_seen(path)?;
-    let file = open_image(path, options.open_how())?;
-    let meta = file
-        .metadata()
-        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
-    guard.enter(path, &meta)?;
-    let header = match format {
-        Some(format) => ImageHeader::read_as(&file, format, path)?,
-        None => ImageHeader::read_detected(&file, path, top)?,
-    };
+    let Level {
+        path, file, header, ..
+    } = level;
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
-        ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::open_vdi_file_under_policy(
-            file,
-            *header,
-            path,
-            policy,
-            options.vdi_resolver(),
-            guard,
-            options.open_how(),
-        )?)),
-        ImageHeader::Qcow2(cluster) => {
-            let below = open_backing(path, &cluster, options, guard)?;
-            match cluster.data_file() {
-                Some(name) if options.allow_data_files => {
-                    let resolved = policy.resolve(path, name)?;
-                    let data = open_image(&resolved, options.open_how())?;
-                    *data_path = Some(resolved);
-                    Ok(Box::new(Qcow2Image::open_with_data_file(
-                        file,
-                        cluster,
-                        below,
-                        Box::new(data),
-                    )?))
-                }
-                _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+        ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::VdiImage::open(file, *header, below)?)),
+        ImageHeader::Qcow2(cluster) => match cluster.data_file() {
+            Some(name) if options.allow_data_files => {
+                let resolved = options.policy.resolve(&path, name)?;
+                let data = open_image(&resolved, options.open_how())?;
+                *data_path = Some(resolved);
+                Ok(Box::new(Qcow2Image::open_with_data_file(
+                    file,
+                    cluster,
+                    below,
+                    Box::new(data),
+                )?))
             }
-        }
+            _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+        },
     }
 }

@@ -89,6 +89,29 @@ impl Extent {
         !matches!(self.kind, ExtentKind::Data { zero: false, .. })
     }
 
+    /// Splits the extent at guest offset `at`: the part before (the whole extent if `at` is not
+    /// inside it) and the rest, if any, its host offset advanced to match.
+    pub fn split_at(&self, at: u64) -> (Extent, Option<Extent>) {
+        if at <= self.start.0 || at >= self.end().0 {
+            return (*self, None);
+        }
+        let head_len = at - self.start.0;
+        let head = Extent {
+            len: head_len,
+            ..*self
+        };
+        let rest = Extent {
+            start: GuestOffset(at),
+            len: self.len - head_len,
+            host: self.host.map(|h| HostLocation {
+                offset: HostOffset(h.offset.0 + head_len),
+                ..h
+            }),
+            ..*self
+        };
+        (head, Some(rest))
+    }
+
     /// True if the layer at `depth` stores the range as data (compressed or not).
     pub fn is_data(&self) -> bool {
         matches!(self.kind, ExtentKind::Data { .. })

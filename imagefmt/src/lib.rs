@@ -45,26 +45,22 @@
 pub mod backing;
 pub mod builder;
 pub mod chain;
-pub mod commit;
-pub mod compare;
-pub mod convert;
 pub mod detect;
 pub mod error;
 pub mod extent;
 pub mod image;
-pub mod info;
 pub mod io;
 pub mod lock;
-pub mod map;
 pub mod new_file;
 pub mod offsets;
 pub mod open;
+pub mod ops;
 pub mod qcow2;
 pub mod raw;
-pub mod rebase;
 pub mod size;
 pub mod vdi;
 
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::ImageFormat;
 pub use error::{Error, Result};
+pub use ops::{commit, compare, convert, info, map, rebase};

@@ -235,6 +235,29 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(cluster * cluster_size)
     }
 
+    /// Truncates the file after its last cluster in use (refcount > 0 or metadata), as qemu
+    /// leaves an image it emptied (`qemu-img commit`); later allocations continue from the new
+    /// end. Nothing in use is cut: the scan stops at the first counted cluster from the end.
+    pub fn shrink_to_used(&mut self) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let mut end = self.file_len.div_ceil(cluster_size);
+        while end > 0 && !self.state().metadata.contains(&(end - 1)) && self.refcount(end - 1)? == 0
+        {
+            end -= 1;
+        }
+        if end * cluster_size >= self.file_len {
+            return Ok(());
+        }
+        self.barrier()?;
+        self.backend
+            .set_len(end * cluster_size)
+            .map_err(Error::writing("qcow2 file length"))?;
+        self.file_len = end * cluster_size;
+        let state = self.state();
+        state.next_free = state.next_free.min(end);
+        Ok(())
+    }
+
     /// Drops one reference to the host cluster at `offset`.
     pub(super) fn free_cluster(&mut self, offset: u64) -> Result<()> {
         let cluster = offset >> self.header.cluster_bits;

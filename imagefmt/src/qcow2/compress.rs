@@ -66,24 +66,6 @@ pub fn parallel_map<T: Sync, R: Send>(
     })
 }
 
-/// Decodes compressed clusters on up to `threads` threads, in order: for each input (the
-/// bytes its descriptor names), one cluster of `cluster_size` bytes or the error
-/// [`decompress`] gives. For readers that meet many compressed clusters at once (convert).
-pub fn decompress_all(
-    compression: CompressionType,
-    inputs: &[Vec<u8>],
-    cluster_size: usize,
-    threads: usize,
-) -> Vec<Result<Vec<u8>, BadCompressedData>> {
-    parallel_map(inputs, threads, |input| {
-        let mut output = vec![0u8; cluster_size];
-        decompress(compression, input, &mut output).map(|()| output)
-    })
-    .into_iter()
-    .map(|result| result.unwrap_or(Err(BadCompressedData)))
-    .collect()
-}
-
 /// A compressed cluster that does not decode to exactly one cluster (qemu: `EIO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadCompressedData;
@@ -147,29 +129,6 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(kind, &packed, &mut out).unwrap();
             assert!(out == data, "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn decompress_all_keeps_the_order_and_reports_each_bad_cluster() {
-        let clusters: Vec<Vec<u8>> = (0..23u8).map(|i| vec![i; 4096]).collect();
-        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
-            let mut inputs: Vec<Vec<u8>> = clusters
-                .iter()
-                .map(|c| compress(kind, c).unwrap())
-                .collect();
-            inputs[5] = compress(kind, &[1u8; 100]).unwrap(); // too short: an error
-            for threads in [1, 2, 7] {
-                let out = decompress_all(kind, &inputs, 4096, threads);
-                assert_eq!(out.len(), clusters.len());
-                for (i, result) in out.iter().enumerate() {
-                    if i == 5 {
-                        assert_eq!(result, &Err(BadCompressedData));
-                    } else {
-                        assert_eq!(result.as_ref().unwrap(), &clusters[i], "{kind:?} {i}");
-                    }
-                }
-            }
         }
     }
 

@@ -24,6 +24,12 @@ use crate::io::Backend;
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::{Error, Result};
 
+/// Most compressed clusters read (their host span fetched with one `pread`) at once.
+pub const COMPRESSED_BATCH: usize = 32;
+/// A batch of compressed clusters stops growing once it holds this many compressed bytes, so
+/// its span stays below this plus two descriptors and a cluster (≤ 7 MiB with 2 MiB clusters).
+pub const COMPRESSED_BATCH_BYTES: u64 = 1 << 20;
+
 /// Upper bound on cached L2 tables, in bytes.
 pub const L2_CACHE_BYTES: u64 = 8 << 20;
 
@@ -423,33 +429,7 @@ impl<B: Backend> Qcow2Image<B> {
                 }
                 HostFile::Image => self.read_host(buf, at.offset.0),
             },
-            (ExtentKind::Data { .. }, _) => {
-                // Compressed: one cluster at a time.
-                let cluster_bits = self.header.cluster_bits;
-                let mut done = 0usize;
-                while done < buf.len() {
-                    let at = GuestOffset(extent.start.0 + done as u64);
-                    let entry = self.l2_entry(at.0)?.unwrap_or(L2Entry {
-                        entry: 0,
-                        bitmap: 0,
-                    });
-                    let Ok(Subcluster::Compressed { host, len }) =
-                        entry.subcluster(0, self.entry_format())
-                    else {
-                        return Err(corrupt(
-                            "compressed cluster changed under a read",
-                            at.0,
-                            entry.entry,
-                        ));
-                    };
-                    let cluster = self.decompress(host.0, len)?;
-                    let start = at.in_cluster_offset(cluster_bits) as usize;
-                    let n = (cluster.len() - start).min(buf.len() - done);
-                    buf[done..done + n].copy_from_slice(&cluster[start..start + n]);
-                    done += n;
-                }
-                Ok(())
-            }
+            (ExtentKind::Data { .. }, _) => self.read_compressed(extent, buf),
         }
     }
 
@@ -463,15 +443,77 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(())
     }
 
-    /// Decodes one compressed cluster.
-    fn decompress(&self, host: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads a run of compressed clusters into `buf`. qemu packs compressed clusters back to
+    /// back, so the host span of up to [`COMPRESSED_BATCH`] clusters is read with one `pread`
+    /// when it is compact (no wider than their compressed bytes plus a cluster), then each
+    /// cluster is decompressed from it; scattered clusters are read one by one.
+    fn read_compressed(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        let cluster_bits = self.header.cluster_bits;
+        let cluster_size = 1u64 << cluster_bits;
+        let mut done = 0usize;
+        while done < buf.len() {
+            // The batch: consecutive clusters from the one holding `done`.
+            let mut batch = Vec::new();
+            let mut at = extent.start.0 + done as u64;
+            let mut batch_bytes = 0u64;
+            while at < extent.end().0
+                && batch.len() < COMPRESSED_BATCH
+                && batch_bytes < COMPRESSED_BATCH_BYTES
+            {
+                let entry = self.l2_entry(at)?.unwrap_or(L2Entry {
+                    entry: 0,
+                    bitmap: 0,
+                });
+                let Ok(Subcluster::Compressed { host, len }) =
+                    entry.subcluster(0, self.entry_format())
+                else {
+                    return Err(corrupt(
+                        "compressed cluster changed under a read",
+                        at,
+                        entry.entry,
+                    ));
+                };
+                batch.push((at, host.0, len));
+                batch_bytes += len;
+                at = (at >> cluster_bits << cluster_bits) + cluster_size;
+            }
+            let low = batch.iter().map(|b| b.1).min().unwrap_or(0);
+            let high = batch.iter().map(|b| b.1 + b.2).max().unwrap_or(0);
+            let total: u64 = batch.iter().map(|b| b.2).sum();
+            let span = (high - low <= total + cluster_size).then(|| -> Result<Vec<u8>> {
+                let mut span = vec![0u8; (high - low) as usize];
+                self.read_host(&mut span, low)?;
+                Ok(span)
+            });
+            let span = span.transpose()?;
+            for (at, host, len) in batch {
+                let cluster = match &span {
+                    Some(span) => {
+                        let from = (host - low) as usize;
+                        self.decompress_bytes(&span[from..from + len as usize], host)?
+                    }
+                    None => {
+                        let mut input = vec![0u8; len as usize];
+                        self.read_host(&mut input, host)?;
+                        self.decompress_bytes(&input, host)?
+                    }
+                };
+                let start = GuestOffset(at).in_cluster_offset(cluster_bits) as usize;
+                let n = (cluster.len() - start).min(buf.len() - done);
+                buf[done..done + n].copy_from_slice(&cluster[start..start + n]);
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one compressed cluster from its compressed bytes (read from host offset `host`,
+    /// named in errors).
+    fn decompress_bytes(&self, input: &[u8], host: u64) -> Result<Vec<u8>> {
         let cluster_size = self.header.cluster_size() as usize;
         let bad = || Error::from(Qcow2Error::BadCompressedCluster { host });
-        // len ≤ 2^(cluster_bits - 8 + 1) sectors (the descriptor's width): at most 2 clusters.
-        let mut input = vec![0u8; len as usize];
-        self.read_host(&mut input, host)?;
         let mut output = vec![0u8; cluster_size];
-        super::compress::decompress(self.header.compression_type, &input, &mut output)
+        super::compress::decompress(self.header.compression_type, input, &mut output)
             .map_err(|_| bad())?;
         Ok(output)
     }

@@ -6,7 +6,7 @@
 //! keep working. [`backing_chain`] follows backing files only under a [`BackingPolicy`].
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -188,48 +188,22 @@ pub fn backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInf
 /// VDI differencing image's parent is the next entry (its `backing-filename` is set to the
 /// parent found, since the file itself names none).
 pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec<ImageInfo>> {
-    let policy = options.policy;
     let mut chain = Vec::new();
     let mut guard = ChainGuard::default();
-    let mut current: PathBuf = path.to_owned();
-    let mut format: Option<crate::ImageFormat> = None;
-    loop {
-        let file = crate::open::open_image(&current, options.open_how().metadata_only())?;
-        let meta = file.metadata().map_err(Error::io(format!(
-            "reading metadata of {}",
-            current.display()
-        )))?;
-        guard.enter(&current, &meta)?;
-        let header = match format {
-            Some(format) => ImageHeader::read_as(&file, format, &current)?,
-            None if chain.is_empty() => ImageHeader::read_detected(&file, &current, true)?,
-            None => ImageHeader::read_detected(&file, &current, false)?,
-        };
-        let mut info = ImageInfo::from_header(&current, &header, &meta);
-        if let ImageHeader::Vdi(vdi) = &header {
-            if !vdi.is_differencing() || *policy == BackingPolicy::Detach {
-                chain.push(info);
-                return Ok(chain);
-            }
-            let parent =
-                crate::vdi::find_parent(&current, vdi, options.policy, options.vdi_resolver())?;
+    // Each image is released before the next is opened (the walker hands it over and the
+    // visitor drops it), holding what qemu-img info holds: no consistent-read lock.
+    let how = options.open_how().metadata_only();
+    crate::chain::walk(path, None, options, how, &mut guard, true, |level| {
+        let mut info = ImageInfo::from_header(&level.path, &level.header, &level.meta);
+        if let (ImageHeader::Vdi(_), Some(parent)) = (&level.header, &level.below) {
+            // A VDI names its parent by UUID only: report the file found.
             let name = parent.to_string_lossy().into_owned();
             info.backing_filename = Some(name.clone());
             info.full_backing_filename = Some(name);
             info.backing_filename_format = Some("vdi".into());
-            chain.push(info);
-            format = Some(crate::ImageFormat::Vdi);
-            current = parent;
-            continue;
         }
         chain.push(info);
-        let Some(name) = header.backing_name() else {
-            return Ok(chain);
-        };
-        if *policy == BackingPolicy::Detach {
-            return Ok(chain);
-        }
-        format = header.backing_format().map(str::parse).transpose()?;
-        current = policy.resolve(&current, name)?;
-    }
+        Ok(())
+    })?;
+    Ok(chain)
 }

@@ -23,10 +23,10 @@ use std::os::fd::BorrowedFd;
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_chain};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, ExtentKind, GuestRead, HostLocation};
+use crate::extent::{Extent, GuestRead};
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
-use crate::offsets::{GuestOffset, HostOffset};
+use crate::offsets::GuestOffset;
 use crate::qcow2::compressed_writer::CompressedWriter;
 use crate::qcow2::create::{write_new_image, BackingReference};
 use crate::qcow2::image::Qcow2Image;
@@ -355,51 +355,10 @@ fn read_data_only(source: &dyn GuestRead, buf: &mut [u8], offset: u64) -> Result
     while at.0 < end {
         let extent = chain::block_status(source, at, end - at.0)?;
         let piece = &mut buf[(at.0 - offset) as usize..(extent.end().0 - offset) as usize];
-        read_piece(source, &extent, piece)?;
+        chain::read_extent(source, &extent, piece)?;
         at = extent.end();
     }
     Ok(())
-}
-
-/// Reads one extent of `top` into `buf`: zeros without reading, uncompressed data straight from
-/// its layer's file at its host offset, anything else through `read_at`.
-fn read_piece(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Result<()> {
-    if extent.reads_as_zeros() {
-        buf.fill(0);
-        return Ok(());
-    }
-    if let Some((fd, offset)) = verbatim_source(top, extent) {
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(Error::reading("guest data")(e.into())),
-            }
-        }
-        // Past the end of the file reads as zeros, as qemu's file driver does.
-        buf[done..].fill(0);
-        return Ok(());
-    }
-    top.read_at(buf, extent.start.0)
-}
-
-/// The file and offset holding `extent`'s bytes verbatim, when there is one.
-fn verbatim_source<'a>(top: &'a dyn GuestRead, extent: &Extent) -> Option<(BorrowedFd<'a>, u64)> {
-    let ExtentKind::Data {
-        compressed: false,
-        zero: false,
-    } = extent.kind
-    else {
-        return None;
-    };
-    let host = extent.host?;
-    let mut layer = top;
-    for _ in 0..extent.depth {
-        layer = layer.below()?;
-    }
-    Some((layer.host_fd(host.file)?, host.offset.0))
 }
 
 /// A source-side error, naming the source file.
@@ -495,7 +454,7 @@ impl<'a> Planner<'a> {
             if let Some(current) = &mut self.current {
                 if extent.start.0 < current.end {
                     // The extent starts inside the current request's last unit.
-                    let (head, rest) = split(&extent, current.end);
+                    let (head, rest) = extent.split_at(current.end);
                     current.pieces.push(head);
                     self.pending = rest;
                     continue;
@@ -507,7 +466,7 @@ impl<'a> Planner<'a> {
                         self.size,
                     ));
                     current.end = end;
-                    let (head, rest) = split(&extent, end);
+                    let (head, rest) = extent.split_at(end);
                     current.pieces.push(head);
                     self.pending = rest;
                     continue;
@@ -516,7 +475,7 @@ impl<'a> Planner<'a> {
                 return Ok(self.emit());
             }
             let end = (unit_start + self.max).min(align_up(extent.end().0, self.unit, self.size));
-            let (head, rest) = split(&extent, end);
+            let (head, rest) = extent.split_at(end);
             self.current = Some(Request {
                 seq: 0,
                 start: unit_start,
@@ -531,28 +490,6 @@ impl<'a> Planner<'a> {
 /// `x` rounded up to a multiple of `unit`, at most `size`.
 fn align_up(x: u64, unit: u64, size: u64) -> u64 {
     x.div_ceil(unit).saturating_mul(unit).min(size)
-}
-
-/// Splits `extent` at guest offset `at`: the part before (never empty) and the rest, if any.
-fn split(extent: &Extent, at: u64) -> (Extent, Option<Extent>) {
-    if at >= extent.end().0 {
-        return (*extent, None);
-    }
-    let head_len = at - extent.start.0;
-    let head = Extent {
-        len: head_len,
-        ..*extent
-    };
-    let rest = Extent {
-        start: GuestOffset(at),
-        len: extent.len - head_len,
-        host: extent.host.map(|h| HostLocation {
-            offset: HostOffset(h.offset.0 + head_len),
-            ..h
-        }),
-        ..*extent
-    };
-    (head, Some(rest))
 }
 
 /// Where the pipeline's data goes.
@@ -653,31 +590,41 @@ fn fill(
     mut buf: Vec<u8>,
     out: Option<(&std::fs::File, &Path)>,
 ) -> Result<Filled> {
-    let len = (request.end - request.start) as usize;
-    buf.clear();
-    buf.resize(len, 0);
     let mut written = 0;
-    for piece in &request.pieces {
-        let at = (piece.start.0 - request.start) as usize;
-        let range = at..at + piece.len as usize;
-        if let Some((file, dest)) = out {
-            let copied = match verbatim_source(source, piece) {
-                Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
-                None => 0,
-            };
-            written += copied;
-            let rest = range.start + copied as usize..range.end;
-            if rest.is_empty() {
-                continue;
-            }
-            let rest_extent = split(piece, piece.start.0 + copied).1.unwrap_or(*piece);
-            read_piece(source, &rest_extent, &mut buf[rest.clone()])
+    let Some((file, dest)) = out else {
+        buf.clear();
+        buf.resize((request.end - request.start) as usize, 0);
+        for piece in &request.pieces {
+            let at = (piece.start.0 - request.start) as usize;
+            chain::read_extent(source, piece, &mut buf[at..at + piece.len as usize])
                 .map_err(|e| in_source(source, e))?;
-            written += write_sparse(file, &buf[rest.clone()], request.start + rest.start as u64)
-                .map_err(|e| e.in_file("destination", dest))?;
-        } else {
-            read_piece(source, piece, &mut buf[range]).map_err(|e| in_source(source, e))?;
         }
+        return Ok(Filled {
+            request,
+            data: buf,
+            written,
+        });
+    };
+    // Raw output: each piece copied in the kernel where it can be, else read and written
+    // sparsely; the buffer is only used (and only as long as needed) for the latter.
+    for piece in &request.pieces {
+        let copied = match chain::verbatim_source(source, piece) {
+            Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
+            None => 0,
+        };
+        written += copied;
+        let Some(rest) = (if copied == 0 {
+            Some(*piece)
+        } else {
+            piece.split_at(piece.start.0 + copied).1
+        }) else {
+            continue;
+        };
+        buf.clear();
+        buf.resize(rest.len as usize, 0);
+        chain::read_extent(source, &rest, &mut buf).map_err(|e| in_source(source, e))?;
+        written +=
+            write_sparse(file, &buf, rest.start.0).map_err(|e| e.in_file("destination", dest))?;
     }
     Ok(Filled {
         request,

@@ -1,9 +1,12 @@
 //! Comparing the guest-visible content of two images, as `qemu-img compare` does.
 //!
 //! Images of different sizes compare equal if the longer one reads as zeros past the shorter
-//! one's end (unless strict). The comparison streams in fixed-size chunks: memory stays constant.
+//! one's end (unless strict). Only ranges that are not zeros on both sides are read, in fixed-size
+//! chunks: memory stays constant.
 
-use crate::chain::GuestRead;
+use crate::chain::{self, GuestRead};
+use crate::offsets::GuestOffset;
+use crate::ops::convert;
 use crate::Result;
 
 /// Bytes compared per step.
@@ -28,7 +31,12 @@ pub enum Comparison {
     },
 }
 
-/// Compares `a` and `b` chunk by chunk. With `strict`, different sizes are a mismatch.
+/// Compares `a` and `b`. With `strict`, different sizes are a mismatch.
+///
+/// Both chains are walked by their extents: a range both sides report as zeros or unallocated
+/// is skipped without reading; the rest is read (data straight from its file) and compared in
+/// [`CHUNK`] steps. Past the shorter image's end, the longer one's data ranges must read as
+/// zeros.
 pub fn compare(a: &dyn GuestRead, b: &dyn GuestRead, strict: bool) -> Result<Comparison> {
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     if strict && size_a != size_b {
@@ -42,32 +50,52 @@ pub fn compare(a: &dyn GuestRead, b: &dyn GuestRead, strict: bool) -> Result<Com
     let mut buf_b = vec![0u8; CHUNK];
     let mut offset = 0u64;
     while offset < common {
-        let len = (common - offset).min(CHUNK as u64) as usize;
-        a.read_at(&mut buf_a[..len], offset)?;
-        b.read_at(&mut buf_b[..len], offset)?;
-        if let Some(i) = buf_a[..len]
-            .iter()
-            .zip(&buf_b[..len])
-            .position(|(x, y)| x != y)
-        {
-            return Ok(Comparison::ContentMismatch {
-                offset: offset + i as u64,
-            });
+        let ea = chain::block_status(a, GuestOffset(offset), (common - offset).min(CHUNK as u64))?;
+        let eb = chain::block_status(b, GuestOffset(offset), ea.len)?;
+        let (ea, _) = ea.split_at(eb.end().0);
+        let len = ea.len as usize;
+        if !(ea.reads_as_zeros() && eb.reads_as_zeros()) {
+            chain::read_extent(a, &ea, &mut buf_a[..len])?;
+            chain::read_extent(b, &eb, &mut buf_b[..len])?;
+            if buf_a[..len] == buf_b[..len] {
+                offset += len as u64;
+                continue;
+            }
+            if let Some(i) = buf_a[..len]
+                .iter()
+                .zip(&buf_b[..len])
+                .position(|(x, y)| x != y)
+            {
+                return Ok(Comparison::ContentMismatch {
+                    offset: offset + i as u64,
+                });
+            }
         }
         offset += len as u64;
     }
     // The longer image must read as zeros past the common part.
     let longer = if size_a > size_b { a } else { b };
-    let end = size_a.max(size_b);
-    while offset < end {
-        let len = (end - offset).min(CHUNK as u64) as usize;
-        longer.read_at(&mut buf_a[..len], offset)?;
-        if let Some(i) = buf_a[..len].iter().position(|&x| x != 0) {
-            return Ok(Comparison::ContentMismatch {
-                offset: offset + i as u64,
-            });
+    for extent in chain::extents(longer, GuestOffset(offset)) {
+        let extent = extent?;
+        if extent.reads_as_zeros() {
+            continue;
         }
-        offset += len as u64;
+        let mut piece = Some(extent);
+        while let Some(current) = piece {
+            let (head, rest) = current.split_at(current.start.0 + CHUNK as u64);
+            let len = head.len as usize;
+            chain::read_extent(longer, &head, &mut buf_a[..len])?;
+            if convert::is_zero(&buf_a[..len]) {
+                piece = rest;
+                continue;
+            }
+            if let Some(i) = buf_a[..len].iter().position(|&x| x != 0) {
+                return Ok(Comparison::ContentMismatch {
+                    offset: head.start.0 + i as u64,
+                });
+            }
+            piece = rest;
+        }
     }
     Ok(Comparison::Identical)
 }

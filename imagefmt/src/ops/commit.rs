@@ -1,0 +1,159 @@
+//! `commit`: fold an overlay's own clusters into its backing image, then (by default) empty the
+//! overlay so it reads through to the updated backing image, as `qemu-img commit` does.
+//!
+//! Only what the overlay itself holds is touched, by its own extents: data ranges are copied
+//! (read straight from the overlay's file, in requests of up to 2 MiB), zero ranges become zeros
+//! in the backing image without data (zero clusters in qcow2, holes in a raw file), unallocated
+//! ranges are skipped. Emptying frees every cluster and shrinks the file, as qemu does.
+
+use std::path::Path;
+
+use crate::backing::BackingPolicy;
+use crate::chain::{self, open_qcow2_rw, GuestRead};
+use crate::detect::ImageFormat;
+use crate::io::Backend;
+use crate::offsets::GuestOffset;
+use crate::ops::convert::REQUEST_MAX;
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::write::WriteOptions;
+use crate::{Error, Result};
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitStats {
+    /// Guest bytes copied into the backing image.
+    pub bytes_committed: u64,
+}
+
+/// Commits the qcow2 overlay at `path` into its backing image (qcow2 or raw). With `keep`, the
+/// overlay is left as it was (`qemu-img commit -d`); otherwise it is emptied.
+pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitStats> {
+    // The overlay alone: its own clusters are all that is read, and its backing file is opened
+    // below for writing (a read-locked copy of it here would conflict with that write lock).
+    let mut top = open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())?;
+    let cluster = crate::qcow2::HeaderCluster::read_from(top.backend())?;
+    let Some(name) = cluster.backing_file.clone() else {
+        return Err(Error::UnsupportedFormat {
+            name: "commit of an image without a backing file".into(),
+        });
+    };
+    let backing_path = policy.resolve(path, &name)?;
+    let mut guard = crate::backing::ChainGuard::default();
+    guard.enter(
+        path,
+        &top.backend()
+            .metadata()
+            .map_err(Error::io("reading metadata"))?,
+    )?;
+    guard.refuse_seen(&backing_path)?;
+    let format = match cluster.backing_format() {
+        Some(f) => f.parse()?,
+        None => crate::image::read_file_header(&backing_path)?.1.format(),
+    };
+    let mut stats = CommitStats::default();
+    // The base stays locked until the overlay is emptied (a duplicate descriptor shares the
+    // open file description, and so its locks).
+    let _held_base: std::fs::File = match format {
+        ImageFormat::Qcow2 => {
+            let mut base = open_qcow2_rw(&backing_path, policy, WriteOptions::default())?;
+            if base.virtual_size() < top.virtual_size() {
+                base.resize(top.virtual_size(), false)?;
+            }
+            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
+                Piece::Data(data) => base.write_at(data, offset),
+                Piece::Zeros(len) => base.write_zeroes(offset, len),
+            })?;
+            base.flush()?;
+            base.backend()
+                .try_clone()
+                .map_err(Error::io("duplicating the base's descriptor"))?
+        }
+        ImageFormat::Raw => {
+            let file = crate::open::open_image(&backing_path, crate::open::OpenHow::write())?;
+            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
+                Piece::Data(data) => Backend::write_all_at(&file, data, offset)
+                    .map_err(Error::writing("raw backing image")),
+                Piece::Zeros(len) => zero_raw(&file, offset, len),
+            })?;
+            file.sync_all()
+                .map_err(Error::io("syncing the backing image"))?;
+            file
+        }
+        ImageFormat::Vdi => {
+            return Err(Error::UnsupportedFormat {
+                name: "commit into a VDI backing image (arrives with the VDI engine)".into(),
+            })
+        }
+    };
+    if !keep {
+        top.make_empty()?;
+        top.shrink_to_used()?;
+    }
+    top.flush()?;
+    Ok(stats)
+}
+
+/// A piece of the overlay's own content.
+enum Piece<'a> {
+    /// Data bytes.
+    Data(&'a [u8]),
+    /// A run of zeros of this length.
+    Zeros(u64),
+}
+
+/// Hands every range the overlay itself holds to `apply`, by the overlay's own extents (not
+/// its backing chain's): data in pieces of at most [`REQUEST_MAX`] bytes, zeros as a length.
+fn for_each_own_extent<B: Backend + Send + Sync>(
+    top: &Qcow2Image<B>,
+    stats: &mut CommitStats,
+    mut apply: impl FnMut(Piece<'_>, u64) -> Result<()>,
+) -> Result<()> {
+    let size = top.virtual_size();
+    let mut buf = Vec::new();
+    let mut at = GuestOffset(0);
+    while at.0 < size {
+        let extent = top.block_status(at, size - at.0)?;
+        at = extent.end();
+        if !extent.is_allocated() {
+            continue;
+        }
+        stats.bytes_committed += extent.len;
+        if extent.reads_as_zeros() {
+            apply(Piece::Zeros(extent.len), extent.start.0)?;
+            continue;
+        }
+        let mut piece = Some(extent);
+        while let Some(current) = piece {
+            let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
+            buf.resize(head.len as usize, 0);
+            chain::read_extent(top, &head, &mut buf)?;
+            apply(Piece::Data(&buf), head.start.0)?;
+            piece = rest;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `offset` of a raw file read as zeros: a punched hole where the file
+/// system can, written zeros where it cannot.
+fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+    use rustix::fs::FallocateFlags;
+    let punched = rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    );
+    if punched.is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(REQUEST_MAX) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        Backend::write_all_at(file, &zeros[..n], offset + done)
+            .map_err(Error::writing("raw backing image"))?;
+        done += n as u64;
+    }
+    Ok(())
+}
