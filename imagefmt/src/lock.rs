@@ -18,7 +18,9 @@
 //! "holds" byte of every permission it does not share — someone holding it fails with
 //! `Failed to get shared "write" lock`. A test only sees other open file descriptions, so the
 //! handle's own bytes never conflict with themselves, while two handles of one process do
-//! (exactly as two qemu processes would).
+//! (exactly as two qemu processes would). A conflict is looked at again for up to
+//! [`CONFLICT_GRACE`] before it is reported: a descriptor this process just closed can live on
+//! in a child between fork and exec, holding our own old lock for that moment.
 //!
 //! The locks belong to the open file description, so they live exactly as long as the
 //! [`std::fs::File`] that took them (and its duplicates): dropping the handle releases them, and
@@ -206,6 +208,33 @@ pub fn lock(file: &File, path: &Path, access: Access) -> Result<(), LockError> {
             ofd::read_lock(file.as_fd(), byte).map_err(io_error(byte))?;
         }
     }
+    // A conflict seen for a moment may be our own lock: a descriptor this process just closed
+    // can live on in a child between fork and exec (close-on-exec closes it only at exec), so
+    // a conflict is looked at again for up to CONFLICT_GRACE before it is reported. A process
+    // really using the image holds its locks far longer.
+    let started = std::time::Instant::now();
+    loop {
+        match conflict(file, path, held, unshared) {
+            Err(e) if e.is_conflict() && started.elapsed() < CONFLICT_GRACE => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long a conflicting lock is looked at again before it is reported (see [`lock`]).
+pub const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Tests the other side's bytes, as qemu's `raw_check_lock_bytes` does: the first conflict.
+fn conflict(file: &File, path: &Path, held: u8, unshared: u8) -> Result<(), LockError> {
+    let io_error = |byte| {
+        move |source| LockError::Io {
+            path: path.to_owned(),
+            byte,
+            source,
+        }
+    };
     for p in Permission::ALL {
         let byte = SHARED_BASE + p as i64;
         if held & p.bit() != 0
