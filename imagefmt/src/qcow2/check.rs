@@ -72,8 +72,8 @@ const BME_FLAG_IN_USE: u32 = 1;
 const MAX_GROWN_REFCOUNT_BYTES: u64 = 256 << 20;
 /// Largest growth of the file a repair may make beyond doubling it (qemu has no limit).
 const MAX_GROWTH: u64 = 1 << 30;
-/// The cached refcount blocks (a cluster each).
-const REFBLOCK_CACHE_ENTRIES: usize = 8;
+/// Bytes of cached refcount blocks (a cluster each; at least two are kept).
+const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
 /// Largest in-memory refcount table a check without repair keeps at once; a larger file is
 /// checked in windows of host clusters, walking the metadata once per window.
 const MAX_IMRT_BYTES: u64 = 8 << 20;
@@ -363,7 +363,8 @@ struct Checker<'a, B> {
     reftable_entries: u64,
     /// log2 of the refcount entries per refcount block.
     refblock_bits: u32,
-    /// The active L1 table as read at open (entries past the end of the file are zero).
+    /// The active L1 table (entries past the end of the file are zero), kept only while
+    /// repairing: the overlap check of every repair write needs it.
     l1: Vec<u64>,
     snapshots: Vec<Snapshot>,
     snapshots_size: u64,
@@ -440,11 +441,6 @@ impl<'a, B: Backend> Checker<'a, B> {
             checker.reftable_offset,
             checker.reftable_entries,
             "qcow2 refcount table",
-        )?;
-        checker.l1 = checker.read_u64_table(
-            checker.header.l1_table_offset,
-            u64::from(checker.header.l1_size),
-            "qcow2 L1 table",
         )?;
         Ok(checker)
     }
@@ -636,7 +632,8 @@ impl<'a, B: Backend> Checker<'a, B> {
         }
         let mut block = vec![0u8; self.cluster_size as usize];
         self.read_padded(&mut block, offset, "qcow2 refcount block")?;
-        if self.refblock_cache.len() >= REFBLOCK_CACHE_ENTRIES {
+        let entries = (REFBLOCK_CACHE_BYTES / self.cluster_size).clamp(2, 8) as usize;
+        if self.refblock_cache.len() >= entries {
             self.refblock_cache.remove(0);
         }
         self.refblock_cache.push((offset, block));
@@ -1342,88 +1339,109 @@ impl<'a, B: Backend> Checker<'a, B> {
             Repair::None => false,
         };
         let verb = if fix { "Repairing" } else { "ERROR" };
-        for i in 0..self.l1.len() {
-            let l1_entry = self.l1[i];
-            let Some(l2_offset) = L1Entry(l1_entry).l2_offset() else {
-                continue;
-            };
-            let Ok(count) = self.disk_refcount(l2_offset >> self.cluster_bits) else {
-                continue;
-            };
-            if (count == 1) != (l1_entry & COPIED != 0) {
-                self.res.corruptions += 1;
-                self.messages.push(format!(
-                    "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} \
-                     refcount={count}"
-                ));
-                if fix {
-                    let fixed = if count == 1 {
-                        l1_entry | COPIED
-                    } else {
-                        l1_entry & !COPIED
-                    };
-                    self.l1[i] = fixed;
-                    let at = self.header.l1_table_offset + i as u64 * 8;
-                    if let Err(e) = self.write_checked(
-                        &fixed.to_be_bytes(),
-                        at,
-                        overlap::ACTIVE_L1,
-                        "qcow2 L1 entry",
-                    ) {
-                        self.res.check_errors += 1;
-                        return Err(e);
-                    }
-                    self.res.corruptions = self.res.corruptions.saturating_sub(1);
-                    self.res.corruptions_fixed += 1;
-                }
+        // In chunks, from the file (the same entries as at open: only this pass writes them).
+        let l1_size = u64::from(self.header.l1_size);
+        let mut first = 0u64;
+        while first < l1_size {
+            let count = L1_CHUNK_ENTRIES.min(l1_size - first);
+            let at = self.header.l1_table_offset + first * 8;
+            let chunk = self.read_u64_table(at, count, "qcow2 L1 table")?;
+            for (j, l1_entry) in chunk.into_iter().enumerate() {
+                self.check_oflag_copied_l1(first as usize + j, l1_entry, fix, verb)?;
             }
-            let mut table = self.read_cluster(l2_offset)?;
-            let entries = self.cluster_size as usize / self.l2_entry_size();
-            let mut dirty = 0u64;
-            for j in 0..entries {
-                let (decoded, kind) = self.l2_entry_at(&table, j);
-                let entry = decoded.entry;
-                let (ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host }) = kind
-                else {
-                    continue;
-                };
-                let count = if self.has_data_file {
-                    1
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// One L1 entry of [`Self::check_oflag_copied`]: its own flag, then its L2 table's.
+    fn check_oflag_copied_l1(
+        &mut self,
+        i: usize,
+        l1_entry: u64,
+        fix: bool,
+        verb: &str,
+    ) -> Result<(), Error> {
+        let Some(l2_offset) = L1Entry(l1_entry).l2_offset() else {
+            return Ok(());
+        };
+        let Ok(count) = self.disk_refcount(l2_offset >> self.cluster_bits) else {
+            return Ok(());
+        };
+        if (count == 1) != (l1_entry & COPIED != 0) {
+            self.res.corruptions += 1;
+            self.messages.push(format!(
+                "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} \
+                 refcount={count}"
+            ));
+            if fix {
+                let fixed = if count == 1 {
+                    l1_entry | COPIED
                 } else {
-                    match self.disk_refcount(host >> self.cluster_bits) {
-                        Ok(count) => count,
-                        Err(_) => continue,
-                    }
+                    l1_entry & !COPIED
                 };
-                if (count == 1) != (entry & COPIED != 0) {
-                    self.res.corruptions += 1;
-                    self.messages.push(format!(
-                        "{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
-                    ));
-                    if fix {
-                        let fixed = if count == 1 {
-                            entry | COPIED
-                        } else {
-                            entry & !COPIED
-                        };
-                        let at = j * self.l2_entry_size();
-                        BigEndian::write_u64(&mut table[at..], fixed);
-                        dirty += 1;
-                    }
+                if let Some(kept) = self.l1.get_mut(i) {
+                    *kept = fixed;
                 }
-            }
-            if dirty > 0 {
-                if let Err(e) =
-                    self.write_checked(&table, l2_offset, overlap::ACTIVE_L2, "qcow2 L2 table")
-                {
-                    self.messages
-                        .push("ERROR: Could not write L2 table".to_owned());
+                let at = self.header.l1_table_offset + i as u64 * 8;
+                if let Err(e) = self.write_checked(
+                    &fixed.to_be_bytes(),
+                    at,
+                    overlap::ACTIVE_L1,
+                    "qcow2 L1 entry",
+                ) {
                     self.res.check_errors += 1;
                     return Err(e);
                 }
-                self.res.corruptions = self.res.corruptions.saturating_sub(dirty);
-                self.res.corruptions_fixed += dirty;
+                self.res.corruptions = self.res.corruptions.saturating_sub(1);
+                self.res.corruptions_fixed += 1;
             }
+        }
+        let mut table = self.read_cluster(l2_offset)?;
+        let entries = self.cluster_size as usize / self.l2_entry_size();
+        let mut dirty = 0u64;
+        for j in 0..entries {
+            let (decoded, kind) = self.l2_entry_at(&table, j);
+            let entry = decoded.entry;
+            let (ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host }) = kind else {
+                continue;
+            };
+            let count = if self.has_data_file {
+                1
+            } else {
+                match self.disk_refcount(host >> self.cluster_bits) {
+                    Ok(count) => count,
+                    Err(_) => continue,
+                }
+            };
+            if (count == 1) != (entry & COPIED != 0) {
+                self.res.corruptions += 1;
+                self.messages.push(format!(
+                    "{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
+                ));
+                if fix {
+                    let fixed = if count == 1 {
+                        entry | COPIED
+                    } else {
+                        entry & !COPIED
+                    };
+                    let at = j * self.l2_entry_size();
+                    BigEndian::write_u64(&mut table[at..], fixed);
+                    dirty += 1;
+                }
+            }
+        }
+        if dirty > 0 {
+            if let Err(e) =
+                self.write_checked(&table, l2_offset, overlap::ACTIVE_L2, "qcow2 L2 table")
+            {
+                self.messages
+                    .push("ERROR: Could not write L2 table".to_owned());
+                self.res.check_errors += 1;
+                return Err(e);
+            }
+            self.res.corruptions = self.res.corruptions.saturating_sub(dirty);
+            self.res.corruptions_fixed += dirty;
         }
         Ok(())
     }
@@ -1737,6 +1755,13 @@ impl<'a, B: Backend> Checker<'a, B> {
 
     /// qemu's `qcow2_co_check_locked`.
     fn run(&mut self, repair: Repair) -> Result<CheckReport, Error> {
+        if repair != Repair::None {
+            self.l1 = self.read_u64_table(
+                self.header.l1_table_offset,
+                u64::from(self.header.l1_size),
+                "qcow2 L1 table",
+            )?;
+        }
         let mut snapshot_res = Counts::default();
         self.read_snapshot_table(&mut snapshot_res)?;
         self.check_refcounts(repair)?;
