@@ -10,6 +10,11 @@
 //!                                         ▲
 //! builder::Qcow2Builder ─► qcow2::create ─┘─► qcow2::layout ─► new_file (temp + link)
 //! info ──► image facts with qemu-img's JSON keys; backing ──► untrusted names under a policy
+//!
+//! extent (Extent, GuestRead; offsets: typed offsets) ◄── qcow2 / vdi / raw block status
+//!    ▲
+//! chain (walk, open_chain_with, block_status, extents, read_extent) ◄── ops: map, compare,
+//!                                                      convert, commit, rebase, info
 //! ```
 //!
 //! Creating an overlay on a base image, in-process (what `qemu-img create -b base.qcow2 -F qcow2
