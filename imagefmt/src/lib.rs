@@ -11,6 +11,11 @@
 //! builder::Qcow2Builder ─► qcow2::create ─┘─► qcow2::layout ─► new_file (temp + link)
 //! info ──► image facts with qemu-img's JSON keys; backing ──► untrusted names under a policy
 //! open::open_image ──► regular files only ──► lock (qemu's OFD image locks) ──► every reader/writer
+//!
+//! extent (Extent, GuestRead; offsets: typed offsets) ◄── qcow2 / vdi / raw block status
+//!    ▲
+//! chain (walk, open_chain_with, block_status, extents, read_extent) ◄── ops: map, compare,
+//!                                                      convert, commit, rebase, info
 //! ```
 //!
 //! Every image file is opened through [`open::open_image`], which takes qemu-compatible locks
