@@ -86,7 +86,7 @@ impl HostPool {
                 format!(
                     "`{}` failed: {}",
                     invocation.shell_line(),
-                    String::from_utf8_lossy(&output.stderr).trim()
+                    one_line(&output.stderr)
                 ),
             ))
         }
@@ -243,10 +243,7 @@ impl HostPool {
             .wait_with_output()
             .map_err(|e| self.remote_error(&step, e.to_string()))?;
         if !output.status.success() {
-            return Err(self.remote_error(
-                &step,
-                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            ));
+            return Err(self.remote_error(&step, one_line(&output.stderr)));
         }
         let digest = hasher
             .finalize()
@@ -288,6 +285,16 @@ impl HostPool {
     pub fn domains(&self) -> Virsh {
         self.virsh()
     }
+}
+
+/// virsh's error output on one line (it prints `error: …` lines).
+fn one_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .map(|l| l.trim().trim_start_matches("error: "))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// SHA-256 (lowercase hex) of a local file.
