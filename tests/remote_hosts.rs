@@ -493,3 +493,184 @@ fn two_controllers_racing_for_one_host_upload_the_base_once() {
     let check = qemu_img(&[&"info", &replicas[0].path()]);
     assert!(check.status.success(), "{}", describe(&check));
 }
+
+/// Waits until the virsh wrapper has logged a base upload to `uri` (the clone is mid-upload).
+fn wait_for_upload(log: &VirshLog, uri: &str, child: &mut std::process::Child) {
+    loop {
+        if log.base_uploads(uri) > 0 {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the clone ended ({status}) before its upload was seen");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_controller_or_a_lost_host_mid_clone_leaves_the_registry_consistent() {
+    use std::os::unix::process::CommandExt;
+    let _one = HOSTS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    hosts_sh(&["up", "2"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    // A base with no holes, so that its upload and verification take a while.
+    let base = tmp.path().join("big.raw");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let bytes: Vec<u8> = (0..64u32 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(&base, &bytes).unwrap();
+    let log = VirshLog::new();
+    log.cowclone_ok(&[&"base", &"register", &"gold", &base, &"--home", &home]);
+    let (pool1, dir1) = pool(1, "crash");
+    let (pool2, dir2) = pool(2, "crash");
+    let _cleanup = Cleanup {
+        pools: vec![(HOSTS[0], pool1.clone()), (HOSTS[1], pool2.clone())],
+    };
+    for (name, uri, pool, dir) in [
+        ("h1", HOSTS[0], &pool1, &dir1),
+        ("h2", HOSTS[1], &pool2, &dir2),
+    ] {
+        log.cowclone_ok(&[
+            &"host",
+            &"add",
+            &name,
+            &"--connect",
+            &uri,
+            &"--pool",
+            pool,
+            &"--pool-dir",
+            dir,
+            &"--home",
+            &home,
+        ]);
+    }
+    let spawn = |name: &str, host: &str| {
+        Command::new(cowclone_bin())
+            .args(["clone", "gold", name, "--host", host, "--home"])
+            .arg(&home)
+            .env("PATH", log.path_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let before = registry_state(&home, &log);
+
+    // A controller killed (with its virsh) mid-upload: nothing is registered; the next clone
+    // takes the abandoned replica over; gc drops the dead controller's reservation.
+    let mut child = spawn("killed", "h1");
+    wait_for_upload(&log, HOSTS[0], &mut child);
+    rustix_kill_group(child.id());
+    let _ = child.wait_with_output();
+    assert_eq!(
+        registry_state(&home, &log),
+        before,
+        "a killed clone left a record"
+    );
+    log.cowclone_ok(&[
+        &"clone", &"gold", &"after", &"--host", &"h1", &"--home", &home,
+    ]);
+    let gc = log.cowclone_ok(&[&"gc", &"--output", &"json", &"--home", &home]);
+    let gc: Value = serde_json::from_str(&gc).unwrap();
+    let h1 = gc["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "h1")
+        .unwrap();
+    assert_eq!(
+        h1["dropped_pending"],
+        serde_json::json!(["cowclone-clone-killed.qcow2"]),
+        "{gc}"
+    );
+    let (hosts, _) = registry_state(&home, &log);
+    assert_eq!(hosts[0]["clones"], serde_json::json!(["after"]), "{hosts}");
+    let replica = PathBuf::from(hosts[0]["replicas"][0]["path"].as_str().unwrap());
+    assert!(
+        std::fs::read(&replica).unwrap() == bytes,
+        "the replica taken over is the base"
+    );
+    assert_qemu_check_clean(
+        &dir1.join("cowclone-clone-after.qcow2"),
+        "overlay after takeover",
+    );
+
+    // Host 2's daemon stops mid-upload: the clone is registered and present, or absent.
+    let before = registry_state(&home, &log);
+    let mut child = spawn("lost", "h2");
+    wait_for_upload(&log, HOSTS[1], &mut child);
+    // The daemon has started writing the replica: the upload stream is under way.
+    let replica2 = dir2.join("cowclone-base-1-gold");
+    while child.try_wait().unwrap().is_none()
+        && !std::fs::metadata(&replica2).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() > 0
+        })
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    hosts_sh(&["stop", "2"]);
+    let output = child.wait_with_output().unwrap();
+    let after = registry_state(&home, &log);
+    eprintln!(
+        "clone with host 2 stopped mid-upload: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    if output.status.success() {
+        assert_eq!(
+            after.0[1]["clones"],
+            serde_json::json!(["lost"]),
+            "{}",
+            describe(&output)
+        );
+        assert!(dir2.join("cowclone-clone-lost.qcow2").exists());
+    } else {
+        assert_eq!(
+            after,
+            before,
+            "a failed clone left a record: {}",
+            describe(&output)
+        );
+    }
+    hosts_sh(&["start", "2"]);
+    // Once the host is back, gc leaves exactly the claimed volumes in its pool.
+    log.cowclone_ok(&[&"gc", &"--home", &home]);
+    let (hosts, _) = registry_state(&home, &log);
+    let mut claimed: Vec<String> = hosts[1]["clones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("cowclone-clone-{}.qcow2", c.as_str().unwrap()))
+        .chain(
+            hosts[1]["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["volume"].as_str().unwrap().to_owned()),
+        )
+        .collect();
+    claimed.sort();
+    let mut present: Vec<String> = std::fs::read_dir(&dir2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    assert_eq!(present, claimed, "host 2's pool after gc");
+}
+
+/// SIGKILL to the process group `pgid` (a controller and the virsh it runs).
+fn rustix_kill_group(pgid: u32) {
+    let status = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
