@@ -275,6 +275,16 @@ fn find_remote(conn: &Connection, name: &str) -> Result<Option<RemoteClone>> {
     }))
 }
 
+/// Whether `name` is taken by a clone on a host (ready or being made).
+pub(crate) fn is_remote_name(conn: &Connection, name: &str) -> Result<bool> {
+    let count: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM remote_clones WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    Ok(count > 0)
+}
+
 /// How a replica reservation came out.
 enum Replica {
     /// Verified on the host: its id and path there.
@@ -641,6 +651,35 @@ fn reserve(
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
+    // The names first: a taken name fails at once, even while another upload is waited for.
+    let mut to_insert = Vec::new();
+    for name in names {
+        let ours: Option<String> = tx
+            .query_row(
+                "SELECT owner FROM remote_clones WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        if ours.as_deref() == Some(owner) {
+            continue; // reserved by this process on an earlier pass
+        }
+        let stale = ours.as_deref().is_some_and(|o| !remote::owner_alive(o));
+        if stale {
+            tx.execute("DELETE FROM remote_clones WHERE name = ?1", [name])?;
+        }
+        let taken: i64 = tx.query_row(
+            "SELECT (SELECT COUNT(*) FROM images WHERE name = ?1) + \
+             (SELECT COUNT(*) FROM remote_clones WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if taken > 0 {
+            return Err(RegistryError::NameTaken { name: name.clone() });
+        }
+        to_insert.push(name);
+    }
     let outcome = match replica {
         Some((id, state, Some(path), _, _)) if state == "ready" => Replica::Ready(id, path.into()),
         Some((_, _, _, Some(other), _)) if other != owner && remote::owner_alive(&other) => {
@@ -668,31 +707,7 @@ fn reserve(
         Replica::Ready(id, _) | Replica::Upload(id, _) => *id,
         Replica::Wait => unreachable!("returned above"),
     };
-    for name in names {
-        let ours: Option<String> = tx
-            .query_row(
-                "SELECT owner FROM remote_clones WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .flatten();
-        if ours.as_deref() == Some(owner) {
-            continue; // reserved by this process on an earlier pass
-        }
-        let stale = ours.as_deref().is_some_and(|o| !remote::owner_alive(o));
-        if stale {
-            tx.execute("DELETE FROM remote_clones WHERE name = ?1", [name])?;
-        }
-        let taken: i64 = tx.query_row(
-            "SELECT (SELECT COUNT(*) FROM images WHERE name = ?1) + \
-             (SELECT COUNT(*) FROM remote_clones WHERE name = ?1)",
-            [name],
-            |r| r.get(0),
-        )?;
-        if taken > 0 {
-            return Err(RegistryError::NameTaken { name: name.clone() });
-        }
+    for name in to_insert {
         tx.execute(
             "INSERT INTO remote_clones (name, host_id, replica_id, volume, virtual_size, state, \
              owner, created_ns) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
@@ -784,4 +799,100 @@ fn reconcile(
     }
     report.missing_volumes.sort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Home, RegisterBase};
+
+    /// A registry with base `gold` and host `h` (inserted directly: no libvirt here).
+    fn fixture(dir: &Path) -> (Registry, records::ImageRecord, HostRecord) {
+        let disk = dir.join("gold.raw");
+        std::fs::write(&disk, vec![7u8; 4096]).unwrap();
+        let mut registry = Registry::open(&Home::at(dir.join("home"))).unwrap();
+        registry
+            .register_base(&RegisterBase::new("gold", &disk))
+            .unwrap();
+        registry
+            .conn
+            .execute(
+                "INSERT INTO hosts (name, uri, pool, pool_dir, created_ns) \
+                 VALUES ('h', 'qemu+tcp://192.0.2.1/system', 'cowclone', '/p', 0)",
+                [],
+            )
+            .unwrap();
+        let base = records::get(&registry.conn, "gold").unwrap();
+        let host = get_host(&registry.conn, "h").unwrap();
+        (registry, base, host)
+    }
+
+    fn reserve_as(registry: &mut Registry, names: &[&str], owner: &str) -> Result<Replica> {
+        let (base, host) = (
+            records::get(&registry.conn, "gold")?,
+            get_host(&registry.conn, "h")?,
+        );
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let tx = store::write(&mut registry.conn)?;
+        let outcome = reserve(&tx, &names, &base, &host, owner)?;
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    #[test]
+    fn the_base_host_row_is_the_upload_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut registry, _, _) = fixture(dir.path());
+        let alive = remote::owner_token();
+        let (pid, start) = alive.split_once(':').unwrap();
+        let dead = format!("{pid}:{}", start.parse::<u64>().unwrap() + 1);
+        let other_dead = format!("{pid}:{}", start.parse::<u64>().unwrap() + 2);
+        // The first controller uploads; a second one, while the first lives, waits.
+        assert!(matches!(
+            reserve_as(&mut registry, &["a"], &alive).unwrap(),
+            Replica::Upload(..)
+        ));
+        assert!(matches!(
+            reserve_as(&mut registry, &["b"], &dead).unwrap(),
+            Replica::Wait
+        ));
+        // A name reserved by a live controller is taken, also for a local clone.
+        assert!(matches!(
+            reserve_as(&mut registry, &["a"], &dead),
+            Err(RegistryError::NameTaken { .. })
+        ));
+        assert!(is_remote_name(&registry.conn, "a").unwrap());
+        // The uploader dies: the next controller takes the replica over, and its names.
+        registry
+            .conn
+            .execute("UPDATE replicas SET owner = ?1", [&dead])
+            .unwrap();
+        registry
+            .conn
+            .execute("UPDATE remote_clones SET owner = ?1", [&dead])
+            .unwrap();
+        assert!(matches!(
+            reserve_as(&mut registry, &["a"], &other_dead).unwrap(),
+            Replica::Upload(..)
+        ));
+        let owner: String = registry
+            .conn
+            .query_row("SELECT owner FROM replicas", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(owner, other_dead);
+        // Once ready, everyone uses it; pending rows are not clones.
+        registry
+            .conn
+            .execute(
+                "UPDATE replicas SET state = 'ready', path = '/p/r', sha256 = 'x', size = 1",
+                [],
+            )
+            .unwrap();
+        assert!(matches!(
+            reserve_as(&mut registry, &["c"], &alive).unwrap(),
+            Replica::Ready(_, ref path) if path == Path::new("/p/r")
+        ));
+        assert!(registry.remote_clone("a").unwrap().is_none());
+        assert!(registry.host("h").unwrap().clones.is_empty());
+    }
 }
