@@ -161,7 +161,8 @@ impl RemoteClone {
 pub struct HostGc {
     /// The host.
     pub host: String,
-    /// Why it was not reconciled (it did not answer), if it was not: nothing changed there.
+    /// Why it was not reconciled, if it was not (it did not answer, or stopped answering half-way):
+    /// its records are unchanged.
     pub unreachable: Option<String>,
     /// `cowclone-` volumes no record claims: deleted (would be, in a dry run).
     pub removed_volumes: Vec<String>,
@@ -618,15 +619,31 @@ impl Registry {
                 reports.push(report);
                 continue;
             }
-            let detail = self.audited(
+            // A host that stops answering half-way is reported like one that never answered
+            // (the transaction is rolled back; only unclaimed volumes may have gone).
+            let reconciled = self.audited(
                 "gc host",
                 json!({ "host": host.name, "dry-run": dry_run }),
                 |tx, _| {
                     reconcile(tx, &host, &pool, dry_run, &mut report)?;
-                    Ok(((), format!("{report:?}")))
+                    let detail = format!(
+                        "host {}: {} {} volume(s) and {} pending record(s); {} volume(s) missing",
+                        host.name,
+                        if dry_run { "would remove" } else { "removed" },
+                        report.removed_volumes.len(),
+                        report.dropped_pending.len(),
+                        report.missing_volumes.len()
+                    );
+                    Ok(((), detail))
                 },
             );
-            detail?;
+            if let Err(e) = reconciled {
+                report = HostGc {
+                    host: host.name.clone(),
+                    unreachable: Some(error_chain(&e)),
+                    ..HostGc::default()
+                };
+            }
             reports.push(report);
         }
         Ok(reports)
