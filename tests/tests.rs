@@ -21,6 +21,7 @@ mod reflink;
 mod registry;
 mod registry_safety;
 mod regression;
+mod remote_hosts;
 mod vdi_cli;
 mod vdi_xcheck;
 mod vm_e2e;

@@ -39,7 +39,7 @@ fn state(home: &Path, name: &str) -> String {
 
 /// `cowclone start NAME EXTRA...` of the test guest under TCG in marker mode (it reads the
 /// pattern, writes the marker and powers off); `extra` adds options (`--dry-run`, `--driver`).
-fn start_marker_guest(home: &Path, name: &str, extra: &[&str]) -> std::process::Output {
+pub(crate) fn start_marker_guest(home: &Path, name: &str, extra: &[&str]) -> std::process::Output {
     let g = guest();
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"start",
@@ -109,7 +109,7 @@ fn wait_stopped(home: &Path, name: &str, limit: Duration) {
 }
 
 /// A 4 MiB raw base carrying `COWCLONE-PATTERN` and a pattern, registered as `gold`.
-fn registered_base(dir: &Path, home: &Path) -> (PathBuf, Vec<u8>) {
+pub(crate) fn registered_base(dir: &Path, home: &Path) -> (PathBuf, Vec<u8>) {
     let base = dir.join("gold.raw");
     let mut bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
     bytes[..16].copy_from_slice(b"COWCLONE-PATTERN");

@@ -46,6 +46,8 @@ pub enum Command {
     Registry(crate::registry_cmd::RegistryCommand),
     #[command(flatten)]
     Vm(crate::vm_cmd::VmCommand),
+    /// libvirt hosts that clones can live on: add, ls, rm.
+    Host(crate::host_cmd::HostArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

@@ -5,6 +5,7 @@
 mod args;
 mod bench_cmd;
 mod check_map;
+mod host_cmd;
 mod ops;
 mod output;
 mod registry_cmd;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
         Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
         Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),
+        Command::Host(args) => (host_cmd::run(args, &mut out), 1),
     };
     match result.and_then(|code| out.flush().map(|()| code).map_err(Into::into)) {
         Ok(code) => ExitCode::from(code),

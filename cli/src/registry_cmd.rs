@@ -234,6 +234,10 @@ pub struct CloneArgs {
     /// source's extents (btrfs, XFS; refused elsewhere); auto: reflink where possible.
     #[arg(long, value_name = "overlay|reflink|auto", default_value = "overlay")]
     pub method: cloner::CloneMethod,
+    /// Make the clones on this registered libvirt host (`cowclone host add`): the base is
+    /// uploaded there once, each overlay is made here and uploaded as a volume.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
@@ -288,7 +292,12 @@ pub fn run(command: RegistryCommand, out: &mut impl Write) -> Result<u8> {
             Ok(0)
         }
         RegistryCommand::Rm(args) => {
-            let removed = args.home.open()?.remove_clones(&args.names)?;
+            let mut registry = args.home.open()?;
+            let local = crate::host_cmd::remove_remote(&mut registry, &args.names, out)?;
+            if local.is_empty() {
+                return Ok(0);
+            }
+            let removed = registry.remove_clones(&local)?;
             for record in removed {
                 writeln!(out, "removed {} ({})", record.name, record.path.display())?;
             }
@@ -394,6 +403,10 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
         method: args.method,
         ..CloneSpec::new(&args.base, &args.name)
     };
+    if let Some(host) = &args.host {
+        let mut registry = args.home.open()?;
+        return crate::host_cmd::clone_on_host(&mut registry, &spec, host, args.output, out);
+    }
     let made = args
         .home
         .open()?
@@ -442,10 +455,17 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
 }
 
 fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
-    let report = args.list.home.open()?.gc(args.dry_run)?;
+    let mut registry = args.list.home.open()?;
+    let report = registry.gc(args.dry_run)?;
+    let hosts = crate::host_cmd::gc_hosts(&mut registry, args.dry_run)?;
     match args.list.output {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&report)?;
+            value["hosts"] = serde_json::to_value(&hosts)?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?
+        }
         OutputFormat::Human => {
+            crate::host_cmd::print_gc_hosts(&hosts, args.dry_run, out)?;
             let verb = if report.dry_run {
                 "would remove"
             } else {

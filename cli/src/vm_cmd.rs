@@ -234,7 +234,12 @@ fn execute(steps: &[Invocation], spec: &VmSpec, dry_run: bool, out: &mut impl Wr
 }
 
 fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
-    let mut spec = spec_for(&args.target)?;
+    // A clone on a libvirt host runs there, through libvirt, whatever --driver says.
+    let remote = crate::host_cmd::remote_clone(args.target.home.as_deref(), &args.target.name)?;
+    let mut spec = match &remote {
+        Some((clone, run_dir)) => crate::host_cmd::spec(clone, run_dir.clone())?,
+        None => spec_for(&args.target)?,
+    };
     if let Some(memory) = &args.memory {
         spec.memory = imagefmt::size::parse_size(memory)?;
     }
@@ -263,6 +268,10 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     let dry_run = args.target.dry_run;
     if args.firmware.is_some() && args.target.driver != Driver::CloudHypervisor {
         bail!("--firmware is for --driver cloud-hypervisor");
+    }
+    if let Some((clone, _)) = &remote {
+        let kvm = requested == Accel::Kvm;
+        return crate::host_cmd::start(clone, &spec, kvm, dry_run, out);
     }
     match args.target.driver {
         Driver::Qemu => {
@@ -387,7 +396,48 @@ fn stopped_text(how: Stopped, hypervisor: &str) -> String {
     }
 }
 
+/// Stops libvirt domain `name` (ACPI shutdown; destroy if it still runs after `timeout`) and
+/// undefines it; says how it went.
+pub(crate) fn libvirt_stop(
+    runner: &SystemRunner,
+    virsh: &libvirt::Virsh,
+    name: &str,
+    timeout: Duration,
+) -> Result<&'static str> {
+    let domstate = || {
+        runner
+            .run(&virsh.domstate(name))
+            .map(|s| s.trim().to_owned())
+    };
+    let how = if domstate()? == "running" {
+        // A domain that stops between the check and the request makes shutdown fail; the
+        // state is what counts.
+        let _ = runner.run(&virsh.shutdown(name));
+        let start = std::time::Instant::now();
+        while domstate()? == "running" && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        if domstate()? == "running" {
+            runner.run(&virsh.destroy(name))?;
+            "did not power down in time; destroyed"
+        } else {
+            "powered down"
+        }
+    } else {
+        "was not running"
+    };
+    runner.run(&virsh.undefine(name))?;
+    Ok(how)
+}
+
 fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
+    if let Some((clone, run_dir)) =
+        crate::host_cmd::remote_clone(args.target.home.as_deref(), &args.target.name)?
+    {
+        let spec = crate::host_cmd::spec(&clone, run_dir)?;
+        let timeout = Duration::from_secs(args.timeout);
+        return crate::host_cmd::stop(&clone, &spec, timeout, args.target.dry_run, out);
+    }
     let spec = spec_for(&args.target)?;
     let dry_run = args.target.dry_run;
     match args.target.driver {
@@ -422,31 +472,12 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
                 return execute(&steps, &spec, true, out);
             }
             let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
-            let domstate = || {
-                runner
-                    .run(&virsh.domstate(&spec.name))
-                    .map(|s| s.trim().to_owned())
-            };
-            let how = if domstate()? == "running" {
-                // A domain that stops between the check and the request makes shutdown fail;
-                // the state is what counts.
-                let _ = runner.run(&virsh.shutdown(&spec.name));
-                let start = std::time::Instant::now();
-                while domstate()? == "running"
-                    && start.elapsed() < Duration::from_secs(args.timeout)
-                {
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-                if domstate()? == "running" {
-                    runner.run(&virsh.destroy(&spec.name))?;
-                    "did not power down in time; destroyed"
-                } else {
-                    "powered down"
-                }
-            } else {
-                "was not running"
-            };
-            runner.run(&virsh.undefine(&spec.name))?;
+            let how = libvirt_stop(
+                &runner,
+                &virsh,
+                &spec.name,
+                Duration::from_secs(args.timeout),
+            )?;
             writeln!(out, "{}: {how}; undefined", spec.name)?;
         }
         Driver::Virtualbox => execute(&vbox::stop_sequence(&spec), &spec, dry_run, out)?,
@@ -489,6 +520,9 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
 }
 
 fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
+    if let Some((clone, _)) = crate::host_cmd::remote_clone(args.home.as_deref(), &args.name)? {
+        return crate::host_cmd::status(&clone, args.output, out);
+    }
     let registry = open_registry(args.home.as_deref())?;
     let record = registry.clone_record(&args.name)?;
     let spec = VmSpec::from_clone(&record)?;

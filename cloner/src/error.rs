@@ -170,6 +170,26 @@ pub enum RegistryError {
         #[source]
         source: io::Error,
     },
+    /// A libvirt host did not answer (checked before anything is changed).
+    #[error("host {host:?} ({uri}) does not answer: {detail}")]
+    HostUnreachable {
+        /// The registered host.
+        host: String,
+        /// Its libvirt URI.
+        uri: String,
+        /// What virsh said.
+        detail: String,
+    },
+    /// A step on a libvirt host failed.
+    #[error("on host {host:?}: {step}: {detail}")]
+    Remote {
+        /// The registered host.
+        host: String,
+        /// What was being done.
+        step: String,
+        /// What went wrong (virsh's message, or a mismatch).
+        detail: String,
+    },
     /// `--count` out of range.
     #[error("invalid count {count}: expected 1 to {max}")]
     InvalidCount {

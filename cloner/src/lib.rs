@@ -29,6 +29,7 @@ mod path_clone;
 pub mod plan;
 pub mod reflink;
 pub mod registry;
+pub mod remote;
 pub mod runtime;
 pub mod store;
 pub mod vm;

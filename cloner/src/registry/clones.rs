@@ -140,7 +140,7 @@ impl Registry {
                 _ => clone_format(&source, spec.format)?,
             };
             for name in &names {
-                if records::find(tx, name)?.is_some() {
+                if records::find(tx, name)?.is_some() || super::hosts::is_remote_name(tx, name)? {
                     return Err(RegistryError::NameTaken { name: name.clone() });
                 }
             }

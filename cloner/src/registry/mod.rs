@@ -32,6 +32,7 @@ pub mod bases;
 pub mod clones;
 pub mod gc;
 mod guard;
+pub mod hosts;
 pub mod made;
 pub mod protect;
 pub mod records;

@@ -56,6 +56,47 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE images ADD COLUMN ino INTEGER;
     CREATE INDEX images_identity ON images(dev, ino);
     "#,
+    // 3: libvirt hosts (`cowclone host add`), the replicas of bases uploaded to them, and the
+    // clones living there. A replica or clone row is `pending` while its owner (a process token,
+    // `remote::owner_token`) uploads it, `ready` once verified; a pending row whose owner died
+    // is taken over (replica) or removed by `gc` (clone).
+    r#"
+    CREATE TABLE hosts (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        uri         TEXT NOT NULL,
+        pool        TEXT NOT NULL,
+        pool_dir    TEXT NOT NULL,
+        created_ns  INTEGER NOT NULL
+    );
+    CREATE TABLE replicas (
+        id          INTEGER PRIMARY KEY,
+        base_id     INTEGER NOT NULL REFERENCES images(id),
+        host_id     INTEGER NOT NULL REFERENCES hosts(id),
+        volume      TEXT NOT NULL,
+        path        TEXT,
+        sha256      TEXT,
+        size        INTEGER,
+        state       TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
+        owner       TEXT,
+        created_ns  INTEGER NOT NULL,
+        UNIQUE (base_id, host_id),
+        UNIQUE (host_id, volume)
+    );
+    CREATE TABLE remote_clones (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        host_id     INTEGER NOT NULL REFERENCES hosts(id),
+        replica_id  INTEGER NOT NULL REFERENCES replicas(id),
+        volume      TEXT NOT NULL,
+        path        TEXT,
+        virtual_size INTEGER NOT NULL,
+        state       TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
+        owner       TEXT,
+        created_ns  INTEGER NOT NULL,
+        UNIQUE (host_id, volume)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

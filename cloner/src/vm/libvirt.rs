@@ -2,6 +2,8 @@
 //! pinned, so libvirt probes nothing), and the `virsh` command lines that define, start, shut
 //! down, destroy and undefine it, on this host or another (`--connect URI`).
 
+use std::path::Path;
+
 use quick_xml::events::BytesText;
 use quick_xml::Writer;
 
@@ -53,6 +55,12 @@ fn write_store(w: &mut Writer<Vec<u8>>, layers: &[DiskLayer]) -> Result<()> {
 /// interface, which keeps the default `--egress deny`; port forwards and egress destinations
 /// are refused rather than dropped (the qemu driver has them).
 pub fn domain_xml(spec: &VmSpec, kvm: bool) -> Result<String> {
+    domain_xml_with_serial(spec, kvm, &spec.serial_log())
+}
+
+/// [`domain_xml`] with the serial console written to `serial_log` (a path on the host that
+/// runs the domain: for a clone on a remote host, a file in its pool).
+pub fn domain_xml_with_serial(spec: &VmSpec, kvm: bool, serial_log: &Path) -> Result<String> {
     let top = spec
         .disks
         .first()
@@ -155,7 +163,7 @@ pub fn domain_xml(spec: &VmSpec, kvm: bool) -> Result<String> {
                     .with_attribute(("type", "file"))
                     .write_inner_content(|w| {
                         w.create_element("source")
-                            .with_attribute(("path", spec.serial_log().to_string_lossy().as_ref()))
+                            .with_attribute(("path", serial_log.to_string_lossy().as_ref()))
                             .write_empty()?;
                         Ok::<(), std::io::Error>(())
                     })?;
@@ -185,6 +193,17 @@ impl Virsh {
         }
         args.extend([verb.to_owned(), argument.to_owned()]);
         Invocation::new("virsh", args)
+    }
+
+    /// `virsh -q [--connect URI] ARGS…`: quiet (no blank line after a command's output), for
+    /// the pool and volume commands of remote hosts ([`crate::remote`]).
+    pub fn quiet(&self, args: &[&str]) -> Invocation {
+        let mut all = vec!["-q".to_owned()];
+        if let Some(uri) = &self.connect {
+            all.extend(["--connect".to_owned(), uri.clone()]);
+        }
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Invocation::new("virsh", all)
     }
 
     /// `virsh define XMLFILE`.
