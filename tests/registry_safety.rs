@@ -95,12 +95,16 @@ fn regression_issue_12_root_commit_of_a_clone_into_its_registered_base_is_refuse
         vec!["resize", "BASE", "8M"],
         vec!["rebase", "-u", "-b", "", "BASE"],
         vec!["check", "-r", "all", "BASE"],
+        vec!["create", "-f", "qcow2", "--overwrite", "BASE", "1M"],
+        vec!["convert", "-O", "qcow2", "--overwrite", "OVERLAY", "BASE"],
     ] {
         let args: Vec<PathBuf> = args
             .iter()
             .map(|a| {
                 if *a == "BASE" {
                     base.clone()
+                } else if *a == "OVERLAY" {
+                    overlay.clone()
                 } else {
                     PathBuf::from(a)
                 }

@@ -83,6 +83,8 @@ pub struct CreateArgs {
     pub file: PathBuf,
     /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.
     pub size: Option<String>,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone info [--output human|json] [--backing-chain] FILE`

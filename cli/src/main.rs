@@ -124,6 +124,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
+    if args.overwrite {
+        args.guard
+            .check("create --overwrite", std::slice::from_ref(&args.file))?;
+    }
     match args.format.as_str() {
         "qcow2" => {}
         "vdi" => return vdi_create::create_vdi(&args, out),

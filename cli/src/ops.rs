@@ -63,6 +63,8 @@ pub struct ConvertArgs {
     pub source: PathBuf,
     /// Output image.
     pub dest: PathBuf,
+    #[command(flatten)]
+    pub guard: crate::registry_cmd::WriteGuardArgs,
 }
 
 /// `cowclone commit [-d] FILE`
@@ -129,6 +131,10 @@ fn format(name: &Option<String>) -> Result<Option<ImageFormat>> {
 
 /// Runs convert.
 pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
+    if args.overwrite {
+        args.guard
+            .check("convert --overwrite", std::slice::from_ref(&args.dest))?;
+    }
     let policy = if args.no_backing {
         BackingPolicy::Detach
     } else {
