@@ -12,9 +12,8 @@
 //!
 //! Both tools run as processes with the same arguments where their syntax agrees, each with a
 //! fresh output file, on inputs that run 0 has brought into the page cache for both alike. The
-//! clock stops when the output is on disk: qemu-img flushes (fdatasync) its output before it
-//! exits and cowclone does not, so the harness fsyncs the written files after each command,
-//! inside the clock, for both (the time to exit is reported too).
+//! wall time is the command's; the time until its output is on disk (the command, then fsync of
+//! what it wrote) is reported beside it, so that leaving more dirty data behind is not free.
 //! `commit` works on fresh copies of the chain's two overlays each time (copying is not timed).
 
 use std::ffi::{OsStr, OsString};
@@ -186,16 +185,15 @@ pub struct ToolResult {
     pub tool: &'static str,
     /// The command line of the timed runs (paths inside the bench directory).
     pub command: String,
-    /// Median wall time until the result is on disk, ms: the command, then fsync of the files
-    /// it wrote (qemu-img flushes its output before exiting, cowclone does not: the fsync puts
-    /// both on the same terms). For commands that write nothing, the command alone.
+    /// Median wall time of the command (until it exited), ms.
     pub median_ms: f64,
     /// 90th percentile of the same, ms.
     pub p90_ms: f64,
-    /// Every timed run's wall time as `median_ms` counts it, ms, in run order.
+    /// Every timed run's wall time, ms, in run order.
     pub samples_ms: Vec<f64>,
-    /// Median wall time until the command exited (without the fsync after it), ms.
-    pub exit_median_ms: f64,
+    /// Median wall time until the result was on disk, ms: the command, then fsync of the files
+    /// it wrote. Equal to `median_ms` for commands that write nothing.
+    pub durable_median_ms: f64,
     /// The largest peak RSS of any of its runs (judged run included), KiB.
     pub peak_rss_kib: u64,
     /// The written file's length (`st_size`), bytes; null where nothing is written. For
@@ -565,7 +563,7 @@ struct Invocation {
     args: Vec<OsString>,
     /// The file it writes (for commit: the overlay committed into).
     output: Option<PathBuf>,
-    /// Every file it writes (fsynced inside the clock after it exits).
+    /// Every file it writes (fsynced after it exits, for the durable time).
     written: Vec<PathBuf>,
     /// Where its stdout goes.
     stdout: PathBuf,
@@ -584,7 +582,7 @@ impl Bench {
     /// Run 0 (judged, untimed) and `runs` timed runs of `op`, both tools per run.
     fn measure(&self, op: Operation, runs: u32, progress: &ProgressBar) -> Result<OperationResult> {
         let mut samples: [Vec<f64>; 2] = Default::default();
-        let mut exit_samples: [Vec<f64>; 2] = Default::default();
+        let mut durable_samples: [Vec<f64>; 2] = Default::default();
         let mut peak_rss = [0u64; 2];
         let mut sizes: [Option<(u64, u64)>; 2] = [None, None];
         let mut commands = [String::new(), String::new()];
@@ -611,8 +609,8 @@ impl Bench {
                 progress.inc(1);
                 peak_rss[i] = peak_rss[i].max(measured.peak_rss_kib);
                 if run > 0 {
-                    samples[i].push((measured.seconds + sync_seconds) * 1e3);
-                    exit_samples[i].push(measured.seconds * 1e3);
+                    samples[i].push(measured.seconds * 1e3);
+                    durable_samples[i].push((measured.seconds + sync_seconds) * 1e3);
                 }
                 commands[i] =
                     tools::command_line(&invocation.program.to_string_lossy(), &invocation.args)
@@ -637,7 +635,7 @@ impl Bench {
             median_ms: round1(median(&samples[i]).unwrap_or_default()),
             p90_ms: round1(p90(&samples[i]).unwrap_or_default()),
             samples_ms: samples[i].iter().map(|&s| round1(s)).collect(),
-            exit_median_ms: round1(median(&exit_samples[i]).unwrap_or_default()),
+            durable_median_ms: round1(median(&durable_samples[i]).unwrap_or_default()),
             peak_rss_kib: peak_rss[i],
             output_bytes: sizes[i].map(|s| s.0),
             output_allocated_bytes: sizes[i].map(|s| s.1),

@@ -168,10 +168,9 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     let runs = report.operations.first().map_or(0, |o| o.runs);
     writeln!(
         out,
-        "median of {runs} timed runs per tool, ms until the output is on disk (the command, then \
-         fsync of what it wrote; exit = until the command exited); speedup = qemu-img ÷ \
-         cowclone (above 1: cowclone faster); RSS = peak over all runs; out = allocated output \
-         bytes"
+        "median wall time of {runs} timed runs per tool, ms (durable = until the output is on \
+         disk: the command, then fsync of what it wrote); speedup = qemu-img ÷ cowclone (above \
+         1: cowclone faster); RSS = peak over all runs; out = allocated output bytes"
     )?;
     writeln!(out)?;
     writeln!(
@@ -179,9 +178,9 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
         "{:<24} {:>12} {:>9} {:>12} {:>9} {:>8} {:>10} {:>10} {:>14} {:>14}",
         "operation",
         "cowclone ms",
-        "(exit)",
+        "(durable)",
         "qemu-img ms",
-        "(exit)",
+        "(durable)",
         "speedup",
         "RSS MiB",
         "qemu MiB",
@@ -194,9 +193,9 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
             "{:<24} {:>12.1} {:>9.1} {:>12.1} {:>9.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
             op.operation,
             op.cowclone.median_ms,
-            op.cowclone.exit_median_ms,
+            op.cowclone.durable_median_ms,
             op.qemu_img.median_ms,
-            op.qemu_img.exit_median_ms,
+            op.qemu_img.durable_median_ms,
             op.speedup,
             op.cowclone.peak_rss_kib as f64 / 1024.0,
             op.qemu_img.peak_rss_kib as f64 / 1024.0,
