@@ -600,7 +600,8 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
 
 /// A cowclone whose convert output is wrong (a wrapper that corrupts one byte of it) makes
 /// `bench ops` fail, naming the operation and qemu-img's verdict: a fast wrong answer is not
-/// a result. Impossible parameters are refused in one line.
+/// a result. The workload here comes from `--image`, which is left untouched. Impossible
+/// parameters are refused.
 #[test]
 fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
     let tmp = tempfile::tempdir().unwrap();
@@ -622,13 +623,15 @@ fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    let image = tmp.path().join("given.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"16M"]);
+    qemu_io_ok(&[&"-c", &"write -P 0x5a 1M 3M", &image]);
+    let before = std::fs::read(&image).unwrap();
     let output = cowclone(&[
         &"bench",
         &"ops",
-        &"--tree",
-        &tree,
-        &"--size",
-        &"16M",
+        &"--image",
+        &image,
         &"--runs",
         &"1",
         &"--dir",
@@ -648,6 +651,10 @@ fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
             .iter()
             .any(|n| n.starts_with("cowclone-bench-ops.")),
         "the bench directory is removed after a failure too"
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "--image is never modified"
     );
 
     for (args, message) in [
