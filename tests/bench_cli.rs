@@ -418,22 +418,33 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
     let work = tmp.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let chart = tmp.path().join("ops.svg");
-    let stdout = cowclone_ok(&[
-        &"bench",
-        &"ops",
-        &"--tree",
-        &tree,
-        &"--size",
-        &"16M",
-        &"--runs",
-        &"1",
-        &"--dir",
-        &work,
-        &"--output",
-        &"json",
-        &"--plot",
-        &chart,
-    ]);
+    // --dir relative to the current directory: the chain's absolute backing name must still
+    // resolve.
+    let output = cowclone_in(
+        tmp.path(),
+        &[
+            &"bench",
+            &"ops",
+            &"--tree",
+            &tree,
+            &"--size",
+            &"16M",
+            &"--runs",
+            &"1",
+            &"--dir",
+            &"work",
+            &"--output",
+            &"json",
+            &"--plot",
+            &chart,
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "bench ops failed: {}",
+        describe(&output)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("bench ops printed no JSON ({e}): {stdout}"));
 
@@ -453,6 +464,11 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
         .unwrap()
         .starts_with("cowclone "));
     assert!(env["date"].as_str().unwrap().ends_with('Z'), "{env}");
+    assert_eq!(
+        env["dir"].as_str().map(Path::new),
+        Some(work.canonicalize().unwrap().as_path()),
+        "the bench directory's parent, resolved"
+    );
     positive(&env["cpus"], "cpus");
 
     let workload = &report["workload"];
@@ -498,6 +514,11 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
             let median = positive(&side["median_ms"], "median_ms");
             assert_eq!(side["samples_ms"].as_array().unwrap().len(), 1, "{side}");
             assert_eq!(side["samples_ms"][0], side["median_ms"], "{side}");
+            let durable = positive(&side["durable_median_ms"], "durable_median_ms");
+            assert!(
+                durable >= median,
+                "the time to a durable output includes the command's: {side}"
+            );
             positive(&side["peak_rss_kib"], "peak_rss_kib");
             let command = side["command"].as_str().unwrap();
             let verb = command.split_whitespace().nth(1).unwrap_or_default();
@@ -579,7 +600,8 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
 
 /// A cowclone whose convert output is wrong (a wrapper that corrupts one byte of it) makes
 /// `bench ops` fail, naming the operation and qemu-img's verdict: a fast wrong answer is not
-/// a result. Impossible parameters are refused in one line.
+/// a result. The workload here comes from `--image`, which is left untouched. Impossible
+/// parameters are refused.
 #[test]
 fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
     let tmp = tempfile::tempdir().unwrap();
@@ -601,13 +623,15 @@ fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    let image = tmp.path().join("given.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"16M"]);
+    qemu_io_ok(&[&"-c", &"write -P 0x5a 1M 3M", &image]);
+    let before = std::fs::read(&image).unwrap();
     let output = cowclone(&[
         &"bench",
         &"ops",
-        &"--tree",
-        &tree,
-        &"--size",
-        &"16M",
+        &"--image",
+        &image,
         &"--runs",
         &"1",
         &"--dir",
@@ -627,6 +651,10 @@ fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
             .iter()
             .any(|n| n.starts_with("cowclone-bench-ops.")),
         "the bench directory is removed after a failure too"
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "--image is never modified"
     );
 
     for (args, message) in [

@@ -169,16 +169,19 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     let runs = report.operations.first().map_or(0, |o| o.runs);
     writeln!(
         out,
-        "median of {runs} timed runs per tool; speedup = qemu-img ÷ cowclone (above 1: cowclone \
-         faster); RSS = peak over all runs; out = allocated output bytes"
+        "median wall time of {runs} timed runs per tool, ms (durable = until the output is on \
+         disk: the command, then fsync of what it wrote); speedup = qemu-img ÷ cowclone (above \
+         1: cowclone faster); RSS = peak over all runs; out = allocated output bytes"
     )?;
     writeln!(out)?;
     writeln!(
         out,
-        "{:<24} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14} {:>14}",
+        "{:<24} {:>12} {:>9} {:>12} {:>9} {:>8} {:>10} {:>10} {:>14} {:>14}",
         "operation",
         "cowclone ms",
+        "(durable)",
         "qemu-img ms",
+        "(durable)",
         "speedup",
         "RSS MiB",
         "qemu MiB",
@@ -188,10 +191,12 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     for op in &report.operations {
         writeln!(
             out,
-            "{:<24} {:>12.1} {:>12.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
+            "{:<24} {:>12.1} {:>9.1} {:>12.1} {:>9.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
             op.operation,
             op.cowclone.median_ms,
+            op.cowclone.durable_median_ms,
             op.qemu_img.median_ms,
+            op.qemu_img.durable_median_ms,
             op.speedup,
             op.cowclone.peak_rss_kib as f64 / 1024.0,
             op.qemu_img.peak_rss_kib as f64 / 1024.0,

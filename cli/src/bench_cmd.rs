@@ -344,7 +344,7 @@ fn bench_ops(args: BenchOpsArgs, out: &mut impl Write) -> Result<()> {
             plot::grouped_bar_chart(
                 path,
                 &title,
-                "median wall time, ms",
+                "median wall time",
                 &groups,
                 &series,
                 &report::milliseconds,
