@@ -9,6 +9,7 @@ mod bench_cli;
 mod check_memory;
 mod check_xcheck;
 mod cli;
+mod foreign_formats;
 mod hostile_names;
 mod hypervisor_drivers;
 mod locking;

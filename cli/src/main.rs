@@ -47,11 +47,16 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, no backtrace.
-            let mut line = format!("cowclone: {e}");
-            for cause in e.chain().skip(1) {
-                line.push_str(&format!(": {cause}"));
-            }
-            eprintln!("{line}");
+            // A context naming only the file that the next cause names again is dropped.
+            let mut parts: Vec<String> = e.chain().map(|cause| cause.to_string()).collect();
+            parts.dedup_by(|next, prev| {
+                let repeats = next.starts_with(prev.as_str());
+                if repeats {
+                    std::mem::swap(next, prev);
+                }
+                repeats
+            });
+            eprintln!("cowclone: {}", parts.join(": "));
             ExitCode::from(error_code)
         }
     }

@@ -66,5 +66,5 @@ pub mod size;
 pub mod vdi;
 
 pub use builder::{CreatedImage, Qcow2Builder};
-pub use detect::ImageFormat;
+pub use detect::{ForeignFormat, ImageFormat};
 pub use error::{Error, Result};
