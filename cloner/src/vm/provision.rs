@@ -31,7 +31,7 @@ use serde::Serialize;
 use super::runner::{CommandRunner, SystemRunner};
 use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
 use super::{accel, cidata, io, qemu, Result, VmError};
-use crate::{CloneSpec, Registry};
+use crate::{CloneSpec, Home, Registry};
 
 /// Largest script accepted (it travels on a 1 MiB seed volume).
 pub const MAX_SCRIPT: u64 = 256 << 10;
@@ -218,7 +218,7 @@ pub fn provision(
         wrapper(&script, &nonce, request.keep_running).as_bytes(),
     )?;
     spec.extra_drives.push(seed);
-    let accel = resolve_accel(request.accel, &spec.run_dir)?;
+    let accel = resolve_accel(request.accel, &spec.run_dir, registry.home())?;
     let timeout = plan
         .timeout_secs
         .map(Duration::from_secs)
@@ -276,11 +276,13 @@ pub fn provision(
     })
 }
 
-/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
-pub fn resolve_accel(requested: Accel, scratch: &Path) -> Result<Accel> {
+/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]); the verdict is
+/// remembered in `home`'s cache for this kernel boot and qemu binary ([`accel::kvm_verdict`]).
+pub fn resolve_accel(requested: Accel, scratch: &Path, home: &Home) -> Result<Accel> {
     Ok(match requested {
         Accel::Auto => {
-            if accel::probe_kvm(qemu::QEMU, scratch)?.kvm_alive {
+            let runner = SystemRunner::default();
+            if accel::kvm_verdict(&home.cache_dir(), qemu::QEMU, scratch, &runner)?.kvm_alive {
                 Accel::Kvm
             } else {
                 Accel::Tcg
