@@ -14,6 +14,7 @@ mod hostile_names;
 mod hypervisor_drivers;
 mod locking;
 mod map_xcheck;
+mod measure_xcheck;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;

@@ -5,6 +5,7 @@
 mod args;
 mod bench_cmd;
 mod check_map;
+mod measure_cmd;
 mod ops;
 mod output;
 mod registry_cmd;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
+        Command::Measure(args) => (measure_cmd::measure_cmd(args, &mut out).map(|()| 0), 1),
         Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
         Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
         Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),

@@ -56,6 +56,7 @@ pub mod info;
 pub mod io;
 pub mod lock;
 pub mod map;
+pub mod measure;
 pub mod new_file;
 pub mod offsets;
 pub mod open;
