@@ -52,7 +52,9 @@ fn main() -> ExitCode {
             // A context naming only the file that the next cause names again is dropped.
             let mut parts: Vec<String> = e.chain().map(|cause| cause.to_string()).collect();
             parts.dedup_by(|next, prev| {
-                let repeats = next.starts_with(prev.as_str());
+                let repeats = next
+                    .strip_prefix(prev.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', ' ']));
                 if repeats {
                     std::mem::swap(next, prev);
                 }
