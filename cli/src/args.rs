@@ -39,6 +39,8 @@ pub enum Command {
     Rebase(crate::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
     Resize(crate::ops::ResizeArgs),
+    /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
+    Measure(crate::measure_cmd::MeasureArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
     Bench(crate::bench_cmd::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.

@@ -6,6 +6,7 @@ mod args;
 mod bench_cmd;
 mod check_map;
 mod host_cmd;
+mod measure_cmd;
 mod ops;
 mod output;
 mod registry_cmd;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => (ops::commit(args, &mut out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, &mut out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, &mut out).map(|()| 0), 1),
+        Command::Measure(args) => (measure_cmd::measure_cmd(args, &mut out).map(|()| 0), 1),
         Command::Bench(args) => (bench_cmd::bench(args, &mut out).map(|()| 0), 1),
         Command::Registry(command) => (registry_cmd::run(command, &mut out), 1),
         Command::Vm(command) => (vm_cmd::run(command, &mut out), 1),
@@ -49,11 +51,18 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, no backtrace.
-            let mut line = format!("cowclone: {e}");
-            for cause in e.chain().skip(1) {
-                line.push_str(&format!(": {cause}"));
-            }
-            eprintln!("{line}");
+            // A context naming only the file that the next cause names again is dropped.
+            let mut parts: Vec<String> = e.chain().map(|cause| cause.to_string()).collect();
+            parts.dedup_by(|next, prev| {
+                let repeats = next
+                    .strip_prefix(prev.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', ' ']));
+                if repeats {
+                    std::mem::swap(next, prev);
+                }
+                repeats
+            });
+            eprintln!("cowclone: {}", parts.join(": "));
             ExitCode::from(error_code)
         }
     }

@@ -92,6 +92,14 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as qemu-img writes JSON: pretty, indented by four spaces, then a newline.
+pub fn write_qemu_json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut serializer = serde_json::Serializer::with_formatter(&mut *out, formatter);
+    value.serialize(&mut serializer).map_err(io::Error::from)?;
+    writeln!(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::human_size;

@@ -302,7 +302,8 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
                 writeln!(out, "{}", qemu::command_line(&spec, accel)?.shell_line())?;
                 return Ok(());
             }
-            let accel = resolve_accel(requested, &spec.run_dir)?;
+            let home = cloner::Home::resolve(args.target.home.as_deref())?;
+            let accel = resolve_accel(requested, &spec.run_dir, &home)?;
             let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
             qemu::start(&spec, accel, &runner)?;
             let VmState::Running(pid) = qemu::state(&spec.run_dir) else {

@@ -53,6 +53,12 @@ impl Home {
         self.root.join(DATABASE_NAME)
     }
 
+    /// Where facts worth remembering between runs are kept (e.g. the KVM verdict of
+    /// `--accel auto`); created on first use.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
     /// The default directory clones are made in (each in its own subdirectory).
     pub fn clones_dir(&self) -> PathBuf {
         self.root.join(CLONES_DIR_NAME)

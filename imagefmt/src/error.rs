@@ -60,6 +60,14 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// The file is in a format cowclone recognises by its magic but does not read.
+    #[error("{path} is a {format} image; cowclone reads qcow2, VDI and raw")]
+    ForeignFormat {
+        /// The file.
+        path: PathBuf,
+        /// The format its magic names.
+        format: crate::detect::ForeignFormat,
+    },
     /// A format name cowclone does not handle.
     #[error("unsupported image format {name:?} (supported: qcow2, raw, vdi)")]
     UnsupportedFormat {
@@ -173,6 +181,7 @@ impl Error {
                 Error::Qcow2(_)
                     | Error::Vdi(_)
                     | Error::UnrecognizedFormat { .. }
+                    | Error::ForeignFormat { .. }
                     | Error::FormatMismatch { .. }
             ),
         }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::detect::{detect_format, ImageFormat};
+use crate::detect::{detect_foreign, detect_format, ImageFormat};
 use crate::io::Backend;
 use crate::qcow2::HeaderCluster;
 use crate::vdi::{VdiHeader, HEADER_REGION_LEN};
@@ -55,7 +55,8 @@ impl ImageHeader {
         }
     }
 
-    /// Recognises the format by content (qcow2 or VDI) and reads the header. With
+    /// Recognises the format by content (qcow2 or VDI) and reads the header. A format cowclone
+    /// recognises but does not read (VMDK, VHD, …) is refused with [`Error::ForeignFormat`]. With
     /// `raw_fallback`, an unrecognised file is read as raw (what `info` does); without, it is
     /// refused with [`Error::UnrecognizedFormat`].
     pub fn read_detected<B: Backend + ?Sized>(
@@ -63,12 +64,21 @@ impl ImageHeader {
         path: &Path,
         raw_fallback: bool,
     ) -> Result<Self> {
-        match detect_format(backend)? {
-            Some(format) => Self::read_as(backend, format, path),
-            None if raw_fallback => Self::read_as(backend, ImageFormat::Raw, path),
-            None => Err(Error::UnrecognizedFormat {
+        if let Some(format) = detect_format(backend)? {
+            return Self::read_as(backend, format, path);
+        }
+        if let Some(format) = detect_foreign(backend)? {
+            return Err(Error::ForeignFormat {
                 path: path.to_owned(),
-            }),
+                format,
+            });
+        }
+        if raw_fallback {
+            Self::read_as(backend, ImageFormat::Raw, path)
+        } else {
+            Err(Error::UnrecognizedFormat {
+                path: path.to_owned(),
+            })
         }
     }
 

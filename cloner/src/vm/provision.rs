@@ -32,7 +32,7 @@ use super::limits::{self, Limits};
 use super::runner::{CommandRunner, SystemRunner};
 use super::spec::{Accel, Egress, KernelBoot, PortForward, VmSpec};
 use super::{accel, cidata, io, qemu, Result, VmError};
-use crate::{CloneSpec, Registry};
+use crate::{CloneSpec, Home, Registry};
 
 /// Largest script accepted (it travels on a 1 MiB seed volume).
 pub const MAX_SCRIPT: u64 = 256 << 10;
@@ -230,7 +230,7 @@ pub fn provision(
         wrapper(&script, &nonce, request.keep_running).as_bytes(),
     )?;
     spec.extra_drives.push(seed);
-    let accel = resolve_accel(request.accel, &spec.run_dir)?;
+    let accel = resolve_accel(request.accel, &spec.run_dir, registry.home())?;
 
     let report_log = result_log(&spec.run_dir);
     let _ = std::fs::remove_file(&report_log);
@@ -293,11 +293,13 @@ fn plan_egress(ports: &[u16]) -> Egress {
     }
 }
 
-/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]).
-pub fn resolve_accel(requested: Accel, scratch: &Path) -> Result<Accel> {
+/// `Auto` becomes KVM only if a probe guest runs under it (see [`accel`]); the verdict is
+/// remembered in `home`'s cache for this kernel boot and qemu binary ([`accel::kvm_verdict`]).
+pub fn resolve_accel(requested: Accel, scratch: &Path, home: &Home) -> Result<Accel> {
     Ok(match requested {
         Accel::Auto => {
-            if accel::probe_kvm(qemu::QEMU, scratch)?.kvm_alive {
+            let runner = SystemRunner::default();
+            if accel::kvm_verdict(&home.cache_dir(), qemu::QEMU, scratch, &runner)?.kvm_alive {
                 Accel::Kvm
             } else {
                 Accel::Tcg

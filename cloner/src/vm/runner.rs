@@ -3,9 +3,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{io, Result, VmError};
 
@@ -48,10 +48,33 @@ pub fn shell_quote(word: &str) -> String {
     }
 }
 
+/// How a [`CommandRunner::run_until`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    /// The condition held after this long; the process was then killed.
+    Done(Duration),
+    /// The process exited first (its status, as text).
+    Exited(String),
+    /// The deadline passed; the process was killed.
+    TimedOut,
+    /// The program could not be started (the OS error, as text).
+    NotRun(String),
+}
+
 /// Runs hypervisor command lines.
 pub trait CommandRunner {
     /// Runs `invocation` to completion; its stdout on success, [`VmError::Tool`] otherwise.
     fn run(&self, invocation: &Invocation) -> Result<String>;
+
+    /// Starts `invocation` (no stdin, output discarded) and polls `done` until it holds, the
+    /// process exits or `deadline` passes; then kills the process. For probes whose program
+    /// never exits by itself.
+    fn run_until(
+        &self,
+        invocation: &Invocation,
+        deadline: Duration,
+        done: &dyn Fn() -> bool,
+    ) -> Result<Until>;
 }
 
 /// Runs commands for real, appending each (with its outcome) to a log file if one is set.
@@ -116,6 +139,50 @@ impl CommandRunner for SystemRunner {
             })
         }
     }
+
+    fn run_until(
+        &self,
+        invocation: &Invocation,
+        deadline: Duration,
+        done: &dyn Fn() -> bool,
+    ) -> Result<Until> {
+        let spawned = Command::new(&invocation.program)
+            .args(&invocation.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                self.record(invocation, &format!("not run: {e}"))?;
+                return Ok(Until::NotRun(e.to_string()));
+            }
+        };
+        let start = Instant::now();
+        let until = loop {
+            if done() {
+                break Until::Done(start.elapsed());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                break Until::Exited(status.to_string());
+            }
+            if start.elapsed() >= deadline {
+                break Until::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let outcome = match &until {
+            Until::Done(after) => format!("done after {} ms, killed", after.as_millis()),
+            Until::Exited(status) => status.clone(),
+            Until::TimedOut => format!("no result in {} ms, killed", deadline.as_millis()),
+            Until::NotRun(e) => format!("not run: {e}"),
+        };
+        self.record(invocation, &outcome)?;
+        Ok(until)
+    }
 }
 
 /// Records invocations instead of running them: every command succeeds with empty output.
@@ -138,6 +205,21 @@ impl CommandRunner for RecordingRunner {
             calls.push(invocation.clone());
         }
         Ok(String::new())
+    }
+
+    /// Records the invocation and asks `done` once: nothing runs, so nothing waits.
+    fn run_until(
+        &self,
+        invocation: &Invocation,
+        _deadline: Duration,
+        done: &dyn Fn() -> bool,
+    ) -> Result<Until> {
+        self.run(invocation)?;
+        Ok(if done() {
+            Until::Done(Duration::ZERO)
+        } else {
+            Until::TimedOut
+        })
     }
 }
 
