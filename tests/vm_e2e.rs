@@ -601,3 +601,97 @@ fn libvirt_boots_a_clone_from_the_domain_xml() {
     assert!(stopped.contains("was not running; undefined"), "{stopped}");
     assert!(!virsh(&["domstate", &name]).status.success(), "undefined");
 }
+
+/// Issue 12, "any write while a VM runs": a clone booted for real (qemu-system under TCG, the
+/// test guest staying up) is held by qemu's locks. Every cowclone write of its disk is refused
+/// with qemu's lock error and changes nothing, a read without `-U` is refused as qemu-img
+/// refuses it, `-U` reads, and qemu-img agrees about who holds the disk. Once the VM is
+/// stopped, the same write goes through and qemu-img judges the disk clean.
+#[test]
+fn a_booted_vm_holds_its_clone_against_every_cowclone_write() {
+    const WRITE_LOCK: &str = "Failed to get \"write\" lock";
+    const SHARED_WRITE_LOCK: &str = "Failed to get shared \"write\" lock";
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    registered_base(tmp.path(), &home);
+    cowclone_ok(&[&"clone", &"gold", &"held", &"--home", &home]);
+    let _guard = StopOnDrop {
+        home: home.clone(),
+        name: "held".into(),
+    };
+    let g = guest();
+    // No marker: the guest boots and stays up (it finds no seed to run).
+    let started = cowclone(&[
+        &"start",
+        &"held",
+        &"--home",
+        &home,
+        &"--accel",
+        &"tcg",
+        &"--memory",
+        &"256M",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1",
+    ]);
+    assert!(started.status.success(), "{}", describe(&started));
+    let clone_dir = home.join("clones/held");
+    let disk = clone_dir.join("disk.qcow2");
+    // Wait until the guest has booted far enough to have used its disk.
+    let start = Instant::now();
+    loop {
+        let serial = std::fs::read_to_string(clone_dir.join("serial.log")).unwrap_or_default();
+        if serial.contains("GUEST: user-data finished") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the guest did not come up: {serial}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(state(&home, "held"), "running");
+    let before = std::fs::read(&disk).unwrap();
+    let refused = |args: &[&dyn AsRef<std::ffi::OsStr>], message: &str| {
+        let output = cowclone(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(message),
+            "expected {message:?}: {}",
+            describe(&output)
+        );
+    };
+    refused(&[&"resize", &disk, &"+1M"], WRITE_LOCK);
+    refused(&[&"commit", &disk], WRITE_LOCK);
+    refused(&[&"check", &"-r", &"all", &disk], WRITE_LOCK);
+    refused(&[&"rebase", &"-u", &"-b", &"", &disk], WRITE_LOCK);
+    refused(&[&"info", &disk], SHARED_WRITE_LOCK);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "a refused write changed the disk"
+    );
+    let shared = cowclone_ok(&[&"info", &"-U", &disk]);
+    assert!(shared.contains("file format: qcow2"), "{shared}");
+    let qemu = std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(&disk)
+        .output()
+        .expect("qemu-img runs (Debian package qemu-utils)");
+    assert!(
+        String::from_utf8_lossy(&qemu.stderr).contains(SHARED_WRITE_LOCK),
+        "qemu-img does not see the VM's lock either: {}",
+        describe(&qemu)
+    );
+    let stopped = cowclone_ok(&[&"stop", &"held", &"--home", &home, &"--timeout", &"60"]);
+    assert_eq!(stopped, "held: powered down\n");
+    // Released: the write that was refused now goes through.
+    cowclone_ok(&[&"resize", &disk, &"+1M"]);
+    assert_qemu_check_clean(&disk, "the clone after its VM stopped");
+    let info = qemu_img_ok(&[&"info", &"--output=json", &disk]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], (4 << 20) + (1 << 20), "{info:#}");
+}
