@@ -660,3 +660,43 @@ fn size_0xd_is_13_bytes_as_qemu_io_reads_it() {
         );
     }
 }
+
+/// Fuzz find (`qcow2_read`, CI run of 2026-12-02): 427 bytes starting with `conectix`, the VHD
+/// (vpc) magic, followed by what looks like a qcow header. Since foreign formats are recognised,
+/// such a file is refused by name rather than read as raw; the target's property still expected
+/// the raw fallback and was fixed. qemu-img recognises the file as vpc too (and refuses its
+/// checksum); cowclone must neither read it as raw nor as qcow2.
+#[test]
+fn fuzz_qcow2_read_conectix_bytes_are_a_vhd_refused_by_name() {
+    let hex = "636f6e656374697851460002000049fb00000000000000600000001200000009000000004000000000000000000080000000500000000600000000000000020000000001000000000000000000000000e2792aca0000000571636f77310000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000002e2e2f78000100010001000100010001000100010001000100010001000100010001000100010001000100010001000100010001000100010001514649fb0000000300000000fbfffdef0000000d00000010000000004000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000";
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(bytes.len(), 427);
+    let backend = MemBackend::new(bytes.clone());
+    for raw_fallback in [false, true] {
+        let read = ImageHeader::read_detected(&backend, Path::new("img"), raw_fallback);
+        assert!(
+            matches!(read, Err(Error::ForeignFormat { .. })),
+            "raw_fallback {raw_fallback}: {read:?}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    std::fs::write(&path, &bytes).unwrap();
+    let ours = crate::util::cowclone(&[&"info", &path]);
+    let stderr = String::from_utf8_lossy(&ours.stderr);
+    assert!(
+        !ours.status.success() && stderr.contains("is a VHD (vpc) image"),
+        "{}",
+        crate::util::describe(&ours)
+    );
+    // qemu-img's probe takes it for vpc as well (and then rejects the header checksum).
+    let theirs = crate::util::qemu_img(&[&"info", &"--output=json", &path]);
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains("header checksum"),
+        "{}",
+        crate::util::describe(&theirs)
+    );
+}

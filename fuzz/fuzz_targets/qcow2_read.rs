@@ -115,6 +115,27 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     assert!(backend.to_vec() == data, "reading changed the backend");
 
     // 2 and 3. Format by magic, and the same answer as the in-memory parsers.
+    // A format cowclone recognises but does not read (VMDK, VHD, …) is refused by name, with
+    // or without the raw fallback: never read as raw.
+    if probed.is_none() {
+        // The first 2 KiB, and the last sector of a file of at least two sectors.
+        let head = &data[..data.len().min(detect::FOREIGN_HEAD_LEN)];
+        let tail = if data.len() >= 2 * detect::FOREIGN_TAIL_LEN {
+            &data[data.len() - detect::FOREIGN_TAIL_LEN..]
+        } else {
+            &[][..]
+        };
+        if let Some(format) = detect::probe_foreign(head, tail) {
+            for outcome in [&strict, &read] {
+                assert!(
+                    matches!(outcome, Err(Error::ForeignFormat { format: f, .. }) if *f == format),
+                    "{format:?} bytes not refused by name: {outcome:?}"
+                );
+            }
+            return Corpus::Keep;
+        }
+    }
+
     let header = match probed {
         None => {
             assert!(
