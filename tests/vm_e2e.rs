@@ -40,6 +40,17 @@ fn state(home: &Path, name: &str) -> String {
 /// `cowclone start NAME EXTRA...` of the test guest under TCG in marker mode (it reads the
 /// pattern, writes the marker and powers off); `extra` adds options (`--dry-run`, `--driver`).
 pub(crate) fn start_marker_guest(home: &Path, name: &str, extra: &[&str]) -> std::process::Output {
+    start_guest(
+        home,
+        name,
+        "console=ttyS0 quiet panic=-1 cowclone.test=marker",
+        extra,
+    )
+}
+
+/// `cowclone start NAME EXTRA...` of the test guest under TCG with kernel command line
+/// `append` (without the marker option the guest boots and stays up).
+fn start_guest(home: &Path, name: &str, append: &str, extra: &[&str]) -> std::process::Output {
     let g = guest();
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"start",
@@ -55,7 +66,7 @@ pub(crate) fn start_marker_guest(home: &Path, name: &str, extra: &[&str]) -> std
         &"--initrd",
         &g.initrd,
         &"--append",
-        &"console=ttyS0 quiet panic=-1 cowclone.test=marker",
+        &append,
     ];
     for option in extra {
         args.push(option);
@@ -619,24 +630,8 @@ fn a_booted_vm_holds_its_clone_against_every_cowclone_write() {
         home: home.clone(),
         name: "held".into(),
     };
-    let g = guest();
     // No marker: the guest boots and stays up (it finds no seed to run).
-    let started = cowclone(&[
-        &"start",
-        &"held",
-        &"--home",
-        &home,
-        &"--accel",
-        &"tcg",
-        &"--memory",
-        &"256M",
-        &"--kernel",
-        &g.kernel,
-        &"--initrd",
-        &g.initrd,
-        &"--append",
-        &"console=ttyS0 quiet panic=-1",
-    ]);
+    let started = start_guest(&home, "held", "console=ttyS0 quiet panic=-1", &[]);
     assert!(started.status.success(), "{}", describe(&started));
     let clone_dir = home.join("clones/held");
     let disk = clone_dir.join("disk.qcow2");

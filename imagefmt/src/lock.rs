@@ -189,13 +189,7 @@ impl LockError {
 pub fn lock(file: &File, path: &Path, access: Access) -> Result<(), LockError> {
     let held = access.held();
     let unshared = !access.shared();
-    let io_error = |byte| {
-        move |source| LockError::Io {
-            path: path.to_owned(),
-            byte,
-            source,
-        }
-    };
+    let io_error = |byte| lock_call_failed(path, byte);
     for p in Permission::ALL {
         if held & p.bit() != 0 {
             let byte = PERM_BASE + p as i64;
@@ -223,18 +217,21 @@ pub fn lock(file: &File, path: &Path, access: Access) -> Result<(), LockError> {
     }
 }
 
+/// The error of a failed `fcntl` on `byte` of the image at `path`.
+fn lock_call_failed(path: &Path, byte: i64) -> impl FnOnce(io::Error) -> LockError + '_ {
+    move |source| LockError::Io {
+        path: path.to_owned(),
+        byte,
+        source,
+    }
+}
+
 /// How long a conflicting lock is looked at again before it is reported (see [`lock`]).
 pub const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Tests the other side's bytes, as qemu's `raw_check_lock_bytes` does: the first conflict.
 fn conflict(file: &File, path: &Path, held: u8, unshared: u8) -> Result<(), LockError> {
-    let io_error = |byte| {
-        move |source| LockError::Io {
-            path: path.to_owned(),
-            byte,
-            source,
-        }
-    };
+    let io_error = |byte| lock_call_failed(path, byte);
     for p in Permission::ALL {
         let byte = SHARED_BASE + p as i64;
         if held & p.bit() != 0
