@@ -79,16 +79,6 @@ pub fn compare(a: &dyn GuestRead, b: &dyn GuestRead, strict: bool) -> Result<Com
     Ok(Comparison::Identical)
 }
 
-/// Alignment of the read buffers: the kernel copies page-cache data into a page-aligned buffer
-/// markedly faster than into one at a 16-byte offset (where large heap blocks start).
-const PAGE: usize = 4096;
-
-/// The [`CHUNK`] bytes of `store` (`CHUNK + PAGE` long) that start at a page boundary.
-fn page_aligned(store: &mut [u8]) -> &mut [u8] {
-    let at = store.as_ptr().align_offset(PAGE).min(PAGE);
-    &mut store[at..at + CHUNK]
-}
-
 /// Worker threads of [`first_difference`] (each holds two [`CHUNK`] buffers).
 const WORKERS: usize = 2;
 
@@ -130,8 +120,11 @@ fn first_difference(a: &dyn GuestRead, b: &dyn GuestRead, common: u64) -> Result
             Ok(None)
         };
     let work = || -> std::result::Result<(), (u64, crate::Error)> {
-        let (mut store_a, mut store_b) = (vec![0u8; CHUNK + PAGE], vec![0u8; CHUNK + PAGE]);
-        let (buf_a, buf_b) = (page_aligned(&mut store_a), page_aligned(&mut store_b));
+        let (mut store_a, mut store_b) = (Vec::new(), Vec::new());
+        let at_a = super::aligned_window(&mut store_a, CHUNK);
+        let at_b = super::aligned_window(&mut store_b, CHUNK);
+        let buf_a = &mut store_a[at_a..at_a + CHUNK];
+        let buf_b = &mut store_b[at_b..at_b + CHUNK];
         loop {
             let planned = plan(&mut lock());
             let Some((ea, eb)) = planned? else {
