@@ -14,7 +14,8 @@
 //!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
 //! ```
 //!
-//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes (N ≤ [`MAX_PARALLEL`]).
+//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes and a page (for alignment)
+//! each (N ≤ [`MAX_PARALLEL`]).
 
 use std::path::{Path, PathBuf};
 
