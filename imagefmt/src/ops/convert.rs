@@ -14,7 +14,8 @@
 //!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
 //! ```
 //!
-//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes (N ≤ [`MAX_PARALLEL`]).
+//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes and a page (for alignment)
+//! each (N ≤ [`MAX_PARALLEL`]).
 
 use std::path::{Path, PathBuf};
 
@@ -518,7 +519,7 @@ impl Sink<'_, '_> {
     /// cluster at a time); returns the bytes written.
     fn write(&mut self, filled: &Filled, unit: u64) -> Result<u64> {
         let start = filled.request.start;
-        let data = &filled.data;
+        let data = filled.bytes();
         let mut written = 0;
         let mut run: Option<usize> = None;
         let mut at = 0usize;
@@ -575,13 +576,24 @@ impl Sink<'_, '_> {
 /// A filled request on its way to the main thread.
 struct Filled {
     request: Request,
-    /// The request's bytes (qcow2/VDI output), or the emptied buffer (raw: already written).
+    /// The buffer: the request's bytes at `at` (qcow2/VDI output), or anything (raw: already
+    /// written).
     data: Vec<u8>,
+    /// Where the request's bytes start in `data` (a page-aligned window).
+    at: usize,
     /// Bytes the reader wrote to raw output.
     written: u64,
 }
 
-/// Reads `request` into `buf` (zeros between its pieces); for raw output `out`, writes it too:
+impl Filled {
+    /// The request's bytes (qcow2/VDI output).
+    fn bytes(&self) -> &[u8] {
+        let len = (self.request.end - self.request.start) as usize;
+        &self.data[self.at..self.at + len]
+    }
+}
+
+/// Reads `request` into a page-aligned window of `buf` (zeros between its pieces); for raw output `out`, writes it too:
 /// `copy_file_range` for pieces that sit verbatim in a file, `pwrite` of the non-zero
 /// [`SPARSE_BLOCK`]s of the rest.
 fn fill(
@@ -592,16 +604,23 @@ fn fill(
 ) -> Result<Filled> {
     let mut written = 0;
     let Some((file, dest)) = out else {
-        buf.clear();
-        buf.resize((request.end - request.start) as usize, 0);
+        let len = (request.end - request.start) as usize;
+        let window = super::aligned_window(&mut buf, len);
+        let data = &mut buf[window..window + len];
+        // Pieces come in guest order; only the gaps between them are zeroed.
+        let mut filled_to = 0;
         for piece in &request.pieces {
             let at = (piece.start.0 - request.start) as usize;
-            chain::read_extent(source, piece, &mut buf[at..at + piece.len as usize])
+            data[filled_to..at].fill(0);
+            filled_to = at + piece.len as usize;
+            chain::read_extent(source, piece, &mut data[at..filled_to])
                 .map_err(|e| in_source(source, e))?;
         }
+        data[filled_to..].fill(0);
         return Ok(Filled {
             request,
             data: buf,
+            at: window,
             written,
         });
     };
@@ -620,15 +639,17 @@ fn fill(
         }) else {
             continue;
         };
-        buf.clear();
-        buf.resize(rest.len as usize, 0);
-        chain::read_extent(source, &rest, &mut buf).map_err(|e| in_source(source, e))?;
+        let len = rest.len as usize;
+        let window = super::aligned_window(&mut buf, len);
+        let data = &mut buf[window..window + len];
+        chain::read_extent(source, &rest, data).map_err(|e| in_source(source, e))?;
         written +=
-            write_sparse(file, &buf, rest.start.0).map_err(|e| e.in_file("destination", dest))?;
+            write_sparse(file, data, rest.start.0).map_err(|e| e.in_file("destination", dest))?;
     }
     Ok(Filled {
         request,
         data: buf,
+        at: 0,
         written,
     })
 }

@@ -15,3 +15,16 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod rebase;
+
+/// Alignment of read buffers: the kernel copies page-cache data into a page-aligned buffer
+/// markedly faster than into one at a 16-byte offset (where large heap blocks start).
+const PAGE: usize = 4096;
+
+/// Grows `store` to hold a page-aligned window of `len` bytes and returns where that window
+/// starts (`store[at..at + len]`).
+pub(crate) fn aligned_window(store: &mut Vec<u8>, len: usize) -> usize {
+    if store.len() < len + PAGE {
+        store.resize(len + PAGE, 0);
+    }
+    store.as_ptr().align_offset(PAGE).min(PAGE)
+}

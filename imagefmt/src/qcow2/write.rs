@@ -96,11 +96,53 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
+            let fresh = self.write_fresh_run(pos, &buf[done..])?;
+            if fresh > 0 {
+                done += fresh;
+                continue;
+            }
             let len = (unit - (pos % unit)).min((buf.len() - done) as u64) as usize;
             self.write_unit(pos, &buf[done..done + len])?;
             done += len;
         }
         Ok(())
+    }
+
+    /// Writes the leading whole clusters of `data` at cluster-aligned guest `pos` that are
+    /// still unallocated (entry 0) and share one L2 table as one run: contiguous host clusters,
+    /// one data write, one write of their L2 entries. Returns the bytes written (0: nothing
+    /// fits, the caller writes unit by unit). Standard L2 entries only.
+    fn write_fresh_run(&mut self, pos: u64, data: &[u8]) -> Result<usize> {
+        let cluster_size = self.header.cluster_size();
+        let whole = data.len() as u64 / cluster_size;
+        if self.header.extended_l2() || pos % cluster_size != 0 || whole < 2 {
+            return Ok(0);
+        }
+        let per_table = self.header.l2_entries();
+        let (table, index, entry) = self.l2_for_write(pos)?;
+        if entry.entry != 0 {
+            return Ok(0);
+        }
+        let in_table = per_table - (pos >> self.header.cluster_bits) % per_table;
+        let mut count = 1;
+        while count < whole.min(in_table) {
+            match self.l2_entry(pos + count * cluster_size)? {
+                Some(e) if e.entry == 0 => count += 1,
+                _ => break,
+            }
+        }
+        if count < 2 {
+            return Ok(0);
+        }
+        let len = (count * cluster_size) as usize;
+        let host = self.alloc_contiguous(count)?;
+        self.write_host(&data[..len], host)?;
+        self.barrier()?;
+        let entries: Vec<u64> = (0..count)
+            .map(|i| (host + i * cluster_size) | COPIED)
+            .collect();
+        self.set_l2_entries(table, index, &entries)?;
+        Ok(len)
     }
 
     /// Makes `len` bytes at `offset` read as zeros: whole clusters (subclusters) by metadata
@@ -355,6 +397,20 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
             let mut copy = cached.to_vec();
             copy[index * width..index * width + width].copy_from_slice(&bytes[..width]);
+            *cached = copy.into();
+        }
+        Ok(())
+    }
+
+    /// Writes consecutive standard (8-byte) L2 entries from `index` on, to disk in one write
+    /// and to the cached table.
+    fn set_l2_entries(&mut self, table: u64, index: usize, entries: &[u64]) -> Result<()> {
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_host(&bytes, table + index as u64 * 8)?;
+        let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
+            let mut copy = cached.to_vec();
+            copy[index * 8..index * 8 + bytes.len()].copy_from_slice(&bytes);
             *cached = copy.into();
         }
         Ok(())
