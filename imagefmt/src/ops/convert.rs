@@ -41,6 +41,9 @@ pub const RAW_CHUNK: u64 = 1 << 20;
 pub const SPARSE_BLOCK: usize = 4096;
 /// Largest read request of the pipeline (qemu-img uses 2 MiB buffers).
 pub const REQUEST_MAX: u64 = 2 << 20;
+/// The most request data the pipeline keeps in flight (its buffers), whatever `-m` says: with
+/// the compressed writer's batches on top, convert stays well under 64 MiB of memory.
+pub const BUFFERED_MAX: u64 = 16 << 20;
 /// Default number of parallel requests (qemu-img's `-m` default).
 pub const DEFAULT_PARALLEL: usize = 8;
 /// Largest accepted `-m` (as qemu-img).
@@ -730,9 +733,14 @@ fn pipeline(
         _ => None,
     };
     let in_order = sink.writes_on_main() && !options.out_of_order;
-    // Buffers circulate between the readers and the main thread: at most 2 × workers exist.
-    let (give_back, pool) = mpsc::sync_channel::<Vec<u8>>(2 * workers);
-    for _ in 0..2 * workers {
+    // Buffers circulate between the readers and the main thread: 2 × workers of them, but
+    // never more than BUFFERED_MAX bytes' worth (with -m 16 the readers then take turns), so
+    // memory stays bounded whatever -m asks for.
+    let buffers = (2 * workers)
+        .min((BUFFERED_MAX / REQUEST_MAX) as usize)
+        .max(1);
+    let (give_back, pool) = mpsc::sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
         let _ = give_back.send(Vec::new());
     }
     let pool = Mutex::new(pool);
