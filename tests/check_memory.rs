@@ -6,11 +6,10 @@
 //! under 64 MiB.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::util::{cowclone_bin, qemu_img_ok, qemu_io_ok};
+use crate::util::{cowclone_bin, qemu_img_ok, qemu_io_ok, run_with_peak_rss};
 
 /// The limit issue 11 sets for any command on any image.
 const MAX_RSS_KIB: u64 = 64 * 1024;
@@ -41,43 +40,13 @@ fn shared_image(dir: &Path, name: &str, l1_shares: usize, l2_shares: usize) -> P
     path
 }
 
-/// Runs `program args` under GNU time with stderr discarded (a check of these images prints a
-/// line per reference); returns (exit code, stdout, peak RSS in KiB).
-fn run_measured(program: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, String, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let rss_file = dir.path().join("rss");
-    let output = Command::new("/usr/bin/time")
-        .arg("-f")
-        .arg("%M")
-        .arg("-o")
-        .arg(&rss_file)
-        .arg(program)
-        .args(args.iter().map(|a| a.as_ref()))
-        .stderr(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run /usr/bin/time ({e}): install the Debian package time")
-        });
-    let rss = std::fs::read_to_string(&rss_file).unwrap_or_default();
-    let rss: u64 = rss
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("GNU time reported no peak RSS: {rss:?}"));
-    (
-        output.status.code().expect("not killed by a signal"),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        rss,
-    )
-}
-
 /// `cowclone check` and `qemu-img check` agree on every JSON key but the file name and on the
 /// exit code; ours stays under [`MAX_RSS_KIB`].
 fn assert_check_agrees_in_bounded_memory(image: &Path, what: &str) {
     let (qemu_code, qemu_json, qemu_rss) =
-        run_measured(Path::new("qemu-img"), &[&"check", &"--output=json", &image]);
+        run_with_peak_rss(Path::new("qemu-img"), &[&"check", &"--output=json", &image]);
     let (our_code, our_json, our_rss) =
-        run_measured(&cowclone_bin(), &[&"check", &"--output", &"json", &image]);
+        run_with_peak_rss(&cowclone_bin(), &[&"check", &"--output", &"json", &image]);
     let parse = |json: &str, who: &str| -> Value {
         let mut value: Value = serde_json::from_str(json)
             .unwrap_or_else(|e| panic!("{what}: {who} printed no JSON ({e}): {json}"));
@@ -129,7 +98,7 @@ fn check_of_the_issue_image_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let image = shared_image(dir.path(), "issue.qcow2", 8192, 8192);
     let (code, json, rss) =
-        run_measured(&cowclone_bin(), &[&"check", &"--output", &"json", &image]);
+        run_with_peak_rss(&cowclone_bin(), &[&"check", &"--output", &"json", &image]);
     let report: Value = serde_json::from_str(&json).unwrap();
     let references: u64 = 8192 * 8192;
     assert_eq!(report["corruptions"], references - 65535 + 2, "{json}");

@@ -382,33 +382,12 @@ fn map_of_an_image_with_one_shared_l2_table_stays_small_and_matches_qemu() {
         bytes.len()
     );
     let theirs = tool_ok_in("qemu-img", d, &["map", "--output=json", "shared.qcow2"]);
-    // Peak RSS from GNU time (Debian package time).
-    let out = std::process::Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(crate::util::cowclone_bin())
-        .args(["map", "--output", "json", "shared.qcow2"])
-        .current_dir(d)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("/usr/bin/time not found ({e}): install the Debian package time")
-        });
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let image = d.join("shared.qcow2");
+    let (code, ours, peak_kib) = crate::util::run_with_peak_rss(
+        &crate::util::cowclone_bin(),
+        &[&"map", &"--output", &"json", &image],
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&theirs.stdout)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let peak_kib: u64 = stderr
-        .trim()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    assert_eq!(code, 0, "cowclone map failed");
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
     assert!(peak_kib < 64 << 10, "map peaked at {peak_kib} KiB");
 }

@@ -145,6 +145,41 @@ fn pool(index: usize, test: &str) -> (String, PathBuf) {
     )
 }
 
+/// `host add h1 … hN` of the first `count` test hosts into `home`, each with a fresh pool for
+/// `test`; returns the pools (name, directory) and the guard that deletes them.
+fn add_hosts(
+    log: &VirshLog,
+    home: &Path,
+    test: &str,
+    count: usize,
+) -> (Vec<(String, PathBuf)>, Cleanup) {
+    let pools: Vec<(String, PathBuf)> = (1..=count).map(|i| pool(i, test)).collect();
+    let cleanup = Cleanup {
+        pools: pools
+            .iter()
+            .zip(HOSTS)
+            .map(|((name, _), uri)| (uri, name.clone()))
+            .collect(),
+    };
+    for (i, ((name, dir), uri)) in pools.iter().zip(HOSTS).enumerate() {
+        let host = format!("h{}", i + 1);
+        log.cowclone_ok(&[
+            &"host",
+            &"add",
+            &host,
+            &"--connect",
+            &uri,
+            &"--pool",
+            name,
+            &"--pool-dir",
+            dir,
+            &"--home",
+            &home,
+        ]);
+    }
+    (pools, cleanup)
+}
+
 /// The registry's view of hosts and clones, to compare before and after a failure.
 fn registry_state(home: &Path, log: &VirshLog) -> (Value, Value) {
     let hosts = log.cowclone_ok(&[&"host", &"ls", &"--output", &"json", &"--home", &home]);
@@ -181,28 +216,9 @@ fn clones_on_two_libvirt_hosts_boot_and_a_lost_host_changes_nothing() {
     let home = tmp.path().join("home");
     let (base, base_bytes) = registered_base(tmp.path(), &home);
     let log = VirshLog::new();
-    let (pool1, dir1) = pool(1, "boot");
-    let (pool2, dir2) = pool(2, "boot");
-    let _cleanup = Cleanup {
-        pools: vec![(HOSTS[0], pool1.clone()), (HOSTS[1], pool2.clone())],
-    };
-    for (name, uri, pool, dir) in [
-        ("h1", HOSTS[0], &pool1, &dir1),
-        ("h2", HOSTS[1], &pool2, &dir2),
-    ] {
-        log.cowclone_ok(&[
-            &"host",
-            &"add",
-            &name,
-            &"--connect",
-            &uri,
-            &"--pool",
-            pool,
-            &"--pool-dir",
-            dir,
-            &"--home",
-            &home,
-        ]);
+    let (pools, _cleanup) = add_hosts(&log, &home, "boot", 2);
+    let [(pool1, dir1), (pool2, dir2)] = [&pools[0], &pools[1]];
+    for (uri, pool, dir) in [(HOSTS[0], pool1, dir1), (HOSTS[1], pool2, dir2)] {
         // The pool was made by libvirt on the host, as a directory pool at that path.
         let info = virsh(uri, &["pool-dumpxml", pool]);
         let xml = String::from_utf8_lossy(&info.stdout);
@@ -364,7 +380,7 @@ fn clones_on_two_libvirt_hosts_boot_and_a_lost_host_changes_nothing() {
         HOSTS[0],
         &[
             "vol-create-as",
-            &pool1,
+            pool1,
             "cowclone-stray",
             "1024",
             "--format",
@@ -376,7 +392,7 @@ fn clones_on_two_libvirt_hosts_boot_and_a_lost_host_changes_nothing() {
         HOSTS[0],
         &[
             "vol-create-as",
-            &pool1,
+            pool1,
             "not-ours",
             "1024",
             "--format",
@@ -416,7 +432,7 @@ fn clones_on_two_libvirt_hosts_boot_and_a_lost_host_changes_nothing() {
     assert!(!refused.status.success(), "{}", describe(&refused));
     log.cowclone_ok(&[&"rm", &db, &"--home", &home]);
     log.cowclone_ok(&[&"host", &"rm", &"h2", &"--home", &home]);
-    let left: Vec<_> = std::fs::read_dir(&dir2).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(dir2).unwrap().collect();
     assert!(left.is_empty(), "host 2's pool keeps {left:?}");
 }
 
@@ -428,23 +444,8 @@ fn two_controllers_racing_for_one_host_upload_the_base_once() {
     let home = tmp.path().join("home");
     registered_base(tmp.path(), &home);
     let log = VirshLog::new();
-    let (pool1, dir1) = pool(1, "race");
-    let _cleanup = Cleanup {
-        pools: vec![(HOSTS[0], pool1.clone())],
-    };
-    log.cowclone_ok(&[
-        &"host",
-        &"add",
-        &"h1",
-        &"--connect",
-        &HOSTS[0],
-        &"--pool",
-        &pool1,
-        &"--pool-dir",
-        &dir1,
-        &"--home",
-        &home,
-    ]);
+    let (pools, _cleanup) = add_hosts(&log, &home, "race", 1);
+    let (_, dir1) = &pools[0];
     let prefix = format!("rh-{}-race", std::process::id());
     let children: Vec<_> = (0..3)
         .map(|i| {
@@ -480,7 +481,7 @@ fn two_controllers_racing_for_one_host_upload_the_base_once() {
         let volume = dir1.join(format!("cowclone-clone-{prefix}-{i}.qcow2"));
         assert_qemu_check_clean(&volume, "overlay made in a race");
     }
-    let replicas: Vec<_> = std::fs::read_dir(&dir1)
+    let replicas: Vec<_> = std::fs::read_dir(dir1)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -528,29 +529,8 @@ fn a_killed_controller_or_a_lost_host_mid_clone_leaves_the_registry_consistent()
     std::fs::write(&base, &bytes).unwrap();
     let log = VirshLog::new();
     log.cowclone_ok(&[&"base", &"register", &"gold", &base, &"--home", &home]);
-    let (pool1, dir1) = pool(1, "crash");
-    let (pool2, dir2) = pool(2, "crash");
-    let _cleanup = Cleanup {
-        pools: vec![(HOSTS[0], pool1.clone()), (HOSTS[1], pool2.clone())],
-    };
-    for (name, uri, pool, dir) in [
-        ("h1", HOSTS[0], &pool1, &dir1),
-        ("h2", HOSTS[1], &pool2, &dir2),
-    ] {
-        log.cowclone_ok(&[
-            &"host",
-            &"add",
-            &name,
-            &"--connect",
-            &uri,
-            &"--pool",
-            pool,
-            &"--pool-dir",
-            dir,
-            &"--home",
-            &home,
-        ]);
-    }
+    let (pools, _cleanup) = add_hosts(&log, &home, "crash", 2);
+    let [(_, dir1), (_, dir2)] = [&pools[0], &pools[1]];
     let spawn = |name: &str, host: &str| {
         Command::new(cowclone_bin())
             .args(["clone", "gold", name, "--host", host, "--home"])
@@ -658,7 +638,7 @@ fn a_killed_controller_or_a_lost_host_mid_clone_leaves_the_registry_consistent()
         )
         .collect();
     claimed.sort();
-    let mut present: Vec<String> = std::fs::read_dir(&dir2)
+    let mut present: Vec<String> = std::fs::read_dir(dir2)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();

@@ -425,3 +425,36 @@ pub fn tool_ok_in(tool: &str, dir: &Path, args: &[&str]) -> Output {
     );
     out
 }
+
+/// Runs `program args` under GNU time (Debian package `time`) with stderr discarded (it may be
+/// huge); returns (exit code, stdout, peak RSS in KiB).
+pub fn run_with_peak_rss(
+    program: &Path,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> (i32, String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let rss_file = dir.path().join("rss");
+    let output = std::process::Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&rss_file)
+        .arg(program)
+        .args(args.iter().map(|a| a.as_ref()))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run /usr/bin/time ({e}): install the Debian package time")
+        });
+    let rss = std::fs::read_to_string(&rss_file).unwrap_or_default();
+    let rss: u64 = rss
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("GNU time reported no peak RSS: {rss:?}"));
+    (
+        output.status.code().expect("not killed by a signal"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        rss,
+    )
+}

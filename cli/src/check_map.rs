@@ -101,11 +101,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     .with_block_devices(args.chain.allow_block_devices);
     let file =
         open_image(path, how).with_context(|| format!("could not open {}", path.display()))?;
-    let header = match format {
-        Some(format) => ImageHeader::read_as(&file, format, path),
-        None => ImageHeader::read_detected(&file, path, true),
-    }
-    .with_context(context)?;
+    let header = ImageHeader::read(&file, format, path, true).with_context(context)?;
     let cluster = match &header {
         ImageHeader::Qcow2(cluster) => cluster,
         ImageHeader::Vdi(vdi) => {

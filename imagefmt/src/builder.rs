@@ -186,10 +186,7 @@ fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<Image
     // Headers only, no lock: what qemu-img create does with a backing file (forced sharing, no
     // I/O), so that clones can be made of an image in use.
     let file = crate::open::open_image(path, crate::open::OpenHow::force_share().metadata_only())?;
-    match format {
-        Some(format) => ImageHeader::read_as(&file, format, path),
-        None => ImageHeader::read_detected(&file, path, false),
-    }
+    ImageHeader::read(&file, format, path, false)
 }
 
 #[cfg(test)]

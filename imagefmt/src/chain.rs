@@ -145,11 +145,17 @@ pub fn verbatim_source<'a>(
         return None;
     };
     let host = extent.host?;
+    let layer = layer_at(top, extent.depth)?;
+    Some((layer.host_fd(host.file)?, host.offset.0))
+}
+
+/// The layer `depth` steps below `top` (the one a chain extent of that depth comes from).
+pub fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
     let mut layer = top;
-    for _ in 0..extent.depth {
+    for _ in 0..depth {
         layer = layer.below()?;
     }
-    Some((layer.host_fd(host.file)?, host.offset.0))
+    Some(layer)
 }
 
 /// Every extent of `top` from `start` to the end of the disk, in order, each as long as
@@ -280,10 +286,7 @@ pub fn walk(
             .metadata()
             .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
         guard.enter(&path, &meta)?;
-        let header = match format {
-            Some(format) => ImageHeader::read_as(&file, format, &path)?,
-            None => ImageHeader::read_detected(&file, &path, top)?,
-        };
+        let header = ImageHeader::read(&file, format, &path, top)?;
         top = false;
         next = next_below(&path, &header, options)?;
         visit(Level {

@@ -55,6 +55,20 @@ impl ImageHeader {
         }
     }
 
+    /// Reads the header as `format` says, or, without one, recognises the format by content
+    /// ([`Self::read_detected`], with `raw_fallback`).
+    pub fn read<B: Backend + ?Sized>(
+        backend: &B,
+        format: Option<ImageFormat>,
+        path: &Path,
+        raw_fallback: bool,
+    ) -> Result<Self> {
+        match format {
+            Some(format) => Self::read_as(backend, format, path),
+            None => Self::read_detected(backend, path, raw_fallback),
+        }
+    }
+
     /// Recognises the format by content (qcow2 or VDI) and reads the header. A format cowclone
     /// recognises but does not read (VMDK, VHD, …) is refused with [`Error::ForeignFormat`]. With
     /// `raw_fallback`, an unrecognised file is read as raw (what `info` does); without, it is

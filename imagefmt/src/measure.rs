@@ -314,10 +314,7 @@ pub fn measure_image(
     options: &MeasureOptions,
 ) -> Result<Measurement> {
     let file = crate::open::open_image(path, chain.open_how().metadata_only())?;
-    let header = match format {
-        Some(format) => ImageHeader::read_as(&file, format, path)?,
-        None => ImageHeader::read_detected(&file, path, true)?,
-    };
+    let header = ImageHeader::read(&file, format, path, true)?;
     drop(file);
     let bitmaps = match &header {
         ImageHeader::Qcow2(cluster) if cluster.header.version == Version::V3 => {

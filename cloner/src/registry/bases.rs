@@ -294,11 +294,7 @@ fn read_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> 
     let file = std::fs::File::open(path)
         .map_err(RegistryError::io(format!("opening {}", path.display())))?;
     let context = format!("reading the header of {}", path.display());
-    match format {
-        Some(format) => ImageHeader::read_as(&file, format, path),
-        None => ImageHeader::read_detected(&file, path, true),
-    }
-    .map_err(RegistryError::image(context))
+    ImageHeader::read(&file, format, path, true).map_err(RegistryError::image(context))
 }
 
 /// Refuses a would-be base that cowclone cannot read in full: encrypted, marked corrupt or

@@ -194,16 +194,17 @@ fn convert_to_vdi(
                 Sink::Vdi(&mut image, dest),
             );
         }
-        let mut parent_buf = vec![0u8; block as usize];
-        copy(source, size, block, progress, |chunk, offset| {
-            match needed_write(&image, true, chunk, offset, &mut parent_buf).map_err(in_dest)? {
-                NeededWrite::Nothing => return Ok(false),
-                NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64),
-                NeededWrite::Data => image.write_at(chunk, offset),
-            }
-            .map_err(in_dest)?;
-            Ok(true)
-        })
+        copy_differences(
+            source,
+            &mut image,
+            block,
+            progress,
+            dest,
+            |image, write| match write {
+                Write::Zeroes(offset, len) => image.write_zeroes(offset, len),
+                Write::Data(data, offset) => image.write_at(data, offset),
+            },
+        )
     })
 }
 
@@ -248,20 +249,19 @@ fn convert_to_qcow2(
         // Compressed output goes through one writer that packs clusters as qemu does.
         let mut compressed = options.compress.then(|| CompressedWriter::new(&image));
         let stats = if has_backing {
-            let mut backing_buf = vec![0u8; chunk_size as usize];
-            copy(source, size, chunk_size, progress, |chunk, offset| {
-                match needed_write(&image, true, chunk, offset, &mut backing_buf)
-                    .map_err(in_dest)?
-                {
-                    NeededWrite::Nothing => return Ok(false),
-                    NeededWrite::Zeroes => image.write_zeroes(offset, chunk.len() as u64),
-                    NeededWrite::Data => {
-                        write_qcow2(&mut image, compressed.as_mut(), chunk, offset)
+            copy_differences(
+                source,
+                &mut image,
+                chunk_size,
+                progress,
+                dest,
+                |image, write| match write {
+                    Write::Zeroes(offset, len) => image.write_zeroes(offset, len),
+                    Write::Data(data, offset) => {
+                        write_qcow2(image, compressed.as_mut(), data, offset)
                     }
-                }
-                .map_err(in_dest)?;
-                Ok(true)
-            })?
+                },
+            )?
         } else {
             let sink = Sink::Qcow2 {
                 image: &mut image,
@@ -294,55 +294,46 @@ fn write_qcow2(
     }
 }
 
-/// What a chunk of the source needs in a new output image.
-enum NeededWrite {
-    /// The output already reads so: zeros with nothing below, or what lies below.
-    Nothing,
-    /// Zeros that must hide different data below.
-    Zeroes,
-    /// The bytes themselves.
-    Data,
+/// A write [`copy_differences`] asks of the output.
+enum Write<'a> {
+    /// Zeros that must hide different data below: (offset, length).
+    Zeroes(u64, u64),
+    /// The bytes themselves, at the offset.
+    Data(&'a [u8], u64),
 }
 
-/// Decides what `chunk` at `offset` needs in the new (still unwritten there) `image`, which
-/// reads through to an image below it if `has_below`; `scratch` is at least `chunk.len()` long.
-fn needed_write(
-    image: &dyn GuestRead,
-    has_below: bool,
-    chunk: &[u8],
-    offset: u64,
-    scratch: &mut [u8],
-) -> Result<NeededWrite> {
-    if has_below {
-        let below = &mut scratch[..chunk.len()];
-        image.read_at(below, offset)?; // still unallocated: reads the chain below
-        if below == chunk {
-            return Ok(NeededWrite::Nothing);
-        }
-    }
-    Ok(match (is_zero(chunk), has_below) {
-        (true, false) => NeededWrite::Nothing,
-        (true, true) => NeededWrite::Zeroes,
-        (false, _) => NeededWrite::Data,
-    })
-}
-
-/// Streams `source` in `chunk_size` steps, handing each chunk to `write` (which says whether
-/// it wrote anything). Ranges the source reports as zeros are not read.
-fn copy(
+/// Copies `source` into a new output `image` that reads through to a chain below it (`-B`),
+/// in `unit` steps, asking `write` only for what differs from what `image` already reads there:
+/// a chunk equal to the chain below is skipped, zeros over different data become zeros, the
+/// rest is data. Ranges the source reports as zeros are not read; errors of the output name
+/// `dest`.
+fn copy_differences<I: GuestRead>(
     source: &dyn GuestRead,
-    size: u64,
-    chunk_size: u64,
+    image: &mut I,
+    unit: u64,
     progress: &mut dyn FnMut(u64, u64),
-    mut write: impl FnMut(&[u8], u64) -> Result<bool>,
+    dest: &Path,
+    mut write: impl FnMut(&mut I, Write<'_>) -> Result<()>,
 ) -> Result<ConvertStats> {
-    let mut buf = vec![0u8; chunk_size as usize];
+    let size = source.virtual_size();
+    let in_dest = |e: Error| e.in_file("destination", dest);
+    let mut chunk = vec![0u8; unit as usize];
+    let mut below = vec![0u8; unit as usize];
     let mut stats = ConvertStats::default();
     let mut offset = 0;
     while offset < size {
-        let len = (size - offset).min(chunk_size) as usize;
-        read_data_only(source, &mut buf[..len], offset).map_err(|e| in_source(source, e))?;
-        if write(&buf[..len], offset)? {
+        let len = (size - offset).min(unit) as usize;
+        let (chunk, below) = (&mut chunk[..len], &mut below[..len]);
+        read_data_only(source, chunk, offset).map_err(|e| in_source(source, e))?;
+        // Still unallocated in the output: this reads the chain below.
+        image.read_at(below, offset).map_err(in_dest)?;
+        if chunk != below {
+            let request = if is_zero(chunk) {
+                Write::Zeroes(offset, len as u64)
+            } else {
+                Write::Data(chunk, offset)
+            };
+            write(image, request).map_err(in_dest)?;
             stats.bytes_written += len as u64;
         }
         offset += len as u64;

@@ -23,7 +23,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{extents, open_chain_with, ChainOptions};
+use crate::chain::{self, extents, open_chain_with, ChainOptions};
 use crate::detect::ImageFormat;
 use crate::extent::{Extent, ExtentKind, GuestRead};
 use crate::offsets::GuestOffset;
@@ -192,21 +192,12 @@ fn hex(value: u64) -> String {
     }
 }
 
-/// The layer `depth` steps below `top`.
-fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
-    let mut layer = top;
-    for _ in 0..depth {
-        layer = layer.below()?;
-    }
-    Some(layer)
-}
-
 impl MapEntry {
     /// The map entry of one chain extent of `top`.
     pub fn from_extent(extent: &Extent, top: &dyn GuestRead) -> Self {
         let offset = extent.host.map(|h| h.offset.0);
         let filename = match extent.host {
-            Some(host) => layer_at(top, extent.depth)
+            Some(host) => chain::layer_at(top, extent.depth)
                 .and_then(|layer| layer.host_path(host.file))
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default(),

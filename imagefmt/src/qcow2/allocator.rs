@@ -16,12 +16,9 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::error::Qcow2Error;
 use super::image::{check_inside, Qcow2Image};
-use super::refcount;
+use super::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::io::Backend;
 use crate::{Error, Result};
-
-/// Refcount-table entry bits 9-63 (decoded in [`super::refcount`]; re-exported for callers).
-pub use super::refcount::REFTABLE_OFFSET_MASK;
 
 /// Upper bound on cached refcount blocks, in bytes.
 pub const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;

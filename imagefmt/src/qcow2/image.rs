@@ -339,7 +339,7 @@ impl<B: Backend> Qcow2Image<B> {
                     .backend
                     .read_exact_at(&mut entry, self.header.refcount_table_offset + index * 8)
                     .is_ok();
-            let offset = u64::from_be_bytes(entry) & super::allocator::REFTABLE_OFFSET_MASK;
+            let offset = u64::from_be_bytes(entry) & super::refcount::REFTABLE_OFFSET_MASK;
             if !read || offset == 0 {
                 cluster = (index + 1) * per_block;
                 continue;
