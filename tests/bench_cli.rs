@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use serde_json::Value;
 
 use crate::util::*;

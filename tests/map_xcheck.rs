@@ -1,4 +1,4 @@
-//! Chain block status (`imagefmt::map`, on `imagefmt::chain::block_status`) cross-checked against
+//! Chain block status (`imagefmt::ops::map`, on `imagefmt::chain::block_status`) cross-checked against
 //! `qemu-img map --output=json` (qemu 10, Debian package qemu-utils) over random chains: a raw,
 //! VDI or qcow2 base under up to two qcow2 overlays of random sizes, cluster sizes and extended-L2
 //! settings, each written by qemu-io with data, zero writes, discards and compressed clusters.
@@ -200,7 +200,7 @@ proptest! {
         let top = build(d, &layers);
         let out = tool_ok_in("qemu-img", d, &["map", "--output=json", &top]);
         let theirs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let ours = imagefmt::map::map(&d.join(&top), None, &BackingPolicy::FollowLocal)
+        let ours = imagefmt::ops::map::map(&d.join(&top), None, &BackingPolicy::FollowLocal)
             .unwrap_or_else(|e| panic!("map of {layers:?} failed: {e}"));
         let ours: Vec<Value> = ours.iter().map(|e| serde_json::to_value(e).unwrap()).collect();
         prop_assert_eq!(ours, theirs, "chain {:?}", layers);

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use serde_json::Value;
 
 use crate::util::*;

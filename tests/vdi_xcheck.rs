@@ -16,7 +16,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::new_file::NewFileMode;
 use imagefmt::vdi::{
     self, open_vdi, open_vdi_rw, BlockEntry, Explicit, ImageType, SameDirectory, VdiError,

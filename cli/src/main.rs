@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 }
 
 fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
-    use imagefmt::compare::Comparison;
+    use imagefmt::ops::compare::Comparison;
     let policy = match &args.confine {
         _ if args.no_backing => BackingPolicy::Detach,
         Some(dir) => BackingPolicy::Confine(dir.clone()),
@@ -88,7 +88,7 @@ fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
-    let outcome = imagefmt::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
+    let outcome = imagefmt::ops::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
     // qemu-img warns about different sizes once the common part compared equal.
     let common = first.virtual_size().min(second.virtual_size());
     let sizes_differ = first.virtual_size() != second.virtual_size();
@@ -237,7 +237,7 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         let mut options = chain_options(&policy, false, &parents);
         options.force_share = args.force_share;
         let chain =
-            imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
+            imagefmt::ops::info::backing_chain_with(&args.file, &options).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
             OutputFormat::Human => {
@@ -251,7 +251,7 @@ fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         }
     } else {
         let how = imagefmt::open::OpenHow::reading(args.force_share).metadata_only();
-        let info = imagefmt::info::image_info_with(&args.file, how).with_context(context)?;
+        let info = imagefmt::ops::info::image_info_with(&args.file, how).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
             OutputFormat::Human => output::write_info(out, &info)?,

@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, ExtentKind, Named};
+use crate::extent::{check_range, Extent, ExtentKind, GuestRead, Named};
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::open::{open_image, OpenHow};
 use crate::qcow2::image::Qcow2Image;
+use crate::raw::RawReader;
 use crate::vdi::{ParentResolver, SameDirectory};
 use crate::{Error, Result};
 
@@ -67,10 +68,6 @@ impl<'a> ChainOptions<'a> {
         self.vdi_parents.unwrap_or(&SameDirectory)
     }
 }
-
-/// Moved to [`crate::extent`] and [`crate::raw`]; re-exported here for existing callers.
-pub use crate::extent::{check_range, read_below, GuestRead};
-pub use crate::raw::RawReader;
 
 /// qemu's `bdrv_block_status_above` as `qemu-img map` and `convert` use it: the status of the
 /// chain `top` at `start`, at most `max_len` bytes (clamped to the disk, never empty).

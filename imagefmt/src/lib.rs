@@ -59,7 +59,7 @@
 //! let report = check(&file, Repair::None)?;
 //! assert_eq!(report.exit_code(), 0, "no corruption, no leak");
 //!
-//! let info = imagefmt::info::image_info(&clone)?;
+//! let info = imagefmt::ops::info::image_info(&clone)?;
 //! assert_eq!(info.backing_filename.as_deref(), Some("base.qcow2"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -88,4 +88,3 @@ pub mod vdi;
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::{ForeignFormat, ImageFormat};
 pub use error::{Error, Result};
-pub use ops::{commit, compare, convert, info, map, rebase};

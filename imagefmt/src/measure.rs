@@ -20,8 +20,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::chain::{block_status, ChainOptions, GuestRead};
+use crate::chain::{block_status, ChainOptions};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::qcow2::create::CreateOptions;
