@@ -130,7 +130,7 @@ pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Resu
 
 /// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer
 /// backed by a real file), when there is one.
-pub fn verbatim_source<'a>(
+pub(crate) fn verbatim_source<'a>(
     top: &'a dyn GuestRead,
     extent: &Extent,
 ) -> Option<(BorrowedFd<'a>, u64)> {
@@ -147,7 +147,7 @@ pub fn verbatim_source<'a>(
 }
 
 /// The layer `depth` steps below `top` (the one a chain extent of that depth comes from).
-pub fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
+pub(crate) fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
     let mut layer = top;
     for _ in 0..depth {
         layer = layer.below()?;
@@ -217,7 +217,7 @@ pub fn open_chain_allowing_data_files(
 }
 
 /// One image of a chain as [`walk`] finds it.
-pub struct Level {
+pub(crate) struct Level {
     /// The path it was opened by (as resolved from the name above it).
     pub path: PathBuf,
     /// The open file (read-only).
@@ -264,7 +264,7 @@ fn next_below(
 /// recorded is recognised by content and never assumed raw. Each file is opened through
 /// [`open_image`] as `how` says (regular files only; qemu's locks held from before its header
 /// is read for as long as the visitor keeps the file).
-pub fn walk(
+pub(crate) fn walk(
     path: &Path,
     format: Option<ImageFormat>,
     options: &ChainOptions<'_>,
