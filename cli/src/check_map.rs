@@ -206,18 +206,8 @@ fn check_vdi(
         let top = file
             .try_clone()
             .with_context(|| format!("{}", path.display()))?;
-        let mut guard = imagefmt::backing::ChainGuard::default();
-        guard.enter(path, &top.metadata()?)?;
-        let image = imagefmt::vdi::open_vdi_file_under_policy(
-            top,
-            header.clone(),
-            path,
-            &policy,
-            options.vdi_resolver(),
-            &mut guard,
-            options.open_how(),
-        )
-        .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
+        let image = imagefmt::chain::vdi_from_file(top, header.clone(), path, &options)
+            .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
         for link in image.parent_links() {
             if !args.quiet && !link.modification_matches() {
                 eprintln!(
