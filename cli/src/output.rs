@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use imagefmt::info::{FormatSpecific, ImageInfo};
+use imagefmt::ops::info::{FormatSpecific, ImageInfo};
 
 /// A size the way qemu prints it: three significant digits and a binary unit ("196 KiB").
 pub fn human_size(bytes: u64) -> String {

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use imagefmt::image::ImageHeader;
-use imagefmt::map::MapEntry;
 use imagefmt::open::{open_image, OpenHow};
+use imagefmt::ops::map::MapEntry;
 use imagefmt::qcow2::check::{CheckReport, Repair};
 use imagefmt::qcow2::features::IncompatibleFeatures;
 use imagefmt::ImageFormat;
@@ -206,18 +206,8 @@ fn check_vdi(
         let top = file
             .try_clone()
             .with_context(|| format!("{}", path.display()))?;
-        let mut guard = imagefmt::backing::ChainGuard::default();
-        guard.enter(path, &top.metadata()?)?;
-        let image = imagefmt::vdi::open_vdi_file_under_policy(
-            top,
-            header.clone(),
-            path,
-            &policy,
-            options.vdi_resolver(),
-            &mut guard,
-            options.open_how(),
-        )
-        .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
+        let image = imagefmt::chain::vdi_from_file(top, header.clone(), path, &options)
+            .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
         for link in image.parent_links() {
             if !args.quiet && !link.modification_matches() {
                 eprintln!(
@@ -333,21 +323,21 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         if json {
             write!(out, "[")
         } else {
-            imagefmt::map::write_human_header(out).map_err(|e| match e {
-                imagefmt::map::HumanMapError::Io(e) => e,
+            imagefmt::ops::map::write_human_header(out).map_err(|e| match e {
+                imagefmt::ops::map::HumanMapError::Io(e) => e,
                 other => std::io::Error::other(other.to_string()),
             })
         }
     };
-    imagefmt::map::map_each(&args.file, format, &options, |entry| {
+    imagefmt::ops::map::map_each(&args.file, format, &options, |entry| {
         if !std::mem::replace(&mut started, true) {
             start(out).map_err(imagefmt::Error::io("writing the map"))?;
         }
         let written = match args.output {
             OutputFormat::Json => write_json_entry(out, &entry, std::mem::take(&mut first)),
             OutputFormat::Human if human_error.is_some() => Ok(()),
-            OutputFormat::Human => match imagefmt::map::write_human_row(out, &entry) {
-                Err(imagefmt::map::HumanMapError::Io(e)) => Err(e),
+            OutputFormat::Human => match imagefmt::ops::map::write_human_row(out, &entry) {
+                Err(imagefmt::ops::map::HumanMapError::Io(e)) => Err(e),
                 Err(e) => {
                     human_error = Some(e);
                     Ok(())

@@ -21,7 +21,7 @@ pub fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         let mut options = chain_options(&policy, false, &parents);
         options.force_share = args.force_share;
         let chain =
-            imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
+            imagefmt::ops::info::backing_chain_with(&args.file, &options).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
             OutputFormat::Human => {
@@ -35,7 +35,7 @@ pub fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         }
     } else {
         let how = imagefmt::open::OpenHow::reading(args.force_share).metadata_only();
-        let info = imagefmt::info::image_info_with(&args.file, how).with_context(context)?;
+        let info = imagefmt::ops::info::image_info_with(&args.file, how).with_context(context)?;
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
             OutputFormat::Human => output::write_info(out, &info)?,

@@ -34,7 +34,7 @@ pub struct ConvertArgs {
     #[arg(short = 'p')]
     pub progress: bool,
     /// Parallel read requests (1..16, as qemu-img's -m).
-    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::convert::DEFAULT_PARALLEL)]
+    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::ops::convert::DEFAULT_PARALLEL)]
     pub parallel: usize,
     /// Allow out-of-order writes to the destination (as qemu-img's -W).
     #[arg(short = 'W')]
@@ -161,7 +161,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }
     }
-    let options = imagefmt::convert::ConvertOptions {
+    let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,
         qcow2,
@@ -193,7 +193,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         }
     };
     // Errors name the file at fault themselves (source image, destination or backing file).
-    imagefmt::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)?;
+    imagefmt::ops::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)?;
     if let Some(bar) = bar {
         bar.finish();
     }
@@ -203,7 +203,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     args.guard.check_commit(&args.file, args.keep)?;
-    imagefmt::commit::commit(&args.file, &policy(&args.confine), args.keep)
+    imagefmt::ops::commit::commit(&args.file, &policy(&args.confine), args.keep)
         .with_context(|| format!("{}", args.file.display()))?;
     writeln!(out, "Image committed.")?;
     Ok(())
@@ -228,7 +228,7 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
         };
         Some((args.backing.clone(), fmt))
     };
-    imagefmt::rebase::rebase(
+    imagefmt::ops::rebase::rebase(
         &args.file,
         &new,
         args.unsafe_header_only,
