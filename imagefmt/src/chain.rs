@@ -133,7 +133,7 @@ pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Resu
         buf[done..].fill(0);
         return Ok(());
     }
-    top.read_at(buf, extent.start.0)
+    top.read_at(buf, extent.start)
 }
 
 /// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer

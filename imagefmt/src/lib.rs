@@ -53,6 +53,7 @@
 //! ```
 //! use imagefmt::backing::BackingPolicy;
 //! use imagefmt::chain::{open_chain, open_qcow2_rw};
+//! use imagefmt::offsets::GuestOffset;
 //! use imagefmt::qcow2::check::{check, Repair};
 //! use imagefmt::{ImageFormat, Qcow2Builder};
 //! # let dir = tempfile::tempdir()?;
@@ -77,7 +78,7 @@
 //! // Read it back through the whole chain, and check the overlay as qemu-img check would.
 //! let chain = open_chain(&clone, None, &policy)?;
 //! let mut bytes = [0u8; 12];
-//! chain.read_at(&mut bytes, 4096)?;
+//! chain.read_at(&mut bytes, GuestOffset(4096))?;
 //! assert_eq!(&bytes, b"hello, guest");
 //! let file = imagefmt::open::open_image(&clone, imagefmt::open::OpenHow::read())?;
 //! let report = check(&file, Repair::None)?;

@@ -156,6 +156,7 @@ mod tests {
     use super::*;
     use crate::extent::GuestRead;
     use crate::io::MemBackend;
+    use crate::offsets::GuestOffset;
 
     #[test]
     fn dynamic_layout_matches_virtualbox() {
@@ -170,7 +171,7 @@ mod tests {
         assert!(bytes[0x10_0000..0x10_0010].iter().all(|&b| b == 0xFF));
         let image = VdiImage::open(&mem, h, None).unwrap();
         let mut buf = vec![1u8; 4096];
-        image.read_at(&mut buf, 0).unwrap();
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
     }
 
