@@ -8,6 +8,7 @@ use std::path::Path;
 use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::{open_vdi, ChainOptions};
 use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
 use serde_json::Value;
 
 use crate::util::*;
@@ -175,7 +176,7 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
         let image = open_vdi(&diff, &ChainOptions::new(&BackingPolicy::FollowLocal)).unwrap();
         assert!(image.header().is_differencing(), "{}", diff.display());
         let mut got = vec![0u8; want.len()];
-        image.read_at(&mut got, 0).unwrap();
+        image.read_at(&mut got, GuestOffset(0)).unwrap();
         assert!(got == want, "{} does not read as base.vdi", diff.display());
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::ChainOptions;
 use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
 use serde_json::Value;
 
 use crate::util::*;
@@ -374,7 +375,7 @@ fn vdi_bases_get_vdi_diffs_resolved_through_the_registry() {
     let image = imagefmt::chain::open_vdi(&d2_path, &options).unwrap();
     assert_eq!(image.parent_links().len(), 2);
     let mut got = vec![0u8; expected.len()];
-    image.read_at(&mut got, 0).unwrap();
+    image.read_at(&mut got, GuestOffset(0)).unwrap();
     assert!(got == expected, "VDI chain content differs from the base");
     let vm = registry.clone_record("d2").unwrap();
     assert_eq!(vm.chain.len(), 2);

@@ -507,6 +507,7 @@ fn size_hex_ending_in_b_or_e_is_read_as_hex_digits_like_qemu_img() {
 fn qcow2_guest_write_through_an_l2_entry_pointing_at_metadata_is_refused() {
     use imagefmt::extent::GuestRead;
     use imagefmt::io::{Backend, MemBackend};
+    use imagefmt::offsets::GuestOffset;
     use imagefmt::qcow2::image::Qcow2Image;
     use imagefmt::qcow2::write::WriteOptions;
     use imagefmt::qcow2::HeaderCluster;
@@ -537,7 +538,7 @@ fn qcow2_guest_write_through_an_l2_entry_pointing_at_metadata_is_refused() {
         .unwrap();
     assert_eq!(l1_after, l1_before, "the L1 table was overwritten");
     let mut first = [0u8; 4096];
-    image.read_at(&mut first, 0).unwrap();
+    image.read_at(&mut first, GuestOffset(0)).unwrap();
     assert_eq!(first, [1u8; 4096]);
 }
 

@@ -19,6 +19,7 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::{self, ChainOptions};
 use imagefmt::extent::GuestRead;
 use imagefmt::new_file::NewFileMode;
+use imagefmt::offsets::GuestOffset;
 use imagefmt::vdi::{
     self, BlockEntry, Explicit, ImageType, ParentResolver, SameDirectory, VdiError, VdiHeader,
     VdiImage,
@@ -117,7 +118,7 @@ fn our_raw(path: &Path) -> Vec<u8> {
 
 fn read_all(image: &dyn GuestRead) -> Vec<u8> {
     let mut buf = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, GuestOffset(0)).unwrap();
     buf
 }
 

@@ -64,7 +64,7 @@ impl<'a> ChainOptions<'a> {
     }
 
     /// The VDI parent resolver in effect.
-    pub fn vdi_resolver(&self) -> &'a dyn ParentResolver {
+    pub(crate) fn vdi_resolver(&self) -> &'a dyn ParentResolver {
         self.vdi_parents.unwrap_or(&SameDirectory)
     }
 
@@ -133,7 +133,7 @@ pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Resu
         buf[done..].fill(0);
         return Ok(());
     }
-    top.read_at(buf, extent.start.0)
+    top.read_at(buf, extent.start)
 }
 
 /// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer
@@ -406,7 +406,7 @@ pub fn open_qcow2_rw(
 
 /// [`open_qcow2_rw`] on a file the caller already opened for writing with [`open_image`] (so
 /// its locks are held from before its header was read).
-pub fn qcow2_rw_from_file(
+pub(crate) fn qcow2_rw_from_file(
     file: File,
     path: &Path,
     policy: &BackingPolicy,

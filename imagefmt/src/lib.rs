@@ -24,12 +24,13 @@
 //!   [`vdi::create_dynamic`], [`vdi::create_fixed`], [`vdi::create_differencing`]; [`new_file`]
 //!   (a new file is linked into place only when complete).
 //! - Opening: [`open::open_image`] (the one opener of image files, qemu's locks from [`lock`]);
-//!   [`chain`] (an image and everything below it as one [`extent::GuestRead`], for reading;
-//!   [`chain::open_qcow2_rw`] for writing); [`backing`] (the policy for names read from images).
+//!   [`chain`] (the one chain walker: an image and everything below it as one
+//!   [`extent::GuestRead`], for reading; [`chain::open_qcow2_rw`], [`chain::open_vdi_rw`] for
+//!   writing); [`backing`] (the policy for names read from images).
 //! - What lies where: [`extent`] ([`extent::Extent`], [`extent::GuestRead`]), [`offsets`]
 //!   (typed guest and host offsets), [`chain::block_status`], [`chain::extents`],
 //!   [`chain::read_extent`].
-//! - Whole-image operations: [`ops`] (info, map, compare, convert, commit, rebase) and
+//! - Whole-image operations: [`ops`] (info, map, compare, convert, commit, rebase, resize) and
 //!   [`measure`].
 //! - Formats: [`qcow2`] (header codecs, [`qcow2::image::Qcow2Image`], [`qcow2::check`]), [`vdi`]
 //!   (codecs, [`vdi::VdiImage`], parent resolvers, [`vdi::check`]), [`raw`].
@@ -53,6 +54,7 @@
 //! ```
 //! use imagefmt::backing::BackingPolicy;
 //! use imagefmt::chain::{open_chain, open_qcow2_rw};
+//! use imagefmt::offsets::GuestOffset;
 //! use imagefmt::qcow2::check::{check, Repair};
 //! use imagefmt::{ImageFormat, Qcow2Builder};
 //! # let dir = tempfile::tempdir()?;
@@ -77,7 +79,7 @@
 //! // Read it back through the whole chain, and check the overlay as qemu-img check would.
 //! let chain = open_chain(&clone, None, &policy)?;
 //! let mut bytes = [0u8; 12];
-//! chain.read_at(&mut bytes, 4096)?;
+//! chain.read_at(&mut bytes, GuestOffset(4096))?;
 //! assert_eq!(&bytes, b"hello, guest");
 //! let file = imagefmt::open::open_image(&clone, imagefmt::open::OpenHow::read())?;
 //! let report = check(&file, Repair::None)?;
@@ -109,6 +111,8 @@ pub mod raw;
 pub mod size;
 pub mod vdi;
 
+// The deliberate root API: the types nearly every caller names (builder.rs and error.rs are
+// private; detect.rs is public for its probes).
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::{ForeignFormat, ImageFormat};
 pub use error::{Error, Result};

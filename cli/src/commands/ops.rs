@@ -242,45 +242,12 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
     args.guard
         .check("resize", std::slice::from_ref(&args.file))?;
-    let context = || format!("{}", args.file.display());
-    let file = imagefmt::open::open_image(&args.file, imagefmt::open::OpenHow::write())
-        .with_context(context)?;
-    let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)
-        .with_context(context)?;
-    let current = header.virtual_size();
-    let new = if let Some(delta) = args.size.strip_prefix('+') {
-        current
-            .checked_add(imagefmt::size::parse_size(delta)?)
-            .context("size overflows")?
-    } else if let Some(delta) = args.size.strip_prefix('-') {
-        current
-            .checked_sub(imagefmt::size::parse_size(delta)?)
-            .context("the image would shrink below zero")?
-    } else {
-        imagefmt::size::parse_size(&args.size)?
-    };
-    match header.format() {
-        ImageFormat::Qcow2 => {
-            let mut image = imagefmt::chain::qcow2_rw_from_file(
-                file,
-                &args.file,
-                &BackingPolicy::FollowLocal,
-                imagefmt::qcow2::write::WriteOptions::default(),
-            )
-            .with_context(context)?;
-            image.resize(new, args.shrink).with_context(context)?;
-            image.flush()?;
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Raw => {
-            if new < current && !args.shrink {
-                bail!("shrinking needs --shrink (data past the new end is lost in a raw image)");
-            }
-            file.set_len(new).with_context(context)?;
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Vdi => bail!("resizing VDI images is not supported"),
-    }
+    let size: imagefmt::ops::resize::NewSize = args.size.parse()?;
+    let resized =
+        imagefmt::ops::resize::resize(&args.file, size, args.shrink, &BackingPolicy::FollowLocal)
+            .with_context(|| format!("{}", args.file.display()))?;
+    hold_if_asked(&args.file);
+    drop(resized);
     writeln!(out, "Image resized.")?;
     Ok(())
 }

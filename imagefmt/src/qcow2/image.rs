@@ -406,7 +406,7 @@ impl<B: Backend> Qcow2Image<B> {
     /// Reads one extent of this image's own status into `buf` (`buf.len() == extent.len`).
     fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         match (extent.kind, extent.host) {
-            (ExtentKind::Unallocated, _) => read_below(self.below.as_deref(), buf, extent.start.0),
+            (ExtentKind::Unallocated, _) => read_below(self.below.as_deref(), buf, extent.start),
             (ExtentKind::Zero, _) => {
                 buf.fill(0);
                 Ok(())
@@ -524,11 +524,11 @@ impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
         self.header.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.header.size)?;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_range(offset.0, buf.len(), self.header.size)?;
         let mut done = 0usize;
         while done < buf.len() {
-            let at = GuestOffset(offset + done as u64);
+            let at = GuestOffset(offset.0 + done as u64);
             let extent = self.layer_status(at, (buf.len() - done) as u64)?;
             let len = extent.len as usize;
             self.read_extent(&extent, &mut buf[done..done + len])?;

@@ -31,6 +31,7 @@ pub mod refcount;
 pub(crate) mod tables;
 pub mod write;
 
+// The format's main types at its root (error.rs and header_cluster.rs are private).
 pub use create::{Compat, CreateOptions};
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header, Version, MAGIC};

@@ -21,6 +21,7 @@ use super::image::{corrupt, Qcow2Image};
 use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO};
 use crate::extent::{check_range, GuestRead};
 use crate::io::Backend;
+use crate::offsets::GuestOffset;
 use crate::{Error, Result};
 
 /// How an image is opened for writing.
@@ -441,7 +442,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let mut full = vec![0u8; unit as usize];
         let inside = (self.header.size - unit_start).min(unit) as usize;
         if data.len() as u64 != unit {
-            self.read_at(&mut full[..inside], unit_start)?;
+            self.read_at(&mut full[..inside], GuestOffset(unit_start))?;
         }
         let at = (pos - unit_start) as usize;
         full[at..at + data.len()].copy_from_slice(data);

@@ -19,6 +19,7 @@ mod header;
 mod image;
 mod parent;
 
+// The format's API: the private files' types, and the creators at the format's root.
 pub use blockmap::{BlockEntry, BlockMap};
 pub use create::{create_differencing, create_dynamic, create_fixed};
 pub use error::VdiError;
