@@ -289,6 +289,7 @@ pub fn walk(
         let header = ImageHeader::read(&file, format, &path, top)?;
         top = false;
         next = next_below(&path, &header, options)?;
+        tracing::debug!(path = %path.display(), format = %header.format().name(), below = ?next.as_ref().map(|(p, _)| p), "chain layer opened");
         visit(Level {
             below: next.as_ref().map(|(p, _)| p.clone()),
             path,
