@@ -16,6 +16,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Global options, accepted before or after the subcommand.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every subcommand accepts, before or after its name (`cowclone --home D ls` and
+/// `cowclone ls --home D` are the same).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
+    /// Registry home directory (default: $COWCLONE_HOME, else $XDG_DATA_HOME/cowclone).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub home: Option<PathBuf>,
+    /// Log what cowclone does on stderr: -v for each step, -vv for every layer opened and
+    /// command run (RUST_LOG, e.g. RUST_LOG=imagefmt=debug, takes precedence).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 /// Subcommands.
@@ -50,6 +66,10 @@ pub enum Command {
     Vm(crate::commands::vm::VmCommand),
     /// libvirt hosts that clones can live on: add, ls, rm.
     Host(crate::commands::host::HostArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(crate::commands::shell::CompletionsArgs),
+    /// Print the manual page (roff) on stdout, or write one page per command into a directory.
+    Man(crate::commands::shell::ManArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

@@ -55,6 +55,7 @@ impl HomeArg {
 /// Opens the registry in `home` (else `$COWCLONE_HOME`, else the XDG data directory).
 pub(crate) fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> {
     let home = Home::resolve(home)?;
+    tracing::info!(home = %home.root().display(), "opening the registry");
     Registry::open(&home)
         .with_context(|| format!("opening the registry in {}", home.root().display()))
 }
