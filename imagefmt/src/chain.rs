@@ -332,7 +332,7 @@ fn walk_from(
         }
         top = false;
         next = next_below(&path, &header, options)?;
-        tracing::debug!(path = %path.display(), format = %header.format().name(), below = ?next.as_ref().map(|(p, _)| p), "chain layer opened");
+        tracing::debug!(path = %path.display(), format = %header.format().name(), below = ?next.as_ref().map(|n| &n.path), "chain layer opened");
         visit(Level {
             below: next.as_ref().map(|n| n.path.clone()),
             path,
