@@ -24,6 +24,7 @@ pub mod header;
 pub mod header_cluster;
 pub mod image;
 pub mod layout;
+pub mod preallocate;
 pub mod refcount;
 pub mod tables;
 pub mod write;

@@ -404,7 +404,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Writes consecutive standard (8-byte) L2 entries from `index` on, to disk in one write
     /// and to the cached table.
-    fn set_l2_entries(&mut self, table: u64, index: usize, entries: &[u64]) -> Result<()> {
+    pub(super) fn set_l2_entries(
+        &mut self,
+        table: u64,
+        index: usize,
+        entries: &[u64],
+    ) -> Result<()> {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_host(&bytes, table + index as u64 * 8)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
