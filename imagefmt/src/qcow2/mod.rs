@@ -26,6 +26,7 @@ pub mod image;
 pub mod layout;
 pub mod preallocate;
 pub mod refcount;
+pub mod shrink;
 pub mod tables;
 pub mod write;
 

@@ -326,7 +326,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// The L2 table offset, entry index and entry for `pos`, if its L2 table exists.
-    fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
+    pub(super) fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
         let cluster_index = pos >> self.header.cluster_bits;
         let per_table = self.header.l2_entries();
         let l1_raw = self
