@@ -23,7 +23,7 @@ use crate::{Error, Result};
 
 /// The existing image being written.
 enum Target {
-    Qcow2(Qcow2Image<std::fs::File>),
+    Qcow2(Box<Qcow2Image<std::fs::File>>),
     Raw(std::fs::File),
 }
 
@@ -64,7 +64,7 @@ pub fn convert_into(
             let image = chain::qcow2_rw_from_file(file, dest, policy, WriteOptions::default())
                 .map_err(in_dest)?;
             let (size, unit) = (image.virtual_size(), image.unit_size());
-            (Target::Qcow2(image), size, unit)
+            (Target::Qcow2(Box::new(image)), size, unit)
         }
         ImageFormat::Raw => {
             let len = file

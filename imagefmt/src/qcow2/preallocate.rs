@@ -107,8 +107,10 @@ mod tests {
 
     #[test]
     fn extended_l2_entries_mark_every_subcluster_allocated() {
-        let mut options = CreateOptions::default();
-        options.extended_l2 = true;
+        let options = CreateOptions {
+            extended_l2: true,
+            ..CreateOptions::default()
+        };
         let image = preallocated(256 << 10, Preallocation::Full, &options);
         let entry = image.l2_entry(0).unwrap().unwrap();
         assert_eq!(entry.bitmap, super::ALL_SUBCLUSTERS_ALLOCATED);
