@@ -689,3 +689,59 @@ fn resize_flags_match_qemu_img() {
         "cowclone's own --shrink refuses to drop data"
     );
 }
+
+#[test]
+fn info_lists_children_and_data_file_as_qemu_img_10() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.raw,data_file_raw=on",
+            "df.qcow2",
+            "1M",
+        ],
+    );
+    qemu(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu(d, &["create", "-q", "-f", "raw", "odd.raw", "1000"]);
+    for image in ["df.qcow2", "top.qcow2", "odd.raw"] {
+        let theirs = qemu(d, &["info", image]);
+        let mine = ours(d, &["info", image]);
+        assert_eq!(
+            String::from_utf8_lossy(&mine.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "info {image}"
+        );
+        let json = |o: Output| -> serde_json::Value { serde_json::from_slice(&o.stdout).unwrap() };
+        assert_eq!(
+            json(ours(d, &["info", "--output=json", image])),
+            json(qemu(d, &["info", "--output=json", image])),
+            "info --output=json {image}"
+        );
+    }
+    let theirs = qemu(d, &["info", "--backing-chain", "top.qcow2"]);
+    let mine = ours(d, &["info", "--backing-chain", "top.qcow2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&mine.stdout),
+        String::from_utf8_lossy(&theirs.stdout)
+    );
+}
