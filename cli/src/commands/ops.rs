@@ -64,23 +64,12 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
     /// Open no backing file of the source: what would fall through reads as zeros.
     #[arg(long, conflicts_with = "confine")]
     pub no_backing: bool,
-    /// Read the source's guest data from the external data file its header names (refused by
-    /// default: the name can point at any host file).
-    #[arg(long)]
-    pub allow_data_file: bool,
-    /// Read the source even if another process is writing it (qemu-img -U).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Which images below the source may be opened (backing files, VDI parents, data files).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// Source image.
     pub source: PathBuf,
     /// Output image.
@@ -111,9 +100,9 @@ pub struct CommitArgs {
     /// Print nothing.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
+    /// Which backing files may be opened (only --confine changes what this command opens).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// The overlay to commit into its backing file.
     pub file: PathBuf,
     #[command(flatten)]
@@ -147,9 +136,9 @@ pub struct RebaseArgs {
     /// New backing format (default: recognised by content).
     #[arg(short = 'F', value_name = "FMT")]
     pub backing_format: Option<String>,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
+    /// Which backing files may be opened (only --confine changes what this command opens).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// The image to rebase (qcow2).
     pub file: PathBuf,
     #[command(flatten)]
@@ -182,13 +171,6 @@ pub struct ResizeArgs {
     pub size: String,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
-}
-
-fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
-    match confine {
-        Some(dir) => BackingPolicy::Confine(dir.clone()),
-        None => BackingPolicy::FollowLocal,
-    }
 }
 
 fn format(name: &Option<String>) -> Result<Option<ImageFormat>> {
@@ -258,12 +240,11 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let policy = if args.no_backing {
         BackingPolicy::Detach
     } else {
-        policy(&args.confine)
+        args.chain.policy()
     };
     let source_format = format(&args.source_format)?;
-    let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let mut chain_options = crate::commands::chain_options(&policy, args.allow_data_file, &parents);
-    chain_options.force_share = args.force_share;
+    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let chain_options = args.chain.options(&policy, &parents);
     let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
         .with_context(|| format!("{}", args.source.display()))?;
     let output = args.output_format.parse::<ImageFormat>()?;
@@ -342,7 +323,7 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
     imagefmt::commit::commit_into(
         &args.file,
-        &policy(&args.confine),
+        &args.chain.policy(),
         keep,
         args.base.as_deref(),
         &mut |done, total| progress.update(done, total),
@@ -383,7 +364,7 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         &args.file,
         &new,
         args.unsafe_header_only,
-        &policy(&args.confine),
+        &args.chain.policy(),
         &mut |done, total| progress.update(done, total),
     )
     .with_context(|| format!("{}", args.file.display()))?;
