@@ -17,6 +17,7 @@ mod hypervisor_drivers;
 mod locking;
 mod map_xcheck;
 mod measure_xcheck;
+mod ops_flags_xcheck;
 mod ops_xcheck;
 mod qemu_xcheck;
 mod read_xcheck;

@@ -7,6 +7,7 @@
 pub mod args;
 pub mod commands;
 pub mod output;
+pub mod progress;
 
 use std::io::Write;
 

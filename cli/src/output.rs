@@ -82,6 +82,12 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
                 writeln!(out, "    lazy refcounts: {v}")?;
             }
             writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
+            if let Some(name) = &q.data_file {
+                writeln!(out, "    data file: {name}")?;
+            }
+            if let Some(raw) = q.data_file_raw {
+                writeln!(out, "    data file raw: {raw}")?;
+            }
             if let Some(v) = q.corrupt {
                 writeln!(out, "    corrupt: {v}")?;
             }
@@ -105,6 +111,27 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
     }
     if info.dirty_flag {
         writeln!(out, "dirty flag: true")?;
+    }
+    write_children(out, &info.children)
+}
+
+/// Writes the "Child node" sections `qemu-img info` ends an image with (qemu-img 10).
+pub fn write_children(
+    out: &mut impl Write,
+    children: &[imagefmt::ops::info::ChildInfo],
+) -> io::Result<()> {
+    for child in children {
+        let node = &child.info;
+        writeln!(out, "Child node '/{}':", child.name)?;
+        writeln!(out, "    filename: {}", node.filename)?;
+        writeln!(out, "    protocol type: {}", node.format)?;
+        writeln!(
+            out,
+            "    file length: {} ({} bytes)",
+            human_size(node.virtual_size),
+            node.virtual_size
+        )?;
+        writeln!(out, "    disk size: {}", human_size(node.actual_size))?;
     }
     Ok(())
 }

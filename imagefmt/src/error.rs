@@ -133,6 +133,14 @@ pub enum Error {
         /// The image.
         path: PathBuf,
     },
+    /// `commit -b BASE`: no image of the chain is BASE (qemu-img's wording).
+    #[error("Did not find '{base}' in the backing chain of '{}'", image.display())]
+    BaseNotInChain {
+        /// The base as given.
+        base: String,
+        /// The image whose chain was searched.
+        image: PathBuf,
+    },
 }
 
 impl Error {

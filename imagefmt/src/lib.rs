@@ -106,6 +106,7 @@ pub mod new_file;
 pub mod offsets;
 pub mod open;
 pub mod ops;
+pub mod preallocate;
 pub mod qcow2;
 pub mod raw;
 pub mod size;

@@ -13,6 +13,7 @@
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_into;
 pub mod info;
 pub mod map;
 pub mod rebase;

@@ -15,6 +15,7 @@ use crate::chain::qcow2_rw_from_file;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::open::{open_image, OpenHow};
+use crate::preallocate::{fill_host, Preallocation};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::size::{parse_size, InvalidSize};
@@ -91,24 +92,49 @@ impl std::fmt::Debug for Held {
     }
 }
 
-/// Resizes the qcow2 or raw image at `path` (format recognised by content, raw if unrecognised)
-/// to `size`. Shrinking is refused unless `allow_shrink`, and a qcow2 image refuses it anyway
-/// where data lies past the new end. A qcow2 image's backing chain is opened (read-only) under
-/// `policy`, as for any write.
+/// How [`resize`] may change the image beyond its size.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResizeOptions {
+    /// The image's format (`-f`); `None`: recognised by content, raw if unrecognised.
+    pub format: Option<ImageFormat>,
+    /// Allow a smaller size (`--shrink`). A qcow2 image still refuses it where data lies past
+    /// the new end, unless `drop_data_past_end`.
+    pub allow_shrink: bool,
+    /// Shrinking a qcow2 image first discards the clusters past the new end (what qemu-img does
+    /// with `--shrink`).
+    pub drop_data_past_end: bool,
+    /// How the added range is allocated (`--preallocation`; growing only; `metadata` is qcow2
+    /// only).
+    pub preallocation: Preallocation,
+}
+
+/// Resizes the qcow2 or raw image at `path` to `size`, as `options` allow. A qcow2 image's
+/// backing chain is opened (read-only) under `policy`, as for any write.
 pub fn resize(
     path: &Path,
     size: NewSize,
-    allow_shrink: bool,
+    options: &ResizeOptions,
     policy: &BackingPolicy,
 ) -> Result<Resized> {
     let file = open_image(path, OpenHow::write())?;
-    let header = ImageHeader::read_detected(&file, path, true)?;
+    let header = ImageHeader::read(&file, options.format, path, true)?;
     let old_size = header.virtual_size();
     let new_size = size.apply(old_size)?;
+    let preallocation = options.preallocation;
+    if new_size < old_size && preallocation != Preallocation::Off {
+        return Err(Error::InvalidParameter {
+            name: "preallocation",
+            reason: "Preallocation can only be used for growing images",
+        });
+    }
     match header.format() {
         ImageFormat::Qcow2 => {
             let mut image = qcow2_rw_from_file(file, path, policy, WriteOptions::default())?;
-            image.resize(new_size, allow_shrink)?;
+            if new_size < old_size && options.drop_data_past_end {
+                image.drop_past(new_size)?;
+            }
+            image.resize(new_size, options.allow_shrink)?;
+            image.preallocate(old_size, new_size, preallocation)?;
             image.flush()?;
             Ok(Resized {
                 old_size,
@@ -119,15 +145,24 @@ pub fn resize(
             })
         }
         ImageFormat::Raw => {
-            if new_size < old_size && !allow_shrink {
+            if new_size < old_size && !options.allow_shrink {
                 return Err(Error::InvalidParameter {
                     name: "size",
                     reason: "shrinking needs --shrink (data past the new end is lost in a raw \
                              image)",
                 });
             }
+            if preallocation == Preallocation::Metadata {
+                return Err(Error::InvalidParameter {
+                    name: "preallocation",
+                    reason: "Unsupported preallocation mode: metadata",
+                });
+            }
             file.set_len(new_size)
                 .map_err(Error::writing("raw image length"))?;
+            if new_size > old_size {
+                fill_host(&file, old_size, new_size - old_size, preallocation)?;
+            }
             Ok(Resized {
                 old_size,
                 new_size,
@@ -185,16 +220,27 @@ mod tests {
 
         let raw = dir.path().join("disk.raw");
         std::fs::write(&raw, vec![7u8; 4096]).unwrap();
-        let resized = resize(&raw, "+1M".parse().unwrap(), false, &follow).unwrap();
+        let resized = resize(
+            &raw,
+            "+1M".parse().unwrap(),
+            &ResizeOptions::default(),
+            &follow,
+        )
+        .unwrap();
         assert_eq!(
             (resized.old_size, resized.new_size),
             (4096, 4096 + (1 << 20))
         );
         drop(resized);
         assert_eq!(qemu_virtual_size(&raw), 4096 + (1 << 20));
-        let refused = resize(&raw, NewSize::To(512), false, &follow).unwrap_err();
+        let refused =
+            resize(&raw, NewSize::To(512), &ResizeOptions::default(), &follow).unwrap_err();
         assert!(refused.to_string().contains("--shrink"), "{refused}");
-        drop(resize(&raw, NewSize::To(512), true, &follow).unwrap());
+        let shrink = ResizeOptions {
+            allow_shrink: true,
+            ..ResizeOptions::default()
+        };
+        drop(resize(&raw, NewSize::To(512), &shrink, &follow).unwrap());
         assert_eq!(qemu_virtual_size(&raw), 512);
 
         let qcow2 = dir.path().join("disk.qcow2");
@@ -202,16 +248,34 @@ mod tests {
             .size(1 << 20)
             .create()
             .unwrap();
-        let resized = resize(&qcow2, "+1000".parse().unwrap(), false, &follow).unwrap();
+        let resized = resize(
+            &qcow2,
+            "+1000".parse().unwrap(),
+            &ResizeOptions::default(),
+            &follow,
+        )
+        .unwrap();
         // Rounded up to whole sectors, as qemu-img resize does.
         assert_eq!(resized.new_size, (1 << 20) + 1024);
         drop(resized);
         assert_eq!(qemu_virtual_size(&qcow2), (1 << 20) + 1024);
-        assert!(resize(&qcow2, NewSize::Shrink(1024), false, &follow).is_err());
+        assert!(resize(
+            &qcow2,
+            NewSize::Shrink(1024),
+            &ResizeOptions::default(),
+            &follow
+        )
+        .is_err());
 
         let vdi = dir.path().join("disk.vdi");
         crate::vdi::create_dynamic(&vdi, 1 << 20, Default::default()).unwrap();
-        let refused = resize(&vdi, NewSize::Grow(1 << 20), false, &follow).unwrap_err();
+        let refused = resize(
+            &vdi,
+            NewSize::Grow(1 << 20),
+            &ResizeOptions::default(),
+            &follow,
+        )
+        .unwrap_err();
         assert!(refused.to_string().contains("VDI"), "{refused}");
     }
 }

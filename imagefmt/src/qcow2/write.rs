@@ -327,7 +327,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// The L2 table offset, entry index and entry for `pos`, if its L2 table exists.
-    fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
+    pub(super) fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
         let cluster_index = pos >> self.header.cluster_bits;
         let per_table = self.header.l2_entries();
         let l1_raw = self
@@ -405,7 +405,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Writes consecutive standard (8-byte) L2 entries from `index` on, to disk in one write
     /// and to the cached table.
-    fn set_l2_entries(&mut self, table: u64, index: usize, entries: &[u64]) -> Result<()> {
+    pub(super) fn set_l2_entries(
+        &mut self,
+        table: u64,
+        index: usize,
+        entries: &[u64],
+    ) -> Result<()> {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_host(&bytes, table + index as u64 * 8)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
