@@ -64,9 +64,6 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// Open no backing file of the source: what would fall through reads as zeros.
-    #[arg(long, conflicts_with = "confine")]
-    pub no_backing: bool,
     /// Which images below the source may be opened (backing files, VDI parents, data files).
     #[command(flatten)]
     pub chain: crate::args::ChainPolicyArgs,
@@ -237,11 +234,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         args.guard
             .check("convert --overwrite", std::slice::from_ref(&args.dest))?;
     }
-    let policy = if args.no_backing {
-        BackingPolicy::Detach
-    } else {
-        args.chain.policy()
-    };
+    let policy = args.chain.policy();
     let source_format = format(&args.source_format)?;
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
     let chain_options = args.chain.options(&policy, &parents);
@@ -314,6 +307,9 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     qcow2_only(&args.format, "commit")?;
+    if args.chain.no_backing {
+        bail!("commit writes into the backing file: --no-backing cannot be used with it");
+    }
     if let Some(mode) = &args.cache {
         cache_flushes(mode)?;
     }
@@ -338,6 +334,9 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
 
 /// Runs rebase.
 pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
+    if args.chain.no_backing {
+        bail!("rebase reads the old backing file: --no-backing cannot be used with it");
+    }
     qcow2_only(&args.format, "rebase")?;
     for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
         cache_flushes(mode)?;
