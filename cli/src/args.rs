@@ -112,6 +112,10 @@ pub struct CreateArgs {
 /// `cowclone info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE`
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
+    /// Format of FILE (default: recognised by content, raw otherwise); a file not in FMT is
+    /// refused.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArg,
