@@ -102,6 +102,7 @@ pub struct Config {
 
 /// One side's figures. Part of the documented JSON of `cowclone bench io --output json`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SideResult {
     /// `cowclone` (imagefmt) or `qemu-img` (`qemu-img bench`).
     pub tool: &'static str,
@@ -131,6 +132,7 @@ pub struct SideResult {
 
 /// A whole `bench io` run.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     /// The image.
     pub image: PathBuf,
