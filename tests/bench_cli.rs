@@ -23,19 +23,19 @@ const METHODS: [&str; 6] = [
 ];
 const KEYS: [&str; 7] = [
     "method",
-    "median_us",
-    "p90_us",
-    "apparent_bytes",
-    "allocated_bytes",
-    "ratio_vs_qemu_img",
+    "median-us",
+    "p90-us",
+    "apparent-bytes",
+    "allocated-bytes",
+    "ratio-vs-qemu-img",
     "skipped",
 ];
 const FIGURES: [&str; 5] = [
-    "median_us",
-    "p90_us",
-    "apparent_bytes",
-    "allocated_bytes",
-    "ratio_vs_qemu_img",
+    "median-us",
+    "p90-us",
+    "apparent-bytes",
+    "allocated-bytes",
+    "ratio-vs-qemu-img",
 ];
 const SIZE: u64 = 64 << 20;
 
@@ -97,12 +97,12 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
         }
         match &r["skipped"] {
             Value::Null => {
-                let median = positive(&r["median_us"], "median_us");
-                let p90 = positive(&r["p90_us"], "p90_us");
+                let median = positive(&r["median-us"], "median-us");
+                let p90 = positive(&r["p90-us"], "p90-us");
                 assert!(p90 >= median, "p90 below the median: {r}");
-                positive(&r["apparent_bytes"], "apparent_bytes");
-                positive(&r["allocated_bytes"], "allocated_bytes");
-                positive(&r["ratio_vs_qemu_img"], "ratio_vs_qemu_img");
+                positive(&r["apparent-bytes"], "apparent-bytes");
+                positive(&r["allocated-bytes"], "allocated-bytes");
+                positive(&r["ratio-vs-qemu-img"], "ratio-vs-qemu-img");
                 assert_eq!(r["clones"], 3, "{r}");
             }
             Value::String(reason) => {
@@ -119,7 +119,7 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
         let r = by_method(&results, name);
         assert!(r["skipped"].is_null(), "{name} was skipped: {r}");
     }
-    assert_eq!(by_method(&results, "qemu-img")["ratio_vs_qemu_img"], 1.0);
+    assert_eq!(by_method(&results, "qemu-img")["ratio-vs-qemu-img"], 1.0);
     let reflink = by_method(&results, "reflink");
     if let Some(reason) = reflink["skipped"].as_str() {
         assert!(
@@ -132,11 +132,11 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
     let base = keep.join("base.qcow2");
     let base_len = file_len(&base);
     let copy = by_method(&results, "copy");
-    assert_eq!(copy["apparent_bytes"], base_len, "{copy}");
-    assert!(copy["allocated_bytes"].as_u64().unwrap() >= SIZE, "{copy}");
+    assert_eq!(copy["apparent-bytes"], base_len, "{copy}");
+    assert!(copy["allocated-bytes"].as_u64().unwrap() >= SIZE, "{copy}");
     let native = by_method(&results, "native-qcow2");
     assert!(
-        native["allocated_bytes"].as_u64().unwrap() < SIZE / 100,
+        native["allocated-bytes"].as_u64().unwrap() < SIZE / 100,
         "{native}"
     );
 
@@ -294,20 +294,20 @@ fn bench_io_reports_both_sides_and_never_modifies_the_image() {
         let report: Value = serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("bench io printed no JSON ({e}): {stdout}"));
         assert_eq!(report["format"], "qcow2");
-        assert_eq!(report["virtual_size"], 8 << 20);
+        assert_eq!(report["virtual-size"], 8 << 20);
         let sides = report["results"].as_array().unwrap();
         let tools: Vec<&str> = sides.iter().map(|s| s["tool"].as_str().unwrap()).collect();
         assert_eq!(tools, ["cowclone", "qemu-img"], "{report:#}");
         for side in sides {
             assert!(side["skipped"].is_null(), "{side}");
             assert_eq!(side["requests"], 300, "{side}");
-            positive(&side["mb_per_s"], "mb_per_s");
-            positive(&side["mean_latency_us"], "mean_latency_us");
+            positive(&side["mb-per-s"], "mb-per-s");
+            positive(&side["mean-latency-us"], "mean-latency-us");
         }
         let (ours, theirs) = (&sides[0], &sides[1]);
-        positive(&ours["median_latency_us"], "our median latency");
+        positive(&ours["median-latency-us"], "our median latency");
         assert!(
-            theirs["median_latency_us"].is_null(),
+            theirs["median-latency-us"].is_null(),
             "qemu-img reports no median"
         );
         assert_eq!(ours["pattern"], pattern);
@@ -315,8 +315,8 @@ fn bench_io_reports_both_sides_and_never_modifies_the_image() {
             theirs["pattern"], "seq",
             "qemu-img bench has no random offsets"
         );
-        assert_eq!(ours["depth_used"], if rw == "read" { 2 } else { 1 });
-        assert_eq!(theirs["depth_used"], 2);
+        assert_eq!(ours["depth-used"], if rw == "read" { 2 } else { 1 });
+        assert_eq!(theirs["depth-used"], 2);
         let command = theirs["command"].as_str().unwrap();
         assert!(
             command.starts_with("qemu-img bench -c 300 -d 2 -s 4096"),
@@ -368,7 +368,7 @@ fn bench_io_on_a_vdi_diff_lists_qemu_as_skipped_with_its_reason() {
     let sides = report["results"].as_array().unwrap();
     assert!(sides[0]["skipped"].is_null(), "{report:#}");
     positive(
-        &sides[0]["mb_per_s"],
+        &sides[0]["mb-per-s"],
         "our throughput through the VDI chain",
     );
     let reason = sides[1]["skipped"].as_str().unwrap_or_default();
@@ -449,17 +449,17 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
         .unwrap_or_else(|e| panic!("bench ops printed no JSON ({e}): {stdout}"));
 
     let env = &report["environment"];
-    for key in ["host", "kernel", "filesystem", "date", "load_average_start"] {
+    for key in ["host", "kernel", "filesystem", "date", "load-average-start"] {
         assert!(
             !env[key].as_str().unwrap_or_default().is_empty(),
             "{key}: {env}"
         );
     }
-    assert!(env["qemu_img_version"]
+    assert!(env["qemu-img-version"]
         .as_str()
         .unwrap()
         .starts_with("qemu-img version"));
-    assert!(env["cowclone_version"]
+    assert!(env["cowclone-version"]
         .as_str()
         .unwrap()
         .starts_with("cowclone "));
@@ -472,8 +472,8 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
     positive(&env["cpus"], "cpus");
 
     let workload = &report["workload"];
-    assert_eq!(workload["virtual_size"], 16 << 20, "{workload}");
-    let data = positive(&workload["data_bytes"], "data_bytes");
+    assert_eq!(workload["virtual-size"], 16 << 20, "{workload}");
+    let data = positive(&workload["data-bytes"], "data-bytes");
     assert!(
         data >= (5 << 20) as f64 && data < (16 << 20) as f64,
         "the tree's 5 MiB are data, the rest is not: {workload}"
@@ -508,33 +508,33 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
         let name = op["operation"].as_str().unwrap();
         assert_eq!(op["runs"], 1, "{op}");
         let mut medians = Vec::new();
-        for (key, tool) in [("cowclone", "cowclone"), ("qemu_img", "qemu-img")] {
+        for (key, tool) in [("cowclone", "cowclone"), ("qemu-img", "qemu-img")] {
             let side = &op[key];
             assert_eq!(side["tool"], tool, "{op}");
-            let median = positive(&side["median_ms"], "median_ms");
-            assert_eq!(side["samples_ms"].as_array().unwrap().len(), 1, "{side}");
-            assert_eq!(side["samples_ms"][0], side["median_ms"], "{side}");
-            let durable = positive(&side["durable_median_ms"], "durable_median_ms");
+            let median = positive(&side["median-ms"], "median-ms");
+            assert_eq!(side["samples-ms"].as_array().unwrap().len(), 1, "{side}");
+            assert_eq!(side["samples-ms"][0], side["median-ms"], "{side}");
+            let durable = positive(&side["durable-median-ms"], "durable-median-ms");
             assert!(
                 durable >= median,
                 "the time to a durable output includes the command's: {side}"
             );
-            positive(&side["peak_rss_kib"], "peak_rss_kib");
+            positive(&side["peak-rss-kib"], "peak-rss-kib");
             let command = side["command"].as_str().unwrap();
             let verb = command.split_whitespace().nth(1).unwrap_or_default();
             assert!(name.starts_with(verb), "{name}: {command}");
             medians.push(median);
             let writes = name.starts_with("convert") || name == "commit";
             assert_eq!(
-                side["output_allocated_bytes"].is_u64(),
+                side["output-allocated-bytes"].is_u64(),
                 writes,
                 "{name}: an output size exactly when a file is written: {side}"
             );
             if writes {
-                positive(&side["output_bytes"], "output_bytes");
+                positive(&side["output-bytes"], "output-bytes");
             }
         }
-        assert!(op["qemu_img"]["command"]
+        assert!(op["qemu-img"]["command"]
             .as_str()
             .unwrap()
             .starts_with("qemu-img "));
@@ -573,7 +573,7 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
     // compressed output is smaller than its plain one. (cowclone's size is a figure reported,
     // not asserted here: the harness measures, the engine's tests judge.)
     let by_name = |n: &str| ops.iter().find(|o| o["operation"] == n).unwrap();
-    let qemu_bytes = |n: &str| by_name(n)["qemu_img"]["output_bytes"].as_u64().unwrap();
+    let qemu_bytes = |n: &str| by_name(n)["qemu-img"]["output-bytes"].as_u64().unwrap();
     assert!(
         qemu_bytes("convert raw→qcow2 -c") < qemu_bytes("convert raw→qcow2"),
         "{report:#}"

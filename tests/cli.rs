@@ -603,8 +603,8 @@ fn clone_json_describes_a_clone_qemu_img_can_use() {
             "the clone names its base by canonical path"
         );
         assert_eq!(info["backing-filename-format"], format);
-        assert_eq!(made["virtual_size"], info["virtual-size"]);
-        assert_eq!(made["virtual_size"], qemu_info_json(base)["virtual-size"]);
+        assert_eq!(made["virtual-size"], info["virtual-size"]);
+        assert_eq!(made["virtual-size"], qemu_info_json(base)["virtual-size"]);
         assert_qemu_check_clean(&clone, format);
         let output = qemu_img(&[&"compare", &"-F", &format, &clone, base]);
         assert_eq!(output.status.code(), Some(0), "{}", describe(&output));

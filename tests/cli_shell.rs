@@ -218,3 +218,72 @@ fn man_renders(page: &Path) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--output"), "{text}");
 }
+
+#[test]
+fn check_cache_mode_and_info_format_are_accepted_as_qemu_img_accepts_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("i.qcow2");
+    let path = image.to_string_lossy();
+    qemu_img_ok(&args_of(&["create", "-q", "-f", "qcow2", &path, "1M"]));
+    qemu_io_ok(&args_of(&["-f", "qcow2", "-c", "write -P 1 0 64k", &path]));
+    for args in [
+        &["check", "-T", "none", &path][..],
+        &[
+            "check",
+            "-T",
+            "writeback",
+            "-f",
+            "qcow2",
+            "--output=json",
+            &path,
+        ],
+        &["info", "-f", "raw", "--output=json", &path],
+        &["info", "-f", "qcow2", &path],
+    ] {
+        let theirs = qemu_img(&args_of(args));
+        let ours = cowclone(&args_of(args));
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        let (ours, theirs) = (
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+        );
+        if args[0] == "info" {
+            // The facts both print; qemu-img has keys cowclone does not (children, ...).
+            let top_level = |l: &&str| !l.starts_with("     ");
+            for line in theirs.lines().filter(top_level).filter(|l| {
+                [
+                    "format",
+                    "virtual-size",
+                    "file format",
+                    "virtual size",
+                    "cluster_size",
+                ]
+                .iter()
+                .any(|k| l.trim_start().trim_start_matches('"').starts_with(k))
+            }) {
+                assert!(
+                    ours.lines().any(|o| o == line),
+                    "{args:?}: {line:?} missing in\n{ours}"
+                );
+            }
+        } else {
+            assert_eq!(ours, theirs, "{args:?}");
+        }
+    }
+    // A format the file is not in is refused by both; so is an unknown cache mode.
+    for args in [
+        &["info", "-f", "vdi", &path][..],
+        &["check", "-T", "bogus", &path],
+    ] {
+        assert_eq!(
+            qemu_img(&args_of(args)).status.code(),
+            Some(1),
+            "qemu-img {args:?}"
+        );
+        assert_eq!(
+            cowclone(&args_of(args)).status.code(),
+            Some(1),
+            "cowclone {args:?}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use imagefmt::backing::BackingPolicy;
 use proptest::prelude::*;
 use serde_json::Value;
 
-use crate::util::tool_ok_in;
+use crate::util::{tool_in, tool_ok_in};
 
 /// The disk of every layer is this many 512-byte sectors at most (4 MiB).
 const MAX_SECTORS: u64 = 8192;
@@ -436,4 +436,84 @@ fn map_of_an_image_with_one_shared_l2_table_stays_small_and_matches_qemu() {
     assert_eq!(code, 0, "cowclone map failed");
     assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
     assert!(peak_kib < 64 << 10, "map peaked at {peak_kib} KiB");
+}
+
+#[test]
+fn map_start_offset_and_max_length_match_qemu_img_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // A raw base under a qcow2 overlay with data, zeros, a discard and compressed clusters.
+    tool_ok_in(
+        "qemu-img",
+        d,
+        &["create", "-q", "-f", "raw", "base.raw", "4M"],
+    );
+    tool_ok_in(
+        "qemu-io",
+        d,
+        &["-f", "raw", "-c", "write -P 7 512k 256k", "base.raw"],
+    );
+    tool_ok_in(
+        "qemu-img",
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    );
+    for c in [
+        "write -P 1 0 100k",
+        "write -z 2M 128k",
+        "write -c -P 3 3M 128k",
+        "write -P 2 1M 64k",
+    ] {
+        tool_ok_in("qemu-io", d, &["-f", "qcow2", "-c", c, "top.qcow2"]);
+    }
+    let ranges: &[&[&str]] = &[
+        &[],
+        &["--start-offset", "70000"],
+        &["--start-offset", "1M", "--max-length", "1000"],
+        &["--start-offset=600k", "--max-length=1M"],
+        &["--start-offset", "5M"],
+        &["--max-length", "0"],
+        &["--start-offset", "1k", "--max-length", "3M"],
+        &["--start-offset", "3M", "--max-length", "64k"],
+        &["--start-offset", "-1"],
+        &["--max-length", "9223372036854775808"],
+    ];
+    for range in ranges {
+        for output in [&["--output=json"][..], &[]] {
+            let mut args = vec!["map"];
+            args.extend_from_slice(output);
+            args.extend_from_slice(range);
+            args.push("top.qcow2");
+            let theirs = tool_in("qemu-img", d, &args);
+            let os: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+                .iter()
+                .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+                .collect();
+            let ours = crate::util::cowclone_in(d, &os);
+            assert_eq!(ours.status.code(), theirs.status.code(), "map {args:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "map {args:?}"
+            );
+            let message = |out: &std::process::Output, program: &str| {
+                String::from_utf8_lossy(&out.stderr).replacen(program, "", 1)
+            };
+            assert_eq!(
+                message(&ours, "cowclone: "),
+                message(&theirs, "qemu-img: "),
+                "map {args:?}: stderr"
+            );
+        }
+    }
 }

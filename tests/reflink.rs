@@ -354,16 +354,16 @@ fn bench_clone_measures_reflinks_on_xfs() {
     assert!(reflink["skipped"].is_null(), "{reflink}");
     let base = keep.join("base.qcow2");
     let base_len = file_len(&base);
-    assert_eq!(reflink["apparent_bytes"], base_len, "{reflink}");
-    assert!(reflink["allocated_bytes"].as_u64().unwrap() >= 32 << 20);
-    assert_eq!(reflink["unshared_bytes"], 0, "{reflink}");
+    assert_eq!(reflink["apparent-bytes"], base_len, "{reflink}");
+    assert!(reflink["allocated-bytes"].as_u64().unwrap() >= 32 << 20);
+    assert_eq!(reflink["unshared-bytes"], 0, "{reflink}");
     let copy = by("copy");
     assert!(
-        copy["unshared_bytes"].as_u64().unwrap() >= 32 << 20,
+        copy["unshared-bytes"].as_u64().unwrap() >= 32 << 20,
         "{copy}"
     );
     let native = by("native-qcow2");
-    assert_eq!(native["unshared_bytes"], native["allocated_bytes"]);
+    assert_eq!(native["unshared-bytes"], native["allocated-bytes"]);
     for round in 0..3 {
         let clone = keep.join(format!("reflink-{round}.qcow2"));
         assert_eq!(shared_extents(&clone).0, shared_extents(&clone).1);

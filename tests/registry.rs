@@ -142,7 +142,7 @@ fn base_and_clone_lifecycle_through_the_cli() {
         ],
     );
     assert_eq!(record["format"], "qcow2");
-    assert_eq!(record["virtual_size"], 4 << 20);
+    assert_eq!(record["virtual-size"], 4 << 20);
     assert_eq!(record["memory"], 2u64 << 30);
     assert_eq!(record["meta"]["os"], "debian");
     assert_eq!(record["fingerprint"]["size"], file_len(&base));
@@ -342,7 +342,7 @@ fn vdi_bases_get_vdi_diffs_resolved_through_the_registry() {
     qemu_io_ok(&[&"-f", &"vdi", &"-c", &"write -P 0x3c 1M 1M", &base]);
     let record = json_in(&home, &[&"base", &"register", &"win", &base]);
     assert_eq!(record["format"], "vdi");
-    assert!(record["vdi"]["uuid_create"].as_str().unwrap().len() == 36);
+    assert!(record["vdi"]["uuid-create"].as_str().unwrap().len() == 36);
 
     // A qcow2 overlay over the VDI base, checked by qemu-img.
     let q = json_in(&home, &[&"clone", &"win", &"q"]);
@@ -356,8 +356,8 @@ fn vdi_bases_get_vdi_diffs_resolved_through_the_registry() {
     let d2 = json_in(&home, &[&"clone", &"d1", &"d2"]);
     assert_eq!(d2["clones"][0]["format"], "vdi");
     assert_eq!(
-        d2["clones"][0]["vdi"]["uuid_linkage"],
-        d1["clones"][0]["vdi"]["uuid_create"]
+        d2["clones"][0]["vdi"]["uuid-linkage"],
+        d1["clones"][0]["vdi"]["uuid-create"]
     );
     let refused = err_in(&home, &[&"clone", &"d1", &"q2", &"--format", &"qcow2"]);
     assert!(refused.contains("--format vdi"), "{refused}");
@@ -437,11 +437,11 @@ fn gc_removes_only_what_cowclone_made_keeps_strangers_reports_missing() {
     };
     let before = dir_entries(&clones);
     let dry = json_in(&home, &[&"gc", &"--dry-run"]);
-    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["dry-run"], true);
     assert_eq!(dir_entries(&clones), before, "a dry run removed something");
     assert!(temp.is_file());
     let report = json_in(&home, &[&"gc"]);
-    assert_eq!(report["dry_run"], false);
+    assert_eq!(report["dry-run"], false);
     for report in [&dry, &report] {
         assert_eq!(
             names(report, "removed"),
@@ -456,7 +456,7 @@ fn gc_removes_only_what_cowclone_made_keeps_strangers_reports_missing() {
         for item in report["kept"].as_array().unwrap() {
             assert!(!item["reason"].as_str().unwrap().is_empty(), "{item}");
         }
-        assert_eq!(report["missing_files"][0]["name"], "far");
+        assert_eq!(report["missing-files"][0]["name"], "far");
     }
     assert_eq!(
         dir_entries(&clones),
@@ -469,7 +469,7 @@ fn gc_removes_only_what_cowclone_made_keeps_strangers_reports_missing() {
     ok_in(&home, &[&"rm", &"far"]);
     let again = json_in(&home, &[&"gc"]);
     assert_eq!(again["removed"], Value::Array(vec![]));
-    assert_eq!(again["missing_files"], Value::Array(vec![]));
+    assert_eq!(again["missing-files"], Value::Array(vec![]));
 }
 
 /// Spawns `cowclone ARGS --home HOME` without waiting.
@@ -644,10 +644,10 @@ fn plan_prints_a_typed_plan_and_refuses_bad_values() {
     assert_eq!(plan["base"], "deb12");
     assert_eq!(plan["memory"], 512u64 << 20);
     assert_eq!(plan["cpus"], 2);
-    assert_eq!(plan["egress_ports"], serde_json::json!([443, 80]));
-    assert_eq!(plan["timeout_secs"], 90);
-    assert_eq!(plan["ingress_port"], Value::Null);
-    assert_eq!(plan["unknown_keys"], serde_json::json!([[6, "gpu"]]));
+    assert_eq!(plan["egress-ports"], serde_json::json!([443, 80]));
+    assert_eq!(plan["timeout-secs"], 90);
+    assert_eq!(plan["ingress-port"], Value::Null);
+    assert_eq!(plan["unknown-keys"], serde_json::json!([[6, "gpu"]]));
 
     std::fs::write(
         &script,

@@ -267,7 +267,7 @@ fn the_home_registry_clone_dirs_and_disks_are_private() {
     // The clone directory (where the QMP socket and pidfile go) is private to its owner: the
     // socket path qemu gets is inside it.
     let status = json_in(&home, &[&"status", &"vm"]);
-    let socket = PathBuf::from(status["qmp_socket"].as_str().unwrap());
+    let socket = PathBuf::from(status["qmp-socket"].as_str().unwrap());
     assert_eq!(socket.parent(), Some(dir.as_path()), "{status}");
     assert_eq!(mode(&dir), 0o700);
 }

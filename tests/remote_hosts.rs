@@ -409,7 +409,7 @@ fn clones_on_two_libvirt_hosts_boot_and_a_lost_host_changes_nothing() {
         .find(|h| h["host"] == "h1")
         .unwrap();
     assert_eq!(
-        h1["removed_volumes"],
+        h1["removed-volumes"],
         serde_json::json!(["cowclone-stray"]),
         "{gc}"
     );
@@ -567,7 +567,7 @@ fn a_killed_controller_or_a_lost_host_mid_clone_leaves_the_registry_consistent()
         .find(|h| h["host"] == "h1")
         .unwrap();
     assert_eq!(
-        h1["dropped_pending"],
+        h1["dropped-pending"],
         serde_json::json!(["cowclone-clone-killed.qcow2"]),
         "{gc}"
     );

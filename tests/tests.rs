@@ -14,6 +14,7 @@ mod compress_xcheck;
 mod foreign_formats;
 mod hostile_names;
 mod hypervisor_drivers;
+mod journeys;
 mod locking;
 mod map_xcheck;
 mod measure_xcheck;

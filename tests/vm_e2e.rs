@@ -355,15 +355,15 @@ fn provision_runs_a_script_in_a_fresh_clone_and_returns_output_and_status() {
         outcome["output"], "hello from Linux\nto-stderr\ncrlf\r\n",
         "{outcome:#}"
     );
-    assert_eq!(outcome["exit_status"], 3);
+    assert_eq!(outcome["exit-status"], 3);
     assert_eq!(outcome["clone"], "job1");
-    assert_eq!(outcome["kept_running"], false);
-    let serial = std::fs::read_to_string(outcome["serial_log"].as_str().unwrap()).unwrap();
+    assert_eq!(outcome["kept-running"], false);
+    let serial = std::fs::read_to_string(outcome["serial-log"].as_str().unwrap()).unwrap();
     assert!(
         serial.contains("Linux version"),
         "the console had the kernel's messages"
     );
-    let report = std::fs::read_to_string(outcome["result_log"].as_str().unwrap()).unwrap();
+    let report = std::fs::read_to_string(outcome["result-log"].as_str().unwrap()).unwrap();
     assert!(!report.contains("Linux version"), "{report}");
     // The VM was stopped and the clone is registered.
     assert_eq!(state(&home, "job1"), "stopped");
@@ -393,7 +393,7 @@ fn a_kept_vm_runs_until_stop_powers_it_down_through_acpi() {
     assert!(output.status.success(), "{}", describe(&output));
     let outcome: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(outcome["output"], "kept\n", "{outcome:#}");
-    assert_eq!(outcome["kept_running"], true);
+    assert_eq!(outcome["kept-running"], true);
     assert_eq!(state(&home, "kept"), "running");
     let stopped = cowclone_ok(&[&"stop", &"kept", &"--home", &home, &"--timeout", &"60"]);
     assert_eq!(stopped, "kept: powered down\n");

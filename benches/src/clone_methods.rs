@@ -176,6 +176,7 @@ pub struct Config {
 /// The figures of one method. The JSON keys are the documented output of
 /// `cowclone bench clone --output json` (an array of these).
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MethodResult {
     /// The method's name ([`Method::name`]).
     pub method: &'static str,
@@ -202,6 +203,7 @@ pub struct MethodResult {
 
 /// The run's circumstances, for the human report and BENCHMARKS.md.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Environment {
     /// The bench directory.
     pub dir: PathBuf,

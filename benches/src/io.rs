@@ -103,6 +103,7 @@ pub struct Config {
 
 /// One side's figures. Part of the documented JSON of `cowclone bench io --output json`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SideResult {
     /// `cowclone` (imagefmt) or `qemu-img` (`qemu-img bench`).
     pub tool: &'static str,
@@ -132,6 +133,7 @@ pub struct SideResult {
 
 /// A whole `bench io` run.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     /// The image.
     pub image: PathBuf,

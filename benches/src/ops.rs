@@ -180,6 +180,7 @@ impl Operation {
 
 /// One tool's figures for one operation. Part of the documented JSON of `bench ops`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ToolResult {
     /// `cowclone` or `qemu-img`.
     pub tool: &'static str,
@@ -205,6 +206,7 @@ pub struct ToolResult {
 
 /// One operation, both tools. Part of the documented JSON of `bench ops`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct OperationResult {
     /// [`Operation::name`].
     pub operation: &'static str,
@@ -224,6 +226,7 @@ pub struct OperationResult {
 
 /// A file of the workload.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct WorkloadFile {
     /// Its name in the bench directory.
     pub name: &'static str,
@@ -237,6 +240,7 @@ pub struct WorkloadFile {
 
 /// The workload every operation runs on.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Workload {
     /// `tree DIR` or `image FILE`.
     pub source: String,
@@ -252,6 +256,7 @@ pub struct Workload {
 
 /// The run's circumstances.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Environment {
     /// The host's name.
     pub host: String,
@@ -279,6 +284,7 @@ pub struct Environment {
 
 /// A whole `bench ops` run: the JSON of `--output json`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     /// The circumstances.
     pub environment: Environment,

@@ -37,17 +37,18 @@ pub struct GlobalArgs {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a qcow2 image, or an overlay on a backing file (qemu-img create syntax).
+    /// Create a qcow2 or VDI image, or an overlay on a backing file (qemu-img create syntax).
     Create(CreateArgs),
     /// Show an image's format, size, backing file and header facts (qemu-img info syntax).
     Info(InfoArgs),
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
-    /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
+    /// Check a qcow2 or VDI image for corruptions and leaks, optionally repairing them (qemu-img
+    /// check).
     Check(crate::commands::check_map::CheckArgs),
     /// Show how an image chain's guest ranges map to layers and files (qemu-img map).
     Map(crate::commands::check_map::MapArgs),
-    /// Copy an image's guest content into a new qcow2 or raw image (sparse, streaming).
+    /// Copy an image's guest content into a new qcow2, VDI or raw image (sparse, streaming).
     Convert(crate::commands::ops::ConvertArgs),
     /// Fold an overlay into its backing file.
     Commit(crate::commands::ops::CommitArgs),
@@ -112,6 +113,10 @@ pub struct CreateArgs {
 /// `cowclone info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE`
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
+    /// Format of FILE (default: recognised by content, raw otherwise); a file not in FMT is
+    /// refused.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArg,
@@ -209,7 +214,7 @@ pub struct CompareArgs {
 /// command that reports.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OutputArg {
-    /// Output format: text for people, or JSON (kebab-case keys, as qemu-img's).
+    /// Output format (also spelled --output=json, as qemu-img does).
     #[arg(id = "output", long = "output", value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Human)]
     pub format: OutputFormat,
 }
@@ -217,10 +222,10 @@ pub struct OutputArg {
 /// Output format for commands that report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
-    /// Text for people, laid out like qemu-img's.
+    /// Text for people (laid out as qemu-img's where qemu-img has the command).
     #[default]
     Human,
-    /// JSON with qemu-img's key names.
+    /// JSON, kebab-case keys (qemu-img's own where qemu-img has the command).
     Json,
 }
 

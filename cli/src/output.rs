@@ -21,6 +21,37 @@ pub fn emit<W: Write, T: serde::Serialize + ?Sized>(
     }
 }
 
+/// A table for people: a header row, then one row per item, columns as wide as their widest
+/// cell (long names are never cut or wrapped), separated by two spaces, no borders.
+pub fn table<I, S>(header: I) -> comfy_table::Table
+where
+    I: IntoIterator<Item = S>,
+    S: Into<comfy_table::Cell>,
+{
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+}
+
+/// Writes `table` (see [`table`]) with its lines' trailing spaces trimmed.
+pub fn write_table(out: &mut impl Write, table: &comfy_table::Table) -> io::Result<()> {
+    for line in table.lines() {
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// Orders names as people count: `web-1, web-2, web-10` (digit runs compare as numbers).
+pub fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
+    natord::compare(a, b)
+}
+
 /// A size the way qemu prints it: three significant digits and a binary unit ("196 KiB").
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

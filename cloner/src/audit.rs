@@ -12,6 +12,7 @@ use crate::error::Result;
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AuditEntry {
     /// Sequence number (increasing).
     pub id: i64,

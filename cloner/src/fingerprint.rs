@@ -24,6 +24,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Size, mtime and metadata checksum of an image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Fingerprint {
     /// File length in bytes.
     pub size: u64,

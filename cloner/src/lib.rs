@@ -42,4 +42,4 @@ pub use registry::bases::{RegisterBase, RemovedBase, Verification};
 pub use registry::clones::{CloneSpec, Cloned};
 pub use registry::gc::{GcItem, GcReport, MissingFile};
 pub use registry::resolver::RegistryResolver;
-pub use registry::{ChainLink, CloneRecord, ImageRecord, Kind, Registry};
+pub use registry::{ChainLink, CloneRecord, FileState, ImageRecord, Kind, Registry};

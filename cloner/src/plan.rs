@@ -33,6 +33,7 @@ pub const KEYS: &[&str] = &[
 
 /// A validated provisioning plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Plan {
     /// The base (or clone) to clone for the run.
     pub base: String,
@@ -52,6 +53,7 @@ pub struct Plan {
 
 /// One problem found in a script's directives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Problem {
     /// 1-based line number (0: the script as a whole).
     pub line: usize,

@@ -10,11 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use imagefmt::image::ImageHeader;
-use imagefmt::open::{open_image, OpenHow};
-use imagefmt::ops::map::MapEntry;
-use imagefmt::qcow2::check::{CheckReport, Repair};
-use imagefmt::qcow2::features::IncompatibleFeatures;
+use imagefmt::qcow2::check::Repair;
 use imagefmt::ImageFormat;
 
 use crate::args::{ChainPolicyArgs, OutputArg, OutputFormat};
@@ -41,6 +37,15 @@ pub struct CheckArgs {
     /// Print nothing but errors; only the exit code tells.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Cache mode of the image (qemu-img's -T). Accepted for compatibility and means nothing
+    /// natively: cowclone reads through the page cache, and a repair syncs its writes (fsync)
+    /// whatever the mode says.
+    #[arg(
+        short = 'T',
+        value_name = "CACHE",
+        value_parser = ["none", "writeback", "writethrough", "directsync", "unsafe"]
+    )]
+    pub cache: Option<String>,
     /// Backing, parent and data file policy.
     #[command(flatten)]
     pub chain: ChainPolicyArgs,
@@ -59,9 +64,16 @@ pub enum RepairMode {
     All,
 }
 
-/// `cowclone map [--output human|json] [-f FMT] [-U] [--confine DIR] FILE`
+/// `cowclone map [--output human|json] [-f FMT] [--start-offset OFFSET] [--max-length LEN] [-U]
+/// [--confine DIR] FILE`
 #[derive(Debug, clap::Args)]
 pub struct MapArgs {
+    /// Map from this guest offset on (qemu-img's size syntax: 64k, 1M, ...; default 0).
+    #[arg(long, value_name = "OFFSET", allow_hyphen_values = true)]
+    pub start_offset: Option<String>,
+    /// Map at most this many bytes (default: to the end of the image).
+    #[arg(long, value_name = "LEN", allow_hyphen_values = true)]
+    pub max_length: Option<String>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArg,
@@ -77,8 +89,8 @@ pub struct MapArgs {
 
 /// Runs `check`; returns the exit code (errors that stop the check are `Err`: exit 1).
 pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
+    use imagefmt::ops::check::{self as check, CheckOutcome};
     let path = &args.file;
-    let context = || format!("{}", path.display());
     let format = args
         .format
         .as_deref()
@@ -92,92 +104,52 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     if repair != Repair::None {
         args.guard.check("check -r", std::slice::from_ref(path))?;
     }
-    // Locked before its header is read: for writing when repairing, else for shared reading.
-    let how = if repair == Repair::None {
-        OpenHow::reading(args.chain.force_share)
-    } else {
-        OpenHow::write()
-    }
-    .with_block_devices(args.chain.allow_block_devices);
-    let file =
-        open_image(path, how).with_context(|| format!("could not open {}", path.display()))?;
-    let header = ImageHeader::read(&file, format, path, true).with_context(context)?;
-    let cluster = match &header {
-        ImageHeader::Qcow2(cluster) => cluster,
-        ImageHeader::Vdi(vdi) => {
-            if repair != Repair::None {
-                // As qemu-img: VDI has a check but no repair.
-                eprintln!("cowclone: VDI images cannot be repaired (check them without -r)");
-                return Ok(63);
-            }
-            return check_vdi(&args, &file, vdi, out);
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
+    let options = args.chain.options(&policy, &parents);
+    let outcome = check::check_image(path, format, repair, &options)?;
+    let (report, repair_pass, modified_parents) = match outcome {
+        CheckOutcome::Checked {
+            report,
+            repair_pass,
+            modified_parents,
+        } => (report, repair_pass, modified_parents),
+        CheckOutcome::RepairNotSupported => {
+            eprintln!("cowclone: VDI images cannot be repaired (check them without -r)");
+            return Ok(63);
         }
-        ImageHeader::Raw { .. } => {
+        CheckOutcome::NotSupported => {
             eprintln!("cowclone: This image format does not support checks");
             return Ok(63);
         }
     };
-    // qemu-img opens the whole chain (and the external data file) before checking; the handles
-    // (and their shared-read locks) are held until the check is done. Both follow the same
-    // policy as every other command: --confine, and data files only with --allow-data-file.
-    let policy = args.chain.policy();
-    let parents = args.chain.vdi_parents();
-    let options = args.chain.options(&policy, &parents);
-    let _backing = match cluster.backing_file.as_deref() {
-        Some(name) => {
-            let backing = policy.resolve(path, name).with_context(context)?;
-            let backing_format = cluster
-                .backing_format()
-                .map(str::parse::<ImageFormat>)
-                .transpose()?;
-            Some(
-                imagefmt::chain::open_chain_with(&backing, backing_format, &options).with_context(
-                    || format!("could not open backing file {}", backing.display()),
-                )?,
-            )
-        }
-        None => None,
-    };
-    let _data_file = match cluster.data_file() {
-        Some(name)
-            if args.chain.allow_data_file
-                && cluster
-                    .header
-                    .incompatible_features
-                    .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE) =>
-        {
-            let data = policy.resolve(path, name).with_context(context)?;
-            Some(
-                open_image(&data, options.open_how())
-                    .with_context(|| format!("could not open data file {}", data.display()))?,
-            )
-        }
-        _ => None,
-    };
-
-    let first = imagefmt::qcow2::check::check(&file, repair)
-        .with_context(|| format!("Check failed: {}", path.display()))?;
-    print_messages(&first);
-    let mut report = first.clone();
-    if first.repaired_anything() {
-        if args.output.format == OutputFormat::Human && !args.quiet {
-            writeln!(
-                out,
-                "The following inconsistencies were found and repaired:\n\n    {} leaked \
-                 clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
-                first.leaks_fixed, first.corruptions_fixed
-            )?;
-        }
-        report = imagefmt::qcow2::check::check(&file, Repair::None)
-            .with_context(|| format!("Check failed: {}", path.display()))?;
-        print_messages(&report);
-        report.leaks_fixed = first.leaks_fixed;
-        report.corruptions_fixed = first.corruptions_fixed;
+    for link in modified_parents.iter().filter(|_| !args.quiet) {
+        eprintln!(
+            "cowclone: warning: {} was modified after {} was made on it (modification UUID \
+             {{{}}}, the diff recorded {{{}}}): the diff may show a mix of old and new parent \
+             data",
+            link.parent.display(),
+            link.child.display(),
+            link.parent_modify,
+            link.expected_parent_modify
+        );
     }
-    report.filename = path.to_string_lossy().into_owned();
-
+    // What qemu-img prints on stderr while checking: the repairing pass's findings first.
+    for line in repair_pass
+        .as_deref()
+        .into_iter()
+        .chain([&report])
+        .flat_map(|r| &r.messages)
+    {
+        eprintln!("{line}");
+    }
     if !args.quiet {
-        write_report(out, args.output.format, &report)?;
+        if let (Some(pass), OutputFormat::Human) = (&repair_pass, args.output.format) {
+            check::write_human_repaired(out, pass)?;
+        }
+        crate::output::emit(out, args.output.format, &report, |out, report| {
+            Ok(check::write_human(out, report)?)
+        })?;
     }
     let code = report.exit_code();
     if code == 1 {
@@ -187,112 +159,6 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     Ok(code)
 }
 
-/// `check` of a VDI image: qemu's block map checks, and for a differencing image its linkage (the
-/// parent chain must be found and match by UUID, else exit 1 as when qemu-img cannot open a
-/// backing file; a parent modified since the diff was made is a warning, as VirtualBox does not
-/// refuse it either).
-fn check_vdi(
-    args: &CheckArgs,
-    file: &std::fs::File,
-    header: &imagefmt::vdi::VdiHeader,
-    out: &mut impl Write,
-) -> Result<u8> {
-    let path = &args.file;
-    if header.is_differencing() {
-        let policy = args.chain.policy();
-        let parents = args.chain.vdi_parents();
-        let options = args.chain.options(&policy, &parents);
-        // The same open file description (and so the same locks) as the one being checked.
-        let top = file
-            .try_clone()
-            .with_context(|| format!("{}", path.display()))?;
-        let image = imagefmt::chain::vdi_from_file(top, header.clone(), path, &options)
-            .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
-        for link in image.parent_links() {
-            if !args.quiet && !link.modification_matches() {
-                eprintln!(
-                    "cowclone: warning: {} was modified after {} was made on it (modification \
-                     UUID {{{}}}, the diff recorded {{{}}}): the diff may show a mix of old and \
-                     new parent data",
-                    link.parent.display(),
-                    link.child.display(),
-                    link.parent_modify,
-                    link.expected_parent_modify
-                );
-            }
-        }
-    }
-    let mut report = imagefmt::vdi::check::check(file)
-        .with_context(|| format!("Check failed: {}", path.display()))?;
-    print_messages(&report);
-    report.filename = path.to_string_lossy().into_owned();
-    if !args.quiet {
-        write_report(out, args.output.format, &report)?;
-    }
-    Ok(report.exit_code())
-}
-
-/// Prints a check result in the chosen format.
-fn write_report(out: &mut impl Write, format: OutputFormat, report: &CheckReport) -> Result<()> {
-    crate::output::emit(out, format, report, |out, report| {
-        Ok(write_human_check(out, report)?)
-    })
-}
-
-/// What qemu-img prints on stderr while checking.
-fn print_messages(report: &CheckReport) {
-    for line in &report.messages {
-        eprintln!("{line}");
-    }
-}
-
-/// qemu-img's `dump_human_image_check`.
-fn write_human_check(out: &mut impl Write, c: &CheckReport) -> std::io::Result<()> {
-    if c.corruptions == 0 && c.leaks == 0 && c.check_errors == 0 {
-        writeln!(out, "No errors were found on the image.")?;
-    } else {
-        if c.corruptions > 0 {
-            writeln!(
-                out,
-                "\n{} errors were found on the image.\nData may be corrupted, or further writes \
-                 to the image may corrupt it.",
-                c.corruptions
-            )?;
-        }
-        if c.leaks > 0 {
-            writeln!(
-                out,
-                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, \
-                 but no harm to data.",
-                c.leaks
-            )?;
-        }
-        if c.check_errors > 0 {
-            writeln!(
-                out,
-                "\n{} internal errors have occurred during the check.",
-                c.check_errors
-            )?;
-        }
-    }
-    if c.total_clusters != 0 && c.allocated_clusters != 0 {
-        let allocated = c.allocated_clusters as f64;
-        writeln!(
-            out,
-            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
-            c.allocated_clusters,
-            c.total_clusters,
-            allocated * 100.0 / c.total_clusters as f64,
-            c.fragmented_clusters as f64 * 100.0 / allocated,
-            c.compressed_clusters as f64 * 100.0 / allocated,
-        )?;
-    }
-    if c.image_end_offset != 0 {
-        writeln!(out, "Image end offset: {}", c.image_end_offset)?;
-    }
-    Ok(())
-}
-
 /// Runs `map`; returns the exit code (errors are `Err`: exit 1).
 pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     let format = args
@@ -300,71 +166,63 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .as_deref()
         .map(str::parse::<ImageFormat>)
         .transpose()?;
+    let range = imagefmt::ops::map::MapRange {
+        start: offset_arg(args.start_offset.as_deref(), "start offset")?.unwrap_or(0),
+        max_length: offset_arg(args.max_length.as_deref(), "max length")?,
+    };
     let policy = args.chain.policy();
     let parents = args.chain.vdi_parents();
     let options = args.chain.options(&policy, &parents);
     // Entries are written as they are found: memory stays constant on any image. The header
     // (or the opening bracket) comes with the first entry, so an image that cannot be opened
     // prints nothing on stdout, as with qemu-img.
-    let mut started = false;
     let mut first = true;
     let mut human_error = None;
-    let json = args.output.format == OutputFormat::Json;
-    let start = |out: &mut dyn Write| -> std::io::Result<()> {
-        if json {
-            write!(out, "[")
-        } else {
-            imagefmt::ops::map::write_human_header(out).map_err(|e| match e {
-                imagefmt::ops::map::HumanMapError::Io(e) => e,
-                other => std::io::Error::other(other.to_string()),
-            })
-        }
-    };
-    imagefmt::ops::map::map_each(&args.file, format, &options, |entry| {
-        if !std::mem::replace(&mut started, true) {
-            start(out).map_err(imagefmt::Error::io("writing the map"))?;
-        }
-        let written = match args.output.format {
-            OutputFormat::Json => write_json_entry(out, &entry, std::mem::take(&mut first)),
+    let format_out = args.output.format;
+    imagefmt::ops::map::map_range(&args.file, format, &options, range, |entry| {
+        let first = std::mem::take(&mut first);
+        let written = match format_out {
+            OutputFormat::Json => imagefmt::ops::map::write_json_entry(out, &entry, first),
             OutputFormat::Human if human_error.is_some() => Ok(()),
-            OutputFormat::Human => match imagefmt::ops::map::write_human_row(out, &entry) {
-                Err(imagefmt::ops::map::HumanMapError::Io(e)) => Err(e),
-                Err(e) => {
-                    human_error = Some(e);
-                    Ok(())
+            OutputFormat::Human => {
+                let row = match first {
+                    true => imagefmt::ops::map::write_human_header(out),
+                    false => Ok(()),
                 }
-                Ok(()) => Ok(()),
-            },
+                .and_then(|()| imagefmt::ops::map::write_human_row(out, &entry));
+                match row {
+                    Err(imagefmt::ops::map::HumanMapError::Io(e)) => Err(e),
+                    Err(e) => {
+                        human_error = Some(e);
+                        Ok(())
+                    }
+                    Ok(()) => Ok(()),
+                }
+            }
         };
         written.map_err(imagefmt::Error::io("writing the map"))
     })
     .with_context(|| format!("{}", args.file.display()))?;
-    if !started {
-        start(out)?;
-    }
     if let Some(e) = human_error {
         return Err(e.into());
     }
-    if args.output.format == OutputFormat::Json {
+    if format_out == OutputFormat::Json {
         writeln!(out, "]")?;
     }
     Ok(0)
 }
 
-/// One entry of the JSON qemu-img map prints (one entry per line, in qemu's key order and
-/// spacing), preceded by the separator unless it is the first.
-fn write_json_entry(out: &mut impl Write, e: &MapEntry, first: bool) -> std::io::Result<()> {
-    if !first {
-        writeln!(out, ",")?;
+/// `--start-offset` / `--max-length`: a size as qemu-img reads it (suffixes k, M, G, ...),
+/// between 0 and `i64::MAX`, refused with qemu-img's message otherwise.
+fn offset_arg(text: Option<&str>, what: &str) -> Result<Option<u64>> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    match imagefmt::size::parse_size(text) {
+        Ok(value) if i64::try_from(value).is_ok() => Ok(Some(value)),
+        _ => anyhow::bail!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        ),
     }
-    write!(
-        out,
-        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \
-         \"data\": {}, \"compressed\": {}",
-        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-    )?;
-    if let Some(offset) = e.offset {
-        write!(out, ", \"offset\": {offset}")?;
-    }
-    write!(out, "}}")
 }

@@ -90,38 +90,53 @@ pub fn run(args: HostArgs, out: &mut impl Write) -> Result<u8> {
             )?;
         }
         HostCommand::Ls(a) => {
-            let hosts = registry.hosts()?;
-            match a.output.format {
-                OutputFormat::Json => {
-                    write_qemu_json(out, &hosts)?;
+            let mut hosts = registry.hosts()?;
+            hosts.sort_by(|a, b| crate::output::natural_order(&a.name, &b.name));
+            crate::output::emit(out, a.output.format, &hosts, |out, hosts| {
+                let mut table =
+                    crate::output::table(["HOST", "URI", "POOL", "POOL DIR", "REPLICAS", "CLONES"]);
+                for host in hosts {
+                    table.add_row([
+                        host.name.clone(),
+                        host.uri.clone(),
+                        host.pool.clone(),
+                        host.pool_dir.display().to_string(),
+                        host.replicas.len().to_string(),
+                        host.clones.len().to_string(),
+                    ]);
                 }
-                OutputFormat::Human => {
-                    for host in &hosts {
-                        writeln!(
-                            out,
-                            "{}  {}  pool {} ({})  {} replica(s), {} clone(s)",
-                            host.name,
-                            host.uri,
-                            host.pool,
-                            host.pool_dir.display(),
-                            host.replicas.len(),
-                            host.clones.len()
-                        )?;
-                        for replica in &host.replicas {
-                            writeln!(
-                                out,
-                                "  base {} -> {} (sha256 {})",
-                                replica.base,
-                                replica.path.display(),
-                                replica.sha256
-                            )?;
-                        }
-                        for clone in &host.clones {
-                            writeln!(out, "  clone {clone}")?;
-                        }
+                crate::output::write_table(out, &table)?;
+                // What lives on each host, one row per replica or clone.
+                let mut contents = crate::output::table(["HOST", "WHAT", "NAME", "DETAIL"]);
+                let mut any = false;
+                for host in hosts {
+                    for replica in &host.replicas {
+                        contents.add_row([
+                            host.name.clone(),
+                            "base".to_owned(),
+                            replica.base.clone(),
+                            format!("{} (sha256 {})", replica.path.display(), replica.sha256),
+                        ]);
+                        any = true;
+                    }
+                    let mut clones: Vec<&String> = host.clones.iter().collect();
+                    clones.sort_by(|a, b| crate::output::natural_order(a, b));
+                    for clone in clones {
+                        contents.add_row([
+                            host.name.clone(),
+                            "clone".to_owned(),
+                            clone.clone(),
+                            String::new(),
+                        ]);
+                        any = true;
                     }
                 }
-            }
+                if any {
+                    writeln!(out)?;
+                    crate::output::write_table(out, &contents)?;
+                }
+                Ok(())
+            })?;
         }
         HostCommand::Rm(a) => {
             let host = registry
@@ -339,7 +354,7 @@ pub fn status(clone: &RemoteClone, output: OutputFormat, out: &mut impl Write) -
             out,
             &json!({
                 "name": clone.name, "state": state, "host": clone.host, "uri": clone.uri,
-                "serial_log": clone.serial_log,
+                "serial-log": clone.serial_log,
             }),
         )?,
         OutputFormat::Human => writeln!(

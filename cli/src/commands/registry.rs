@@ -14,7 +14,7 @@ use imagefmt::ImageFormat;
 use serde_json::json;
 
 use crate::args::{OutputArg, OutputFormat};
-use crate::output::{human_size, write_qemu_json};
+use crate::output::{human_size, natural_order, write_qemu_json};
 
 /// The registry's subcommands (flattened into the top-level command list).
 #[derive(Debug, Subcommand)]
@@ -545,7 +545,11 @@ fn plan(args: PlanArgs, out: &mut impl Write) -> Result<()> {
                 or_dash(plan.timeout_secs.map(|t| format!("{t}s")))
             )?;
             for (line, key) in &plan.unknown_keys {
-                writeln!(out, "warning: line {line}: unknown key rexxjs-vm-{key}")?;
+                write!(out, "warning: line {line}: unknown key rexxjs-vm-{key}")?;
+                match nearest_key(key) {
+                    Some(known) => writeln!(out, " (did you mean rexxjs-vm-{known}?)")?,
+                    None => writeln!(out)?,
+                }
             }
         }
     }
@@ -554,22 +558,25 @@ fn plan(args: PlanArgs, out: &mut impl Write) -> Result<()> {
 
 fn log(args: ListArgs, out: &mut impl Write) -> Result<()> {
     let entries = args.home.open()?.audit_log()?;
-    match args.output.format {
-        OutputFormat::Json => write_qemu_json(out, &entries)?,
-        OutputFormat::Human => {
-            for e in &entries {
-                writeln!(
-                    out,
-                    "{} {:<13} {:<5} {} {}",
-                    e.time, e.operation, e.outcome, e.arguments, e.detail
-                )?;
-            }
+    crate::output::emit(out, args.output.format, &entries, |out, entries| {
+        let mut table =
+            crate::output::table(["TIME", "OPERATION", "OUTCOME", "ARGUMENTS", "DETAIL"]);
+        for e in entries {
+            table.add_row([
+                e.time.to_string(),
+                e.operation.to_string(),
+                e.outcome.to_string(),
+                e.arguments.to_string(),
+                e.detail.to_string(),
+            ]);
         }
-    }
-    Ok(())
+        Ok(crate::output::write_table(out, &table)?)
+    })
 }
 
-/// Prints records as a table or a JSON array (with `state` from the runtime probe for `ls`).
+/// Prints records in natural name order, as a table or a JSON array, with each file's state
+/// (`ok`, `missing`, `stale`) and allocated bytes, and for `ls` the VM state from the runtime
+/// probe.
 fn print_records(
     out: &mut impl Write,
     records: &[ImageRecord],
@@ -578,39 +585,50 @@ fn print_records(
 ) -> Result<()> {
     // Running state from the qemu driver's pidfiles in each clone's directory.
     let probe = cloner::vm::qemu::QemuStateProbe;
+    let mut records: Vec<&ImageRecord> = records.iter().collect();
+    records.sort_by(|a, b| natural_order(&a.name, &b.name));
     match output {
         OutputFormat::Json => {
-            let rows: Vec<serde_json::Value> = records
+            let rows = records
                 .iter()
                 .map(|r| {
-                    let mut value = serde_json::to_value(r).unwrap_or_default();
+                    let mut value = serde_json::to_value(r)?;
+                    let (file, allocated) = r.file_status();
+                    value["file"] = json!(file);
+                    value["allocated-size"] = json!(allocated);
                     if with_state {
                         value["state"] = json!(probe.state(r));
                     }
-                    value
+                    Ok(value)
                 })
-                .collect();
+                .collect::<Result<Vec<serde_json::Value>>>()?;
             write_qemu_json(out, &rows)?;
         }
         OutputFormat::Human => {
-            writeln!(
-                out,
-                "{:<24} {:<5} {:<5} {:>9} {:<20} {:<7} PATH",
-                "NAME", "KIND", "FMT", "SIZE", "PARENT", "STATE"
-            )?;
-            for r in records {
-                writeln!(
-                    out,
-                    "{:<24} {:<5} {:<5} {:>9} {:<20} {:<7} {}",
-                    r.name,
-                    r.kind.name(),
-                    r.format.name(),
-                    human_size(r.virtual_size),
-                    r.parent.as_deref().unwrap_or("-"),
-                    probe.state(r).unwrap_or_else(|| "-".into()),
-                    r.path.display()
-                )?;
+            let mut header = vec!["NAME", "KIND", "FMT", "SIZE", "ALLOCATED", "FILE", "PARENT"];
+            if with_state {
+                header.push("STATE");
             }
+            header.push("PATH");
+            let mut table = crate::output::table(header);
+            for r in records {
+                let (file, allocated) = r.file_status();
+                let mut row = vec![
+                    r.name.clone(),
+                    r.kind.name().to_owned(),
+                    r.format.name().to_owned(),
+                    human_size(r.virtual_size),
+                    allocated.map_or_else(|| "-".to_owned(), human_size),
+                    file.name().to_owned(),
+                    r.parent.clone().unwrap_or_else(|| "-".into()),
+                ];
+                if with_state {
+                    row.push(probe.state(r).unwrap_or_else(|| "-".into()));
+                }
+                row.push(r.path.display().to_string());
+                table.add_row(row);
+            }
+            crate::output::write_table(out, &table)?;
         }
     }
     Ok(())
@@ -675,4 +693,29 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
 
 fn parse_size(text: &str) -> Result<u64> {
     Ok(imagefmt::size::parse_size(text)?)
+}
+
+/// The known plan key closest to the unknown `key` (a typo: at most a third of its letters
+/// edited, at least one edit allowed per key), if any.
+fn nearest_key(key: &str) -> Option<&'static str> {
+    let allowed = (key.chars().count() / 3).max(1);
+    cloner::plan::KEYS
+        .iter()
+        .map(|known| (strsim::levenshtein(key, known), *known))
+        .filter(|(distance, _)| *distance <= allowed)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_key;
+
+    #[test]
+    fn unknown_plan_keys_get_the_nearest_known_one() {
+        assert_eq!(nearest_key("memroy"), Some("memory"));
+        assert_eq!(nearest_key("cpu"), Some("cpus"));
+        assert_eq!(nearest_key("egres-ports"), Some("egress-ports"));
+        assert_eq!(nearest_key("colour"), None);
+    }
 }

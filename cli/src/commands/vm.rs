@@ -169,7 +169,7 @@ pub struct StopArgs {
 pub struct StatusArgs {
     /// The registered clone.
     name: String,
-    /// Registry home directory.
+    /// Registry home directory (default: $COWCLONE_HOME, else $XDG_DATA_HOME/cowclone).
     #[arg(long, value_name = "DIR")]
     home: Option<PathBuf>,
     /// Output format.
@@ -188,7 +188,7 @@ pub struct ProvisionArgs {
     /// Name of the clone to make (default: BASE-run-XXXXXXXX).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Registry home directory.
+    /// Registry home directory (default: $COWCLONE_HOME, else $XDG_DATA_HOME/cowclone).
     #[arg(long, value_name = "DIR")]
     home: Option<PathBuf>,
     /// Acceleration: auto uses KVM only if a probe guest proves alive under it.
@@ -539,7 +539,7 @@ fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
             out,
             &json!({
                 "name": spec.name, "state": state, "pid": pid,
-                "serial_log": spec.serial_log(), "qmp_socket": spec.qmp_socket(),
+                "serial-log": spec.serial_log(), "qmp-socket": spec.qmp_socket(),
             }),
         )?,
         OutputFormat::Human => match pid {

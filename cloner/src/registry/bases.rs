@@ -55,6 +55,7 @@ impl RegisterBase {
 
 /// What `base verify` found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Verification {
     /// The base.
     pub name: String,
@@ -71,6 +72,7 @@ pub struct Verification {
 
 /// What `base rm` removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RemovedBase {
     /// The base's record.
     pub base: ImageRecord,

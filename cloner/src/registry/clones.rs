@@ -96,6 +96,7 @@ impl CloneSpec {
 
 /// What [`Registry::clone_images`] made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Cloned {
     /// The new clones, in name order of creation.
     pub clones: Vec<ImageRecord>,

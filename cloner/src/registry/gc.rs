@@ -21,6 +21,7 @@ use crate::error::Result;
 
 /// One path `gc` removed (or would remove), or kept, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct GcItem {
     /// The path.
     pub path: PathBuf,
@@ -30,6 +31,7 @@ pub struct GcItem {
 
 /// A record whose image file is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MissingFile {
     /// The record's name (`cowclone rm NAME` drops a clone's record).
     pub name: String,
@@ -39,6 +41,7 @@ pub struct MissingFile {
 
 /// What [`Registry::gc`] did (or, in a dry run, would do) and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct GcReport {
     /// True if nothing was removed: `removed` lists what would go.
     pub dry_run: bool,

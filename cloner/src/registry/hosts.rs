@@ -43,6 +43,7 @@ pub const DEFAULT_POOL: &str = "cowclone";
 
 /// A registered libvirt host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct HostRecord {
     /// Its name in this registry.
     pub name: String,
@@ -75,6 +76,7 @@ impl HostRecord {
 
 /// A base uploaded to a host and verified.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ReplicaRecord {
     /// The base's name.
     pub base: String,
@@ -90,6 +92,7 @@ pub struct ReplicaRecord {
 
 /// A clone living on a host: what `start`, `stop`, `status` and `rm` need.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RemoteClone {
     /// The clone's name.
     pub name: String,
@@ -158,6 +161,7 @@ impl RemoteClone {
 
 /// What [`Registry::gc_hosts`] found (and did) on one host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct HostGc {
     /// The host.
     pub host: String,

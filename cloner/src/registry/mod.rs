@@ -45,7 +45,7 @@ use crate::audit::{self, AuditEntry};
 use crate::error::{RegistryError, Result};
 use crate::home::Home;
 use crate::store;
-pub use records::{ChainLink, CloneRecord, ImageRecord, Kind, VdiIds};
+pub use records::{ChainLink, CloneRecord, FileState, ImageRecord, Kind, VdiIds};
 
 /// An open registry: one SQLite connection to the home's database.
 #[derive(Debug)]

@@ -76,6 +76,7 @@ pub(crate) fn record_identity(conn: &Connection, id: i64, path: &Path) -> Result
 
 /// A registered image that must not be written, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Protection {
     /// Its registered name.
     pub name: String,

@@ -40,6 +40,7 @@ impl Kind {
 
 /// The VDI identities of a VDI image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VdiIds {
     /// The image's creation UUID (what a differencing child links to).
     pub uuid_create: String,
@@ -51,6 +52,7 @@ pub struct VdiIds {
 
 /// One registered base or clone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ImageRecord {
     #[serde(skip)]
     pub(crate) id: i64,
@@ -94,6 +96,55 @@ pub struct ImageRecord {
     pub meta: BTreeMap<String, String>,
     /// When it was registered, RFC 3339 UTC.
     pub created: String,
+}
+
+/// What a record's file looks like now, from one `stat` (what `ls` shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    /// The file is there, and (for a guarded image) unchanged by size and mtime.
+    Ok,
+    /// Nothing at the recorded path.
+    Missing,
+    /// Something else is there now: another file (device and inode differ from the recorded
+    /// ones), or a guarded image whose size or mtime changed since it was fingerprinted.
+    Stale,
+}
+
+impl FileState {
+    /// `ok`, `missing` or `stale`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileState::Ok => "ok",
+            FileState::Missing => "missing",
+            FileState::Stale => "stale",
+        }
+    }
+}
+
+impl ImageRecord {
+    /// The file's state now and the bytes it occupies on disk (`st_blocks` × 512; `None` when
+    /// missing). Cheap: one `stat`, no read.
+    pub fn file_status(&self) -> (FileState, Option<u64>) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(&self.path) else {
+            return (FileState::Missing, None);
+        };
+        let replaced = self
+            .identity
+            .is_some_and(|identity| identity != (meta.dev(), meta.ino()));
+        let modified = self.guarded
+            && self.fingerprint.as_ref().is_some_and(|fp| {
+                fp.size != meta.len()
+                    || fp.mtime_ns != meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+            });
+        let state = if replaced || modified {
+            FileState::Stale
+        } else {
+            FileState::Ok
+        };
+        (state, Some(meta.blocks() * 512))
+    }
 }
 
 /// The columns [`from_row`] reads, in order.
@@ -255,6 +306,7 @@ pub(crate) fn path_text(path: &Path) -> Result<&str> {
 
 /// One image of a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ChainLink {
     /// Registered name.
     pub name: String,
@@ -267,6 +319,7 @@ pub struct ChainLink {
 
 /// What a hypervisor driver needs to run a clone: [`crate::Registry::clone_record`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CloneRecord {
     /// The clone's name.
     pub name: String,

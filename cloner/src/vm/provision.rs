@@ -61,6 +61,7 @@ pub struct ProvisionRequest {
 
 /// What came back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ProvisionOutcome {
     /// The clone the script ran in.
     pub clone: String,

@@ -246,7 +246,18 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
 
 /// [`image_info`], opening the image as `how` says (`--force-share` reads an image in use).
 pub fn image_info_with(path: &Path, how: crate::open::OpenHow) -> Result<ImageInfo> {
-    let (file, header) = crate::image::read_file_header_with(path, how)?;
+    image_info_as(path, None, how)
+}
+
+/// [`image_info_with`] reading the image as `format` (`info -f FMT`; an image that is not in
+/// that format is refused, and `raw` shows any file as raw); by content if `None`.
+pub fn image_info_as(
+    path: &Path,
+    format: Option<crate::ImageFormat>,
+    how: crate::open::OpenHow,
+) -> Result<ImageInfo> {
+    let file = crate::open::open_image(path, how)?;
+    let header = ImageHeader::read(&file, format, path, true)?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
@@ -267,12 +278,21 @@ pub fn backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInf
 /// VDI differencing image's parent is the next entry (its `backing-filename` is set to the
 /// parent found, since the file itself names none).
 pub fn backing_chain_with(path: &Path, options: &ChainOptions<'_>) -> Result<Vec<ImageInfo>> {
+    backing_chain_as(path, None, options)
+}
+
+/// [`backing_chain_with`] reading the top image as `format` (`info -f FMT --backing-chain`).
+pub fn backing_chain_as(
+    path: &Path,
+    format: Option<crate::ImageFormat>,
+    options: &ChainOptions<'_>,
+) -> Result<Vec<ImageInfo>> {
     let mut chain = Vec::new();
     let mut guard = ChainGuard::default();
     // Each image is released before the next is opened (the walker hands it over and the
     // visitor drops it), holding what qemu-img info holds: no consistent-read lock.
     let how = options.open_how().metadata_only();
-    crate::chain::walk(path, None, options, how, &mut guard, true, |level| {
+    crate::chain::walk(path, format, options, how, &mut guard, true, |level| {
         let mut info = ImageInfo::from_header(&level.path, &level.header, &level.meta);
         if let (ImageHeader::Vdi(_), Some(parent)) = (&level.header, &level.below) {
             // A VDI names its parent by UUID only: report the file found.

@@ -57,6 +57,22 @@ pub struct MapEntry {
 }
 
 impl MapEntry {
+    /// The entry qemu-img prints for a range without a byte of the image: length 0 at
+    /// `start`, every flag false.
+    pub fn empty_at(start: u64) -> Self {
+        Self {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: String::new(),
+        }
+    }
+
     /// qemu-img's `entry_mergeable`: `next` continues this extent.
     pub(crate) fn mergeable(&self, next: &MapEntry) -> bool {
         self.length != 0
@@ -110,22 +126,55 @@ pub fn map_each(
     path: &Path,
     format: Option<ImageFormat>,
     options: &ChainOptions<'_>,
+    emit: impl FnMut(MapEntry) -> Result<()>,
+) -> Result<()> {
+    map_range(path, format, options, MapRange::default(), emit)
+}
+
+/// The guest range `qemu-img map --start-offset --max-length` maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapRange {
+    /// First guest byte mapped (any byte, not only a cluster boundary).
+    pub start: u64,
+    /// At most this many bytes from `start`; the end of the image otherwise.
+    pub max_length: Option<u64>,
+}
+
+/// [`map_each`] over `range` only, as qemu-img 10 maps it: the first entry starts at
+/// `range.start` (its host offset moved along), the last ends at `start + max_length` or the
+/// end of the image. A range that holds no byte of the image still prints one entry, of
+/// length 0 at `start` with every flag false, as qemu-img does.
+pub fn map_range(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &ChainOptions<'_>,
+    range: MapRange,
     mut emit: impl FnMut(MapEntry) -> Result<()>,
 ) -> Result<()> {
     let top = open_chain_with(path, format, options)?;
+    let size = top.virtual_size();
+    let end = range
+        .max_length
+        .map_or(size, |len| range.start.saturating_add(len).min(size));
     let mut pending: Option<MapEntry> = None;
-    for extent in extents(&*top, GuestOffset(0)) {
-        let next = MapEntry::from_extent(&extent?, &*top);
-        match &mut pending {
-            Some(last) if last.mergeable(&next) => last.length += next.length,
-            _ => {
-                if let Some(done) = pending.replace(next) {
-                    emit(done)?;
+    if range.start < end {
+        for extent in extents(&*top, GuestOffset(range.start)) {
+            let mut next = MapEntry::from_extent(&extent?, &*top);
+            if next.start >= end {
+                break;
+            }
+            next.length = next.length.min(end - next.start);
+            match &mut pending {
+                Some(last) if last.mergeable(&next) => last.length += next.length,
+                _ => {
+                    if let Some(done) = pending.replace(next) {
+                        emit(done)?;
+                    }
                 }
             }
         }
     }
-    pending.map_or(Ok(()), emit)
+    emit(pending.unwrap_or_else(|| MapEntry::empty_at(range.start)))
 }
 
 /// Writes `entries` as `qemu-img map` prints them by default: a table of the extents stored as
@@ -170,6 +219,31 @@ pub fn write_human_row(out: &mut dyn std::io::Write, e: &MapEntry) -> Result<(),
         )?;
     }
     Ok(())
+}
+
+/// Writes one entry of `qemu-img map --output=json` (one entry per line, in qemu's key order
+/// and spacing), preceded by `[` for the first entry and by `,` and a newline for the others;
+/// the caller closes the array with `]` and a newline.
+pub fn write_json_entry(
+    out: &mut dyn std::io::Write,
+    e: &MapEntry,
+    first: bool,
+) -> std::io::Result<()> {
+    if first {
+        write!(out, "[")?;
+    } else {
+        writeln!(out, ",")?;
+    }
+    write!(
+        out,
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \
+         \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    )?;
+    if let Some(offset) = e.offset {
+        write!(out, ", \"offset\": {offset}")?;
+    }
+    write!(out, "}}")
 }
 
 /// Why the human map could not be written.

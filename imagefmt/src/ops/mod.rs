@@ -1,7 +1,8 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
-//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`; and `resize` (a new virtual
-//! size; the cluster-level part is `Qcow2Image::resize`).
+//! `check` (which check, the files around it, repair and recheck), `compare`, `convert` (a
+//! reader pipeline), `commit`, `rebase`; and `resize` (a new virtual size; the cluster-level
+//! part is `Qcow2Image::resize`).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -10,6 +11,7 @@
 //!        └─ chain::read_extent ─► data at its host offset (pread / copy_file_range)
 //! ```
 
+pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
