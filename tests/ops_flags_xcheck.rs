@@ -651,7 +651,7 @@ fn resize_flags_match_qemu_img() {
         qemu(d, &["create", "-q", "-f", "qcow2", image, "4M"]);
         qemu_io(d, image, &["write -P 8 0 4M"]);
     }
-    qemu(d, &["resize", "--shrink", "qs.qcow2", "1M"]);
+    qemu(d, &["resize", "--shrink", "qs.qcow2", "1000k"]);
     ours(
         d,
         &[
@@ -659,10 +659,16 @@ fn resize_flags_match_qemu_img() {
             "--shrink",
             "--drop-data-past-end",
             "cs.qcow2",
-            "1M",
+            "1000k",
         ],
     );
     assert_same_content(d, "cs.qcow2", "qs.qcow2");
+    assert_same_map(d, "cs.qcow2", "qs.qcow2");
+    assert_eq!(
+        crate::util::file_len(&d.join("cs.qcow2")),
+        crate::util::file_len(&d.join("qs.qcow2")),
+        "the file is cut after its last cluster in use"
+    );
     assert_clean(d, "cs.qcow2");
     let refused = cowclone(d, &["resize", "--shrink", "c-full.qcow2", "1M"]);
     assert_eq!(

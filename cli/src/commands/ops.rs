@@ -412,9 +412,10 @@ pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
                 bail!("Preallocation can only be used for growing images");
             }
             if new < current && args.drop_data_past_end {
-                image.drop_past(new).with_context(context)?;
+                image.shrink_dropping(new).with_context(context)?;
+            } else {
+                image.resize(new, args.shrink).with_context(context)?;
             }
-            image.resize(new, args.shrink).with_context(context)?;
             image
                 .preallocate(current, new, preallocation)
                 .with_context(context)?;

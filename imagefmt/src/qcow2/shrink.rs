@@ -7,6 +7,23 @@ use crate::io::Backend;
 use crate::Result;
 
 impl<B: Backend + Send + Sync> Qcow2Image<B> {
+    /// Shrinks the disk to `new_size` (rounded up to whole sectors) as `qemu-img resize
+    /// --shrink` does: the clusters past the new end are dropped, their host clusters freed and
+    /// the file cut after its last cluster in use. Growing is [`Qcow2Image::resize`]'s job.
+    pub fn shrink_dropping(&mut self, new_size: u64) -> Result<()> {
+        let new_size = super::create::round_size(new_size)
+            .filter(|&size| size <= self.header.size)
+            .ok_or(super::error::Qcow2Error::InvalidOption {
+                option: "resize",
+                value: new_size.to_string(),
+                reason: "shrinking to a size larger than the disk",
+            })?;
+        self.drop_past(new_size)?;
+        self.header.size = new_size;
+        self.write_fixed_header()?;
+        self.shrink_to_used()
+    }
+
     /// Unmaps every cluster that starts at or after `new_size` (rounded up to a cluster) and
     /// frees its host cluster, so that a following `resize(new_size, true)` succeeds; the
     /// cluster holding the new end keeps its data, as in qemu.
