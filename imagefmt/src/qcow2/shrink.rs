@@ -1,6 +1,7 @@
-//! Shrinking that drops data, as `qemu-img resize --shrink` does: the clusters wholly past the
-//! new end are unmapped and freed before [`Qcow2Image::resize`] cuts the size. cowclone's own
-//! `resize --shrink` refuses instead when data lies there; this is the qemu-img behaviour.
+//! Shrinking that drops data, as `qemu-img resize --shrink` does
+//! ([`Qcow2Image::shrink_dropping`]): the clusters wholly past the new end are unmapped and
+//! freed, the size is cut and the file truncated after its last cluster in use. cowclone's own
+//! `resize --shrink` ([`Qcow2Image::resize`]) refuses instead when data lies past the new end.
 
 use super::image::Qcow2Image;
 use crate::io::Backend;
