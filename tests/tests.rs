@@ -9,6 +9,7 @@ mod bench_cli;
 mod check_memory;
 mod check_xcheck;
 mod cli;
+mod cli_shell;
 mod compress_xcheck;
 mod foreign_formats;
 mod hostile_names;

@@ -4,7 +4,8 @@
 //! the end of the file read as zeros. Block status asks the file system with `SEEK_DATA` /
 //! `SEEK_HOLE` (qemu's `file-posix.c` `find_allocation`): a hole is [`ExtentKind::Zero`] at its
 //! own offset, anything else data. Where the file system cannot answer (or the storage is not a
-//! file), everything is data.
+//! file), everything is data. The answer is the kernel's, so it is qemu's too, including its
+//! one quirk: an unwritten extent (ext4's zero range) counts as data once its pages are cached.
 
 use std::os::fd::BorrowedFd;
 
@@ -99,11 +100,12 @@ impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
         self.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.size)?;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_range(offset.0, buf.len(), self.size)?;
+        // A raw image's host offsets are its guest offsets.
         let got = self
             .backend
-            .read_prefix_at(buf, offset)
+            .read_prefix_at(buf, offset.0)
             .map_err(Error::reading("raw image data"))?;
         buf[got..].fill(0);
         Ok(())

@@ -56,7 +56,7 @@ pub struct ConvertArgs {
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub source_cache: Option<String>,
     /// Parallel read requests (1..16, as qemu-img's -m).
-    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::convert::DEFAULT_PARALLEL)]
+    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::ops::convert::DEFAULT_PARALLEL)]
     pub parallel: usize,
     /// Allow out-of-order writes to the destination (as qemu-img's -W).
     #[arg(short = 'W')]
@@ -64,9 +64,6 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// Open no backing file of the source: what would fall through reads as zeros.
-    #[arg(long, conflicts_with = "confine")]
-    pub no_backing: bool,
     /// Which images below the source may be opened (backing files, VDI parents, data files).
     #[command(flatten)]
     pub chain: crate::args::ChainPolicyArgs,
@@ -216,7 +213,7 @@ fn qcow2_only(format: &Option<String>, what: &str) -> Result<()> {
 pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let sparse_size = match &args.sparse_size {
         Some(text) => parse_sparse_size(text)?,
-        None => imagefmt::convert::SPARSE_BLOCK as u64,
+        None => imagefmt::ops::convert::SPARSE_BLOCK as u64,
     };
     let flush = args
         .cache
@@ -237,11 +234,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         args.guard
             .check("convert --overwrite", std::slice::from_ref(&args.dest))?;
     }
-    let policy = if args.no_backing {
-        BackingPolicy::Detach
-    } else {
-        args.chain.policy()
-    };
+    let policy = args.chain.policy();
     let source_format = format(&args.source_format)?;
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
     let chain_options = args.chain.options(&policy, &parents);
@@ -280,7 +273,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }
     }
-    let options = imagefmt::convert::ConvertOptions {
+    let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,
         qcow2,
@@ -300,7 +293,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     };
     let mut progress = crate::progress::Progress::new(show, out);
     // Errors name the file at fault themselves (source image, destination or backing file).
-    imagefmt::convert::convert(
+    imagefmt::ops::convert::convert(
         source.as_ref(),
         &args.dest,
         &options,
@@ -314,6 +307,9 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     qcow2_only(&args.format, "commit")?;
+    if args.chain.no_backing {
+        bail!("commit writes into the backing file: --no-backing cannot be used with it");
+    }
     if let Some(mode) = &args.cache {
         cache_flushes(mode)?;
     }
@@ -321,7 +317,7 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     let keep = args.keep || args.base.is_some();
     args.guard.check_commit(&args.file, keep)?;
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
-    imagefmt::commit::commit_into(
+    imagefmt::ops::commit::commit_into(
         &args.file,
         &args.chain.policy(),
         keep,
@@ -338,6 +334,9 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
 
 /// Runs rebase.
 pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
+    if args.chain.no_backing {
+        bail!("rebase reads the old backing file: --no-backing cannot be used with it");
+    }
     qcow2_only(&args.format, "rebase")?;
     for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
         cache_flushes(mode)?;
@@ -360,7 +359,7 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         Some((args.backing.clone(), fmt))
     };
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
-    imagefmt::rebase::rebase_with_progress(
+    imagefmt::ops::rebase::rebase_with_progress(
         &args.file,
         &new,
         args.unsafe_header_only,
@@ -376,68 +375,25 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
     args.guard
         .check("resize", std::slice::from_ref(&args.file))?;
-    let context = || format!("{}", args.file.display());
-    let file = imagefmt::open::open_image(&args.file, imagefmt::open::OpenHow::write())
-        .with_context(context)?;
-    let header = imagefmt::image::ImageHeader::read(&file, format(&args.format)?, &args.file, true)
-        .with_context(context)?;
+    let format = format(&args.format)?;
     let preallocation = args
         .preallocation
         .as_deref()
-        .map(|mode| Preallocation::parse(mode, header.format() == ImageFormat::Qcow2))
+        .map(|mode| Preallocation::parse(mode, true))
         .transpose()?
         .unwrap_or_default();
-    let current = header.virtual_size();
-    let new = if let Some(delta) = args.size.strip_prefix('+') {
-        current
-            .checked_add(imagefmt::size::parse_size(delta)?)
-            .context("size overflows")?
-    } else if let Some(delta) = args.size.strip_prefix('-') {
-        current
-            .checked_sub(imagefmt::size::parse_size(delta)?)
-            .context("the image would shrink below zero")?
-    } else {
-        imagefmt::size::parse_size(&args.size)?
+    let options = imagefmt::ops::resize::ResizeOptions {
+        format,
+        allow_shrink: args.shrink,
+        drop_data_past_end: args.drop_data_past_end,
+        preallocation,
     };
-    match header.format() {
-        ImageFormat::Qcow2 => {
-            let mut image = imagefmt::chain::qcow2_rw_from_file(
-                file,
-                &args.file,
-                &BackingPolicy::FollowLocal,
-                imagefmt::qcow2::write::WriteOptions::default(),
-            )
-            .with_context(context)?;
-            if new < current && preallocation != Preallocation::Off {
-                bail!("Preallocation can only be used for growing images");
-            }
-            if new < current && args.drop_data_past_end {
-                image.shrink_dropping(new).with_context(context)?;
-            } else {
-                image.resize(new, args.shrink).with_context(context)?;
-            }
-            image
-                .preallocate(current, new, preallocation)
-                .with_context(context)?;
-            image.flush()?;
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Raw => {
-            if new < current && !args.shrink {
-                bail!("shrinking needs --shrink (data past the new end is lost in a raw image)");
-            }
-            if new < current && preallocation != Preallocation::Off {
-                bail!("Preallocation can only be used for growing images");
-            }
-            file.set_len(new).with_context(context)?;
-            if new > current {
-                imagefmt::preallocate::fill_host(&file, current, new - current, preallocation)
-                    .with_context(context)?;
-            }
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Vdi => bail!("resizing VDI images is not supported"),
-    }
+    let size: imagefmt::ops::resize::NewSize = args.size.parse()?;
+    let resized =
+        imagefmt::ops::resize::resize(&args.file, size, &options, &BackingPolicy::FollowLocal)
+            .with_context(|| format!("{}", args.file.display()))?;
+    hold_if_asked(&args.file);
+    drop(resized);
     if !args.quiet {
         writeln!(out, "Image resized.")?;
     }

@@ -333,7 +333,7 @@ fn copy_differences<I: GuestRead>(
         let (chunk, below) = (&mut chunk[..len], &mut below[..len]);
         read_data_only(source, chunk, offset).map_err(|e| in_source(source, e))?;
         // Still unallocated in the output: this reads the chain below.
-        image.read_at(below, offset).map_err(in_dest)?;
+        image.read_at(below, GuestOffset(offset)).map_err(in_dest)?;
         if chunk != below {
             let request = if is_zero(chunk) {
                 Write::Zeroes(offset, len as u64)

@@ -11,8 +11,9 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, GuestRead};
+use crate::chain;
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::io::Backend;
 use crate::offsets::GuestOffset;
 use crate::ops::commit::zero_raw;

@@ -100,7 +100,9 @@ mod tests {
             );
         }
         let mut buf = vec![1u8; 1 << 20];
-        image.read_at(&mut buf, 0).unwrap();
+        image
+            .read_at(&mut buf, crate::offsets::GuestOffset(0))
+            .unwrap();
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(image.backend.to_vec().len(), 0x50000 + (1 << 20));
     }
