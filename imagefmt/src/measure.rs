@@ -16,6 +16,7 @@
 //! * raw: the virtual size (rounded up to 512 bytes for `--size`), required and fully allocated
 //!   alike.
 
+use crate::preallocate::Preallocation;
 use std::path::Path;
 
 use serde::Serialize;
@@ -59,8 +60,6 @@ impl Measurement {
         Ok(())
     }
 }
-
-pub use crate::preallocate::Preallocation;
 
 /// The output format and its `-o` options as far as they matter to the numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]

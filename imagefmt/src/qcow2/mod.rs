@@ -27,9 +27,9 @@ pub mod header;
 mod header_cluster;
 pub mod image;
 pub mod layout;
-pub mod preallocate;
+pub(crate) mod preallocate;
 pub mod refcount;
-pub mod shrink;
+pub(crate) mod shrink;
 pub(crate) mod tables;
 pub mod write;
 
