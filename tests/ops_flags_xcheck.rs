@@ -340,6 +340,12 @@ fn convert_into_an_existing_image_with_n_writes_what_qemu_img_writes() {
         assert_eq!((code(&mine), code(&theirs)), (Some(1), Some(1)), "{args:?}");
     }
     assert_eq!(crate::util::file_len(&d.join("small.raw")), 1 << 20);
+    // cowclone's own safety: raw bytes are not written over a qcow2 image unless -O says raw
+    // of a raw file (qemu-img would destroy the image).
+    let before = std::fs::read(d.join("c.qcow2")).unwrap();
+    let refused = cowclone(d, &["convert", "-n", "src.qcow2", "c.qcow2"]);
+    assert_eq!(code(&refused), Some(1));
+    assert_eq!(std::fs::read(d.join("c.qcow2")).unwrap(), before);
 }
 
 #[test]
