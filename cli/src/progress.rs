@@ -31,7 +31,7 @@ impl<'a> Progress<'a> {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    "{wide_bar} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );

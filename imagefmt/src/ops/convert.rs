@@ -736,6 +736,14 @@ fn pipeline(
     plan.zeros = options.sparse_size == 0;
     let planner = Mutex::new(plan);
     let sparse_block = options.sparse_size;
+    // Into preallocated qcow2 clusters only the non-zero blocks are written, as qemu-img does
+    // (the rest of a metadata-preallocated cluster stays a hole).
+    let write_unit = match &sink {
+        Sink::Qcow2 { .. } if options.preallocation != crate::preallocate::Preallocation::Off => {
+            unit.min(SPARSE_BLOCK as u64)
+        }
+        _ => unit,
+    };
     let stop = AtomicBool::new(false);
     let raw_out = match &sink {
         Sink::Raw(file, dest) => Some((*file, *dest)),
@@ -807,7 +815,7 @@ fn pipeline(
             }
             for mut f in ready {
                 let written = if sink.writes_on_main() {
-                    sink.write(&f, unit, sparse_block != 0)
+                    sink.write(&f, write_unit, sparse_block != 0)
                 } else {
                     Ok(f.written)
                 };

@@ -7,6 +7,9 @@
 //! as qemu-img does when the target is not known to be zero-initialised. With `-S 0`
 //! (`sparse_size` 0) zeros are written as data. The copy is serial, in requests of up to
 //! [`REQUEST_MAX`] bytes, reading only what the source's extents call data.
+//!
+//! Unlike qemu-img, a target recognised as qcow2 or VDI is not overwritten as raw bytes when
+//! the format given is raw (the default of `-O`): its format must be named.
 
 use std::path::Path;
 
@@ -68,6 +71,16 @@ pub fn convert_into(
             (Target::Qcow2(Box::new(image)), size, unit)
         }
         ImageFormat::Raw => {
+            // Raw bytes written over a qcow2 or VDI image would destroy it: its format must
+            // be named (qemu-img would write them; cowclone refuses).
+            if let Ok(header) = crate::image::ImageHeader::read_detected(&file, dest, false) {
+                if header.format() != ImageFormat::Raw {
+                    return Err(in_dest(Error::InvalidParameter {
+                        name: "-O",
+                        reason: "the existing target is not a raw image: name its format with -O",
+                    }));
+                }
+            }
             let len = file
                 .metadata()
                 .map_err(Error::io("reading the target's length"))?;

@@ -131,9 +131,12 @@ pub fn resize(
         ImageFormat::Qcow2 => {
             let mut image = qcow2_rw_from_file(file, path, policy, WriteOptions::default())?;
             if new_size < old_size && options.drop_data_past_end {
-                image.drop_past(new_size)?;
+                // qemu-img's shrink: clusters past the end dropped, the file cut after its
+                // last cluster in use (also to a size inside a cluster).
+                image.shrink_dropping(new_size)?;
+            } else {
+                image.resize(new_size, options.allow_shrink)?;
             }
-            image.resize(new_size, options.allow_shrink)?;
             image.preallocate(old_size, new_size, preallocation)?;
             image.flush()?;
             Ok(Resized {

@@ -1,12 +1,30 @@
-//! Shrinking that drops data, as `qemu-img resize --shrink` does: the clusters wholly past the
-//! new end are unmapped and freed before [`Qcow2Image::resize`] cuts the size. cowclone's own
-//! `resize --shrink` refuses instead when data lies there; this is the qemu-img behaviour.
+//! Shrinking that drops data, as `qemu-img resize --shrink` does
+//! ([`Qcow2Image::shrink_dropping`]): the clusters wholly past the new end are unmapped and
+//! freed, the size is cut and the file truncated after its last cluster in use. cowclone's own
+//! `resize --shrink` ([`Qcow2Image::resize`]) refuses instead when data lies past the new end.
 
 use super::image::Qcow2Image;
 use crate::io::Backend;
 use crate::Result;
 
 impl<B: Backend + Send + Sync> Qcow2Image<B> {
+    /// Shrinks the disk to `new_size` (rounded up to whole sectors) as `qemu-img resize
+    /// --shrink` does: the clusters past the new end are dropped, their host clusters freed and
+    /// the file cut after its last cluster in use. Growing is [`Qcow2Image::resize`]'s job.
+    pub fn shrink_dropping(&mut self, new_size: u64) -> Result<()> {
+        let new_size = super::create::round_size(new_size)
+            .filter(|&size| size <= self.header.size)
+            .ok_or(super::error::Qcow2Error::InvalidOption {
+                option: "resize",
+                value: new_size.to_string(),
+                reason: "shrinking to a size larger than the disk",
+            })?;
+        self.drop_past(new_size)?;
+        self.header.size = new_size;
+        self.write_fixed_header()?;
+        self.shrink_to_used()
+    }
+
     /// Unmaps every cluster that starts at or after `new_size` (rounded up to a cluster) and
     /// frees its host cluster, so that a following `resize(new_size, true)` succeeds; the
     /// cluster holding the new end keeps its data, as in qemu.
