@@ -1,6 +1,7 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
-//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`.
+//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`, `bitmap` (persistent dirty
+//! bitmaps).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -9,6 +10,7 @@
 //!        └─ chain::read_extent ─► data at its host offset (pread / copy_file_range)
 //! ```
 
+pub mod bitmap;
 pub mod commit;
 pub mod compare;
 pub mod convert;

@@ -1,0 +1,412 @@
+//! Persistent dirty bitmaps, judged by qemu 10: bitmaps cowclone adds, changes or merges are
+//! listed by `qemu-img info` as on a twin image where `qemu-img bitmap` did the same, `qemu-img
+//! check` finds them clean, and after cowclone writes to an image with enabled bitmaps qemu
+//! sees exactly the dirty ranges it sees on a twin that `qemu-io` wrote. The dirty ranges are
+//! read by qemu itself: `qemu-nbd -B BITMAP` exports the bitmap and `qemu-img map` of the export
+//! with `x-dirty-bitmap` reports dirty ranges as `"data": false`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use imagefmt::backing::BackingPolicy;
+use imagefmt::ops::bitmap::{bitmap, SourceImage};
+use imagefmt::qcow2::bitmap::BitmapAction;
+use imagefmt::qcow2::write::WriteOptions;
+use serde_json::Value;
+
+use crate::util::{
+    assert_qemu_check_clean, command_line, describe, qemu_img, qemu_img_ok, qemu_info_json,
+    qemu_io_ok, run,
+};
+
+/// Two identical fresh images: one for cowclone, one for qemu-img.
+fn twins(dir: &Path, size: &str, options: &str) -> (PathBuf, PathBuf) {
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    for path in [&ours, &theirs] {
+        qemu_img_ok(&[&"create", &"-f", &"qcow2", &"-o", &options, path, &size]);
+    }
+    (ours, theirs)
+}
+
+/// `format-specific.data.bitmaps` of `qemu-img info --output=json` (null if absent).
+fn qemu_bitmaps(path: &Path) -> Value {
+    qemu_info_json(path)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// The `qemu-img bitmap` arguments for one action.
+fn qemu_args(action: &BitmapAction) -> Vec<String> {
+    match action {
+        BitmapAction::Add { granularity } => {
+            let mut args = vec!["--add".to_owned()];
+            if let Some(g) = granularity {
+                args.extend(["-g".to_owned(), g.to_string()]);
+            }
+            args
+        }
+        BitmapAction::Remove => vec!["--remove".into()],
+        BitmapAction::Clear => vec!["--clear".into()],
+        BitmapAction::Enable => vec!["--enable".into()],
+        BitmapAction::Disable => vec!["--disable".into()],
+        BitmapAction::Merge { source } => vec!["--merge".into(), source.clone()],
+    }
+}
+
+/// Runs `qemu-img bitmap ACTIONS... [-b source] image name` and asserts success.
+fn qemu_bitmap(image: &Path, name: &str, actions: &[BitmapAction], source: Option<&Path>) {
+    let mut args: Vec<String> = vec!["bitmap".into()];
+    for action in actions {
+        args.extend(qemu_args(action));
+    }
+    if let Some(source) = source {
+        args.extend([
+            "-b".into(),
+            source.display().to_string(),
+            "-F".into(),
+            "qcow2".into(),
+        ]);
+    }
+    args.extend([image.display().to_string(), name.to_owned()]);
+    qemu_img_ok(&crate::util::args_of(&args));
+}
+
+/// Applies the same actions with cowclone (in-process) and with qemu-img.
+fn both(ours: &Path, theirs: &Path, name: &str, actions: &[BitmapAction]) {
+    bitmap(ours, None, name, actions, None)
+        .unwrap_or_else(|e| panic!("cowclone bitmap {actions:?} {name}: {e}"));
+    qemu_bitmap(theirs, name, actions, None);
+}
+
+/// qemu's view of the dirty ranges of bitmap `name`: (start, length) of every range
+/// `qemu-img map` reports as dirty through a `qemu-nbd -B name` export.
+fn qemu_dirty_ranges(image: &Path, name: &str) -> Vec<(u64, u64)> {
+    let socket = image.with_extension("nbd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut server: Child = match Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
+        .arg(&socket)
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("qemu-nbd not found: install the Debian package qemu-utils")
+        }
+        Err(e) => panic!("cannot run qemu-nbd: {e}"),
+    };
+    // Wait until the server listens (or has exited with an error).
+    while !socket.exists() {
+        if let Some(status) = server.try_wait().expect("polling qemu-nbd") {
+            let out = server.wait_with_output().expect("qemu-nbd output");
+            panic!(
+                "qemu-nbd -B {name} {} exited {status}: {}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        socket.display()
+    );
+    let args: [&dyn AsRef<std::ffi::OsStr>; 4] = [&"map", &"--output=json", &"--image-opts", &opts];
+    let output = qemu_img(&args);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        command_line("qemu-img", &args),
+        describe(&output)
+    );
+    let map: Value = serde_json::from_slice(&output.stdout).expect("qemu-img map printed JSON");
+    map.as_array()
+        .expect("map is a list")
+        .iter()
+        .filter(|e| e["data"] == Value::Bool(false))
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn bitmaps_added_by_cowclone_are_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "100M", "cluster_size=65536");
+    both(
+        &ours,
+        &theirs,
+        "b1",
+        &[BitmapAction::Add { granularity: None }],
+    );
+    both(
+        &ours,
+        &theirs,
+        "b2",
+        &[
+            BitmapAction::Add {
+                granularity: Some(128 << 10),
+            },
+            BitmapAction::Disable,
+        ],
+    );
+    both(
+        &ours,
+        &theirs,
+        "tiny grains",
+        &[BitmapAction::Add {
+            granularity: Some(512),
+        }],
+    );
+    let listed = qemu_bitmaps(&ours);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    assert_eq!(listed, qemu_bitmaps(&theirs));
+    assert_qemu_check_clean(&ours, "after adding three bitmaps");
+
+    // Default granularity follows the cluster size within 4 KiB..64 KiB, as qemu's does.
+    for cluster in ["512", "16384", "2M"] {
+        let sub = dir.path().join(cluster);
+        std::fs::create_dir(&sub).unwrap();
+        let (ours, theirs) = twins(&sub, "1G", &format!("cluster_size={cluster}"));
+        both(
+            &ours,
+            &theirs,
+            "x",
+            &[BitmapAction::Add { granularity: None }],
+        );
+        assert_eq!(
+            qemu_bitmaps(&ours),
+            qemu_bitmaps(&theirs),
+            "cluster {cluster}"
+        );
+        assert_qemu_check_clean(&ours, &format!("bitmap in a {cluster}-cluster image"));
+    }
+}
+
+#[test]
+fn qemu_bitmaps_changed_by_cowclone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "64M", "cluster_size=65536");
+    for path in [&ours, &theirs] {
+        qemu_bitmap(path, "a", &[BitmapAction::Add { granularity: None }], None);
+        qemu_bitmap(
+            path,
+            "b",
+            &[
+                BitmapAction::Add {
+                    granularity: Some(4096),
+                },
+                BitmapAction::Disable,
+            ],
+            None,
+        );
+        qemu_bitmap(path, "c", &[BitmapAction::Add { granularity: None }], None);
+        qemu_io_ok(&[
+            &"-c",
+            &"write 1M 64k",
+            &"-c",
+            &"write 10M 300k",
+            &"-f",
+            &"qcow2",
+            path,
+        ]);
+    }
+    assert!(
+        !qemu_dirty_ranges(&theirs, "a").is_empty(),
+        "qemu-io left a dirty"
+    );
+    both(&ours, &theirs, "b", &[BitmapAction::Enable]);
+    both(&ours, &theirs, "a", &[BitmapAction::Disable]);
+    both(
+        &ours,
+        &theirs,
+        "b",
+        &[BitmapAction::Merge { source: "a".into() }],
+    );
+    both(&ours, &theirs, "c", &[BitmapAction::Clear]);
+    both(&ours, &theirs, "c", &[BitmapAction::Remove]);
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    assert_qemu_check_clean(&ours, "after enable, disable, merge, clear, remove");
+    for name in ["a", "b"] {
+        let dirty = qemu_dirty_ranges(&ours, name);
+        assert_eq!(dirty, qemu_dirty_ranges(&theirs, name), "bitmap {name}");
+        assert!(!dirty.is_empty(), "bitmap {name} has dirty ranges");
+    }
+    // Removing the last bitmaps drops the extension and the autoclear bit, as qemu does.
+    both(&ours, &theirs, "a", &[BitmapAction::Remove]);
+    both(&ours, &theirs, "b", &[BitmapAction::Remove]);
+    assert_eq!(qemu_bitmaps(&ours), Value::Null);
+    assert_qemu_check_clean(&ours, "after removing every bitmap");
+}
+
+#[test]
+fn merge_from_another_image_with_another_granularity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "32M", "cluster_size=65536");
+    let source = dir.path().join("source.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &"cluster_size=4096",
+        &source,
+        &"32M",
+    ]);
+    qemu_bitmap(
+        &source,
+        "src",
+        &[BitmapAction::Add {
+            granularity: Some(512),
+        }],
+        None,
+    );
+    qemu_io_ok(&[
+        &"-c",
+        &"write 3k 1k",
+        &"-c",
+        &"write 5M 70k",
+        &"-c",
+        &"write 31M 1M",
+        &"-f",
+        &"qcow2",
+        &source,
+    ]);
+    let add = [
+        BitmapAction::Add {
+            granularity: Some(1 << 20),
+        },
+        BitmapAction::Disable,
+    ];
+    both(&ours, &theirs, "dst", &add);
+    let merge = [BitmapAction::Merge {
+        source: "src".into(),
+    }];
+    bitmap(
+        &ours,
+        None,
+        "dst",
+        &merge,
+        Some(SourceImage {
+            path: &source,
+            format: None,
+        }),
+    )
+    .unwrap();
+    qemu_bitmap(&theirs, "dst", &merge, Some(&source));
+    let dirty = qemu_dirty_ranges(&ours, "dst");
+    assert_eq!(dirty, qemu_dirty_ranges(&theirs, "dst"));
+    assert_eq!(dirty.len(), 3, "{dirty:?}");
+    assert_qemu_check_clean(&ours, "after a merge from another image");
+}
+
+#[test]
+fn cowclone_writes_are_recorded_in_enabled_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "64M", "cluster_size=65536");
+    for path in [&ours, &theirs] {
+        qemu_bitmap(path, "on", &[BitmapAction::Add { granularity: None }], None);
+        qemu_bitmap(
+            path,
+            "fine",
+            &[BitmapAction::Add {
+                granularity: Some(512),
+            }],
+            None,
+        );
+        qemu_bitmap(
+            path,
+            "off",
+            &[
+                BitmapAction::Add { granularity: None },
+                BitmapAction::Disable,
+            ],
+            None,
+        );
+    }
+    // The same writes by cowclone and by qemu-io: data, zeros, a discard.
+    let mut image =
+        imagefmt::chain::open_qcow2_rw(&ours, &BackingPolicy::Deny, WriteOptions::default())
+            .unwrap();
+    image.write_at(&[0xa5; 4096], 3 << 20).unwrap();
+    image
+        .write_at(&vec![0x5a; 200 << 10], (20 << 20) + 1000)
+        .unwrap();
+    image.write_zeroes(40 << 20, 1 << 20).unwrap();
+    image.write_at(&[1; 512], (64 << 20) - 512).unwrap();
+    image.flush().unwrap();
+    drop(image);
+    qemu_io_ok(&[
+        &"-f",
+        &"qcow2",
+        &"-c",
+        &"write -P 0xa5 3M 4k",
+        &"-c",
+        &format!("write -P 0x5a {} {}", (20 << 20) + 1000, 200 << 10),
+        &"-c",
+        &"write -z 40M 1M",
+        &"-c",
+        &format!("write -P 1 {} 512", (64 << 20) - 512),
+        &theirs,
+    ]);
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    assert_qemu_check_clean(&ours, "after writes with enabled bitmaps");
+    for name in ["on", "fine", "off"] {
+        assert_eq!(
+            qemu_dirty_ranges(&ours, name),
+            qemu_dirty_ranges(&theirs, name),
+            "bitmap {name}"
+        );
+    }
+    assert_eq!(qemu_dirty_ranges(&ours, "off"), vec![]);
+    assert_eq!(qemu_dirty_ranges(&ours, "on").len(), 4);
+    // The guest data is the same too.
+    qemu_img_ok(&[&"compare", &ours, &theirs]);
+}
+
+#[test]
+fn refusals_are_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "16M", "cluster_size=65536");
+    both(
+        &ours,
+        &theirs,
+        "b",
+        &[BitmapAction::Add { granularity: None }],
+    );
+    let cases: Vec<(&str, Vec<BitmapAction>)> = vec![
+        ("b", vec![BitmapAction::Add { granularity: None }]),
+        ("nope", vec![BitmapAction::Remove]),
+        ("nope", vec![BitmapAction::Enable]),
+        ("b", vec![BitmapAction::Merge { source: "x".into() }]),
+        (
+            "g",
+            vec![BitmapAction::Add {
+                granularity: Some(1000),
+            }],
+        ),
+        ("", vec![BitmapAction::Add { granularity: None }]),
+    ];
+    for (name, actions) in cases {
+        let ours_err = bitmap(&ours, None, name, &actions, None)
+            .expect_err("cowclone refuses")
+            .to_string();
+        let mut args: Vec<String> = vec!["bitmap".into()];
+        for a in &actions {
+            args.extend(qemu_args(a));
+        }
+        args.extend([theirs.display().to_string(), name.to_owned()]);
+        let out = run("qemu-img", "qemu-utils", None, &crate::util::args_of(&args));
+        assert_eq!(out.status.code(), Some(1));
+        let theirs_err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            format!("qemu-img: {ours_err}\n"),
+            theirs_err,
+            "{actions:?} {name:?}"
+        );
+    }
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    assert_qemu_check_clean(&ours, "after refused actions");
+}
