@@ -410,3 +410,80 @@ fn refusals_are_qemus() {
     assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
     assert_qemu_check_clean(&ours, "after refused actions");
 }
+
+/// cowclone's `info` facts for `path`, as JSON: `format-specific.data.bitmaps`.
+fn our_bitmaps(path: &Path) -> Value {
+    let info = imagefmt::info::image_info(path).expect("cowclone info");
+    serde_json::to_value(info).unwrap()["format-specific"]["data"]["bitmaps"].clone()
+}
+
+#[test]
+fn info_lists_bitmaps_as_qemu_does_in_use_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = twins(dir.path(), "16M", "cluster_size=65536");
+    assert_eq!(our_bitmaps(&image), Value::Null);
+    qemu_bitmap(
+        &image,
+        "a",
+        &[BitmapAction::Add { granularity: None }],
+        None,
+    );
+    qemu_bitmap(
+        &image,
+        "b",
+        &[
+            BitmapAction::Add {
+                granularity: Some(1 << 20),
+            },
+            BitmapAction::Disable,
+        ],
+        None,
+    );
+    assert_eq!(our_bitmaps(&image), qemu_bitmaps(&image));
+    // A writer that dies leaves every bitmap in use (qemu-io's abort is such a death).
+    let out = run(
+        "qemu-io",
+        "qemu-utils",
+        None,
+        &[
+            &"-f",
+            &"qcow2",
+            &"-c",
+            &"write 0 64k",
+            &"-c",
+            &"abort",
+            &image,
+        ],
+    );
+    assert!(!out.status.success(), "qemu-io abort: {}", describe(&out));
+    let listed = qemu_bitmaps(&image);
+    assert_eq!(
+        listed[0]["flags"],
+        serde_json::json!(["in-use", "auto"]),
+        "{listed}"
+    );
+    assert_eq!(our_bitmaps(&image), listed);
+    // An inconsistent bitmap is refused as qemu-img refuses it, and writing leaves it in use.
+    let err = bitmap(&image, None, "a", &[BitmapAction::Clear], None).expect_err("in use");
+    let out = run(
+        "qemu-img",
+        "qemu-utils",
+        None,
+        &[&"bitmap", &"--clear", &image, &"a"],
+    );
+    assert_eq!(
+        format!("qemu-img: {err}\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut writer =
+        imagefmt::chain::open_qcow2_rw(&image, &BackingPolicy::Deny, WriteOptions::default())
+            .unwrap();
+    writer.write_at(&[7; 4096], 1 << 20).unwrap();
+    drop(writer);
+    assert_eq!(our_bitmaps(&image), qemu_bitmaps(&image));
+    assert_eq!(qemu_bitmaps(&image), listed, "still in use");
+    // Removing is what qemu allows for them.
+    bitmap(&image, None, "a", &[BitmapAction::Remove], None).unwrap();
+    assert_eq!(qemu_bitmaps(&image), serde_json::json!([listed[1]]));
+    assert_qemu_check_clean(&image, "in-use bitmaps, a write, a removal");
+}
