@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::io::MemBackend;
 use imagefmt::qcow2::image::Qcow2Image;
 use imagefmt::qcow2::write::WriteOptions;

@@ -200,7 +200,7 @@ fn dirty_images_with_lazy_refcounts_read_correctly() {
         .current_dir(d)
         .output()
         .expect("qemu-io not found: install the Debian package qemu-utils");
-    let info = imagefmt::info::image_info(&image).unwrap();
+    let info = imagefmt::ops::info::image_info(&image).unwrap();
     assert!(
         info.dirty_flag,
         "qemu-io abort should leave the dirty bit set"

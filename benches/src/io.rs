@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::image::ImageHeader;
 use imagefmt::qcow2::write::WriteOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};

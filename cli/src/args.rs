@@ -28,28 +28,28 @@ pub enum Command {
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
     /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
-    Check(crate::check_map::CheckArgs),
+    Check(crate::commands::check_map::CheckArgs),
     /// Show how an image chain's guest ranges map to layers and files (qemu-img map).
-    Map(crate::check_map::MapArgs),
+    Map(crate::commands::check_map::MapArgs),
     /// Copy an image's guest content into a new qcow2 or raw image (sparse, streaming).
-    Convert(crate::ops::ConvertArgs),
+    Convert(crate::commands::ops::ConvertArgs),
     /// Fold an overlay into its backing file.
-    Commit(crate::ops::CommitArgs),
+    Commit(crate::commands::ops::CommitArgs),
     /// Change an image's backing file, keeping guest data the same (unless -u).
-    Rebase(crate::ops::RebaseArgs),
+    Rebase(crate::commands::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
-    Resize(crate::ops::ResizeArgs),
+    Resize(crate::commands::ops::ResizeArgs),
     /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
-    Measure(crate::measure_cmd::MeasureArgs),
+    Measure(crate::commands::measure::MeasureArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
-    Bench(crate::bench_cmd::BenchArgs),
+    Bench(crate::commands::bench::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
     #[command(flatten)]
-    Registry(crate::registry_cmd::RegistryCommand),
+    Registry(crate::commands::registry::RegistryCommand),
     #[command(flatten)]
-    Vm(crate::vm_cmd::VmCommand),
+    Vm(crate::commands::vm::VmCommand),
     /// libvirt hosts that clones can live on: add, ls, rm.
-    Host(crate::host_cmd::HostArgs),
+    Host(crate::commands::host::HostArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -86,41 +86,35 @@ pub struct CreateArgs {
     /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.
     pub size: Option<String>,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone info [--output human|json] [--backing-chain] FILE`
+/// `cowclone info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE`
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Also show every image in the backing chain (follows local files only).
     #[arg(long)]
     pub backing_chain: bool,
-    /// With --backing-chain: refuse any backing file outside DIR.
-    #[arg(long, value_name = "DIR", requires = "backing_chain")]
-    pub confine: Option<PathBuf>,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
-    /// Read the images even if another process is writing them (qemu-img -U): takes no lock
-    /// that keeps writers out; what is shown may be inconsistent.
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
+    /// Backing, parent and data file policy (with --backing-chain).
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// The image.
     pub file: PathBuf,
 }
 
-/// Which images below the one named may be opened, and how: the options `check` and `map`
-/// share (backing files, VDI parents and external data files follow the same policy as in
-/// every other command).
-#[derive(Debug, clap::Args)]
+/// Which images below the one named may be opened, and how: the options every command that
+/// reads a chain shares (backing files, VDI parents and external data files follow one policy).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ChainPolicyArgs {
     /// Refuse any backing, parent or data file outside DIR.
     #[arg(long, value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// Open no backing file: what would fall through to one reads as zeros.
+    #[arg(long, conflicts_with = "confine")]
+    pub no_backing: bool,
     /// Open the qcow2 external data file the header names (refused by default: the name can
     /// point at any host file; --confine applies to it too).
     #[arg(long)]
@@ -139,12 +133,19 @@ pub struct ChainPolicyArgs {
 }
 
 impl ChainPolicyArgs {
-    /// The backing policy: local files, confined to `--confine` if given.
+    /// The backing policy: none with `--no-backing`, else local files, confined to
+    /// `--confine` if given.
     pub fn policy(&self) -> imagefmt::backing::BackingPolicy {
         match &self.confine {
+            _ if self.no_backing => imagefmt::backing::BackingPolicy::Detach,
             Some(dir) => imagefmt::backing::BackingPolicy::Confine(dir.clone()),
             None => imagefmt::backing::BackingPolicy::FollowLocal,
         }
+    }
+
+    /// The VDI parents named with `--parent`, nearest first.
+    pub fn vdi_parents(&self) -> imagefmt::vdi::Explicit {
+        imagefmt::vdi::Explicit(self.parents.clone())
     }
 
     /// Chain options for `policy` (from [`Self::policy`]) with these flags.
@@ -153,14 +154,14 @@ impl ChainPolicyArgs {
         policy: &'a imagefmt::backing::BackingPolicy,
         parents: &'a imagefmt::vdi::Explicit,
     ) -> imagefmt::chain::ChainOptions<'a> {
-        let mut options = crate::chain_options(policy, self.allow_data_file, parents);
+        let mut options = crate::commands::chain_options(policy, self.allow_data_file, parents);
         options.force_share = self.force_share;
         options.block_devices = self.allow_block_devices;
         options
     }
 }
 
-/// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
+/// `cowclone compare [-f FMT] [-F FMT] [-s] [-q] [-U] [--confine DIR] FILE1 FILE2`
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
     /// Format of FILE1 (default: recognised by content, raw otherwise).
@@ -175,34 +176,41 @@ pub struct CompareArgs {
     /// Print nothing; only the exit code tells.
     #[arg(short = 'q', long)]
     pub quiet: bool,
-    /// Refuse any backing file outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
-    /// Open no backing file: what would fall through to one reads as zeros.
-    #[arg(long, conflicts_with = "confine")]
-    pub no_backing: bool,
-    /// Read qcow2 guest data from the external data file the header names (refused by default:
-    /// the name can point at any host file; --confine applies to it too).
-    #[arg(long)]
-    pub allow_data_file: bool,
-    /// Read the images even if another process is writing them (qemu-img -U).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable; used for both images); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Backing, parent and data file policy (for both images).
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// First image.
     pub file1: PathBuf,
     /// Second image.
     pub file2: PathBuf,
 }
 
+/// `--output human|json` (also spelled `--output=json`, as qemu-img does), shared by every
+/// command that reports.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct OutputArg {
+    /// Output format: text for people, or JSON (kebab-case keys, as qemu-img's).
+    #[arg(id = "output", long = "output", value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Human)]
+    pub format: OutputFormat,
+}
+
 /// Output format for commands that report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     /// Text for people, laid out like qemu-img's.
+    #[default]
     Human,
     /// JSON with qemu-img's key names.
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every subcommand (unique names, valid references).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::{open_chain, open_chain_with, ChainOptions, GuestRead};
-use imagefmt::info::{backing_chain, backing_chain_with, ImageInfo};
+use imagefmt::chain::{open_chain, open_chain_with, ChainOptions};
+use imagefmt::extent::GuestRead;
+use imagefmt::ops::info::{backing_chain, backing_chain_with, ImageInfo};
 use imagefmt::qcow2::extensions::Extension;
 use imagefmt::qcow2::HeaderCluster;
 use libfuzzer_sys::{fuzz_target, Corpus};

@@ -5,7 +5,7 @@
 //! when the image opens for writing, a write that succeeds reads back exactly.
 #![no_main]
 
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::io::MemBackend;
 use imagefmt::qcow2::image::Qcow2Image;
 use imagefmt::qcow2::write::WriteOptions;

@@ -9,7 +9,8 @@
 
 use std::sync::OnceLock;
 
-use imagefmt::chain::{GuestRead, RawReader};
+use imagefmt::extent::GuestRead;
+use imagefmt::raw::RawReader;
 use imagefmt::io::MemBackend;
 use imagefmt::vdi::{VdiHeader, VdiImage, HEADER_REGION_LEN};
 use libfuzzer_sys::{fuzz_target, Corpus};

@@ -160,7 +160,7 @@ impl Error {
 
     /// Wraps this error with the file it concerns and that file's role (see
     /// [`Error::InFile`]); an error that already names a file is returned as it is.
-    pub fn in_file(self, role: &'static str, path: &std::path::Path) -> Error {
+    pub(crate) fn in_file(self, role: &'static str, path: &std::path::Path) -> Error {
         match self {
             Error::InFile { .. } => self,
             other => Error::InFile {

@@ -190,7 +190,7 @@ impl GuestRead for Box<dyn GuestRead> {
 
 /// A layer together with the path it was opened from and its external data file's, if any
 /// (for `map`'s file column).
-pub struct Named {
+pub(crate) struct Named {
     inner: Box<dyn GuestRead>,
     path: PathBuf,
     data_file: Option<PathBuf>,
@@ -242,7 +242,7 @@ impl GuestRead for Named {
 
 /// Reads `buf.len()` bytes at `offset` from an optional lower image: bytes beyond the lower
 /// image's size (or with no lower image at all) read as zeros, as qemu defines for backing files.
-pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<()> {
+pub(crate) fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<()> {
     let Some(below) = below else {
         buf.fill(0);
         return Ok(());
@@ -258,7 +258,7 @@ pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) ->
 }
 
 /// Refuses reads outside `0..size`.
-pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange {

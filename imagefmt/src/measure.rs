@@ -20,15 +20,16 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::chain::{block_status, ChainOptions, GuestRead};
+use crate::chain::{block_status, ChainOptions};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::qcow2::create::CreateOptions;
-use crate::qcow2::error::Qcow2Error;
 use crate::qcow2::extensions::Extension;
 use crate::qcow2::features::AutoclearFeatures;
 use crate::qcow2::header::Version;
+use crate::qcow2::Qcow2Error;
 use crate::qcow2::MAX_L1_TABLE_BYTES;
 use crate::{Error, Result};
 

@@ -9,8 +9,9 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_qcow2_rw, GuestRead};
+use crate::chain::{self, open_qcow2_rw};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::io::Backend;
 use crate::offsets::GuestOffset;
 use crate::ops::convert::REQUEST_MAX;

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_chain, open_qcow2_rw, GuestRead};
+use crate::chain::{self, open_chain, open_qcow2_rw};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::offsets::GuestOffset;
 use crate::ops::compare::CHUNK;
 use crate::ops::convert;

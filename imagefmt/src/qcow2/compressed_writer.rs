@@ -28,7 +28,7 @@ use std::thread;
 use super::image::Qcow2Image;
 use super::tables::COMPRESSED;
 use super::CompressionType;
-use crate::chain::check_range;
+use crate::extent::check_range;
 use crate::io::Backend;
 use crate::{Error, Result};
 
@@ -295,7 +295,7 @@ impl HostRun {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::GuestRead;
+    use crate::extent::GuestRead;
     use crate::io::MemBackend;
     use crate::qcow2::check::{check, Repair};
     use crate::qcow2::create::{write_new_image, CreateOptions};

@@ -1,6 +1,6 @@
 //! An open qcow2 image: reading guest data (L1 → L2 → cluster, falling through to the image
 //! below for unallocated clusters). Writing lives in [`super::write`] and host-cluster
-//! allocation in [`super::allocator`], as further `impl` blocks of [`Qcow2Image`].
+//! allocation in `super::allocator`, as further `impl` blocks of [`Qcow2Image`].
 //!
 //! Every offset taken from the file is checked before use (alignment, inside the file); what
 //! qemu reports as corruption at run time is an error here, never a panic. Memory is bounded: the
@@ -25,10 +25,10 @@ use crate::offsets::{GuestOffset, HostOffset};
 use crate::{Error, Result};
 
 /// Most compressed clusters read (their host span fetched with one `pread`) at once.
-pub const COMPRESSED_BATCH: usize = 32;
+pub(crate) const COMPRESSED_BATCH: usize = 32;
 /// A batch of compressed clusters stops growing once it holds this many compressed bytes, so
 /// its span stays below this plus two descriptors and a cluster (≤ 7 MiB with 2 MiB clusters).
-pub const COMPRESSED_BATCH_BYTES: u64 = 1 << 20;
+pub(crate) const COMPRESSED_BATCH_BYTES: u64 = 1 << 20;
 
 /// Upper bound on cached L2 tables, in bytes.
 pub const L2_CACHE_BYTES: u64 = 8 << 20;
@@ -115,7 +115,7 @@ impl<B: Backend> Qcow2Image<B> {
     /// Opens an image that keeps its guest data in an external data file (incompatible bit 2),
     /// reading data clusters from `data_file`. The caller decides whether that file may be
     /// opened at all: its name in the header is untrusted and can name any host file.
-    pub fn open_with_data_file(
+    pub(crate) fn open_with_data_file(
         backend: B,
         mut cluster: HeaderCluster,
         below: Option<Box<dyn GuestRead>>,

@@ -1,7 +1,7 @@
 //! Writing guest data into a qcow2 image: L2 tables and data clusters allocated on demand,
 //! copy-on-write of partial clusters from whatever lies below, zero writes, discard, resize.
 //!
-//! Write ordering (see also [`super::allocator`]): a data cluster is allocated (refcount 1)
+//! Write ordering (see also `super::allocator`): a data cluster is allocated (refcount 1)
 //! and filled before the L2 entry that points at it is written; an L2 table is allocated and
 //! zeroed before the L1 entry that points at it. Old clusters are freed only after the entry
 //! that referenced them was rewritten. In durable mode an fsync separates each dependent step,
@@ -581,13 +581,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// The copy-on-write unit in bytes: the cluster size, or the subcluster size with extended
     /// L2 entries. Whole-image operations step through the disk in these units.
-    pub fn unit_size(&self) -> u64 {
+    pub(crate) fn unit_size(&self) -> u64 {
         self.cow_unit()
     }
 
     /// Drops every cluster of this image, so that all reads fall through to the image below
     /// (what `qemu-img commit` leaves behind). L2 tables and data clusters are freed.
-    pub fn make_empty(&mut self) -> Result<()> {
+    pub(crate) fn make_empty(&mut self) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let format = self.entry_format();
         for l1_index in 0..self.l1.len() {
@@ -622,7 +622,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Points the image at a new backing file (or none), rewriting cluster 0: the header, the
     /// backing-format extension and the name. Guest data is not touched (`rebase -u`).
-    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+    pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         let mut cluster = HeaderCluster::read_from(&self.backend)?;
         let old_len = cluster.to_bytes()?.len();
         cluster.header = self.header.clone();
@@ -646,7 +646,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Replaces what lies below this image (after [`Self::set_backing`]).
-    pub fn set_below(&mut self, below: Option<Box<dyn GuestRead>>) {
+    pub(crate) fn set_below(&mut self, below: Option<Box<dyn GuestRead>>) {
         self.below = below;
     }
 }

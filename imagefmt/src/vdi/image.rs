@@ -94,7 +94,7 @@ pub struct VdiImage<B> {
     file_len: u64,
     below: Option<Box<dyn GuestRead>>,
     writer: Option<WriteState>,
-    pub(super) links: Vec<ParentLink>,
+    pub(crate) links: Vec<ParentLink>,
 }
 
 /// What an image open for writing keeps besides the map.
@@ -124,7 +124,7 @@ impl<B: Backend> VdiImage<B> {
     ///
     /// The block map must lie inside the file (checked before it is read) and pass
     /// [`BlockMap::parse`]. A differencing image opened without `below` reads its FREE blocks as
-    /// zeros (a detached view); [`super::open_vdi`] finds and attaches the parent.
+    /// zeros (a detached view); [`crate::chain::open_vdi`] finds and attaches the parent.
     pub fn open(backend: B, header: VdiHeader, below: Option<Box<dyn GuestRead>>) -> Result<Self> {
         // Re-checked so that a header built by hand cannot make block arithmetic divide by zero.
         if header.block_size != DEFAULT_BLOCK_SIZE {
