@@ -70,6 +70,18 @@ fn qemu_bitmap(image: &Path, name: &str, actions: &[BitmapAction], source: Optio
     qemu_img_ok(&crate::util::args_of(&args));
 }
 
+/// An error and its causes on one line, joined by ": " (how the CLI reports errors).
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 /// Applies the same actions with cowclone (in-process) and with qemu-img.
 fn both(ours: &Path, theirs: &Path, name: &str, actions: &[BitmapAction]) {
     bitmap(ours, None, name, actions, None)
@@ -390,9 +402,7 @@ fn refusals_are_qemus() {
         ("", vec![BitmapAction::Add { granularity: None }]),
     ];
     for (name, actions) in cases {
-        let ours_err = bitmap(&ours, None, name, &actions, None)
-            .expect_err("cowclone refuses")
-            .to_string();
+        let ours_err = error_line(&bitmap(&ours, None, name, &actions, None).expect_err("refused"));
         let mut args: Vec<String> = vec!["bitmap".into()];
         for a in &actions {
             args.extend(qemu_args(a));
@@ -413,7 +423,7 @@ fn refusals_are_qemus() {
 
 /// cowclone's `info` facts for `path`, as JSON: `format-specific.data.bitmaps`.
 fn our_bitmaps(path: &Path) -> Value {
-    let info = imagefmt::info::image_info(path).expect("cowclone info");
+    let info = imagefmt::ops::info::image_info(path).expect("cowclone info");
     serde_json::to_value(info).unwrap()["format-specific"]["data"]["bitmaps"].clone()
 }
 
@@ -464,7 +474,8 @@ fn info_lists_bitmaps_as_qemu_does_in_use_included() {
     );
     assert_eq!(our_bitmaps(&image), listed);
     // An inconsistent bitmap is refused as qemu-img refuses it, and writing leaves it in use.
-    let err = bitmap(&image, None, "a", &[BitmapAction::Clear], None).expect_err("in use");
+    let err =
+        error_line(&bitmap(&image, None, "a", &[BitmapAction::Clear], None).expect_err("in use"));
     let out = run(
         "qemu-img",
         "qemu-utils",
@@ -486,4 +497,112 @@ fn info_lists_bitmaps_as_qemu_does_in_use_included() {
     bitmap(&image, None, "a", &[BitmapAction::Remove], None).unwrap();
     assert_eq!(qemu_bitmaps(&image), serde_json::json!([listed[1]]));
     assert_qemu_check_clean(&image, "in-use bitmaps, a write, a removal");
+}
+
+/// The `Format specific information:` section of a human `info` (up to the next section).
+fn format_specific_lines(text: &str) -> String {
+    text.lines()
+        .skip_while(|l| !l.starts_with("Format specific information:"))
+        .take_while(|l| !l.starts_with("Child node"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn cli_is_qemu_img_bitmap_flag_for_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "64M", "cluster_size=65536");
+    let source = dir.path().join("source.qcow2");
+    qemu_img_ok(&[&"create", &"-f", &"qcow2", &source, &"64M"]);
+    qemu_bitmap(
+        &source,
+        "s",
+        &[BitmapAction::Add { granularity: None }],
+        None,
+    );
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 7M 1M", &source]);
+    let src = source.display().to_string();
+    // Each line: the arguments before FILENAME, then the bitmap name (None: left out).
+    let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (vec!["--add"], Some("a")),
+        (vec!["--add", "-g", "256k", "--disable"], Some("b")),
+        (vec!["--add", "-g", "0"], Some("zero-is-default")),
+        (
+            vec!["--add", "--disable", "--clear", "--enable", "--disable"],
+            Some("c"),
+        ),
+        (
+            vec!["--merge", "s", "-b", &src, "-F", "qcow2", "--enable"],
+            Some("b"),
+        ),
+        (vec!["--merge", "s", "-b", &src], Some("a")),
+        (vec!["--merge", "b", "--merge", "a"], Some("c")),
+        (vec!["--remove"], Some("zero-is-default")),
+        // Refusals, with qemu-img's messages and exit code 1.
+        (vec!["--add"], Some("a")),
+        (vec!["--add", "-g", "1000"], Some("g")),
+        (vec!["--add", "-g", "abc"], Some("g")),
+        (vec!["--remove"], Some("missing")),
+        (vec!["--clear", "-g", "64k"], Some("a")),
+        (vec!["--merge", "s", "-F", "qcow2"], Some("a")),
+        (vec!["--enable", "-b", &src], Some("a")),
+        (vec![], Some("a")),
+        (vec!["--add"], None),
+        (vec!["--merge", "nope"], Some("a")),
+        (vec!["--merge", "s", "--add"], Some("later")),
+    ];
+    for (before, name) in &cases {
+        let mut theirs_args: Vec<String> = vec!["bitmap".into()];
+        theirs_args.extend(before.iter().map(|s| s.to_string()));
+        let mut ours_args = theirs_args.clone();
+        ours_args.push(ours.display().to_string());
+        theirs_args.push(theirs.display().to_string());
+        if let Some(name) = name {
+            ours_args.push(name.to_string());
+            theirs_args.push(name.to_string());
+        }
+        let ours_out = crate::util::cowclone(&crate::util::args_of(&ours_args));
+        let theirs_out = qemu_img(&crate::util::args_of(&theirs_args));
+        let context = format!("{before:?} {name:?}");
+        assert_eq!(
+            ours_out.status.code(),
+            theirs_out.status.code(),
+            "exit code of {context}: ours {} theirs {}",
+            describe(&ours_out),
+            describe(&theirs_out)
+        );
+        let normalise = |out: &std::process::Output, image: &Path, prog: &str| {
+            String::from_utf8_lossy(&out.stderr)
+                .replace(&image.display().to_string(), "IMAGE")
+                .replacen(&format!("{prog}: "), "", 1)
+        };
+        assert_eq!(
+            normalise(&ours_out, &ours, "cowclone"),
+            normalise(&theirs_out, &theirs, "qemu-img"),
+            "stderr of {context}"
+        );
+    }
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            qemu_dirty_ranges(&ours, name),
+            qemu_dirty_ranges(&theirs, name),
+            "bitmap {name}"
+        );
+    }
+    assert!(!qemu_dirty_ranges(&ours, "c").is_empty());
+    assert_qemu_check_clean(&ours, "after the CLI cases");
+    // info: the JSON list and the human lines are qemu-img's.
+    let ours_json = crate::util::cowclone_info_json(&ours);
+    assert_eq!(
+        ours_json["format-specific"]["data"]["bitmaps"],
+        qemu_bitmaps(&ours)
+    );
+    let ours_human = crate::util::cowclone_ok(&[&"info", &ours]);
+    let theirs_human = qemu_img_ok(&[&"info", &ours]);
+    assert_eq!(
+        format_specific_lines(&ours_human),
+        format_specific_lines(&theirs_human)
+    );
+    assert!(ours_human.contains("    bitmaps:\n        [0]:\n            flags:\n"));
 }

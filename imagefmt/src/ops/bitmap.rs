@@ -9,7 +9,7 @@ use thiserror::Error;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::open::{open_image, OpenHow};
-use crate::qcow2::bitmap::{BitmapAction, MergeSource};
+use crate::qcow2::bitmap::{BitmapAction, BitmapError, MergeSource};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::qcow2::HeaderCluster;
@@ -31,8 +31,9 @@ pub enum BitmapCommandError {
     /// The image (or the merge source) could not be opened.
     #[error(transparent)]
     Open(Error),
-    /// An action failed; the actions before it were applied.
-    #[error("Operation {action} on bitmap {bitmap} failed: {source}")]
+    /// An action failed; the actions before it were applied. The cause is the source (qemu-img
+    /// prints both on one line, joined by ": ").
+    #[error("Operation {action} on bitmap {bitmap} failed")]
     Action {
         /// The action's name (`add`, `remove`, ...).
         action: &'static str,
@@ -56,19 +57,12 @@ pub fn bitmap(
     let file = open_image(path, OpenHow::write()).map_err(open)?;
     let cluster = match ImageHeader::read(&file, format, path, true).map_err(open)? {
         ImageHeader::Qcow2(cluster) => cluster,
-        other => {
+        _ => {
             return Err(BitmapCommandError::Action {
                 action: actions.first().map_or("add", BitmapAction::name),
                 bitmap: name.to_owned(),
-                source: crate::qcow2::bitmap::BitmapError::CannotStore {
-                    name: name.to_owned(),
+                source: BitmapError::NotSupported {
                     image: path.display().to_string(),
-                    reason: match other.format() {
-                        ImageFormat::Vdi => {
-                            "Format driver 'vdi' doesn't support persistent bitmaps"
-                        }
-                        _ => "Format driver 'raw' doesn't support persistent bitmaps",
-                    },
                 }
                 .into(),
             })
@@ -88,7 +82,7 @@ pub fn bitmap(
                         return Err(BitmapCommandError::Action {
                             action: "merge",
                             bitmap: name.to_owned(),
-                            source: crate::qcow2::bitmap::BitmapError::NotFound {
+                            source: BitmapError::NotFound {
                                 name: actions
                                     .iter()
                                     .find_map(|a| match a {

@@ -137,6 +137,12 @@ pub enum BitmapError {
         /// Why not.
         reason: &'static str,
     },
+    /// The image's format has no persistent bitmaps (raw, VDI).
+    #[error("Can't store persistent bitmaps to {image}: Operation not supported")]
+    NotSupported {
+        /// The image, as named by the caller.
+        image: String,
+    },
     /// The bitmap is flagged `in_use`: its contents cannot be trusted.
     #[error("Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk")]
     Inconsistent {
