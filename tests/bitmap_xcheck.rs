@@ -606,3 +606,68 @@ fn cli_is_qemu_img_bitmap_flag_for_flag() {
     );
     assert!(ours_human.contains("    bitmaps:\n        [0]:\n            flags:\n"));
 }
+
+#[test]
+fn resize_resizes_bitmaps_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "40M", "cluster_size=4096");
+    for path in [&ours, &theirs] {
+        qemu_bitmap(
+            path,
+            "fine",
+            &[BitmapAction::Add {
+                granularity: Some(512),
+            }],
+            None,
+        );
+        qemu_bitmap(
+            path,
+            "coarse",
+            &[BitmapAction::Add {
+                granularity: Some(1 << 20),
+            }],
+            None,
+        );
+        // Dirty bits near the end that a shrink cuts off (a discard leaves no data there).
+        qemu_io_ok(&[
+            &"-f",
+            &"qcow2",
+            &"-c",
+            &"write 1M 8k",
+            &"-c",
+            &"write 37M 2M",
+            &"-c",
+            &"discard 37M 2M",
+            path,
+        ]);
+    }
+    let resize = |size: u64| {
+        let mut image =
+            imagefmt::chain::open_qcow2_rw(&ours, &BackingPolicy::Deny, WriteOptions::default())
+                .unwrap();
+        image.resize(size, true).unwrap();
+    };
+    // Shrink to a size that cuts a bitmap cluster in the middle, then grow.
+    for (size, arg) in [(((38 << 20) + 4096) as u64, "38M+4k"), (100 << 20, "100M")] {
+        resize(size);
+        let shown = size.to_string();
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"resize", &"-f", &"qcow2"];
+        if size < 100 << 20 {
+            args.push(&"--shrink");
+        }
+        args.push(&theirs);
+        args.push(&shown);
+        qemu_img_ok(&args);
+        assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs), "after {arg}");
+        assert_qemu_check_clean(&ours, &format!("bitmaps after resize to {arg}"));
+        for name in ["fine", "coarse"] {
+            let dirty = qemu_dirty_ranges(&ours, name);
+            assert_eq!(
+                dirty,
+                qemu_dirty_ranges(&theirs, name),
+                "{name} after {arg}"
+            );
+            assert_eq!(dirty.len(), 2, "{name} after {arg}: {dirty:?}");
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! and the operations `qemu-img bitmap` performs on them.
 //!
 //! Spec: qemu `docs/interop/qcow2.rst`, "Bitmaps extension", "Bitmap directory", "Bitmap
-//! table", "Bitmap data"; the bounds are qemu's (`block/qcow2-bitmap.c`); FORMATS.md §1.12.
+//! table", "Bitmap data"; the bounds are qemu's (`block/qcow2-bitmap.c`); FORMATS.md §1.3.
 //!
 //! ```text
 //! header extension 0x23852875 ─► bitmap directory (entries of 24 bytes + name, padded to 8)
@@ -164,9 +164,6 @@ pub enum BitmapError {
         /// Host offset of the cluster.
         offset: u64,
     },
-    /// Resizing an image that has bitmaps is not implemented.
-    #[error("Cannot resize an image with persistent bitmaps (remove them first)")]
-    Resize,
 }
 
 impl From<BitmapError> for Error {
@@ -608,10 +605,111 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         Ok(())
     }
 
-    /// Refuses to resize an image that has bitmaps (their tables would need resizing).
-    pub(super) fn refuse_resize_with_bitmaps(&self) -> Result<()> {
-        if extension(&HeaderCluster::read_from(&self.backend)?).is_some_and(|e| e.nb_bitmaps > 0) {
-            return Err(BitmapError::Resize.into());
+    /// Before a resize to `new_size`: refuses bitmaps that are in use (as qemu does) or that
+    /// would grow past qemu's limits, and marks the others in use, so that a crash before
+    /// [`Self::finish_bitmap_resize`] leaves them inconsistent, never unreadable. Returns the
+    /// bitmaps as they were.
+    pub(super) fn begin_bitmap_resize(&mut self, new_size: u64) -> Result<Vec<BitmapEntry>> {
+        let entries = self.bitmaps()?;
+        let cluster_size = self.header.cluster_size();
+        for e in &entries {
+            if e.flags.contains(BitmapFlags::IN_USE) {
+                return Err(BitmapError::Inconsistent {
+                    name: e.name_lossy(),
+                }
+                .into());
+            }
+            let table_size = table_size_for(new_size, e.granularity_bits, cluster_size);
+            if table_size == 0
+                || table_size > MAX_TABLE_SIZE
+                || table_size * cluster_size > MAX_PHYS_SIZE
+            {
+                return Err(BitmapError::Constraints {
+                    name: e.name_lossy(),
+                }
+                .into());
+            }
+        }
+        if !entries.is_empty() {
+            let mut marked = entries.clone();
+            for e in &mut marked {
+                e.flags |= BitmapFlags::IN_USE;
+            }
+            self.store_directory(&marked)?;
+        }
+        Ok(entries)
+    }
+
+    /// After a resize: gives every bitmap of `entries` a table for the new size (new bits
+    /// clear; when shrinking, the bits past the new end cleared and their clusters freed), as
+    /// qemu's bitmaps follow a resize, and stores them without the in-use flag again.
+    pub(super) fn finish_bitmap_resize(&mut self, mut entries: Vec<BitmapEntry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let cluster_size = self.header.cluster_size();
+        let per_cluster = cluster_size * 8;
+        let mut old_tables = Vec::new();
+        let mut dropped = Vec::new();
+        for e in &mut entries {
+            let mut table = read_table(&self.backend, e, cluster_size)?;
+            let bits = bit_count(self.header.size, e.granularity_bits);
+            let table_size = table_size_for(self.header.size, e.granularity_bits, cluster_size);
+            for &t in table.iter().skip(table_size as usize) {
+                if t & TABLE_OFFSET_MASK != 0 {
+                    dropped.push(t & TABLE_OFFSET_MASK);
+                }
+            }
+            table.resize(table_size as usize, 0);
+            // The tail of the last cluster must be zero: clear the bits past the new end.
+            if let Some(last) = table.last_mut() {
+                let keep = bits - (table_size - 1) * per_cluster;
+                let data = *last & TABLE_OFFSET_MASK;
+                if keep < per_cluster && (data != 0 || *last & TABLE_ALL_ONES != 0) {
+                    let mut bytes = vec![0u8; cluster_size as usize];
+                    if data == 0 {
+                        set_bit_range(&mut bytes, 0, keep);
+                        let host = self.alloc_cluster()?;
+                        self.write_host(&bytes, host)?;
+                        *last = host;
+                    } else {
+                        if self.is_metadata(data)
+                            || self.refcount(data >> self.header.cluster_bits)? != 1
+                        {
+                            return Err(BitmapError::SharedCluster { offset: data }.into());
+                        }
+                        self.backend
+                            .read_exact_at(&mut bytes, data)
+                            .map_err(Error::reading("qcow2 bitmap data"))?;
+                        clear_bits_from(&mut bytes, keep);
+                        self.write_host(&bytes, data)?;
+                    }
+                }
+            }
+            let encoded: Vec<u8> = table.iter().flat_map(|t| t.to_be_bytes()).collect();
+            let clusters = (encoded.len() as u64).div_ceil(cluster_size);
+            let offset = self.alloc_contiguous(clusters)?;
+            let mut padded = encoded;
+            padded.resize((clusters * cluster_size) as usize, 0);
+            self.write_host(&padded, offset)?;
+            let first = offset >> self.header.cluster_bits;
+            self.state().metadata.extend(first..first + clusters);
+            old_tables.push((e.table_offset, u64::from(e.table_size)));
+            e.table_offset = offset;
+            e.table_size = table_size as u32;
+        }
+        self.barrier()?;
+        self.store_directory(&entries)?;
+        for (offset, size) in old_tables {
+            for i in 0..(size * 8).div_ceil(cluster_size) {
+                let cluster = offset + i * cluster_size;
+                let index = cluster >> self.header.cluster_bits;
+                self.state().metadata.remove(&index);
+                self.free_cluster(cluster)?;
+            }
+        }
+        for offset in dropped {
+            self.free_cluster(offset)?;
         }
         Ok(())
     }
@@ -988,6 +1086,17 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .cloned()
             .collect();
         Ok(())
+    }
+}
+
+/// Clears every bit of `bytes` from bit `from` on.
+fn clear_bits_from(bytes: &mut [u8], from: u64) {
+    let byte = (from / 8) as usize;
+    if from % 8 != 0 {
+        bytes[byte] &= (1u8 << (from % 8)) - 1;
+        bytes[byte + 1..].fill(0);
+    } else {
+        bytes[byte..].fill(0);
     }
 }
 

@@ -216,7 +216,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// `allow_shrink`, and even then refused if any cluster past the new end holds data (so no
     /// allocated data is ever lost silently).
     pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        self.refuse_resize_with_bitmaps()?;
         let new_size = super::create::round_size(new_size).ok_or(Qcow2Error::DiskTooLarge {
             size: new_size,
             cluster_size: self.header.cluster_size(),
@@ -262,11 +261,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             }
             .into());
         }
+        let bitmaps = self.begin_bitmap_resize(new_size)?;
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
         self.header.size = new_size;
-        self.write_fixed_header()
+        self.write_fixed_header()?;
+        self.finish_bitmap_resize(bitmaps)
     }
 
     fn grow_l1(&mut self, entries: u64) -> Result<()> {
