@@ -1186,6 +1186,60 @@ mod tests {
         assert_eq!(default_granularity(2 << 20), 65536);
     }
 
+    /// Every writer records itself: plain, zero and compressed writes, and a discard, each set
+    /// their range in an enabled bitmap and leave a disabled one alone; check stays clean.
+    #[test]
+    fn every_write_path_marks_enabled_bitmaps() {
+        use crate::io::MemBackend;
+        use crate::qcow2::check::{check, Repair};
+        use crate::qcow2::compressed_writer::CompressedWriter;
+        use crate::qcow2::create::{write_new_image, CreateOptions};
+        use crate::qcow2::write::WriteOptions;
+
+        let backend = MemBackend::default();
+        let opts = CreateOptions::default();
+        write_new_image(&backend, 64 << 20, &opts, None).unwrap();
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        let mut image =
+            Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
+        let add = BitmapAction::Add { granularity: None };
+        image
+            .apply_bitmap_actions("on", &[add.clone()], "mem", None)
+            .unwrap();
+        image
+            .apply_bitmap_actions("off", &[add, BitmapAction::Disable], "mem", None)
+            .unwrap();
+        image.write_at(&[1; 100], 70_000).unwrap();
+        image.write_zeroes(1 << 20, 128 << 10).unwrap();
+        image.discard(8 << 20, 64 << 10).unwrap();
+        let mut writer = CompressedWriter::new(&image);
+        writer.write(&mut image, &[7; 65536], 16 << 20).unwrap();
+        writer.finish(&mut image).unwrap();
+        let runs = |image: &Qcow2Image<MemBackend>, name: &str| {
+            let entry = image
+                .bitmaps()
+                .unwrap()
+                .into_iter()
+                .find(|e| e.name == name.as_bytes())
+                .unwrap();
+            let mut runs = Vec::new();
+            for_each_dirty_run(image.backend(), &entry, 65536, 64 << 20, |s, e| {
+                runs.push((s, e));
+                Ok(())
+            })
+            .unwrap();
+            runs
+        };
+        // 64 KiB granularity: bit 1; bits 16-17; bit 128; bit 256.
+        assert_eq!(
+            runs(&image, "on"),
+            vec![(1, 2), (16, 18), (128, 129), (256, 257)]
+        );
+        assert_eq!(runs(&image, "off"), vec![]);
+        let report = check(image.backend(), Repair::None).unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?}");
+    }
+
     #[test]
     fn bit_ranges_are_lsb_first() {
         let mut b = vec![0u8; 3];
