@@ -1204,7 +1204,7 @@ mod tests {
             Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
         let add = BitmapAction::Add { granularity: None };
         image
-            .apply_bitmap_actions("on", &[add.clone()], "mem", None)
+            .apply_bitmap_actions("on", std::slice::from_ref(&add), "mem", None)
             .unwrap();
         image
             .apply_bitmap_actions("off", &[add, BitmapAction::Disable], "mem", None)
