@@ -211,18 +211,23 @@ impl BitmapEntry {
 
     /// qemu's `check_dir_entry` for an image of `cluster_size` and guest size `disk_size`.
     pub fn satisfies_constraints(&self, cluster_size: u64, disk_size: u64) -> bool {
-        let phys = u64::from(self.table_size) * cluster_size;
-        let covered = (u128::from(phys) * 8) << self.granularity_bits;
+        let phys = u64::from(self.table_size).saturating_mul(cluster_size);
+        let granularity_ok =
+            (MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&self.granularity_bits);
+        // Shifted only once the granularity is known to be at most 31 bits.
+        let covers_disk = || {
+            let covered = (u128::from(phys) * 8) << self.granularity_bits;
+            u128::from(bitmap_len(disk_size)) <= covered
+        };
         self.table_size != 0
             && self.table_offset != 0
-            && self.table_offset % cluster_size == 0
+            && self.table_offset.checked_rem(cluster_size) == Some(0)
             && u64::from(self.table_size) <= MAX_TABLE_SIZE
-            && (MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&self.granularity_bits)
+            && granularity_ok
             && KNOWN_FLAGS.contains(self.flags)
             && self.name.len() <= MAX_NAME_SIZE
             && phys <= MAX_PHYS_SIZE
-            && (self.flags.contains(BitmapFlags::IN_USE)
-                || u128::from(bitmap_len(disk_size)) <= covered)
+            && (self.flags.contains(BitmapFlags::IN_USE) || covers_disk())
     }
 }
 
