@@ -671,3 +671,48 @@ fn resize_resizes_bitmaps_as_qemu_does() {
         }
     }
 }
+
+#[test]
+fn a_bitmap_table_pointing_at_metadata_is_refused_not_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = twins(dir.path(), "16M", "cluster_size=65536");
+    qemu_bitmap(
+        &image,
+        "b",
+        &[BitmapAction::Add { granularity: None }],
+        None,
+    );
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 64k", &image]);
+    // Point the bitmap's data cluster at the refcount table (cluster 1).
+    let mut bytes = std::fs::read(&image).unwrap();
+    let cluster = imagefmt::qcow2::HeaderCluster::parse(&bytes[..65536]).unwrap();
+    let backend = std::fs::File::open(&image).unwrap();
+    let entries = imagefmt::qcow2::bitmap::read_directory(&backend, &cluster).unwrap();
+    let slot = entries[0].table_offset as usize;
+    assert_ne!(
+        bytes[slot..slot + 8],
+        [0; 8],
+        "qemu stored the dirty cluster"
+    );
+    bytes[slot..slot + 8].copy_from_slice(&0x1_0000u64.to_be_bytes());
+    std::fs::write(&image, &bytes).unwrap();
+    let refcount_table = bytes[0x1_0000..0x2_0000].to_vec();
+    let mut writer =
+        imagefmt::chain::open_qcow2_rw(&image, &BackingPolicy::Deny, WriteOptions::default())
+            .unwrap();
+    let err = writer.write_at(&[9; 512], 8 << 20).expect_err("refused");
+    assert!(
+        error_line(&err).contains("shared or overlaps metadata"),
+        "{err}"
+    );
+    drop(writer);
+    let after = std::fs::read(&image).unwrap();
+    assert_eq!(
+        after[0x1_0000..0x2_0000],
+        refcount_table[..],
+        "refcount table untouched"
+    );
+    // qemu agrees that the image is corrupt (the cluster is referenced twice).
+    let (code, _) = crate::util::qemu_check(&image);
+    assert_eq!(code, 2);
+}

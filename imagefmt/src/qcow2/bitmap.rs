@@ -559,8 +559,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Called by `open_rw` with the bitmaps extension of the image (see [`extension`]):
-    /// loads the directory, refuses an image whose bitmap structures are shared with anything
-    /// else, and remembers the bitmaps that must record writes. Returns the autoclear bits to
+    /// loads the directory, refuses an image whose directory is shared with anything else
+    /// (bitmap tables and data are checked cluster by cluster when written, which keeps this
+    /// bounded whatever the directory says), and remembers the bitmaps that must record writes. Returns the autoclear bits to
     /// keep: "bitmaps" if the image has a consistent extension.
     pub(super) fn start_bitmap_tracking(
         &mut self,
@@ -578,10 +579,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if ext.nb_bitmaps != 0 {
             let clusters = ext.directory_size.div_ceil(cluster_size);
             structures.extend((0..clusters).map(|i| ext.directory_offset + i * cluster_size));
-        }
-        for entry in &entries {
-            let table_clusters = (u64::from(entry.table_size) * 8).div_ceil(cluster_size);
-            structures.extend((0..table_clusters).map(|i| entry.table_offset + i * cluster_size));
         }
         for &offset in &structures {
             if self.is_metadata(offset) || self.refcount(offset >> cluster_bits)? != 1 {
@@ -770,6 +767,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             }
             let mut bytes = vec![0u8; cluster_size as usize];
             set_bit_range(&mut bytes, lo, hi);
+            let table_cluster = slot - slot % cluster_size;
+            if self.refcount(table_cluster >> self.header.cluster_bits)? != 1 {
+                return Err(BitmapError::SharedCluster {
+                    offset: table_cluster,
+                }
+                .into());
+            }
             let host = self.alloc_cluster()?;
             self.write_host(&bytes, host)?;
             self.barrier()?;
@@ -1010,6 +1014,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .filter(|&o| o != 0)
             .collect();
         if !table {
+            // The table is rewritten in place: it must be this bitmap's alone.
+            for i in 0..(entries.len() as u64 * 8).div_ceil(cluster_size) {
+                let offset = entry.table_offset + i * cluster_size;
+                if self.refcount(offset >> self.header.cluster_bits)? != 1 {
+                    return Err(BitmapError::SharedCluster { offset }.into());
+                }
+            }
             let zeros = vec![0u8; entries.len() * 8];
             self.write_host(&zeros, entry.table_offset)?;
             self.barrier()?;
