@@ -65,6 +65,26 @@ for t in qcow2_header qcow2_read vdi_header size; do
     echo "$t: $(ls "$corpus/$t" | wc -l) files"
 done
 
+# qcow2_bitmap_dir: small images with bitmaps (qemu-img bitmap, dirty bits written by qemu-io),
+# and one bare directory entry for the structured path (13 parameter bytes, then the entry).
+mkdir -p "$corpus/qcow2_bitmap_dir"
+bm_tmp=$(mktemp -d)
+for opts in "cluster_size=512" "cluster_size=4096"; do
+  name="$bm_tmp/bm-$(echo "$opts" | tr ',=' '__').qcow2"
+  qemu-img create -q -f qcow2 -o "$opts" "$name" 64k
+  qemu-img bitmap --add "$name" auto
+  qemu-img bitmap --add -g 512 --disable "$name" off 2>/dev/null ||
+    qemu-img bitmap --add -g 512 "$name" off
+  qemu-io -f qcow2 -c 'write 1k 3k' -c 'write -z 40k 8k' "$name" >/dev/null
+  cp "$name" "$corpus/qcow2_bitmap_dir/"
+done
+rm -rf "$bm_tmp"
+# cluster bits 9+7, 1 bitmap, 64 KiB disk | table at 0x20000, 1 entry, auto, type 1,
+# granularity 2^16, name "b1", no extra data, padding
+printf '\x07\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01\x00\x00%b%b%b%b' \
+  '\x00\x00\x00\x00\x00\x02\x00\x00' '\x00\x00\x00\x01\x00\x00\x00\x02' \
+  '\x01\x10\x00\x02\x00\x00\x00\x00' 'b1\x00\x00\x00\x00\x00\x00' > "$corpus/qcow2_bitmap_dir/entry-b1"
+
 # qcow2_guest: whole small images (512-byte clusters keep them a few KiB), with data, zero,
 # compressed and extended-L2 clusters, so the fuzzer starts inside the L1/L2/data paths.
 mkdir -p "$corpus/qcow2_guest"

@@ -702,3 +702,53 @@ fn fuzz_qcow2_read_conectix_bytes_are_a_vhd_refused_by_name() {
         crate::util::describe(&theirs)
     );
 }
+
+/// Fuzz find (`qcow2_bitmap_dir`, 2026-12-02): a bitmap directory entry with granularity_bits
+/// 144 overflowed the shift that checks whether the table covers the disk, before the
+/// granularity bound (9..=31) was checked. qemu-img refuses such an image ("Bitmap 'b1' doesn't
+/// satisfy the constraints"); so does cowclone, with the same message and no panic.
+#[test]
+fn qcow2_bitmap_granularity_bits_144_is_refused_not_an_overflow() {
+    use imagefmt::qcow2::bitmap::{parse_directory, BitmapError};
+    // The fuzzer's input: 64 KiB clusters, 1 bitmap, 64 KiB disk, then the entry.
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&0x2_0000u64.to_be_bytes()); // bitmap_table_offset
+    entry.extend_from_slice(&1u32.to_be_bytes()); //         bitmap_table_size
+    entry.extend_from_slice(&2u32.to_be_bytes()); //         flags: auto
+    entry.push(1); //                                        type: dirty tracking
+    entry.push(144); //                                      granularity_bits (bad)
+    entry.extend_from_slice(&2u16.to_be_bytes()); //         name_size
+    entry.extend_from_slice(&0u32.to_be_bytes()); //         extra_data_size
+    entry.extend_from_slice(b"b1\0\0\0\0\0\0"); //            name, padding
+    assert_eq!(
+        parse_directory(&entry, 32, 1, 65536, 65536),
+        Err(BitmapError::Constraints { name: "b1".into() })
+    );
+    // The same entry in a real image, judged by qemu-img.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("g.qcow2");
+    crate::util::qemu_img_ok(&[&"create", &"-f", &"qcow2", &image, &"16M"]);
+    crate::util::qemu_img_ok(&[&"bitmap", &"--add", &image, &"b1"]);
+    let backend = std::fs::read(&image).unwrap();
+    let cluster = HeaderCluster::parse(&backend[..4096]).unwrap();
+    let ext = imagefmt::qcow2::bitmap::extension(&cluster).expect("bitmaps extension");
+    let mut bytes = backend;
+    bytes[ext.directory_offset as usize + 17] = 144;
+    std::fs::write(&image, &bytes).unwrap();
+    let theirs = crate::util::qemu_img(&[&"info", &image]);
+    let ours = crate::util::cowclone(&[&"info", &image]);
+    assert_eq!(theirs.status.code(), Some(1));
+    assert_eq!(
+        ours.status.code(),
+        Some(1),
+        "{}",
+        crate::util::describe(&ours)
+    );
+    let message = "Bitmap 'b1' doesn't satisfy the constraints";
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains(message));
+    assert!(
+        String::from_utf8_lossy(&ours.stderr).contains(message),
+        "{}",
+        crate::util::describe(&ours)
+    );
+}

@@ -6,6 +6,7 @@
 mod util;
 
 mod bench_cli;
+mod bitmap_xcheck;
 mod check_memory;
 mod check_xcheck;
 mod cli;

@@ -58,6 +58,9 @@ pub enum Command {
     Resize(crate::commands::ops::ResizeArgs),
     /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
     Measure(crate::commands::measure::MeasureArgs),
+    /// Add, remove, clear, enable, disable or merge a qcow2 image's persistent dirty bitmaps
+    /// (qemu-img bitmap syntax; actions run in the order given).
+    Bitmap(crate::commands::bitmap::BitmapArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
     Bench(crate::commands::bench::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.

@@ -112,6 +112,9 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
             if let Some(v) = q.lazy_refcounts {
                 writeln!(out, "    lazy refcounts: {v}")?;
             }
+            if let Some(bitmaps) = &q.bitmaps {
+                write_bitmaps(out, bitmaps)?;
+            }
             writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
             if let Some(name) = &q.data_file {
                 writeln!(out, "    data file: {name}")?;
@@ -163,6 +166,24 @@ pub fn write_children(
             node.virtual_size
         )?;
         writeln!(out, "    disk size: {}", human_size(node.actual_size))?;
+    }
+    Ok(())
+}
+
+/// Writes qcow2's `bitmaps:` section of `qemu-img info` (indented as qemu-img indents it).
+fn write_bitmaps(
+    out: &mut impl Write,
+    bitmaps: &[imagefmt::ops::info::BitmapInfo],
+) -> io::Result<()> {
+    writeln!(out, "    bitmaps:")?;
+    for (i, bitmap) in bitmaps.iter().enumerate() {
+        writeln!(out, "        [{i}]:")?;
+        writeln!(out, "            flags:")?;
+        for (j, flag) in bitmap.flags.iter().enumerate() {
+            writeln!(out, "                [{j}]: {flag}")?;
+        }
+        writeln!(out, "            name: {}", bitmap.name)?;
+        writeln!(out, "            granularity: {}", bitmap.granularity)?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! `impl Write`, an error or qemu-img's exit code out. The binary only parses and dispatches.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check_map;
 pub mod compare;
 pub mod create;

@@ -13,6 +13,8 @@ use serde::Serialize;
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::chain::ChainOptions;
 use crate::image::ImageHeader;
+use crate::io::Backend;
+use crate::qcow2::bitmap::BitmapFlags;
 use crate::qcow2::features::{CompatibleFeatures, IncompatibleFeatures};
 use crate::{Error, Result};
 
@@ -133,6 +135,10 @@ pub struct Qcow2Specific {
     /// Compatible bit 0 (v3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_refcounts: Option<bool>,
+    /// Persistent dirty bitmaps, in directory order (absent when there are none; filled in by
+    /// [`ImageInfo::read_bitmaps`], which reads the bitmap directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapInfo>>,
     /// Refcount width.
     pub refcount_bits: u32,
     /// The external data file's name, from the header extension (data-file images only).
@@ -147,6 +153,18 @@ pub struct Qcow2Specific {
     /// Incompatible bit 4 (v3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+}
+
+/// One persistent dirty bitmap, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BitmapInfo {
+    /// `in-use` and `auto`, in that order, for the flags that are set.
+    pub flags: Vec<String>,
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
 }
 
 /// VDI header facts.
@@ -188,6 +206,7 @@ impl ImageInfo {
                         h.compatible_features
                             .contains(CompatibleFeatures::LAZY_REFCOUNTS)
                     }),
+                    bitmaps: None,
                     refcount_bits: h.refcount_bits(),
                     data_file: has_data_file
                         .then(|| c.data_file().map(str::to_owned))
@@ -238,6 +257,44 @@ impl ImageInfo {
     }
 }
 
+impl ImageInfo {
+    /// Fills in the qcow2 `bitmaps` list from the bitmap directory of the image on `backend`
+    /// whose header is `header` (nothing for other formats or without bitmaps).
+    pub fn read_bitmaps<B: Backend + ?Sized>(
+        &mut self,
+        backend: &B,
+        header: &ImageHeader,
+    ) -> Result<()> {
+        let (ImageHeader::Qcow2(cluster), Some(FormatSpecific::Qcow2(specific))) =
+            (header, self.format_specific.as_mut())
+        else {
+            return Ok(());
+        };
+        let entries = crate::qcow2::bitmap::read_directory(backend, cluster)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        specific.bitmaps = Some(
+            entries
+                .iter()
+                .map(|e| {
+                    let named = [(BitmapFlags::IN_USE, "in-use"), (BitmapFlags::AUTO, "auto")];
+                    BitmapInfo {
+                        flags: named
+                            .iter()
+                            .filter(|(flag, _)| e.flags.contains(*flag))
+                            .map(|(_, name)| (*name).to_owned())
+                            .collect(),
+                        name: e.name_lossy(),
+                        granularity: e.granularity(),
+                    }
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+}
+
 /// Reads the facts of the image at `path` (format recognised by content; raw otherwise).
 /// Does not open any backing file.
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
@@ -261,7 +318,9 @@ pub fn image_info_as(
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
-    Ok(ImageInfo::from_header(path, &header, &meta))
+    let mut info = ImageInfo::from_header(path, &header, &meta);
+    info.read_bitmaps(&file, &header)?;
+    Ok(info)
 }
 
 /// The facts of `path` and of every image below it, top first, following backing names only as
@@ -294,6 +353,7 @@ pub fn backing_chain_as(
     let how = options.open_how().metadata_only();
     crate::chain::walk(path, format, options, how, &mut guard, true, |level| {
         let mut info = ImageInfo::from_header(&level.path, &level.header, &level.meta);
+        info.read_bitmaps(&level.file, &level.header)?;
         if let (ImageHeader::Vdi(_), Some(parent)) = (&level.header, &level.below) {
             // A VDI names its parent by UUID only: report the file found.
             let name = parent.to_string_lossy().into_owned();

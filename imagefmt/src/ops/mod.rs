@@ -2,7 +2,7 @@
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
 //! `check` (which check, the files around it, repair and recheck), `compare`, `convert` (a
 //! reader pipeline), `commit`, `rebase`; and `resize` (a new virtual size; the cluster-level
-//! part is `Qcow2Image::resize`).
+//! part is `Qcow2Image::resize`); `bitmap` (persistent dirty bitmaps).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -11,6 +11,7 @@
 //!        └─ chain::read_extent ─► data at its host offset (pread / copy_file_range)
 //! ```
 
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;

@@ -33,8 +33,9 @@ use std::io;
 use byteorder::{BigEndian, ByteOrder};
 use serde::Serialize;
 
+use super::bitmap;
 use super::extensions::Extension;
-use super::features::{AutoclearFeatures, IncompatibleFeatures};
+use super::features::IncompatibleFeatures;
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
 use super::refcount::{self, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
@@ -54,20 +55,6 @@ const SNAPSHOT_V3_EXTRA_DATA: u64 = 16;
 const MAX_SNAPSHOTS_SIZE: u64 = 1024 * super::MAX_SNAPSHOTS as u64;
 /// Longest snapshot id or name kept for messages.
 const MAX_NAME_IN_MESSAGE: usize = 256;
-/// Bitmap directory entry: fixed part.
-const BITMAP_DIR_ENTRY_LEN: u64 = 24;
-/// Bitmap table entry reserved bits.
-const BME_TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
-/// Bitmap table entry offset bits.
-const BME_TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Largest bitmap table, in entries.
-const BME_MAX_TABLE_SIZE: u64 = 0x800_0000;
-/// Largest bitmap, in bytes of bitmap data.
-const BME_MAX_PHYS_SIZE: u64 = 0x2000_0000;
-/// Bitmap flags other than `in_use` (bit 0) and `auto` (bit 1).
-const BME_RESERVED_FLAGS: u32 = 0xffff_fffc;
-/// Bitmap flag: the bitmap was not saved cleanly.
-const BME_FLAG_IN_USE: u32 = 1;
 /// Largest in-memory refcount array a repair may grow the file to need (qemu has no limit).
 const MAX_GROWN_REFCOUNT_BYTES: u64 = 256 << 20;
 /// Largest growth of the file a repair may make beyond doubling it (qemu has no limit).
@@ -391,17 +378,8 @@ impl<'a, B: Backend> Checker<'a, B> {
             Extension::CryptoHeader { offset, length } => Some((*offset, *length)),
             _ => None,
         });
-        let bitmaps = if header
-            .autoclear_features
-            .contains(AutoclearFeatures::BITMAPS)
-        {
-            cluster.extensions.iter().find_map(|e| match e {
-                Extension::Bitmaps(b) => Some((b.nb_bitmaps, b.directory_offset, b.directory_size)),
-                _ => None,
-            })
-        } else {
-            None
-        };
+        let bitmaps = bitmap::extension(cluster)
+            .map(|b| (b.nb_bitmaps, b.directory_offset, b.directory_size));
         let mut checker = Self {
             backend,
             cluster_bits,
@@ -1129,12 +1107,10 @@ impl<'a, B: Backend> Checker<'a, B> {
             self.inc_refcounts(table_offset, table_size * 8)?;
             // Entries past the end of the file are zero: valid and unallocated.
             let table = self.read_u64_table(table_offset, table_size, "qcow2 bitmap table")?;
-            let valid = |entry: u64| {
-                let offset = entry & BME_TABLE_OFFSET_MASK;
-                entry & BME_TABLE_RESERVED_MASK == 0
-                    && (offset == 0 || (entry & 1 == 0 && offset % self.cluster_size == 0))
-            };
-            if !table.iter().all(|&e| valid(e)) {
+            if !table
+                .iter()
+                .all(|&e| bitmap::table_entry_valid(e, self.cluster_size))
+            {
                 self.res.corruptions += 1;
                 return Err(aborted(
                     io::ErrorKind::InvalidData,
@@ -1142,7 +1118,7 @@ impl<'a, B: Backend> Checker<'a, B> {
                 ));
             }
             for entry in table {
-                let offset = entry & BME_TABLE_OFFSET_MASK;
+                let offset = entry & bitmap::TABLE_OFFSET_MASK;
                 if offset != 0 {
                     self.inc_refcounts(offset, self.cluster_size)?;
                 }
@@ -1151,8 +1127,9 @@ impl<'a, B: Backend> Checker<'a, B> {
         Ok(())
     }
 
-    /// qemu's `bitmap_list_load`: the (offset, entries) of every bitmap table, or `None` if the
-    /// directory does not satisfy qemu's constraints.
+    /// qemu's `bitmap_list_load` (through the one directory codec, [`bitmap::parse_directory`]):
+    /// the (offset, entries) of every bitmap table, or `None` if the directory does not satisfy
+    /// qemu's constraints.
     fn load_bitmap_directory(
         &self,
         nb_bitmaps: u32,
@@ -1166,55 +1143,16 @@ impl<'a, B: Backend> Checker<'a, B> {
         let in_file = self.file_len.saturating_sub(offset).min(size) as usize;
         let mut dir = vec![0u8; in_file];
         self.read_padded(&mut dir, offset, "qcow2 bitmap directory")?;
-        let byte = |at: u64| dir.get(at as usize).copied().unwrap_or(0);
-        let be =
-            |at: u64, len: u64| (0..len).fold(0u64, |acc, i| (acc << 8) | u64::from(byte(at + i)));
-        let virtual_size = self.header.size / 512 * 512;
-        let mut tables = Vec::new();
-        let mut at = 0u64;
-        let mut count = 0u32;
-        while at < size {
-            if at + BITMAP_DIR_ENTRY_LEN > size {
-                return Ok(None);
-            }
-            count += 1;
-            if count > nb_bitmaps {
-                return Ok(None);
-            }
-            let table_offset = be(at, 8);
-            let table_size = be(at + 8, 4);
-            let flags = be(at + 12, 4) as u32;
-            let kind = byte(at + 16);
-            let granularity_bits = u64::from(byte(at + 17));
-            let name_size = be(at + 18, 2);
-            let extra_data_size = be(at + 20, 4);
-            let entry_len =
-                (BITMAP_DIR_ENTRY_LEN + name_size + extra_data_size).next_multiple_of(8);
-            if at + entry_len > size || extra_data_size != 0 {
-                return Ok(None);
-            }
-            let phys = table_size * self.cluster_size;
-            let bad = table_size == 0
-                || table_offset == 0
-                || table_offset % self.cluster_size != 0
-                || table_size > BME_MAX_TABLE_SIZE
-                || !(9..=31).contains(&granularity_bits)
-                || flags & BME_RESERVED_FLAGS != 0
-                || name_size > 1023
-                || kind != 1
-                || phys > BME_MAX_PHYS_SIZE
-                || (flags & BME_FLAG_IN_USE == 0
-                    && u128::from(virtual_size) > (u128::from(phys) * 8) << granularity_bits);
-            if bad {
-                return Ok(None);
-            }
-            tables.push((table_offset, table_size));
-            at += entry_len;
-        }
-        if count != nb_bitmaps || at != size {
-            return Ok(None);
-        }
-        Ok(Some(tables))
+        Ok(
+            bitmap::parse_directory(&dir, size, nb_bitmaps, self.cluster_size, self.header.size)
+                .ok()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .map(|e| (e.table_offset, u64::from(e.table_size)))
+                        .collect()
+                }),
+        )
     }
 
     /// qemu's `calculate_refcounts`.

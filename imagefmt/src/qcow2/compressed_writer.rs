@@ -92,6 +92,7 @@ impl CompressedWriter {
     ) -> Result<()> {
         check_range(offset, data.len(), image.header().size)?;
         let len = data.len() as u64;
+        image.mark_bitmaps_dirty(offset, len)?;
         let whole = len == self.cluster_size || offset + len == image.header().size;
         if offset % self.cluster_size != 0 || !whole || len == 0 {
             return image.write_at(data, offset);

@@ -273,4 +273,7 @@ pub enum Qcow2Error {
         /// Virtual size.
         size: u64,
     },
+    /// A persistent dirty bitmap or a bitmap request was refused (qemu's message).
+    #[error(transparent)]
+    Bitmap(#[from] super::bitmap::BitmapError),
 }

@@ -48,6 +48,8 @@ pub struct Qcow2Image<B> {
     pub(super) data_file: Option<Box<dyn Backend + Send + Sync>>,
     /// qemu's `metadata_preallocation`, detected on the first block status query.
     pub(super) metadata_preallocation: OnceLock<bool>,
+    /// Persistent bitmaps that record writes (open for writing only; see [`super::bitmap`]).
+    pub(super) tracked_bitmaps: Vec<super::bitmap::BitmapEntry>,
 }
 
 impl<B> std::fmt::Debug for Qcow2Image<B> {
@@ -106,6 +108,7 @@ impl<B: Backend> Qcow2Image<B> {
             writer: None,
             data_file: None,
             metadata_preallocation: OnceLock::new(),
+            tracked_bitmaps: Vec::new(),
         })
     }
 

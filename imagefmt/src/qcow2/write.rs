@@ -14,7 +14,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::allocator::WriteState;
 use super::error::Qcow2Error;
-use super::features::{AutoclearFeatures, IncompatibleFeatures};
+use super::features::IncompatibleFeatures;
 use super::header::Version;
 use super::header_cluster::HeaderCluster;
 use super::image::{corrupt, Qcow2Image};
@@ -37,8 +37,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Refused: images marked corrupt or dirty (their refcounts cannot be trusted: repair them
     /// with check first), images with internal snapshots (clusters shared by snapshots would
     /// need copy-on-write of L2 tables, not supported), encrypted images and external data
-    /// files. Unknown autoclear bits (and the bitmaps bit: bitmaps are not updated) are cleared,
-    /// as qemu does.
+    /// files. Unknown autoclear bits are cleared, as qemu does; persistent bitmaps are kept and
+    /// every later write sets its range in the enabled ones ([`super::bitmap`]).
     pub fn open_rw(
         backend: B,
         cluster: HeaderCluster,
@@ -66,6 +66,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if h.nb_snapshots != 0 {
             return refuse("images with internal snapshots cannot be written");
         }
+        let bitmaps = super::bitmap::extension(&cluster);
         let mut image = Self::open(backend, cluster, below)?;
         image.writer = Some(WriteState::load(
             &image.backend,
@@ -76,8 +77,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if !image.collect_metadata() {
             return refuse("metadata structures overlap (the image is corrupt); repair it with check -r all first");
         }
-        if !image.header.autoclear_features.is_empty() {
-            image.header.autoclear_features = AutoclearFeatures::empty();
+        let kept = image.start_bitmap_tracking(bitmaps)?;
+        if image.header.autoclear_features != kept {
+            image.header.autoclear_features = kept;
             image.write_fixed_header()?;
         }
         Ok(image)
@@ -93,6 +95,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len(), self.header.size)?;
+        self.mark_bitmaps_dirty(offset, buf.len() as u64)?;
         let unit = self.cow_unit();
         let mut done = 0usize;
         while done < buf.len() {
@@ -158,6 +161,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 len,
                 size: self.header.size,
             })?;
+        self.mark_bitmaps_dirty(offset, len)?;
         let unit = self.cow_unit();
         let mut pos = offset;
         while pos < end {
@@ -192,6 +196,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if start >= whole_end {
             return Ok(());
         }
+        self.mark_bitmaps_dirty(start, whole_end - start)?;
         if self.header.version == Version::V3 {
             return self.write_zeroes(start, whole_end - start);
         }
@@ -257,11 +262,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             }
             .into());
         }
+        let bitmaps = self.begin_bitmap_resize(new_size)?;
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
         self.header.size = new_size;
-        self.write_fixed_header()
+        self.write_fixed_header()?;
+        self.finish_bitmap_resize(bitmaps)
     }
 
     fn grow_l1(&mut self, entries: u64) -> Result<()> {
