@@ -10,9 +10,11 @@
 //! Files: [`header`] (fixed fields), [`features`] (feature bits and names), [`extensions`]
 //! (TLV area), [`header_cluster`] (cluster 0 as a unit), [`refcount`] (refcount entry widths),
 //! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer),
-//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them).
+//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them),
+//! [`amend`] (`qemu-img amend`: compat, lazy refcounts, refcount width, size in place).
 
 pub mod allocator;
+pub mod amend;
 pub mod check;
 pub mod compress;
 pub mod compressed_writer;

@@ -1,0 +1,391 @@
+//! `amend` and `dd` judged by qemu-img 10: every amended image is checked clean by
+//! `qemu-img check`, shows the new value in `qemu-img info`, and reads the same as a copy taken
+//! before (`qemu-img compare`); the same amend done by `qemu-img amend` on another copy must
+//! give an image that reads the same and maps the same, and refusals must be worded alike.
+//! `dd` outputs are compared with `qemu-img dd`'s for a grid of operands (byte for byte for
+//! raw), and refusals by exit code and message.
+
+use std::path::{Path, PathBuf};
+
+use imagefmt::open::{open_image, OpenHow};
+use imagefmt::qcow2::amend::{amend, AmendError, AmendOptions};
+use serde_json::Value;
+
+use crate::util::{
+    assert_qemu_check_clean, describe, qemu_img, qemu_img_ok, qemu_info_json, qemu_io_ok,
+};
+
+/// A 4 MiB qcow2 image with every kind of cluster: data, a plain zero cluster, a preallocated
+/// zero cluster, one compressed cluster and a partly written cluster.
+fn image_with_data(dir: &Path, name: &str, create_options: &str) -> PathBuf {
+    let path = dir.join(name);
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &create_options,
+        &path,
+        &"4M",
+    ]);
+    let v3 = !create_options.contains("compat=0.10");
+    let mut commands = vec![
+        "write -P 0x11 0 128k",
+        "write -P 0x55 2M 64k",
+        "write -c -P 0x33 512k 64k",
+        "write -P 0x44 1M 4k",
+    ];
+    if v3 {
+        commands.extend(["write -z 256k 64k", "write -z 2M 64k"]);
+    }
+    let mut args: Vec<String> = Vec::new();
+    for c in commands {
+        args.push("-c".into());
+        args.push(c.into());
+    }
+    args.push(path.to_string_lossy().into_owned());
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    qemu_io_ok(&args);
+    path
+}
+
+fn copy(from: &Path, to: &Path) -> PathBuf {
+    std::fs::copy(from, to).expect("copy image");
+    to.to_path_buf()
+}
+
+/// Our amend, in-process; a refusal comes back as the lines qemu-img prints for it.
+fn our_amend(path: &Path, options: &str) -> Result<(), String> {
+    let as_lines = |e: AmendError| match e {
+        AmendError::Refused { message, hint } => {
+            let mut text = format!("qemu-img: {message}");
+            if let Some(hint) = hint {
+                text.push('\n');
+                text.push_str(hint);
+            }
+            text
+        }
+        other => format!("error: {other}"),
+    };
+    let options = AmendOptions::parse(options).map_err(as_lines)?;
+    let file = open_image(path, OpenHow::write()).map_err(|e| format!("open: {e}"))?;
+    amend(file, &options).map_err(as_lines)
+}
+
+/// `qemu-img amend -o OPTIONS path`: Ok, or its stderr trimmed.
+fn qemu_amend(path: &Path, options: &str) -> Result<(), String> {
+    let output = qemu_img(&[&"amend", &"-o", &options, &path]);
+    if output.status.success() {
+        Ok(())
+    } else {
+        assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+        Err(String::from_utf8_lossy(&output.stderr)
+            .trim_end()
+            .to_owned())
+    }
+}
+
+fn specific(info: &Value, key: &str) -> Value {
+    info["format-specific"]["data"][key].clone()
+}
+
+/// `qemu-img map --output=json` without host offsets: what each range is.
+fn map_shape(path: &Path) -> Vec<Value> {
+    let out = qemu_img_ok(&[&"map", &"--output=json", &path]);
+    let mut entries: Vec<Value> = serde_json::from_str(&out).expect("map JSON");
+    for e in &mut entries {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    entries
+}
+
+fn assert_same_content(a: &Path, b: &Path, context: &str) {
+    let output = qemu_img(&[&"compare", &a, &b]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{context}: qemu-img compare {} {}: {}",
+        a.display(),
+        b.display(),
+        describe(&output)
+    );
+}
+
+/// Amends copies of `original` with cowclone and with qemu-img and judges ours.
+fn amend_both(dir: &Path, original: &Path, options: &str, case: &str) -> (PathBuf, PathBuf) {
+    let ours = copy(original, &dir.join(format!("{case}-ours.qcow2")));
+    let theirs = copy(original, &dir.join(format!("{case}-qemu.qcow2")));
+    qemu_amend(&theirs, options).unwrap_or_else(|e| panic!("{case}: qemu-img amend: {e}"));
+    our_amend(&ours, options).unwrap_or_else(|e| panic!("{case}: cowclone amend: {e}"));
+    assert_qemu_check_clean(&ours, case);
+    assert_same_content(&ours, &theirs, case);
+    let (our_info, their_info) = (qemu_info_json(&ours), qemu_info_json(&theirs));
+    assert_eq!(
+        our_info["virtual-size"], their_info["virtual-size"],
+        "{case}"
+    );
+    for key in [
+        "compat",
+        "lazy-refcounts",
+        "refcount-bits",
+        "data-file",
+        "data-file-raw",
+    ] {
+        assert_eq!(
+            specific(&our_info, key),
+            specific(&their_info, key),
+            "{case}: format-specific {key}"
+        );
+    }
+    (ours, theirs)
+}
+
+#[test]
+fn each_amendable_option_matches_qemu_img_amend() {
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = image_with_data(dir.path(), "v3.qcow2", "compat=1.1");
+    let v2 = image_with_data(dir.path(), "v2.qcow2", "compat=0.10");
+
+    let (ours, _) = amend_both(dir.path(), &v2, "compat=1.1", "upgrade");
+    assert_eq!(specific(&qemu_info_json(&ours), "compat"), "1.1");
+    assert_same_content(&ours, &v2, "upgrade vs before");
+
+    let (ours, _) = amend_both(dir.path(), &v3, "lazy_refcounts=on", "lazy-on");
+    assert_eq!(specific(&qemu_info_json(&ours), "lazy-refcounts"), true);
+    assert_same_content(&ours, &v3, "lazy-on vs before");
+    let (back, _) = amend_both(dir.path(), &ours, "lazy_refcounts=off", "lazy-off");
+    assert_eq!(specific(&qemu_info_json(&back), "lazy-refcounts"), false);
+
+    let (ours, _) = amend_both(dir.path(), &v3, "size=8M", "grow");
+    assert_eq!(qemu_info_json(&ours)["virtual-size"], 8 << 20);
+    assert_same_content(&ours, &v3, "grow vs before");
+    let (ours, _) = amend_both(dir.path(), &v3, "size=3M", "shrink");
+    assert_eq!(qemu_info_json(&ours)["virtual-size"], 3 << 20);
+
+    let (ours, _) = amend_both(
+        dir.path(),
+        &v3,
+        "compat=0.10,size=6M,lazy_refcounts=off",
+        "combined",
+    );
+    let info = qemu_info_json(&ours);
+    assert_eq!(
+        (specific(&info, "compat"), &info["virtual-size"]),
+        ("0.10".into(), &(6 << 20).into())
+    );
+}
+
+#[test]
+fn downgrade_expands_zero_clusters_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = image_with_data(dir.path(), "v3.qcow2", "compat=1.1");
+    let (ours, theirs) = amend_both(dir.path(), &v3, "compat=0.10", "downgrade");
+    assert_eq!(specific(&qemu_info_json(&ours), "compat"), "0.10");
+    assert_same_content(&ours, &v3, "downgrade vs before");
+    assert_eq!(map_shape(&ours), map_shape(&theirs), "downgrade: map");
+
+    // An overlay: zero clusters must hide the backing file, so they become zeroed data.
+    let base = dir.path().join("base.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4M"]);
+    qemu_io_ok(&[&"-c", &"write -P 0x77 0 4M", &base]);
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &"base.qcow2",
+        &"-F",
+        &"qcow2",
+        &overlay,
+    ]);
+    qemu_io_ok(&[
+        &"-c",
+        &"write -P 0x11 64k 64k",
+        &"-c",
+        &"write -z 256k 128k",
+        &"-c",
+        &"write -P 0x55 1M 64k",
+        &"-c",
+        &"write -z 1M 64k",
+        &overlay,
+    ]);
+    let (ours, theirs) = amend_both(dir.path(), &overlay, "compat=0.10", "downgrade-overlay");
+    assert_same_content(&ours, &overlay, "downgrade-overlay vs before");
+    assert_eq!(
+        map_shape(&ours),
+        map_shape(&theirs),
+        "downgrade-overlay: map"
+    );
+    let (ours, _) = amend_both(
+        dir.path(),
+        &overlay,
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "same-backing",
+    );
+    assert_same_content(&ours, &overlay, "same-backing vs before");
+}
+
+#[test]
+fn upgraded_header_cluster_is_byte_identical_to_qemu_imgs() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in ["4k", "64k"] {
+        let v2 = image_with_data(
+            dir.path(),
+            &format!("v2-{cluster}.qcow2"),
+            &format!("compat=0.10,cluster_size={cluster}"),
+        );
+        let (ours, theirs) = amend_both(dir.path(), &v2, "compat=1.1", &format!("up-{cluster}"));
+        let first = |p: &Path| std::fs::read(p).unwrap()[..4096].to_vec();
+        assert!(
+            first(&ours) == first(&theirs),
+            "{cluster}: cluster 0 differs"
+        );
+    }
+}
+
+#[test]
+fn refcount_widths_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = image_with_data(dir.path(), "orig.qcow2", "compat=1.1");
+    for bits in [1u64, 2, 8, 16, 64] {
+        let case = format!("refcount-{bits}");
+        let (ours, _) = amend_both(
+            dir.path(),
+            &original,
+            &format!("refcount_bits={bits}"),
+            &case,
+        );
+        assert_eq!(
+            specific(&qemu_info_json(&ours), "refcount-bits"),
+            bits,
+            "{case}"
+        );
+        assert_same_content(&ours, &original, &case);
+        // And back to 16 bits, and the image stays writable by qemu.
+        our_amend(&ours, "refcount_bits=16").unwrap_or_else(|e| panic!("{case} back: {e}"));
+        assert_qemu_check_clean(&ours, &format!("{case} back"));
+        assert_eq!(
+            specific(&qemu_info_json(&ours), "refcount-bits"),
+            16,
+            "{case} back"
+        );
+        assert_same_content(&ours, &original, &format!("{case} back"));
+        qemu_io_ok(&[&"-c", &"write -P 0x99 3M 128k", &ours]);
+        assert_qemu_check_clean(&ours, &format!("{case} written by qemu"));
+    }
+}
+
+#[test]
+fn refusals_are_worded_as_qemu_img_words_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = image_with_data(dir.path(), "v3.qcow2", "compat=1.1");
+    let v2 = image_with_data(dir.path(), "v2.qcow2", "compat=0.10");
+    let narrow = image_with_data(dir.path(), "narrow.qcow2", "refcount_bits=8");
+    let ext = image_with_data(dir.path(), "ext.qcow2", "extended_l2=on");
+    let zstd = image_with_data(dir.path(), "zstd.qcow2", "compression_type=zstd");
+    // Two compressed clusters written in one session share a host cluster (refcount 2).
+    let shared = dir.path().join("shared.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &shared, &"4M"]);
+    qemu_io_ok(&[
+        &"-c",
+        &"write -c -P 0x33 512k 64k",
+        &"-c",
+        &"write -c -P 0x66 576k 64k",
+        &shared,
+    ]);
+    let cases: [(&Path, &str); 14] = [
+        (&v3, "compat=0.9"),
+        (&v3, "refcount_bits=3"),
+        (&v3, "refcount_bits=128"),
+        (&v3, "backing_file=other.qcow2"),
+        (&v3, "data_file=x.raw"),
+        (&v3, "data_file_raw=on"),
+        (&v3, "compat=0.10,refcount_bits=8"),
+        (&v3, "lazy_refcounts=on,compat=0.10"),
+        (&v2, "lazy_refcounts=on"),
+        (&narrow, "compat=0.10"),
+        (&ext, "compat=0.10"),
+        (&zstd, "compat=0.10"),
+        (&shared, "refcount_bits=1"),
+        (&v3, "cluster_size=4k"),
+    ];
+    for (i, (image, options)) in cases.into_iter().enumerate() {
+        let ours = copy(image, &dir.path().join(format!("r{i}-ours.qcow2")));
+        let theirs = copy(image, &dir.path().join(format!("r{i}-qemu.qcow2")));
+        let expected = qemu_amend(&theirs, options).expect_err(options);
+        let got = our_amend(&ours, options).expect_err(options);
+        assert_eq!(got, expected, "{options} on {}", image.display());
+        // What was done before the refusal is done alike: the images still read the same.
+        assert_same_content(&ours, &theirs, options);
+        assert_qemu_check_clean(&ours, options);
+    }
+}
+
+#[test]
+fn lazy_refcounts_off_repairs_a_dirty_image_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let dirty = dir.path().join("dirty.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &"lazy_refcounts=on",
+        &dirty,
+        &"4M",
+    ]);
+    // qemu-io killed after a write leaves the dirty bit and refcounts never written.
+    let output = crate::util::run(
+        "qemu-io",
+        "qemu-utils",
+        None,
+        &[&"-c", &"write -P 0x11 0 256k", &"-c", &"sigraise 9", &dirty],
+    );
+    assert_ne!(output.status.code(), Some(0), "{}", describe(&output));
+    assert_eq!(
+        crate::util::qemu_check(&dirty).0,
+        2,
+        "the killed write left refcounts stale"
+    );
+    let (ours, _) = amend_both(dir.path(), &dirty, "lazy_refcounts=off", "dirty-lazy-off");
+    assert_eq!(specific(&qemu_info_json(&ours), "lazy-refcounts"), false);
+    qemu_io_ok(&[&"-c", &"read -P 0x11 0 256k", &ours]);
+}
+
+#[test]
+fn data_file_settings_change_in_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("df.qcow2");
+    // qemu opens a relative data file name relative to its working directory: use absolute ones.
+    let data = dir.path().join("df.raw");
+    let create_options = format!("data_file={},data_file_raw=on", data.display());
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &create_options,
+        &image,
+        &"4M",
+    ]);
+    qemu_io_ok(&[&"-c", &"write -P 0x21 0 192k", &image]);
+    let (ours, _) = amend_both(dir.path(), &image, "data_file_raw=off", "data-file-raw-off");
+    assert_eq!(specific(&qemu_info_json(&ours), "data-file-raw"), false);
+    let moved = dir.path().join("moved.raw");
+    std::fs::copy(&data, &moved).unwrap();
+    let rename = format!("data_file={}", moved.display());
+    let (ours, _) = amend_both(dir.path(), &image, &rename, "data-file-renamed");
+    assert_eq!(
+        specific(&qemu_info_json(&ours), "data-file"),
+        moved.display().to_string()
+    );
+    assert_same_content(&ours, &image, "data-file-renamed vs before");
+}
