@@ -88,4 +88,4 @@ pub mod vdi;
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::{ForeignFormat, ImageFormat};
 pub use error::{Error, Result};
-pub use ops::{commit, compare, convert, info, map, rebase};
+pub use ops::{commit, compare, convert, dd, info, map, rebase};

@@ -1,6 +1,7 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
-//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`.
+//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`, `dd` (a window of an image
+//! through convert).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -12,6 +13,7 @@
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod dd;
 pub mod info;
 pub mod map;
 pub mod rebase;
