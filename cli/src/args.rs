@@ -28,28 +28,28 @@ pub enum Command {
     /// Compare the guest content of two images (exit 0 same, 1 different, 2 error).
     Compare(CompareArgs),
     /// Check a qcow2 image for corruptions and leaks, optionally repairing them (qemu-img check).
-    Check(crate::check_map::CheckArgs),
+    Check(crate::commands::check_map::CheckArgs),
     /// Show how an image chain's guest ranges map to layers and files (qemu-img map).
-    Map(crate::check_map::MapArgs),
+    Map(crate::commands::check_map::MapArgs),
     /// Copy an image's guest content into a new qcow2 or raw image (sparse, streaming).
-    Convert(crate::ops::ConvertArgs),
+    Convert(crate::commands::ops::ConvertArgs),
     /// Fold an overlay into its backing file.
-    Commit(crate::ops::CommitArgs),
+    Commit(crate::commands::ops::CommitArgs),
     /// Change an image's backing file, keeping guest data the same (unless -u).
-    Rebase(crate::ops::RebaseArgs),
+    Rebase(crate::commands::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
-    Resize(crate::ops::ResizeArgs),
+    Resize(crate::commands::ops::ResizeArgs),
     /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
-    Measure(crate::measure_cmd::MeasureArgs),
+    Measure(crate::commands::measure::MeasureArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
-    Bench(crate::bench_cmd::BenchArgs),
+    Bench(crate::commands::bench::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.
     #[command(flatten)]
-    Registry(crate::registry_cmd::RegistryCommand),
+    Registry(crate::commands::registry::RegistryCommand),
     #[command(flatten)]
-    Vm(crate::vm_cmd::VmCommand),
+    Vm(crate::commands::vm::VmCommand),
     /// libvirt hosts that clones can live on: add, ls, rm.
-    Host(crate::host_cmd::HostArgs),
+    Host(crate::commands::host::HostArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -86,7 +86,7 @@ pub struct CreateArgs {
     /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.
     pub size: Option<String>,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 /// `cowclone info [--output human|json] [--backing-chain] FILE`
@@ -153,7 +153,7 @@ impl ChainPolicyArgs {
         policy: &'a imagefmt::backing::BackingPolicy,
         parents: &'a imagefmt::vdi::Explicit,
     ) -> imagefmt::chain::ChainOptions<'a> {
-        let mut options = crate::chain_options(policy, self.allow_data_file, parents);
+        let mut options = crate::commands::chain_options(policy, self.allow_data_file, parents);
         options.force_share = self.force_share;
         options.block_devices = self.allow_block_devices;
         options

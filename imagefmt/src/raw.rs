@@ -4,7 +4,8 @@
 //! the end of the file read as zeros. Block status asks the file system with `SEEK_DATA` /
 //! `SEEK_HOLE` (qemu's `file-posix.c` `find_allocation`): a hole is [`ExtentKind::Zero`] at its
 //! own offset, anything else data. Where the file system cannot answer (or the storage is not a
-//! file), everything is data.
+//! file), everything is data. The answer is the kernel's, so it is qemu's too, including its
+//! one quirk: an unwritten extent (ext4's zero range) counts as data once its pages are cached.
 
 use std::os::fd::BorrowedFd;
 

@@ -47,7 +47,7 @@ pub struct CheckArgs {
     /// The image.
     pub file: PathBuf,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 /// What `check -r` repairs.

@@ -64,7 +64,7 @@ pub struct ConvertArgs {
     /// Output image.
     pub dest: PathBuf,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 /// `cowclone commit [-d] FILE`
@@ -79,7 +79,7 @@ pub struct CommitArgs {
     /// The overlay to commit into its backing file.
     pub file: PathBuf,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 /// `cowclone rebase [-u] -b NEW [-F FMT] FILE`
@@ -100,7 +100,7 @@ pub struct RebaseArgs {
     /// The image to rebase (qcow2).
     pub file: PathBuf,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 /// `cowclone resize [--shrink] FILE [+|-]SIZE`
@@ -115,7 +115,7 @@ pub struct ResizeArgs {
     #[arg(allow_hyphen_values = true)]
     pub size: String,
     #[command(flatten)]
-    pub guard: crate::registry_cmd::WriteGuardArgs,
+    pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
 fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
@@ -142,7 +142,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
     };
     let source_format = format(&args.source_format)?;
     let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let mut chain_options = crate::chain_options(&policy, args.allow_data_file, &parents);
+    let mut chain_options = crate::commands::chain_options(&policy, args.allow_data_file, &parents);
     chain_options.force_share = args.force_share;
     let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
         .with_context(|| format!("{}", args.source.display()))?;
@@ -156,7 +156,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         match (output, key) {
             (ImageFormat::Qcow2, _) => qcow2.set(key, value)?,
             (ImageFormat::Vdi, "static") => {
-                vdi_static = crate::vdi_create::parse_on_off(key, value)?
+                vdi_static = crate::commands::vdi_create::parse_on_off(key, value)?
             }
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }

@@ -293,7 +293,7 @@ pub fn run(command: RegistryCommand, out: &mut impl Write) -> Result<u8> {
         }
         RegistryCommand::Rm(args) => {
             let mut registry = args.home.open()?;
-            let local = crate::host_cmd::remove_remote(&mut registry, &args.names, out)?;
+            let local = crate::commands::host::remove_remote(&mut registry, &args.names, out)?;
             if local.is_empty() {
                 return Ok(0);
             }
@@ -405,7 +405,7 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
     };
     if let Some(host) = &args.host {
         let mut registry = args.home.open()?;
-        return crate::host_cmd::clone_on_host(&mut registry, &spec, host, args.output, out);
+        return crate::commands::host::clone_on_host(&mut registry, &spec, host, args.output, out);
     }
     let made = args
         .home
@@ -457,7 +457,7 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
 fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
     let mut registry = args.list.home.open()?;
     let report = registry.gc(args.dry_run)?;
-    let hosts = crate::host_cmd::gc_hosts(&mut registry, args.dry_run)?;
+    let hosts = crate::commands::host::gc_hosts(&mut registry, args.dry_run)?;
     match args.list.output {
         OutputFormat::Json => {
             let mut value = serde_json::to_value(&report)?;
@@ -465,7 +465,7 @@ fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?
         }
         OutputFormat::Human => {
-            crate::host_cmd::print_gc_hosts(&hosts, args.dry_run, out)?;
+            crate::commands::host::print_gc_hosts(&hosts, args.dry_run, out)?;
             let verb = if report.dry_run {
                 "would remove"
             } else {

@@ -19,7 +19,7 @@ use cloner::vm::{
 use serde_json::json;
 
 use crate::args::OutputFormat;
-use crate::registry_cmd::open_registry;
+use crate::commands::registry::open_registry;
 
 /// VM subcommands (flattened into the top level).
 #[derive(Debug, Subcommand)]
@@ -235,9 +235,10 @@ fn execute(steps: &[Invocation], spec: &VmSpec, dry_run: bool, out: &mut impl Wr
 
 fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     // A clone on a libvirt host runs there, through libvirt, whatever --driver says.
-    let remote = crate::host_cmd::remote_clone(args.target.home.as_deref(), &args.target.name)?;
+    let remote =
+        crate::commands::host::remote_clone(args.target.home.as_deref(), &args.target.name)?;
     let mut spec = match &remote {
-        Some((clone, run_dir)) => crate::host_cmd::spec(clone, run_dir.clone())?,
+        Some((clone, run_dir)) => crate::commands::host::spec(clone, run_dir.clone())?,
         None => spec_for(&args.target)?,
     };
     if let Some(memory) = &args.memory {
@@ -271,7 +272,7 @@ fn start(args: StartArgs, out: &mut impl Write) -> Result<()> {
     }
     if let Some((clone, _)) = &remote {
         let kvm = requested == Accel::Kvm;
-        return crate::host_cmd::start(clone, &spec, kvm, dry_run, out);
+        return crate::commands::host::start(clone, &spec, kvm, dry_run, out);
     }
     match args.target.driver {
         Driver::Qemu => {
@@ -433,11 +434,11 @@ pub(crate) fn libvirt_stop(
 
 fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
     if let Some((clone, run_dir)) =
-        crate::host_cmd::remote_clone(args.target.home.as_deref(), &args.target.name)?
+        crate::commands::host::remote_clone(args.target.home.as_deref(), &args.target.name)?
     {
-        let spec = crate::host_cmd::spec(&clone, run_dir)?;
+        let spec = crate::commands::host::spec(&clone, run_dir)?;
         let timeout = Duration::from_secs(args.timeout);
-        return crate::host_cmd::stop(&clone, &spec, timeout, args.target.dry_run, out);
+        return crate::commands::host::stop(&clone, &spec, timeout, args.target.dry_run, out);
     }
     let spec = spec_for(&args.target)?;
     let dry_run = args.target.dry_run;
@@ -521,8 +522,9 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
 }
 
 fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
-    if let Some((clone, _)) = crate::host_cmd::remote_clone(args.home.as_deref(), &args.name)? {
-        return crate::host_cmd::status(&clone, args.output, out);
+    if let Some((clone, _)) = crate::commands::host::remote_clone(args.home.as_deref(), &args.name)?
+    {
+        return crate::commands::host::status(&clone, args.output, out);
     }
     let registry = open_registry(args.home.as_deref())?;
     let record = registry.clone_record(&args.name)?;

@@ -15,7 +15,7 @@ use cloner::{CloneSpec, Registry};
 use serde_json::json;
 
 use crate::args::OutputFormat;
-use crate::registry_cmd::open_registry;
+use crate::commands::registry::open_registry;
 
 /// `cowclone host SUBCOMMAND`
 #[derive(Debug, Args)]
@@ -322,7 +322,7 @@ pub fn stop(
     }
     clone.pool().check_answers()?;
     let runner = SystemRunner::logging_to(command_log(&spec.run_dir));
-    let how = crate::vm_cmd::libvirt_stop(&runner, &virsh, &spec.name, timeout)?;
+    let how = crate::commands::vm::libvirt_stop(&runner, &virsh, &spec.name, timeout)?;
     writeln!(out, "{}: {how}; undefined (host {})", spec.name, clone.host)?;
     Ok(())
 }

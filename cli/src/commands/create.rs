@@ -1,0 +1,105 @@
+//! `cowclone create`: a blank image or an overlay (qemu-img create).
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use imagefmt::qcow2::CreateOptions;
+use imagefmt::{ImageFormat, Qcow2Builder};
+
+use crate::args::CreateArgs;
+use crate::commands::{on_off, parse_size};
+
+/// Creates the image `args` describe and prints qemu-img's "Formatting ..." line.
+pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
+    if args.overwrite {
+        args.guard
+            .check("create --overwrite", std::slice::from_ref(&args.file))?;
+    }
+    match args.format.as_str() {
+        "qcow2" => {}
+        "vdi" => return crate::commands::vdi_create::create_vdi(&args, out),
+        other => bail!("creating {other:?} images is not supported (qcow2 and vdi are)"),
+    }
+    let mut options = CreateOptions::default();
+    let mut size_text = args.size.clone();
+    let mut compat_text = None;
+    // -b and -F win over -o backing_file / backing_fmt, as in qemu-img.
+    let mut backing = None;
+    let mut backing_format = None;
+    for item in args.options.iter().flat_map(|o| o.split(',')) {
+        if item == "help" || item == "?" {
+            writeln!(out, "Supported options (qemu-img create -f qcow2 syntax):")?;
+            for key in imagefmt::qcow2::create::OPTION_KEYS {
+                writeln!(out, "  {key}")?;
+            }
+            writeln!(out, "  size, backing_file, backing_fmt")?;
+            return Ok(());
+        }
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
+        match key {
+            "size" if size_text.is_some() => bail!("the image size must be specified only once"),
+            "size" => size_text = Some(value.to_owned()),
+            "backing_file" => backing = Some(value.to_owned()),
+            "backing_fmt" => backing_format = Some(value.to_owned()),
+            "compat" => {
+                options.set(key, value)?;
+                compat_text = Some(value.to_owned());
+            }
+            _ => options.set(key, value)?,
+        }
+    }
+    backing = args.backing.clone().or(backing);
+    backing_format = args.backing_format.clone().or(backing_format);
+    let size = size_text.as_deref().map(parse_size).transpose()?;
+
+    let mut builder = Qcow2Builder::new(&args.file)
+        .options(options.clone())
+        .overwrite(args.overwrite)
+        .durable(args.durable);
+    if let Some(size) = size {
+        builder = builder.size(size);
+    }
+    if let Some(name) = &backing {
+        builder = builder.backing(name.clone());
+        if let Some(format) = &backing_format {
+            builder = builder.backing_format(format.parse::<ImageFormat>()?);
+        }
+        if args.unsafe_no_open {
+            builder = builder.without_opening_backing();
+        }
+    } else if backing_format.is_some() {
+        bail!("a backing format was given without a backing file (-b)");
+    }
+    let created = builder
+        .create()
+        .with_context(|| format!("{}", args.file.display()))?;
+    if !args.quiet {
+        // The line qemu-img prints, in its order; size as requested (or the backing file's).
+        let shown_size = size.unwrap_or(created.virtual_size);
+        let mut line = format!(
+            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={shown_size}",
+            args.file.display(),
+            options.cluster_size,
+            on_off(options.extended_l2),
+            options.compression_type.name(),
+        );
+        if let Some(compat) = &compat_text {
+            line.push_str(&format!(" compat={compat}"));
+        }
+        if let Some(b) = &created.backing {
+            line.push_str(&format!(
+                " backing_file={} backing_fmt={}",
+                b.name, b.format
+            ));
+        }
+        line.push_str(&format!(
+            " lazy_refcounts={} refcount_bits={}",
+            on_off(options.lazy_refcounts),
+            options.refcount_bits
+        ));
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! Every command as a library function: typed arguments in, output written to an
+//! `impl Write`, an error or qemu-img's exit code out. The binary only parses and dispatches.
+
+pub mod bench;
+pub mod check_map;
+pub mod compare;
+pub mod create;
+pub mod host;
+pub mod info;
+pub mod measure;
+pub mod ops;
+pub mod registry;
+pub mod vdi_create;
+pub mod vm;
+
+use anyhow::Result;
+use imagefmt::backing::BackingPolicy;
+
+/// How commands open chains: `policy`, data files if allowed, and VDI parents from `--parent`
+/// (nearest first) when given, else from each image's own directory.
+pub fn chain_options<'a>(
+    policy: &'a BackingPolicy,
+    allow_data_files: bool,
+    parents: &'a imagefmt::vdi::Explicit,
+) -> imagefmt::chain::ChainOptions<'a> {
+    imagefmt::chain::ChainOptions {
+        allow_data_files,
+        vdi_parents: (!parents.0.is_empty()).then_some(parents as _),
+        ..imagefmt::chain::ChainOptions::new(policy)
+    }
+}
+
+/// Parses a size with qemu-img's suffixes (k/K, M, G, T, ...).
+pub fn parse_size(text: &str) -> Result<u64> {
+    Ok(imagefmt::size::parse_size(text)?)
+}
+
+/// qemu's spelling of a boolean option value.
+pub fn on_off(value: bool) -> &'static str {
+    if value {
+        "on"
+    } else {
+        "off"
+    }
+}
