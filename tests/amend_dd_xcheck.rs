@@ -12,7 +12,7 @@ use imagefmt::qcow2::amend::{amend, AmendError, AmendOptions};
 use serde_json::Value;
 
 use crate::util::{
-    assert_qemu_check_clean, describe, qemu_img, qemu_img_ok, qemu_info_json, qemu_io_ok,
+    assert_qemu_check_clean, cowclone, describe, qemu_img, qemu_img_ok, qemu_info_json, qemu_io_ok,
 };
 
 /// A 4 MiB qcow2 image with every kind of cluster: data, a plain zero cluster, a preallocated
@@ -388,4 +388,240 @@ fn data_file_settings_change_in_the_header() {
         moved.display().to_string()
     );
     assert_same_content(&ours, &image, "data-file-renamed vs before");
+}
+
+/// A 3 MiB qcow2 overlay on a 2 MiB raw base: data, zero clusters, a compressed cluster,
+/// ranges falling through to the base and ranges past the base's end.
+fn dd_input(dir: &Path) -> PathBuf {
+    let base = dir.join("base.raw");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"raw", &base, &"2M"]);
+    qemu_io_ok(&[&"-f", &"raw", &"-c", &"write -P 0x5a 0 2M", &base]);
+    let top = dir.join("top.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &"base.raw",
+        &"-F",
+        &"raw",
+        &top,
+        &"3M",
+    ]);
+    qemu_io_ok(&[
+        &"-c",
+        &"write -P 0x11 4k 100k",
+        &"-c",
+        &"write -z 256k 64k",
+        &"-c",
+        &"write -c -P 0x33 512k 64k",
+        &"-c",
+        &"write -P 0x44 2000k 300k",
+        &top,
+    ]);
+    top
+}
+
+/// Runs `qemu-img dd` and `cowclone dd` with `operands` (plus if= and of=) into fresh outputs;
+/// returns (exit code, stderr without the program prefix, output path) of each.
+fn dd_both(
+    dir: &Path,
+    input: &Path,
+    format: &str,
+    operands: &[&str],
+    case: &str,
+) -> [(Option<i32>, String, PathBuf); 2] {
+    let run = |tool: &str| {
+        let output = dir.join(format!("{case}-{tool}.{format}"));
+        let mut args: Vec<String> = vec!["dd".into(), "-O".into(), format.into()];
+        args.extend(operands.iter().map(|s| s.to_string()));
+        args.push(format!("if={}", input.display()));
+        args.push(format!("of={}", output.display()));
+        let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        let result = if tool == "qemu" {
+            qemu_img(&args)
+        } else {
+            cowclone(&args)
+        };
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        let message = stderr
+            .trim_end()
+            .strip_prefix(if tool == "qemu" {
+                "qemu-img: "
+            } else {
+                "cowclone: "
+            })
+            .unwrap_or(&stderr)
+            .to_owned();
+        (result.status.code(), message, output)
+    };
+    [run("qemu"), run("ours")]
+}
+
+#[test]
+fn dd_grid_matches_qemu_img_dd_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dd_input(dir.path());
+    let mut cases = 0;
+    for bs in [
+        None,
+        Some("4k"),
+        Some("1000"),
+        Some("64k"),
+        Some("1.5k"),
+        Some("1M"),
+    ] {
+        for count in [None, Some("0"), Some("3"), Some("5000"), Some("0x10")] {
+            for skip in [None, Some("1"), Some("7"), Some("10000"), Some("010")] {
+                let mut operands = Vec::new();
+                let owned: Vec<String> = [("bs", bs), ("count", count), ("skip", skip)]
+                    .iter()
+                    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+                    .collect();
+                operands.extend(owned.iter().map(String::as_str));
+                let case = format!("raw{cases}");
+                let [(qcode, qmsg, theirs), (ocode, omsg, ours)] =
+                    dd_both(dir.path(), &input, "raw", &operands, &case);
+                let context = format!("dd {operands:?}");
+                assert_eq!(qcode, Some(0), "{context}: qemu-img: {qmsg}");
+                assert_eq!(ocode, qcode, "{context}: cowclone: {omsg}");
+                assert_eq!(omsg, qmsg, "{context}: messages");
+                assert!(
+                    std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                    "{context}: raw outputs differ"
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 150);
+}
+
+#[test]
+fn dd_qcow2_and_vdi_outputs_read_as_qemu_img_dds() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dd_input(dir.path());
+    let grid: [&[&str]; 5] = [
+        &[],
+        &["bs=64k", "skip=3"],
+        &["bs=1000", "count=3", "skip=1"],
+        &["bs=1M", "count=2"],
+        &["bs=4k", "skip=100", "count=400"],
+    ];
+    for format in ["qcow2", "vdi"] {
+        for (i, operands) in grid.iter().enumerate() {
+            let case = format!("{format}{i}");
+            let [(qcode, qmsg, theirs), (ocode, omsg, ours)] =
+                dd_both(dir.path(), &input, format, operands, &case);
+            let context = format!("dd -O {format} {operands:?}");
+            assert_eq!(qcode, Some(0), "{context}: qemu-img: {qmsg}");
+            assert_eq!(ocode, Some(0), "{context}: cowclone: {omsg}");
+            assert_eq!(
+                qemu_info_json(&ours)["virtual-size"],
+                qemu_info_json(&theirs)["virtual-size"],
+                "{context}: virtual size"
+            );
+            assert_same_content(&ours, &theirs, &context);
+            if format == "qcow2" {
+                assert_qemu_check_clean(&ours, &context);
+            }
+        }
+    }
+}
+
+#[test]
+fn dd_refusals_match_qemu_img_by_exit_code_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dd_input(dir.path());
+    let refused: [&[&str]; 12] = [
+        &["bs=0"],
+        &["bs=-1"],
+        &["bs=3G"],
+        &["bs=1.5"],
+        &["bs=4kB"],
+        &["count=1k"],
+        &["count=08"],
+        &["count=-1"],
+        &["skip=x"],
+        &["skip=9223372036854775808"],
+        &["foo=1"],
+        &["junk"],
+    ];
+    for (i, operands) in refused.iter().enumerate() {
+        let [(qcode, qmsg, theirs), (ocode, omsg, ours)] =
+            dd_both(dir.path(), &input, "raw", operands, &format!("bad{i}"));
+        assert_eq!(qcode, Some(1), "{operands:?}: qemu-img: {qmsg}");
+        assert_eq!(ocode, qcode, "{operands:?}: cowclone: {omsg}");
+        assert_eq!(omsg, qmsg, "{operands:?}");
+        assert!(
+            !theirs.exists() && !ours.exists(),
+            "{operands:?}: no output"
+        );
+    }
+    // A missing input and a missing of= exit 1 for both (the wording of the OS error differs).
+    for args in [
+        vec!["dd", "if=/nonexistent/in.raw", "of=x.raw"],
+        vec!["dd", "if=in.raw"],
+        vec!["dd", "-O", "nosuchformat", "if=/dev/null", "of=y.raw"],
+    ] {
+        let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        let (theirs, ours) = (
+            crate::util::qemu_img_in(dir.path(), &args),
+            crate::util::cowclone_in(dir.path(), &args),
+        );
+        assert_eq!(theirs.status.code(), Some(1), "{}", describe(&theirs));
+        assert_eq!(ours.status.code(), Some(1), "{}", describe(&ours));
+    }
+}
+
+#[test]
+fn amend_cli_exit_codes_match_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = image_with_data(dir.path(), "v3.qcow2", "compat=1.1");
+    let raw = dir.path().join("disk.raw");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"raw", &raw, &"1M"]);
+    let cases: [(&[&str], &Path); 6] = [
+        (&["-o", "compat=0.10"], &v3),
+        (&["-o", "lazy_refcounts=on", "-o", "refcount_bits=8"], &v3),
+        (&[], &v3),
+        (&["-o", "refcount_bits=3"], &v3),
+        (&["-o", "size=2M"], &raw),
+        (&["-f", "raw", "-o", "size=2M"], &raw),
+    ];
+    for (i, (options, image)) in cases.into_iter().enumerate() {
+        let ours = copy(image, &dir.path().join(format!("cli{i}-ours")));
+        let theirs = copy(image, &dir.path().join(format!("cli{i}-qemu")));
+        let run = |path: &Path, qemu: bool| {
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"amend"];
+            args.extend(options.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+            args.push(&path);
+            if qemu {
+                qemu_img(&args)
+            } else {
+                cowclone(&args)
+            }
+        };
+        let (q, o) = (run(&theirs, true), run(&ours, false));
+        assert_eq!(
+            o.status.code(),
+            q.status.code(),
+            "{options:?}: {}\n{}",
+            describe(&q),
+            describe(&o)
+        );
+        if q.status.success() {
+            assert_same_content(&ours, &theirs, &format!("{options:?}"));
+            assert_eq!(
+                qemu_info_json(&ours)["format-specific"],
+                qemu_info_json(&theirs)["format-specific"]
+            );
+        }
+    }
 }
