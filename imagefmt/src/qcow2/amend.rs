@@ -264,7 +264,7 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
             file,
             cluster,
             None,
-            WriteOptions { durable: false },
+            WriteOptions { durable: true },
         )?))
     } else {
         Target::Header { file, cluster }
@@ -635,8 +635,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Rewrites every zero cluster of the active L1 table as v2 can express it: without a
     /// backing file a plain zero cluster becomes unallocated; otherwise it gets a new
-    /// zero-filled data cluster, and a preallocated one is zero-filled in place. Returns
-    /// whether any compressed cluster was seen.
+    /// zero-filled data cluster, and a preallocated one is zero-filled in place. Per L2 table,
+    /// the zeros are written (and the new clusters counted) before the entries change, with an
+    /// ordering point between. Returns whether any compressed cluster was seen.
     fn expand_zero_clusters(&mut self, has_backing: bool) -> Result<bool, AmendError> {
         let cluster_size = self.header.cluster_size();
         let format = self.entry_format();
@@ -653,6 +654,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     .map(|i| L2Entry::from_table(&bytes, i, format))
                     .collect()
             };
+            // (index, new entry) for this table, written after the data they point at.
+            let mut updates = Vec::new();
             for (index, entry) in entries.into_iter().enumerate() {
                 let host = match entry.kind(self.header.cluster_bits) {
                     ClusterKind::Compressed { .. } => {
@@ -660,16 +663,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                         continue;
                     }
                     ClusterKind::ZeroPlain if !has_backing => {
-                        self.set_l2_entry(table, index, 0, 0)?;
+                        updates.push((index, 0));
                         continue;
                     }
-                    ClusterKind::ZeroPlain => {
-                        // Written, not left a hole: qemu writes these zeros too, and its map
-                        // then shows data rather than data + zero.
-                        let host = self.alloc_cluster()?;
-                        self.write_host(&zeros, host)?;
-                        host
-                    }
+                    // Zeros are written, not left a hole: qemu writes them too, and its map
+                    // then shows data rather than data + zero.
+                    ClusterKind::ZeroPlain => self.alloc_cluster()?,
                     ClusterKind::ZeroAllocated { host } => {
                         if self.is_metadata(host) {
                             return Err(crate::Error::from(super::Qcow2Error::CorruptEntry {
@@ -679,18 +678,24 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                             })
                             .into());
                         }
-                        self.write_host(&zeros, host)?;
                         host
                     }
                     ClusterKind::Normal { .. } | ClusterKind::Unallocated => continue,
                 };
-                self.barrier()?;
+                self.write_host(&zeros, host)?;
                 let copied = if self.refcount(host / cluster_size)? == 1 {
                     COPIED
                 } else {
                     0
                 };
-                self.set_l2_entry(table, index, host | copied, 0)?;
+                updates.push((index, host | copied));
+            }
+            if updates.is_empty() {
+                continue;
+            }
+            self.barrier()?;
+            for (index, entry) in updates {
+                self.set_l2_entry(table, index, entry, 0)?;
             }
         }
         Ok(compressed)
@@ -748,6 +753,101 @@ mod tests {
                 .to_string(),
             "Parameter 'refcount_bits' expects a number"
         );
+    }
+
+    use crate::extent::GuestRead;
+    use crate::io::MemBackend;
+    use crate::qcow2::create::{write_new_image, CreateOptions};
+
+    /// A 4 MiB image on memory with data in several refcount blocks' worth of clusters (512-byte
+    /// clusters, so 1-bit refcounts fit 4096 clusters per block) and zero clusters.
+    fn image(cluster_size: u64) -> Qcow2Image<MemBackend> {
+        let options = CreateOptions {
+            cluster_size,
+            ..Default::default()
+        };
+        let mem = MemBackend::default();
+        write_new_image(&mem, 4 << 20, &options, None).unwrap();
+        let cluster = HeaderCluster::read_from(&mem).unwrap();
+        let mut image = Qcow2Image::open_rw(mem, cluster, None, WriteOptions::default()).unwrap();
+        for (i, offset) in [0u64, 70_000, 1 << 20, 3 << 20].into_iter().enumerate() {
+            image.write_at(&vec![i as u8 + 1; 300_000], offset).unwrap();
+        }
+        image.write_zeroes(1 << 20, 100_000).unwrap();
+        image
+    }
+
+    fn contents(image: &Qcow2Image<MemBackend>) -> Vec<u8> {
+        let mut bytes = vec![0u8; image.virtual_size() as usize];
+        image.read_at(&mut bytes, 0).unwrap();
+        bytes
+    }
+
+    fn assert_clean(image: &Qcow2Image<MemBackend>, context: &str) {
+        let report = check(image.backend(), Repair::None).unwrap();
+        assert_eq!(report.exit_code(), 0, "{context}: {report:?}");
+    }
+
+    #[test]
+    fn every_refcount_width_round_trips_clean_with_the_same_content() {
+        for cluster_size in [512, 65536] {
+            let mut image = image(cluster_size);
+            let before = contents(&image);
+            for order in [0, 1, 3, 6, 5, 2, 4] {
+                image.change_refcount_order(order).unwrap();
+                assert_eq!(image.header().refcount_order, order);
+                let context = format!("{cluster_size}-byte clusters, order {order}");
+                assert_clean(&image, &context);
+                assert!(contents(&image) == before, "{context}: content changed");
+                // Still writable with the new width.
+                image.write_at(&[0xee; 1000], 2 << 20).unwrap();
+                image.write_at(&vec![0; 1000], 2 << 20).unwrap();
+                assert_clean(&image, &format!("{context}, written"));
+            }
+        }
+    }
+
+    #[test]
+    fn downgrade_turns_zero_clusters_into_what_v2_can_express() {
+        let mut image = image(65536);
+        let before = contents(&image);
+        image.downgrade().unwrap();
+        assert_eq!(image.header().version, Version::V2);
+        assert_clean(&image, "downgraded");
+        assert!(contents(&image) == before);
+        let bytes = image.backend().to_vec();
+        let cluster = HeaderCluster::parse(&bytes[..65536]).unwrap();
+        assert!(!cluster
+            .extensions
+            .iter()
+            .any(|e| matches!(e, Extension::FeatureNameTable(_))));
+        // No zero flag is left in any L2 entry (v2 has none).
+        let reopened = Qcow2Image::open(MemBackend::new(bytes), cluster, None).unwrap();
+        for offset in (0..4u64 << 20).step_by(65536) {
+            if let Some(entry) = reopened.l2_entry(offset).unwrap() {
+                assert_eq!(
+                    entry.entry & super::super::tables::ZERO,
+                    0,
+                    "at {offset:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn narrowing_refuses_counts_that_do_not_fit() {
+        let mut image = image(65536);
+        let host = image.l2_entry(0).unwrap().unwrap().entry & super::super::tables::L2_OFFSET_MASK;
+        image.set_refcount(host >> 16, 2).unwrap();
+        let AmendError::Refused { message, .. } = image.change_refcount_order(0).unwrap_err()
+        else {
+            panic!("not a refusal")
+        };
+        assert_eq!(
+            message,
+            format!("Cannot decrease refcount entry width to 1 bits: Cluster at offset {host:#x} has a refcount of 2")
+        );
+        assert_eq!(image.header().refcount_order, 4, "nothing switched");
     }
 
     #[test]
