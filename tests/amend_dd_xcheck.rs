@@ -625,3 +625,20 @@ fn amend_cli_exit_codes_match_qemu_img() {
         }
     }
 }
+
+#[test]
+fn amend_option_list_names_options_qemu_img_amend_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image_with_data(dir.path(), "v3.qcow2", "compat=1.1");
+    let theirs = qemu_img_ok(&[&"amend", &"-o", &"help", &image]);
+    let ours = crate::util::cowclone_ok(&[&"amend", &"-o", &"help", &image]);
+    let keys = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.trim_start().split_once('=').map(|(k, _)| k.to_owned()))
+            .filter(|k| !k.starts_with("encrypt."))
+            .collect()
+    };
+    assert_eq!(ours.lines().next(), theirs.lines().next());
+    assert_eq!(keys(&ours), keys(&theirs));
+}

@@ -14,7 +14,7 @@ pub struct AmendArgs {
     /// Format of FILE (only qcow2 can be amended; default: recognised by content).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// What to change: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=1..64, size=SIZE,
+    /// What to change (`-o help` lists the options): compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=1..64, size=SIZE,
     /// data_file=NAME, data_file_raw=off, backing_file/backing_fmt (only their current values)
     /// (repeatable; comma-separated).
     #[arg(short = 'o', value_name = "key=value,...")]
@@ -61,6 +61,11 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
             format.name()
         );
     }
+    let text = args.options.join(",");
+    if imagefmt::qcow2::amend::wants_help(&text) {
+        write!(out, "{}", imagefmt::qcow2::amend::help_text())?;
+        return Ok(());
+    }
     let as_anyhow = |e: AmendError| match e {
         AmendError::Refused {
             message,
@@ -69,7 +74,7 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
         AmendError::Refused { message, .. } => anyhow!("{message}"),
         other => anyhow::Error::new(other).context(format!("{}", args.file.display())),
     };
-    let options = AmendOptions::parse(&args.options.join(",")).map_err(as_anyhow)?;
+    let options = AmendOptions::parse(&text).map_err(as_anyhow)?;
     let progress = args.progress && !args.quiet;
     if progress {
         write!(out, "    (0.00/100%)\r")?;

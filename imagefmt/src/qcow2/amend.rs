@@ -168,6 +168,51 @@ impl AmendOptions {
     }
 }
 
+/// True if `-o` text asks for the option list (`help` or `?` among its items), which qemu-img
+/// prints instead of amending.
+pub fn wants_help(text: &str) -> bool {
+    split_options(text)
+        .iter()
+        .any(|(key, value)| value == "on" && (key == "help" || key == "?"))
+}
+
+/// The option list `-o help` prints, in qemu-img's layout (`Amend options for 'qcow2':`, then
+/// one `  key=<type>` line each, sorted), with cowclone's own descriptions.
+pub fn help_text() -> String {
+    let options = [
+        (
+            "backing_file",
+            "<str>",
+            "only the current backing file (use rebase to change it)",
+        ),
+        ("backing_fmt", "<str>", "only the current backing format"),
+        ("compat", "<str>", "0.10 (v2) or 1.1 (v3)"),
+        ("data_file", "<str>", "new name of the external data file"),
+        (
+            "data_file_raw",
+            "<bool (on/off)>",
+            "off: the data file need no longer stay raw",
+        ),
+        (
+            "lazy_refcounts",
+            "<bool (on/off)>",
+            "lazy refcount updates (v3)",
+        ),
+        (
+            "refcount_bits",
+            "<num>",
+            "refcount width: 1, 2, 4, 8, 16, 32 or 64 bits",
+        ),
+        ("size", "<size>", "virtual disk size"),
+    ];
+    let mut text = "Amend options for 'qcow2':\n".to_owned();
+    for (key, kind, description) in options {
+        let left = format!("{key}={kind}");
+        text.push_str(&format!("  {left:<22} - {description}\n"));
+    }
+    text
+}
+
 /// Splits qemu's `key=value,key=value` option syntax (`,,` escapes a comma).
 fn split_options(text: &str) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
