@@ -165,6 +165,19 @@ fn each_amendable_option_matches_qemu_img_amend() {
     assert_same_content(&ours, &v3, "grow vs before");
     let (ours, _) = amend_both(dir.path(), &v3, "size=3M", "shrink");
     assert_eq!(qemu_info_json(&ours)["virtual-size"], 3 << 20);
+    // Shrinking below data drops it, as qemu-img amend does (v3: zero clusters; v2: unallocated).
+    for (image, case) in [(&v3, "shrink-over-data-v3"), (&v2, "shrink-over-data-v2")] {
+        let (ours, _) = amend_both(dir.path(), image, "size=1M", case);
+        assert_eq!(qemu_info_json(&ours)["virtual-size"], 1 << 20, "{case}");
+        // What stays reads as before: the first 1 MiB.
+        qemu_io_ok(&[
+            &"-c",
+            &"read -P 0x11 0 128k",
+            &"-c",
+            &"read -P 0x33 512k 64k",
+            &ours,
+        ]);
+    }
 
     let (ours, _) = amend_both(
         dir.path(),

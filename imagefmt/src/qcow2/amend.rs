@@ -7,7 +7,7 @@
 //!   1. upgrade to v3 (header only: 112-byte header, feature-name table)
 //!   2. refcount width: new table + blocks written past the end, header switched, old freed
 //!   3. data_file / data_file_raw, then the backing file (only its own values are accepted)
-//!   4. lazy_refcounts      5. size (as resize)
+//!   4. lazy_refcounts      5. size (shrinking drops what lies past the new end)
 //!   6. downgrade to v2: zero clusters expanded, v3-only header fields dropped
 //! ```
 //!
@@ -377,10 +377,14 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
                 .set(CompatibleFeatures::LAZY_REFCOUNTS, lazy)
         })?;
     }
-    // 5. Size, exactly as asked (shrinking is allowed, as in qemu; data past the end is not
-    //    dropped silently: the resize refuses).
+    // 5. Size, exactly as asked. Shrinking drops what lies past the new end, as qemu-img amend
+    //    does (only `resize` asks for --shrink): whole clusters there are discarded first.
     if let Some(size) = new_size {
-        if size != target.header().size {
+        let current = target.header().size;
+        if size < current {
+            target.image()?.drop_clusters_from(size)?;
+        }
+        if size != current {
             target.image()?.resize(size, true)?;
         }
     }
@@ -676,6 +680,37 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         self.barrier()?;
         self.edit_header_cluster(|c| set_version(c, Version::V2))
+    }
+
+    /// Unmaps every whole cluster at or past guest offset `from` (what qemu discards when an
+    /// image shrinks): entries cleared first, then their host clusters freed.
+    fn drop_clusters_from(&mut self, from: u64) -> Result<(), AmendError> {
+        let cluster_size = self.header.cluster_size();
+        let first = from.div_ceil(cluster_size);
+        let per_table = self.header.l2_entries();
+        let format = self.entry_format();
+        for l1_index in (first / per_table) as usize..self.l1.len() {
+            let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
+                continue;
+            };
+            let guest_base = l1_index as u64 * per_table * cluster_size;
+            let entries: Vec<L2Entry> = {
+                let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
+                (0..format.l2_entries() as usize)
+                    .map(|i| L2Entry::from_table(&bytes, i, format))
+                    .collect()
+            };
+            for (index, entry) in entries.into_iter().enumerate() {
+                let cluster = l1_index as u64 * per_table + index as u64;
+                if cluster < first || (entry.entry == 0 && entry.bitmap == 0) {
+                    continue;
+                }
+                self.set_l2_entry(table, index, 0, 0)?;
+                self.barrier()?;
+                self.release(entry)?;
+            }
+        }
+        Ok(())
     }
 
     /// Rewrites every zero cluster of the active L1 table as v2 can express it: without a
