@@ -930,6 +930,90 @@ mod tests {
         assert_eq!(image.header().refcount_order, 4, "nothing switched");
     }
 
+    /// Memory that stops taking writes after a number of them: a process killed mid-way
+    /// (everything written before stays, in order).
+    struct Crashing {
+        inner: MemBackend,
+        writes_left: std::sync::atomic::AtomicU64,
+    }
+
+    impl Crashing {
+        fn write(&self) -> std::io::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            match self
+                .writes_left
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            {
+                Ok(_) => Ok(()),
+                Err(_) => Err(std::io::Error::other("crashed")),
+            }
+        }
+    }
+
+    impl Backend for Crashing {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.write()?;
+            self.inner.write_all_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.write()?;
+            self.inner.set_len(len)
+        }
+        fn sync_all(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_crash_at_any_write_leaves_at_most_leaks_and_the_same_content() {
+        type Step = fn(&mut Qcow2Image<Crashing>) -> Result<(), AmendError>;
+        let steps: [(&str, Step); 3] = [
+            ("refcount_bits=1", |i| i.change_refcount_order(0)),
+            ("refcount_bits=64", |i| i.change_refcount_order(6)),
+            ("compat=0.10", |i| i.downgrade()),
+        ];
+        let original = image(512);
+        let before = contents(&original);
+        let bytes = original.backend().to_vec();
+        for (name, step) in steps {
+            let mut crash_after = 0;
+            loop {
+                let backend = Crashing {
+                    inner: MemBackend::new(bytes.clone()),
+                    writes_left: crash_after.into(),
+                };
+                let cluster = HeaderCluster::read_from(&backend).unwrap();
+                let mut image =
+                    Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
+                let done = step(&mut image).is_ok();
+                let after = image.backend().inner.to_vec();
+                let mem = MemBackend::new(after.clone());
+                let report = check(&mem, Repair::None).unwrap();
+                let context = format!("{name}, crash after {crash_after} writes");
+                assert!(
+                    report.corruptions == 0 && report.check_errors == 0,
+                    "{context}: {report:?}"
+                );
+                let cluster = HeaderCluster::read_from(&mem).unwrap();
+                let reopened = Qcow2Image::open(MemBackend::new(after), cluster, None).unwrap();
+                let mut now = vec![0u8; before.len()];
+                reopened.read_at(&mut now, 0).unwrap();
+                assert!(now == before, "{context}: content changed");
+                if done {
+                    assert!(crash_after > 3, "{name}: the step wrote something");
+                    break;
+                }
+                crash_after += 1;
+            }
+        }
+    }
+
     #[test]
     fn c_hex_prints_like_printf() {
         assert_eq!(c_hex(0), "0");
