@@ -655,3 +655,21 @@ fn amend_option_list_names_options_qemu_img_amend_lists() {
     assert_eq!(ours.lines().next(), theirs.lines().next());
     assert_eq!(keys(&ours), keys(&theirs));
 }
+
+#[test]
+fn amend_and_dd_overwrite_refuse_a_registered_base() {
+    use crate::registry::{err_in, ok_in, qcow2_base};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let base = qcow2_base(tmp.path());
+    ok_in(&home, &[&"base", &"register", &"b", &base]);
+    let before = std::fs::read(&base).unwrap();
+    let e = err_in(&home, &[&"amend", &"-o", &"lazy_refcounts=on", &base]);
+    assert!(e.contains("refusing"), "amend: {e}");
+    let other = image_with_data(tmp.path(), "other.qcow2", "compat=1.1");
+    let input = format!("if={}", other.display());
+    let output = format!("of={}", base.display());
+    let e = err_in(&home, &[&"dd", &"--overwrite", &input, &output]);
+    assert!(e.contains("refusing"), "dd --overwrite: {e}");
+    assert!(std::fs::read(&base).unwrap() == before, "the base changed");
+}
