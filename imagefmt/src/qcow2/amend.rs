@@ -774,9 +774,19 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 continue;
             }
             self.barrier()?;
+            // The whole table in one write (v2-bound images have 8-byte entries), as qemu
+            // writes its L2 slices; the cached copy is dropped.
+            let mut bytes = self
+                .l2_table(table, guest_base, self.l1[l1_index])?
+                .to_vec();
             for (index, entry) in updates {
-                self.set_l2_entry(table, index, entry, 0)?;
+                bytes[index * 8..index * 8 + 8].copy_from_slice(&entry.to_be_bytes());
             }
+            self.write_host(&bytes, table)?;
+            self.l2_cache
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(offset, _)| *offset != table);
         }
         Ok(compressed)
     }
