@@ -18,8 +18,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::io::MemBackend;
+use imagefmt::offsets::GuestOffset;
 use imagefmt::qcow2::image::Qcow2Image;
 use imagefmt::qcow2::write::WriteOptions;
 use imagefmt::qcow2::HeaderCluster;
@@ -88,7 +89,7 @@ fn hot_paths(c: &mut Criterion) {
     group.bench_function("qcow2_read_4k_allocated", |b| {
         b.iter(|| {
             i = (i + 1) % offsets.len();
-            full.read_at(&mut buf, offsets[i]).unwrap();
+            full.read_at(&mut buf, GuestOffset(offsets[i])).unwrap();
             black_box(&buf);
         })
     });
@@ -97,7 +98,7 @@ fn hot_paths(c: &mut Criterion) {
     group.bench_function("qcow2_read_4k_backing", |b| {
         b.iter(|| {
             i = (i + 1) % offsets.len();
-            overlay.read_at(&mut buf, offsets[i]).unwrap();
+            overlay.read_at(&mut buf, GuestOffset(offsets[i])).unwrap();
             black_box(&buf);
         })
     });
@@ -130,7 +131,7 @@ fn hot_paths(c: &mut Criterion) {
     group.bench_function("vdi_read_4k_allocated", |b| {
         b.iter(|| {
             i = (i + 1) % offsets.len();
-            vdi.read_at(&mut buf, offsets[i]).unwrap();
+            vdi.read_at(&mut buf, GuestOffset(offsets[i])).unwrap();
             black_box(&buf);
         })
     });

@@ -5,8 +5,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::backing::BackingPolicy;
+use imagefmt::chain::{open_vdi, ChainOptions};
+use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
 use serde_json::Value;
 
 use crate::util::*;
@@ -171,12 +173,10 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
     ]);
     let want = std::fs::read(&base_raw).unwrap();
     for diff in kept(&keep, "native-vdi", "vdi") {
-        let mut guard = ChainGuard::default();
-        let image =
-            imagefmt::vdi::open_vdi(&diff, &imagefmt::vdi::SameDirectory, &mut guard).unwrap();
+        let image = open_vdi(&diff, &ChainOptions::new(&BackingPolicy::FollowLocal)).unwrap();
         assert!(image.header().is_differencing(), "{}", diff.display());
         let mut got = vec![0u8; want.len()];
-        image.read_at(&mut got, 0).unwrap();
+        image.read_at(&mut got, GuestOffset(0)).unwrap();
         assert!(got == want, "{} does not read as base.vdi", diff.display());
     }
 

@@ -7,7 +7,7 @@
 //! repaired by us and by `qemu-img check -r` must give the same `-r` report and leave images
 //! that a plain `qemu-img check` judges identically — clean for every kind qemu can repair.
 //!
-//! map: `imagefmt::map::map` must equal `qemu-img map --output=json` entry by entry.
+//! map: `imagefmt::ops::map::map` must equal `qemu-img map --output=json` entry by entry.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -912,9 +912,9 @@ fn qemu_map(dir: &Path, name: &str) -> Vec<Value> {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("qemu-img map JSON ({e}): {text}"))
 }
 
-fn assert_same_map(dir: &Path, name: &str) -> Vec<imagefmt::map::MapEntry> {
+fn assert_same_map(dir: &Path, name: &str) -> Vec<imagefmt::ops::map::MapEntry> {
     let qemu = qemu_map(dir, name);
-    let ours = imagefmt::map::map(&dir.join(name), None, &BackingPolicy::FollowLocal)
+    let ours = imagefmt::ops::map::map(&dir.join(name), None, &BackingPolicy::FollowLocal)
         .unwrap_or_else(|e| {
             panic!(
                 "{name}: map failed: {e} ({:?})",
@@ -1023,7 +1023,7 @@ fn check_xcheck_map_of_a_three_deep_chain_matches_qemu() {
     // it, then refuses.
     let ours = strip_dir(assert_same_map(d, "mid.qcow2"), d);
     let mut human = Vec::new();
-    assert!(imagefmt::map::write_human(&mut human, &ours).is_err());
+    assert!(imagefmt::ops::map::write_human(&mut human, &ours).is_err());
     let out = tool("qemu-img", &["map", "mid.qcow2"], d);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -1033,7 +1033,10 @@ fn check_xcheck_map_of_a_three_deep_chain_matches_qemu() {
 }
 
 /// File names relative to `dir`, as qemu-img prints them when run there.
-fn strip_dir(entries: Vec<imagefmt::map::MapEntry>, dir: &Path) -> Vec<imagefmt::map::MapEntry> {
+fn strip_dir(
+    entries: Vec<imagefmt::ops::map::MapEntry>,
+    dir: &Path,
+) -> Vec<imagefmt::ops::map::MapEntry> {
     let prefix = format!("{}/", dir.display());
     entries
         .into_iter()
@@ -1065,7 +1068,7 @@ fn check_xcheck_map_human_output_matches_qemu() {
     qemu_io(d, "t.qcow2", &["write -P 2 512k 64k", "write -z 2M 4k"]);
     let ours = strip_dir(assert_same_map(d, "t.qcow2"), d);
     let mut human = Vec::new();
-    imagefmt::map::write_human(&mut human, &ours).unwrap();
+    imagefmt::ops::map::write_human(&mut human, &ours).unwrap();
     let expected = ok("qemu-img", &["map", "t.qcow2"], d);
     assert_eq!(String::from_utf8(human).unwrap(), expected);
 }

@@ -215,7 +215,7 @@ proptest! {
 fn assert_map_matches(d: &Path, top: &str, layers: &[Layer]) {
     let out = tool_ok_in("qemu-img", d, &["map", "--output=json", top]);
     let theirs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let ours = imagefmt::map::map(&d.join(top), None, &BackingPolicy::FollowLocal)
+    let ours = imagefmt::ops::map::map(&d.join(top), None, &BackingPolicy::FollowLocal)
         .unwrap_or_else(|e| panic!("map of {layers:?} failed: {e}"));
     let ours: Vec<Value> = ours
         .iter()

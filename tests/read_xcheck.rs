@@ -6,6 +6,7 @@ use std::process::Command;
 
 use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::open_chain;
+use imagefmt::offsets::GuestOffset;
 
 fn run(tool: &str, args: &[&str], dir: &Path) {
     crate::util::tool_ok_in(tool, dir, args);
@@ -42,7 +43,7 @@ fn our_raw(image: &Path) -> Vec<u8> {
     while offset < size {
         let len = [4096, 3 * 512 + 7, 65536 + 1000, 100_000][step % 4].min(size - offset);
         reader
-            .read_at(&mut data[offset..offset + len], offset as u64)
+            .read_at(&mut data[offset..offset + len], GuestOffset(offset as u64))
             .unwrap();
         offset += len;
         step += 1;
@@ -200,7 +201,7 @@ fn dirty_images_with_lazy_refcounts_read_correctly() {
         .current_dir(d)
         .output()
         .expect("qemu-io not found: install the Debian package qemu-utils");
-    let info = imagefmt::info::image_info(&image).unwrap();
+    let info = imagefmt::ops::info::image_info(&image).unwrap();
     assert!(
         info.dirty_flag,
         "qemu-io abort should leave the dirty bit set"
@@ -259,7 +260,7 @@ fn external_data_files_are_read_only_when_allowed_and_then_like_qemu() {
         let reader =
             open_chain_allowing_data_files(&image, None, &BackingPolicy::FollowLocal).unwrap();
         let mut ours = vec![0u8; reader.virtual_size() as usize];
-        reader.read_at(&mut ours, 0).unwrap();
+        reader.read_at(&mut ours, GuestOffset(0)).unwrap();
         assert_eq!(ours, qemu_raw(&image), "{name}");
     }
 }
@@ -291,7 +292,7 @@ fn external_data_file_data_at_guest_offset_0_reads_like_qemu() {
         let reader =
             open_chain_allowing_data_files(&image, None, &BackingPolicy::FollowLocal).unwrap();
         let mut ours = vec![0u8; reader.virtual_size() as usize];
-        reader.read_at(&mut ours, 0).unwrap();
+        reader.read_at(&mut ours, GuestOffset(0)).unwrap();
         assert!(
             ours[..4096].iter().all(|&b| b == 0x71),
             "{name}: guest offset 0 read back as something else"

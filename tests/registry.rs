@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::backing::BackingPolicy;
+use imagefmt::chain::ChainOptions;
+use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
 use serde_json::Value;
 
 use crate::util::*;
@@ -368,10 +370,12 @@ fn vdi_bases_get_vdi_diffs_resolved_through_the_registry() {
     let registry = cloner::Registry::open(&cloner::Home::at(&home)).unwrap();
     let resolver = registry.vdi_resolver().unwrap();
     let d2_path = PathBuf::from(d2["clones"][0]["path"].as_str().unwrap());
-    let image = imagefmt::vdi::open_vdi(&d2_path, &resolver, &mut ChainGuard::default()).unwrap();
+    let policy = BackingPolicy::FollowLocal;
+    let options = ChainOptions::new(&policy).with_vdi_parents(&resolver);
+    let image = imagefmt::chain::open_vdi(&d2_path, &options).unwrap();
     assert_eq!(image.parent_links().len(), 2);
     let mut got = vec![0u8; expected.len()];
-    image.read_at(&mut got, 0).unwrap();
+    image.read_at(&mut got, GuestOffset(0)).unwrap();
     assert!(got == expected, "VDI chain content differs from the base");
     let vm = registry.clone_record("d2").unwrap();
     assert_eq!(vm.chain.len(), 2);

@@ -307,10 +307,10 @@ fn qcow2_json_backing_name_parses_but_is_never_resolved() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("overlay.qcow2");
     std::fs::write(&path, &image).unwrap();
-    let info = imagefmt::info::image_info(&path).unwrap();
+    let info = imagefmt::ops::info::image_info(&path).unwrap();
     assert_eq!(info.backing_filename.as_deref(), Some(name));
     assert_eq!(info.full_backing_filename, None);
-    match imagefmt::info::backing_chain(&path, &BackingPolicy::FollowLocal) {
+    match imagefmt::ops::info::backing_chain(&path, &BackingPolicy::FollowLocal) {
         Err(Error::Backing(BackingError::ProtocolRefused { name: refused })) => {
             assert_eq!(refused, name)
         }
@@ -505,8 +505,9 @@ fn size_hex_ending_in_b_or_e_is_read_as_hex_digits_like_qemu_img() {
 /// (qemu's metadata overlap check), and the metadata is left intact.
 #[test]
 fn qcow2_guest_write_through_an_l2_entry_pointing_at_metadata_is_refused() {
-    use imagefmt::chain::GuestRead;
+    use imagefmt::extent::GuestRead;
     use imagefmt::io::{Backend, MemBackend};
+    use imagefmt::offsets::GuestOffset;
     use imagefmt::qcow2::image::Qcow2Image;
     use imagefmt::qcow2::write::WriteOptions;
     use imagefmt::qcow2::HeaderCluster;
@@ -537,7 +538,7 @@ fn qcow2_guest_write_through_an_l2_entry_pointing_at_metadata_is_refused() {
         .unwrap();
     assert_eq!(l1_after, l1_before, "the L1 table was overwritten");
     let mut first = [0u8; 4096];
-    image.read_at(&mut first, 0).unwrap();
+    image.read_at(&mut first, GuestOffset(0)).unwrap();
     assert_eq!(first, [1u8; 4096]);
 }
 
@@ -631,12 +632,13 @@ fn qcow2_backing_offset_65_with_size_0_is_no_backing_file_as_in_qemu() {
     );
     crate::util::assert_qemu_check_clean(&path, "offset 65, size 0");
 
-    let ours = imagefmt::info::image_info(&path).unwrap();
+    let ours = imagefmt::ops::info::image_info(&path).unwrap();
     assert_eq!(ours.backing_filename, None);
     assert_eq!(ours.virtual_size, theirs["virtual-size"].as_u64().unwrap());
     // And the chain is this image alone, under the strictest following policy too.
-    let chain = imagefmt::info::backing_chain(&path, &BackingPolicy::Confine(dir.path().into()))
-        .expect("an image without a backing file opens under confinement");
+    let chain =
+        imagefmt::ops::info::backing_chain(&path, &BackingPolicy::Confine(dir.path().into()))
+            .expect("an image without a backing file opens under confinement");
     assert_eq!(chain.len(), 1);
 }
 

@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use imagefmt::backing::ChainGuard;
-use imagefmt::chain::GuestRead;
+use imagefmt::backing::BackingPolicy;
+use imagefmt::chain::{self, ChainOptions};
+use imagefmt::extent::GuestRead;
 use imagefmt::new_file::NewFileMode;
+use imagefmt::offsets::GuestOffset;
 use imagefmt::vdi::{
-    self, open_vdi, open_vdi_rw, BlockEntry, Explicit, ImageType, SameDirectory, VdiError,
-    VdiHeader,
+    self, BlockEntry, Explicit, ImageType, ParentResolver, SameDirectory, VdiError, VdiHeader,
+    VdiImage,
 };
 use imagefmt::{Error, Qcow2Builder};
 
@@ -85,15 +87,38 @@ fn assert_qemu_compare_identical(path: &Path, model: &[u8], dir: &Path) {
     std::fs::remove_file(&raw).unwrap();
 }
 
+/// Opens `path` for reading through the chain walker, its parents proposed by `parents` and
+/// followed wherever they are.
+fn open_vdi(
+    path: &Path,
+    parents: &dyn ParentResolver,
+) -> imagefmt::Result<VdiImage<std::fs::File>> {
+    let follow = BackingPolicy::FollowLocal;
+    chain::open_vdi(path, &ChainOptions::new(&follow).with_vdi_parents(parents))
+}
+
+/// [`open_vdi`] for reading and writing.
+fn open_vdi_rw(
+    path: &Path,
+    parents: &dyn ParentResolver,
+) -> imagefmt::Result<VdiImage<std::fs::File>> {
+    let follow = BackingPolicy::FollowLocal;
+    chain::open_vdi_rw(
+        path,
+        &ChainOptions::new(&follow).with_vdi_parents(parents),
+        false,
+    )
+}
+
 /// The guest content as our reader sees it (parents found in the same directory).
 fn our_raw(path: &Path) -> Vec<u8> {
-    let image = open_vdi(path, &SameDirectory, &mut ChainGuard::default()).unwrap();
+    let image = open_vdi(path, &SameDirectory).unwrap();
     read_all(&image)
 }
 
 fn read_all(image: &dyn GuestRead) -> Vec<u8> {
     let mut buf = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, GuestOffset(0)).unwrap();
     buf
 }
 
@@ -105,7 +130,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 /// Writes with our writer and records the write in `model`.
 fn write(path: &Path, model: &mut [u8], offset: u64, len: usize, seed: u8) {
-    let mut image = open_vdi_rw(path, &SameDirectory, false).unwrap();
+    let mut image = open_vdi_rw(path, &SameDirectory).unwrap();
     let data = pattern(len, seed);
     image.write_at(&data, offset).unwrap();
     image.flush().unwrap();
@@ -113,7 +138,7 @@ fn write(path: &Path, model: &mut [u8], offset: u64, len: usize, seed: u8) {
 }
 
 fn write_zeroes(path: &Path, model: &mut [u8], offset: u64, len: u64) {
-    let mut image = open_vdi_rw(path, &SameDirectory, false).unwrap();
+    let mut image = open_vdi_rw(path, &SameDirectory).unwrap();
     image.write_zeroes(offset, len).unwrap();
     model[offset as usize..(offset + len) as usize].fill(0);
 }
@@ -307,7 +332,7 @@ fn round_trip_base(path: &Path, dir: &Path, size: u64) {
     write(path, &mut model, 2 * MIB + 2048, 4096, 7);
     write_zeroes(path, &mut model, 4 * MIB, 2 * MIB);
     {
-        let mut image = open_vdi_rw(path, &SameDirectory, false).unwrap();
+        let mut image = open_vdi_rw(path, &SameDirectory).unwrap();
         image.discard(0, MIB).unwrap();
         if image.header().image_type != ImageType::Fixed {
             model[..MIB as usize].fill(0);
@@ -424,7 +449,7 @@ fn differencing_chains_match_dissect() {
     write_zeroes(&diff2, &mut model2, 1, 2 * MIB); // partial, whole, partial
     write(&diff2, &mut model2, 0, 1, 9);
     {
-        let mut image = open_vdi_rw(&diff2, &SameDirectory, false).unwrap();
+        let mut image = open_vdi_rw(&diff2, &SameDirectory).unwrap();
         image.discard(5 * MIB, MIB).unwrap();
         model2[5 * MIB as usize..6 * MIB as usize].fill(0);
         // diff2 holds its own blocks, the rest falls through.
@@ -470,7 +495,7 @@ fn differencing_chains_match_dissect() {
     assert_eq!(link, header_of(&base).uuid_create.to_bytes_le());
     // Our opener found and verified both links. Each parent was last written before its child
     // was made, so both still carry the modification UUID their child recorded.
-    let image = open_vdi(&diff2, &SameDirectory, &mut ChainGuard::default()).unwrap();
+    let image = open_vdi(&diff2, &SameDirectory).unwrap();
     let links = image.parent_links();
     assert_eq!(links.len(), 2);
     assert_eq!(links[0].parent, diff1);
@@ -507,39 +532,29 @@ fn same_directory_finds_the_parent_among_several() {
         .create()
         .unwrap();
     let (base, diff, model) = base_and_diff(dir.path(), "m-base.vdi", "diff.vdi");
-    let image = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap();
+    let image = open_vdi(&diff, &SameDirectory).unwrap();
     assert_eq!(image.parent_links().len(), 1);
     assert_eq!(image.parent_links()[0].parent, base);
     assert_same("chain found by UUID", &read_all(&image), &model);
 
-    // The format-neutral chain opener's helper: under a policy that follows nothing, refused.
+    // On a file already open: under a policy that follows nothing, refused.
     let file = std::fs::File::open(&diff).unwrap();
-    let e = vdi::open_vdi_under_policy(
-        file,
-        header_of(&diff),
-        &diff,
-        &imagefmt::backing::BackingPolicy::Deny,
-        &SameDirectory,
-        &mut ChainGuard::default(),
-    )
-    .err()
-    .unwrap();
+    let deny = BackingPolicy::Deny;
+    let options = ChainOptions::new(&deny).with_vdi_parents(&SameDirectory);
+    let e = chain::vdi_from_file(file, header_of(&diff), &diff, &options)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("not followed"), "{e}");
 
     // A copy of the parent (same UUID under another name) is ambiguous, not guessed.
     std::fs::copy(&base, dir.path().join("copy-of-base.vdi")).unwrap();
-    let e = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap_err();
+    let e = open_vdi(&diff, &SameDirectory).unwrap_err();
     assert!(
         matches!(e, Error::Vdi(VdiError::AmbiguousParent { .. })),
         "{e}"
     );
     // Naming it explicitly resolves that.
-    let image = open_vdi(
-        &diff,
-        &Explicit(vec![base.clone()]),
-        &mut ChainGuard::default(),
-    )
-    .unwrap();
+    let image = open_vdi(&diff, &Explicit(vec![base.clone()])).unwrap();
     assert_same("explicit parent", &read_all(&image), &model);
 }
 
@@ -550,12 +565,7 @@ fn explicit_parents_are_verified_by_uuid() {
     let stranger = dir.path().join("stranger.vdi");
     let s = vdi::create_dynamic(&stranger, 4 * MIB, NEW).unwrap();
     let linkage = header_of(&diff).uuid_linkage;
-    let e = open_vdi(
-        &diff,
-        &Explicit(vec![stranger.clone()]),
-        &mut ChainGuard::default(),
-    )
-    .unwrap_err();
+    let e = open_vdi(&diff, &Explicit(vec![stranger.clone()])).unwrap_err();
     match &e {
         Error::Vdi(VdiError::ParentMismatch {
             expected,
@@ -576,31 +586,16 @@ fn explicit_parents_are_verified_by_uuid() {
     // Nearest first: diff2's parent, then diff's parent.
     let diff2 = dir.path().join("diff2.vdi");
     vdi::create_differencing(&diff, &diff2, NEW).unwrap();
-    let image = open_vdi(
-        &diff2,
-        &Explicit(vec![diff.clone(), base.clone()]),
-        &mut ChainGuard::default(),
-    )
-    .unwrap();
+    let image = open_vdi(&diff2, &Explicit(vec![diff.clone(), base.clone()])).unwrap();
     assert_same("explicit two-level chain", &read_all(&image), &model);
     // In the wrong order, refused.
-    let e = open_vdi(
-        &diff2,
-        &Explicit(vec![base.clone(), diff.clone()]),
-        &mut ChainGuard::default(),
-    )
-    .unwrap_err();
+    let e = open_vdi(&diff2, &Explicit(vec![base.clone(), diff.clone()])).unwrap_err();
     assert!(
         matches!(e, Error::Vdi(VdiError::ParentMismatch { .. })),
         "{e}"
     );
     // Too short a list: the grandparent is not found.
-    let e = open_vdi(
-        &diff2,
-        &Explicit(vec![diff.clone()]),
-        &mut ChainGuard::default(),
-    )
-    .unwrap_err();
+    let e = open_vdi(&diff2, &Explicit(vec![diff.clone()])).unwrap_err();
     assert!(
         matches!(e, Error::Vdi(VdiError::ParentNotFound { .. })),
         "{e}"
@@ -615,17 +610,17 @@ fn a_diff_without_its_parent_is_refused() {
     let moved = alone.path().join("diff.vdi");
     std::fs::copy(&diff, &moved).unwrap();
     let linkage = header_of(&moved).uuid_linkage;
-    let e = open_vdi(&moved, &SameDirectory, &mut ChainGuard::default()).unwrap_err();
+    let e = open_vdi(&moved, &SameDirectory).unwrap_err();
     match &e {
         Error::Vdi(VdiError::ParentNotFound { linkage: l, .. }) => assert_eq!(*l, linkage),
         other => panic!("expected parent not found, got {other}"),
     }
     assert!(e.to_string().contains(&linkage.to_string()), "{e}");
-    assert!(open_vdi_rw(&moved, &SameDirectory, false).is_err());
+    assert!(open_vdi_rw(&moved, &SameDirectory).is_err());
 
     // A type-4 image with a null linkage: a differencing image at the bottom of a chain.
     put_uuid(&moved, LINKAGE_OFFSET, [0; 16]);
-    let e = open_vdi(&moved, &SameDirectory, &mut ChainGuard::default()).unwrap_err();
+    let e = open_vdi(&moved, &SameDirectory).unwrap_err();
     assert!(
         matches!(e, Error::Vdi(VdiError::DiffWithoutParent { .. })),
         "{e}"
@@ -639,7 +634,7 @@ fn parent_loops_are_refused_not_followed() {
     // The diff links to itself.
     let own = header_of(&diff).uuid_create;
     put_uuid(&diff, LINKAGE_OFFSET, own.to_bytes_le());
-    let e = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap_err();
+    let e = open_vdi(&diff, &SameDirectory).unwrap_err();
     assert!(e.to_string().contains("loops"), "{e}");
     // Two images linking to each other: base (made a diff by hand) → diff → base.
     put_uuid(
@@ -648,22 +643,22 @@ fn parent_loops_are_refused_not_followed() {
         header_of(&base).uuid_create.to_bytes_le(),
     );
     put_uuid(&base, LINKAGE_OFFSET, own.to_bytes_le());
-    let e = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap_err();
+    let e = open_vdi(&diff, &SameDirectory).unwrap_err();
     assert!(e.to_string().contains("loops"), "{e}");
-    assert!(open_vdi_rw(&base, &SameDirectory, false).is_err());
+    assert!(open_vdi_rw(&base, &SameDirectory).is_err());
 }
 
 #[test]
 fn a_modified_parent_is_reported_not_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (base, diff, mut model) = base_and_diff(dir.path(), "base.vdi", "diff.vdi");
-    let image = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap();
+    let image = open_vdi(&diff, &SameDirectory).unwrap();
     assert!(image.parent_links()[0].modification_matches());
     // Let go of the chain (and its read lock on the base) before writing the base.
     drop(image);
     // Writing the base gives it a new modification UUID (as VirtualBox does).
     write(&base, &mut model, 3 * MIB, 10, 0x40);
-    let image = open_vdi(&diff, &SameDirectory, &mut ChainGuard::default()).unwrap();
+    let image = open_vdi(&diff, &SameDirectory).unwrap();
     let link = &image.parent_links()[0];
     assert!(!link.modification_matches());
     assert_eq!(link.parent_modify, header_of(&base).uuid_modify);

@@ -155,7 +155,7 @@ fn growing_the_refcount_table_and_the_l1_table_stays_clean() {
     drop(image);
     let (corruptions, leaks, errors, text) = qemu_check("t.qcow2", d);
     assert_eq!((corruptions, leaks, errors), (0, 0, 0), "{text}");
-    let info = imagefmt::info::image_info(&d.join("t.qcow2")).unwrap();
+    let info = imagefmt::ops::info::image_info(&d.join("t.qcow2")).unwrap();
     assert_eq!(info.virtual_size, 64 << 20);
     let header = std::fs::read(d.join("t.qcow2")).unwrap();
     let table_clusters = u32::from_be_bytes(header[56..60].try_into().unwrap());
@@ -209,7 +209,7 @@ fn shrinking_refuses_to_drop_allocated_data() {
     let (corruptions, leaks, errors, text) = qemu_check("s.qcow2", d);
     assert_eq!((corruptions, leaks, errors), (0, 0, 0), "{text}");
     assert_eq!(
-        imagefmt::info::image_info(&d.join("s.qcow2"))
+        imagefmt::ops::info::image_info(&d.join("s.qcow2"))
             .unwrap()
             .virtual_size,
         2 << 20

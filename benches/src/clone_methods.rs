@@ -429,7 +429,9 @@ fn make_qcow2_base(path: &Path, size: u64) -> Result<()> {
 /// `base.vdi`: a new dynamic VDI of `size` bytes, every block written.
 fn make_vdi_base(path: &Path, size: u64) -> Result<()> {
     let header = imagefmt::vdi::create_dynamic(path, size, NewFileMode::default())?;
-    let mut image = imagefmt::vdi::open_vdi_rw(path, &imagefmt::vdi::SameDirectory, false)?;
+    let policy = imagefmt::backing::BackingPolicy::FollowLocal;
+    let options = imagefmt::chain::ChainOptions::new(&policy);
+    let mut image = imagefmt::chain::open_vdi_rw(path, &options, false)?;
     fill_guest(header.virtual_size(), |buf, offset| {
         image.write_at(buf, offset)
     })?;

@@ -22,8 +22,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
 use imagefmt::image::ImageHeader;
+use imagefmt::offsets::GuestOffset;
 use imagefmt::qcow2::write::WriteOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};
 use indicatif::ProgressBar;
@@ -253,7 +254,7 @@ fn ours_read(
                     let mut mine = Vec::new();
                     for &offset in offsets.iter().skip(t).step_by(depth as usize) {
                         let op = Instant::now();
-                        chain.read_at(&mut buf, offset)?;
+                        chain.read_at(&mut buf, GuestOffset(offset))?;
                         mine.push(op.elapsed().as_secs_f64() * 1e6);
                         progress.inc(1);
                     }

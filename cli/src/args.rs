@@ -16,6 +16,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Global options, accepted before or after the subcommand.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every subcommand accepts, before or after its name (`cowclone --home D ls` and
+/// `cowclone ls --home D` are the same).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
+    /// Registry home directory (default: $COWCLONE_HOME, else $XDG_DATA_HOME/cowclone).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub home: Option<PathBuf>,
+    /// Log what cowclone does on stderr: -v for each step, -vv for every layer opened and
+    /// command run (RUST_LOG, e.g. RUST_LOG=imagefmt=debug, takes precedence).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 /// Subcommands.
@@ -55,6 +71,10 @@ pub enum Command {
     Vm(crate::commands::vm::VmCommand),
     /// libvirt hosts that clones can live on: add, ls, rm.
     Host(crate::commands::host::HostArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(crate::commands::shell::CompletionsArgs),
+    /// Print the manual page (roff) on stdout, or write one page per command into a directory.
+    Man(crate::commands::shell::ManArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`
@@ -94,38 +114,32 @@ pub struct CreateArgs {
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone info [--output human|json] [--backing-chain] FILE`
+/// `cowclone info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE`
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Also show every image in the backing chain (follows local files only).
     #[arg(long)]
     pub backing_chain: bool,
-    /// With --backing-chain: refuse any backing file outside DIR.
-    #[arg(long, value_name = "DIR", requires = "backing_chain")]
-    pub confine: Option<PathBuf>,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
-    /// Read the images even if another process is writing them (qemu-img -U): takes no lock
-    /// that keeps writers out; what is shown may be inconsistent.
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
+    /// Backing, parent and data file policy (with --backing-chain).
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// The image.
     pub file: PathBuf,
 }
 
-/// Which images below the one named may be opened, and how: the options `check` and `map`
-/// share (backing files, VDI parents and external data files follow the same policy as in
-/// every other command).
-#[derive(Debug, clap::Args)]
+/// Which images below the one named may be opened, and how: the options every command that
+/// reads a chain shares (backing files, VDI parents and external data files follow one policy).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ChainPolicyArgs {
     /// Refuse any backing, parent or data file outside DIR.
     #[arg(long, value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// Open no backing file: what would fall through to one reads as zeros.
+    #[arg(long, conflicts_with = "confine")]
+    pub no_backing: bool,
     /// Open the qcow2 external data file the header names (refused by default: the name can
     /// point at any host file; --confine applies to it too).
     #[arg(long)]
@@ -144,12 +158,19 @@ pub struct ChainPolicyArgs {
 }
 
 impl ChainPolicyArgs {
-    /// The backing policy: local files, confined to `--confine` if given.
+    /// The backing policy: none with `--no-backing`, else local files, confined to
+    /// `--confine` if given.
     pub fn policy(&self) -> imagefmt::backing::BackingPolicy {
         match &self.confine {
+            _ if self.no_backing => imagefmt::backing::BackingPolicy::Detach,
             Some(dir) => imagefmt::backing::BackingPolicy::Confine(dir.clone()),
             None => imagefmt::backing::BackingPolicy::FollowLocal,
         }
+    }
+
+    /// The VDI parents named with `--parent`, nearest first.
+    pub fn vdi_parents(&self) -> imagefmt::vdi::Explicit {
+        imagefmt::vdi::Explicit(self.parents.clone())
     }
 
     /// Chain options for `policy` (from [`Self::policy`]) with these flags.
@@ -165,7 +186,7 @@ impl ChainPolicyArgs {
     }
 }
 
-/// `cowclone compare [-f FMT] [-F FMT] [-s] [--confine DIR] FILE1 FILE2`
+/// `cowclone compare [-f FMT] [-F FMT] [-s] [-q] [-U] [--confine DIR] FILE1 FILE2`
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
     /// Format of FILE1 (default: recognised by content, raw otherwise).
@@ -180,34 +201,41 @@ pub struct CompareArgs {
     /// Print nothing; only the exit code tells.
     #[arg(short = 'q', long)]
     pub quiet: bool,
-    /// Refuse any backing file outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
-    /// Open no backing file: what would fall through to one reads as zeros.
-    #[arg(long, conflicts_with = "confine")]
-    pub no_backing: bool,
-    /// Read qcow2 guest data from the external data file the header names (refused by default:
-    /// the name can point at any host file; --confine applies to it too).
-    #[arg(long)]
-    pub allow_data_file: bool,
-    /// Read the images even if another process is writing them (qemu-img -U).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable; used for both images); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Backing, parent and data file policy (for both images).
+    #[command(flatten)]
+    pub chain: ChainPolicyArgs,
     /// First image.
     pub file1: PathBuf,
     /// Second image.
     pub file2: PathBuf,
 }
 
+/// `--output human|json` (also spelled `--output=json`, as qemu-img does), shared by every
+/// command that reports.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct OutputArg {
+    /// Output format: text for people, or JSON (kebab-case keys, as qemu-img's).
+    #[arg(id = "output", long = "output", value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Human)]
+    pub format: OutputFormat,
+}
+
 /// Output format for commands that report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     /// Text for people, laid out like qemu-img's.
+    #[default]
     Human,
     /// JSON with qemu-img's key names.
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every subcommand (unique names, valid references).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -7,6 +7,7 @@
 pub mod args;
 pub mod commands;
 pub mod output;
+pub mod progress;
 
 use std::io::Write;
 
@@ -21,6 +22,8 @@ use args::{Cli, Command};
 /// negative answer (compare), which exit 2 on errors, as qemu-img does.
 pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::Error, u8)> {
     use commands::*;
+    tracing::debug!(command = ?cli.command, global = ?cli.global, "running");
+    let started = std::time::Instant::now();
     let (result, error_code): (Result<u8>, u8) = match cli.command {
         Command::Create(args) => (create::create(args, out).map(|()| 0), 1),
         Command::Info(args) => (info::info(args, out).map(|()| 0), 1),
@@ -38,10 +41,53 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Registry(command) => (registry::run(command, out), 1),
         Command::Vm(command) => (vm::run(command, out), 1),
         Command::Host(args) => (host::run(args, out), 1),
+        Command::Completions(args) => (shell::completions(args, out).map(|()| 0), 1),
+        Command::Man(args) => (shell::man(args, out).map(|()| 0), 1),
     };
-    result
-        .and_then(|code| out.flush().map(|()| code).map_err(Into::into))
-        .map_err(|e| (e, error_code))
+    let result = result.and_then(|code| out.flush().map(|()| code).map_err(Into::into));
+    match &result {
+        Ok(code) => tracing::info!(exit = code, elapsed = ?started.elapsed(), "command finished"),
+        Err(e) => tracing::info!(error = %error_line(e), exit = error_code, "command failed"),
+    }
+    result.map_err(|e| (e, error_code))
+}
+
+/// The exit code of a command line clap refused: 0 for `--help` and `--version` (printed on
+/// stdout), 1 for usage errors, as qemu-img exits (clap's own default, 2, is what `compare`
+/// and `check` use for an answer).
+pub fn usage_exit_code(e: &clap::Error) -> u8 {
+    if e.use_stderr() {
+        1
+    } else {
+        0
+    }
+}
+
+/// Sends `tracing` events to stderr: `RUST_LOG` if set, else warnings only, `-v` adds
+/// cowclone's steps (info), `-vv` every layer opened and command run (debug), `-vvv` trace.
+/// Call once, from a binary; a second call does nothing.
+pub fn init_logging(verbose: u8) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => tracing_subscriber::EnvFilter::new(spec),
+        _ => {
+            let level = match verbose {
+                0 => "warn",
+                1 => "info",
+                2 => "debug",
+                _ => "trace",
+            };
+            tracing_subscriber::EnvFilter::new(format!(
+                "warn,cowclone_cli={level},imagefmt={level},cloner={level},cowclone_benches={level}"
+            ))
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(verbose >= 2)
+        .without_time()
+        .try_init();
 }
 
 /// The one line an error is reported as: the error and its causes joined by ": ", without a

@@ -1,5 +1,6 @@
 //! `cowclone`: the command line. Parses arguments and hands them to [`cowclone_cli::run`];
-//! errors print one line (`cowclone: <error>: <cause>...`) and exit 1, like qemu-img.
+//! errors print one line (`cowclone: <error>: <cause>...`) and exit 1, like qemu-img; so do
+//! usage errors (`--help` and `--version` exit 0).
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -9,7 +10,14 @@ use clap::Parser;
 use cowclone_cli::args::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(cowclone_cli::usage_exit_code(&e));
+        }
+    };
+    cowclone_cli::init_logging(cli.global.verbose);
     let stdout = io::stdout();
     let mut out = stdout.lock();
     match cowclone_cli::run(cli, &mut out) {

@@ -1,8 +1,25 @@
-//! Human-readable rendering, laid out like qemu-img's.
+//! The one output path: every command's report goes through [`emit`], which writes JSON in
+//! qemu-img's layout ([`write_qemu_json`]) or hands the value to the command's human renderer;
+//! [`human_size`] is the one size formatter; [`write_info`] renders `info` like qemu-img.
 
 use std::io::{self, Write};
 
-use imagefmt::info::{FormatSpecific, ImageInfo};
+use imagefmt::ops::info::{FormatSpecific, ImageInfo};
+
+use crate::args::OutputFormat;
+
+/// Writes `value` in the chosen format: JSON as qemu-img writes it, or for people with `human`.
+pub fn emit<W: Write, T: serde::Serialize + ?Sized>(
+    out: &mut W,
+    format: OutputFormat,
+    value: &T,
+    human: impl FnOnce(&mut W, &T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => Ok(write_qemu_json(out, value)?),
+        OutputFormat::Human => human(out, value),
+    }
+}
 
 /// A size the way qemu prints it: three significant digits and a binary unit ("196 KiB").
 pub fn human_size(bytes: u64) -> String {
@@ -65,6 +82,12 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
                 writeln!(out, "    lazy refcounts: {v}")?;
             }
             writeln!(out, "    refcount bits: {}", q.refcount_bits)?;
+            if let Some(name) = &q.data_file {
+                writeln!(out, "    data file: {name}")?;
+            }
+            if let Some(raw) = q.data_file_raw {
+                writeln!(out, "    data file raw: {raw}")?;
+            }
             if let Some(v) = q.corrupt {
                 writeln!(out, "    corrupt: {v}")?;
             }
@@ -89,11 +112,35 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
     if info.dirty_flag {
         writeln!(out, "dirty flag: true")?;
     }
+    write_children(out, &info.children)
+}
+
+/// Writes the "Child node" sections `qemu-img info` ends an image with (qemu-img 10).
+pub fn write_children(
+    out: &mut impl Write,
+    children: &[imagefmt::ops::info::ChildInfo],
+) -> io::Result<()> {
+    for child in children {
+        let node = &child.info;
+        writeln!(out, "Child node '/{}':", child.name)?;
+        writeln!(out, "    filename: {}", node.filename)?;
+        writeln!(out, "    protocol type: {}", node.format)?;
+        writeln!(
+            out,
+            "    file length: {} ({} bytes)",
+            human_size(node.virtual_size),
+            node.virtual_size
+        )?;
+        writeln!(out, "    disk size: {}", human_size(node.actual_size))?;
+    }
     Ok(())
 }
 
 /// Writes `value` as qemu-img writes JSON: pretty, indented by four spaces, then a newline.
-pub fn write_qemu_json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
+pub fn write_qemu_json<T: serde::Serialize + ?Sized>(
+    out: &mut impl Write,
+    value: &T,
+) -> io::Result<()> {
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut *out, formatter);
     value.serialize(&mut serializer).map_err(io::Error::from)?;

@@ -109,7 +109,7 @@ mod tests {
         );
         assert_eq!(made.base_format, ImageFormat::Qcow2);
         assert_eq!(made.virtual_size, 1 << 20);
-        let info = imagefmt::info::image_info(&made.clone).unwrap();
+        let info = imagefmt::ops::info::image_info(&made.clone).unwrap();
         assert_eq!(
             info.backing_filename.as_deref(),
             Some(made.backing_name.as_str())

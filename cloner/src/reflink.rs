@@ -165,7 +165,7 @@ pub(crate) fn resolve(
         );
     }
     if source.format == ImageFormat::Qcow2 {
-        let info = imagefmt::info::image_info(&source.path).map_err(RegistryError::image(
+        let info = imagefmt::ops::info::image_info(&source.path).map_err(RegistryError::image(
             format!("reading {}", source.path.display()),
         ))?;
         if let Some(backing) = info.backing_filename {

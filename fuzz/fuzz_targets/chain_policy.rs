@@ -27,8 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use imagefmt::backing::BackingPolicy;
-use imagefmt::chain::{open_chain, open_chain_with, ChainOptions, GuestRead};
-use imagefmt::info::{backing_chain, backing_chain_with, ImageInfo};
+use imagefmt::chain::{open_chain, open_chain_with, ChainOptions};
+use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
+use imagefmt::ops::info::{backing_chain, backing_chain_with, ImageInfo};
 use imagefmt::qcow2::extensions::Extension;
 use imagefmt::qcow2::HeaderCluster;
 use libfuzzer_sys::{fuzz_target, Corpus};
@@ -141,7 +143,7 @@ fn sample(image: &dyn GuestRead) -> Vec<Option<Vec<u8>>> {
         .into_iter()
         .map(|offset| {
             let mut buf = vec![0u8; size.saturating_sub(offset).min(4096) as usize];
-            image.read_at(&mut buf, offset).ok().map(|()| buf)
+            image.read_at(&mut buf, GuestOffset(offset)).ok().map(|()| buf)
         })
         .collect()
 }

@@ -5,7 +5,8 @@
 //! when the image opens for writing, a write that succeeds reads back exactly.
 #![no_main]
 
-use imagefmt::chain::GuestRead;
+use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
 use imagefmt::io::MemBackend;
 use imagefmt::qcow2::image::Qcow2Image;
 use imagefmt::qcow2::write::WriteOptions;
@@ -26,7 +27,7 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         let mut buf = vec![0u8; 65536];
         for offset in [0, 4096, size / 2, size.saturating_sub(65536)] {
             let len = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-            let _ = image.read_at(&mut buf[..len], offset);
+            let _ = image.read_at(&mut buf[..len], GuestOffset(offset));
         }
     }
     // check and repair never panic (like qemu, one repair pass may report a rebuilt refcount
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| -> Corpus {
             let pattern = [0x5a; 4096];
             if image.write_at(&pattern, 4096).is_ok() {
                 let mut back = [0u8; 4096];
-                if image.read_at(&mut back, 4096).is_ok() {
+                if image.read_at(&mut back, GuestOffset(4096)).is_ok() {
                     assert_eq!(back, pattern, "a successful write must read back");
                 }
             }

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use imagefmt::backing::{self, BackingError, BackingPolicy};
 use imagefmt::image::ImageHeader;
-use imagefmt::info::ImageInfo;
+use imagefmt::ops::info::ImageInfo;
 use imagefmt::io::MemBackend;
 use imagefmt::qcow2::{HeaderCluster, Qcow2Error};
 use imagefmt::vdi::{VdiError, VdiHeader};

@@ -9,7 +9,9 @@
 
 use std::sync::OnceLock;
 
-use imagefmt::chain::{GuestRead, RawReader};
+use imagefmt::extent::GuestRead;
+use imagefmt::offsets::GuestOffset;
+use imagefmt::raw::RawReader;
 use imagefmt::io::MemBackend;
 use imagefmt::vdi::{VdiHeader, VdiImage, HEADER_REGION_LEN};
 use libfuzzer_sys::{fuzz_target, Corpus};
@@ -35,7 +37,7 @@ fn exercise(data: &[u8], header: &VdiHeader, parent: bool) {
         let mut buf = vec![0u8; 1 << 16];
         for offset in [0, 4096, size / 2, size.saturating_sub(1 << 16)] {
             let len = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-            let _ = image.read_at(&mut buf[..len], offset);
+            let _ = image.read_at(&mut buf[..len], GuestOffset(offset));
         }
     }
     let rw = MemBackend::new(data.to_vec()).with_limit(64 << 20);
@@ -49,14 +51,14 @@ fn exercise(data: &[u8], header: &VdiHeader, parent: bool) {
     let pattern = [0x5a; 4096];
     if image.write_at(&pattern, 4096).is_ok() {
         let mut back = [0u8; 4096];
-        if image.read_at(&mut back, 4096).is_ok() {
+        if image.read_at(&mut back, GuestOffset(4096)).is_ok() {
             assert_eq!(back, pattern, "a successful write must read back");
         }
     }
     let whole = size.min(1 << 20);
     if whole == 1 << 20 && image.write_zeroes(0, whole).is_ok() {
         let mut back = vec![1u8; whole as usize];
-        if image.read_at(&mut back, 0).is_ok() {
+        if image.read_at(&mut back, GuestOffset(0)).is_ok() {
             assert!(
                 back.iter().all(|&b| b == 0),
                 "zeroed block must read as zeros"

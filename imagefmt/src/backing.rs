@@ -153,7 +153,7 @@ impl ChainGuard {
     /// Refuses `path` if it is an image already in the chain, before it is opened: opening it
     /// again would meet this very chain's own locks (an image held for writing conflicts with a
     /// second, read-only open of it), which would be reported as another process's lock.
-    pub fn refuse_seen(&self, path: &Path) -> Result<(), BackingError> {
+    pub(crate) fn refuse_seen(&self, path: &Path) -> Result<(), BackingError> {
         use std::os::unix::fs::MetadataExt;
         match std::fs::metadata(path) {
             Ok(meta) if self.seen.contains(&(meta.dev(), meta.ino())) => Err(BackingError::Loop {

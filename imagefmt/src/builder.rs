@@ -12,6 +12,7 @@ use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
+use crate::preallocate::Preallocation;
 use crate::qcow2::create::{write_new_image, BackingReference};
 use crate::qcow2::CreateOptions;
 use crate::{Error, Result};
@@ -25,6 +26,7 @@ pub struct Qcow2Builder {
     options: CreateOptions,
     backing: Option<BackingSpec>,
     mode: NewFileMode,
+    preallocation: Preallocation,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ impl Qcow2Builder {
             options: CreateOptions::default(),
             backing: None,
             mode: NewFileMode::default(),
+            preallocation: Preallocation::Off,
         }
     }
 
@@ -109,13 +112,22 @@ impl Qcow2Builder {
         self
     }
 
+    /// Preallocation of every cluster (`-o preallocation=`; default off).
+    pub fn preallocation(mut self, mode: Preallocation) -> Self {
+        self.preallocation = mode;
+        self
+    }
+
     /// Creates the image file.
     pub fn create(self) -> Result<CreatedImage> {
         let (size, backing) = self.resolve()?;
         let path = self.path.clone();
         let options = self.options.clone();
+        let preallocation = self.preallocation;
         create_with(&path, self.mode, |file| {
-            write_new_image(file, size, &options, backing.as_ref())
+            let size = write_new_image(file, size, &options, backing.as_ref())?;
+            preallocate(file, size, preallocation)?;
+            Ok(size)
         })
         .map(|virtual_size| CreatedImage {
             path,
@@ -126,9 +138,10 @@ impl Qcow2Builder {
 
     /// Writes the image onto an empty `backend` instead of a file (tests, benches, embedding).
     /// A relative backing name is still resolved against the builder's path.
-    pub fn create_on<B: Backend + ?Sized>(self, backend: &B) -> Result<CreatedImage> {
+    pub fn create_on<B: Backend + Send + Sync + ?Sized>(self, backend: &B) -> Result<CreatedImage> {
         let (size, backing) = self.resolve()?;
         let virtual_size = write_new_image(backend, size, &self.options, backing.as_ref())?;
+        preallocate(backend, virtual_size, self.preallocation)?;
         Ok(CreatedImage {
             path: self.path,
             virtual_size,
@@ -165,6 +178,25 @@ impl Qcow2Builder {
             }),
         ))
     }
+}
+
+/// Preallocates every cluster of a new image on `backend` (nothing for `Off`).
+fn preallocate<B: Backend + Send + Sync + ?Sized>(
+    backend: &B,
+    size: u64,
+    mode: Preallocation,
+) -> Result<()> {
+    if mode == Preallocation::Off {
+        return Ok(());
+    }
+    let cluster = crate::qcow2::HeaderCluster::read_from(backend)?;
+    let mut image = crate::qcow2::image::Qcow2Image::open_rw(
+        backend,
+        cluster,
+        None,
+        crate::qcow2::write::WriteOptions::default(),
+    )?;
+    image.preallocate(0, size, mode)
 }
 
 /// True if both paths name the same existing file, or are spelled the same. `target` is

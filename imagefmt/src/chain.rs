@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 
 use crate::backing::{BackingPolicy, ChainGuard};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, ExtentKind, Named};
+use crate::extent::{check_range, Extent, ExtentKind, GuestRead, Named};
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::open::{open_image, OpenHow};
 use crate::qcow2::image::Qcow2Image;
-use crate::vdi::{ParentResolver, SameDirectory};
+use crate::raw::RawReader;
+use crate::vdi::{ParentLink, ParentResolver, SameDirectory, VdiHeader, VdiImage};
 use crate::{Error, Result};
 
 /// How a chain is opened: which files below the top may be followed, and how.
@@ -63,14 +64,18 @@ impl<'a> ChainOptions<'a> {
     }
 
     /// The VDI parent resolver in effect.
-    pub fn vdi_resolver(&self) -> &'a dyn ParentResolver {
+    pub(crate) fn vdi_resolver(&self) -> &'a dyn ParentResolver {
         self.vdi_parents.unwrap_or(&SameDirectory)
     }
-}
 
-/// Moved to [`crate::extent`] and [`crate::raw`]; re-exported here for existing callers.
-pub use crate::extent::{check_range, read_below, GuestRead};
-pub use crate::raw::RawReader;
+    /// These options with `resolver` proposing VDI parents.
+    pub fn with_vdi_parents(self, resolver: &'a dyn ParentResolver) -> Self {
+        Self {
+            vdi_parents: Some(resolver),
+            ..self
+        }
+    }
+}
 
 /// qemu's `bdrv_block_status_above` as `qemu-img map` and `convert` use it: the status of the
 /// chain `top` at `start`, at most `max_len` bytes (clamped to the disk, never empty).
@@ -128,12 +133,12 @@ pub fn read_extent(top: &dyn GuestRead, extent: &Extent, buf: &mut [u8]) -> Resu
         buf[done..].fill(0);
         return Ok(());
     }
-    top.read_at(buf, extent.start.0)
+    top.read_at(buf, extent.start)
 }
 
 /// The open file and offset holding `extent`'s bytes verbatim (uncompressed data of a layer
 /// backed by a real file), when there is one.
-pub fn verbatim_source<'a>(
+pub(crate) fn verbatim_source<'a>(
     top: &'a dyn GuestRead,
     extent: &Extent,
 ) -> Option<(BorrowedFd<'a>, u64)> {
@@ -150,7 +155,7 @@ pub fn verbatim_source<'a>(
 }
 
 /// The layer `depth` steps below `top` (the one a chain extent of that depth comes from).
-pub fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
+pub(crate) fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead> {
     let mut layer = top;
     for _ in 0..depth {
         layer = layer.below()?;
@@ -220,7 +225,7 @@ pub fn open_chain_allowing_data_files(
 }
 
 /// One image of a chain as [`walk`] finds it.
-pub struct Level {
+pub(crate) struct Level {
     /// The path it was opened by (as resolved from the name above it).
     pub path: PathBuf,
     /// The open file (read-only).
@@ -233,6 +238,17 @@ pub struct Level {
     pub below: Option<PathBuf>,
 }
 
+/// The image a chain goes on to below another.
+struct Next {
+    /// Its path, resolved from the name (or found by UUID) above it.
+    path: PathBuf,
+    /// Its format, if the image above records it (else recognised by content).
+    format: Option<ImageFormat>,
+    /// For a VDI parent: the creation UUID it must carry (the child's linkage UUID), checked
+    /// again on the file the walk opens.
+    vdi_linkage: Option<uuid::Uuid>,
+}
+
 /// Where a chain goes below the image `header` at `path`: its backing file (qcow2, resolved
 /// under the policy, with the format its header records) or its VDI parent (proposed by the
 /// resolver, verified by UUID); `None` at the bottom or under [`BackingPolicy::Detach`].
@@ -240,21 +256,22 @@ fn next_below(
     path: &Path,
     header: &ImageHeader,
     options: &ChainOptions<'_>,
-) -> Result<Option<(PathBuf, Option<ImageFormat>)>> {
+) -> Result<Option<Next>> {
     if *options.policy == BackingPolicy::Detach {
         return Ok(None);
     }
     match header {
-        ImageHeader::Vdi(vdi) if vdi.is_differencing() => {
-            let parent =
-                crate::vdi::find_parent(path, vdi, options.policy, options.vdi_resolver())?;
-            Ok(Some((parent, Some(ImageFormat::Vdi))))
-        }
+        ImageHeader::Vdi(vdi) if vdi.is_differencing() => Ok(Some(Next {
+            path: crate::vdi::find_parent(path, vdi, options.policy, options.vdi_resolver())?,
+            format: Some(ImageFormat::Vdi),
+            vdi_linkage: Some(vdi.uuid_linkage),
+        })),
         ImageHeader::Qcow2(cluster) => match cluster.backing_file.as_deref() {
-            Some(name) => Ok(Some((
-                options.policy.resolve(path, name)?,
-                cluster.backing_format().map(str::parse).transpose()?,
-            ))),
+            Some(name) => Ok(Some(Next {
+                path: options.policy.resolve(path, name)?,
+                format: cluster.backing_format().map(str::parse).transpose()?,
+                vdi_linkage: None,
+            })),
             None => Ok(None),
         },
         _ => Ok(None),
@@ -267,18 +284,40 @@ fn next_below(
 /// recorded is recognised by content and never assumed raw. Each file is opened through
 /// [`open_image`] as `how` says (regular files only; qemu's locks held from before its header
 /// is read for as long as the visitor keeps the file).
-pub fn walk(
+pub(crate) fn walk(
     path: &Path,
     format: Option<ImageFormat>,
     options: &ChainOptions<'_>,
     how: OpenHow,
     guard: &mut ChainGuard,
     top: bool,
+    visit: impl FnMut(Level) -> Result<()>,
+) -> Result<()> {
+    let first = Next {
+        path: path.to_owned(),
+        format,
+        vdi_linkage: None,
+    };
+    walk_from(first, options, how, guard, top, visit)
+}
+
+/// [`walk`] from `next` on.
+fn walk_from(
+    next: Next,
+    options: &ChainOptions<'_>,
+    how: OpenHow,
+    guard: &mut ChainGuard,
+    top: bool,
     mut visit: impl FnMut(Level) -> Result<()>,
 ) -> Result<()> {
-    let mut next = Some((path.to_owned(), format));
+    let mut next = Some(next);
     let mut top = top;
-    while let Some((path, format)) = next.take() {
+    while let Some(Next {
+        path,
+        format,
+        vdi_linkage,
+    }) = next.take()
+    {
         // An image met again is a loop, reported as such before its lock could clash with ours.
         guard.refuse_seen(&path)?;
         let file = open_image(&path, how)?;
@@ -287,10 +326,15 @@ pub fn walk(
             .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
         guard.enter(&path, &meta)?;
         let header = ImageHeader::read(&file, format, &path, top)?;
+        if let Some(linkage) = vdi_linkage {
+            // The file opened (and locked) is the parent that was verified by UUID.
+            crate::vdi::check_parent(&path, &header, linkage)?;
+        }
         top = false;
         next = next_below(&path, &header, options)?;
+        tracing::debug!(path = %path.display(), format = %header.format().name(), below = ?next.as_ref().map(|n| &n.path), "chain layer opened");
         visit(Level {
-            below: next.as_ref().map(|(p, _)| p.clone()),
+            below: next.as_ref().map(|n| n.path.clone()),
             path,
             file,
             meta,
@@ -308,33 +352,38 @@ pub fn open_chain_with(
     options: &ChainOptions<'_>,
 ) -> Result<Box<dyn GuestRead>> {
     let mut guard = ChainGuard::default();
+    let first = Next {
+        path: path.to_owned(),
+        format,
+        vdi_linkage: None,
+    };
+    let levels = walk_levels(first, options, &mut guard, true)?;
     // The walk visits at least the top image (or fails), so a chain is always there.
-    open_levels(path, format, options, &mut guard, true)?.ok_or_else(|| Error::UnrecognizedFormat {
+    open_levels(levels, options)?.ok_or_else(|| Error::UnrecognizedFormat {
         path: path.to_owned(),
     })
 }
 
-/// Walks the chain from `path` and opens it bottom-up, each layer over the one below it.
-fn open_levels(
-    path: &Path,
-    format: Option<ImageFormat>,
+/// Walks the chain from `next` on (opening each image for reading as `options` say).
+fn walk_levels(
+    next: Next,
     options: &ChainOptions<'_>,
     guard: &mut ChainGuard,
     top: bool,
-) -> Result<Option<Box<dyn GuestRead>>> {
+) -> Result<Vec<Level>> {
     let mut levels = Vec::new();
-    walk(
-        path,
-        format,
-        options,
-        options.open_how(),
-        guard,
-        top,
-        |level| {
-            levels.push(level);
-            Ok(())
-        },
-    )?;
+    walk_from(next, options, options.open_how(), guard, top, |level| {
+        levels.push(level);
+        Ok(())
+    })?;
+    Ok(levels)
+}
+
+/// Opens the images a walk found bottom-up, each layer over the one below it.
+fn open_levels(
+    levels: Vec<Level>,
+    options: &ChainOptions<'_>,
+) -> Result<Option<Box<dyn GuestRead>>> {
     let mut below: Option<Box<dyn GuestRead>> = None;
     for level in levels.into_iter().rev() {
         let path = level.path.clone();
@@ -358,7 +407,7 @@ pub fn open_qcow2_rw(
 
 /// [`open_qcow2_rw`] on a file the caller already opened for writing with [`open_image`] (so
 /// its locks are held from before its header was read).
-pub fn qcow2_rw_from_file(
+pub(crate) fn qcow2_rw_from_file(
     file: File,
     path: &Path,
     policy: &BackingPolicy,
@@ -372,15 +421,107 @@ pub fn qcow2_rw_from_file(
     let header = ImageHeader::read_as(&file, ImageFormat::Qcow2, path)?;
     let chain_options = ChainOptions::new(policy);
     let below = match next_below(path, &header, &chain_options)? {
-        Some((backing, format)) => {
-            open_levels(&backing, format, &chain_options, &mut guard, false)?
-        }
+        Some(next) => open_levels(
+            walk_levels(next, &chain_options, &mut guard, false)?,
+            &chain_options,
+        )?,
         None => None,
     };
     let ImageHeader::Qcow2(cluster) = header else {
         unreachable!("read_as(Qcow2) returns a qcow2 header");
     };
     Qcow2Image::open_rw(file, cluster, below, options)
+}
+
+/// Opens the VDI image at `path` for reading with the chain of parents below it, found as
+/// `options` say (resolver, policy; each verified by UUID). A differencing image whose parent is
+/// not found is refused, as is one with a null linkage UUID: the bottom of a chain is never a
+/// differencing image. The links found are in [`VdiImage::parent_links`].
+pub fn open_vdi(path: &Path, options: &ChainOptions<'_>) -> Result<VdiImage<File>> {
+    let file = open_image(path, options.open_how())?;
+    let header = read_vdi_header(&file, path)?;
+    vdi_over_parents(file, header, path, options, None)
+}
+
+/// Opens the VDI image at `path` for reading and writing (holding qemu's write locks), its
+/// parent chain (read-only, opened as `options` say) below it. With `durable`, dependent
+/// metadata updates are separated by fsync.
+pub fn open_vdi_rw(
+    path: &Path,
+    options: &ChainOptions<'_>,
+    durable: bool,
+) -> Result<VdiImage<File>> {
+    let file = open_image(path, OpenHow::write())?;
+    let header = read_vdi_header(&file, path)?;
+    vdi_over_parents(file, header, path, options, Some(durable))
+}
+
+/// [`open_vdi`] on a file the caller already opened with [`open_image`] and whose header it read
+/// as `header` (so the image's locks are the caller's).
+pub fn vdi_from_file(
+    file: File,
+    header: VdiHeader,
+    path: &Path,
+    options: &ChainOptions<'_>,
+) -> Result<VdiImage<File>> {
+    vdi_over_parents(file, header, path, options, None)
+}
+
+/// The VDI header of the image `file` at `path`.
+fn read_vdi_header(file: &File, path: &Path) -> Result<VdiHeader> {
+    match ImageHeader::read_as(file, ImageFormat::Vdi, path)? {
+        ImageHeader::Vdi(header) => Ok(*header),
+        _ => unreachable!("read_as(Vdi) returns a VDI header"),
+    }
+}
+
+/// The VDI image `file` (header `header`, at `path`) over its parents as [`walk`] finds them,
+/// with its [`ParentLink`]s; open for writing when `durable` is given.
+fn vdi_over_parents(
+    file: File,
+    header: VdiHeader,
+    path: &Path,
+    options: &ChainOptions<'_>,
+    durable: Option<bool>,
+) -> Result<VdiImage<File>> {
+    let meta = file
+        .metadata()
+        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
+    let mut guard = ChainGuard::default();
+    guard.enter(path, &meta)?;
+    let header = ImageHeader::Vdi(Box::new(header));
+    let levels = match next_below(path, &header, options)? {
+        Some(next) => walk_levels(next, options, &mut guard, false)?,
+        None => Vec::new(),
+    };
+    let ImageHeader::Vdi(header) = header else {
+        unreachable!("built as a VDI header above");
+    };
+    let links = vdi_links(path, &header, &levels);
+    let below = open_levels(levels, options)?;
+    let mut image = match durable {
+        Some(durable) => VdiImage::open_rw(file, *header, below, durable)?,
+        None => VdiImage::open(file, *header, below)?,
+    };
+    image.links = links;
+    Ok(image)
+}
+
+/// The links from the VDI image `top` (header `header`) down the VDI parents in `levels`.
+fn vdi_links(top: &Path, header: &VdiHeader, levels: &[Level]) -> Vec<ParentLink> {
+    let mut links = Vec::new();
+    let mut child = (top, header);
+    for level in levels {
+        let ImageHeader::Vdi(parent) = &level.header else {
+            break;
+        };
+        if !child.1.is_differencing() {
+            break;
+        }
+        links.push(ParentLink::between(child.0, child.1, &level.path, parent));
+        child = (&level.path, parent);
+    }
+    links
 }
 
 /// Opens one image found by [`walk`] over the already opened image below it.

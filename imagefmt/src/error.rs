@@ -133,6 +133,14 @@ pub enum Error {
         /// The image.
         path: PathBuf,
     },
+    /// `commit -b BASE`: no image of the chain is BASE (qemu-img's wording).
+    #[error("Did not find '{base}' in the backing chain of '{}'", image.display())]
+    BaseNotInChain {
+        /// The base as given.
+        base: String,
+        /// The image whose chain was searched.
+        image: PathBuf,
+    },
 }
 
 impl Error {
@@ -160,7 +168,7 @@ impl Error {
 
     /// Wraps this error with the file it concerns and that file's role (see
     /// [`Error::InFile`]); an error that already names a file is returned as it is.
-    pub fn in_file(self, role: &'static str, path: &std::path::Path) -> Error {
+    pub(crate) fn in_file(self, role: &'static str, path: &std::path::Path) -> Error {
         match self {
             Error::InFile { .. } => self,
             other => Error::InFile {

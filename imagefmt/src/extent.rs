@@ -129,7 +129,7 @@ pub trait GuestRead: Send + Sync {
     fn virtual_size(&self) -> u64;
 
     /// Fills `buf` with guest bytes starting at `offset`; the range must lie inside the disk.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()>;
 
     /// This layer's own answer for the range starting at `start` (inside the disk), at most
     /// `max_len` (≥ 1) bytes and not past the end of the disk: depth 0, and
@@ -168,7 +168,7 @@ impl GuestRead for Box<dyn GuestRead> {
     fn virtual_size(&self) -> u64 {
         (**self).virtual_size()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
         (**self).read_at(buf, offset)
     }
     fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
@@ -190,7 +190,7 @@ impl GuestRead for Box<dyn GuestRead> {
 
 /// A layer together with the path it was opened from and its external data file's, if any
 /// (for `map`'s file column).
-pub struct Named {
+pub(crate) struct Named {
     inner: Box<dyn GuestRead>,
     path: PathBuf,
     data_file: Option<PathBuf>,
@@ -217,7 +217,7 @@ impl GuestRead for Named {
     fn virtual_size(&self) -> u64 {
         self.inner.virtual_size()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
         self.inner.read_at(buf, offset)
     }
     fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
@@ -242,13 +242,17 @@ impl GuestRead for Named {
 
 /// Reads `buf.len()` bytes at `offset` from an optional lower image: bytes beyond the lower
 /// image's size (or with no lower image at all) read as zeros, as qemu defines for backing files.
-pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<()> {
+pub(crate) fn read_below(
+    below: Option<&dyn GuestRead>,
+    buf: &mut [u8],
+    offset: GuestOffset,
+) -> Result<()> {
     let Some(below) = below else {
         buf.fill(0);
         return Ok(());
     };
     let size = below.virtual_size();
-    let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let inside = size.saturating_sub(offset.0).min(buf.len() as u64) as usize;
     let (head, tail) = buf.split_at_mut(inside);
     if !head.is_empty() {
         below.read_at(head, offset)?;
@@ -258,7 +262,7 @@ pub fn read_below(below: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) ->
 }
 
 /// Refuses reads outside `0..size`.
-pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange {

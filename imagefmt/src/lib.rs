@@ -9,7 +9,7 @@
 //! detect ──► image::ImageHeader ──► qcow2::HeaderCluster / vdi::VdiHeader / raw length
 //!                                         ▲
 //! builder::Qcow2Builder ─► qcow2::create ─┘─► qcow2::layout ─► new_file (temp + link)
-//! info ──► image facts with qemu-img's JSON keys; backing ──► untrusted names under a policy
+//! backing ──► untrusted names under a policy
 //! open::open_image ──► regular files only ──► lock (qemu's OFD image locks) ──► every reader/writer
 //!
 //! extent (Extent, GuestRead; offsets: typed offsets) ◄── qcow2 / vdi / raw block status
@@ -17,6 +17,31 @@
 //! chain (walk, open_chain_with, block_status, extents, read_extent) ◄── ops: map, compare,
 //!                                                      convert, commit, rebase, info
 //! ```
+//!
+//! # Public API
+//!
+//! - Creating images: [`Qcow2Builder`] (qcow2 images and overlays, [`CreatedImage`]),
+//!   [`vdi::create_dynamic`], [`vdi::create_fixed`], [`vdi::create_differencing`]; [`new_file`]
+//!   (a new file is linked into place only when complete).
+//! - Opening: [`open::open_image`] (the one opener of image files, qemu's locks from [`lock`]);
+//!   [`chain`] (the one chain walker: an image and everything below it as one
+//!   [`extent::GuestRead`], for reading; [`chain::open_qcow2_rw`], [`chain::open_vdi_rw`] for
+//!   writing); [`backing`] (the policy for names read from images).
+//! - What lies where: [`extent`] ([`extent::Extent`], [`extent::GuestRead`]), [`offsets`]
+//!   (typed guest and host offsets), [`chain::block_status`], [`chain::extents`],
+//!   [`chain::read_extent`].
+//! - Whole-image operations: [`ops`] (info, map, compare, convert, commit, rebase, resize) and
+//!   [`measure`].
+//! - Formats: [`qcow2`] (header codecs, [`qcow2::image::Qcow2Image`], [`qcow2::check`]), [`vdi`]
+//!   (codecs, [`vdi::VdiImage`], parent resolvers, [`vdi::check`]), [`raw`].
+//! - Parsers of untrusted bytes, public for the fuzz targets: [`detect`],
+//!   [`image::ImageHeader`], [`qcow2::HeaderCluster::parse`], [`qcow2::extensions`],
+//!   [`vdi::VdiHeader::parse`], [`vdi::BlockMap::parse`], [`size::parse_size`]; and
+//!   [`io::MemBackend`], images on memory.
+//! - [`Error`] and [`Result`].
+//!
+//! Everything else is crate-private: the one L1/L2 decoder (`qcow2::tables`), the allocator,
+//! compression, the chain walker's internals, the lock primitives.
 //!
 //! Every image file is opened through [`open::open_image`], which takes qemu-compatible locks
 //! ([`lock`]): writing an image another process (qemu, or another cowclone) uses is refused, and
@@ -29,6 +54,7 @@
 //! ```
 //! use imagefmt::backing::BackingPolicy;
 //! use imagefmt::chain::{open_chain, open_qcow2_rw};
+//! use imagefmt::offsets::GuestOffset;
 //! use imagefmt::qcow2::check::{check, Repair};
 //! use imagefmt::{ImageFormat, Qcow2Builder};
 //! # let dir = tempfile::tempdir()?;
@@ -53,13 +79,13 @@
 //! // Read it back through the whole chain, and check the overlay as qemu-img check would.
 //! let chain = open_chain(&clone, None, &policy)?;
 //! let mut bytes = [0u8; 12];
-//! chain.read_at(&mut bytes, 4096)?;
+//! chain.read_at(&mut bytes, GuestOffset(4096))?;
 //! assert_eq!(&bytes, b"hello, guest");
 //! let file = imagefmt::open::open_image(&clone, imagefmt::open::OpenHow::read())?;
 //! let report = check(&file, Repair::None)?;
 //! assert_eq!(report.exit_code(), 0, "no corruption, no leak");
 //!
-//! let info = imagefmt::info::image_info(&clone)?;
+//! let info = imagefmt::ops::info::image_info(&clone)?;
 //! assert_eq!(info.backing_filename.as_deref(), Some("base.qcow2"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -67,10 +93,10 @@
 #![warn(missing_docs)]
 
 pub mod backing;
-pub mod builder;
+mod builder;
 pub mod chain;
 pub mod detect;
-pub mod error;
+mod error;
 pub mod extent;
 pub mod image;
 pub mod io;
@@ -80,12 +106,14 @@ pub mod new_file;
 pub mod offsets;
 pub mod open;
 pub mod ops;
+pub mod preallocate;
 pub mod qcow2;
 pub mod raw;
 pub mod size;
 pub mod vdi;
 
+// The deliberate root API: the types nearly every caller names (builder.rs and error.rs are
+// private; detect.rs is public for its probes).
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::{ForeignFormat, ImageFormat};
 pub use error::{Error, Result};
-pub use ops::{commit, compare, convert, dd, info, map, rebase};

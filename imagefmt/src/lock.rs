@@ -47,10 +47,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// qemu's `RAW_LOCK_PERM_BASE`: byte `100 + i` is locked by a holder of permission `i`.
-pub const PERM_BASE: i64 = 100;
+pub(crate) const PERM_BASE: i64 = 100;
 /// qemu's `RAW_LOCK_SHARED_BASE`: byte `200 + i` is locked by whoever does not share
 /// permission `i`.
-pub const SHARED_BASE: i64 = 200;
+pub(crate) const SHARED_BASE: i64 = 200;
 
 /// One block-layer permission of qemu (`BLK_PERM_*`), as its bit index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +178,7 @@ pub enum LockError {
 
 impl LockError {
     /// True if another process uses the image (as opposed to the locking call failing).
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         matches!(self, LockError::NotShared { .. } | LockError::Held { .. })
     }
 }
@@ -186,7 +186,7 @@ impl LockError {
 /// Takes the locks of `access` on `file` (the image at `path`, named in errors), in qemu's
 /// order: lock own bytes, then test the other side's. On a conflict the caller drops `file`,
 /// which releases whatever was locked.
-pub fn lock(file: &File, path: &Path, access: Access) -> Result<(), LockError> {
+pub(crate) fn lock(file: &File, path: &Path, access: Access) -> Result<(), LockError> {
     let held = access.held();
     let unshared = !access.shared();
     let io_error = |byte| lock_call_failed(path, byte);
@@ -226,7 +226,7 @@ fn lock_call_failed(path: &Path, byte: i64) -> impl FnOnce(io::Error) -> LockErr
     }
 }
 
-/// How long a conflicting lock is looked at again before it is reported (see [`lock`]).
+/// How long a conflicting lock is looked at again before it is reported (see the module docs).
 pub const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Tests the other side's bytes, as qemu's `raw_check_lock_bytes` does: the first conflict.

@@ -20,15 +20,16 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::chain::{block_status, ChainOptions, GuestRead};
+use crate::chain::{block_status, ChainOptions};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
 use crate::qcow2::create::CreateOptions;
-use crate::qcow2::error::Qcow2Error;
 use crate::qcow2::extensions::Extension;
 use crate::qcow2::features::AutoclearFeatures;
 use crate::qcow2::header::Version;
+use crate::qcow2::Qcow2Error;
 use crate::qcow2::MAX_L1_TABLE_BYTES;
 use crate::{Error, Result};
 
@@ -59,19 +60,7 @@ impl Measurement {
     }
 }
 
-/// qcow2 `preallocation` modes (`-o preallocation=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preallocation {
-    /// `off` (default).
-    #[default]
-    Off,
-    /// `metadata`: metadata is always counted, so this changes nothing.
-    Metadata,
-    /// `falloc`: data space reserved, so all of it is required.
-    Falloc,
-    /// `full`: data written, so all of it is required.
-    Full,
-}
+pub use crate::preallocate::Preallocation;
 
 /// The output format and its `-o` options as far as they matter to the numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,18 +115,7 @@ impl MeasureOptions {
                 self.size = Some(size);
             }
             "preallocation" => {
-                self.preallocation = match value {
-                    "off" => Preallocation::Off,
-                    "metadata" if self.format == ImageFormat::Qcow2 => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => {
-                        return Err(invalid(
-                            "preallocation",
-                            "expected off, metadata (qcow2), falloc or full",
-                        ))
-                    }
-                }
+                self.preallocation = Preallocation::parse(value, self.format == ImageFormat::Qcow2)?
             }
             _ if self.format != ImageFormat::Qcow2 => {
                 return Err(Error::from(Qcow2Error::InvalidOption {

@@ -100,11 +100,12 @@ impl<B: Backend + Send + Sync> GuestRead for RawReader<B> {
         self.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.size)?;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_range(offset.0, buf.len(), self.size)?;
+        // A raw image's host offsets are its guest offsets.
         let got = self
             .backend
-            .read_prefix_at(buf, offset)
+            .read_prefix_at(buf, offset.0)
             .map_err(Error::reading("raw image data"))?;
         buf[got..].fill(0);
         Ok(())

@@ -19,7 +19,7 @@ pub struct AmendArgs {
     /// (repeatable; comma-separated).
     #[arg(short = 'o', value_name = "key=value,...")]
     pub options: Vec<String>,
-    /// Print progress as qemu-img does: `(x.xx/100%)` lines on standard output.
+    /// Show progress (a bar on a terminal, qemu-img's "(x.xx/100%)" lines otherwise).
     #[arg(short = 'p')]
     pub progress: bool,
     /// Quiet: no progress output.
@@ -75,14 +75,9 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
         other => anyhow::Error::new(other).context(format!("{}", args.file.display())),
     };
     let options = AmendOptions::parse(&text).map_err(as_anyhow)?;
-    let progress = args.progress && !args.quiet;
-    if progress {
-        write!(out, "    (0.00/100%)\r")?;
-        out.flush()?;
-    }
+    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
     amend_image(file, &options).map_err(as_anyhow)?;
-    if progress {
-        write!(out, "    (100.00/100%)\r    (100.00/100%)\r\n")?;
-    }
+    progress.update(1, 1);
+    progress.finish();
     Ok(())
 }

@@ -222,7 +222,7 @@ fn bench_clone(args: BenchCloneArgs, out: &mut impl Write) -> Result<()> {
         },
     )?;
     match args.output {
-        ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(results)?)?,
+        ReportFormat::Json => crate::output::write_qemu_json(out, results)?,
         ReportFormat::Csv => report::clone_csv(results, out)?,
         ReportFormat::Human => report::clone_human(&report, out)?,
     }
@@ -267,7 +267,7 @@ fn bench_io(args: BenchIoArgs, out: &mut impl Write) -> Result<()> {
         },
     )?;
     match args.output {
-        ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        ReportFormat::Json => crate::output::write_qemu_json(out, &report)?,
         ReportFormat::Csv => {
             writeln!(
                 out,
@@ -352,7 +352,7 @@ fn bench_ops(args: BenchOpsArgs, out: &mut impl Write) -> Result<()> {
         },
     )?;
     match args.output {
-        ReportFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        ReportFormat::Json => crate::output::write_qemu_json(out, &report)?,
         ReportFormat::Csv => report::ops_csv(&report, out)?,
         ReportFormat::Human => report::ops_human(&report, out)?,
     }

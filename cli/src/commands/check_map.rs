@@ -11,13 +11,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use imagefmt::image::ImageHeader;
-use imagefmt::map::MapEntry;
 use imagefmt::open::{open_image, OpenHow};
+use imagefmt::ops::map::MapEntry;
 use imagefmt::qcow2::check::{CheckReport, Repair};
 use imagefmt::qcow2::features::IncompatibleFeatures;
 use imagefmt::ImageFormat;
 
-use crate::args::{ChainPolicyArgs, OutputFormat};
+use crate::args::{ChainPolicyArgs, OutputArg, OutputFormat};
 
 /// `cowclone check [-r leaks|all] [--output human|json] [-f FMT] [-U] [--confine DIR] FILE`
 #[derive(Debug, clap::Args)]
@@ -33,8 +33,8 @@ pub struct CheckArgs {
     )]
     pub repair: Option<RepairMode>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Format of FILE (default: recognised by content).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
@@ -63,8 +63,8 @@ pub enum RepairMode {
 #[derive(Debug, clap::Args)]
 pub struct MapArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Format of FILE (default: recognised by content, raw otherwise).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
@@ -121,7 +121,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     // (and their shared-read locks) are held until the check is done. Both follow the same
     // policy as every other command: --confine, and data files only with --allow-data-file.
     let policy = args.chain.policy();
-    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let parents = args.chain.vdi_parents();
     let options = args.chain.options(&policy, &parents);
     let _backing = match cluster.backing_file.as_deref() {
         Some(name) => {
@@ -160,7 +160,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     print_messages(&first);
     let mut report = first.clone();
     if first.repaired_anything() {
-        if args.output == OutputFormat::Human && !args.quiet {
+        if args.output.format == OutputFormat::Human && !args.quiet {
             writeln!(
                 out,
                 "The following inconsistencies were found and repaired:\n\n    {} leaked \
@@ -177,7 +177,7 @@ pub fn check(args: CheckArgs, out: &mut impl Write) -> Result<u8> {
     report.filename = path.to_string_lossy().into_owned();
 
     if !args.quiet {
-        write_report(out, args.output, &report)?;
+        write_report(out, args.output.format, &report)?;
     }
     let code = report.exit_code();
     if code == 1 {
@@ -200,24 +200,14 @@ fn check_vdi(
     let path = &args.file;
     if header.is_differencing() {
         let policy = args.chain.policy();
-        let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+        let parents = args.chain.vdi_parents();
         let options = args.chain.options(&policy, &parents);
         // The same open file description (and so the same locks) as the one being checked.
         let top = file
             .try_clone()
             .with_context(|| format!("{}", path.display()))?;
-        let mut guard = imagefmt::backing::ChainGuard::default();
-        guard.enter(path, &top.metadata()?)?;
-        let image = imagefmt::vdi::open_vdi_file_under_policy(
-            top,
-            header.clone(),
-            path,
-            &policy,
-            options.vdi_resolver(),
-            &mut guard,
-            options.open_how(),
-        )
-        .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
+        let image = imagefmt::chain::vdi_from_file(top, header.clone(), path, &options)
+            .with_context(|| format!("could not open the parent chain of {}", path.display()))?;
         for link in image.parent_links() {
             if !args.quiet && !link.modification_matches() {
                 eprintln!(
@@ -237,25 +227,16 @@ fn check_vdi(
     print_messages(&report);
     report.filename = path.to_string_lossy().into_owned();
     if !args.quiet {
-        write_report(out, args.output, &report)?;
+        write_report(out, args.output.format, &report)?;
     }
     Ok(report.exit_code())
 }
 
 /// Prints a check result in the chosen format.
 fn write_report(out: &mut impl Write, format: OutputFormat, report: &CheckReport) -> Result<()> {
-    match format {
-        OutputFormat::Human => write_human_check(out, report)?,
-        OutputFormat::Json => {
-            let mut json = Vec::new();
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-            let mut serializer = serde_json::Serializer::with_formatter(&mut json, formatter);
-            serde::Serialize::serialize(report, &mut serializer)?;
-            out.write_all(&json)?;
-            writeln!(out)?;
-        }
-    }
-    Ok(())
+    crate::output::emit(out, format, report, |out, report| {
+        Ok(write_human_check(out, report)?)
+    })
 }
 
 /// What qemu-img prints on stderr while checking.
@@ -320,7 +301,7 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .map(str::parse::<ImageFormat>)
         .transpose()?;
     let policy = args.chain.policy();
-    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let parents = args.chain.vdi_parents();
     let options = args.chain.options(&policy, &parents);
     // Entries are written as they are found: memory stays constant on any image. The header
     // (or the opening bracket) comes with the first entry, so an image that cannot be opened
@@ -328,26 +309,26 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     let mut started = false;
     let mut first = true;
     let mut human_error = None;
-    let json = args.output == OutputFormat::Json;
+    let json = args.output.format == OutputFormat::Json;
     let start = |out: &mut dyn Write| -> std::io::Result<()> {
         if json {
             write!(out, "[")
         } else {
-            imagefmt::map::write_human_header(out).map_err(|e| match e {
-                imagefmt::map::HumanMapError::Io(e) => e,
+            imagefmt::ops::map::write_human_header(out).map_err(|e| match e {
+                imagefmt::ops::map::HumanMapError::Io(e) => e,
                 other => std::io::Error::other(other.to_string()),
             })
         }
     };
-    imagefmt::map::map_each(&args.file, format, &options, |entry| {
+    imagefmt::ops::map::map_each(&args.file, format, &options, |entry| {
         if !std::mem::replace(&mut started, true) {
             start(out).map_err(imagefmt::Error::io("writing the map"))?;
         }
-        let written = match args.output {
+        let written = match args.output.format {
             OutputFormat::Json => write_json_entry(out, &entry, std::mem::take(&mut first)),
             OutputFormat::Human if human_error.is_some() => Ok(()),
-            OutputFormat::Human => match imagefmt::map::write_human_row(out, &entry) {
-                Err(imagefmt::map::HumanMapError::Io(e)) => Err(e),
+            OutputFormat::Human => match imagefmt::ops::map::write_human_row(out, &entry) {
+                Err(imagefmt::ops::map::HumanMapError::Io(e)) => Err(e),
                 Err(e) => {
                     human_error = Some(e);
                     Ok(())
@@ -364,7 +345,7 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     if let Some(e) = human_error {
         return Err(e.into());
     }
-    if args.output == OutputFormat::Json {
+    if args.output.format == OutputFormat::Json {
         writeln!(out, "]")?;
     }
     Ok(0)

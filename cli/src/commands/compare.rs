@@ -3,23 +3,16 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use imagefmt::backing::BackingPolicy;
 use imagefmt::ImageFormat;
 
 use crate::args::CompareArgs;
-use crate::commands::chain_options;
 
 /// Compares the two images; returns qemu-img's exit code (0 identical, 1 different).
 pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
-    use imagefmt::compare::Comparison;
-    let policy = match &args.confine {
-        _ if args.no_backing => BackingPolicy::Detach,
-        Some(dir) => BackingPolicy::Confine(dir.clone()),
-        None => BackingPolicy::FollowLocal,
-    };
-    let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let mut options = chain_options(&policy, args.allow_data_file, &parents);
-    options.force_share = args.force_share;
+    use imagefmt::ops::compare::Comparison;
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
+    let options = args.chain.options(&policy, &parents);
     let open = |path: &std::path::Path, format: &Option<String>| -> Result<_> {
         let format = format
             .as_deref()
@@ -30,7 +23,7 @@ pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
-    let outcome = imagefmt::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
+    let outcome = imagefmt::ops::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
     // qemu-img warns about different sizes once the common part compared equal.
     let common = first.virtual_size().min(second.virtual_size());
     let sizes_differ = first.virtual_size() != second.virtual_size();

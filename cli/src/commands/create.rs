@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
+use imagefmt::preallocate::Preallocation;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::{ImageFormat, Qcow2Builder};
 
@@ -18,9 +19,11 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     match args.format.as_str() {
         "qcow2" => {}
         "vdi" => return crate::commands::vdi_create::create_vdi(&args, out),
-        other => bail!("creating {other:?} images is not supported (qcow2 and vdi are)"),
+        "raw" => return create_raw(&args, out),
+        other => bail!("creating {other:?} images is not supported (qcow2, raw and vdi are)"),
     }
     let mut options = CreateOptions::default();
+    let mut preallocation = None;
     let mut size_text = args.size.clone();
     let mut compat_text = None;
     // -b and -F win over -o backing_file / backing_fmt, as in qemu-img.
@@ -47,6 +50,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
                 options.set(key, value)?;
                 compat_text = Some(value.to_owned());
             }
+            "preallocation" => preallocation = Some(Preallocation::parse(value, true)?),
             _ => options.set(key, value)?,
         }
     }
@@ -57,7 +61,8 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     let mut builder = Qcow2Builder::new(&args.file)
         .options(options.clone())
         .overwrite(args.overwrite)
-        .durable(args.durable);
+        .durable(args.durable)
+        .preallocation(preallocation.unwrap_or_default());
     if let Some(size) = size {
         builder = builder.size(size);
     }
@@ -79,12 +84,18 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         // The line qemu-img prints, in its order; size as requested (or the backing file's).
         let shown_size = size.unwrap_or(created.virtual_size);
         let mut line = format!(
-            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={shown_size}",
+            "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
             args.file.display(),
             options.cluster_size,
             on_off(options.extended_l2),
-            options.compression_type.name(),
         );
+        if let Some(mode) = preallocation {
+            line.push_str(&format!(" preallocation={}", mode.name()));
+        }
+        line.push_str(&format!(
+            " compression_type={} size={shown_size}",
+            options.compression_type.name()
+        ));
         if let Some(compat) = &compat_text {
             line.push_str(&format!(" compat={compat}"));
         }
@@ -99,6 +110,54 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             on_off(options.lazy_refcounts),
             options.refcount_bits
         ));
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// `create -f raw FILE SIZE [-o preallocation=off|falloc|full]`: a raw image as qemu's file
+/// driver makes one (see [`imagefmt::preallocate::new_raw`]), with qemu-img's line.
+fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
+    if args.backing.is_some() {
+        bail!("raw images have no backing file");
+    }
+    let mut size_text = args.size.clone();
+    let mut preallocation = None;
+    for item in args.options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
+        match key {
+            "size" if size_text.is_some() => bail!("the image size must be specified only once"),
+            "size" => size_text = Some(value.to_owned()),
+            "preallocation" => preallocation = Some(Preallocation::parse(value, false)?),
+            _ => bail!("Invalid parameter '{key}' for the raw format"),
+        }
+    }
+    let size = parse_size(
+        size_text
+            .as_deref()
+            .context("Image creation needs a size parameter")?,
+    )?;
+    // qemu-img prints the size asked for and rounds the file up to whole sectors.
+    let requested = size;
+    let size = size.next_multiple_of(512);
+    let mode = imagefmt::new_file::NewFileMode {
+        overwrite: args.overwrite,
+        durable: args.durable,
+    };
+    imagefmt::new_file::create_with(&args.file, mode, |file| {
+        imagefmt::preallocate::new_raw(file, size, preallocation.unwrap_or_default())
+    })
+    .with_context(|| format!("{}", args.file.display()))?;
+    if !args.quiet {
+        let mut line = format!(
+            "Formatting '{}', fmt=raw size={requested}",
+            args.file.display()
+        );
+        if let Some(mode) = preallocation {
+            line.push_str(&format!(" preallocation={}", mode.name()));
+        }
         writeln!(out, "{line}")?;
     }
     Ok(())

@@ -70,7 +70,7 @@ pub fn dd(args: DdArgs, _out: &mut impl Write) -> Result<()> {
             .check("dd --overwrite", std::slice::from_ref(&operands.output))?;
     }
     let plan: DdPlan = operands.options.plan(source.virtual_size());
-    let options = imagefmt::convert::ConvertOptions {
+    let options = imagefmt::ops::convert::ConvertOptions {
         format: output_format,
         vdi_static: false,
         qcow2: CreateOptions::default(),
@@ -80,8 +80,10 @@ pub fn dd(args: DdArgs, _out: &mut impl Write) -> Result<()> {
             overwrite: args.overwrite,
             durable: false,
         },
-        parallel: imagefmt::convert::DEFAULT_PARALLEL,
+        parallel: imagefmt::ops::convert::DEFAULT_PARALLEL,
         out_of_order: false,
+        preallocation: Default::default(),
+        sparse_size: imagefmt::ops::convert::SPARSE_BLOCK as u64,
     };
     if plan.skip_past_end {
         eprintln!(
@@ -89,7 +91,7 @@ pub fn dd(args: DdArgs, _out: &mut impl Write) -> Result<()> {
             operands.input.display()
         );
     }
-    imagefmt::dd::dd(
+    imagefmt::ops::dd::dd(
         source.as_ref(),
         &plan,
         &operands.output,

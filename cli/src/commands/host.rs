@@ -14,8 +14,9 @@ use cloner::vm::spec::{command_log, VmSpec};
 use cloner::{CloneSpec, Registry};
 use serde_json::json;
 
-use crate::args::OutputFormat;
+use crate::args::{OutputArg, OutputFormat};
 use crate::commands::registry::open_registry;
+use crate::output::write_qemu_json;
 
 /// `cowclone host SUBCOMMAND`
 #[derive(Debug, Args)]
@@ -60,8 +61,8 @@ pub struct AddArgs {
 #[derive(Debug, Args)]
 pub struct LsArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// `cowclone host rm NAME`
@@ -90,9 +91,9 @@ pub fn run(args: HostArgs, out: &mut impl Write) -> Result<u8> {
         }
         HostCommand::Ls(a) => {
             let hosts = registry.hosts()?;
-            match a.output {
+            match a.output.format {
                 OutputFormat::Json => {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&hosts)?)?;
+                    write_qemu_json(out, &hosts)?;
                 }
                 OutputFormat::Human => {
                     for host in &hosts {
@@ -152,12 +153,9 @@ pub fn clone_on_host(
         .clone_remote(spec, host)
         .with_context(|| format!("cloning {} on host {host}", spec.source))?;
     match output {
-        OutputFormat::Json => writeln!(
+        OutputFormat::Json => write_qemu_json(
             out,
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({ "source": spec.source, "host": host, "clones": clones })
-            )?
+            &json!({ "source": spec.source, "host": host, "clones": clones }),
         )?,
         OutputFormat::Human => {
             for clone in &clones {
@@ -337,13 +335,12 @@ pub fn status(clone: &RemoteClone, output: OutputFormat, out: &mut impl Write) -
         None => "stopped".to_owned(),
     };
     match output {
-        OutputFormat::Json => writeln!(
+        OutputFormat::Json => write_qemu_json(
             out,
-            "{}",
-            serde_json::to_string_pretty(&json!({
+            &json!({
                 "name": clone.name, "state": state, "host": clone.host, "uri": clone.uri,
                 "serial_log": clone.serial_log,
-            }))?
+            }),
         )?,
         OutputFormat::Human => writeln!(
             out,

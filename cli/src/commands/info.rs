@@ -3,43 +3,35 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use imagefmt::backing::BackingPolicy;
 
-use crate::args::{InfoArgs, OutputFormat};
-use crate::commands::chain_options;
-use crate::output;
+use crate::args::InfoArgs;
+use crate::output::{self, emit};
 
 /// Prints the facts of `args.file` (and with --backing-chain of every image below it).
 pub fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
     let context = || format!("{}", args.file.display());
     if args.backing_chain {
-        let policy = match &args.confine {
-            Some(dir) => BackingPolicy::Confine(dir.clone()),
-            None => BackingPolicy::FollowLocal,
-        };
-        let parents = imagefmt::vdi::Explicit(args.parents.clone());
-        let mut options = chain_options(&policy, false, &parents);
-        options.force_share = args.force_share;
+        let policy = args.chain.policy();
+        let parents = args.chain.vdi_parents();
+        let options = args.chain.options(&policy, &parents);
         let chain =
-            imagefmt::info::backing_chain_with(&args.file, &options).with_context(context)?;
-        match args.output {
-            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&chain)?)?,
-            OutputFormat::Human => {
-                for (i, image) in chain.iter().enumerate() {
-                    if i > 0 {
-                        writeln!(out)?;
-                    }
-                    output::write_info(out, image)?;
+            imagefmt::ops::info::backing_chain_with(&args.file, &options).with_context(context)?;
+        emit(out, args.output.format, &chain, |out, chain| {
+            for (i, image) in chain.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out)?;
                 }
+                output::write_info(out, image)?;
             }
-        }
+            Ok(())
+        })
     } else {
-        let how = imagefmt::open::OpenHow::reading(args.force_share).metadata_only();
-        let info = imagefmt::info::image_info_with(&args.file, how).with_context(context)?;
-        match args.output {
-            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?,
-            OutputFormat::Human => output::write_info(out, &info)?,
-        }
+        let how = imagefmt::open::OpenHow::reading(args.chain.force_share)
+            .with_block_devices(args.chain.allow_block_devices)
+            .metadata_only();
+        let info = imagefmt::ops::info::image_info_with(&args.file, how).with_context(context)?;
+        emit(out, args.output.format, &info, |out, info| {
+            Ok(output::write_info(out, info)?)
+        })
     }
-    Ok(())
 }

@@ -12,6 +12,7 @@ pub mod info;
 pub mod measure;
 pub mod ops;
 pub mod registry;
+pub mod shell;
 pub mod vdi_create;
 pub mod vm;
 

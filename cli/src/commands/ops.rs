@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use imagefmt::backing::BackingPolicy;
+use imagefmt::preallocate::Preallocation;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::ImageFormat;
 
-/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-B BACKING [-F FMT]] [-o ...] [-p] SRC DST`
+/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n] [-S SIZE] [-t CACHE] [-T CACHE]
+/// [-B BACKING [-F FMT]] [-o ...] [-p] [-q] SRC DST`
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Source format (default: recognised by content, raw otherwise).
@@ -27,14 +29,34 @@ pub struct ConvertArgs {
     /// Backing file format (default: recognised by content).
     #[arg(short = 'F', value_name = "FMT", requires = "backing")]
     pub backing_format: Option<String>,
-    /// Creation options, as for create (qcow2 options; for -O vdi: static=on|off).
+    /// Creation options, as for create (qcow2 options and preallocation=off|metadata|falloc|full;
+    /// raw: preallocation=off|falloc|full; for -O vdi: static=on|off).
     #[arg(short = 'o', value_name = "key=value,...")]
     pub options: Vec<String>,
-    /// Show a progress bar.
+    /// Show progress (a bar on a terminal, qemu-img's "(x.xx/100%)" lines otherwise).
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Print nothing (no progress either).
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Skip creating DST: write into the existing image DST (of format -O), which must be at
+    /// least as large as the source; every range is written, zeros as zeros.
+    #[arg(short = 'n')]
+    pub skip_create: bool,
+    /// Sparse size: zero runs of at least SIZE bytes stay holes (a multiple of 512 up to 16M;
+    /// default 4k); 0 writes everything, fully allocating the output.
+    #[arg(short = 'S', value_name = "SIZE")]
+    pub sparse_size: Option<String>,
+    /// Output cache mode (none, writeback, writethrough, directsync, unsafe): unsafe (the
+    /// default) leaves the output in the page cache; every other mode fsyncs it before exit.
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Source cache mode (accepted for qemu-img compatibility; reads always go through the page
+    /// cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    pub source_cache: Option<String>,
     /// Parallel read requests (1..16, as qemu-img's -m).
-    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::convert::DEFAULT_PARALLEL)]
+    #[arg(short = 'm', value_name = "N", default_value_t = imagefmt::ops::convert::DEFAULT_PARALLEL)]
     pub parallel: usize,
     /// Allow out-of-order writes to the destination (as qemu-img's -W).
     #[arg(short = 'W')]
@@ -42,23 +64,12 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
     /// Open no backing file of the source: what would fall through reads as zeros.
     #[arg(long, conflicts_with = "confine")]
     pub no_backing: bool,
-    /// Read the source's guest data from the external data file its header names (refused by
-    /// default: the name can point at any host file).
-    #[arg(long)]
-    pub allow_data_file: bool,
-    /// Read the source even if another process is writing it (qemu-img -U).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
-    /// Parent of a VDI differencing image in the chain, nearest first (repeatable); default:
-    /// found by UUID among the VDI files in the image's own directory.
-    #[arg(long = "parent", value_name = "FILE")]
-    pub parents: Vec<PathBuf>,
+    /// Which images below the source may be opened (backing files, VDI parents, data files).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// Source image.
     pub source: PathBuf,
     /// Output image.
@@ -67,24 +78,55 @@ pub struct ConvertArgs {
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone commit [-d] FILE`
+/// `cowclone commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
 #[derive(Debug, clap::Args)]
 pub struct CommitArgs {
     /// Keep the overlay's contents (default: empty it after committing).
     #[arg(short = 'd')]
     pub keep: bool,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
+    /// Format of FILE (only qcow2 overlays can be committed).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Commit into BASE, an image further down the backing chain (as the chain names it, or a
+    /// path to it): the images in between are committed too, and -d is implied.
+    #[arg(short = 'b', value_name = "BASE")]
+    pub base: Option<String>,
+    /// Cache mode (accepted as in qemu-img; the base is always fsynced at the end).
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Print nothing.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Which backing files may be opened (only --confine changes what this command opens).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// The overlay to commit into its backing file.
     pub file: PathBuf,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone rebase [-u] -b NEW [-F FMT] FILE`
+/// `cowclone rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-u] -b NEW [-F FMT] FILE`
 #[derive(Debug, clap::Args)]
 pub struct RebaseArgs {
+    /// Format of FILE (only qcow2 images can be rebased).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Cache mode of FILE (accepted as in qemu-img; the image is always fsynced at the end).
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Cache mode of the backing files (accepted; reads go through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    pub source_cache: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Print nothing.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Unsafe: rewrite the header only, copying no data.
     #[arg(short = 'u')]
     pub unsafe_header_only: bool,
@@ -94,21 +136,34 @@ pub struct RebaseArgs {
     /// New backing format (default: recognised by content).
     #[arg(short = 'F', value_name = "FMT")]
     pub backing_format: Option<String>,
-    /// Refuse backing files outside DIR.
-    #[arg(long, value_name = "DIR")]
-    pub confine: Option<PathBuf>,
+    /// Which backing files may be opened (only --confine changes what this command opens).
+    #[command(flatten)]
+    pub chain: crate::args::ChainPolicyArgs,
     /// The image to rebase (qcow2).
     pub file: PathBuf,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone resize [--shrink] FILE [+|-]SIZE`
+/// `cowclone resize [-f FMT] [-q] [--preallocation MODE] [--shrink] FILE [+|-]SIZE`
 #[derive(Debug, clap::Args)]
 pub struct ResizeArgs {
-    /// Allow shrinking (refused anyway if data lies past the new end).
+    /// Allow shrinking (refused anyway if data lies past the new end, unless
+    /// `drop_data_past_end`).
     #[arg(long)]
     pub shrink: bool,
+    /// With --shrink, drop the data past the new end as qemu-img does (instead of refusing).
+    #[arg(long, requires = "shrink")]
+    pub drop_data_past_end: bool,
+    /// Format of FILE (default: recognised by content; raw must be named or unrecognisable).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Preallocation of the added part: off, metadata (qcow2), falloc, full.
+    #[arg(long, value_name = "MODE")]
+    pub preallocation: Option<String>,
+    /// Print nothing.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// The image (qcow2 or raw).
     pub file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -118,19 +173,66 @@ pub struct ResizeArgs {
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-fn policy(confine: &Option<PathBuf>) -> BackingPolicy {
-    match confine {
-        Some(dir) => BackingPolicy::Confine(dir.clone()),
-        None => BackingPolicy::FollowLocal,
-    }
-}
-
 fn format(name: &Option<String>) -> Result<Option<ImageFormat>> {
     Ok(name.as_deref().map(str::parse).transpose()?)
 }
 
+/// qemu's cache modes (`-t`, `-T`). Returns whether the mode asks for the written image to be
+/// flushed to stable storage: every mode but `unsafe`. cowclone does not use O_DIRECT: `none`
+/// and `directsync` write through the page cache and fsync at the end, as `writeback` and
+/// `writethrough` do.
+pub fn cache_flushes(mode: &str) -> Result<bool> {
+    match mode {
+        "unsafe" => Ok(false),
+        "none" | "off" | "writeback" | "writethrough" | "directsync" => Ok(true),
+        _ => bail!("Invalid cache option: {mode}"),
+    }
+}
+
+/// `-S SIZE` as qemu-img reads it: a multiple of 512 bytes up to 16 MiB, or 0.
+pub fn parse_sparse_size(text: &str) -> Result<u64> {
+    const MAX: u64 = 16 << 20;
+    let invalid = || {
+        anyhow::anyhow!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+        )
+    };
+    let size = imagefmt::size::parse_size(text).map_err(|_| invalid())?;
+    if size % 512 != 0 || size > MAX {
+        return Err(invalid());
+    }
+    Ok(size)
+}
+
+/// Refuses a `-f` naming anything but qcow2 for commands that only write qcow2 images.
+fn qcow2_only(format: &Option<String>, what: &str) -> Result<()> {
+    match format.as_deref() {
+        None | Some("qcow2") => Ok(()),
+        Some(other) => bail!("{what} of {other} images is not supported (qcow2 only)"),
+    }
+}
+
 /// Runs convert.
-pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
+pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
+    let sparse_size = match &args.sparse_size {
+        Some(text) => parse_sparse_size(text)?,
+        None => imagefmt::ops::convert::SPARSE_BLOCK as u64,
+    };
+    let flush = args
+        .cache
+        .as_deref()
+        .map(cache_flushes)
+        .transpose()?
+        .unwrap_or(false);
+    if let Some(mode) = &args.source_cache {
+        cache_flushes(mode)?;
+    }
+    if args.skip_create && !args.options.is_empty() {
+        bail!("-o has no effect when skipping image creation");
+    }
+    if args.skip_create && (args.backing.is_some() || args.compress) {
+        bail!("-B and -c need a new image (they cannot be used with -n)");
+    }
     if args.overwrite {
         args.guard
             .check("convert --overwrite", std::slice::from_ref(&args.dest))?;
@@ -138,22 +240,39 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
     let policy = if args.no_backing {
         BackingPolicy::Detach
     } else {
-        policy(&args.confine)
+        args.chain.policy()
     };
     let source_format = format(&args.source_format)?;
-    let parents = imagefmt::vdi::Explicit(args.parents.clone());
-    let mut chain_options = crate::commands::chain_options(&policy, args.allow_data_file, &parents);
-    chain_options.force_share = args.force_share;
+    let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
+    let chain_options = args.chain.options(&policy, &parents);
     let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
         .with_context(|| format!("{}", args.source.display()))?;
     let output = args.output_format.parse::<ImageFormat>()?;
+    let show = args.progress && !args.quiet;
+    if args.skip_create {
+        let mut progress = crate::progress::Progress::new(show, out);
+        imagefmt::ops::convert_into::convert_into(
+            source.as_ref(),
+            &args.dest,
+            output,
+            &policy,
+            sparse_size,
+            &mut |done, total| progress.update(done, total),
+        )?;
+        progress.finish();
+        return Ok(());
+    }
     let mut qcow2 = CreateOptions::default();
     let mut vdi_static = false;
+    let mut preallocation = Preallocation::Off;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
         match (output, key) {
+            (ImageFormat::Qcow2 | ImageFormat::Raw, "preallocation") => {
+                preallocation = Preallocation::parse(value, output == ImageFormat::Qcow2)?
+            }
             (ImageFormat::Qcow2, _) => qcow2.set(key, value)?,
             (ImageFormat::Vdi, "static") => {
                 vdi_static = crate::commands::vdi_create::parse_on_off(key, value)?
@@ -161,7 +280,7 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }
     }
-    let options = imagefmt::convert::ConvertOptions {
+    let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,
         qcow2,
@@ -172,45 +291,57 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         },
         mode: imagefmt::new_file::NewFileMode {
             overwrite: args.overwrite,
-            durable: false,
+            durable: flush,
         },
         parallel: args.parallel,
         out_of_order: args.out_of_order,
+        preallocation,
+        sparse_size,
     };
-    let bar = args.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(source.virtual_size());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let mut report = |done: u64, _total: u64| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    };
+    let mut progress = crate::progress::Progress::new(show, out);
     // Errors name the file at fault themselves (source image, destination or backing file).
-    imagefmt::convert::convert(source.as_ref(), &args.dest, &options, &policy, &mut report)?;
-    if let Some(bar) = bar {
-        bar.finish();
-    }
+    imagefmt::ops::convert::convert(
+        source.as_ref(),
+        &args.dest,
+        &options,
+        &policy,
+        &mut |done, total| progress.update(done, total),
+    )?;
+    progress.finish();
     Ok(())
 }
 
 /// Runs commit.
 pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
-    args.guard.check_commit(&args.file, args.keep)?;
-    imagefmt::commit::commit(&args.file, &policy(&args.confine), args.keep)
-        .with_context(|| format!("{}", args.file.display()))?;
-    writeln!(out, "Image committed.")?;
+    qcow2_only(&args.format, "commit")?;
+    if let Some(mode) = &args.cache {
+        cache_flushes(mode)?;
+    }
+    // -b implies -d, as in qemu-img.
+    let keep = args.keep || args.base.is_some();
+    args.guard.check_commit(&args.file, keep)?;
+    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    imagefmt::ops::commit::commit_into(
+        &args.file,
+        &args.chain.policy(),
+        keep,
+        args.base.as_deref(),
+        &mut |done, total| progress.update(done, total),
+    )
+    .with_context(|| format!("{}", args.file.display()))?;
+    progress.finish();
+    if !args.quiet {
+        writeln!(out, "Image committed.")?;
+    }
     Ok(())
 }
 
 /// Runs rebase.
-pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
+pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
+    qcow2_only(&args.format, "rebase")?;
+    for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
+        cache_flushes(mode)?;
+    }
     args.guard
         .check("rebase", std::slice::from_ref(&args.file))?;
     let new = if args.backing.is_empty() {
@@ -228,13 +359,16 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
         };
         Some((args.backing.clone(), fmt))
     };
-    imagefmt::rebase::rebase(
+    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    imagefmt::ops::rebase::rebase_with_progress(
         &args.file,
         &new,
         args.unsafe_header_only,
-        &policy(&args.confine),
+        &args.chain.policy(),
+        &mut |done, total| progress.update(done, total),
     )
     .with_context(|| format!("{}", args.file.display()))?;
+    progress.finish();
     Ok(())
 }
 
@@ -242,46 +376,28 @@ pub fn rebase(args: RebaseArgs, _out: &mut impl Write) -> Result<()> {
 pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
     args.guard
         .check("resize", std::slice::from_ref(&args.file))?;
-    let context = || format!("{}", args.file.display());
-    let file = imagefmt::open::open_image(&args.file, imagefmt::open::OpenHow::write())
-        .with_context(context)?;
-    let header = imagefmt::image::ImageHeader::read_detected(&file, &args.file, true)
-        .with_context(context)?;
-    let current = header.virtual_size();
-    let new = if let Some(delta) = args.size.strip_prefix('+') {
-        current
-            .checked_add(imagefmt::size::parse_size(delta)?)
-            .context("size overflows")?
-    } else if let Some(delta) = args.size.strip_prefix('-') {
-        current
-            .checked_sub(imagefmt::size::parse_size(delta)?)
-            .context("the image would shrink below zero")?
-    } else {
-        imagefmt::size::parse_size(&args.size)?
+    let format = format(&args.format)?;
+    let preallocation = args
+        .preallocation
+        .as_deref()
+        .map(|mode| Preallocation::parse(mode, true))
+        .transpose()?
+        .unwrap_or_default();
+    let options = imagefmt::ops::resize::ResizeOptions {
+        format,
+        allow_shrink: args.shrink,
+        drop_data_past_end: args.drop_data_past_end,
+        preallocation,
     };
-    match header.format() {
-        ImageFormat::Qcow2 => {
-            let mut image = imagefmt::chain::qcow2_rw_from_file(
-                file,
-                &args.file,
-                &BackingPolicy::FollowLocal,
-                imagefmt::qcow2::write::WriteOptions::default(),
-            )
-            .with_context(context)?;
-            image.resize(new, args.shrink).with_context(context)?;
-            image.flush()?;
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Raw => {
-            if new < current && !args.shrink {
-                bail!("shrinking needs --shrink (data past the new end is lost in a raw image)");
-            }
-            file.set_len(new).with_context(context)?;
-            hold_if_asked(&args.file);
-        }
-        ImageFormat::Vdi => bail!("resizing VDI images is not supported"),
+    let size: imagefmt::ops::resize::NewSize = args.size.parse()?;
+    let resized =
+        imagefmt::ops::resize::resize(&args.file, size, &options, &BackingPolicy::FollowLocal)
+            .with_context(|| format!("{}", args.file.display()))?;
+    hold_if_asked(&args.file);
+    drop(resized);
+    if !args.quiet {
+        writeln!(out, "Image resized.")?;
     }
-    writeln!(out, "Image resized.")?;
     Ok(())
 }
 

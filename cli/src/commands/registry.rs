@@ -13,7 +13,8 @@ use cloner::{CloneSpec, Home, ImageRecord, Kind, RegisterBase, Registry};
 use imagefmt::ImageFormat;
 use serde_json::json;
 
-use crate::args::OutputFormat;
+use crate::args::{OutputArg, OutputFormat};
+use crate::output::{human_size, write_qemu_json};
 
 /// The registry's subcommands (flattened into the top-level command list).
 #[derive(Debug, Subcommand)]
@@ -54,6 +55,7 @@ impl HomeArg {
 /// Opens the registry in `home` (else `$COWCLONE_HOME`, else the XDG data directory).
 pub(crate) fn open_registry(home: Option<&std::path::Path>) -> Result<Registry> {
     let home = Home::resolve(home)?;
+    tracing::info!(home = %home.root().display(), "opening the registry");
     Registry::open(&home)
         .with_context(|| format!("opening the registry in {}", home.root().display()))
 }
@@ -167,16 +169,16 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub sha256: bool,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// A command with only an output format.
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     #[command(flatten)]
     home: HomeArg,
 }
@@ -197,8 +199,8 @@ pub struct NameArgs {
     /// The name.
     pub name: String,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// `cowclone base rm NAME [--with-clones]`
@@ -239,8 +241,8 @@ pub struct CloneArgs {
     #[arg(long, value_name = "HOST")]
     pub host: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
     #[command(flatten)]
     home: HomeArg,
 }
@@ -272,8 +274,8 @@ pub struct PlanArgs {
     /// The script.
     pub script: PathBuf,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// Runs a registry command; returns the exit code.
@@ -288,7 +290,7 @@ pub fn run(command: RegistryCommand, out: &mut impl Write) -> Result<u8> {
         }
         RegistryCommand::Ls(args) => {
             let records = args.home.open()?.list(None)?;
-            print_records(out, &records, args.output, true)?;
+            print_records(out, &records, args.output.format, true)?;
             Ok(0)
         }
         RegistryCommand::Rm(args) => {
@@ -323,8 +325,8 @@ fn base(args: BaseArgs, out: &mut impl Write) -> Result<u8> {
                 ..RegisterBase::new(&a.name, &a.disk)
             };
             let record = registry.register_base(&request)?;
-            match a.output {
-                OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&record)?)?,
+            match a.output.format {
+                OutputFormat::Json => write_qemu_json(out, &record)?,
                 OutputFormat::Human => writeln!(
                     out,
                     "registered base {} ({}, {} virtual, read-only): {}",
@@ -337,24 +339,22 @@ fn base(args: BaseArgs, out: &mut impl Write) -> Result<u8> {
         }
         BaseCommand::List(a) => {
             let records = registry.list(Some(Kind::Base))?;
-            print_records(out, &records, a.output, false)?;
+            print_records(out, &records, a.output.format, false)?;
         }
         BaseCommand::Show(a) => {
             let record = registry.get(&a.name)?;
             if record.kind != Kind::Base {
                 bail!("{:?} is a clone, not a base (see `cowclone ls`)", a.name);
             }
-            match a.output {
-                OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&record)?)?,
+            match a.output.format {
+                OutputFormat::Json => write_qemu_json(out, &record)?,
                 OutputFormat::Human => show(out, &record)?,
             }
         }
         BaseCommand::Verify(a) => {
             let verification = registry.verify_base(&a.name)?;
-            match a.output {
-                OutputFormat::Json => {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&verification)?)?
-                }
+            match a.output.format {
+                OutputFormat::Json => write_qemu_json(out, &verification)?,
                 OutputFormat::Human if verification.ok => writeln!(
                     out,
                     "{}: unchanged (sha256 {})",
@@ -405,7 +405,13 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
     };
     if let Some(host) = &args.host {
         let mut registry = args.home.open()?;
-        return crate::commands::host::clone_on_host(&mut registry, &spec, host, args.output, out);
+        return crate::commands::host::clone_on_host(
+            &mut registry,
+            &spec,
+            host,
+            args.output.format,
+            out,
+        );
     }
     let made = args
         .home
@@ -414,17 +420,16 @@ fn clone(args: CloneArgs, out: &mut impl Write) -> Result<()> {
         .with_context(|| format!("cloning {}", args.base))?;
     let elapsed_us = made.elapsed.as_secs_f64() * 1e6;
     let per_clone_us = elapsed_us / made.clones.len().max(1) as f64;
-    match args.output {
-        OutputFormat::Json => writeln!(
+    match args.output.format {
+        OutputFormat::Json => write_qemu_json(
             out,
-            "{}",
-            serde_json::to_string_pretty(&json!({
+            &json!({
                 "source": args.base,
                 "method": made.method,
                 "clones": made.clones,
                 "elapsed-us": elapsed_us.round() as u64,
                 "per-clone-us": (per_clone_us * 10.0).round() / 10.0,
-            }))?
+            }),
         )?,
         OutputFormat::Human => {
             const SHOWN: usize = 10;
@@ -458,11 +463,11 @@ fn gc(args: GcArgs, out: &mut impl Write) -> Result<()> {
     let mut registry = args.list.home.open()?;
     let report = registry.gc(args.dry_run)?;
     let hosts = crate::commands::host::gc_hosts(&mut registry, args.dry_run)?;
-    match args.list.output {
+    match args.list.output.format {
         OutputFormat::Json => {
             let mut value = serde_json::to_value(&report)?;
             value["hosts"] = serde_json::to_value(&hosts)?;
-            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?
+            write_qemu_json(out, &value)?
         }
         OutputFormat::Human => {
             crate::commands::host::print_gc_hosts(&hosts, args.dry_run, out)?;
@@ -504,8 +509,8 @@ fn plan(args: PlanArgs, out: &mut impl Write) -> Result<()> {
     let text = String::from_utf8_lossy(&text);
     let plan =
         cloner::plan::parse_plan(&text).with_context(|| format!("{}", args.script.display()))?;
-    match args.output {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&plan)?)?,
+    match args.output.format {
+        OutputFormat::Json => write_qemu_json(out, &plan)?,
         OutputFormat::Human => {
             let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             writeln!(out, "base:         {}", plan.base)?;
@@ -549,8 +554,8 @@ fn plan(args: PlanArgs, out: &mut impl Write) -> Result<()> {
 
 fn log(args: ListArgs, out: &mut impl Write) -> Result<()> {
     let entries = args.home.open()?.audit_log()?;
-    match args.output {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
+    match args.output.format {
+        OutputFormat::Json => write_qemu_json(out, &entries)?,
         OutputFormat::Human => {
             for e in &entries {
                 writeln!(
@@ -585,7 +590,7 @@ fn print_records(
                     value
                 })
                 .collect();
-            writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+            write_qemu_json(out, &rows)?;
         }
         OutputFormat::Human => {
             writeln!(
@@ -670,20 +675,4 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
 
 fn parse_size(text: &str) -> Result<u64> {
     Ok(imagefmt::size::parse_size(text)?)
-}
-
-/// `1 GiB`, `512 MiB`, `1.5 GiB`, `123 B`.
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 || value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

@@ -18,8 +18,9 @@ use cloner::vm::{
 };
 use serde_json::json;
 
-use crate::args::OutputFormat;
+use crate::args::{OutputArg, OutputFormat};
 use crate::commands::registry::open_registry;
+use crate::output::write_qemu_json;
 
 /// VM subcommands (flattened into the top level).
 #[derive(Debug, Subcommand)]
@@ -172,8 +173,8 @@ pub struct StatusArgs {
     #[arg(long, value_name = "DIR")]
     home: Option<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    output: OutputFormat,
+    #[command(flatten)]
+    output: OutputArg,
 }
 
 /// `cowclone provision SCRIPT [--keep-running] [...]`
@@ -197,8 +198,8 @@ pub struct ProvisionArgs {
     kernel: KernelArgs,
     /// Output format: human prints the script's output and exits with its status; json prints
     /// the whole outcome (and still exits with the script's status).
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    output: OutputFormat,
+    #[command(flatten)]
+    output: OutputArg,
 }
 
 fn spec_for(target: &Target) -> Result<VmSpec> {
@@ -524,7 +525,7 @@ fn stop(args: StopArgs, out: &mut impl Write) -> Result<()> {
 fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
     if let Some((clone, _)) = crate::commands::host::remote_clone(args.home.as_deref(), &args.name)?
     {
-        return crate::commands::host::status(&clone, args.output, out);
+        return crate::commands::host::status(&clone, args.output.format, out);
     }
     let registry = open_registry(args.home.as_deref())?;
     let record = registry.clone_record(&args.name)?;
@@ -533,14 +534,13 @@ fn status(args: StatusArgs, out: &mut impl Write) -> Result<()> {
         VmState::Running(pid) => ("running", Some(pid)),
         VmState::Stopped => ("stopped", None),
     };
-    match args.output {
-        OutputFormat::Json => writeln!(
+    match args.output.format {
+        OutputFormat::Json => write_qemu_json(
             out,
-            "{}",
-            serde_json::to_string_pretty(&json!({
+            &json!({
                 "name": spec.name, "state": state, "pid": pid,
                 "serial_log": spec.serial_log(), "qmp_socket": spec.qmp_socket(),
-            }))?
+            }),
         )?,
         OutputFormat::Human => match pid {
             Some(pid) => writeln!(out, "{}: running (pid {pid})", spec.name)?,
@@ -563,8 +563,8 @@ fn run_provision(args: ProvisionArgs, out: &mut impl Write) -> Result<u8> {
     };
     let outcome = provision(&mut registry, &request, None)
         .with_context(|| format!("provisioning {}", args.script.display()))?;
-    match args.output {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&outcome)?)?,
+    match args.output.format {
+        OutputFormat::Json => write_qemu_json(out, &outcome)?,
         OutputFormat::Human => write!(out, "{}", outcome.output)?,
     }
     Ok(u8::try_from(outcome.exit_status).unwrap_or(1))

@@ -203,7 +203,7 @@ pub fn command_line(spec: &VmSpec, payload: &Payload) -> Result<Invocation> {
 pub fn check_chain_headers(spec: &VmSpec) -> Result<()> {
     for pair in spec.disks.windows(2) {
         let (layer, below) = (&pair[0], &pair[1]);
-        let info = imagefmt::info::image_info(&layer.path)
+        let info = imagefmt::ops::info::image_info(&layer.path)
             .map_err(|e| VmError::Invalid(format!("reading {}: {e}", layer.path.display())))?;
         let named = info.full_backing_filename.as_deref().map(PathBuf::from);
         let same = named.as_deref().is_some_and(|named| {
@@ -230,7 +230,7 @@ pub fn check_chain_headers(spec: &VmSpec) -> Result<()> {
     }
     if let Some(last) = spec.disks.last() {
         if last.format == ImageFormat::Qcow2 {
-            let info = imagefmt::info::image_info(&last.path)
+            let info = imagefmt::ops::info::image_info(&last.path)
                 .map_err(|e| VmError::Invalid(format!("reading {}: {e}", last.path.display())))?;
             if let Some(backing) = info.backing_filename {
                 return Err(VmError::Invalid(format!(

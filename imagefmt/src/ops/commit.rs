@@ -9,8 +9,9 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_qcow2_rw, GuestRead};
+use crate::chain::{self, open_qcow2_rw};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::io::Backend;
 use crate::offsets::GuestOffset;
 use crate::ops::convert::REQUEST_MAX;
@@ -28,16 +29,25 @@ pub struct CommitStats {
 /// Commits the qcow2 overlay at `path` into its backing image (qcow2 or raw). With `keep`, the
 /// overlay is left as it was (`qemu-img commit -d`); otherwise it is emptied.
 pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitStats> {
+    commit_into(path, policy, keep, None, &mut |_, _| {})
+}
+
+/// [`commit`] into `base` (`qemu-img commit -b BASE`): an image further down the backing chain,
+/// named as the chain names it or by a path to the same file. What the overlay and the images
+/// between it and `base` (qcow2) hold is written into `base`; as with qemu-img, naming a base
+/// implies `keep` (the images above it would no longer read what they did). `progress(done,
+/// total)` follows the guest offsets.
+pub fn commit_into(
+    path: &Path,
+    policy: &BackingPolicy,
+    keep: bool,
+    base: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CommitStats> {
+    let keep = keep || base.is_some();
     // The overlay alone: its own clusters are all that is read, and its backing file is opened
     // below for writing (a read-locked copy of it here would conflict with that write lock).
     let mut top = open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())?;
-    let cluster = crate::qcow2::HeaderCluster::read_from(top.backend())?;
-    let Some(name) = cluster.backing_file.clone() else {
-        return Err(Error::UnsupportedFormat {
-            name: "commit of an image without a backing file".into(),
-        });
-    };
-    let backing_path = policy.resolve(path, &name)?;
     let mut guard = crate::backing::ChainGuard::default();
     guard.enter(
         path,
@@ -45,11 +55,62 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
             .metadata()
             .map_err(Error::io("reading metadata"))?,
     )?;
-    guard.refuse_seen(&backing_path)?;
-    let format = match cluster.backing_format() {
-        Some(f) => f.parse()?,
-        None => crate::image::read_file_header(&backing_path)?.1.format(),
+    // Walk down to the base: every image passed on the way is an intermediate, opened for
+    // writing without its backing file (qemu-img takes write permission on them too).
+    let mut intermediates: Vec<Qcow2Image<std::fs::File>> = Vec::new();
+    let mut cluster = crate::qcow2::HeaderCluster::read_from(top.backend())?;
+    let mut above = path.to_owned();
+    let (backing_path, format) = loop {
+        let Some(name) = cluster.backing_file.clone() else {
+            return Err(match base {
+                Some(base) => Error::BaseNotInChain {
+                    base: base.to_owned(),
+                    image: path.to_owned(),
+                },
+                None => Error::UnsupportedFormat {
+                    name: "commit of an image without a backing file".into(),
+                },
+            });
+        };
+        let backing_path = policy.resolve(&above, &name)?;
+        guard.refuse_seen(&backing_path)?;
+        let format = match cluster.backing_format() {
+            Some(f) => f.parse()?,
+            None => crate::image::read_file_header(&backing_path)?.1.format(),
+        };
+        if base.is_none_or(|base| names_base(base, &name, &backing_path)) {
+            break (backing_path, format);
+        }
+        if format != ImageFormat::Qcow2 {
+            return Err(Error::UnsupportedFormat {
+                name: format!("commit through a {} intermediate image", format.name()),
+            });
+        }
+        let image = open_qcow2_rw(
+            &backing_path,
+            &BackingPolicy::Detach,
+            WriteOptions::default(),
+        )?;
+        guard.enter(
+            &backing_path,
+            &image
+                .backend()
+                .metadata()
+                .map_err(Error::io("reading metadata"))?,
+        )?;
+        cluster = crate::qcow2::HeaderCluster::read_from(image.backend())?;
+        above = backing_path;
+        intermediates.push(image);
     };
+    let through = !intermediates.is_empty();
+    let mut below: Option<Box<dyn GuestRead>> = None;
+    for mut image in intermediates.into_iter().rev() {
+        image.set_below(below);
+        below = Some(Box::new(image));
+    }
+    if through {
+        top.set_below(below);
+    }
     let mut stats = CommitStats::default();
     // The base stays locked until the overlay is emptied (a duplicate descriptor shares the
     // open file description, and so its locks).
@@ -59,10 +120,16 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
             if base.virtual_size() < top.virtual_size() {
                 base.resize(top.virtual_size(), false)?;
             }
-            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
-                Piece::Data(data) => base.write_at(data, offset),
-                Piece::Zeros(len) => base.write_zeroes(offset, len),
-            })?;
+            for_each_own_extent(
+                &top,
+                through,
+                &mut stats,
+                progress,
+                |piece, offset| match piece {
+                    Piece::Data(data) => base.write_at(data, offset),
+                    Piece::Zeros(len) => base.write_zeroes(offset, len),
+                },
+            )?;
             base.flush()?;
             base.backend()
                 .try_clone()
@@ -70,11 +137,26 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
         }
         ImageFormat::Raw => {
             let file = crate::open::open_image(&backing_path, crate::open::OpenHow::write())?;
-            for_each_own_extent(&top, &mut stats, |piece, offset| match piece {
-                Piece::Data(data) => Backend::write_all_at(&file, data, offset)
-                    .map_err(Error::writing("raw backing image")),
-                Piece::Zeros(len) => zero_raw(&file, offset, len),
-            })?;
+            if file
+                .metadata()
+                .map_err(Error::io("reading metadata"))?
+                .len()
+                < top.virtual_size()
+            {
+                file.set_len(top.virtual_size())
+                    .map_err(Error::writing("raw backing image length"))?;
+            }
+            for_each_own_extent(
+                &top,
+                through,
+                &mut stats,
+                progress,
+                |piece, offset| match piece {
+                    Piece::Data(data) => Backend::write_all_at(&file, data, offset)
+                        .map_err(Error::writing("raw backing image")),
+                    Piece::Zeros(len) => zero_raw(&file, offset, len),
+                },
+            )?;
             file.sync_all()
                 .map_err(Error::io("syncing the backing image"))?;
             file
@@ -102,17 +184,26 @@ enum Piece<'a> {
 }
 
 /// Hands every range the overlay itself holds to `apply`, by the overlay's own extents (not
-/// its backing chain's): data in pieces of at most [`REQUEST_MAX`] bytes, zeros as a length.
+/// its backing chain's; with `through`, those of the overlay and the intermediate images below
+/// it, which end above the base): data in pieces of at most [`REQUEST_MAX`] bytes, zeros as a
+/// length.
 fn for_each_own_extent<B: Backend + Send + Sync>(
     top: &Qcow2Image<B>,
+    through: bool,
     stats: &mut CommitStats,
+    progress: &mut dyn FnMut(u64, u64),
     mut apply: impl FnMut(Piece<'_>, u64) -> Result<()>,
 ) -> Result<()> {
     let size = top.virtual_size();
     let mut buf = Vec::new();
     let mut at = GuestOffset(0);
     while at.0 < size {
-        let extent = top.block_status(at, size - at.0)?;
+        progress(at.0, size);
+        let extent = if through {
+            chain::block_status(top, at, size - at.0)?
+        } else {
+            top.block_status(at, size - at.0)?
+        };
         at = extent.end();
         if !extent.is_allocated() {
             continue;
@@ -131,12 +222,26 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
             piece = rest;
         }
     }
+    progress(size, size);
     Ok(())
+}
+
+/// True if `base` (as given to `-b`) names the backing file stored as `name`, found at `path`:
+/// spelled the same, or the same file.
+fn names_base(base: &str, name: &str, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if base == name {
+        return true;
+    }
+    match (std::fs::metadata(base), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Makes `len` bytes at `offset` of a raw file read as zeros: a punched hole where the file
 /// system can, written zeros where it cannot.
-fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
     use rustix::fs::FallocateFlags;
     let punched = rustix::fs::fallocate(
         file,

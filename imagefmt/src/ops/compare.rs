@@ -4,8 +4,9 @@
 //! one's end (unless strict). Only ranges that are not zeros on both sides are read, in fixed-size
 //! chunks into page-aligned buffers, on a few worker threads: memory stays constant.
 
-use crate::chain::{self, GuestRead};
+use crate::chain;
 use crate::extent::Extent;
+use crate::extent::GuestRead;
 use crate::offsets::GuestOffset;
 use crate::ops::convert;
 use crate::Result;
@@ -171,8 +172,8 @@ fn first_difference(a: &dyn GuestRead, b: &dyn GuestRead, common: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::RawReader;
     use crate::io::MemBackend;
+    use crate::raw::RawReader;
 
     fn raw(bytes: Vec<u8>) -> RawReader<MemBackend> {
         RawReader::new(MemBackend::new(bytes)).unwrap()

@@ -70,6 +70,12 @@ pub struct ConvertOptions {
     /// Let writes into qcow2/VDI output happen out of guest order (`-W`); raw output is always
     /// written in any order.
     pub out_of_order: bool,
+    /// Preallocation of the new qcow2 or raw image (`-o preallocation=`).
+    pub preallocation: crate::preallocate::Preallocation,
+    /// `-S`: zero runs of this many bytes (aligned) stay holes in raw output ([`SPARSE_BLOCK`]
+    /// by default); qcow2 and VDI output skip zero clusters and blocks. 0 writes everything,
+    /// zeros included, as data (fully allocated output).
+    pub sparse_size: u64,
 }
 
 /// What a conversion did.
@@ -110,9 +116,7 @@ pub fn convert(
                 });
             }
             create_with(dest, options.mode, |file| {
-                file.set_len(size)
-                    .map_err(Error::writing("raw image length"))
-                    .map_err(in_dest)?;
+                crate::preallocate::new_raw(file, size, options.preallocation).map_err(in_dest)?;
                 pipeline(source, 1, options, progress, Sink::Raw(file, dest))
             })
         }
@@ -245,6 +249,9 @@ fn convert_to_qcow2(
         let has_backing = backing.is_some();
         let mut image = Qcow2Image::open_rw(file, cluster, backing, WriteOptions::default())
             .map_err(in_dest)?;
+        image
+            .preallocate(0, size, options.preallocation)
+            .map_err(in_dest)?;
         let chunk_size = image.header().cluster_size();
         // Compressed output goes through one writer that packs clusters as qemu does.
         let mut compressed = options.compress.then(|| CompressedWriter::new(&image));
@@ -326,7 +333,7 @@ fn copy_differences<I: GuestRead>(
         let (chunk, below) = (&mut chunk[..len], &mut below[..len]);
         read_data_only(source, chunk, offset).map_err(|e| in_source(source, e))?;
         // Still unallocated in the output: this reads the chain below.
-        image.read_at(below, offset).map_err(in_dest)?;
+        image.read_at(below, GuestOffset(offset)).map_err(in_dest)?;
         if chunk != below {
             let request = if is_zero(chunk) {
                 Write::Zeroes(offset, len as u64)
@@ -357,7 +364,7 @@ fn read_data_only(source: &dyn GuestRead, buf: &mut [u8], offset: u64) -> Result
 }
 
 /// A source-side error, naming the source file.
-fn in_source(source: &dyn GuestRead, error: Error) -> Error {
+pub(crate) fn in_source(source: &dyn GuestRead, error: Error) -> Error {
     match source.path() {
         Some(path) => error.in_file("source image", path),
         None => error,
@@ -403,6 +410,8 @@ struct Planner<'a> {
     pending: Option<Extent>,
     seq: u64,
     done: bool,
+    /// Plan zero and unallocated extents too (`-S 0`: everything is written as data).
+    zeros: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -416,6 +425,7 @@ impl<'a> Planner<'a> {
             pending: None,
             seq: 0,
             done: false,
+            zeros: false,
         }
     }
 
@@ -438,7 +448,7 @@ impl<'a> Planner<'a> {
                     }
                     Some(extent) => {
                         let extent = extent?;
-                        if extent.reads_as_zeros() {
+                        if extent.reads_as_zeros() && !self.zeros {
                             continue;
                         }
                         extent
@@ -511,7 +521,7 @@ impl Sink<'_, '_> {
     /// Writes a filled request (qcow2/VDI) unit by unit, skipping all-zero units and joining
     /// neighbouring non-zero units into one write (except for compressed output, which takes a
     /// cluster at a time); returns the bytes written.
-    fn write(&mut self, filled: &Filled, unit: u64) -> Result<u64> {
+    fn write(&mut self, filled: &Filled, unit: u64, sparse: bool) -> Result<u64> {
         let start = filled.request.start;
         let data = filled.bytes();
         let mut written = 0;
@@ -520,7 +530,7 @@ impl Sink<'_, '_> {
         loop {
             let (end, zero) = if at < data.len() {
                 let end = (at + (unit - (start + at as u64) % unit) as usize).min(data.len());
-                (end, is_zero(&data[at..end]))
+                (end, sparse && is_zero(&data[at..end]))
             } else {
                 (at, true)
             };
@@ -595,6 +605,7 @@ fn fill(
     request: Request,
     mut buf: Vec<u8>,
     out: Option<(&std::fs::File, &Path)>,
+    sparse_block: u64,
 ) -> Result<Filled> {
     let mut written = 0;
     let Some((file, dest)) = out else {
@@ -637,8 +648,8 @@ fn fill(
         let window = super::aligned_window(&mut buf, len);
         let data = &mut buf[window..window + len];
         chain::read_extent(source, &rest, data).map_err(|e| in_source(source, e))?;
-        written +=
-            write_sparse(file, data, rest.start.0).map_err(|e| e.in_file("destination", dest))?;
+        written += write_sparse(file, data, rest.start.0, sparse_block)
+            .map_err(|e| e.in_file("destination", dest))?;
     }
     Ok(Filled {
         request,
@@ -672,10 +683,14 @@ fn copy_range(
     done
 }
 
-/// Writes the non-zero [`SPARSE_BLOCK`]s (aligned to guest offsets) of `data` at `offset`;
-/// zero blocks stay holes. Returns the bytes written.
-fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> Result<u64> {
-    let block = SPARSE_BLOCK as u64;
+/// Writes the non-zero `block`s (aligned to guest offsets; [`SPARSE_BLOCK`] by default) of
+/// `data` at `offset`; zero blocks stay holes. Block 0 writes everything. Returns the bytes
+/// written.
+fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64, block: u64) -> Result<u64> {
+    if block == 0 {
+        Backend::write_all_at(file, data, offset).map_err(Error::writing("raw image data"))?;
+        return Ok(data.len() as u64);
+    }
     let mut written = 0;
     let mut at = 0usize;
     while at < data.len() {
@@ -717,7 +732,10 @@ fn pipeline(
 
     let size = source.virtual_size();
     let workers = options.parallel;
-    let planner = Mutex::new(Planner::new(source, unit));
+    let mut plan = Planner::new(source, unit);
+    plan.zeros = options.sparse_size == 0;
+    let planner = Mutex::new(plan);
+    let sparse_block = options.sparse_size;
     let stop = AtomicBool::new(false);
     let raw_out = match &sink {
         Sink::Raw(file, dest) => Some((*file, *dest)),
@@ -756,7 +774,7 @@ fn pipeline(
                     .next_request();
                 let message = match next {
                     Ok(None) => return,
-                    Ok(Some(request)) => fill(source, request, buf, raw),
+                    Ok(Some(request)) => fill(source, request, buf, raw, sparse_block),
                     Err(e) => Err(in_source(source, e)),
                 };
                 let failed = message.is_err();
@@ -789,7 +807,7 @@ fn pipeline(
             }
             for mut f in ready {
                 let written = if sink.writes_on_main() {
-                    sink.write(&f, unit)
+                    sink.write(&f, unit, sparse_block != 0)
                 } else {
                     Ok(f.written)
                 };

@@ -274,12 +274,12 @@ impl GuestRead for Window<'_> {
         self.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        crate::extent::check_range(offset, buf.len(), self.size)?;
-        let inside = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        crate::extent::check_range(offset.0, buf.len(), self.size)?;
+        let inside = self.len.saturating_sub(offset.0).min(buf.len() as u64) as usize;
         if inside > 0 {
             self.inner
-                .read_at(&mut buf[..inside], self.start + offset)?;
+                .read_at(&mut buf[..inside], GuestOffset(self.start + offset.0))?;
         }
         buf[inside..].fill(0);
         Ok(())

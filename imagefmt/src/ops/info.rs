@@ -45,6 +45,70 @@ pub struct ImageInfo {
     /// Format-specific facts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
+    /// The nodes below the format, as qemu-img 10 lists them: the `file` child (the host file
+    /// holding the image).
+    pub children: Vec<ChildInfo>,
+}
+
+/// One entry of `children`: the child's role and its facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChildInfo {
+    /// `file`.
+    pub name: String,
+    /// The child node's facts.
+    pub info: FileNodeInfo,
+}
+
+/// The facts qemu-img 10 reports for a host-file node (format `file`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileNodeInfo {
+    /// Always empty: a file node has no children.
+    pub children: Vec<ChildInfo>,
+    /// The file's length in bytes rounded up to whole 512-byte sectors, as qemu's file driver
+    /// reports it (what the node calls its virtual size).
+    pub virtual_size: u64,
+    /// The file's name as given.
+    pub filename: String,
+    /// `file`.
+    pub format: String,
+    /// Bytes allocated on disk (st_blocks × 512).
+    pub actual_size: u64,
+    /// `{"type": "file", "data": {}}`.
+    pub format_specific: FileSpecific,
+    /// Always false for a file.
+    pub dirty_flag: bool,
+}
+
+/// A file node's `format-specific`: type `file` and no data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSpecific {
+    /// `file`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Empty.
+    pub data: std::collections::BTreeMap<String, String>,
+}
+
+impl ChildInfo {
+    /// The `file` child of the image at `path` with metadata `meta`.
+    pub fn file(path: &Path, meta: &std::fs::Metadata) -> Self {
+        Self {
+            name: "file".into(),
+            info: FileNodeInfo {
+                children: Vec::new(),
+                virtual_size: meta.len().next_multiple_of(512),
+                filename: path.to_string_lossy().into_owned(),
+                format: "file".into(),
+                actual_size: meta.blocks() * 512,
+                format_specific: FileSpecific {
+                    kind: "file".into(),
+                    data: Default::default(),
+                },
+                dirty_flag: false,
+            },
+        }
+    }
 }
 
 /// `format-specific`: `{"type": ..., "data": {...}}`.
@@ -71,6 +135,12 @@ pub struct Qcow2Specific {
     pub lazy_refcounts: Option<bool>,
     /// Refcount width.
     pub refcount_bits: u32,
+    /// The external data file's name, from the header extension (data-file images only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// Autoclear bit 1: the data file is a valid raw image (data-file images only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
     /// Incompatible bit 1 (v3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<bool>,
@@ -110,6 +180,7 @@ impl ImageInfo {
                 let h = &c.header;
                 let v3 = h.version == crate::qcow2::Version::V3;
                 let incompat = h.incompatible_features;
+                let has_data_file = incompat.contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
                 let specific = Qcow2Specific {
                     compat: h.version.compat().to_owned(),
                     compression_type: Some(h.compression_type.name().to_owned()),
@@ -118,6 +189,13 @@ impl ImageInfo {
                             .contains(CompatibleFeatures::LAZY_REFCOUNTS)
                     }),
                     refcount_bits: h.refcount_bits(),
+                    data_file: has_data_file
+                        .then(|| c.data_file().map(str::to_owned))
+                        .flatten(),
+                    data_file_raw: has_data_file.then(|| {
+                        h.autoclear_features
+                            .contains(crate::qcow2::features::AutoclearFeatures::RAW_EXTERNAL)
+                    }),
                     corrupt: v3.then(|| incompat.contains(IncompatibleFeatures::CORRUPT)),
                     extended_l2: v3.then(|| incompat.contains(IncompatibleFeatures::EXTENDED_L2)),
                 };
@@ -155,6 +233,7 @@ impl ImageInfo {
             backing_filename_format: header.backing_format().map(str::to_owned),
             dirty_flag,
             format_specific,
+            children: vec![ChildInfo::file(path, meta)],
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct MapEntry {
 
 impl MapEntry {
     /// qemu-img's `entry_mergeable`: `next` continues this extent.
-    pub fn mergeable(&self, next: &MapEntry) -> bool {
+    pub(crate) fn mergeable(&self, next: &MapEntry) -> bool {
         self.length != 0
             && self.zero == next.zero
             && self.data == next.data
@@ -194,7 +194,7 @@ fn hex(value: u64) -> String {
 
 impl MapEntry {
     /// The map entry of one chain extent of `top`.
-    pub fn from_extent(extent: &Extent, top: &dyn GuestRead) -> Self {
+    pub(crate) fn from_extent(extent: &Extent, top: &dyn GuestRead) -> Self {
         let offset = extent.host.map(|h| h.offset.0);
         let filename = match extent.host {
             Some(host) => chain::layer_at(top, extent.depth)

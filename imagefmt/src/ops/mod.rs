@@ -1,7 +1,8 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
 //! `compare`, `convert` (a reader pipeline), `commit`, `rebase`, `dd` (a window of an image
-//! through convert).
+//! through convert); and `resize` (a new virtual size; the cluster-level part is
+//! `Qcow2Image::resize`).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -13,10 +14,12 @@
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_into;
 pub mod dd;
 pub mod info;
 pub mod map;
 pub mod rebase;
+pub mod resize;
 
 /// Alignment of read buffers: the kernel copies page-cache data into a page-aligned buffer
 /// markedly faster than into one at a 16-byte offset (where large heap blocks start).

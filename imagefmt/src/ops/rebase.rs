@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_chain, open_qcow2_rw, GuestRead};
+use crate::chain::{self, open_chain, open_qcow2_rw};
 use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
 use crate::offsets::GuestOffset;
 use crate::ops::compare::CHUNK;
 use crate::ops::convert;
@@ -25,6 +26,17 @@ pub fn rebase(
     new: &NewBacking,
     unsafe_header_only: bool,
     policy: &BackingPolicy,
+) -> Result<u64> {
+    rebase_with_progress(path, new, unsafe_header_only, policy, &mut |_, _| {})
+}
+
+/// [`rebase`], calling `progress(done, total)` (guest offsets) as the safe copy proceeds.
+pub fn rebase_with_progress(
+    path: &Path,
+    new: &NewBacking,
+    unsafe_header_only: bool,
+    policy: &BackingPolicy,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let header_policy = if unsafe_header_only {
         &BackingPolicy::Deny
@@ -45,7 +57,7 @@ pub fn rebase(
         _ => None,
     };
     if !unsafe_header_only {
-        copied = copy_differences(&mut image, new_chain.as_deref())?;
+        copied = copy_differences(&mut image, new_chain.as_deref(), progress)?;
     }
     image.set_backing(new.as_ref().map(|(n, f)| (n.as_str(), f.name())))?;
     image.set_below(new_chain);
@@ -60,6 +72,7 @@ pub fn rebase(
 fn copy_differences<B: crate::io::Backend + Send + Sync>(
     image: &mut Qcow2Image<B>,
     new_chain: Option<&dyn GuestRead>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let size = image.virtual_size();
     let unit = image.unit_size();
@@ -93,6 +106,7 @@ fn copy_differences<B: crate::io::Backend + Send + Sync>(
             }
         }
         at += len;
+        progress(at, size);
     }
     Ok(copied)
 }

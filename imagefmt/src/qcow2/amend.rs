@@ -378,11 +378,11 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
         })?;
     }
     // 5. Size, exactly as asked. Shrinking drops what lies past the new end, as qemu-img amend
-    //    does (only `resize` asks for --shrink): whole clusters there are discarded first.
+    //    does (`shrink.rs`, qemu-img resize --shrink's behaviour): whole clusters there are unmapped.
     if let Some(size) = new_size {
         let current = target.header().size;
         if size < current {
-            target.image()?.drop_clusters_from(size)?;
+            target.image()?.drop_past(size)?;
         }
         if size != current {
             target.image()?.resize(size, true)?;
@@ -682,37 +682,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.edit_header_cluster(|c| set_version(c, Version::V2))
     }
 
-    /// Unmaps every whole cluster at or past guest offset `from` (what qemu discards when an
-    /// image shrinks): entries cleared first, then their host clusters freed.
-    fn drop_clusters_from(&mut self, from: u64) -> Result<(), AmendError> {
-        let cluster_size = self.header.cluster_size();
-        let first = from.div_ceil(cluster_size);
-        let per_table = self.header.l2_entries();
-        let format = self.entry_format();
-        for l1_index in (first / per_table) as usize..self.l1.len() {
-            let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
-                continue;
-            };
-            let guest_base = l1_index as u64 * per_table * cluster_size;
-            let entries: Vec<L2Entry> = {
-                let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
-                (0..format.l2_entries() as usize)
-                    .map(|i| L2Entry::from_table(&bytes, i, format))
-                    .collect()
-            };
-            for (index, entry) in entries.into_iter().enumerate() {
-                let cluster = l1_index as u64 * per_table + index as u64;
-                if cluster < first || (entry.entry == 0 && entry.bitmap == 0) {
-                    continue;
-                }
-                self.set_l2_entry(table, index, 0, 0)?;
-                self.barrier()?;
-                self.release(entry)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Rewrites every zero cluster of the active L1 table as v2 can express it: without a
     /// backing file a plain zero cluster becomes unallocated; otherwise it gets a new
     /// zero-filled data cluster, and a preallocated one is zero-filled in place. Per L2 table,
@@ -847,6 +816,7 @@ mod tests {
 
     use crate::extent::GuestRead;
     use crate::io::MemBackend;
+    use crate::offsets::GuestOffset;
     use crate::qcow2::create::{write_new_image, CreateOptions};
 
     /// A 4 MiB image on memory with data in several refcount blocks' worth of clusters (512-byte
@@ -869,7 +839,7 @@ mod tests {
 
     fn contents(image: &Qcow2Image<MemBackend>) -> Vec<u8> {
         let mut bytes = vec![0u8; image.virtual_size() as usize];
-        image.read_at(&mut bytes, 0).unwrap();
+        image.read_at(&mut bytes, GuestOffset(0)).unwrap();
         bytes
     }
 
@@ -1013,7 +983,7 @@ mod tests {
                 let cluster = HeaderCluster::read_from(&mem).unwrap();
                 let reopened = Qcow2Image::open(MemBackend::new(after), cluster, None).unwrap();
                 let mut now = vec![0u8; before.len()];
-                reopened.read_at(&mut now, 0).unwrap();
+                reopened.read_at(&mut now, GuestOffset(0)).unwrap();
                 assert!(now == before, "{context}: content changed");
                 if done {
                     assert!(crash_after > 3, "{name}: the step wrote something");

@@ -28,7 +28,7 @@ use std::thread;
 use super::image::Qcow2Image;
 use super::tables::COMPRESSED;
 use super::CompressionType;
-use crate::chain::check_range;
+use crate::extent::check_range;
 use crate::io::Backend;
 use crate::{Error, Result};
 
@@ -295,8 +295,9 @@ impl HostRun {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::GuestRead;
+    use crate::extent::GuestRead;
     use crate::io::MemBackend;
+    use crate::offsets::GuestOffset;
     use crate::qcow2::check::{check, Repair};
     use crate::qcow2::create::{write_new_image, CreateOptions};
     use crate::qcow2::header_cluster::HeaderCluster;
@@ -378,7 +379,7 @@ mod tests {
             let cluster = HeaderCluster::parse(&bytes[..bytes.len().min(cs)]).unwrap();
             let image = Qcow2Image::open(MemBackend::new(bytes.clone()), cluster, None).unwrap();
             let mut back = vec![0u8; data.len()];
-            image.read_at(&mut back, 0).unwrap();
+            image.read_at(&mut back, GuestOffset(0)).unwrap();
             assert!(back == data, "{options:?}: content differs");
             // Packed: far less than a host cluster per compressed cluster (the compressible
             // clusters shrink to a few dozen bytes each), unless a 1-bit refcount forbids

@@ -215,7 +215,7 @@ pub struct BackingReference {
 }
 
 /// Rounds a requested virtual size up to whole 512-byte sectors, as qemu-img does.
-pub fn round_size(size: u64) -> Option<u64> {
+pub(crate) fn round_size(size: u64) -> Option<u64> {
     size.checked_next_multiple_of(512)
 }
 
@@ -312,7 +312,7 @@ pub fn plan(
 ///
 /// The result passes `qemu-img check` with no errors or leaks and is byte-identical to what
 /// qemu-img 7.2 writes for the same options while one refcount-table cluster suffices.
-pub fn write_new_image<B: Backend + ?Sized>(
+pub(crate) fn write_new_image<B: Backend + ?Sized>(
     backend: &B,
     size: u64,
     options: &CreateOptions,

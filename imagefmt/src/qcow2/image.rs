@@ -1,6 +1,6 @@
 //! An open qcow2 image: reading guest data (L1 → L2 → cluster, falling through to the image
 //! below for unallocated clusters). Writing lives in [`super::write`] and host-cluster
-//! allocation in [`super::allocator`], as further `impl` blocks of [`Qcow2Image`].
+//! allocation in `super::allocator`, as further `impl` blocks of [`Qcow2Image`].
 //!
 //! Every offset taken from the file is checked before use (alignment, inside the file); what
 //! qemu reports as corruption at run time is an error here, never a panic. Memory is bounded: the
@@ -25,10 +25,10 @@ use crate::offsets::{GuestOffset, HostOffset};
 use crate::{Error, Result};
 
 /// Most compressed clusters read (their host span fetched with one `pread`) at once.
-pub const COMPRESSED_BATCH: usize = 32;
+pub(crate) const COMPRESSED_BATCH: usize = 32;
 /// A batch of compressed clusters stops growing once it holds this many compressed bytes, so
 /// its span stays below this plus two descriptors and a cluster (≤ 7 MiB with 2 MiB clusters).
-pub const COMPRESSED_BATCH_BYTES: u64 = 1 << 20;
+pub(crate) const COMPRESSED_BATCH_BYTES: u64 = 1 << 20;
 
 /// Upper bound on cached L2 tables, in bytes.
 pub const L2_CACHE_BYTES: u64 = 8 << 20;
@@ -112,7 +112,7 @@ impl<B: Backend> Qcow2Image<B> {
     /// Opens an image that keeps its guest data in an external data file (incompatible bit 2),
     /// reading data clusters from `data_file`. The caller decides whether that file may be
     /// opened at all: its name in the header is untrusted and can name any host file.
-    pub fn open_with_data_file(
+    pub(crate) fn open_with_data_file(
         backend: B,
         mut cluster: HeaderCluster,
         below: Option<Box<dyn GuestRead>>,
@@ -406,7 +406,7 @@ impl<B: Backend> Qcow2Image<B> {
     /// Reads one extent of this image's own status into `buf` (`buf.len() == extent.len`).
     fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         match (extent.kind, extent.host) {
-            (ExtentKind::Unallocated, _) => read_below(self.below.as_deref(), buf, extent.start.0),
+            (ExtentKind::Unallocated, _) => read_below(self.below.as_deref(), buf, extent.start),
             (ExtentKind::Zero, _) => {
                 buf.fill(0);
                 Ok(())
@@ -524,11 +524,11 @@ impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
         self.header.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.header.size)?;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_range(offset.0, buf.len(), self.header.size)?;
         let mut done = 0usize;
         while done < buf.len() {
-            let at = GuestOffset(offset + done as u64);
+            let at = GuestOffset(offset.0 + done as u64);
             let extent = self.layer_status(at, (buf.len() - done) as u64)?;
             let len = extent.len as usize;
             self.read_extent(&extent, &mut buf[done..done + len])?;

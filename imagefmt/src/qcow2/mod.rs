@@ -7,29 +7,35 @@
 //! cluster 3.. L1 table ─► L2 tables ─► data clusters      (guest offset → host offset)
 //! ```
 //!
-//! Files: [`header`] (fixed fields), [`features`] (feature bits and names), [`extensions`]
-//! (TLV area), [`header_cluster`] (cluster 0 as a unit), [`refcount`] (refcount entry widths),
-//! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer),
-//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them),
-//! [`amend`] (`qemu-img amend`: compat, lazy refcounts, refcount width, size in place).
+//! Public files: [`header`] (fixed fields), [`features`] (feature bits and names),
+//! [`extensions`] (TLV area), [`HeaderCluster`] (cluster 0 as a unit), [`refcount`] (refcount
+//! entry widths), [`layout`] (where a new image's metadata goes), [`create`] (options and the
+//! writer), [`image`] and [`write`](mod@write) ([`image::Qcow2Image`]: reads, block status, writes),
+//! [`check`] (`qemu-img check`), [`amend`] (`qemu-img amend`: compat, lazy refcounts,
+//! refcount width, size, data-file settings in place). Internal: `tables` (the one L1/L2 decoder), `allocator`
+//! (refcounts and allocation), `compress` and `compressed_writer` (guest clusters written
+//! compressed, packed as qemu packs them).
 
-pub mod allocator;
+pub(crate) mod allocator;
 pub mod amend;
 pub mod check;
-pub mod compress;
-pub mod compressed_writer;
+pub(crate) mod compress;
+pub(crate) mod compressed_writer;
 pub mod create;
-pub mod error;
+mod error;
 pub mod extensions;
 pub mod features;
 pub mod header;
-pub mod header_cluster;
+mod header_cluster;
 pub mod image;
 pub mod layout;
+pub mod preallocate;
 pub mod refcount;
-pub mod tables;
+pub mod shrink;
+pub(crate) mod tables;
 pub mod write;
 
+// The format's main types at its root (error.rs and header_cluster.rs are private).
 pub use create::{Compat, CreateOptions};
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header, Version, MAGIC};

@@ -1,7 +1,7 @@
 //! Writing guest data into a qcow2 image: L2 tables and data clusters allocated on demand,
 //! copy-on-write of partial clusters from whatever lies below, zero writes, discard, resize.
 //!
-//! Write ordering (see also [`super::allocator`]): a data cluster is allocated (refcount 1)
+//! Write ordering (see also `super::allocator`): a data cluster is allocated (refcount 1)
 //! and filled before the L2 entry that points at it is written; an L2 table is allocated and
 //! zeroed before the L1 entry that points at it. Old clusters are freed only after the entry
 //! that referenced them was rewritten. In durable mode an fsync separates each dependent step,
@@ -21,6 +21,7 @@ use super::image::{corrupt, Qcow2Image};
 use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO};
 use crate::extent::{check_range, GuestRead};
 use crate::io::Backend;
+use crate::offsets::GuestOffset;
 use crate::{Error, Result};
 
 /// How an image is opened for writing.
@@ -326,7 +327,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// The L2 table offset, entry index and entry for `pos`, if its L2 table exists.
-    fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
+    pub(super) fn existing_entry(&self, pos: u64) -> Result<Option<(u64, usize, L2Entry)>> {
         let cluster_index = pos >> self.header.cluster_bits;
         let per_table = self.header.l2_entries();
         let l1_raw = self
@@ -404,7 +405,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Writes consecutive standard (8-byte) L2 entries from `index` on, to disk in one write
     /// and to the cached table.
-    fn set_l2_entries(&mut self, table: u64, index: usize, entries: &[u64]) -> Result<()> {
+    pub(super) fn set_l2_entries(
+        &mut self,
+        table: u64,
+        index: usize,
+        entries: &[u64],
+    ) -> Result<()> {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_host(&bytes, table + index as u64 * 8)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -441,7 +447,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let mut full = vec![0u8; unit as usize];
         let inside = (self.header.size - unit_start).min(unit) as usize;
         if data.len() as u64 != unit {
-            self.read_at(&mut full[..inside], unit_start)?;
+            self.read_at(&mut full[..inside], GuestOffset(unit_start))?;
         }
         let at = (pos - unit_start) as usize;
         full[at..at + data.len()].copy_from_slice(data);
@@ -575,13 +581,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// The copy-on-write unit in bytes: the cluster size, or the subcluster size with extended
     /// L2 entries. Whole-image operations step through the disk in these units.
-    pub fn unit_size(&self) -> u64 {
+    pub(crate) fn unit_size(&self) -> u64 {
         self.cow_unit()
     }
 
     /// Drops every cluster of this image, so that all reads fall through to the image below
     /// (what `qemu-img commit` leaves behind). L2 tables and data clusters are freed.
-    pub fn make_empty(&mut self) -> Result<()> {
+    pub(crate) fn make_empty(&mut self) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let format = self.entry_format();
         for l1_index in 0..self.l1.len() {
@@ -616,7 +622,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Points the image at a new backing file (or none), rewriting cluster 0: the header, the
     /// backing-format extension and the name. Guest data is not touched (`rebase -u`).
-    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+    pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         let mut cluster = HeaderCluster::read_from(&self.backend)?;
         let old_len = cluster.to_bytes()?.len();
         cluster.header = self.header.clone();
@@ -640,7 +646,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Replaces what lies below this image (after [`Self::set_backing`]).
-    pub fn set_below(&mut self, below: Option<Box<dyn GuestRead>>) {
+    pub(crate) fn set_below(&mut self, below: Option<Box<dyn GuestRead>>) {
         self.below = below;
     }
 }

@@ -10,6 +10,7 @@ use super::image::Qcow2Image;
 use super::write::WriteOptions;
 use crate::extent::GuestRead;
 use crate::io::MemBackend;
+use crate::offsets::GuestOffset;
 use crate::raw::RawReader;
 
 /// One guest operation.
@@ -86,7 +87,7 @@ fn options(index: usize) -> CreateOptions {
 
 fn read_all(image: &dyn GuestRead) -> Vec<u8> {
     let mut out = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut out, 0).unwrap();
+    image.read_at(&mut out, GuestOffset(0)).unwrap();
     out
 }
 

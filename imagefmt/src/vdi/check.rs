@@ -12,7 +12,7 @@
 //! images qemu can open, clean images and qemu's own findings therefore give the same counts.
 //!
 //! The linkage of a differencing image (its parent found and matching by UUID) is checked by
-//! whoever resolves parents ([`super::open_vdi`]); this module looks at one file.
+//! whoever resolves parents ([`crate::chain::open_vdi`]); this module looks at one file.
 
 use byteorder::{ByteOrder, LittleEndian};
 

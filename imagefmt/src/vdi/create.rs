@@ -98,7 +98,7 @@ pub fn write_dynamic<B: Backend + ?Sized>(backend: &B, size: u64) -> Result<VdiH
 }
 
 /// Writes a new fixed image of `size` bytes (rounded up to 512) onto an empty `backend`.
-pub fn write_fixed<B: Backend + ?Sized>(backend: &B, size: u64) -> Result<VdiHeader> {
+pub(crate) fn write_fixed<B: Backend + ?Sized>(backend: &B, size: u64) -> Result<VdiHeader> {
     let mut header = VdiHeader::new_dynamic(round_size(size)?)?;
     header.image_type = ImageType::Fixed;
     header.blocks_allocated = header.blocks_in_image;
@@ -108,7 +108,7 @@ pub fn write_fixed<B: Backend + ?Sized>(backend: &B, size: u64) -> Result<VdiHea
 
 /// Writes a new differencing image on top of the image whose header is `parent` onto an empty
 /// `backend`.
-pub fn write_differencing<B: Backend + ?Sized>(
+pub(crate) fn write_differencing<B: Backend + ?Sized>(
     backend: &B,
     parent: &VdiHeader,
 ) -> Result<VdiHeader> {
@@ -121,7 +121,7 @@ pub fn write_differencing<B: Backend + ?Sized>(
 
 /// Writes `header`, its block map (identity for a fixed image, all FREE otherwise) and sets the
 /// length to [`VdiHeader::allocated_end`]. `backend` should be empty.
-pub fn write_image<B: Backend + ?Sized>(backend: &B, header: &VdiHeader) -> Result<()> {
+pub(crate) fn write_image<B: Backend + ?Sized>(backend: &B, header: &VdiHeader) -> Result<()> {
     backend
         .write_all_at(&header.to_bytes(), 0)
         .map_err(Error::writing("VDI header"))?;
@@ -156,6 +156,7 @@ mod tests {
     use super::*;
     use crate::extent::GuestRead;
     use crate::io::MemBackend;
+    use crate::offsets::GuestOffset;
 
     #[test]
     fn dynamic_layout_matches_virtualbox() {
@@ -170,7 +171,7 @@ mod tests {
         assert!(bytes[0x10_0000..0x10_0010].iter().all(|&b| b == 0xFF));
         let image = VdiImage::open(&mem, h, None).unwrap();
         let mut buf = vec![1u8; 4096];
-        image.read_at(&mut buf, 0).unwrap();
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
     }
 

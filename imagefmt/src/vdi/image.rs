@@ -94,7 +94,7 @@ pub struct VdiImage<B> {
     file_len: u64,
     below: Option<Box<dyn GuestRead>>,
     writer: Option<WriteState>,
-    pub(super) links: Vec<ParentLink>,
+    pub(crate) links: Vec<ParentLink>,
 }
 
 /// What an image open for writing keeps besides the map.
@@ -124,7 +124,7 @@ impl<B: Backend> VdiImage<B> {
     ///
     /// The block map must lie inside the file (checked before it is read) and pass
     /// [`BlockMap::parse`]. A differencing image opened without `below` reads its FREE blocks as
-    /// zeros (a detached view); [`super::open_vdi`] finds and attaches the parent.
+    /// zeros (a detached view); [`crate::chain::open_vdi`] finds and attaches the parent.
     pub fn open(backend: B, header: VdiHeader, below: Option<Box<dyn GuestRead>>) -> Result<Self> {
         // Re-checked so that a header built by hand cannot make block arithmetic divide by zero.
         if header.block_size != DEFAULT_BLOCK_SIZE {
@@ -224,18 +224,18 @@ impl<B: Backend + Send + Sync> GuestRead for VdiImage<B> {
         self.header.virtual_size()
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len(), self.header.virtual_size())?;
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_range(offset.0, buf.len(), self.header.virtual_size())?;
         let block_size = self.block_size();
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
+            let pos = offset.0 + done as u64;
             let (block, in_block) = (pos / block_size, pos % block_size);
             // One piece never crosses a block boundary.
             let len = (block_size - in_block).min((buf.len() - done) as u64) as usize;
             let piece = &mut buf[done..done + len];
             match self.entry(block)? {
-                BlockEntry::Free => read_below(self.below.as_deref(), piece, pos)?,
+                BlockEntry::Free => read_below(self.below.as_deref(), piece, GuestOffset(pos))?,
                 BlockEntry::Zero => piece.fill(0),
                 BlockEntry::Allocated(index) => self.read_data(block, index, in_block, piece)?,
             }
@@ -498,7 +498,11 @@ impl<B: Backend + Send + Sync> VdiImage<B> {
         // Copy-on-write: the parent's bytes around the write (none needed for a whole block).
         if entry == BlockEntry::Free && !self.covers_block(block, in_block, data.len() as u64) {
             let inside = (self.header.virtual_size() - start).min(block_size) as usize;
-            read_below(self.below.as_deref(), &mut buf[..inside], start)?;
+            read_below(
+                self.below.as_deref(),
+                &mut buf[..inside],
+                GuestOffset(start),
+            )?;
         }
         let at = in_block as usize;
         buf[at..at + data.len()].copy_from_slice(data);
@@ -657,7 +661,7 @@ mod tests {
 
     fn read_all(image: &dyn GuestRead) -> Vec<u8> {
         let mut buf = vec![0u8; image.virtual_size() as usize];
-        image.read_at(&mut buf, 0).unwrap();
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
         buf
     }
 
@@ -877,12 +881,15 @@ mod tests {
         let truncated = MemBackend::new(base[..cut as usize].to_vec());
         let image = VdiImage::open(&truncated, header.clone(), None).unwrap();
         let mut buf = vec![0u8; 4096];
-        image.read_at(&mut buf, 0).unwrap();
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
         let last_block = (0..3)
             .find(|&b| image.block_map().get(b) == Some(BlockEntry::Allocated(2)))
             .unwrap();
         let e = image
-            .read_at(&mut buf, u64::from(last_block) * MIB + MIB - 4096)
+            .read_at(
+                &mut buf,
+                GuestOffset(u64::from(last_block) * MIB + MIB - 4096),
+            )
             .unwrap_err();
         assert!(
             matches!(e, Error::Vdi(VdiError::ReadOutOfRange { .. })),
@@ -893,7 +900,7 @@ mod tests {
             Err(Error::Vdi(VdiError::DataAreaTruncated { .. }))
         ));
         // Reads outside the disk.
-        assert!(image.read_at(&mut buf, SIZE - 100).is_err());
+        assert!(image.read_at(&mut buf, GuestOffset(SIZE - 100)).is_err());
     }
 
     #[derive(Debug, Clone)]
@@ -996,7 +1003,7 @@ mod tests {
                 let mut pos = 0;
                 while pos < size {
                     let len = (size - pos).min(MIB);
-                    let _ = image.read_at(&mut buf[..len as usize], pos);
+                    let _ = image.read_at(&mut buf[..len as usize], GuestOffset(pos));
                     pos += len;
                 }
             }

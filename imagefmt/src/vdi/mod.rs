@@ -7,27 +7,26 @@
 //! A differencing image names its parent only by UUID (its linkage UUID is the parent's creation
 //! UUID); the file stores no parent path. Facts: FORMATS.md §2.
 //!
-//! Files: `header` and `blockmap` (codecs), [`image`] ([`VdiImage`]: read, write, discard),
-//! [`create`] (new dynamic, fixed and differencing images), [`parent`] (finding and opening the
-//! parent chain of a differencing image).
+//! Files: `header` and `blockmap` (codecs), `image` ([`VdiImage`]: read, write, discard),
+//! [`create`] (new dynamic, fixed and differencing images), `parent` (finding the parent of a
+//! differencing image: [`ParentResolver`]; the chain walker in [`crate::chain`] opens it).
 
 mod blockmap;
 pub mod check;
 pub mod create;
 mod error;
 mod header;
-pub mod image;
-pub mod parent;
+mod image;
+mod parent;
 
+// The format's API: the private files' types, and the creators at the format's root.
 pub use blockmap::{BlockEntry, BlockMap};
 pub use create::{create_differencing, create_dynamic, create_fixed};
 pub use error::VdiError;
 pub use header::{Geometry, ImageType, VdiHeader};
 pub use image::VdiImage;
-pub use parent::{
-    find_parent, open_vdi, open_vdi_chain, open_vdi_file, open_vdi_file_under_policy, open_vdi_rw,
-    open_vdi_under_policy, Explicit, ParentLink, ParentResolver, SameDirectory, UnderPolicy,
-};
+pub(crate) use parent::{check_parent, find_parent};
+pub use parent::{Explicit, ParentLink, ParentResolver, SameDirectory, MAX_DIRECTORY_CANDIDATES};
 
 /// The signature at [`SIGNATURE_OFFSET`] (bytes `7F 10 DA BE` on disk).
 pub const SIGNATURE: u32 = 0xBEDA_107F;

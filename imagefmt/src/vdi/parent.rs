@@ -1,4 +1,5 @@
-//! Finding and opening the parents of differencing VDI images.
+//! Finding the parents of differencing VDI images (opening them is the chain walker's job:
+//! [`crate::chain::open_vdi`], [`crate::chain::open_vdi_rw`]).
 //!
 //! A VDI file names no parent path, only the parent's creation UUID (the child's linkage UUID,
 //! FORMATS.md §2.3); VirtualBox finds the file through its media registry. Here a
@@ -9,20 +10,16 @@
 //! modification UUID is not refused (VirtualBox does not check it either) but reported through
 //! [`ParentLink::modification_matches`].
 
-use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::image::VdiImage;
 use super::{VdiError, VdiHeader, HEADER_REGION_LEN};
-use crate::backing::{BackingError, BackingPolicy, ChainGuard};
-use crate::detect::ImageFormat;
-use crate::extent::{GuestRead, Named};
+use crate::backing::{BackingError, BackingPolicy};
 use crate::image::ImageHeader;
 use crate::io::Backend;
-use crate::open::{open_image, OpenHow};
+use crate::open::OpenHow;
 use crate::{Error, Result};
 
 /// Most `*.vdi` files [`SameDirectory`] looks at in one directory.
@@ -153,11 +150,11 @@ impl ParentResolver for Explicit {
 /// under `Deny`/`Detach` (an error naming the UUID), anything under `FollowLocal`, and only
 /// paths inside the directory under `Confine` (symlinks resolved before checking).
 #[derive(Clone, Copy)]
-pub struct UnderPolicy<'a> {
+pub(crate) struct UnderPolicy<'a> {
     /// The policy.
-    pub policy: &'a BackingPolicy,
+    pub(crate) policy: &'a BackingPolicy,
     /// The resolver proposing paths.
-    pub resolver: &'a dyn ParentResolver,
+    pub(crate) resolver: &'a dyn ParentResolver,
 }
 
 impl ParentResolver for UnderPolicy<'_> {
@@ -208,6 +205,23 @@ pub struct ParentLink {
 }
 
 impl ParentLink {
+    /// The link from the differencing image `child` (header `child_header`) to `parent`, whose
+    /// header `parent_header` was checked to carry the child's linkage UUID.
+    pub(crate) fn between(
+        child: &Path,
+        child_header: &VdiHeader,
+        parent: &Path,
+        parent_header: &VdiHeader,
+    ) -> Self {
+        Self {
+            child: child.to_owned(),
+            parent: parent.to_owned(),
+            linkage: child_header.uuid_linkage,
+            expected_parent_modify: child_header.uuid_parent_modify,
+            parent_modify: parent_header.uuid_modify,
+        }
+    }
+
     /// False if the parent was modified since the child was made (its modification UUID
     /// changed): the child may then show a mix of old and new parent data. VirtualBox does not
     /// refuse such chains either; callers may warn.
@@ -216,108 +230,10 @@ impl ParentLink {
     }
 }
 
-/// Opens the VDI image at `path` read-only with its chain of parents (found through
-/// `resolver`, each verified by UUID; depth and loops limited by `guard`).
-///
-/// A differencing image whose parent is not found is refused ([`VdiError::ParentNotFound`]), as
-/// is one with a null linkage UUID ([`VdiError::DiffWithoutParent`]): the bottom of a chain is
-/// never a differencing image. The links found are in [`VdiImage::parent_links`].
-pub fn open_vdi(
-    path: &Path,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-) -> Result<VdiImage<File>> {
-    let (file, header) = open_file(path, OpenHow::read(), guard)?;
-    open_vdi_file(file, header, path, resolver, guard)
-}
-
-/// [`open_vdi`] as a [`GuestRead`] (what the format-neutral chain opener wants).
-pub fn open_vdi_chain(
-    path: &Path,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-) -> Result<Box<dyn GuestRead>> {
-    Ok(Box::new(open_vdi(path, resolver, guard)?))
-}
-
-/// Like [`open_vdi`] for a file already opened (and entered into `guard`) by the caller, whose
-/// header was read as `header`: attaches the parent chain below it.
-pub fn open_vdi_file(
-    file: File,
-    header: VdiHeader,
-    path: &Path,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-) -> Result<VdiImage<File>> {
-    let (below, links) = open_parents(path, &header, resolver, guard, OpenHow::read())?;
-    let mut image = VdiImage::open(file, header, below)?;
-    image.links = links;
-    Ok(image)
-}
-
-/// Opens a VDI image found by the format-neutral chain opener, under its backing policy: the
-/// parent is proposed by `resolver` (e.g. [`SameDirectory`] or [`Explicit`]) and followed only
-/// as `policy` allows; under [`BackingPolicy::Detach`] the image is read alone (FREE blocks read
-/// as zeros). Parents are opened for shared reading.
-pub fn open_vdi_under_policy(
-    file: File,
-    header: VdiHeader,
-    path: &Path,
-    policy: &BackingPolicy,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-) -> Result<Box<dyn GuestRead>> {
-    Ok(Box::new(open_vdi_file_under_policy(
-        file,
-        header,
-        path,
-        policy,
-        resolver,
-        guard,
-        OpenHow::read(),
-    )?))
-}
-
-/// [`open_vdi_under_policy`] as the VDI image itself (its [`VdiImage::parent_links`] tell what
-/// was found), its parents opened as `parents` says (e.g. with `--force-share`).
-pub fn open_vdi_file_under_policy(
-    file: File,
-    header: VdiHeader,
-    path: &Path,
-    policy: &BackingPolicy,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-    parents: OpenHow,
-) -> Result<VdiImage<File>> {
-    if *policy == BackingPolicy::Detach {
-        return VdiImage::open(file, header, None);
-    }
-    let resolver = UnderPolicy { policy, resolver };
-    let (below, links) = open_parents(path, &header, &resolver, guard, parents)?;
-    let mut image = VdiImage::open(file, header, below)?;
-    image.links = links;
-    Ok(image)
-}
-
-/// Opens the VDI image at `path` for reading and writing, its parent chain (read-only) below it.
-/// With `durable`, dependent metadata updates are separated by fsync.
-pub fn open_vdi_rw(
-    path: &Path,
-    resolver: &dyn ParentResolver,
-    durable: bool,
-) -> Result<VdiImage<File>> {
-    let mut guard = ChainGuard::default();
-    let (file, header) = open_file(path, OpenHow::write(), &mut guard)?;
-    let (below, links) = open_parents(path, &header, resolver, &mut guard, OpenHow::read())?;
-    let mut image = VdiImage::open_rw(file, header, below, durable)?;
-    image.links = links;
-    Ok(image)
-}
-
 /// The path of the parent of the differencing image `header` at `path`, as `resolver` proposes
-/// it and `policy` allows, after checking that its creation UUID equals the link. For callers
-/// that walk a chain by headers (info, map) rather than opening it for reading.
-pub fn find_parent(
+/// it and `policy` allows, after checking that its creation UUID equals the link: where the chain
+/// walker ([`crate::chain`]) goes below a differencing image.
+pub(crate) fn find_parent(
     path: &Path,
     header: &VdiHeader,
     policy: &BackingPolicy,
@@ -336,92 +252,30 @@ pub fn find_parent(
             linkage,
             child: path.to_owned(),
         })?;
-    // Only the header, to check the UUID; whoever opens the parent takes its locks then.
+    // Only the header, to check the UUID; whoever opens the parent takes its locks then (and
+    // checks the UUID again on the file it opened: `check_parent`).
     let (_, parent_header) = crate::image::read_file_header_with(&parent, OpenHow::force_share())?;
-    match parent_header {
-        ImageHeader::Vdi(h) if h.uuid_create == linkage => Ok(parent),
+    check_parent(&parent, &parent_header, linkage)?;
+    Ok(parent)
+}
+
+/// Refuses `header` (the image at `parent`) as the parent of a differencing image whose linkage
+/// UUID is `linkage` unless it is a VDI image whose creation UUID is `linkage`.
+pub(crate) fn check_parent(parent: &Path, header: &ImageHeader, linkage: Uuid) -> Result<()> {
+    match header {
+        ImageHeader::Vdi(h) if h.uuid_create == linkage => Ok(()),
         ImageHeader::Vdi(h) => Err(VdiError::ParentMismatch {
             expected: linkage,
             found: h.uuid_create,
-            parent,
+            parent: parent.to_owned(),
         }
         .into()),
         other => Err(VdiError::ParentNotVdi {
-            path: parent,
+            path: parent.to_owned(),
             format: other.format().name(),
         }
         .into()),
     }
-}
-
-/// Opens `path` (a regular file, locked as qemu does), enters it into `guard` and reads its VDI
-/// header.
-fn open_file(path: &Path, how: OpenHow, guard: &mut ChainGuard) -> Result<(File, VdiHeader)> {
-    let file = open_image(path, how)?;
-    let meta = file
-        .metadata()
-        .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
-    guard.enter(path, &meta)?;
-    match ImageHeader::read_as(&file, ImageFormat::Vdi, path)? {
-        ImageHeader::Vdi(header) => Ok((file, *header)),
-        other => Err(VdiError::ParentNotVdi {
-            path: path.to_owned(),
-            format: other.format().name(),
-        }
-        .into()),
-    }
-}
-
-/// An opened parent chain (if any) and the links leading down it.
-type Parents = (Option<Box<dyn GuestRead>>, Vec<ParentLink>);
-
-/// The parent chain below the image at `path` (none for a base image), and its links.
-fn open_parents(
-    path: &Path,
-    header: &VdiHeader,
-    resolver: &dyn ParentResolver,
-    guard: &mut ChainGuard,
-    how: OpenHow,
-) -> Result<Parents> {
-    if !header.is_differencing() {
-        return Ok((None, Vec::new()));
-    }
-    let linkage = header.uuid_linkage;
-    if linkage.is_nil() {
-        return Err(VdiError::DiffWithoutParent {
-            path: path.to_owned(),
-        }
-        .into());
-    }
-    let parent_path = resolver
-        .find(path, linkage)?
-        .ok_or_else(|| VdiError::ParentNotFound {
-            linkage,
-            child: path.to_owned(),
-        })?;
-    let (file, parent_header) = open_file(&parent_path, how, guard)?;
-    if parent_header.uuid_create != linkage {
-        return Err(VdiError::ParentMismatch {
-            expected: linkage,
-            found: parent_header.uuid_create,
-            parent: parent_path,
-        }
-        .into());
-    }
-    let link = ParentLink {
-        child: path.to_owned(),
-        parent: parent_path.clone(),
-        linkage,
-        expected_parent_modify: header.uuid_parent_modify,
-        parent_modify: parent_header.uuid_modify,
-    };
-    let (below, mut links) = open_parents(&parent_path, &parent_header, resolver, guard, how)?;
-    let parent = VdiImage::open(file, parent_header, below)?;
-    links.insert(0, link);
-    Ok((
-        Some(Box::new(Named::new(Box::new(parent), parent_path))),
-        links,
-    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,131 @@
+//! Progress of long operations (`-p` on convert, commit and rebase): one helper for every
+//! command. When standard error is a terminal, an indicatif bar there with rate and ETA;
+//! otherwise qemu-img's own lines on the command's output, exactly as qemu-img prints them
+//! (`    (12.00/100%)` each ended by a carriage return, a newline at the end), so scripts that
+//! read qemu-img's progress read ours.
+
+use std::io::{IsTerminal, Write};
+
+/// qemu-img prints a new line only after the percentage moved by more than this, and at 0 and
+/// 100 (its `min_skip`).
+const MIN_SKIP: f64 = 1.0;
+
+/// A progress display; [`Progress::update`] as work proceeds, [`Progress::finish`] at the end.
+pub struct Progress<'a> {
+    mode: Mode<'a>,
+}
+
+enum Mode<'a> {
+    Off,
+    Bar(indicatif::ProgressBar),
+    Lines { out: &'a mut dyn Write, last: f64 },
+}
+
+impl<'a> Progress<'a> {
+    /// Shows nothing unless `enabled`; a bar if standard error is a terminal, else qemu-img's
+    /// lines on `out`.
+    pub fn new(enabled: bool, out: &'a mut dyn Write) -> Self {
+        if !enabled {
+            Self { mode: Mode::Off }
+        } else if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Self {
+                mode: Mode::Bar(bar),
+            }
+        } else {
+            Self::lines(out)
+        }
+    }
+
+    /// qemu-img's lines on `out`, whatever the terminal (what [`Progress::new`] picks when
+    /// standard error is not a terminal). Prints the first line, 0.00%, at once, as qemu-img.
+    pub fn lines(out: &'a mut dyn Write) -> Self {
+        let mut progress = Self {
+            mode: Mode::Lines { out, last: 0.0 },
+        };
+        progress.print(0.0);
+        progress
+    }
+
+    /// Reports `done` of `total` units (bytes).
+    pub fn update(&mut self, done: u64, total: u64) {
+        let percent = if total == 0 {
+            100.0
+        } else {
+            (done.min(total) as f64 * 100.0 / total as f64).min(100.0)
+        };
+        match &mut self.mode {
+            Mode::Off => {}
+            Mode::Bar(bar) => {
+                bar.set_length(total);
+                bar.set_position(done.min(total));
+            }
+            Mode::Lines { last, .. } => {
+                if percent > *last + MIN_SKIP || percent < *last - MIN_SKIP || percent >= 100.0 {
+                    *last = percent;
+                    self.print(percent);
+                }
+            }
+        }
+    }
+
+    /// Ends the display: 100% and a newline (lines), or a finished bar. Nothing was shown for a
+    /// disabled progress, so nothing is printed.
+    pub fn finish(mut self) {
+        match &mut self.mode {
+            Mode::Off => {}
+            Mode::Bar(bar) => bar.finish(),
+            Mode::Lines { last, .. } => {
+                if *last < 100.0 {
+                    *last = 100.0;
+                    self.print(100.0);
+                }
+                if let Mode::Lines { out, .. } = &mut self.mode {
+                    // Best effort: a closed output is reported by the command's own writes.
+                    let _ = writeln!(out).and_then(|()| out.flush());
+                }
+            }
+        }
+    }
+
+    fn print(&mut self, percent: f64) {
+        if let Mode::Lines { out, .. } = &mut self.mode {
+            let _ = write!(out, "    ({percent:.2}/100%)\r").and_then(|()| out.flush());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn lines_read_as_qemu_img_prints_them() {
+        let mut out = Vec::new();
+        let mut progress = Progress::lines(&mut out);
+        for done in [0, 5, 10, 100, 150, 1000] {
+            progress.update(done, 1000);
+        }
+        progress.finish();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "    (0.00/100%)\r    (10.00/100%)\r    (15.00/100%)\r    (100.00/100%)\r\n"
+        );
+    }
+
+    #[test]
+    fn disabled_progress_prints_nothing() {
+        let mut out = Vec::new();
+        let mut progress = Progress::new(false, &mut out);
+        progress.update(1, 2);
+        progress.finish();
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,154 @@
+//! `convert -n`: copy an image's guest content into an existing image instead of a new one
+//! (qemu-img's "skip target creation"). The target must be at least as large as the source.
+//!
+//! A new image starts out reading zeros, so [`super::convert`] skips zero runs; an existing
+//! one may hold anything, so here every range of the source is written: data as data, zero and
+//! unallocated ranges as zeros — zero clusters in a qcow2 target, punched holes in a raw one —
+//! as qemu-img does when the target is not known to be zero-initialised. With `-S 0`
+//! (`sparse_size` 0) zeros are written as data. The copy is serial, in requests of up to
+//! [`REQUEST_MAX`] bytes, reading only what the source's extents call data.
+
+use std::path::Path;
+
+use crate::backing::BackingPolicy;
+use crate::chain;
+use crate::detect::ImageFormat;
+use crate::extent::GuestRead;
+use crate::io::Backend;
+use crate::offsets::GuestOffset;
+use crate::ops::commit::zero_raw;
+use crate::ops::convert::{in_source, is_zero, ConvertStats, REQUEST_MAX};
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::write::WriteOptions;
+use crate::{Error, Result};
+
+/// The existing image being written.
+enum Target {
+    Qcow2(Box<Qcow2Image<std::fs::File>>),
+    Raw(std::fs::File),
+}
+
+impl Target {
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Target::Qcow2(image) => image.write_at(data, offset),
+            Target::Raw(file) => {
+                Backend::write_all_at(file, data, offset).map_err(Error::writing("raw image data"))
+            }
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Target::Qcow2(image) => image.write_zeroes(offset, len),
+            Target::Raw(file) => zero_raw(file, offset, len),
+        }
+    }
+}
+
+/// Converts `source` into the existing image `dest` of format `format` (qcow2 or raw), opened
+/// for writing under `policy` (a qcow2 target's own backing chain is opened for copy-on-write
+/// of partial clusters). `sparse_size` is `-S` (0: zeros written as data). Errors name the
+/// file at fault.
+pub fn convert_into(
+    source: &dyn GuestRead,
+    dest: &Path,
+    format: ImageFormat,
+    policy: &BackingPolicy,
+    sparse_size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats> {
+    let in_dest = |e: Error| e.in_file("destination", dest);
+    let file = crate::open::open_image(dest, crate::open::OpenHow::write()).map_err(in_dest)?;
+    let (mut target, target_size, unit) = match format {
+        ImageFormat::Qcow2 => {
+            let image = chain::qcow2_rw_from_file(file, dest, policy, WriteOptions::default())
+                .map_err(in_dest)?;
+            let (size, unit) = (image.virtual_size(), image.unit_size());
+            (Target::Qcow2(Box::new(image)), size, unit)
+        }
+        ImageFormat::Raw => {
+            let len = file
+                .metadata()
+                .map_err(Error::io("reading the target's length"))?;
+            let block = if sparse_size == 0 {
+                crate::ops::convert::SPARSE_BLOCK as u64
+            } else {
+                sparse_size
+            };
+            (Target::Raw(file), len.len(), block)
+        }
+        ImageFormat::Vdi => {
+            return Err(Error::UnsupportedFormat {
+                name: "vdi as an existing convert target (-n)".into(),
+            })
+        }
+    };
+    let size = source.virtual_size();
+    if target_size < size {
+        return Err(in_dest(Error::InvalidParameter {
+            name: "-n",
+            reason: "output file is smaller than input file",
+        }));
+    }
+    let mut stats = ConvertStats::default();
+    let mut buf = Vec::new();
+    for extent in chain::extents(source, GuestOffset(0)) {
+        let extent = extent.map_err(|e| in_source(source, e))?;
+        if extent.reads_as_zeros() && sparse_size != 0 {
+            target
+                .write_zeroes(extent.start.0, extent.len)
+                .map_err(in_dest)?;
+        } else {
+            let mut piece = Some(extent);
+            while let Some(current) = piece {
+                let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
+                buf.resize(head.len as usize, 0);
+                chain::read_extent(source, &head, &mut buf).map_err(|e| in_source(source, e))?;
+                write_units(&mut target, &buf, head.start.0, unit, sparse_size != 0)
+                    .map_err(in_dest)?;
+                stats.bytes_written += head.len;
+                progress(head.end().0, size);
+                piece = rest;
+            }
+        }
+        stats.bytes_read = extent.end().0;
+        progress(extent.end().0, size);
+    }
+    if let Target::Qcow2(image) = &mut target {
+        image.flush().map_err(in_dest)?;
+    }
+    progress(size, size);
+    Ok(stats)
+}
+
+/// Writes `data` at `offset` unit by unit (units aligned to guest offsets): runs of non-zero
+/// units as data, runs of zero units as zeros; with `sparse` false, everything as data.
+fn write_units(
+    target: &mut Target,
+    data: &[u8],
+    offset: u64,
+    unit: u64,
+    sparse: bool,
+) -> Result<()> {
+    if !sparse {
+        return target.write(data, offset);
+    }
+    let mut at = 0usize;
+    while at < data.len() {
+        let unit_end =
+            |from: usize| (from + (unit - (offset + from as u64) % unit) as usize).min(data.len());
+        let zero = is_zero(&data[at..unit_end(at)]);
+        let mut end = unit_end(at);
+        while end < data.len() && is_zero(&data[end..unit_end(end)]) == zero {
+            end = unit_end(end);
+        }
+        if zero {
+            target.write_zeroes(offset + at as u64, (end - at) as u64)?;
+        } else {
+            target.write(&data[at..end], offset + at as u64)?;
+        }
+        at = end;
+    }
+    Ok(())
+}
