@@ -16,7 +16,7 @@ pub struct DdArgs {
     /// Format of INPUT (default: recognised by content, raw otherwise).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Format of OUTPUT: raw (default), qcow2 or vdi.
+    /// Format of OUTPUT: raw, qcow2 or vdi.
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     pub output_format: String,
     /// Replace OUTPUT if it exists (qemu-img always does; cowclone refuses by default).
