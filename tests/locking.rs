@@ -270,7 +270,15 @@ fn qemu_io_writing_an_image_refuses_every_cowclone_write_and_plain_reads() {
         WRITE_LOCK,
         &overlay,
     );
+    assert_refused(
+        &[&"amend", &"-o", &"lazy_refcounts=on", &overlay],
+        WRITE_LOCK,
+        &overlay,
+    );
     // Reads refuse as qemu-img's do...
+    let dd_input = format!("if={}", overlay.display());
+    let dd_output = format!("of={}", dir.path().join("dd.raw").display());
+    assert_refused(&[&"dd", &dd_input, &dd_output], SHARED_WRITE_LOCK, &overlay);
     assert_refused(&[&"info", &overlay], SHARED_WRITE_LOCK, &overlay);
     assert_refused(&[&"check", &overlay], SHARED_WRITE_LOCK, &overlay);
     assert_refused(&[&"map", &overlay], SHARED_WRITE_LOCK, &overlay);
@@ -279,6 +287,7 @@ fn qemu_io_writing_an_image_refuses_every_cowclone_write_and_plain_reads() {
     assert_ok(&[&"info", &"-U", &"--backing-chain", &overlay]);
     assert_ok(&[&"check", &"-U", &overlay]);
     assert_ok(&[&"map", &"-U", &overlay]);
+    assert_ok(&[&"dd", &"-U", &dd_input, &dd_output]);
     assert_ok(&[
         &"convert",
         &"-U",

@@ -5,6 +5,7 @@
 
 mod util;
 
+mod amend_dd_xcheck;
 mod bench_cli;
 mod bitmap_xcheck;
 mod check_memory;

@@ -56,6 +56,11 @@ pub enum Command {
     Rebase(crate::commands::ops::RebaseArgs),
     /// Grow (or, with --shrink, shrink) an image's virtual size.
     Resize(crate::commands::ops::ResizeArgs),
+    /// Change a qcow2 image's compat level, lazy refcounts, refcount width or size in place
+    /// (qemu-img amend).
+    Amend(crate::commands::amend::AmendArgs),
+    /// Copy part of an image into a new raw, qcow2 or VDI image (qemu-img dd syntax).
+    Dd(crate::commands::dd::DdArgs),
     /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
     Measure(crate::commands::measure::MeasureArgs),
     /// Add, remove, clear, enable, disable or merge a qcow2 image's persistent dirty bitmaps

@@ -34,6 +34,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Commit(args) => (ops::commit(args, out).map(|()| 0), 1),
         Command::Rebase(args) => (ops::rebase(args, out).map(|()| 0), 1),
         Command::Resize(args) => (ops::resize(args, out).map(|()| 0), 1),
+        Command::Amend(args) => (amend::amend(args, out).map(|()| 0), 1),
+        Command::Dd(args) => (dd::dd(args, out).map(|()| 0), 1),
         Command::Measure(args) => (measure::measure_cmd(args, out).map(|()| 0), 1),
         Command::Bitmap(args) => (bitmap::bitmap_cmd(args, out).map(|()| 0), 1),
         Command::Bench(args) => (bench::bench(args, out).map(|()| 0), 1),

@@ -1,11 +1,13 @@
 //! Every command as a library function: typed arguments in, output written to an
 //! `impl Write`, an error or qemu-img's exit code out. The binary only parses and dispatches.
 
+pub mod amend;
 pub mod bench;
 pub mod bitmap;
 pub mod check_map;
 pub mod compare;
 pub mod create;
+pub mod dd;
 pub mod host;
 pub mod info;
 pub mod measure;

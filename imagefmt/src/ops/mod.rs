@@ -1,8 +1,9 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
 //! `check` (which check, the files around it, repair and recheck), `compare`, `convert` (a
-//! reader pipeline), `commit`, `rebase`; and `resize` (a new virtual size; the cluster-level
-//! part is `Qcow2Image::resize`); `bitmap` (persistent dirty bitmaps).
+//! reader pipeline), `commit`, `rebase`, `dd` (a window of an image through convert); and
+//! `resize` (a new virtual size; the cluster-level part is `Qcow2Image::resize`); `bitmap`
+//! (persistent dirty bitmaps).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -17,6 +18,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod convert_into;
+pub mod dd;
 pub mod info;
 pub mod map;
 pub mod rebase;

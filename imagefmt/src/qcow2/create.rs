@@ -177,7 +177,7 @@ impl CreateOptions {
 }
 
 /// qemu's boolean option syntax.
-fn parse_bool(value: &str) -> Option<bool> {
+pub(crate) fn parse_bool(value: &str) -> Option<bool> {
     match value {
         "on" | "true" | "yes" | "y" => Some(true),
         "off" | "false" | "no" | "n" => Some(false),
@@ -187,7 +187,7 @@ fn parse_bool(value: &str) -> Option<bool> {
 
 /// qemu's unsigned integer option syntax (`strtoull` with base 0): leading whitespace allowed,
 /// `0x` hex, a leading `0` means octal.
-fn parse_qemu_uint(value: &str) -> Option<u64> {
+pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
     let value = value.trim_start();
     let value = value.strip_prefix('+').unwrap_or(value);
     if let Some(hex) = value

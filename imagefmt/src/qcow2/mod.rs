@@ -12,11 +12,13 @@
 //! entry widths), [`layout`] (where a new image's metadata goes), [`create`] (options and the
 //! writer), [`image`] and [`write`](mod@write) ([`image::Qcow2Image`]: reads, block status, writes),
 //! [`check`] (`qemu-img check`), [`bitmap`] (persistent dirty bitmaps: directory, tables, data,
-//! `qemu-img bitmap`'s actions). Internal: `tables` (the one L1/L2 decoder), `allocator`
+//! `qemu-img bitmap`'s actions), [`amend`] (`qemu-img amend`: compat, lazy refcounts, refcount
+//! width, size, data-file settings in place). Internal: `tables` (the one L1/L2 decoder), `allocator`
 //! (refcounts and allocation), `compress` and `compressed_writer` (guest clusters written
 //! compressed, packed as qemu packs them).
 
 pub(crate) mod allocator;
+pub mod amend;
 pub mod bitmap;
 pub mod check;
 pub(crate) mod compress;
