@@ -273,4 +273,7 @@ pub enum Qcow2Error {
         /// Virtual size.
         size: u64,
     },
+    /// The internal snapshot table, or a snapshot operation, was refused.
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
 }

@@ -10,7 +10,9 @@
 //! Files: [`header`] (fixed fields), [`features`] (feature bits and names), [`extensions`]
 //! (TLV area), [`header_cluster`] (cluster 0 as a unit), [`refcount`] (refcount entry widths),
 //! [`layout`] (where a new image's metadata goes), [`create`] (options and the writer),
-//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them).
+//! [`compressed_writer`] (guest clusters written compressed, packed as qemu packs them),
+//! [`snapshot`] (the internal snapshot table) and [`snapshot_ops`] (create, apply, delete, and
+//! copy-on-write of clusters snapshots share).
 
 pub mod allocator;
 pub mod check;
@@ -25,6 +27,8 @@ pub mod header_cluster;
 pub mod image;
 pub mod layout;
 pub mod refcount;
+pub mod snapshot;
+pub mod snapshot_ops;
 pub mod tables;
 pub mod write;
 

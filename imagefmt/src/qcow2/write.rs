@@ -34,9 +34,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Opens an image for reading and writing.
     ///
     /// Refused: images marked corrupt or dirty (their refcounts cannot be trusted: repair them
-    /// with check first), images with internal snapshots (clusters shared by snapshots would
-    /// need copy-on-write of L2 tables, not supported), encrypted images and external data
-    /// files. Unknown autoclear bits (and the bitmaps bit: bitmaps are not updated) are cleared,
+    /// with check first), encrypted images and external data files. Clusters shared with
+    /// internal snapshots are copied before they are written (see [`super::snapshot_ops`]). Unknown autoclear bits (and the bitmaps bit: bitmaps are not updated) are cleared,
     /// as qemu does.
     pub fn open_rw(
         backend: B,
@@ -62,9 +61,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         {
             return refuse("the image is dirty (lazy refcounts after a crash); repair it with check -r all first");
         }
-        if h.nb_snapshots != 0 {
-            return refuse("images with internal snapshots cannot be written");
-        }
         let mut image = Self::open(backend, cluster, below)?;
         image.writer = Some(WriteState::load(
             &image.backend,
@@ -75,6 +71,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if !image.collect_metadata() {
             return refuse("metadata structures overlap (the image is corrupt); repair it with check -r all first");
         }
+        image.collect_snapshot_metadata()?;
         if !image.header.autoclear_features.is_empty() {
             image.header.autoclear_features = AutoclearFeatures::empty();
             image.write_fixed_header()?;
@@ -196,8 +193,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         let mut pos = start;
         while pos < whole_end {
-            if let Some((table, index, entry)) = self.existing_entry(pos)? {
+            if let Some((_, _, entry)) = self.existing_entry(pos)? {
                 if entry.entry != 0 {
+                    let (table, index, entry) = self.l2_for_write(pos)?;
                     self.set_l2_entry(table, index, 0, 0)?;
                     self.release(entry)?;
                 }
@@ -263,7 +261,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.write_fixed_header()
     }
 
-    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+    pub(super) fn grow_l1(&mut self, entries: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let clusters = (entries * 8).div_ceil(cluster_size);
         let offset = self.alloc_contiguous(clusters)?;
@@ -349,11 +347,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if let Some(found) = self.existing_entry(pos)? {
             let l1_index = ((pos >> self.header.cluster_bits) / self.header.l2_entries()) as usize;
             if !L1Entry(self.l1[l1_index]).copied() {
-                return Err(corrupt(
-                    "L2 table shared (refcount > 1)",
-                    pos,
-                    self.l1[l1_index],
-                ));
+                // Shared with a snapshot: write into a copy.
+                let table = self.cow_l2_table(l1_index, pos)?;
+                return Ok((table, found.1, found.2));
             }
             return Ok(found);
         }
