@@ -231,3 +231,165 @@ fn qemu_img_snapshots_are_applied_and_deleted_by_cowclone() {
     assert!(qemu_snapshot_list(&img).is_empty());
     assert_same_content(&img, &b, "active state after deleting every snapshot");
 }
+
+/// Sets fields qemu-img cannot set itself in entry 0 of the snapshot table of `path`: a VM
+/// clock of 1 h 2 min 3.456 s, 1.5 MiB of VM state (a disk-only image: nothing reads it) and
+/// icount -1 (absent).
+fn patch_first_entry(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut offset = [0u8; 8];
+    file.read_exact_at(&mut offset, 64).unwrap();
+    let table = u64::from_be_bytes(offset);
+    let mut extra_size = [0u8; 4];
+    file.read_exact_at(&mut extra_size, table + 36).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(extra_size),
+        24,
+        "qemu-img writes 24 bytes of extra data"
+    );
+    file.write_all_at(&3_723_456_000_000u64.to_be_bytes(), table + 24)
+        .unwrap(); // vm_clock_nsec
+    file.write_all_at(&(1536u32 << 10).to_be_bytes(), table + 32)
+        .unwrap(); // vm_state_size
+    file.write_all_at(&(1536u64 << 10).to_be_bytes(), table + 40)
+        .unwrap(); // vm_state_size_large
+    file.write_all_at(&u64::MAX.to_be_bytes(), table + 56)
+        .unwrap(); // icount
+}
+
+/// The "Snapshot list:" section of a human `info` output, up to the next section.
+fn snapshot_section(info: &str) -> String {
+    let mut lines = info
+        .lines()
+        .skip_while(|l| !l.starts_with("Snapshot list:"));
+    let mut out = String::new();
+    if let Some(first) = lines.next() {
+        out.push_str(first);
+        out.push('\n');
+    }
+    for line in lines.take_while(|l| !l.ends_with(':') || l.starts_with(' ')) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `snapshot -l`, the human info section and the JSON `snapshots` equal qemu-img 10's for the
+/// same image: snapshots made by both tools, one with VM clock, VM state and no icount.
+#[test]
+fn snapshot_list_and_info_match_qemu_img() {
+    use crate::util::{cowclone_info_json, cowclone_ok, qemu_info_json};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_img_ok(&[&"create", &"-f", &"qcow2", &img, &"16M"]);
+    qemu_write(&img, 1, 0, 64 << 10);
+    qemu_img_ok(&[&"snapshot", &"-c", &"made-by-qemu-img", &img]);
+    patch_first_entry(&img);
+    cowclone_ok(&[&"snapshot", &"-c", &"made by cowclone", &img]);
+    qemu_img_ok(&[
+        &"snapshot",
+        &"-c",
+        &"a-name-longer-than-the-tag-column",
+        &img,
+    ]);
+    cowclone_ok(&[&"snapshot", &"-c", &"x", &img]);
+    assert_qemu_check_clean(&img, "snapshots by both tools");
+
+    let ours = cowclone_ok(&[&"snapshot", &"-l", &img]);
+    let theirs = qemu_img_ok(&[&"snapshot", &"-l", &img]);
+    assert_eq!(ours, theirs, "snapshot -l");
+    assert!(
+        theirs.contains("0001:02:03.456") && theirs.contains("1.5 MiB"),
+        "{theirs}"
+    );
+
+    let ours = snapshot_section(&cowclone_ok(&[&"info", &img]));
+    let theirs = snapshot_section(&qemu_img_ok(&[&"info", &img]));
+    assert_eq!(ours, theirs, "info's snapshot list");
+    assert_eq!(theirs.lines().count(), 6, "{theirs}");
+
+    let ours = cowclone_info_json(&img)["snapshots"].clone();
+    let theirs = qemu_info_json(&img)["snapshots"].clone();
+    let (ours, theirs) = (ours.as_array().unwrap(), theirs.as_array().unwrap());
+    assert_eq!(ours.len(), 4);
+    assert_eq!(ours.len(), theirs.len());
+    for (i, (o, t)) in ours.iter().zip(theirs).enumerate() {
+        let keys: Vec<&String> = t.as_object().unwrap().keys().collect();
+        assert_eq!(
+            o.as_object().unwrap().keys().count(),
+            keys.len(),
+            "snapshot {i}: keys\n{o:#}\n{t:#}"
+        );
+        for key in keys {
+            assert_eq!(o.get(key), t.get(key), "snapshot {i}: key {key}");
+        }
+    }
+    assert!(theirs[0].get("icount").is_none() && theirs[1]["icount"] == 0);
+
+    // Without snapshots, neither prints a list or a key.
+    let empty = dir.path().join("empty.qcow2");
+    qemu_img_ok(&[&"create", &"-f", &"qcow2", &empty, &"1M"]);
+    assert_eq!(cowclone_ok(&[&"snapshot", &"-l", &empty]), "");
+    assert!(cowclone_info_json(&empty).get("snapshots").is_none());
+}
+
+/// The CLI end to end: `snapshot -c/-a/-d` by cowclone on an image qemu-io writes between them,
+/// judged by qemu-img (list, compare, check); errors exit as qemu-img's with its messages.
+#[test]
+fn snapshot_cli_round_trip_and_errors_match_qemu_img() {
+    use crate::util::{cowclone, cowclone_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let img = mixed_image(dir.path(), &[]);
+    let before = dir.path().join("before.raw");
+    qemu_img_ok(&[&"convert", &"-O", &"raw", &img, &before]);
+    cowclone_ok(&[&"snapshot", &"-c", &"base", &img]);
+    qemu_write(&img, 0x42, 0, 4 << 20);
+    assert_qemu_check_clean(&img, "qemu-io wrote over a cowclone snapshot");
+    cowclone_ok(&[&"snapshot", &"-a", &"base", &img]);
+    assert_qemu_check_clean(&img, "after snapshot -a");
+    assert_same_content(&img, &before, "snapshot -a by cowclone");
+    cowclone_ok(&[&"snapshot", &"-d", &"base", &img]);
+    assert_qemu_check_clean(&img, "after snapshot -d");
+    assert!(qemu_snapshot_list(&img).is_empty());
+    assert_same_content(&img, &before, "after snapshot -d");
+
+    qemu_img_ok(&[&"snapshot", &"-c", &"s", &img]);
+    let cases: [&[&str]; 5] = [
+        &["-a", "nope"],
+        &["-d", "1"],
+        &["-l", "-c", "x"],
+        &["-U", "-c", "x"],
+        &["-f", "raw", "-c", "x"],
+    ];
+    for case in cases {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"snapshot"];
+        for a in case {
+            args.push(a);
+        }
+        args.push(&img);
+        let ours = cowclone(&args);
+        let theirs = qemu_img(&args);
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{case:?}: exit codes"
+        );
+        assert_eq!(ours.status.code(), Some(1), "{case:?}");
+        let message = |o: &std::process::Output| {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned();
+            let first = text.lines().next().unwrap_or_default().to_owned();
+            first
+                .split_once(": ")
+                .map(|(_, m)| m.to_owned())
+                .unwrap_or(first)
+        };
+        assert_eq!(message(&ours), message(&theirs), "{case:?}: messages");
+    }
+    assert_eq!(qemu_snapshot_list(&img), [("1".into(), "s".into())]);
+    assert_qemu_check_clean(&img, "after the refused operations");
+}

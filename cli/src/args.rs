@@ -41,6 +41,8 @@ pub enum Command {
     Resize(crate::commands::ops::ResizeArgs),
     /// How large a new qcow2 or raw image would be, for a size or an image (qemu-img measure).
     Measure(crate::commands::measure::MeasureArgs),
+    /// List, create, apply or delete qcow2 internal snapshots (qemu-img snapshot).
+    Snapshot(crate::commands::snapshot::SnapshotArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
     Bench(crate::commands::bench::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.

@@ -10,6 +10,7 @@ pub mod info;
 pub mod measure;
 pub mod ops;
 pub mod registry;
+pub mod snapshot;
 pub mod vdi_create;
 pub mod vm;
 
