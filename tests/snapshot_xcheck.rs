@@ -393,3 +393,78 @@ fn snapshot_cli_round_trip_and_errors_match_qemu_img() {
     assert_eq!(qemu_snapshot_list(&img), [("1".into(), "s".into())]);
     assert_qemu_check_clean(&img, "after the refused operations");
 }
+
+/// `provision --snapshot NAME`: after the script ran (it writes a pattern into the clone's disk)
+/// and the VM stopped, the clone's image carries snapshot NAME, which qemu-img lists and checks
+/// clean; after qemu-io overwrites the data, `snapshot -a NAME` brings the provisioned state
+/// back (read by qemu-io). Boots the test guest under TCG (see `vm_guest`).
+#[test]
+fn provision_snapshot_returns_to_the_provisioned_state() {
+    use crate::util::{cowclone, cowclone_ok, describe};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    crate::vm_e2e::registered_base(tmp.path(), &home);
+    let script = tmp.path().join("job.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n: <<'PLAN'\n/* rexxjs-vm-base: gold */\n/* rexxjs-vm-memory: 256M */\n\
+         /* rexxjs-vm-timeout: 120 */\nPLAN\n\
+         head -c 65536 /dev/zero | tr '\\0' '\\132' | dd of=/dev/vda bs=512 seek=2048 conv=notrunc\n\
+         sync\necho provisioned\n",
+    )
+    .unwrap();
+    let g = crate::vm_guest::guest();
+    let output = cowclone(&[
+        &"provision",
+        &script,
+        &"--home",
+        &home,
+        &"--name",
+        &"job",
+        &"--accel",
+        &"tcg",
+        &"--kernel",
+        &g.kernel,
+        &"--initrd",
+        &g.initrd,
+        &"--append",
+        &"console=ttyS0 quiet panic=-1",
+        &"--snapshot",
+        &"ready",
+        &"--output",
+        &"json",
+    ]);
+    let _ = cowclone(&[&"stop", &"job", &"--home", &home, &"--timeout", &"1"]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let outcome: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(outcome["snapshot"]["name"], "ready", "{outcome:#}");
+    assert_eq!(outcome["snapshot"]["id"], "1", "{outcome:#}");
+
+    let overlay = home.join("clones/job/disk.qcow2");
+    assert_eq!(qemu_snapshot_list(&overlay), [("1".into(), "ready".into())]);
+    assert_qemu_check_clean(&overlay, "clone after provision --snapshot");
+    qemu_expect(&overlay, 0x5a, 1 << 20, 64 << 10, "provisioned data");
+    qemu_write(&overlay, 0x01, 1 << 20, 128 << 10);
+    qemu_expect(&overlay, 0x01, 1 << 20, 64 << 10, "overwritten");
+    cowclone_ok(&[&"snapshot", &"-a", &"ready", &overlay]);
+    assert_qemu_check_clean(&overlay, "clone after snapshot -a");
+    qemu_expect(
+        &overlay,
+        0x5a,
+        1 << 20,
+        64 << 10,
+        "provisioned state returned to",
+    );
+
+    // A snapshot needs the VM stopped: refused with --keep-running before anything runs.
+    let refused = cowclone(&[
+        &"provision",
+        &script,
+        &"--home",
+        &home,
+        &"--keep-running",
+        &"--snapshot",
+        &"x",
+    ]);
+    assert!(!refused.status.success(), "{}", describe(&refused));
+}

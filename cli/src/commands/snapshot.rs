@@ -3,12 +3,11 @@
 //! [`imagefmt::qcow2::snapshot_ops`]).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use imagefmt::backing::BackingPolicy;
 use imagefmt::image::ImageHeader;
-use imagefmt::info::SnapshotInfo;
 use imagefmt::open::{open_image, OpenHow};
 use imagefmt::qcow2::snapshot::SnapshotError;
 use imagefmt::qcow2::Qcow2Error;
@@ -129,7 +128,7 @@ pub fn snapshot(args: SnapshotArgs, out: &mut impl Write) -> Result<()> {
     match op {
         SnapshotOp::Create(name) => {
             image
-                .create_snapshot(&name, now())
+                .create_snapshot(&name, imagefmt::ops::snapshot::now())
                 .with_context(|| format!("Could not create snapshot '{name}'"))?;
         }
         SnapshotOp::Apply(name) => match image.apply_snapshot(&name) {
@@ -156,33 +155,9 @@ pub fn snapshot(args: SnapshotArgs, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Takes internal snapshot `name` of the qcow2 image at `path` now (what `provision --snapshot`
-/// and `snapshot -c` do), under the image's write lock.
-pub fn create_snapshot_of(path: &Path, name: &str) -> Result<SnapshotInfo> {
-    let mut image = imagefmt::chain::open_qcow2_rw(
-        path,
-        &BackingPolicy::Detach,
-        imagefmt::qcow2::write::WriteOptions::default(),
-    )
-    .with_context(|| format!("Could not open '{}'", path.display()))?;
-    let sn = image
-        .create_snapshot(name, now())
-        .with_context(|| format!("Could not create snapshot '{name}'"))?;
-    image.flush()?;
-    Ok(SnapshotInfo::from(&sn))
-}
-
 fn not_found(e: &imagefmt::Error) -> bool {
     matches!(
         e,
         imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::NotFound { .. }))
     )
-}
-
-/// The wall clock as qemu-img records it: seconds, and microseconds as nanoseconds.
-fn now() -> (u32, u32) {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (since.as_secs() as u32, since.subsec_micros() * 1000)
 }

@@ -1,6 +1,7 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
-//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`.
+//! `compare`, `convert` (a reader pipeline), `commit`, `rebase`, `snapshot` (internal snapshots
+//! of a qcow2 file).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod rebase;
+pub mod snapshot;
 
 /// Alignment of read buffers: the kernel copies page-cache data into a page-aligned buffer
 /// markedly faster than into one at a 16-byte offset (where large heap blocks start).
