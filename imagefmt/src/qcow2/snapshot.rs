@@ -80,6 +80,13 @@ pub enum SnapshotError {
         /// Its length.
         len: usize,
     },
+    /// 1-bit refcounts cannot count a cluster that a snapshot shares (qemu fails too, after
+    /// leaking a cluster; this is refused before anything is written).
+    #[error("refcounts of {bits} bit cannot count clusters shared with a snapshot")]
+    RefcountTooNarrow {
+        /// The image's refcount width.
+        bits: u32,
+    },
     /// Snapshots of an image with an external data file (qemu refuses them too).
     #[error("internal snapshots are not supported with an external data file")]
     DataFile,

@@ -83,6 +83,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if name.len() > usize::from(u16::MAX) {
             return Err(SnapshotError::NameTooLong { len: name.len() }.into());
         }
+        let shares_clusters = self.l1.iter().any(|&e| L1Entry(e).l2_offset().is_some());
+        if shares_clusters && super::refcount::max_refcount(self.header.refcount_order) < 2 {
+            return Err(SnapshotError::RefcountTooNarrow {
+                bits: self.header.refcount_bits(),
+            }
+            .into());
+        }
         let cluster_size = self.header.cluster_size();
         let l1_bytes = self.l1.len() as u64 * 8;
         let l1_table_offset = if l1_bytes == 0 {
