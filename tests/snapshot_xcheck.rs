@@ -298,6 +298,9 @@ fn snapshot_list_and_info_match_qemu_img() {
         &img,
     ]);
     cowclone_ok(&[&"snapshot", &"-c", &"x", &img]);
+    let long = "n".repeat(300); // both keep 255 bytes
+    cowclone_ok(&[&"snapshot", &"-c", &long, &img]);
+    qemu_img_ok(&[&"snapshot", &"-c", &long, &img]);
     assert_qemu_check_clean(&img, "snapshots by both tools");
 
     let ours = cowclone_ok(&[&"snapshot", &"-l", &img]);
@@ -311,12 +314,13 @@ fn snapshot_list_and_info_match_qemu_img() {
     let ours = snapshot_section(&cowclone_ok(&[&"info", &img]));
     let theirs = snapshot_section(&qemu_img_ok(&[&"info", &img]));
     assert_eq!(ours, theirs, "info's snapshot list");
-    assert_eq!(theirs.lines().count(), 6, "{theirs}");
+    assert_eq!(theirs.lines().count(), 8, "{theirs}");
 
     let ours = cowclone_info_json(&img)["snapshots"].clone();
     let theirs = qemu_info_json(&img)["snapshots"].clone();
     let (ours, theirs) = (ours.as_array().unwrap(), theirs.as_array().unwrap());
-    assert_eq!(ours.len(), 4);
+    assert_eq!(ours.len(), 6);
+    assert_eq!(theirs[4]["name"], "n".repeat(255));
     assert_eq!(ours.len(), theirs.len());
     for (i, (o, t)) in ours.iter().zip(theirs).enumerate() {
         let keys: Vec<&String> = t.as_object().unwrap().keys().collect();

@@ -35,6 +35,10 @@ use super::{Qcow2Error, MAX_L1_TABLE_BYTES, MAX_SNAPSHOTS};
 use crate::io::Backend;
 use crate::{Error, Result};
 
+/// The longest name `create_snapshot` records: qemu-img copies the name into a 256-byte C
+/// string, keeping 255 bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
 /// Reads the snapshot table of the image whose header is `header` (bytes past the end of the
 /// file read as zeros, as qemu reads them).
 pub fn read_snapshots<B: Backend + ?Sized>(backend: &B, header: &Header) -> Result<Vec<Snapshot>> {
@@ -73,15 +77,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// `qemu-img snapshot -c NAME`: records the current state as snapshot `name`, taken at
     /// `date` (seconds, nanoseconds since the epoch). The id is the next free number, as qemu
     /// picks it; VM state size and VM clock are 0, the icount 0 (what qemu-img records). Names
-    /// need not be unique (qemu-img does not require it either).
+    /// need not be unique (qemu-img does not require it either); like qemu-img, only the first
+    /// [`MAX_NAME_BYTES`] bytes of a longer name are kept.
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<Snapshot> {
         self.refuse_snapshot_data_file()?;
         let mut table = self.snapshots()?;
         if table.len() >= MAX_SNAPSHOTS as usize {
             return Err(SnapshotError::TooMany.into());
-        }
-        if name.len() > usize::from(u16::MAX) {
-            return Err(SnapshotError::NameTooLong { len: name.len() }.into());
         }
         let shares_clusters = self.l1.iter().any(|&e| L1Entry(e).l2_offset().is_some());
         if shares_clusters && super::refcount::max_refcount(self.header.refcount_order) < 2 {
@@ -113,7 +115,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             l1_table_offset,
             l1_size: self.l1.len() as u32,
             id: snapshot::next_id(&table).into_bytes(),
-            name: name.as_bytes().to_vec(),
+            name: name.as_bytes()[..name.len().min(MAX_NAME_BYTES)].to_vec(),
             date_sec: date.0,
             date_nsec: date.1,
             vm_clock_nsec: 0,
