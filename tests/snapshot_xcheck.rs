@@ -473,10 +473,11 @@ fn provision_snapshot_returns_to_the_provisioned_state() {
     assert!(!refused.status.success(), "{}", describe(&refused));
 }
 
-/// 1-bit refcounts cannot count a shared cluster: qemu-img fails the same create (and leaks a
-/// cluster); cowclone refuses before writing anything, so the image stays clean.
+/// Narrow refcounts: 1 bit cannot count a shared cluster, qemu-img fails the same create (and
+/// leaks a cluster); 2 bits count three references. cowclone refuses before writing anything,
+/// so the image stays clean.
 #[test]
-fn one_bit_refcounts_refuse_a_snapshot_without_leaking() {
+fn narrow_refcounts_refuse_a_snapshot_without_leaking() {
     use crate::util::cowclone;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("r1.qcow2");
@@ -499,6 +500,31 @@ fn one_bit_refcounts_refuse_a_snapshot_without_leaking() {
     assert_qemu_check_clean(&img, "after the refused create");
     assert!(qemu_snapshot_list(&img).is_empty());
     qemu_expect(&img, 7, 0, 64 << 10, "data kept");
+
+    // 2-bit refcounts count up to 3: two snapshots, then the third is refused cleanly.
+    let img = dir.path().join("r2.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &"refcount_bits=2",
+        &img,
+        &"4M",
+    ]);
+    qemu_write(&img, 7, 0, 64 << 10);
+    crate::util::cowclone_ok(&[&"snapshot", &"-c", &"a", &img]);
+    crate::util::cowclone_ok(&[&"snapshot", &"-c", &"b", &img]);
+    assert_eq!(
+        cowclone(&[&"snapshot", &"-c", &"c", &img]).status.code(),
+        Some(1)
+    );
+    assert_qemu_check_clean(&img, "2-bit refcounts after the refused third create");
+    let names: Vec<String> = qemu_snapshot_list(&img)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
 }
 
 /// One step of the interleaving proptest.

@@ -80,9 +80,9 @@ pub enum SnapshotError {
         /// Its length.
         len: usize,
     },
-    /// 1-bit refcounts cannot count a cluster that a snapshot shares (qemu fails too, after
-    /// leaking a cluster; this is refused before anything is written).
-    #[error("refcounts of {bits} bit cannot count clusters shared with a snapshot")]
+    /// A refcount would overflow its width (1-bit refcounts cannot count any shared cluster;
+    /// qemu fails too, after leaking clusters; this is refused before anything is written).
+    #[error("refcounts of {bits} bits cannot count one more reference to a shared cluster")]
     RefcountTooNarrow {
         /// The image's refcount width.
         bits: u32,

@@ -85,13 +85,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if table.len() >= MAX_SNAPSHOTS as usize {
             return Err(SnapshotError::TooMany.into());
         }
-        let shares_clusters = self.l1.iter().any(|&e| L1Entry(e).l2_offset().is_some());
-        if shares_clusters && super::refcount::max_refcount(self.header.refcount_order) < 2 {
-            return Err(SnapshotError::RefcountTooNarrow {
-                bits: self.header.refcount_bits(),
-            }
-            .into());
-        }
+        let active = self.l1.clone();
+        self.check_refcount_room(&active)?;
         let cluster_size = self.header.cluster_size();
         let l1_bytes = self.l1.len() as u64 * 8;
         let l1_table_offset = if l1_bytes == 0 {
@@ -154,6 +149,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
+        self.check_refcount_room(&sn_l1)?;
         // References through the snapshot first (its own L1 gets the COPIED flags qemu gives it).
         let mut raised = sn_l1.clone();
         self.update_refcounts(&mut raised, L1WriteBack::At(sn.l1_table_offset), 1)?;
@@ -326,6 +322,57 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .read_exact_at(&mut raw, sn.l1_table_offset)
             .map_err(Error::reading("qcow2 snapshot L1 table"))?;
         Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+    }
+
+    /// Refuses, before anything is written, a +1 on what `l1` reaches that a refcount entry
+    /// could not hold (narrow refcounts: 1 bit cannot count any shared cluster, 2 bits three
+    /// references). qemu finds out halfway and leaves leaks; this walks first. With refcounts of
+    /// 16 bits and more there is always room (at most 65,536 snapshots), so nothing is walked.
+    fn check_refcount_room(&mut self, l1: &[u64]) -> Result<()> {
+        let order = self.header.refcount_order;
+        if order >= 4 {
+            return Ok(());
+        }
+        let limit = super::refcount::max_refcount(order);
+        let format = self.entry_format();
+        let cluster_bits = self.header.cluster_bits;
+        let cluster_size = self.header.cluster_size();
+        let full = |count: u64| count >= limit;
+        let mut no_room = false;
+        for &raw in l1 {
+            let Some(l2_offset) = L1Entry(raw).l2_offset() else {
+                continue;
+            };
+            if full(self.refcount(l2_offset >> cluster_bits)?) {
+                no_room = true;
+                break;
+            }
+            let table = self.l2_table(l2_offset, 0, raw)?;
+            for j in 0..format.l2_entries() as usize {
+                let clusters = match L2Entry::from_table(&table, j, format).cluster_kind(format) {
+                    ClusterKind::Compressed { host, len } => {
+                        host / cluster_size..=(host + len - 1) / cluster_size
+                    }
+                    ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
+                        host >> cluster_bits..=host >> cluster_bits
+                    }
+                    ClusterKind::ZeroPlain | ClusterKind::Unallocated => continue,
+                };
+                for cluster in clusters {
+                    no_room |= full(self.refcount(cluster)?);
+                }
+            }
+            if no_room {
+                break;
+            }
+        }
+        if no_room {
+            return Err(SnapshotError::RefcountTooNarrow {
+                bits: self.header.refcount_bits(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Adds `addend` (+1 or -1) to the refcount of host cluster `cluster`; an underflow is
