@@ -268,27 +268,31 @@ pub fn walk_table(
 /// Reads the whole table: every entry with its id, name and unknown extra data. Bounded by
 /// [`walk_table`]'s limits (the table, and so what is held, is at most [`MAX_TABLE_BYTES`]).
 pub fn read_table(
-    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    read: impl FnMut(&mut [u8], u64) -> Result<()>,
     offset: u64,
     count: u32,
 ) -> Result<Vec<Snapshot>> {
-    let mut layouts = Vec::new();
-    walk_table(&mut read, offset, count, |layout| {
-        layouts.push(layout.clone());
-        Ok(())
-    })?;
-    let mut out = Vec::with_capacity(layouts.len());
-    for layout in layouts {
-        let mut sn = layout.fields;
-        let unknown = sn.extra_data_size.saturating_sub(KNOWN_EXTRA_DATA) as usize;
-        sn.unknown_extra = vec![0u8; unknown];
-        read(&mut sn.unknown_extra, layout.unknown_extra_at)?;
-        sn.id = vec![0u8; usize::from(layout.id.1)];
-        read(&mut sn.id, layout.id.0)?;
-        sn.name = vec![0u8; usize::from(layout.name.1)];
-        read(&mut sn.name, layout.name.0)?;
-        out.push(sn);
-    }
+    // The walker and the visitor take turns with the reader, never at once.
+    let read = std::cell::RefCell::new(read);
+    let mut out = Vec::new();
+    walk_table(
+        |buf, at| (read.borrow_mut())(buf, at),
+        offset,
+        count,
+        |layout| {
+            let mut read = read.borrow_mut();
+            let mut sn = layout.fields.clone();
+            let unknown = sn.extra_data_size.saturating_sub(KNOWN_EXTRA_DATA) as usize;
+            sn.unknown_extra = vec![0u8; unknown];
+            read(&mut sn.unknown_extra, layout.unknown_extra_at)?;
+            sn.id = vec![0u8; usize::from(layout.id.1)];
+            read(&mut sn.id, layout.id.0)?;
+            sn.name = vec![0u8; usize::from(layout.name.1)];
+            read(&mut sn.name, layout.name.0)?;
+            out.push(sn);
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
