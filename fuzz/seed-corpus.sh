@@ -147,3 +147,16 @@ chain_seed named-outside 2 "$chain_tmp/over-raw.qcow2" "$chain_tmp/base.raw"
 chain_seed named-link-in 4 "$chain_tmp/over-qcow2.qcow2" "$chain_tmp/base"
 rm -rf "$chain_tmp"
 echo "chain_policy: $(ls "$corpus/chain_policy" | wc -l) files"
+
+# qcow2_snapshot_table: [count, u16 BE][table], from a table qemu-img wrote (two snapshots).
+mkdir -p "$corpus/qcow2_snapshot_table"
+snap_tmp=$(mktemp -d)
+qemu-img create -q -f qcow2 "$snap_tmp/s.qcow2" 1M
+qemu-io -f qcow2 -c 'write 0 64k' "$snap_tmp/s.qcow2" >/dev/null
+qemu-img snapshot -c first "$snap_tmp/s.qcow2"
+qemu-img snapshot -c second-with-a-longer-name "$snap_tmp/s.qcow2"
+offset=$(od -An -t u8 --endian=big -j 64 -N 8 "$snap_tmp/s.qcow2" | tr -d ' ')
+{ printf '\000\002'; tail -c +$((offset + 1)) "$snap_tmp/s.qcow2" | head -c 4094; } \
+    > "$corpus/qcow2_snapshot_table/two"
+rm -rf "$snap_tmp"
+echo "qcow2_snapshot_table: $(ls "$corpus/qcow2_snapshot_table" | wc -l) files"

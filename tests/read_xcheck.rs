@@ -319,14 +319,17 @@ fn images_with_internal_snapshots_read_their_active_state_like_qemu() {
         d,
     );
     assert_reads_like_qemu(&image);
-    // Writing is refused rather than risking clusters shared with a snapshot.
-    let rw = imagefmt::chain::open_qcow2_rw(
+    // Writing copies the clusters the snapshots share (tests/snapshot_xcheck.rs covers it in
+    // depth): the written state and the snapshot both read as qemu reads them.
+    let mut rw = imagefmt::chain::open_qcow2_rw(
         &image,
         &BackingPolicy::Deny,
         imagefmt::qcow2::write::WriteOptions::default(),
-    );
-    assert!(
-        rw.is_err(),
-        "images with snapshots must not be opened for writing"
-    );
+    )
+    .unwrap();
+    rw.write_at(&[0x30; 4096], 64 << 10).unwrap();
+    drop(rw);
+    assert_reads_like_qemu(&image);
+    run("qemu-img", &["snapshot", "-a", "first", "snap.qcow2"], d);
+    assert_reads_like_qemu(&image);
 }

@@ -29,6 +29,7 @@ mod registry;
 mod registry_safety;
 mod regression;
 mod remote_hosts;
+mod snapshot_xcheck;
 mod vdi_cli;
 mod vdi_xcheck;
 mod vm_e2e;

@@ -66,6 +66,8 @@ pub enum Command {
     /// Add, remove, clear, enable, disable or merge a qcow2 image's persistent dirty bitmaps
     /// (qemu-img bitmap syntax; actions run in the order given).
     Bitmap(crate::commands::bitmap::BitmapArgs),
+    /// List, create, apply or delete qcow2 internal snapshots (qemu-img snapshot).
+    Snapshot(crate::commands::snapshot::SnapshotArgs),
     /// Benchmark cloning methods or guest I/O against qemu-img, on this machine.
     Bench(crate::commands::bench::BenchArgs),
     /// Registry commands: base, clone, promote, ls, rm, gc, plan, log.

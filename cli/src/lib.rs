@@ -38,6 +38,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Dd(args) => (dd::dd(args, out).map(|()| 0), 1),
         Command::Measure(args) => (measure::measure_cmd(args, out).map(|()| 0), 1),
         Command::Bitmap(args) => (bitmap::bitmap_cmd(args, out).map(|()| 0), 1),
+        Command::Snapshot(args) => (snapshot::snapshot(args, out).map(|()| 0), 1),
         Command::Bench(args) => (bench::bench(args, out).map(|()| 0), 1),
         Command::Registry(command) => (registry::run(command, out), 1),
         Command::Vm(command) => (vm::run(command, out), 1),

@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use imagefmt::ops::info::{FormatSpecific, ImageInfo};
+use imagefmt::ops::info::{FormatSpecific, ImageInfo, SnapshotInfo};
 
 use crate::args::OutputFormat;
 
@@ -102,6 +102,9 @@ pub fn write_info(out: &mut impl Write, info: &ImageInfo) -> io::Result<()> {
     if let Some(format) = &info.backing_filename_format {
         writeln!(out, "backing file format: {format}")?;
     }
+    if let Some(snapshots) = &info.snapshots {
+        write_snapshot_list(out, snapshots)?;
+    }
     match &info.format_specific {
         Some(FormatSpecific::Qcow2(q)) => {
             writeln!(out, "Format specific information:")?;
@@ -184,6 +187,46 @@ fn write_bitmaps(
         }
         writeln!(out, "            name: {}", bitmap.name)?;
         writeln!(out, "            granularity: {}", bitmap.granularity)?;
+    }
+    Ok(())
+}
+
+/// Writes "Snapshot list:" and the table of `snapshots` as qemu-img prints it (`snapshot -l`,
+/// `info`): qemu's columns ID, TAG, VM_SIZE, DATE (local time), VM_CLOCK, ICOUNT.
+pub fn write_snapshot_list(out: &mut impl Write, snapshots: &[SnapshotInfo]) -> io::Result<()> {
+    writeln!(out, "Snapshot list:")?;
+    writeln!(
+        out,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    )?;
+    for sn in snapshots {
+        let date = chrono::DateTime::from_timestamp(sn.date_sec as i64, 0)
+            .map(|d| {
+                d.with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let secs = sn.vm_clock_sec;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            sn.vm_clock_nsec / 1_000_000
+        );
+        let icount = sn.icount.map_or_else(|| "--".to_owned(), |i| i.to_string());
+        writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            sn.id,
+            sn.name,
+            human_size(sn.vm_state_size),
+            date,
+            clock,
+            icount
+        )?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod measure;
 pub mod ops;
 pub mod registry;
 pub mod shell;
+pub mod snapshot;
 pub mod vdi_create;
 pub mod vm;
 

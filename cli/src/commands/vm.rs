@@ -200,6 +200,10 @@ pub struct ProvisionArgs {
     /// the whole outcome (and still exits with the script's status).
     #[command(flatten)]
     output: OutputArg,
+    /// After the script exited 0 and the VM stopped, take internal snapshot NAME of the clone,
+    /// so that state can be returned to (`cowclone snapshot -a NAME`). Not with --keep-running.
+    #[arg(long, value_name = "NAME", conflicts_with = "keep_running")]
+    snapshot: Option<String>,
 }
 
 fn spec_for(target: &Target) -> Result<VmSpec> {
@@ -560,6 +564,7 @@ fn run_provision(args: ProvisionArgs, out: &mut impl Write) -> Result<u8> {
         kernel: args.kernel.boot()?,
         egress_relay: Some(relay_program()?),
         limits: Limits::load()?,
+        snapshot: args.snapshot.clone(),
     };
     let outcome = provision(&mut registry, &request, None)
         .with_context(|| format!("provisioning {}", args.script.display()))?;

@@ -90,6 +90,17 @@ pub enum VmError {
     /// The registry refused or failed.
     #[error(transparent)]
     Registry(#[from] crate::RegistryError),
+    /// An internal snapshot of a clone's image could not be taken.
+    #[error("taking snapshot {name:?} of {}", path.display())]
+    Snapshot {
+        /// The snapshot's name.
+        name: String,
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: imagefmt::Error,
+    },
 }
 
 /// Results of VM operations.

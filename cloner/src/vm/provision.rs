@@ -57,6 +57,10 @@ pub struct ProvisionRequest {
     /// The operator's limits (see [`super::limits`]); a plan beyond them is refused before
     /// anything is cloned.
     pub limits: Limits,
+    /// Take an internal snapshot of this name of the clone's qcow2 image once the script exited
+    /// 0 and the VM stopped, so the provisioned state can be returned to (`snapshot -a`).
+    /// Refused with `keep_running` (the running VM holds the image's write lock).
+    pub snapshot: Option<String>,
 }
 
 /// What came back.
@@ -77,6 +81,9 @@ pub struct ProvisionOutcome {
     pub result_log: PathBuf,
     /// Wall time from boot to result, milliseconds.
     pub elapsed_ms: u64,
+    /// The internal snapshot taken of the clone (`--snapshot`, after a script that exited 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<imagefmt::ops::info::SnapshotInfo>,
 }
 
 /// The seed's `user-data`: a wrapper that writes `script` to a file, runs it, reports its
@@ -182,6 +189,12 @@ pub fn provision(
     request: &ProvisionRequest,
     runner: Option<&dyn CommandRunner>,
 ) -> Result<ProvisionOutcome> {
+    if request.snapshot.is_some() && request.keep_running {
+        return Err(VmError::Invalid(
+            "a snapshot is taken after the VM stopped; it cannot be combined with keep-running"
+                .into(),
+        ));
+    }
     let script = read_script(&request.script)?;
     let plan = crate::plan::parse_plan(&script).map_err(|e| VmError::Invalid(e.to_string()))?;
     let egress = plan_egress(&plan.egress_ports);
@@ -274,6 +287,10 @@ pub fn provision(
     }
     let (output, exit_status) =
         report.map_err(|e| VmError::Invalid(format!("{e} (report: {})", report_log.display())))?;
+    let snapshot = match &request.snapshot {
+        Some(snapshot) if exit_status == 0 => Some(snapshot_stopped_clone(&spec, snapshot)?),
+        _ => None,
+    };
     Ok(ProvisionOutcome {
         clone: name,
         output,
@@ -282,7 +299,37 @@ pub fn provision(
         serial_log: log,
         result_log: report_log,
         elapsed_ms,
+        snapshot,
     })
+}
+
+/// Takes internal snapshot `name` of the clone's writable (top) image, once its VM is gone.
+fn snapshot_stopped_clone(spec: &VmSpec, name: &str) -> Result<imagefmt::ops::info::SnapshotInfo> {
+    if qemu::state(&spec.run_dir) != qemu::VmState::Stopped {
+        return Err(VmError::Invalid(format!(
+            "{} is still running; snapshot {name:?} not taken",
+            spec.name
+        )));
+    }
+    let top = spec
+        .disks
+        .iter()
+        .find(|d| !d.read_only)
+        .ok_or_else(|| VmError::Invalid(format!("{} has no writable image", spec.name)))?;
+    if top.format != imagefmt::ImageFormat::Qcow2 {
+        return Err(VmError::Invalid(format!(
+            "internal snapshots need a qcow2 image; {} is {}",
+            top.path.display(),
+            top.format.name()
+        )));
+    }
+    let taken =
+        imagefmt::ops::snapshot::create(&top.path, name).map_err(|source| VmError::Snapshot {
+            name: name.to_owned(),
+            path: top.path.clone(),
+            source,
+        })?;
+    Ok(imagefmt::ops::info::SnapshotInfo::from(&taken))
 }
 
 /// The egress policy of a plan's `egress-ports`: the host's loopback at each port.

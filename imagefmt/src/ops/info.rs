@@ -47,6 +47,9 @@ pub struct ImageInfo {
     /// Format-specific facts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
+    /// qcow2 internal snapshots (absent when there are none, as qemu-img prints it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotInfo>>,
     /// The nodes below the format, as qemu-img 10 lists them: the `file` child (the host file
     /// holding the image).
     pub children: Vec<ChildInfo>,
@@ -111,6 +114,59 @@ impl ChildInfo {
             },
         }
     }
+}
+
+/// One internal snapshot, with `qemu-img info --output=json`'s keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    /// Unique id.
+    pub id: String,
+    /// Name (qemu's tag).
+    pub name: String,
+    /// VM state bytes (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// When it was taken: seconds since the epoch.
+    pub date_sec: u64,
+    /// Nanoseconds of that second.
+    pub date_nsec: u64,
+    /// Guest clock: whole seconds.
+    pub vm_clock_sec: u64,
+    /// Guest clock: nanoseconds of that second.
+    pub vm_clock_nsec: u64,
+    /// Record/replay instruction count, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+impl From<&crate::qcow2::snapshot::Snapshot> for SnapshotInfo {
+    fn from(sn: &crate::qcow2::snapshot::Snapshot) -> Self {
+        Self {
+            id: sn.id_str(),
+            name: sn.name_str(),
+            vm_state_size: sn.vm_state_size,
+            date_sec: u64::from(sn.date_sec),
+            date_nsec: u64::from(sn.date_nsec),
+            vm_clock_sec: sn.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: sn.vm_clock_nsec % 1_000_000_000,
+            icount: sn.icount,
+        }
+    }
+}
+
+/// The internal snapshots of the image `header` read from `file` (`None` when it has none).
+pub fn snapshot_infos(
+    file: &std::fs::File,
+    header: &ImageHeader,
+) -> Result<Option<Vec<SnapshotInfo>>> {
+    let ImageHeader::Qcow2(cluster) = header else {
+        return Ok(None);
+    };
+    if cluster.header.nb_snapshots == 0 {
+        return Ok(None);
+    }
+    let table = crate::qcow2::snapshot_ops::read_snapshots(file, &cluster.header)?;
+    Ok(Some(table.iter().map(SnapshotInfo::from).collect()))
 }
 
 /// `format-specific`: `{"type": ..., "data": {...}}`.
@@ -253,6 +309,7 @@ impl ImageInfo {
             dirty_flag,
             format_specific,
             children: vec![ChildInfo::file(path, meta)],
+            snapshots: None,
         }
     }
 }
@@ -320,6 +377,7 @@ pub fn image_info_as(
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
     let mut info = ImageInfo::from_header(path, &header, &meta);
     info.read_bitmaps(&file, &header)?;
+    info.snapshots = snapshot_infos(&file, &header)?;
     Ok(info)
 }
 
@@ -354,6 +412,7 @@ pub fn backing_chain_as(
     crate::chain::walk(path, format, options, how, &mut guard, true, |level| {
         let mut info = ImageInfo::from_header(&level.path, &level.header, &level.meta);
         info.read_bitmaps(&level.file, &level.header)?;
+        info.snapshots = snapshot_infos(&level.file, &level.header)?;
         if let (ImageHeader::Vdi(_), Some(parent)) = (&level.header, &level.below) {
             // A VDI names its parent by UUID only: report the file found.
             let name = parent.to_string_lossy().into_owned();

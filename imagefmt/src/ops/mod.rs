@@ -3,7 +3,7 @@
 //! `check` (which check, the files around it, repair and recheck), `compare`, `convert` (a
 //! reader pipeline), `commit`, `rebase`, `dd` (a window of an image through convert); and
 //! `resize` (a new virtual size; the cluster-level part is `Qcow2Image::resize`); `bitmap`
-//! (persistent dirty bitmaps).
+//! (persistent dirty bitmaps); `snapshot` (internal snapshots of a qcow2 file).
 //!
 //! ```text
 //! chain::open_chain_with ─► Box<dyn GuestRead> (layers nested: top ─► below ─► …)
@@ -23,6 +23,7 @@ pub mod info;
 pub mod map;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;
 
 /// Alignment of read buffers: the kernel copies page-cache data into a page-aligned buffer
 /// markedly faster than into one at a 16-byte offset (where large heap blocks start).

@@ -34,25 +34,19 @@ use byteorder::{BigEndian, ByteOrder};
 use serde::Serialize;
 
 use super::bitmap;
+use super::error::Qcow2Error;
 use super::extensions::Extension;
 use super::features::IncompatibleFeatures;
 use super::header::{Header, Version};
 use super::header_cluster::HeaderCluster;
 use super::refcount::{self, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
+use super::snapshot;
 use super::tables::{ClusterKind, EntryFormat, L1Entry, L2Entry, COPIED, L2_RESERVED_MASK, ZERO};
 use crate::io::Backend;
 use crate::Error;
 
 /// qemu's `QCOW_MAX_L1_SIZE` in entries.
 const MAX_L1_ENTRIES: u64 = super::MAX_L1_TABLE_BYTES / 8;
-/// Size of a snapshot table entry's fixed part (`QCowSnapshotHeader`).
-const SNAPSHOT_HEADER_LEN: u64 = 40;
-/// qemu's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
-const MAX_SNAPSHOT_EXTRA_DATA: u64 = 1024;
-/// Extra data every v3 snapshot entry needs (vm_state_size_large and disk_size).
-const SNAPSHOT_V3_EXTRA_DATA: u64 = 16;
-/// qemu's `QCOW_MAX_SNAPSHOTS_SIZE`.
-const MAX_SNAPSHOTS_SIZE: u64 = 1024 * super::MAX_SNAPSHOTS as u64;
 /// Longest snapshot id or name kept for messages.
 const MAX_NAME_IN_MESSAGE: usize = 256;
 /// Largest in-memory refcount array a repair may grow the file to need (qemu has no limit).
@@ -210,7 +204,7 @@ struct Counts {
     compressed_clusters: u64,
 }
 
-/// One snapshot table entry, as far as the check needs it.
+/// One snapshot table entry, as far as the check needs it (decoded by [`snapshot::walk_table`]).
 #[derive(Debug, Clone)]
 struct Snapshot {
     l1_table_offset: u64,
@@ -1509,64 +1503,37 @@ impl<'a, B: Backend> Checker<'a, B> {
     // Snapshot table (qemu's qcow2_check_read_snapshot_table).
 
     fn read_snapshot_table(&mut self, snapshot_res: &mut Counts) -> Result<(), Error> {
-        let nb = u64::from(self.header.nb_snapshots);
-        let offset = self.header.snapshots_offset;
-        if nb == 0 {
-            return Ok(());
-        }
-        if (i64::MAX as u64).saturating_sub(nb * SNAPSHOT_HEADER_LEN) < offset {
-            snapshot_res.check_errors += 1;
-            return Err(aborted(
-                io::ErrorKind::InvalidData,
-                "snapshot table offset invalid",
-            ));
-        }
-        let mut at = offset;
-        let mut table_length = 0u64;
-        for i in 0..nb {
-            table_length = table_length.next_multiple_of(8);
-            at = at.next_multiple_of(8);
-            let mut h = [0u8; SNAPSHOT_HEADER_LEN as usize];
-            self.read_padded(&mut h, at, "qcow2 snapshot table")?;
-            at += SNAPSHOT_HEADER_LEN;
-            let l1_table_offset = BigEndian::read_u64(&h[0..8]);
-            let l1_size = BigEndian::read_u32(&h[8..12]);
-            let id_size = u64::from(BigEndian::read_u16(&h[12..14]));
-            let name_size = u64::from(BigEndian::read_u16(&h[14..16]));
-            let extra_data_size = u64::from(BigEndian::read_u32(&h[36..40]));
-            if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA {
-                // qemu -r all drops the excess and rewrites the table; not supported here.
+        let (offset, count) = (self.header.snapshots_offset, self.header.nb_snapshots);
+        let mut snapshots = Vec::new();
+        let walked = snapshot::walk_table(
+            |buf, at| self.read_padded(buf, at, "qcow2 snapshot table"),
+            offset,
+            count,
+            |layout| {
+                snapshots.push(Snapshot {
+                    l1_table_offset: layout.fields.l1_table_offset,
+                    l1_size: layout.fields.l1_size,
+                    extra_data_size: u64::from(layout.fields.extra_data_size),
+                    id: (layout.id.0, u64::from(layout.id.1)),
+                    name: (layout.name.0, u64::from(layout.name.1)),
+                });
+                Ok(())
+            },
+        );
+        let size = match walked {
+            Ok(size) => size,
+            Err(Error::Qcow2(Qcow2Error::Snapshot(e))) => {
+                // qemu -r all drops excess extra data and rewrites the table; not supported here.
                 snapshot_res.check_errors += 1;
-                return Err(aborted(
-                    io::ErrorKind::InvalidData,
-                    format!("too much extra metadata in snapshot table entry {i}"),
-                ));
+                return Err(aborted(io::ErrorKind::InvalidData, e.to_string()));
             }
-            at += extra_data_size;
-            let id = (at, id_size);
-            at += id_size;
-            let name = (at, name_size);
-            at += name_size;
-            table_length += SNAPSHOT_HEADER_LEN + extra_data_size + id_size + name_size;
-            if table_length > MAX_SNAPSHOTS_SIZE || at - offset > i32::MAX as u64 {
-                snapshot_res.check_errors += 1;
-                return Err(aborted(
-                    io::ErrorKind::InvalidData,
-                    "snapshot table is too big",
-                ));
-            }
-            self.snapshots.push(Snapshot {
-                l1_table_offset,
-                l1_size,
-                extra_data_size,
-                id,
-                name,
-            });
-        }
-        self.snapshots_size = at - offset;
+            Err(e) => return Err(e),
+        };
+        self.snapshots = snapshots;
+        self.snapshots_size = size;
         if self.header.version == Version::V3 {
             for (i, sn) in self.snapshots.iter().enumerate() {
-                if sn.extra_data_size < SNAPSHOT_V3_EXTRA_DATA {
+                if sn.extra_data_size < u64::from(snapshot::V3_MIN_EXTRA_DATA) {
                     snapshot_res.corruptions += 1;
                     self.messages
                         .push(format!("ERROR snapshot table entry {i} is incomplete"));

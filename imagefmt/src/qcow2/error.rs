@@ -276,4 +276,7 @@ pub enum Qcow2Error {
     /// A persistent dirty bitmap or a bitmap request was refused (qemu's message).
     #[error(transparent)]
     Bitmap(#[from] super::bitmap::BitmapError),
+    /// The internal snapshot table, or a snapshot operation, was refused.
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
 }

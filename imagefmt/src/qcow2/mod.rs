@@ -13,7 +13,9 @@
 //! writer), [`image`] and [`write`](mod@write) ([`image::Qcow2Image`]: reads, block status, writes),
 //! [`check`] (`qemu-img check`), [`bitmap`] (persistent dirty bitmaps: directory, tables, data,
 //! `qemu-img bitmap`'s actions), [`amend`] (`qemu-img amend`: compat, lazy refcounts, refcount
-//! width, size, data-file settings in place). Internal: `tables` (the one L1/L2 decoder), `allocator`
+//! width, size, data-file settings in place), [`snapshot`] (the internal snapshot table).
+//! Internal: `snapshot_ops` (create, apply, delete, and copy-on-write of clusters snapshots
+//! share), `tables` (the one L1/L2 decoder), `allocator`
 //! (refcounts and allocation), `compress` and `compressed_writer` (guest clusters written
 //! compressed, packed as qemu packs them).
 
@@ -34,6 +36,8 @@ pub mod layout;
 pub(crate) mod preallocate;
 pub mod refcount;
 pub(crate) mod shrink;
+pub mod snapshot;
+pub(crate) mod snapshot_ops;
 pub(crate) mod tables;
 pub mod write;
 

@@ -35,10 +35,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Opens an image for reading and writing.
     ///
     /// Refused: images marked corrupt or dirty (their refcounts cannot be trusted: repair them
-    /// with check first), images with internal snapshots (clusters shared by snapshots would
-    /// need copy-on-write of L2 tables, not supported), encrypted images and external data
-    /// files. Unknown autoclear bits are cleared, as qemu does; persistent bitmaps are kept and
-    /// every later write sets its range in the enabled ones ([`super::bitmap`]).
+    /// with check first), encrypted images and external data files. Clusters shared with
+    /// internal snapshots are copied before they are written (see [`super::snapshot_ops`]).
+    /// Unknown autoclear bits are cleared, as qemu does; persistent bitmaps are kept and every
+    /// later write sets its range in the enabled ones ([`super::bitmap`]).
     pub fn open_rw(
         backend: B,
         cluster: HeaderCluster,
@@ -63,9 +63,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         {
             return refuse("the image is dirty (lazy refcounts after a crash); repair it with check -r all first");
         }
-        if h.nb_snapshots != 0 {
-            return refuse("images with internal snapshots cannot be written");
-        }
         let bitmaps = super::bitmap::extension(&cluster);
         let mut image = Self::open(backend, cluster, below)?;
         image.writer = Some(WriteState::load(
@@ -77,6 +74,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if !image.collect_metadata() {
             return refuse("metadata structures overlap (the image is corrupt); repair it with check -r all first");
         }
+        image.collect_snapshot_metadata()?;
         let kept = image.start_bitmap_tracking(bitmaps)?;
         if image.header.autoclear_features != kept {
             image.header.autoclear_features = kept;
@@ -202,8 +200,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         let mut pos = start;
         while pos < whole_end {
-            if let Some((table, index, entry)) = self.existing_entry(pos)? {
+            if let Some((_, _, entry)) = self.existing_entry(pos)? {
                 if entry.entry != 0 {
+                    let (table, index, entry) = self.l2_for_write(pos)?;
                     self.set_l2_entry(table, index, 0, 0)?;
                     self.release(entry)?;
                 }
@@ -271,7 +270,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.finish_bitmap_resize(bitmaps)
     }
 
-    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+    pub(super) fn grow_l1(&mut self, entries: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let clusters = (entries * 8).div_ceil(cluster_size);
         let offset = self.alloc_contiguous(clusters)?;
@@ -357,11 +356,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if let Some(found) = self.existing_entry(pos)? {
             let l1_index = ((pos >> self.header.cluster_bits) / self.header.l2_entries()) as usize;
             if !L1Entry(self.l1[l1_index]).copied() {
-                return Err(corrupt(
-                    "L2 table shared (refcount > 1)",
-                    pos,
-                    self.l1[l1_index],
-                ));
+                // Shared with a snapshot: write into a copy.
+                let table = self.cow_l2_table(l1_index, pos)?;
+                return Ok((table, found.1, found.2));
             }
             return Ok(found);
         }
