@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use imagefmt::info::{FormatSpecific, ImageInfo};
+use imagefmt::ops::info::{FormatSpecific, ImageInfo};
 
 use crate::args::OutputFormat;
 

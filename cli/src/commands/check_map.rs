@@ -166,7 +166,7 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
         .as_deref()
         .map(str::parse::<ImageFormat>)
         .transpose()?;
-    let range = imagefmt::map::MapRange {
+    let range = imagefmt::ops::map::MapRange {
         start: offset_arg(args.start_offset.as_deref(), "start offset")?.unwrap_or(0),
         max_length: offset_arg(args.max_length.as_deref(), "max length")?,
     };
@@ -179,19 +179,19 @@ pub fn map(args: MapArgs, out: &mut impl Write) -> Result<u8> {
     let mut first = true;
     let mut human_error = None;
     let format_out = args.output.format;
-    imagefmt::map::map_range(&args.file, format, &options, range, |entry| {
+    imagefmt::ops::map::map_range(&args.file, format, &options, range, |entry| {
         let first = std::mem::take(&mut first);
         let written = match format_out {
-            OutputFormat::Json => imagefmt::map::write_json_entry(out, &entry, first),
+            OutputFormat::Json => imagefmt::ops::map::write_json_entry(out, &entry, first),
             OutputFormat::Human if human_error.is_some() => Ok(()),
             OutputFormat::Human => {
                 let row = match first {
-                    true => imagefmt::map::write_human_header(out),
+                    true => imagefmt::ops::map::write_human_header(out),
                     false => Ok(()),
                 }
-                .and_then(|()| imagefmt::map::write_human_row(out, &entry));
+                .and_then(|()| imagefmt::ops::map::write_human_row(out, &entry));
                 match row {
-                    Err(imagefmt::map::HumanMapError::Io(e)) => Err(e),
+                    Err(imagefmt::ops::map::HumanMapError::Io(e)) => Err(e),
                     Err(e) => {
                         human_error = Some(e);
                         Ok(())

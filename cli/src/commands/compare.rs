@@ -9,7 +9,7 @@ use crate::args::CompareArgs;
 
 /// Compares the two images; returns qemu-img's exit code (0 identical, 1 different).
 pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
-    use imagefmt::compare::Comparison;
+    use imagefmt::ops::compare::Comparison;
     let policy = args.chain.policy();
     let parents = args.chain.vdi_parents();
     let options = args.chain.options(&policy, &parents);
@@ -23,7 +23,7 @@ pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     };
     let first = open(&args.file1, &args.format1)?;
     let second = open(&args.file2, &args.format2)?;
-    let outcome = imagefmt::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
+    let outcome = imagefmt::ops::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
     // qemu-img warns about different sizes once the common part compared equal.
     let common = first.virtual_size().min(second.virtual_size());
     let sizes_differ = first.virtual_size() != second.virtual_size();

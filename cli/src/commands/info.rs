@@ -19,8 +19,8 @@ pub fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         let policy = args.chain.policy();
         let parents = args.chain.vdi_parents();
         let options = args.chain.options(&policy, &parents);
-        let chain =
-            imagefmt::info::backing_chain_as(&args.file, format, &options).with_context(context)?;
+        let chain = imagefmt::ops::info::backing_chain_as(&args.file, format, &options)
+            .with_context(context)?;
         emit(out, args.output.format, &chain, |out, chain| {
             for (i, image) in chain.iter().enumerate() {
                 if i > 0 {
@@ -34,7 +34,8 @@ pub fn info(args: InfoArgs, out: &mut impl Write) -> Result<()> {
         let how = imagefmt::open::OpenHow::reading(args.chain.force_share)
             .with_block_devices(args.chain.allow_block_devices)
             .metadata_only();
-        let info = imagefmt::info::image_info_as(&args.file, format, how).with_context(context)?;
+        let info =
+            imagefmt::ops::info::image_info_as(&args.file, format, how).with_context(context)?;
         emit(out, args.output.format, &info, |out, info| {
             Ok(output::write_info(out, info)?)
         })
