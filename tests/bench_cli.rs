@@ -83,7 +83,25 @@ fn bench_clone_json_has_every_method_with_figures_or_a_reason_and_real_clones() 
     ]);
     let parsed: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("bench clone --output json printed no JSON ({e}): {stdout}"));
-    let results = parsed.as_array().expect("a JSON array").clone();
+    // The run's circumstances come with the results.
+    let env = &parsed["environment"];
+    for key in [
+        "host",
+        "kernel",
+        "filesystem",
+        "date",
+        "cowclone-version",
+        "qemu-img-version",
+    ] {
+        assert!(
+            !env[key].as_str().unwrap_or_default().is_empty(),
+            "{key}: {env}"
+        );
+    }
+    let results = parsed["results"]
+        .as_array()
+        .expect("a JSON array of results")
+        .clone();
 
     let names: Vec<&str> = results
         .iter()
@@ -295,6 +313,10 @@ fn bench_io_reports_both_sides_and_never_modifies_the_image() {
             .unwrap_or_else(|e| panic!("bench io printed no JSON ({e}): {stdout}"));
         assert_eq!(report["format"], "qcow2");
         assert_eq!(report["virtual-size"], 8 << 20);
+        for key in ["host", "kernel", "filesystem", "date", "cowclone-version"] {
+            let value = report["environment"][key].as_str().unwrap_or_default();
+            assert!(!value.is_empty(), "{key}: {report:#}");
+        }
         let sides = report["results"].as_array().unwrap();
         let tools: Vec<&str> = sides.iter().map(|s| s["tool"].as_str().unwrap()).collect();
         assert_eq!(tools, ["cowclone", "qemu-img"], "{report:#}");

@@ -151,6 +151,25 @@ fn verbose_logs_steps_and_layers_on_stderr_only() {
         );
     }
     assert!(log.contains("command finished"), "{log}");
+    // -vv shows every external tool run, here virsh asking a host that does not answer.
+    let home = dir.join("home");
+    let refused = cowclone(&args_of(&[
+        "-vv",
+        "--home",
+        &home.to_string_lossy(),
+        "host",
+        "add",
+        "nowhere",
+        "--connect",
+        "qemu+tcp://127.0.0.1:1/system",
+    ]));
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    let log = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        log.lines().any(|l| l.contains("running")
+            && l.contains("virsh -q --connect qemu+tcp://127.0.0.1:1/system")),
+        "{log}"
+    );
     // RUST_LOG takes precedence over -v: here it silences cowclone's own events.
     let out = std::process::Command::new(cowclone_bin())
         .args(["-vv", "map", &top])

@@ -205,10 +205,11 @@ pub struct MethodResult {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Environment {
+    /// Host, kernel, versions, the bench directory's filesystem, date.
+    #[serde(flatten)]
+    pub machine: crate::fs_facts::Machine,
     /// The bench directory.
     pub dir: PathBuf,
-    /// Its filesystem.
-    pub filesystem: String,
     /// The bases' virtual size.
     pub size: u64,
     /// Clones per method.
@@ -219,12 +220,11 @@ pub struct Environment {
     pub base_qcow2_bytes: (u64, u64),
     /// `base.vdi`, if one was made: length and allocated bytes.
     pub base_vdi_bytes: Option<(u64, u64)>,
-    /// `qemu-img --version`'s first line, if installed.
-    pub qemu_img_version: Option<String>,
 }
 
-/// A whole run: circumstances and one result per requested method, in report order.
-#[derive(Debug, Clone)]
+/// A whole run: circumstances and one result per requested method, in report order (the JSON
+/// of `--output json`).
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// The circumstances.
     pub environment: Environment,
@@ -321,7 +321,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
 
     let results = summarize(&config.methods, &samples, &skipped);
     let environment = Environment {
-        filesystem: fs_facts::filesystem_name(&dir),
+        machine: fs_facts::Machine::now(&dir),
         dir: match &config.workdir {
             WorkDir::Keep(_) => dir.clone(),
             WorkDir::TempIn(parent) => parent.clone(),
@@ -331,7 +331,6 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
         durable: config.durable,
         base_qcow2_bytes: fs_facts::settled_bytes(&cloner.base_qcow2())?,
         base_vdi_bytes,
-        qemu_img_version: tools::version("qemu-img"),
     };
     Ok(Report {
         environment,

@@ -1,11 +1,51 @@
 //! Facts about the machine a run measured on and the files it made: the filesystem type of the
-//! bench directory, a file's settled size, the host's name and kernel.
+//! bench directory, a file's settled size, the host's name and kernel, and [`Machine`], what
+//! every bench JSON records about the run.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use serde::Serialize;
+
 use crate::{BenchError, Result};
+
+/// The machine, software and moment of a run, recorded in every bench JSON (flattened into
+/// its `environment`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Machine {
+    /// The host's name.
+    pub host: String,
+    /// The kernel release.
+    pub kernel: String,
+    /// CPUs available to the run.
+    pub cpus: usize,
+    /// The filesystem the run wrote to (or read from).
+    pub filesystem: String,
+    /// `qemu-img --version`'s first line, or null if it is not installed.
+    pub qemu_img_version: Option<String>,
+    /// The cowclone measured: `cowclone VERSION` (the measured binary's `--version` where a
+    /// binary is measured, else this library's version).
+    pub cowclone_version: String,
+    /// When the run started, RFC 3339 UTC.
+    pub date: String,
+}
+
+impl Machine {
+    /// The facts now, for a run in `dir`.
+    pub fn now(dir: &Path) -> Self {
+        Self {
+            host: kernel_fact("hostname"),
+            kernel: kernel_fact("osrelease"),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            filesystem: filesystem_name(dir),
+            qemu_img_version: crate::tools::version("qemu-img"),
+            cowclone_version: format!("cowclone {}", env!("CARGO_PKG_VERSION")),
+            date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+}
 
 /// The name of the filesystem holding `path`, from `statfs`'s magic number (the numbers are
 /// the kernel's, `include/uapi/linux/magic.h`); `"unknown (0x…)"` for others.

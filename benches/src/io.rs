@@ -135,6 +135,8 @@ pub struct SideResult {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Report {
+    /// Host, kernel, versions, the image's filesystem, date.
+    pub environment: crate::fs_facts::Machine,
     /// The image.
     pub image: PathBuf,
     /// Its format.
@@ -209,6 +211,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
         }),
     };
     Ok(Report {
+        environment: crate::fs_facts::Machine::now(&image),
         image,
         format: format.name(),
         virtual_size: size,

@@ -258,28 +258,18 @@ pub struct Workload {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Environment {
-    /// The host's name.
-    pub host: String,
-    /// The kernel release.
-    pub kernel: String,
-    /// CPUs available to the run.
-    pub cpus: usize,
+    /// Host, kernel, CPUs, versions (`cowclone-version` is the measured binary's), the
+    /// filesystem of the bench directory, date.
+    #[serde(flatten)]
+    pub machine: fs_facts::Machine,
     /// Load averages (1, 5, 15 min) when the measuring started.
     pub load_average_start: String,
     /// Load averages when it ended.
     pub load_average_end: String,
-    /// `qemu-img --version`'s first line.
-    pub qemu_img_version: String,
-    /// `cowclone --version` of the measured binary.
-    pub cowclone_version: String,
     /// The measured binary.
     pub cowclone_binary: PathBuf,
     /// The directory the bench directory was made in.
     pub dir: PathBuf,
-    /// Its filesystem.
-    pub filesystem: String,
-    /// When the run started, RFC 3339 UTC.
-    pub date: String,
 }
 
 /// A whole `bench ops` run: the JSON of `--output json`.
@@ -345,17 +335,15 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
         operations.push(bench.measure(op, config.runs, progress)?);
     }
     let environment = Environment {
-        host: fs_facts::kernel_fact("hostname"),
-        kernel: fs_facts::kernel_fact("osrelease"),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine: fs_facts::Machine {
+            cowclone_version,
+            date,
+            ..fs_facts::Machine::now(dir)
+        },
         load_average_start,
         load_average_end: fs_facts::load_average(),
-        qemu_img_version: tools::version("qemu-img").unwrap_or_default(),
-        cowclone_version,
         cowclone_binary: config.cowclone.clone(),
         dir: dir_parent,
-        filesystem: fs_facts::filesystem_name(dir),
-        date,
     };
     Ok(Report {
         environment,

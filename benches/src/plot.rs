@@ -35,9 +35,9 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
 }
 
 /// Draws one group of bars per entry of `groups`, with one bar per series in each (series:
-/// name, one value per group; a value that is not positive leaves its bar out), a legend
-/// naming the series, and each bar's value written on it by `value_label`. The y axis is
-/// logarithmic when the values span more than 20×.
+/// name, one value per group; a value that is not positive leaves its bar out, and a group
+/// without any bar is left out with its slot), a legend naming the series, and each bar's value
+/// written on it by `value_label`. The y axis is logarithmic when the values span more than 20×.
 pub fn grouped_bar_chart(
     path: &Path,
     title: &str,
@@ -46,13 +46,30 @@ pub fn grouped_bar_chart(
     series: &[(&str, Vec<f64>)],
     value_label: &dyn Fn(f64) -> String,
 ) -> Result<()> {
+    let drawn = |g: usize| {
+        series
+            .iter()
+            .any(|(_, values)| values.get(g).is_some_and(|v| *v > 0.0 && v.is_finite()))
+    };
+    let kept: Vec<usize> = (0..groups.len()).filter(|&g| drawn(g)).collect();
+    let groups: Vec<String> = kept.iter().map(|&g| groups[g].clone()).collect();
+    let series: Vec<(&str, Vec<f64>)> = series
+        .iter()
+        .map(|(name, values)| {
+            let values = kept
+                .iter()
+                .map(|&g| values.get(g).copied().unwrap_or(0.0))
+                .collect();
+            (*name, values)
+        })
+        .collect();
     draw(
         path,
         &Chart {
             title,
             y_label,
-            groups,
-            series,
+            groups: &groups,
+            series: &series,
             value_label,
         },
     )
@@ -234,10 +251,10 @@ mod tests {
     fn grouped_bars_have_a_legend_and_labels_and_skip_missing_values() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ops.svg");
-        let groups = vec!["convert".to_owned(), "map".to_owned()];
+        let groups = vec!["convert".to_owned(), "check".to_owned(), "map".to_owned()];
         let series = [
-            ("cowclone", vec![1500.0, 0.0]),
-            ("qemu-img", vec![900.0, 12.0]),
+            ("cowclone", vec![1500.0, 0.0, 0.0]),
+            ("qemu-img", vec![900.0, 0.0, 12.0]),
         ];
         grouped_bar_chart(&path, "ops", "ms", &groups, &series, &|v| format!("{v} ms")).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
@@ -254,6 +271,16 @@ mod tests {
             !texts.contains(&"0 ms".to_owned()),
             "no bar or label for a missing value"
         );
+        assert!(
+            !texts.contains(&"check".to_owned()),
+            "no empty slot for a group without bars: {texts:?}"
+        );
+        // Two slots: the x axis is two groups wide (each slot is SLOT units).
+        let labels: Vec<&String> = texts
+            .iter()
+            .filter(|t| *t == "convert" || *t == "map")
+            .collect();
+        assert_eq!(labels.len(), 2, "{texts:?}");
         // Three bars (one value is missing), each a filled rectangle of a series colour.
         let first = Palette99::pick(0).to_rgba();
         let fill = format!("fill=\"#{:02X}{:02X}{:02X}\"", first.0, first.1, first.2);

@@ -19,7 +19,7 @@ pub fn clone_human(report: &clone_methods::Report, out: &mut dyn Write) -> std::
         } else {
             "not durable"
         },
-        env.filesystem,
+        env.machine.filesystem,
         env.dir.display()
     )?;
     writeln!(
@@ -36,7 +36,7 @@ pub fn clone_human(report: &clone_methods::Report, out: &mut dyn Write) -> std::
             None => String::new(),
         }
     )?;
-    if let Some(version) = &env.qemu_img_version {
+    if let Some(version) = &env.machine.qemu_img_version {
         writeln!(out, "{version}")?;
     }
     writeln!(out)?;
@@ -154,17 +154,21 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     writeln!(
         out,
         "{}, kernel {}, {} CPUs, load average {} at the start, {} at the end",
-        env.host, env.kernel, env.cpus, env.load_average_start, env.load_average_end
+        env.machine.host,
+        env.machine.kernel,
+        env.machine.cpus,
+        env.load_average_start,
+        env.load_average_end
     )?;
     writeln!(
         out,
         "{} | {} ({}) | bench directory in {} ({}) | {}",
-        env.qemu_img_version,
-        env.cowclone_version,
+        env.machine.qemu_img_version.as_deref().unwrap_or_default(),
+        env.machine.cowclone_version,
         env.cowclone_binary.display(),
         env.dir.display(),
-        env.filesystem,
-        env.date
+        env.machine.filesystem,
+        env.machine.date
     )?;
     let runs = report.operations.first().map_or(0, |o| o.runs);
     writeln!(

@@ -68,6 +68,7 @@ impl HostPool {
     /// Runs `virsh ARGS` against the host; its stdout, or an error naming `step`.
     pub fn run(&self, step: &str, args: &[&str]) -> Result<String> {
         let invocation = self.invocation(args);
+        tracing::debug!(command = %invocation.shell_line(), "running");
         let output = Command::new(&invocation.program)
             .args(&invocation.args)
             .stdin(Stdio::null())
@@ -218,6 +219,7 @@ impl HostPool {
         let step = format!("downloading {volume} to verify it");
         let invocation =
             self.invocation(&["vol-download", volume, "/dev/stdout", "--pool", &self.pool]);
+        tracing::debug!(command = %invocation.shell_line(), "running");
         let mut child = Command::new(&invocation.program)
             .args(&invocation.args)
             .stdin(Stdio::null())

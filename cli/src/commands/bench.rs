@@ -208,7 +208,7 @@ fn bench_clone(args: BenchCloneArgs, out: &mut impl Write) -> Result<()> {
     write_side_files(
         args.json_out.as_deref(),
         args.plot.as_deref(),
-        &results,
+        &report,
         |path| {
             let bars: Vec<(String, f64)> = results
                 .iter()
@@ -222,7 +222,7 @@ fn bench_clone(args: BenchCloneArgs, out: &mut impl Write) -> Result<()> {
         },
     )?;
     match args.output {
-        ReportFormat::Json => crate::output::write_qemu_json(out, results)?,
+        ReportFormat::Json => crate::output::write_qemu_json(out, &report)?,
         ReportFormat::Csv => report::clone_csv(results, out)?,
         ReportFormat::Human => report::clone_human(&report, out)?,
     }

@@ -35,6 +35,7 @@ pub fn spawn(
 ) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let open = |path: &Path| File::create(path).map_err(io(format!("creating {}", path.display())));
+    tracing::debug!(command = %invocation.shell_line(), "running");
     let child = Command::new(&invocation.program)
         .args(&invocation.args)
         .stdin(Stdio::null())

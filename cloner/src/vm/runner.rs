@@ -91,6 +91,7 @@ impl SystemRunner {
     }
 
     fn record(&self, invocation: &Invocation, outcome: &str) -> Result<()> {
+        tracing::debug!(command = %invocation.shell_line(), outcome, "ran a hypervisor tool");
         match &self.log {
             Some(log) => log_line(log, &invocation.shell_line(), outcome),
             None => Ok(()),
