@@ -135,7 +135,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             return Ok(0);
         }
         let len = (count * cluster_size) as usize;
-        let host = self.alloc_contiguous(count)?;
+        // The data write right after covers the whole run and so extends the file.
+        let host = self.alloc_run(count)?;
         self.write_host(&data[..len], host)?;
         self.barrier()?;
         let entries: Vec<u64> = (0..count)
