@@ -176,6 +176,8 @@ pub fn convert(args: ConvertArgs, _out: &mut impl Write) -> Result<()> {
         },
         parallel: args.parallel,
         out_of_order: args.out_of_order,
+        // Without -U the source chain is opened under qemu's locks, which mappings need.
+        map_source: !args.force_share,
     };
     let bar = args.progress.then(|| {
         let bar = indicatif::ProgressBar::new(source.virtual_size());

@@ -278,10 +278,45 @@ impl<B: Backend> Qcow2Image<B> {
 
     /// Drops one reference to the host cluster at `offset`.
     pub(super) fn free_cluster(&mut self, offset: u64) -> Result<()> {
-        let cluster = offset >> self.header.cluster_bits;
-        let count = self.refcount(cluster)?;
-        if count > 0 {
-            self.set_refcount(cluster, count - 1)?;
+        self.free_clusters(&mut [offset >> self.header.cluster_bits])
+    }
+
+    /// Drops one reference to each host cluster index in `clusters` (in any order; a cluster
+    /// listed twice loses two), with one write per refcount block touched. Refcounts already 0
+    /// stay 0.
+    pub(super) fn free_clusters(&mut self, clusters: &mut [u64]) -> Result<()> {
+        clusters.sort_unstable();
+        let per_block = self.per_block();
+        let order = self.header.refcount_order;
+        let bits = 1u64 << order;
+        let mut rest = &clusters[..];
+        while let Some(&first) = rest.first() {
+            let index = first / per_block;
+            let in_block = rest.partition_point(|&c| c / per_block == index);
+            let (group, after) = rest.split_at(in_block);
+            rest = after;
+            let entry = self
+                .state()
+                .reftable
+                .get(index as usize)
+                .copied()
+                .unwrap_or(0);
+            let block = entry & REFTABLE_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            let bytes = self.refblock(block)?;
+            for &cluster in group {
+                let count = refcount::get(bytes, cluster % per_block, order);
+                if count > 0 {
+                    refcount::set(bytes, cluster % per_block, order, count - 1);
+                }
+            }
+            // Write back the bytes from the first to the last entry changed.
+            let start = ((group[0] % per_block) * bits / 8) as usize;
+            let stop = ((group[group.len() - 1] % per_block + 1) * bits).div_ceil(8) as usize;
+            let chunk = bytes[start..stop].to_vec();
+            self.write_host(&chunk, block + start as u64)?;
         }
         Ok(())
     }
