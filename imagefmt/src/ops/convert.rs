@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX, aligned to the output's unit
-//!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset
+//!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset,
+//!        or for qcow2/VDI output from a locked source ([`ConvertOptions::map_source`]) map it
 //!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
 //!        copy_file_range where the bytes sit verbatim in a file, else pwrite non-zero blocks
 //!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
