@@ -499,9 +499,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.write_host(&bytes[..width], table + (index * width) as u64)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
-            let mut copy = cached.to_vec();
-            copy[index * width..index * width + width].copy_from_slice(&bytes[..width]);
-            *cached = copy.into();
+            // In place unless a reader still holds the table (then a copy).
+            std::sync::Arc::make_mut(cached)[index * width..index * width + width]
+                .copy_from_slice(&bytes[..width]);
         }
         Ok(())
     }
@@ -513,9 +513,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.write_host(&bytes, table + index as u64 * 8)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
-            let mut copy = cached.to_vec();
-            copy[index * 8..index * 8 + bytes.len()].copy_from_slice(&bytes);
-            *cached = copy.into();
+            // In place unless a reader still holds the table (then a copy).
+            std::sync::Arc::make_mut(cached)[index * 8..index * 8 + bytes.len()]
+                .copy_from_slice(&bytes);
         }
         Ok(())
     }
