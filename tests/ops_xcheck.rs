@@ -116,6 +116,46 @@ fn convert_to_raw_and_qcow2_matches_the_source_and_is_sparse() {
     }
 }
 
+/// A raw source whose data starts and ends inside clusters (4 KiB blocks, holes between):
+/// converted to qcow2 through mappings of the source (the default) and with `pread` (`-U`),
+/// which must write the same bytes; qemu-img judges the result identical to the source and
+/// clean. Covers the mapped path's partial first and last clusters, one across a cluster
+/// boundary, and the disk's partial last cluster.
+#[test]
+fn convert_of_raw_data_ending_inside_clusters_maps_and_reads_alike() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = std::fs::File::create(d.join("src.raw")).unwrap();
+    let size = (1u64 << 20) + 12 * 1024;
+    file.set_len(size).unwrap();
+    // Each run its own request (a whole empty cluster between them): inside one cluster;
+    // across a cluster boundary; partial first and last clusters with whole ones between; in
+    // the disk's partial last cluster.
+    for (at, len, byte) in [
+        (4u64 << 10, 8u64 << 10, 0x5au8),
+        (196 << 10, 72 << 10, 0x6b),
+        (400 << 10, 200 << 10, 0x7c),
+        ((1 << 20) + (4 << 10), 8 << 10, 0x9e),
+    ] {
+        file.write_all_at(&vec![byte; len as usize], at).unwrap();
+    }
+    drop(file);
+    for (name, extra) in [("mapped.qcow2", None), ("pread.qcow2", Some("-U"))] {
+        let mut args = vec!["convert"];
+        args.extend(extra);
+        args.extend(["-f", "raw", "-O", "qcow2", "src.raw", name]);
+        ours(&args, d);
+        assert_identical("src.raw", name, d);
+        assert_clean(name, d);
+    }
+    assert!(
+        std::fs::read(d.join("mapped.qcow2")).unwrap()
+            == std::fs::read(d.join("pread.qcow2")).unwrap(),
+        "mapped and pread conversions wrote different files"
+    );
+}
+
 #[test]
 fn compressed_convert_is_read_by_qemu_and_smaller() {
     let dir = tempfile::tempdir().unwrap();

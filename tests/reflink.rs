@@ -342,7 +342,10 @@ fn bench_clone_measures_reflinks_on_xfs() {
         &"--keep",
         &keep,
     ]);
-    let results: Vec<Value> = serde_json::from_str(&stdout).expect("bench printed JSON");
+    let report: Value = serde_json::from_str(&stdout).expect("bench printed JSON");
+    let results = report["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results array in {stdout}"));
     let by = |name: &str| {
         results
             .iter()

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
@@ -103,6 +103,63 @@ impl<B: Backend + ?Sized> Backend for &B {
     fn as_fd(&self) -> Option<BorrowedFd<'_>> {
         (**self).as_fd()
     }
+}
+
+/// A read-only memory mapping of a byte range of an image file, its pages populated when it
+/// is made: what readers use instead of copying data into a buffer with `pread`.
+///
+/// A file truncated underneath a mapping makes reads of the lost pages raise SIGBUS, so only
+/// files held under qemu's image locks are mapped (a reader's locks do not share resize: no
+/// qemu or cowclone process may shrink the file while they are held), and only ranges that lie
+/// inside the file when mapped. Callers keep a `pread` path for everything else.
+pub(crate) struct MappedRange {
+    map: memmap2::Mmap,
+}
+
+impl MappedRange {
+    /// Maps `len` bytes of `file` from `offset` and populates the mapping's pages (so the
+    /// thread that maps takes the page faults, not the one that uses the bytes). `Ok(None)`
+    /// when the range does not lie wholly inside the file (the caller reads it the usual way).
+    ///
+    /// The caller must hold `file` under the image lock for as long as the mapping lives.
+    #[allow(unsafe_code)]
+    pub(crate) fn new(file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Option<Self>> {
+        let size = rustix::fs::fstat(file)?.st_size as u64;
+        if len == 0 || offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Ok(None);
+        }
+        // SAFETY: memmap2 requires that the mapped part of the file is not truncated (SIGBUS)
+        // nor modified (the slice would change underneath) while the mapping lives. The range
+        // lies inside the file now (checked above), and the caller holds the file under
+        // qemu's image locks, which keep every cooperating writer (qemu, cowclone) from
+        // writing or resizing it until the lock is released, after this mapping is dropped.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(file.as_raw_fd())?
+        };
+        // Best effort: kernels before 5.14 lack MADV_POPULATE_READ; then the pages fault in
+        // as they are used.
+        let _ = map.advise(memmap2::Advice::PopulateRead);
+        Ok(Some(Self { map }))
+    }
+
+    /// The mapped bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// Starts writing `file`'s dirty pages back to its disk (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`, the whole file) without waiting for them, so that a later fsync
+/// waits only for what is still in flight rather than for everything written. Best effort:
+/// an error here is ignored, the fsync that must follow reports any.
+#[allow(unsafe_code)]
+pub(crate) fn start_writeback(file: BorrowedFd<'_>) {
+    // SAFETY: sync_file_range takes a descriptor and three integers and touches no memory of
+    // ours; the descriptor is borrowed, so it stays open for the duration of the call.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// An in-memory [`Backend`] for tests, fuzzing and benches.

@@ -84,6 +84,7 @@ pub fn dd(args: DdArgs, _out: &mut impl Write) -> Result<()> {
         out_of_order: false,
         preallocation: Default::default(),
         sparse_size: imagefmt::ops::convert::SPARSE_BLOCK as u64,
+        map_source: !args.chain.force_share,
     };
     if plan.skip_past_end {
         eprintln!(

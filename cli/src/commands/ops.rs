@@ -290,6 +290,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         out_of_order: args.out_of_order,
         preallocation,
         sparse_size,
+        map_source: !args.chain.force_share,
     };
     let mut progress = crate::progress::Progress::new(show, out);
     // Errors name the file at fault themselves (source image, destination or backing file).

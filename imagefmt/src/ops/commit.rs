@@ -2,22 +2,28 @@
 //! overlay so it reads through to the updated backing image, as `qemu-img commit` does.
 //!
 //! Only what the overlay itself holds is touched, by its own extents: data ranges are copied
-//! (read straight from the overlay's file, in requests of up to 2 MiB), zero ranges become zeros
+//! (read straight from the overlay's file, which the commit holds under its write lock,
+//! through a memory mapping of up to 2 MiB at a time), zero ranges become zeros
 //! in the backing image without data (zero clusters in qcow2, holes in a raw file), unallocated
 //! ranges are skipped. Emptying frees every cluster and shrinks the file, as qemu does.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_qcow2_rw};
 use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
-use crate::io::Backend;
+use crate::io::{start_writeback, Backend, MappedRange};
 use crate::offsets::GuestOffset;
 use crate::ops::convert::REQUEST_MAX;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::{Error, Result};
+
+/// Data bytes written into the backing image between two calls that start their writeback:
+/// the disk then writes while the commit copies, and the final fsync waits for the rest only.
+const WRITEBACK_STEP: u64 = 16 << 20;
 
 /// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,13 +126,22 @@ pub fn commit_into(
             if base.virtual_size() < top.virtual_size() {
                 base.resize(top.virtual_size(), false)?;
             }
+            let mut unsynced = 0;
             for_each_own_extent(
                 &top,
                 through,
                 &mut stats,
                 progress,
                 |piece, offset| match piece {
-                    Piece::Data(data) => base.write_at(data, offset),
+                    Piece::Data(data) => {
+                        base.write_at(data, offset)?;
+                        unsynced += data.len() as u64;
+                        if unsynced >= WRITEBACK_STEP {
+                            start_writeback(AsFd::as_fd(base.backend()));
+                            unsynced = 0;
+                        }
+                        Ok(())
+                    }
                     Piece::Zeros(len) => base.write_zeroes(offset, len),
                 },
             )?;
@@ -146,14 +161,23 @@ pub fn commit_into(
                 file.set_len(top.virtual_size())
                     .map_err(Error::writing("raw backing image length"))?;
             }
+            let mut unsynced = 0;
             for_each_own_extent(
                 &top,
                 through,
                 &mut stats,
                 progress,
                 |piece, offset| match piece {
-                    Piece::Data(data) => Backend::write_all_at(&file, data, offset)
-                        .map_err(Error::writing("raw backing image")),
+                    Piece::Data(data) => {
+                        Backend::write_all_at(&file, data, offset)
+                            .map_err(Error::writing("raw backing image"))?;
+                        unsynced += data.len() as u64;
+                        if unsynced >= WRITEBACK_STEP {
+                            start_writeback(AsFd::as_fd(&file));
+                            unsynced = 0;
+                        }
+                        Ok(())
+                    }
                     Piece::Zeros(len) => zero_raw(&file, offset, len),
                 },
             )?;
@@ -216,10 +240,21 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
         let mut piece = Some(extent);
         while let Some(current) = piece {
             let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
+            piece = rest;
+            // The overlay is held under its write lock: its data can be read through a
+            // mapping, without a copy (pread where the range cannot be mapped).
+            let mapped = match chain::verbatim_source(top, &head) {
+                Some((fd, host)) => MappedRange::new(fd, host, head.len as usize)
+                    .map_err(Error::reading("overlay data"))?,
+                None => None,
+            };
+            if let Some(map) = mapped {
+                apply(Piece::Data(map.bytes()), head.start.0)?;
+                continue;
+            }
             buf.resize(head.len as usize, 0);
             chain::read_extent(top, &head, &mut buf)?;
             apply(Piece::Data(&buf), head.start.0)?;
-            piece = rest;
         }
     }
     progress(size, size);

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX, aligned to the output's unit
-//!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset
+//!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset,
+//!        or for qcow2/VDI output from a locked source ([`ConvertOptions::map_source`]) map it
 //!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
 //!        copy_file_range where the bytes sit verbatim in a file, else pwrite non-zero blocks
 //!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
@@ -25,7 +26,7 @@ use crate::backing::BackingPolicy;
 use crate::chain::{self, open_chain};
 use crate::detect::ImageFormat;
 use crate::extent::{Extent, GuestRead};
-use crate::io::Backend;
+use crate::io::{Backend, MappedRange};
 use crate::new_file::{create_with, NewFileMode};
 use crate::offsets::GuestOffset;
 use crate::qcow2::compressed_writer::CompressedWriter;
@@ -76,6 +77,10 @@ pub struct ConvertOptions {
     /// by default); qcow2 and VDI output skip zero clusters and blocks. 0 writes everything,
     /// zeros included, as data (fully allocated output).
     pub sparse_size: u64,
+    /// The source chain's files are held under qemu's image locks (opened without
+    /// force-share), so qcow2/VDI output may read their data through memory mappings instead of
+    /// copying it with `pread` (see [`crate::io`]'s `MappedRange`). Off: `pread` only.
+    pub map_source: bool,
 }
 
 /// What a conversion did.
@@ -522,32 +527,80 @@ impl Sink<'_, '_> {
     /// neighbouring non-zero units into one write (except for compressed output, which takes a
     /// cluster at a time); returns the bytes written.
     fn write(&mut self, filled: &Filled, unit: u64, sparse: bool) -> Result<u64> {
-        let start = filled.request.start;
-        let data = filled.bytes();
+        let (start, end) = (filled.request.start, filled.request.end);
+        let (from, content) = filled.content();
+        let to = from + content.len() as u64;
+        // The bytes of guest range [a, b) that `content` holds (the rest of the request reads
+        // as zeros).
+        let held = |a: u64, b: u64| -> &[u8] {
+            let (a, b) = (a.clamp(from, to), b.clamp(from, to));
+            &content[(a - from) as usize..(b - from) as usize]
+        };
         let mut written = 0;
-        let mut run: Option<usize> = None;
-        let mut at = 0usize;
+        let mut run: Option<u64> = None;
+        let mut at = start;
         loop {
-            let (end, zero) = if at < data.len() {
-                let end = (at + (unit - (start + at as u64) % unit) as usize).min(data.len());
-                (end, sparse && is_zero(&data[at..end]))
+            let (next, zero) = if at < end {
+                let next = (at + unit - at % unit).min(end);
+                (next, sparse && is_zero(held(at, next)))
             } else {
                 (at, true)
             };
             if zero || self.per_unit() {
-                if let Some(from) = run.take() {
-                    self.write_run(&data[from..at], start + from as u64)?;
-                    written += (at - from) as u64;
+                if let Some(run_start) = run.take() {
+                    self.write_run(held(run_start, at), run_start, at, from, unit)?;
+                    written += at - run_start;
                 }
             }
             if !zero {
                 run.get_or_insert(at);
             }
-            if at >= data.len() {
+            if at >= end {
                 return Ok(written);
             }
-            at = end;
+            at = next;
         }
+    }
+
+    /// Writes the run of whole units from guest `start` to `end`, of which `data` holds the
+    /// bytes that may be non-zero, from guest `max(start, from)` on (the rest reads as zeros).
+    /// The units `data` covers entirely go straight from `data`; a first or last unit it
+    /// covers only in part (a mapped request starting or ending inside a unit) is padded with
+    /// zeros.
+    fn write_run(&mut self, data: &[u8], start: u64, end: u64, from: u64, unit: u64) -> Result<()> {
+        let d0 = start.max(from);
+        let d1 = d0 + data.len() as u64;
+        // `start` is a unit boundary and a partial edge is at most one unit.
+        let head_end = if d0 == start {
+            start
+        } else {
+            (start + unit).min(end)
+        };
+        let tail_start = if d1 == end {
+            end
+        } else {
+            (d1 / unit * unit).max(head_end)
+        };
+        let padded = |a: u64, b: u64| {
+            let mut unit = vec![0u8; (b - a) as usize];
+            let (x, y) = (a.max(d0), b.min(d1));
+            if x < y {
+                unit[(x - a) as usize..(y - a) as usize]
+                    .copy_from_slice(&data[(x - d0) as usize..(y - d0) as usize]);
+            }
+            unit
+        };
+        if head_end > start {
+            self.write_piece(&padded(start, head_end), start)?;
+        }
+        if tail_start > head_end {
+            let whole = &data[(head_end - d0) as usize..(tail_start - d0) as usize];
+            self.write_piece(whole, head_end)?;
+        }
+        if end > tail_start {
+            self.write_piece(&padded(tail_start, end), tail_start)?;
+        }
+        Ok(())
     }
 
     /// Compressed output goes one cluster at a time.
@@ -561,7 +614,7 @@ impl Sink<'_, '_> {
         )
     }
 
-    fn write_run(&mut self, data: &[u8], offset: u64) -> Result<()> {
+    fn write_piece(&mut self, data: &[u8], offset: u64) -> Result<()> {
         match self {
             Sink::Raw(..) => Ok(()),
             Sink::Qcow2 {
@@ -580,24 +633,56 @@ impl Sink<'_, '_> {
 /// A filled request on its way to the main thread.
 struct Filled {
     request: Request,
-    /// The buffer: the request's bytes at `at` (qcow2/VDI output), or anything (raw: already
-    /// written).
+    /// The buffer: the request's bytes at `at` (qcow2/VDI output, unless `mapped`), or
+    /// anything (raw: already written; mapped: unused).
     data: Vec<u8>,
     /// Where the request's bytes start in `data` (a page-aligned window).
     at: usize,
+    /// The request's data read through a mapping of the file that holds it verbatim instead,
+    /// and the guest offset of its first byte: the rest of the request reads as zeros.
+    mapped: Option<(u64, MappedRange)>,
     /// Bytes the reader wrote to raw output.
     written: u64,
 }
 
 impl Filled {
-    /// The request's bytes (qcow2/VDI output).
-    fn bytes(&self) -> &[u8] {
-        let len = (self.request.end - self.request.start) as usize;
-        &self.data[self.at..self.at + len]
+    /// The request's bytes that may be non-zero and the guest offset of the first; the rest
+    /// of the request reads as zeros (qcow2/VDI output).
+    fn content(&self) -> (u64, &[u8]) {
+        match &self.mapped {
+            Some((from, map)) => (*from, map.bytes()),
+            None => {
+                let len = (self.request.end - self.request.start) as usize;
+                (self.request.start, &self.data[self.at..self.at + len])
+            }
+        }
     }
 }
 
-/// Reads `request` into a page-aligned window of `buf` (zeros between its pieces); for raw output `out`, writes it too:
+/// Maps the request's data when its pieces follow each other without a gap, both in the
+/// guest and verbatim in one file; `None` (read it instead) otherwise.
+fn map_request(source: &dyn GuestRead, request: &Request) -> Option<(u64, MappedRange)> {
+    use std::os::fd::AsRawFd;
+    let first = request.pieces.first()?;
+    let (fd, host) = chain::verbatim_source(source, first)?;
+    let (mut guest_end, mut host_end) = (first.start.0, host);
+    for piece in &request.pieces {
+        let (piece_fd, piece_host) = chain::verbatim_source(source, piece)?;
+        if piece_fd.as_raw_fd() != fd.as_raw_fd()
+            || piece_host != host_end
+            || piece.start.0 != guest_end
+        {
+            return None;
+        }
+        guest_end += piece.len;
+        host_end += piece.len;
+    }
+    let map = MappedRange::new(fd, host, usize::try_from(host_end - host).ok()?).ok()??;
+    Some((first.start.0, map))
+}
+
+/// Reads `request` into a page-aligned window of `buf` (zeros between its pieces), or with
+/// `map` through a mapping where [`map_request`] can; for raw output `out`, writes it too:
 /// `copy_file_range` for pieces that sit verbatim in a file, `pwrite` of the non-zero
 /// [`SPARSE_BLOCK`]s of the rest.
 fn fill(
@@ -606,9 +691,19 @@ fn fill(
     mut buf: Vec<u8>,
     out: Option<(&std::fs::File, &Path)>,
     sparse_block: u64,
+    map: bool,
 ) -> Result<Filled> {
     let mut written = 0;
     let Some((file, dest)) = out else {
+        if let Some(mapped) = map.then(|| map_request(source, &request)).flatten() {
+            return Ok(Filled {
+                request,
+                data: buf,
+                at: 0,
+                mapped: Some(mapped),
+                written,
+            });
+        }
         let len = (request.end - request.start) as usize;
         let window = super::aligned_window(&mut buf, len);
         let data = &mut buf[window..window + len];
@@ -626,6 +721,7 @@ fn fill(
             request,
             data: buf,
             at: window,
+            mapped: None,
             written,
         });
     };
@@ -655,6 +751,7 @@ fn fill(
         request,
         data: buf,
         at: 0,
+        mapped: None,
         written,
     })
 }
@@ -750,15 +847,20 @@ fn pipeline(
         _ => None,
     };
     let in_order = sink.writes_on_main() && !options.out_of_order;
+    // Mappings serve qcow2/VDI output (raw output copies in the kernel), not compressed output
+    // (which takes whole clusters and spends its time compressing).
+    let map = options.map_source && sink.writes_on_main() && !sink.per_unit();
     // Buffers circulate between the readers and the main thread: 2 × workers of them, but
     // never more than BUFFERED_MAX bytes' worth (with -m 16 the readers then take turns), so
     // memory stays bounded whatever -m asks for.
     let buffers = (2 * workers)
         .min((BUFFERED_MAX / REQUEST_MAX) as usize)
         .max(1);
-    let (give_back, pool) = mpsc::sync_channel::<Vec<u8>>(buffers);
+    // A used buffer comes back with the mapping its request was read through, if any, so that
+    // a reader thread unmaps it (unmapping is not cheap; the main thread is the busier one).
+    let (give_back, pool) = mpsc::sync_channel::<(Vec<u8>, Option<MappedRange>)>(buffers);
     for _ in 0..buffers {
-        let _ = give_back.send(Vec::new());
+        let _ = give_back.send((Vec::new(), None));
     }
     let pool = Mutex::new(pool);
     let (filled_tx, filled_rx) = mpsc::sync_channel::<Result<Filled>>(2 * workers);
@@ -767,22 +869,24 @@ fn pipeline(
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let filled_tx = filled_tx.clone();
-            let (planner, pool, stop) = (&planner, &pool, &stop);
+            let (planner, pool, stop, map) = (&planner, &pool, &stop, map);
             let raw = raw_out;
             scope.spawn(move || loop {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let Ok(buf) = pool.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+                let Ok((buf, used_map)) = pool.lock().unwrap_or_else(|e| e.into_inner()).recv()
+                else {
                     return;
                 };
+                drop(used_map);
                 let next = planner
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .next_request();
                 let message = match next {
                     Ok(None) => return,
-                    Ok(Some(request)) => fill(source, request, buf, raw, sparse_block),
+                    Ok(Some(request)) => fill(source, request, buf, raw, sparse_block, map),
                     Err(e) => Err(in_source(source, e)),
                 };
                 let failed = message.is_err();
@@ -827,7 +931,8 @@ fn pipeline(
                 }
                 done_to = done_to.max(f.request.end);
                 progress(done_to, size);
-                let _ = give_back.send(std::mem::take(&mut f.data));
+                let used_map = f.mapped.take().map(|(_, map)| map);
+                let _ = give_back.send((std::mem::take(&mut f.data), used_map));
             }
             if first_error.is_some() {
                 break;

@@ -151,32 +151,53 @@ impl<B: Backend> Qcow2Image<B> {
     /// Sets the refcount of host cluster `cluster`, creating its refcount block (and growing
     /// the table) if needed.
     pub(super) fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
-        let per_block = self.per_block();
-        let index = cluster / per_block;
-        if index as usize >= self.state().reftable.len() {
-            self.grow_reftable(index)?;
-        }
-        let mut block = self.state().reftable[index as usize] & REFTABLE_OFFSET_MASK;
-        if block == 0 {
-            block = self.new_refblock(index)?;
-        }
+        self.set_refcounts(cluster, 1, value)
+    }
+
+    /// Sets the refcounts of the `count` host clusters from `first` on to `value`, creating
+    /// their refcount blocks (and growing the table) if needed: one read-modify-write per
+    /// refcount block the range touches, not one per cluster.
+    pub(super) fn set_refcounts(&mut self, first: u64, count: u64, value: u64) -> Result<()> {
         let order = self.header.refcount_order;
         if value > refcount::max_refcount(order) {
             return Err(Qcow2Error::CorruptEntry {
                 what: "refcount overflow",
                 guest_offset: 0,
-                entry: cluster,
+                entry: first,
             }
             .into());
         }
-        let entry = cluster % per_block;
-        let bytes = self.refblock(block)?;
-        refcount::set(bytes, entry, order, value);
-        // Write back only the bytes holding this entry.
-        let bits = 1u64 << order;
-        let (start, len) = ((entry * bits / 8) as usize, bits.div_ceil(8) as usize);
-        let chunk = bytes[start..start + len].to_vec();
-        self.write_host(&chunk, block + start as u64)
+        let per_block = self.per_block();
+        let end = first.checked_add(count).ok_or(Qcow2Error::CorruptEntry {
+            what: "host cluster index overflow",
+            guest_offset: 0,
+            entry: first,
+        })?;
+        let mut cluster = first;
+        while cluster < end {
+            let index = cluster / per_block;
+            let in_block = (end - cluster).min(per_block - cluster % per_block);
+            if index as usize >= self.state().reftable.len() {
+                self.grow_reftable(index)?;
+            }
+            let mut block = self.state().reftable[index as usize] & REFTABLE_OFFSET_MASK;
+            if block == 0 {
+                block = self.new_refblock(index)?;
+            }
+            let from = cluster % per_block;
+            let bytes = self.refblock(block)?;
+            for entry in from..from + in_block {
+                refcount::set(bytes, entry, order, value);
+            }
+            // Write back only the bytes holding these entries.
+            let bits = 1u64 << order;
+            let start = (from * bits / 8) as usize;
+            let stop = ((from + in_block) * bits).div_ceil(8) as usize;
+            let chunk = bytes[start..stop].to_vec();
+            self.write_host(&chunk, block + start as u64)?;
+            cluster += in_block;
+        }
+        Ok(())
     }
 
     /// Creates the refcount block for table index `index` in a fresh cluster and links it.
@@ -257,29 +278,71 @@ impl<B: Backend> Qcow2Image<B> {
 
     /// Drops one reference to the host cluster at `offset`.
     pub(super) fn free_cluster(&mut self, offset: u64) -> Result<()> {
-        let cluster = offset >> self.header.cluster_bits;
-        let count = self.refcount(cluster)?;
-        if count > 0 {
-            self.set_refcount(cluster, count - 1)?;
+        self.free_clusters(&mut [offset >> self.header.cluster_bits])
+    }
+
+    /// Drops one reference to each host cluster index in `clusters` (in any order; a cluster
+    /// listed twice loses two), with one write per refcount block touched. Refcounts already 0
+    /// stay 0.
+    pub(super) fn free_clusters(&mut self, clusters: &mut [u64]) -> Result<()> {
+        clusters.sort_unstable();
+        let per_block = self.per_block();
+        let order = self.header.refcount_order;
+        let bits = 1u64 << order;
+        let mut rest = &clusters[..];
+        while let Some(&first) = rest.first() {
+            let index = first / per_block;
+            let in_block = rest.partition_point(|&c| c / per_block == index);
+            let (group, after) = rest.split_at(in_block);
+            rest = after;
+            let entry = self
+                .state()
+                .reftable
+                .get(index as usize)
+                .copied()
+                .unwrap_or(0);
+            let block = entry & REFTABLE_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            let bytes = self.refblock(block)?;
+            for &cluster in group {
+                let count = refcount::get(bytes, cluster % per_block, order);
+                if count > 0 {
+                    refcount::set(bytes, cluster % per_block, order, count - 1);
+                }
+            }
+            // Write back the bytes from the first to the last entry changed.
+            let start = ((group[0] % per_block) * bits / 8) as usize;
+            let stop = ((group[group.len() - 1] % per_block + 1) * bits).div_ceil(8) as usize;
+            let chunk = bytes[start..stop].to_vec();
+            self.write_host(&chunk, block + start as u64)?;
         }
         Ok(())
     }
 
     /// Allocates `count` contiguous free clusters (refcount 1 each) and returns the first offset.
+    /// The file is extended (sparsely) to cover them.
     pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
-        let start = self.reserve_contiguous(count)?;
-        for cluster in start..start + count {
-            self.set_refcount(cluster, 1)?;
-        }
-        let cluster_size = self.header.cluster_size();
-        let end = (start + count) * cluster_size;
+        let offset = self.alloc_run(count)?;
+        let end = offset + count * self.header.cluster_size();
         if self.file_len < end {
             self.backend
                 .set_len(end)
                 .map_err(Error::writing("qcow2 file length"))?;
             self.file_len = end;
         }
-        Ok(start * cluster_size)
+        Ok(offset)
+    }
+
+    /// Allocates `count` contiguous free clusters (refcount 1 each, raised with one write per
+    /// refcount block) and returns the first offset, without extending the file: for a caller
+    /// that writes the whole run next (its data write extends the file; a crash before it
+    /// leaves counted clusters past the end, a leak).
+    pub(super) fn alloc_run(&mut self, count: u64) -> Result<u64> {
+        let start = self.reserve_contiguous(count)?;
+        self.set_refcounts(start, count, 1)?;
+        Ok(start * self.header.cluster_size())
     }
 
     /// Finds `count` contiguous clusters with refcount 0 at or after `next_free` and moves

@@ -103,6 +103,11 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 done += fresh;
                 continue;
             }
+            let in_place = self.write_in_place_run(pos, &buf[done..])?;
+            if in_place > 0 {
+                done += in_place;
+                continue;
+            }
             let len = (unit - (pos % unit)).min((buf.len() - done) as u64) as usize;
             self.write_unit(pos, &buf[done..done + len])?;
             done += len;
@@ -111,13 +116,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Writes the leading whole clusters of `data` at cluster-aligned guest `pos` that are
-    /// still unallocated (entry 0) and share one L2 table as one run: contiguous host clusters,
-    /// one data write, one write of their L2 entries. Returns the bytes written (0: nothing
-    /// fits, the caller writes unit by unit). Standard L2 entries only.
+    /// still unallocated (entry 0) and share one L2 table as one run: contiguous host clusters
+    /// (their refcounts raised with one write per refcount block), one data write, one write of
+    /// their L2 entries. Returns the bytes written (0: nothing fits, the caller writes unit by
+    /// unit). Standard L2 entries only.
     fn write_fresh_run(&mut self, pos: u64, data: &[u8]) -> Result<usize> {
         let cluster_size = self.header.cluster_size();
         let whole = data.len() as u64 / cluster_size;
-        if self.header.extended_l2() || pos % cluster_size != 0 || whole < 2 {
+        if self.header.extended_l2() || pos % cluster_size != 0 || whole == 0 {
             return Ok(0);
         }
         let per_table = self.header.l2_entries();
@@ -133,11 +139,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 _ => break,
             }
         }
-        if count < 2 {
-            return Ok(0);
-        }
         let len = (count * cluster_size) as usize;
-        let host = self.alloc_contiguous(count)?;
+        // The data write right after covers the whole run and so extends the file.
+        let host = self.alloc_run(count)?;
         self.write_host(&data[..len], host)?;
         self.barrier()?;
         let entries: Vec<u64> = (0..count)
@@ -145,6 +149,101 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .collect();
         self.set_l2_entries(table, index, &entries)?;
         Ok(len)
+    }
+
+    /// Writes the leading whole clusters of `data` at cluster-aligned guest `pos` that this
+    /// image already holds as data clusters it owns alone (COPIED, refcount 1, no metadata) at
+    /// contiguous host offsets in one L2 table: in place, with one data write and no metadata
+    /// change. Returns the bytes written (0: the first cluster is not such a cluster; the
+    /// caller writes unit by unit). Standard L2 entries only.
+    fn write_in_place_run(&mut self, pos: u64, data: &[u8]) -> Result<usize> {
+        let cluster_size = self.header.cluster_size();
+        let whole = data.len() as u64 / cluster_size;
+        if self.header.extended_l2() || pos % cluster_size != 0 || whole == 0 {
+            return Ok(0);
+        }
+        // Refuses an L2 table shared with a snapshot (its L1 entry without COPIED).
+        self.l2_for_write(pos)?;
+        let per_table = self.header.l2_entries();
+        let in_table = per_table - (pos >> self.header.cluster_bits) % per_table;
+        let mut first_host = None;
+        let mut count = 0;
+        while count < whole.min(in_table) {
+            let Some(entry) = self.l2_entry(pos + count * cluster_size)? else {
+                break;
+            };
+            let ClusterKind::Normal { host } = entry.kind(self.header.cluster_bits) else {
+                break;
+            };
+            let expected = first_host.map_or(host, |first| first + count * cluster_size);
+            // Anything unusual (shared, misaligned, overlapping metadata) goes the unit path,
+            // which copies or refuses it.
+            if !entry.copied()
+                || host % cluster_size != 0
+                || host != expected
+                || self.is_metadata(host)
+                || self.refcount(host >> self.header.cluster_bits)? != 1
+            {
+                break;
+            }
+            first_host.get_or_insert(host);
+            count += 1;
+        }
+        let Some(host) = first_host else {
+            return Ok(0);
+        };
+        let len = (count * cluster_size) as usize;
+        self.write_host(&data[..len], host)?;
+        Ok(len)
+    }
+
+    /// Turns the whole clusters from cluster-aligned `pos` up to `end` (the disk's last
+    /// cluster counts as whole if `end` is the end of the disk) that share one L2 table into
+    /// zero clusters with one write of their L2 entries, then frees the host clusters they
+    /// used; clusters that already read as zeros keep their entries. Returns the bytes done
+    /// (0: not one whole cluster). v3 images with standard L2 entries only.
+    fn zero_cluster_run(&mut self, pos: u64, end: u64) -> Result<u64> {
+        let cluster_size = self.header.cluster_size();
+        if self.header.version != Version::V3
+            || self.header.extended_l2()
+            || pos % cluster_size != 0
+        {
+            return Ok(0);
+        }
+        let per_table = self.header.l2_entries();
+        let in_table = per_table - (pos >> self.header.cluster_bits) % per_table;
+        let mut count = (end - pos) / cluster_size;
+        if end == self.header.size && (end - pos) % cluster_size != 0 {
+            count += 1;
+        }
+        let count = count.min(in_table);
+        if count == 0 {
+            return Ok(0);
+        }
+        let mut entries = Vec::with_capacity(count as usize);
+        let mut replaced = Vec::new();
+        for i in 0..count {
+            let at = pos + i * cluster_size;
+            let entry = self.l2_entry(at)?.unwrap_or(L2Entry {
+                entry: 0,
+                bitmap: 0,
+            });
+            if self.reads_zero_already(at)? {
+                entries.push(entry.entry);
+            } else {
+                entries.push(ZERO);
+                replaced.push(entry);
+            }
+        }
+        if !replaced.is_empty() {
+            // Only now: a range that reads as zeros already needs no L2 table.
+            let (table, index, _) = self.l2_for_write(pos)?;
+            self.set_l2_entries(table, index, &entries)?;
+            for entry in replaced {
+                self.release(entry)?;
+            }
+        }
+        Ok((count * cluster_size).min(end - pos))
     }
 
     /// Makes `len` bytes at `offset` read as zeros: whole clusters (subclusters) by metadata
@@ -163,6 +262,11 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let unit = self.cow_unit();
         let mut pos = offset;
         while pos < end {
+            let run = self.zero_cluster_run(pos, end)?;
+            if run > 0 {
+                pos += run;
+                continue;
+            }
             let piece = (unit - pos % unit).min(end - pos);
             let whole = pos % unit == 0 && (piece == unit || pos + piece == self.header.size);
             if self.reads_zero_already(pos)? {
@@ -400,9 +504,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.write_host(&bytes[..width], table + (index * width) as u64)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
-            let mut copy = cached.to_vec();
-            copy[index * width..index * width + width].copy_from_slice(&bytes[..width]);
-            *cached = copy.into();
+            // In place unless a reader still holds the table (then a copy).
+            std::sync::Arc::make_mut(cached)[index * width..index * width + width]
+                .copy_from_slice(&bytes[..width]);
         }
         Ok(())
     }
@@ -419,29 +523,32 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.write_host(&bytes, table + index as u64 * 8)?;
         let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some((_, cached)) = cache.iter_mut().find(|(o, _)| *o == table) {
-            let mut copy = cached.to_vec();
-            copy[index * 8..index * 8 + bytes.len()].copy_from_slice(&bytes);
-            *cached = copy.into();
+            // In place unless a reader still holds the table (then a copy).
+            std::sync::Arc::make_mut(cached)[index * 8..index * 8 + bytes.len()]
+                .copy_from_slice(&bytes);
         }
         Ok(())
     }
 
     /// Drops the host clusters an entry referenced (after the entry was rewritten).
     pub(super) fn release(&mut self, old: L2Entry) -> Result<()> {
-        match old.kind(self.header.cluster_bits) {
+        let mut clusters = Vec::new();
+        self.clusters_of(old, &mut clusters);
+        self.free_clusters(&mut clusters)
+    }
+
+    /// Adds the host cluster indices an entry references to `out` (a compressed cluster's
+    /// data may span two or more).
+    fn clusters_of(&self, entry: L2Entry, out: &mut Vec<u64>) {
+        let bits = self.header.cluster_bits;
+        match entry.kind(bits) {
             ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
-                self.free_cluster(host)
+                out.push(host >> bits)
             }
             ClusterKind::Compressed { host, len } => {
-                let cluster_size = self.header.cluster_size();
-                let first = (host & !511) / cluster_size;
-                let last = (host + len - 1) / cluster_size;
-                for cluster in first..=last {
-                    self.free_cluster(cluster * cluster_size)?;
-                }
-                Ok(())
+                out.extend(((host & !511) >> bits)..=((host + len - 1) >> bits));
             }
-            ClusterKind::Unallocated | ClusterKind::ZeroPlain => Ok(()),
+            ClusterKind::Unallocated | ClusterKind::ZeroPlain => {}
         }
     }
 
@@ -614,12 +721,16 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(o, _)| *o != table);
+            // Every reference the table held, and the table itself, dropped together: one
+            // write per refcount block.
+            let mut clusters = Vec::new();
             for entry in entries {
-                self.release(entry)?;
+                self.clusters_of(entry, &mut clusters);
             }
             let cluster = table >> self.header.cluster_bits;
+            clusters.push(cluster);
             self.state().metadata.remove(&cluster);
-            self.free_cluster(table)?;
+            self.free_clusters(&mut clusters)?;
         }
         Ok(())
     }

@@ -124,6 +124,9 @@ proptest! {
         }
         // Reopening from the bytes alone gives the same content (nothing lives only in caches).
         let bytes = image.backend().to_vec();
+        // Refcounts raised run by run (one write per refcount block) match the references.
+        let report = super::check::check(&MemBackend::new(bytes.clone()), super::check::Repair::None).unwrap();
+        prop_assert!(report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0, "check: {:?}", report.messages);
         let reopened_cluster = HeaderCluster::parse(&bytes[..bytes.len().min(opts.cluster_size as usize)]).unwrap();
         let below = RawReader::new(MemBackend::new(base.clone())).unwrap();
         let reopened = Qcow2Image::open(MemBackend::new(bytes), reopened_cluster, Some(Box::new(below))).unwrap();
