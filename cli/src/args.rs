@@ -50,6 +50,9 @@ pub enum Command {
     Vm(crate::commands::vm::VmCommand),
     /// libvirt hosts that clones can live on: add, ls, rm.
     Host(crate::commands::host::HostArgs),
+    /// Run a qemu-img 10.0 command line as qemu-img would (also: run cowclone as `qemu-img`).
+    #[command(name = "qemu-img")]
+    QemuImg(crate::qemu_img::QemuImgArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

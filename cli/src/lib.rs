@@ -7,6 +7,7 @@
 pub mod args;
 pub mod commands;
 pub mod output;
+pub mod qemu_img;
 
 use std::io::Write;
 
@@ -36,6 +37,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Registry(command) => (registry::run(command, out), 1),
         Command::Vm(command) => (vm::run(command, out), 1),
         Command::Host(args) => (host::run(args, out), 1),
+        Command::QemuImg(args) => (Ok(crate::qemu_img::main(&args.args, out)), 1),
     };
     result
         .and_then(|code| out.flush().map(|()| code).map_err(Into::into))

@@ -9,9 +9,15 @@ use clap::Parser;
 use cowclone_cli::args::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     let stdout = io::stdout();
     let mut out = stdout.lock();
+    // Run as `qemu-img` (a symlink), cowclone takes qemu-img's command lines.
+    let mut argv = std::env::args_os();
+    if cowclone_cli::qemu_img::invoked_as_qemu_img(&argv.next().unwrap_or_default()) {
+        let args: Vec<_> = argv.collect();
+        return ExitCode::from(cowclone_cli::qemu_img::main(&args, &mut out));
+    }
+    let cli = Cli::parse();
     match cowclone_cli::run(cli, &mut out) {
         Ok(code) => ExitCode::from(code),
         Err((e, _)) if cowclone_cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
