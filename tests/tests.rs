@@ -17,6 +17,7 @@ mod locking;
 mod map_xcheck;
 mod measure_xcheck;
 mod ops_xcheck;
+mod personality;
 mod qemu_xcheck;
 mod read_xcheck;
 mod reflink;

@@ -37,7 +37,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Registry(command) => (registry::run(command, out), 1),
         Command::Vm(command) => (vm::run(command, out), 1),
         Command::Host(args) => (host::run(args, out), 1),
-        Command::QemuImg(args) => (Ok(crate::qemu_img::main(&args.args, out)), 1),
+        Command::QemuImg(args) => (Ok(crate::qemu_img::main("qemu-img", &args.args, out)), 1),
     };
     result
         .and_then(|code| out.flush().map(|()| code).map_err(Into::into))

@@ -13,9 +13,11 @@ fn main() -> ExitCode {
     let mut out = stdout.lock();
     // Run as `qemu-img` (a symlink), cowclone takes qemu-img's command lines.
     let mut argv = std::env::args_os();
-    if cowclone_cli::qemu_img::invoked_as_qemu_img(&argv.next().unwrap_or_default()) {
+    let program = argv.next().unwrap_or_default();
+    if cowclone_cli::qemu_img::invoked_as_qemu_img(&program) {
         let args: Vec<_> = argv.collect();
-        return ExitCode::from(cowclone_cli::qemu_img::main(&args, &mut out));
+        let program = program.to_string_lossy();
+        return ExitCode::from(cowclone_cli::qemu_img::main(&program, &args, &mut out));
     }
     let cli = Cli::parse();
     match cowclone_cli::run(cli, &mut out) {

@@ -87,7 +87,7 @@ if [ ${#only[@]} -eq 0 ]; then
     [ -f "$t" ] && head -1 "$t" | grep -q bash || continue
     grep -qE 'QEMU_IMG|_make_test_img' "$t" || continue
     grep -E '^_supported_fmt' "$t" | grep -qE 'qcow2|generic' || continue
-    only+=("${t#"$iotests"/}")
+    only+=("${t##*/}")
   done
 fi
 

@@ -109,6 +109,10 @@ pub struct ResizeArgs {
     /// Allow shrinking (refused anyway if data lies past the new end).
     #[arg(long)]
     pub shrink: bool,
+    /// With --shrink: drop the data past the new end instead of refusing (qemu-img's
+    /// behaviour; the qemu-img personality asks for it).
+    #[arg(long, requires = "shrink")]
+    pub discard_past_end: bool,
     /// The image (qcow2 or raw).
     pub file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -268,7 +272,11 @@ pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
                 imagefmt::qcow2::write::WriteOptions::default(),
             )
             .with_context(context)?;
-            image.resize(new, args.shrink).with_context(context)?;
+            if args.discard_past_end {
+                image.resize_discarding(new).with_context(context)?;
+            } else {
+                image.resize(new, args.shrink).with_context(context)?;
+            }
             image.flush()?;
             hold_if_asked(&args.file);
         }

@@ -54,7 +54,8 @@ impl Parsed {
     }
 }
 
-/// A usage error, worded as qemu-img words it (printed with the "Try 'qemu-img --help'" line).
+/// A usage error, worded as qemu-img's option parser (glibc's getopt) words it; it is printed
+/// after "PROGRAM COMMAND: ", then qemu-img's "Try ... --help" line.
 #[derive(Debug, PartialEq, Eq)]
 pub struct UsageError(pub String);
 
@@ -74,19 +75,20 @@ pub fn parse(spec: &Spec, args: &[String]) -> Result<Parsed, UsageError> {
                 Some((name, value)) => (name, Some(value.to_owned())),
                 None => (long, None),
             };
-            let (_, takes_value, key) = find_long(spec, name)
-                .ok_or_else(|| UsageError(format!("unrecognized option '{word}'")))?;
+            let (long_name, takes_value, key) = find_long(spec, name)?;
             let value = match (takes_value, inline) {
                 (true, Some(value)) => Some(value),
                 (true, None) => {
                     let value = args.get(i).cloned().ok_or_else(|| {
-                        UsageError(format!("missing argument for option '{word}'"))
+                        UsageError(format!("option '--{long_name}' requires an argument"))
                     })?;
                     i += 1;
                     Some(value)
                 }
                 (false, Some(_)) => {
-                    return Err(UsageError(format!("unrecognized option '{word}'")));
+                    return Err(UsageError(format!(
+                        "option '--{long_name}' doesn't allow an argument"
+                    )));
                 }
                 (false, None) => None,
             };
@@ -99,7 +101,7 @@ pub fn parse(spec: &Spec, args: &[String]) -> Result<Parsed, UsageError> {
         };
         for (at, letter) in cluster.char_indices() {
             let Some(key) = short_key(spec.short, letter) else {
-                return Err(UsageError(format!("unrecognized option '{word}'")));
+                return Err(UsageError(format!("invalid option -- '{letter}'")));
             };
             if takes_value(spec.short, letter) {
                 let rest = &cluster[at + letter.len_utf8()..];
@@ -107,7 +109,7 @@ pub fn parse(spec: &Spec, args: &[String]) -> Result<Parsed, UsageError> {
                     rest.to_owned()
                 } else {
                     let value = args.get(i).cloned().ok_or_else(|| {
-                        UsageError(format!("missing argument for option '{word}'"))
+                        UsageError(format!("option requires an argument -- '{letter}'"))
                     })?;
                     i += 1;
                     value
@@ -124,18 +126,26 @@ pub fn parse(spec: &Spec, args: &[String]) -> Result<Parsed, UsageError> {
     Ok(parsed)
 }
 
-/// The long option `name` names: an exact match, else the one long option it is a prefix of.
-fn find_long(spec: &Spec, name: &str) -> Option<(&'static str, bool, &'static str)> {
-    if name.is_empty() {
-        return None;
-    }
+/// The long option `name` names: an exact match, else the one long option it is a prefix of
+/// (options that differ only in name count once, as in getopt).
+fn find_long(spec: &Spec, name: &str) -> Result<(&'static str, bool, &'static str), UsageError> {
     if let Some(exact) = spec.long.iter().find(|(long, ..)| *long == name) {
-        return Some(*exact);
+        return Ok(*exact);
     }
-    let mut candidates = spec.long.iter().filter(|(long, ..)| long.starts_with(name));
-    match (candidates.next(), candidates.next()) {
-        (Some(only), None) => Some(*only),
-        _ => None,
+    let candidates: Vec<_> = spec
+        .long
+        .iter()
+        .filter(|(long, ..)| !name.is_empty() && long.starts_with(name))
+        .collect();
+    match candidates.as_slice() {
+        [] => Err(UsageError(format!("unrecognized option '--{name}'"))),
+        [first, rest @ ..] if rest.iter().all(|o| (o.1, o.2) == (first.1, first.2)) => Ok(**first),
+        all => Err(UsageError(format!(
+            "option '--{name}' is ambiguous; possibilities:{}",
+            all.iter()
+                .map(|(long, ..)| format!(" '--{long}'"))
+                .collect::<String>()
+        ))),
     }
 }
 
@@ -207,12 +217,17 @@ mod tests {
     #[test]
     fn errors_are_qemu_img_wording() {
         let err = |line| parse(&SPEC, &words(line)).unwrap_err().0;
-        assert_eq!(err("-x a"), "unrecognized option '-x'");
-        assert_eq!(err("a -f"), "missing argument for option '-f'");
-        assert_eq!(err("--output"), "missing argument for option '--output'");
+        assert_eq!(err("-x a"), "invalid option -- 'x'");
+        assert_eq!(err("a -f"), "option requires an argument -- 'f'");
+        assert_eq!(err("--output"), "option '--output' requires an argument");
+        assert_eq!(err("--foo"), "unrecognized option '--foo'");
         assert_eq!(
             err("--force-share=on"),
-            "unrecognized option '--force-share=on'"
+            "option '--force-share' doesn't allow an argument"
+        );
+        assert_eq!(
+            err("--f x"),
+            "option '--f' is ambiguous; possibilities: '--format' '--force-share'"
         );
     }
 }

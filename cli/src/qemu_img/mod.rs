@@ -40,17 +40,31 @@ pub fn invoked_as_qemu_img(argv0: &OsStr) -> bool {
     Path::new(argv0).file_name() == Some(OsStr::new("qemu-img"))
 }
 
-/// Runs one qemu-img command line (`args`: the words after the program name), writing its
-/// output to `out` and its errors to standard error as qemu-img does. Returns the exit code.
-pub fn main(args: &[OsString], out: &mut impl Write) -> u8 {
-    match run(args, out) {
-        Ok(code) => code,
-        Err(Failure::Usage(UsageError(message))) => {
-            eprintln!("qemu-img: {message}");
-            eprintln!("Try 'qemu-img --help' for more information");
+/// Runs one qemu-img command line (`args`: the words after the program name `program`, which
+/// usage messages repeat as qemu-img does), writing its output to `out` and its errors to
+/// standard error as qemu-img does. Returns the exit code.
+pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
+    let mut command = None;
+    let failure = match run(args, out, &mut command) {
+        Ok(code) => return code,
+        Err(failure) => failure,
+    };
+    // qemu-img names the subcommand in its usage hints: "Try 'qemu-img info --help' ...".
+    let invocation = match &command {
+        Some(command) => format!("{program} {command}"),
+        None => program.to_owned(),
+    };
+    let hint = format!("Try '{invocation} --help' for more info");
+    match failure {
+        Failure::Getopt(UsageError(message)) => {
+            eprintln!("{invocation}: {message}\n{hint}");
             1
         }
-        Err(Failure::Error(message, code)) => {
+        Failure::Usage(message) => {
+            eprintln!("qemu-img: {message}\n{hint}");
+            1
+        }
+        Failure::Error(message, code) => {
             eprintln!("qemu-img: {message}");
             code
         }
@@ -59,20 +73,22 @@ pub fn main(args: &[OsString], out: &mut impl Write) -> u8 {
 
 /// Why a command line did not run to its end.
 enum Failure {
-    /// A usage error (qemu-img adds its "Try 'qemu-img --help'" line); exit 1.
-    Usage(UsageError),
+    /// An option the option parser refuses (printed after "PROGRAM COMMAND: "); exit 1.
+    Getopt(UsageError),
+    /// A usage error (printed with qemu-img's "Try ... --help" line); exit 1.
+    Usage(String),
     /// An error message and the exit code.
     Error(String, u8),
 }
 
 impl From<UsageError> for Failure {
     fn from(e: UsageError) -> Self {
-        Failure::Usage(e)
+        Failure::Getopt(e)
     }
 }
 
 fn usage(message: impl Into<String>) -> Failure {
-    Failure::Usage(UsageError(message.into()))
+    Failure::Usage(message.into())
 }
 
 fn error(message: impl Into<String>) -> Failure {
@@ -89,7 +105,11 @@ const GLOBAL: Spec = Spec {
     ],
 };
 
-fn run(args: &[OsString], out: &mut impl Write) -> Result<u8, Failure> {
+fn run(
+    args: &[OsString],
+    out: &mut impl Write,
+    command_name: &mut Option<String>,
+) -> Result<u8, Failure> {
     let args = args
         .iter()
         .map(|a| {
@@ -118,6 +138,13 @@ fn run(args: &[OsString], out: &mut impl Write) -> Result<u8, Failure> {
     let Some((command, rest)) = args[first_command..].split_first() else {
         return Ok(0);
     };
+    let known = [
+        "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd",
+        "info", "map", "measure", "snapshot", "rebase", "resize",
+    ];
+    if known.contains(&command.as_str()) {
+        *command_name = Some(command.clone());
+    }
     let plan = match command.as_str() {
         "create" => create(rest)?,
         "convert" => convert(rest)?,
@@ -198,7 +225,7 @@ impl Plan {
         match result {
             Ok(code) => Ok(code),
             Err((e, _)) if crate::is_broken_pipe(&e) => Ok(0),
-            Err((e, code)) => Err(Failure::Error(message(&e), code)),
+            Err((e, code)) => Err(Failure::Error(message(self.command, &e), code)),
         }
     }
 }
@@ -251,10 +278,68 @@ fn clap_failure(command: &str, e: &clap::Error) -> Failure {
     }
 }
 
-/// A cowclone error in qemu-img's words where they differ and iotests compare them; otherwise
-/// cowclone's own line.
-fn message(e: &anyhow::Error) -> String {
-    crate::error_line(e)
+/// A cowclone error of `command` in qemu-img's words where qemu-img's are known (failing to
+/// open an image, an image in use, a shrink without `--shrink`); otherwise cowclone's own line.
+fn message(command: &str, e: &anyhow::Error) -> String {
+    use imagefmt::lock::LockError;
+    // qemu-img reports open failures of the image being created without "Could not open".
+    let could_not_open = |path: &Path| match command {
+        "create" => format!("{}: ", path.display()),
+        _ => format!("Could not open '{}': ", path.display()),
+    };
+    for cause in e.chain() {
+        let lock = match cause.downcast_ref::<imagefmt::Error>() {
+            Some(imagefmt::Error::Lock(lock)) => Some(lock),
+            Some(imagefmt::Error::Io { step, source }) => {
+                if let Some(path) = step.strip_prefix("opening ") {
+                    let path = Path::new(path.strip_suffix(" for writing").unwrap_or(path));
+                    return format!(
+                        "{}{}{}",
+                        could_not_open(path),
+                        could_not_open(path),
+                        strerror(source)
+                    );
+                }
+                None
+            }
+            _ => cause.downcast_ref::<LockError>(),
+        };
+        match lock {
+            Some(LockError::NotShared { path, permission }) => {
+                return format!(
+                    "{}Failed to get \"{permission}\" lock\nIs another process using the image [{}]?",
+                    could_not_open(path),
+                    path.display()
+                );
+            }
+            Some(LockError::Held { path, permission }) => {
+                return format!(
+                    "{}Failed to get shared \"{permission}\" lock\nIs another process using the image [{}]?",
+                    could_not_open(path),
+                    path.display()
+                );
+            }
+            _ => {}
+        }
+    }
+    let line = crate::error_line(e);
+    if command == "resize" && line.contains("shrinking needs --shrink") {
+        return "Use the --shrink option to perform a shrink operation.\n\
+                qemu-img: warning: Shrinking an image will delete all data beyond the shrunken \
+                image's end. Before performing such an operation, make sure there is no \
+                important data there."
+            .to_owned();
+    }
+    line
+}
+
+/// An operating system error as C's strerror words it (without Rust's " (os error N)").
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
 }
 
 /// The image named by `name` (`--image-opts` says how to read it).
@@ -314,9 +399,9 @@ fn output_flag(plan: &mut Plan, parsed: &Parsed) -> Result<(), Failure> {
             plan.arg("--output").arg(format);
             Ok(())
         }
-        Some(_) => Err(error(
-            "--output must be used with human or json as argument.",
-        )),
+        Some(other) => Err(usage(format!(
+            "--output expects 'human' or 'json' not '{other}'"
+        ))),
     }
 }
 
@@ -412,9 +497,21 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
         .map(str::to_owned)
         .or(take_option(&mut items, "backing_fmt"));
     let file = target(file, false)?;
-    if backing.is_some() && backing_format.is_none() {
+    if let (Some(backing), None) = (&backing, &backing_format) {
+        // qemu-img names the format it would have probed, as a hint.
+        let detected = imagefmt::backing::resolve(Path::new(&file.path), backing)
+            .ok()
+            .and_then(|path| {
+                imagefmt::image::read_file_header_with(
+                    &path,
+                    imagefmt::open::OpenHow::reading(true),
+                )
+                .ok()
+            })
+            .map(|(_, header)| format!("\nDetected format of {}.", header.format().name()))
+            .unwrap_or_default();
         return Err(error(format!(
-            "{}: Backing file specified without backing format",
+            "{}: Backing file specified without backing format{detected}",
             file.path
         )));
     }
@@ -581,7 +678,7 @@ fn check(args: &[String]) -> Result<Plan, Failure> {
     if let Some(repair) = parsed.last("r") {
         if repair != "leaks" && repair != "all" {
             return Err(usage(format!(
-                "Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
+                "--repair (-r) expects 'leaks' or 'all' not '{repair}'"
             )));
         }
         plan.arg("-r").arg(repair);
@@ -770,7 +867,7 @@ const RESIZE: Spec = Spec {
 fn resize(args: &[String]) -> Result<Plan, Failure> {
     // The size is the last word, taken before the options so that "-1G" is not one.
     let Some((size, rest)) = args.split_last().filter(|_| args.len() >= 2) else {
-        return Err(usage("Not enough arguments"));
+        return Err(usage("Expecting image file name and size"));
     };
     let parsed = getopt::parse(&RESIZE, rest)?;
     no_objects(&parsed)?;
@@ -832,7 +929,7 @@ fn measure(args: &[String]) -> Result<Plan, Failure> {
             }
             plan.arg("--").arg(image.path);
         }
-        _ => return Err(usage("Expecting one image file name")),
+        _ => return Err(error("At most one filename argument is allowed.")),
     }
     Ok(plan)
 }

@@ -244,6 +244,25 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 pos += cluster_size;
             }
         }
+        self.set_virtual_size(new_size)
+    }
+
+    /// Changes the virtual size as qemu-img `resize --shrink` does: whole clusters past the new
+    /// end are discarded (their data is dropped) instead of the shrink being refused.
+    pub fn resize_discarding(&mut self, new_size: u64) -> Result<()> {
+        let new_size = super::create::round_size(new_size).ok_or(Qcow2Error::DiskTooLarge {
+            size: new_size,
+            cluster_size: self.header.cluster_size(),
+        })?;
+        let first_dropped = new_size.next_multiple_of(self.header.cluster_size());
+        if first_dropped < self.header.size {
+            self.discard(first_dropped, self.header.size - first_dropped)?;
+        }
+        self.set_virtual_size(new_size)
+    }
+
+    /// Sets the virtual size to `new_size` (already rounded), growing the L1 table if needed.
+    fn set_virtual_size(&mut self, new_size: u64) -> Result<()> {
         let needed = super::header::l1_entries_for(
             new_size,
             self.header.cluster_bits,
