@@ -290,6 +290,12 @@ fn message(command: &str, e: &anyhow::Error) -> String {
     for cause in e.chain() {
         let lock = match cause.downcast_ref::<imagefmt::Error>() {
             Some(imagefmt::Error::Lock(lock)) => Some(lock),
+            Some(imagefmt::Error::Backing(imagefmt::backing::BackingError::Loop { path })) => {
+                return format!(
+                    "Backing file '{}' creates an infinite loop.",
+                    path.display()
+                );
+            }
             Some(imagefmt::Error::Io { step, source }) => {
                 if let Some(path) = step.strip_prefix("opening ") {
                     let path = Path::new(path.strip_suffix(" for writing").unwrap_or(path));
