@@ -68,6 +68,19 @@ pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
             eprintln!("qemu-img: {message}");
             code
         }
+        Failure::Help(command) => {
+            // cowclone's help for the command the qemu-img one is rewritten into.
+            let mut cli = Cli::command();
+            let help = cli
+                .find_subcommand_mut(command)
+                .map(|sub| sub.render_help().to_string())
+                .unwrap_or_default();
+            let shown = writeln!(
+                out,
+                "qemu-img {command}, as cowclone runs it (docs/qemu-img-personality.md):\n\n{help}"
+            );
+            u8::from(shown.is_err())
+        }
     }
 }
 
@@ -79,6 +92,17 @@ enum Failure {
     Usage(String),
     /// An error message and the exit code.
     Error(String, u8),
+    /// `-h`/`--help` of a command: its help is printed and the exit code is 0.
+    Help(&'static str),
+}
+
+/// Parses a command's options; `-h`/`--help` stops there with the command's help.
+fn parse_options(spec: &Spec, command: &'static str, args: &[String]) -> Result<Parsed, Failure> {
+    let parsed = getopt::parse(spec, args)?;
+    if parsed.has("h") {
+        return Err(Failure::Help(command));
+    }
+    Ok(parsed)
 }
 
 impl From<UsageError> for Failure {
@@ -481,13 +505,10 @@ const CREATE: Spec = Spec {
 };
 
 fn create(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&CREATE, args)?;
+    let parsed = parse_options(&CREATE, "create", args)?;
     no_objects(&parsed)?;
     let mut items = option_items(&parsed)?;
     let mut plan = Plan::new("create");
-    if parsed.has("h") {
-        return Err(usage("create: see qemu-img --help"));
-    }
     let file = match parsed.operands.as_slice() {
         [] => return Err(usage("Expecting image file name")),
         [file] | [file, _] => file,
@@ -557,7 +578,7 @@ const CONVERT: Spec = Spec {
 };
 
 fn convert(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&CONVERT, args)?;
+    let parsed = parse_options(&CONVERT, "convert", args)?;
     no_objects(&parsed)?;
     let mut items = option_items(&parsed)?;
     let mut plan = Plan::new("convert");
@@ -645,7 +666,7 @@ const INFO: Spec = Spec {
 };
 
 fn info(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&INFO, args)?;
+    let parsed = parse_options(&INFO, "info", args)?;
     no_objects(&parsed)?;
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
     let mut plan = Plan::new("info");
@@ -678,7 +699,7 @@ const CHECK: Spec = Spec {
 };
 
 fn check(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&CHECK, args)?;
+    let parsed = parse_options(&CHECK, "check", args)?;
     no_objects(&parsed)?;
     let mut plan = Plan::new("check");
     if let Some(repair) = parsed.last("r") {
@@ -714,7 +735,7 @@ const COMPARE: Spec = Spec {
 };
 
 fn compare(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&COMPARE, args)?;
+    let parsed = parse_options(&COMPARE, "compare", args)?;
     no_objects(&parsed)?;
     let [first, second] = parsed.operands.as_slice() else {
         return Err(usage("Expecting two image file names"));
@@ -752,7 +773,7 @@ const COMMIT: Spec = Spec {
 };
 
 fn commit(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&COMMIT, args)?;
+    let parsed = parse_options(&COMMIT, "commit", args)?;
     no_objects(&parsed)?;
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
     if let Some(mode) = parsed.last("t") {
@@ -790,7 +811,7 @@ const MAP: Spec = Spec {
 };
 
 fn map(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&MAP, args)?;
+    let parsed = parse_options(&MAP, "map", args)?;
     no_objects(&parsed)?;
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
     let mut plan = Plan::new("map");
@@ -821,7 +842,7 @@ const REBASE: Spec = Spec {
 };
 
 fn rebase(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&REBASE, args)?;
+    let parsed = parse_options(&REBASE, "rebase", args)?;
     no_objects(&parsed)?;
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
     let unsafe_mode = parsed.has("u");
@@ -875,7 +896,7 @@ fn resize(args: &[String]) -> Result<Plan, Failure> {
     let Some((size, rest)) = args.split_last().filter(|_| args.len() >= 2) else {
         return Err(usage("Expecting image file name and size"));
     };
-    let parsed = getopt::parse(&RESIZE, rest)?;
+    let parsed = parse_options(&RESIZE, "resize", rest)?;
     no_objects(&parsed)?;
     let image = match parsed.operands.as_slice() {
         [file] => target(file, parsed.has("image-opts"))?,
@@ -908,7 +929,7 @@ const MEASURE: Spec = Spec {
 };
 
 fn measure(args: &[String]) -> Result<Plan, Failure> {
-    let parsed = getopt::parse(&MEASURE, args)?;
+    let parsed = parse_options(&MEASURE, "measure", args)?;
     no_objects(&parsed)?;
     let items = option_items(&parsed)?;
     let mut plan = Plan::new("measure");
