@@ -101,7 +101,7 @@ run_check() {
     QEMU_PROG=$(command -v qemu-system-x86_64) QSD_PROG=$(command -v qemu-storage-daemon) \
     ./check -qcow2 -tap -j "$jobs" "${only[@]}" >"$work/$label.tap" 2>"$work/out/$label/diffs.txt") \
     || true
-  for bad in "$iotests"/*.out.bad "$iotests"/tests/*.out.bad; do
+  for bad in "$scratch"/*/*.out.bad; do
     [ -f "$bad" ] && mv "$bad" "$work/out/$label/"
   done
   return 0

@@ -34,7 +34,7 @@ const HARMLESS: &[&str] = &[
 /// Resolves a filename given on the command line (not with `--image-opts`).
 pub fn parse(name: &str) -> Result<Target, String> {
     if let Some(json) = name.strip_prefix("json:") {
-        let value: Value = serde_json::from_str(json).map_err(|e| {
+        let value: Value = serde_json::from_str(&single_quotes_to_double(json)).map_err(|e| {
             format!("Could not open '{name}': Could not parse the JSON options: {e}")
         })?;
         let Value::Object(map) = value else {
@@ -72,6 +72,37 @@ pub fn parse_image_opts(opts: &str) -> Result<Target, String> {
         .map(|(key, value)| (key, value.unwrap_or_else(|| "on".to_owned())))
         .collect::<Vec<_>>();
     from_options(opts, &items)
+}
+
+/// qemu's JSON parser also takes 'single-quoted' strings: rewrites them as "double-quoted"
+/// ones for a standard parser (a `"` inside becomes `\"`, `\'` becomes `'`).
+fn single_quotes_to_double(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut quote = None;
+    let mut chars = json.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                out.push('"');
+            }
+            (Some(q), '\\') => match chars.next() {
+                Some('\'') if q == '\'' => out.push('\''),
+                Some(next) => {
+                    out.push('\\');
+                    out.push(next);
+                }
+                None => out.push('\\'),
+            },
+            (Some(q), c) if c == q => {
+                quote = None;
+                out.push('"');
+            }
+            (Some('\''), '"') => out.push_str("\\\""),
+            (_, c) => out.push(c),
+        }
+    }
+    out
 }
 
 /// The protocol prefix of `name` (`nbd` in `nbd://host/x`): qemu's rule, a `:` before any `/`.
@@ -166,6 +197,11 @@ mod tests {
         assert_eq!(
             parse(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/a/b"}}"#).unwrap(),
             target("/a/b", Some("qcow2"))
+        );
+        assert_eq!(
+            parse(r#"json:{'driver':'qcow2','file':{'driver':'file','filename':'/a"b\'c'}}"#)
+                .unwrap(),
+            target("/a\"b'c", Some("qcow2"))
         );
         assert_eq!(
             parse(r#"json:{"file.driver":"file","file.filename":"/c"}"#).unwrap(),
