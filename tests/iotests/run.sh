@@ -91,16 +91,33 @@ if [ ${#only[@]} -eq 0 ]; then
   done
 fi
 
+# What a test that failed midway can leave behind in scratch dir $1: a daemon it started
+# (qemu-nbd --fork, whose command line names a file in $1) and a mounted FUSE export.
+cleanup_scratch() {
+  local proc mount
+  for proc in /proc/[0-9]*; do
+    if tr '\0' ' ' < "$proc/cmdline" 2>/dev/null | grep -qF -- "$1/"; then
+      kill "${proc#/proc/}" 2>/dev/null || true
+    fi
+  done
+  awk -v dir="$1/" 'index($2, dir) == 1 { print $2 }' /proc/mounts | while read -r mount; do
+    umount -l "$mount" || true
+  done
+}
+
 # Runs ./check with QEMU_IMG_PROG=$2 on the selected tests; TAP to $work/$1.tap, diffs to
 # $work/out/$1/.
 run_check() {
   local label=$1 img=$2 scratch=$work/scratch-$1
-  rm -rf "$scratch" "$work/out/$label" && mkdir -p "$scratch" "$work/out/$label"
+  cleanup_scratch "$scratch"
+  rm -rf "$scratch" "$work/out/$label"
+  mkdir -p "$scratch" "$work/out/$label"
   (cd "$iotests" && TEST_DIR=$scratch SOCK_DIR=$scratch/sock QEMU_IMG_PROG=$img \
     QEMU_IO_PROG=$(command -v qemu-io) QEMU_NBD_PROG=$(command -v qemu-nbd) \
     QEMU_PROG=$(command -v qemu-system-x86_64) QSD_PROG=$(command -v qemu-storage-daemon) \
     ./check -qcow2 -tap -j "$jobs" "${only[@]}" >"$work/$label.tap" 2>"$work/out/$label/diffs.txt") \
     || true
+  cleanup_scratch "$scratch"
   for bad in "$scratch"/*/*.out.bad; do
     [ -f "$bad" ] && mv "$bad" "$work/out/$label/"
   done
