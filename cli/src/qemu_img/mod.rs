@@ -525,9 +525,20 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
         .or(take_option(&mut items, "backing_fmt"));
     let file = target(file, false)?;
     if let (Some(backing), None) = (&backing, &backing_format) {
+        let resolved = imagefmt::backing::resolve(Path::new(&file.path), backing).ok();
+        // qemu-img opens the backing file before it looks for its format.
+        if let Some(path) = resolved
+            .as_ref()
+            .filter(|p| !p.exists() && !parsed.has("u"))
+        {
+            return Err(error(format!(
+                "{}: Could not open '{}': No such file or directory\nCould not open backing image.",
+                file.path,
+                path.display()
+            )));
+        }
         // qemu-img names the format it would have probed, as a hint.
-        let detected = imagefmt::backing::resolve(Path::new(&file.path), backing)
-            .ok()
+        let detected = resolved
             .and_then(|path| {
                 imagefmt::image::read_file_header_with(
                     &path,
