@@ -424,3 +424,113 @@ fn cowclone_qemu_img_is_the_same_personality_and_cowclone_keeps_its_defaults() {
     assert!(!out.status.success(), "{}", describe(&out));
     assert_eq!(digest(&ov), before);
 }
+
+/// Found by iotest 292: growing an image after a shrink must not bring back the data a shrink
+/// left in the tail of its last cluster, nor let a larger backing file show through.
+#[test]
+fn regression_grow_after_shrink_reads_zeros_past_the_old_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dir = tmp.path();
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &dir.join("base.qcow2"),
+        &"1M",
+    ]);
+    qemu_io_ok(&[
+        &"-f",
+        &"qcow2",
+        &"-c",
+        &"write -P 0x11 0 1M",
+        &dir.join("base.qcow2"),
+    ]);
+    let top = dir.join("top.qcow2");
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &"base.qcow2",
+        &"-F",
+        &"qcow2",
+        &top,
+    ]);
+    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x22 0 1M", &top]);
+    for args in [
+        &["resize", "--shrink", "top.qcow2", "520k"][..],
+        &["resize", "top.qcow2", "567k"],
+    ] {
+        let out = qemu_img_as(Some(&bin), dir, args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", describe(&out));
+    }
+    qemu_io_ok(&[
+        &"-f",
+        &"qcow2",
+        &"-c",
+        &"read -P 0x22 0 520k",
+        &"-c",
+        &"read -P 0 520k 47k",
+        &top,
+    ]);
+    assert_qemu_check_clean(&top, "grown after a shrink");
+}
+
+/// Found by iotest 252: a safe rebase onto a backing file that holds data where the old chain
+/// read zeros must keep those zeros (as zero clusters), as qemu-img rebase does.
+#[test]
+fn regression_safe_rebase_keeps_zeros_over_new_backing_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = [tmp.path().join("qemu"), tmp.path().join("cowclone")];
+    let cluster = 65536;
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+        let (img, base) = (dir.join("t.qcow2"), dir.join("base_new.qcow2"));
+        for path in [&img, &base] {
+            qemu_img_ok(&[
+                &"create",
+                &"-q",
+                &"-f",
+                &"qcow2",
+                path,
+                &(6 * cluster).to_string(),
+            ]);
+        }
+        let w = |spec: String| format!("write -P {spec}");
+        qemu_io_ok(&[
+            &"-f",
+            &"qcow2",
+            &"-c",
+            &w(format!("0x22 0 {}", 2 * cluster)),
+            &"-c",
+            &w(format!("0x11 {} {}", 2 * cluster, 2 * cluster)),
+            &img,
+        ]);
+        for at in [0, 2, 4] {
+            qemu_io_ok(&[
+                &"-f",
+                &"qcow2",
+                &"-c",
+                &w(format!("0x11 {} {cluster}", at * cluster)),
+                &base,
+            ]);
+        }
+    }
+    let args = ["rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2"];
+    assert_same(&bin, &dirs, &args, true, true);
+    let ours = dirs[1].join("t.qcow2");
+    qemu_io_ok(&[
+        &"-f",
+        &"qcow2",
+        &"-c",
+        &format!("read -P 0 {} {}", 4 * cluster, 2 * cluster),
+        &ours,
+    ]);
+    let out = crate::util::qemu_img(&[&"compare", &dirs[0].join("t.qcow2"), &ours]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_qemu_check_clean(&ours, "rebased");
+}

@@ -96,7 +96,7 @@ fi
 cleanup_scratch() {
   local proc mount
   for proc in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$proc/cmdline" 2>/dev/null | grep -qF -- "$1/"; then
+    if { tr '\0' ' ' < "$proc/cmdline"; } 2>/dev/null | grep -qF -- "$1/"; then
       kill "${proc#/proc/}" 2>/dev/null || true
     fi
   done
