@@ -22,6 +22,7 @@ mod map_xcheck;
 mod measure_xcheck;
 mod ops_flags_xcheck;
 mod ops_xcheck;
+mod personality;
 mod qemu_xcheck;
 mod read_xcheck;
 mod reflink;

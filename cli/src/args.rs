@@ -81,6 +81,9 @@ pub enum Command {
     Completions(crate::commands::shell::CompletionsArgs),
     /// Print the manual page (roff) on stdout, or write one page per command into a directory.
     Man(crate::commands::shell::ManArgs),
+    /// Run a qemu-img 10.0 command line as qemu-img would (also: run cowclone as `qemu-img`).
+    #[command(name = "qemu-img")]
+    QemuImg(crate::qemu_img::QemuImgArgs),
 }
 
 /// `cowclone create [-f qcow2] [-b BACKING [-F FMT]] [-u] [-o key=value,...] FILE [SIZE]`

@@ -8,6 +8,7 @@ pub mod args;
 pub mod commands;
 pub mod output;
 pub mod progress;
+pub mod qemu_img;
 
 use std::io::Write;
 
@@ -45,6 +46,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> std::result::Result<u8, (anyhow::E
         Command::Host(args) => (host::run(args, out), 1),
         Command::Completions(args) => (shell::completions(args, out).map(|()| 0), 1),
         Command::Man(args) => (shell::man(args, out).map(|()| 0), 1),
+        Command::QemuImg(args) => (Ok(crate::qemu_img::main("qemu-img", &args.args, out)), 1),
     };
     let result = result.and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match &result {

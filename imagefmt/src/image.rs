@@ -139,7 +139,7 @@ pub fn read_file_header(path: &Path) -> Result<(std::fs::File, ImageHeader)> {
 }
 
 /// [`read_file_header`], opening the file as `how` says (e.g. with `--force-share`).
-pub(crate) fn read_file_header_with(
+pub fn read_file_header_with(
     path: &Path,
     how: crate::open::OpenHow,
 ) -> Result<(std::fs::File, ImageHeader)> {

@@ -95,7 +95,8 @@ fn copy_differences<B: crate::io::Backend + Send + Sync>(
                     let (a, b) = (&o[pos..end], &n[pos..end]);
                     if a != b {
                         if convert::is_zero(a) {
-                            image.write_zeroes(at + pos as u64, a.len() as u64)?;
+                            // The new chain reads data here: zero it even if the old reads zero.
+                            image.write_zeroes_over_backing(at + pos as u64, a.len() as u64)?;
                         } else {
                             image.write_at(a, at + pos as u64)?;
                         }

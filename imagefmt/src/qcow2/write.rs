@@ -249,6 +249,16 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Makes `len` bytes at `offset` read as zeros: whole clusters (subclusters) by metadata
     /// only (zero flag, host cluster freed), partial ones by writing zeros.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    /// [`Self::write_zeroes`] even where the image reads zeros already: for a rebase, whose new
+    /// backing file may hold data where the old chain reads zeros.
+    pub fn write_zeroes_over_backing(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, false)
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, skip_zeros: bool) -> Result<()> {
         check_range(offset, 0, self.header.size)?;
         let end = offset
             .checked_add(len)
@@ -269,7 +279,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             }
             let piece = (unit - pos % unit).min(end - pos);
             let whole = pos % unit == 0 && (piece == unit || pos + piece == self.header.size);
-            if self.reads_zero_already(pos)? {
+            if skip_zeros && self.reads_zero_already(pos)? {
                 // Nothing to do: unallocated with nothing below, or already a zero cluster.
             } else if whole && self.header.version == Version::V3 {
                 self.zero_unit(pos)?;
@@ -353,6 +363,30 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 pos += cluster_size;
             }
         }
+        self.set_virtual_size(new_size)
+    }
+
+    /// Sets the virtual size to `new_size` (already rounded), growing the L1 table if needed.
+    /// A grown range reads as zeros, as in qemu: the old last cluster's tail past the old end
+    /// (data a shrink left there) and what a larger backing file would show through are zeroed.
+    fn set_virtual_size(&mut self, new_size: u64) -> Result<()> {
+        let old_size = self.header.size;
+        self.set_virtual_size_only(new_size)?;
+        if new_size > old_size {
+            let below_end = self.below.as_ref().map_or(0, |below| below.virtual_size());
+            let end = new_size.min(
+                old_size
+                    .next_multiple_of(self.header.cluster_size())
+                    .max(below_end),
+            );
+            if end > old_size {
+                self.write_zeroes(old_size, end - old_size)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_virtual_size_only(&mut self, new_size: u64) -> Result<()> {
         let needed = super::header::l1_entries_for(
             new_size,
             self.header.cluster_bits,
