@@ -985,7 +985,11 @@ fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
         return Err(error(format!("{command}: not supported by cowclone")));
     }
     let mut plan = Plan::new(known);
-    plan.args = args.to_vec();
+    // qemu-img dd replaces an existing output, as create and convert do.
+    if known == "dd" {
+        plan.arg("--overwrite");
+    }
+    plan.args.extend_from_slice(args);
     Ok(plan)
 }
 
