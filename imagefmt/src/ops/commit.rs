@@ -25,6 +25,24 @@ use crate::{Error, Result};
 /// the disk then writes while the commit copies, and the final fsync waits for the rest only.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
+/// Starts the base's writeback every [`WRITEBACK_STEP`] bytes written, so the final fsync
+/// waits less.
+#[derive(Default)]
+struct Writeback {
+    unsynced: u64,
+}
+
+impl Writeback {
+    /// Counts `len` bytes just written to `fd`.
+    fn wrote(&mut self, fd: std::os::fd::BorrowedFd<'_>, len: usize) {
+        self.unsynced += len as u64;
+        if self.unsynced >= WRITEBACK_STEP {
+            start_writeback(fd);
+            self.unsynced = 0;
+        }
+    }
+}
+
 /// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CommitStats {
@@ -126,7 +144,7 @@ pub fn commit_into(
             if base.virtual_size() < top.virtual_size() {
                 base.resize(top.virtual_size(), false)?;
             }
-            let mut unsynced = 0;
+            let mut writeback = Writeback::default();
             for_each_own_extent(
                 &top,
                 through,
@@ -135,11 +153,7 @@ pub fn commit_into(
                 |piece, offset| match piece {
                     Piece::Data(data) => {
                         base.write_at(data, offset)?;
-                        unsynced += data.len() as u64;
-                        if unsynced >= WRITEBACK_STEP {
-                            start_writeback(AsFd::as_fd(base.backend()));
-                            unsynced = 0;
-                        }
+                        writeback.wrote(AsFd::as_fd(base.backend()), data.len());
                         Ok(())
                     }
                     Piece::Zeros(len) => base.write_zeroes(offset, len),
@@ -161,7 +175,7 @@ pub fn commit_into(
                 file.set_len(top.virtual_size())
                     .map_err(Error::writing("raw backing image length"))?;
             }
-            let mut unsynced = 0;
+            let mut writeback = Writeback::default();
             for_each_own_extent(
                 &top,
                 through,
@@ -171,11 +185,7 @@ pub fn commit_into(
                     Piece::Data(data) => {
                         Backend::write_all_at(&file, data, offset)
                             .map_err(Error::writing("raw backing image"))?;
-                        unsynced += data.len() as u64;
-                        if unsynced >= WRITEBACK_STEP {
-                            start_writeback(AsFd::as_fd(&file));
-                            unsynced = 0;
-                        }
+                        writeback.wrote(AsFd::as_fd(&file), data.len());
                         Ok(())
                     }
                     Piece::Zeros(len) => zero_raw(&file, offset, len),

@@ -29,7 +29,7 @@ use super::header::{CompressionType, Header, Version, V2_HEADER_LEN, V3_HEADER_L
 use super::header_cluster::HeaderCluster;
 use super::image::Qcow2Image;
 use super::refcount::{self, REFTABLE_OFFSET_MASK};
-use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED};
+use super::tables::{ClusterKind, COPIED};
 use super::write::WriteOptions;
 use crate::io::Backend;
 
@@ -689,20 +689,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// ordering point between. Returns whether any compressed cluster was seen.
     fn expand_zero_clusters(&mut self, has_backing: bool) -> Result<bool, AmendError> {
         let cluster_size = self.header.cluster_size();
-        let format = self.entry_format();
         let zeros = vec![0u8; cluster_size as usize];
         let mut compressed = false;
         for l1_index in 0..self.l1.len() {
-            let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
+            let Some((table, entries)) = self.l2_entries_of(l1_index)? else {
                 continue;
             };
             let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
-            let entries: Vec<L2Entry> = {
-                let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
-                (0..format.l2_entries() as usize)
-                    .map(|i| L2Entry::from_table(&bytes, i, format))
-                    .collect()
-            };
             // (index, new entry) for this table, written after the data they point at.
             let mut updates = Vec::new();
             for (index, entry) in entries.into_iter().enumerate() {

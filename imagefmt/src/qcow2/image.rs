@@ -138,6 +138,21 @@ impl<B: Backend> Qcow2Image<B> {
         &self.backend
     }
 
+    /// The L2 table that L1 entry `l1_index` points at (its host offset) with its entries
+    /// decoded, or `None` if the entry is unallocated.
+    pub(super) fn l2_entries_of(&self, l1_index: usize) -> Result<Option<(u64, Vec<L2Entry>)>> {
+        let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
+            return Ok(None);
+        };
+        let format = self.entry_format();
+        let guest_base = l1_index as u64 * self.header.l2_entries() * self.header.cluster_size();
+        let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
+        let entries = (0..format.l2_entries() as usize)
+            .map(|i| L2Entry::from_table(&bytes, i, format))
+            .collect();
+        Ok(Some((table, entries)))
+    }
+
     /// The L2 table at `offset`, from the cache or the file.
     pub(super) fn l2_table(&self, offset: u64, guest_offset: u64, entry: u64) -> Result<Arc<[u8]>> {
         let cluster_size = self.header.cluster_size();

@@ -733,18 +733,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Drops every cluster of this image, so that all reads fall through to the image below
     /// (what `qemu-img commit` leaves behind). L2 tables and data clusters are freed.
     pub(crate) fn make_empty(&mut self) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        let format = self.entry_format();
         for l1_index in 0..self.l1.len() {
-            let Some(table) = L1Entry(self.l1[l1_index]).l2_offset() else {
+            let Some((table, entries)) = self.l2_entries_of(l1_index)? else {
                 continue;
-            };
-            let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
-            let entries: Vec<L2Entry> = {
-                let bytes = self.l2_table(table, guest_base, self.l1[l1_index])?;
-                (0..format.l2_entries() as usize)
-                    .map(|i| L2Entry::from_table(&bytes, i, format))
-                    .collect()
             };
             // Unlink the table first, then free what it referenced.
             self.l1[l1_index] = 0;
