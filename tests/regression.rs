@@ -752,3 +752,43 @@ fn qcow2_bitmap_granularity_bits_144_is_refused_not_an_overflow() {
         crate::util::describe(&ours)
     );
 }
+
+/// Fuzz find (`chain_policy`, CI of 2026-12-02): a qcow2 image whose snapshot table declares
+/// 65,537 bytes of extra data in an entry opened for reading (the reader never looked at the
+/// snapshot table) while `info` refused it, so an image opened that did not list. qemu reads
+/// the table when it opens an image and refuses this one; so does cowclone now, for reading,
+/// for `info` and for `map`, and qemu-img agrees.
+#[test]
+fn qcow2_snapshot_extra_data_65537_refuses_opening_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("s.qcow2");
+    crate::util::qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"16M"]);
+    crate::util::qemu_img_ok(&[&"snapshot", &"-c", &"s1", &image]);
+    let mut bytes = std::fs::read(&image).unwrap();
+    let header = Header::parse(&bytes).unwrap();
+    assert_eq!(header.nb_snapshots, 1);
+    // The entry's extra_data_size field (bytes 36..40 of the entry).
+    let at = header.snapshots_offset as usize + 36;
+    bytes[at..at + 4].copy_from_slice(&65_537u32.to_be_bytes());
+    std::fs::write(&image, &bytes).unwrap();
+
+    let opened = imagefmt::chain::open_chain(&image, None, &BackingPolicy::FollowLocal);
+    assert!(opened.is_err(), "a snapshot table qemu refuses opened");
+    assert!(imagefmt::ops::info::backing_chain(&image, &BackingPolicy::FollowLocal).is_err());
+    for command in ["info", "map"] {
+        let theirs = crate::util::qemu_img(&[&command, &image]);
+        let ours = crate::util::cowclone(&[&command, &image]);
+        assert_eq!(
+            theirs.status.code(),
+            Some(1),
+            "{}",
+            crate::util::describe(&theirs)
+        );
+        assert_eq!(
+            ours.status.code(),
+            Some(1),
+            "{}",
+            crate::util::describe(&ours)
+        );
+    }
+}

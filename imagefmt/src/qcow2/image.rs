@@ -86,6 +86,7 @@ impl<B: Backend> Qcow2Image<B> {
             .into());
         }
         let file_len = backend.len().map_err(Error::reading("qcow2 file length"))?;
+        super::snapshot_ops::check_snapshot_table(&backend, &header)?;
         let l1_bytes = u64::from(header.l1_size) * 8; // ≤ 32 MiB (validated)
         let mut raw = vec![0u8; 0];
         if l1_bytes > 0 {
