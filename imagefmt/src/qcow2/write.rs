@@ -200,9 +200,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Turns the whole clusters from cluster-aligned `pos` up to `end` (the disk's last
     /// cluster counts as whole if `end` is the end of the disk) that share one L2 table into
     /// zero clusters with one write of their L2 entries, then frees the host clusters they
-    /// used; clusters that already read as zeros keep their entries. Returns the bytes done
+    /// used; with `skip_zeros`, clusters that already read as zeros keep their entries (not for
+    /// a rebase, whose new backing file may show through them). Returns the bytes done
     /// (0: not one whole cluster). v3 images with standard L2 entries only.
-    fn zero_cluster_run(&mut self, pos: u64, end: u64) -> Result<u64> {
+    fn zero_cluster_run(&mut self, pos: u64, end: u64, skip_zeros: bool) -> Result<u64> {
         let cluster_size = self.header.cluster_size();
         if self.header.version != Version::V3
             || self.header.extended_l2()
@@ -228,7 +229,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 entry: 0,
                 bitmap: 0,
             });
-            if self.reads_zero_already(at)? {
+            if skip_zeros && self.reads_zero_already(at)? {
                 entries.push(entry.entry);
             } else {
                 entries.push(ZERO);
@@ -272,7 +273,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let unit = self.cow_unit();
         let mut pos = offset;
         while pos < end {
-            let run = self.zero_cluster_run(pos, end)?;
+            let run = self.zero_cluster_run(pos, end, skip_zeros)?;
             if run > 0 {
                 pos += run;
                 continue;
