@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::util::{
     assert_qemu_check_clean, cowclone, describe, qemu_img, qemu_img_ok, qemu_info_json, qemu_io_ok,
+    qemu_overlay,
 };
 
 /// A 4 MiB qcow2 image with every kind of cluster: data, a plain zero cluster, a preallocated
@@ -206,17 +207,7 @@ fn downgrade_expands_zero_clusters_as_qemu_img_does() {
     qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4M"]);
     qemu_io_ok(&[&"-c", &"write -P 0x77 0 4M", &base]);
     let overlay = dir.path().join("overlay.qcow2");
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-b",
-        &"base.qcow2",
-        &"-F",
-        &"qcow2",
-        &overlay,
-    ]);
+    qemu_overlay("base.qcow2", &overlay);
     qemu_io_ok(&[
         &"-c",
         &"write -P 0x11 64k 64k",

@@ -376,17 +376,7 @@ fn backing_chain_confinement_refuses_files_outside_the_directory() {
         ("jail/via-link.qcow2", "link.qcow2"),
         ("jail/ok.qcow2", "inner.qcow2"),
     ] {
-        qemu_img_ok(&[
-            &"create",
-            &"-q",
-            &"-f",
-            &"qcow2",
-            &"-b",
-            &backing,
-            &"-F",
-            &"qcow2",
-            &dir.join(overlay),
-        ]);
+        qemu_overlay(backing, &dir.join(overlay));
     }
     let jail = dir.join("jail");
     for overlay in [

@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 
 use crate::util::{
     assert_qemu_check_clean, cowclone, cowclone_bin, describe, qemu_img_ok, qemu_info_json,
-    qemu_io_ok,
+    qemu_io_ok, qemu_overlay,
 };
 
 const WRITE_LOCK: &str = "Failed to get \"write\" lock";
@@ -184,17 +184,7 @@ fn base_and_overlay(dir: &Path) -> (PathBuf, PathBuf) {
     let overlay = dir.join("overlay.qcow2");
     qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"64M"]);
     qemu_io_ok(&[&"-c", &"write -P 0x11 0 4M", &base]);
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-b",
-        &"base.qcow2",
-        &"-F",
-        &"qcow2",
-        &overlay,
-    ]);
+    qemu_overlay("base.qcow2", &overlay);
     qemu_io_ok(&[&"-c", &"write -P 0x22 1M 2M", &overlay]);
     (base, overlay)
 }
@@ -307,17 +297,7 @@ fn qemu_io_writing_an_image_refuses_every_cowclone_write_and_plain_reads() {
         &"qcow2",
         &dir.path().join("ours.qcow2"),
     ]);
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-b",
-        &overlay,
-        &"-F",
-        &"qcow2",
-        &dir.path().join("theirs.qcow2"),
-    ]);
+    qemu_overlay(&overlay, &dir.path().join("theirs.qcow2"));
     // The base is only read by qemu-io: reading it is fine, writing it is not.
     assert_ok(&[&"info", &base]);
     assert_refused(&[&"resize", &base, &"+1M"], WRITE_LOCK, &base);

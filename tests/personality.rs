@@ -10,7 +10,8 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 use crate::util::{
-    assert_qemu_check_clean, cowclone, cowclone_bin, describe, qemu_img_ok, qemu_io_ok, run,
+    assert_qemu_check_clean, cowclone, cowclone_bin, describe, qemu_img_ok, qemu_io_ok,
+    qemu_overlay, run,
 };
 
 /// A directory holding a `qemu-img` symlink to cowclone (the personality's usual install).
@@ -67,17 +68,7 @@ fn twin_dirs(tmp: &Path) -> [PathBuf; 2] {
             &"write -z 2M 64k",
             &base,
         ]);
-        qemu_img_ok(&[
-            &"create",
-            &"-q",
-            &"-f",
-            &"qcow2",
-            &"-b",
-            &"base.qcow2",
-            &"-F",
-            &"qcow2",
-            &ov,
-        ]);
+        qemu_overlay("base.qcow2", &ov);
         qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x22 512k 1M", &ov]);
         std::fs::write(dir.join("raw.img"), vec![0x33u8; 1 << 20]).unwrap();
     }
@@ -448,17 +439,7 @@ fn regression_grow_after_shrink_reads_zeros_past_the_old_end() {
         &dir.join("base.qcow2"),
     ]);
     let top = dir.join("top.qcow2");
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-b",
-        &"base.qcow2",
-        &"-F",
-        &"qcow2",
-        &top,
-    ]);
+    qemu_overlay("base.qcow2", &top);
     qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 0x22 0 1M", &top]);
     for args in [
         &["resize", "--shrink", "top.qcow2", "520k"][..],

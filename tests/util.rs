@@ -79,6 +79,22 @@ pub fn qemu_img_ok(args: &Args) -> String {
     String::from_utf8(output.stdout).expect("qemu-img printed UTF-8")
 }
 
+/// `qemu-img create -q -f qcow2 -b BACKING -F qcow2 OVERLAY`: a qcow2 overlay made by qemu-img,
+/// its backing name stored as given (relative names resolve against the overlay's directory).
+pub fn qemu_overlay(backing: impl AsRef<OsStr>, overlay: &Path) {
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &backing.as_ref(),
+        &"-F",
+        &"qcow2",
+        &overlay,
+    ]);
+}
+
 /// Runs `qemu-io` with `args`, asserts that it succeeded and returns its stdout. (qemu-io reports
 /// some I/O errors on stdout with exit status 0, so its output is checked for them too.)
 pub fn qemu_io_ok(args: &Args) -> String {
