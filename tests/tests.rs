@@ -17,6 +17,7 @@ mod foreign_formats;
 mod hostile_names;
 mod hypervisor_drivers;
 mod journeys;
+mod json_order;
 mod locking;
 mod map_xcheck;
 mod measure_xcheck;

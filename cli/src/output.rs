@@ -231,20 +231,230 @@ pub fn write_snapshot_list(out: &mut impl Write, snapshots: &[SnapshotInfo]) -> 
     Ok(())
 }
 
-/// Writes `value` as qemu-img writes JSON: pretty, indented by four spaces, then a newline.
+/// Writes `value` as qemu-img writes JSON: qemu's pretty layout (four-space indentation, an
+/// empty array or object still spread over two lines), qemu's string escapes (everything outside
+/// printable ASCII as `\uXXXX`), every object's keys in qemu's dictionary order
+/// ([`qdict_order`]), then a newline. Arrays keep their order. Numbers are written as
+/// serde_json writes them.
 pub fn write_qemu_json<T: serde::Serialize + ?Sized>(
     out: &mut impl Write,
     value: &T,
 ) -> io::Result<()> {
-    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut serializer = serde_json::Serializer::with_formatter(&mut *out, formatter);
-    value.serialize(&mut serializer).map_err(io::Error::from)?;
-    writeln!(out)
+    // Serialized in declaration order, then read back as an ordered tree: the order of keys
+    // that share a hash bucket depends on the order they were inserted in.
+    let text = serde_json::to_string(value).map_err(io::Error::from)?;
+    let node: JsonNode = serde_json::from_str(&text).map_err(io::Error::from)?;
+    let mut written = String::with_capacity(text.len() * 2);
+    node.write_pretty(&mut written, 0);
+    written.push('\n');
+    out.write_all(written.as_bytes())
+}
+
+/// The bucket qemu's `QDict` puts `key` in: the tdb hash of the key (from gdbm, as qemu's
+/// `qobject/qdict.c` computes it, on 32-bit unsigned integers) modulo its 512 buckets.
+fn qdict_bucket(key: &str) -> u32 {
+    const BUCKETS: u32 = 512;
+    let bytes = key.as_bytes();
+    let mut value = 0x238F_13AFu32.wrapping_mul(bytes.len() as u32);
+    for (i, &byte) in bytes.iter().enumerate() {
+        value = value.wrapping_add(u32::from(byte) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % BUCKETS
+}
+
+/// Orders `(key, value)` items, given in the order they were inserted, as qemu iterates a `QDict`
+/// holding them: bucket by bucket from 0 to 511, and inside a bucket the last inserted first
+/// (qemu inserts at the head of the bucket's list). qemu-img builds every JSON object it prints
+/// (info, check, measure) from such a dictionary, so this is the order of its keys.
+pub fn qdict_order<V>(items: Vec<(String, V)>) -> Vec<(String, V)> {
+    let mut numbered: Vec<_> = items.into_iter().enumerate().collect();
+    numbered.sort_by_key(|(inserted, (key, _))| (qdict_bucket(key), std::cmp::Reverse(*inserted)));
+    numbered.into_iter().map(|(_, item)| item).collect()
+}
+
+/// A JSON value with its objects' keys in the order they were written (serde_json's `Value`
+/// sorts them), for [`write_qemu_json`].
+enum JsonNode {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<JsonNode>),
+    Object(Vec<(String, JsonNode)>),
+}
+
+impl<'de> serde::Deserialize<'de> for JsonNode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonNodeVisitor)
+    }
+}
+
+struct JsonNodeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonNodeVisitor {
+    type Value = JsonNode;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<JsonNode, E> {
+        Ok(JsonNode::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<JsonNode, E> {
+        Ok(JsonNode::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<JsonNode, E> {
+        Ok(JsonNode::Number(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<JsonNode, E> {
+        Ok(JsonNode::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<JsonNode, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(JsonNode::Null, JsonNode::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<JsonNode, E> {
+        Ok(JsonNode::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<JsonNode, E> {
+        Ok(JsonNode::String(v))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonNode, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(JsonNode::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonNode, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = map.next_entry::<String, JsonNode>()? {
+            items.push(item);
+        }
+        Ok(JsonNode::Object(qdict_order(items)))
+    }
+}
+
+impl JsonNode {
+    /// Appends the value as qemu's JSON writer prints it in pretty mode, `depth` containers deep:
+    /// a member starts on a new line indented by four spaces per level, and so does the closing
+    /// bracket (also of an empty container).
+    fn write_pretty(&self, out: &mut String, depth: usize) {
+        let newline = |out: &mut String, depth: usize| {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', depth * 4));
+        };
+        match self {
+            JsonNode::Null => out.push_str("null"),
+            JsonNode::Bool(v) => out.push_str(if *v { "true" } else { "false" }),
+            JsonNode::Number(n) => out.push_str(&n.to_string()),
+            JsonNode::String(s) => push_qemu_quoted(out, s),
+            JsonNode::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    newline(out, depth + 1);
+                    item.write_pretty(out, depth + 1);
+                }
+                newline(out, depth);
+                out.push(']');
+            }
+            JsonNode::Object(items) => {
+                out.push('{');
+                for (i, (key, item)) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    newline(out, depth + 1);
+                    push_qemu_quoted(out, key);
+                    out.push_str(": ");
+                    item.write_pretty(out, depth + 1);
+                }
+                newline(out, depth);
+                out.push('}');
+            }
+        }
+    }
+}
+
+/// Appends `text` as a JSON string with qemu's escapes: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`,
+/// `\t`, and `\uXXXX` (upper-case hex, surrogate pairs beyond the BMP) for every other character
+/// below 0x20 or from 0x7F on.
+fn push_qemu_quoted(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04X}"));
+                }
+            }
+        }
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
 mod tests {
-    use super::human_size;
+    use super::{human_size, qdict_order, write_qemu_json};
+
+    #[test]
+    fn keys_come_in_qemus_dictionary_order() {
+        // ImageInfo's fields in qemu's schema order, and the order qemu-img 10.0.2 printed them
+        // in (`children` and `backing-filename-format` share bucket 206: the later one first).
+        let declared = [
+            "filename",
+            "format",
+            "dirty-flag",
+            "actual-size",
+            "virtual-size",
+            "cluster-size",
+            "backing-filename",
+            "full-backing-filename",
+            "backing-filename-format",
+            "snapshots",
+            "format-specific",
+            "children",
+        ];
+        let printed = [
+            "children",
+            "backing-filename-format",
+            "snapshots",
+            "virtual-size",
+            "filename",
+            "cluster-size",
+            "format",
+            "actual-size",
+            "format-specific",
+            "full-backing-filename",
+            "backing-filename",
+            "dirty-flag",
+        ];
+        let items = declared.iter().map(|k| (k.to_string(), ())).collect();
+        let ordered: Vec<String> = qdict_order(items).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(ordered, printed);
+    }
+
+    #[test]
+    fn layout_and_escapes_are_qemus() {
+        let value = serde_json::json!({"data": {}, "list": [], "name": "a\"b\\c\u{7f}é😀\n"});
+        let mut out = Vec::new();
+        write_qemu_json(&mut out, &value).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\n    \"name\": \"a\\\"b\\\\c\\u007F\\u00E9\\uD83D\\uDE00\\n\",\n    \"list\": [\n    ],\n    \"data\": {\n    }\n}\n"
+        );
+    }
 
     #[test]
     fn sizes_read_like_qemu_img() {
