@@ -515,3 +515,100 @@ fn regression_safe_rebase_keeps_zeros_over_new_backing_data() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_qemu_check_clean(&ours, "rebased");
 }
+
+/// iotests 126 and 031: a `file:` name is echoed as given in the "Formatting" line and opens
+/// `./NAME` when NAME has a colon before any slash (so `info` shows `image: ./image:top.qcow2`
+/// and `(actual path: ./base.qcow2)`); `create -u` and `rebase -u` write a backing format
+/// cowclone does not read (`host_device`) as qemu-img does, byte for byte, while cowclone
+/// still refuses to open that backing file.
+#[test]
+fn personality_names_files_and_backing_formats_as_qemu_img_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = [tmp.path().join("qemu"), tmp.path().join("cowclone")];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let same = |args: &[&str]| assert_same(&bin, &dirs, args, true, true);
+    same(&["create", "-f", "qcow2", "base.qcow2", "64M"]);
+    same(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "file:image:top.qcow2",
+    ]);
+    // Allocation differs (cowclone writes sparse files): the rest of info must not.
+    let info = |bin: Option<&Path>, dir: &Path| {
+        let out = qemu_img_as(bin, dir, &["info", "file:image:top.qcow2"], &[]);
+        assert!(out.status.success(), "{}", describe(&out));
+        text(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("disk size:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let theirs = info(None, &dirs[0]);
+    assert!(theirs.contains("image: ./image:top.qcow2"), "{theirs}");
+    assert!(theirs.contains("(actual path: ./base.qcow2)"), "{theirs}");
+    assert_eq!(info(Some(&bin), &dirs[1]), theirs);
+
+    same(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/some/path",
+        "-F",
+        "host_device",
+        "hd.qcow2",
+        "1M",
+    ]);
+    same(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "v2.qcow2",
+        "64M",
+    ]);
+    same(&["rebase", "-u", "-b", "", "v2.qcow2"]);
+    same(&[
+        "rebase",
+        "-u",
+        "-b",
+        "/some/backing/file/path",
+        "-F",
+        "host_device",
+        "v2.qcow2",
+    ]);
+    for name in ["hd.qcow2", "v2.qcow2"] {
+        assert_eq!(
+            digest(&dirs[1].join(name)),
+            digest(&dirs[0].join(name)),
+            "{name}: cowclone wrote other bytes than qemu-img"
+        );
+    }
+    // Not a qemu block driver: both refuse.
+    assert_same(
+        &bin,
+        &dirs,
+        &["rebase", "-u", "-b", "/x", "-F", "foo", "v2.qcow2"],
+        true,
+        false,
+    );
+    // cowclone opens no backing file of a format it does not read.
+    let out = cowclone(&[&"info", &"--backing-chain", &dirs[1].join("hd.qcow2")]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("host_device"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -97,6 +97,7 @@ pub struct CreateArgs {
     #[arg(short = 'b', value_name = "BACKING")]
     pub backing: Option<String>,
     /// Backing file format (qcow2, raw, vdi); default: read from the backing file's magic.
+    /// With -u, any qemu block driver name (host_device, nbd, …) is written as given.
     #[arg(short = 'F', value_name = "FMT", requires = "backing")]
     pub backing_format: Option<String>,
     /// Do not open the backing file (then -F and SIZE are required).
@@ -115,6 +116,10 @@ pub struct CreateArgs {
     /// fsync the image and its directory before returning.
     #[arg(long)]
     pub durable: bool,
+    /// The name the "Formatting" line shows instead of FILE (the qemu-img personality's file
+    /// name as it was given, such as `file:a:b.qcow2`).
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub shown_name: Option<String>,
     /// The image to create.
     pub file: PathBuf,
     /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.

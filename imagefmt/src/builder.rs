@@ -33,6 +33,8 @@ pub struct Qcow2Builder {
 struct BackingSpec {
     name: String,
     format: Option<ImageFormat>,
+    /// A format named as qemu names it, written without opening the backing file.
+    format_name: Option<String>,
     open: bool,
 }
 
@@ -78,6 +80,7 @@ impl Qcow2Builder {
         self.backing = Some(BackingSpec {
             name: name.into(),
             format: None,
+            format_name: None,
             open: true,
         });
         self
@@ -88,6 +91,18 @@ impl Qcow2Builder {
     pub fn backing_format(mut self, format: ImageFormat) -> Self {
         if let Some(b) = &mut self.backing {
             b.format = Some(format);
+        }
+        self
+    }
+
+    /// The backing format as qemu names it, for a backing file that is not opened
+    /// ([`Self::without_opening_backing`], qemu-img's `create -u -F NAME`): any qemu block driver
+    /// name ([`crate::qcow2::create::QEMU_BACKING_FORMATS`]) is written as given, also one
+    /// cowclone does not read, such as `host_device`; opening such an image's backing file is
+    /// then refused. Ignored when the backing file is opened.
+    pub fn backing_format_name(mut self, name: impl Into<String>) -> Self {
+        if let Some(b) = &mut self.backing {
+            b.format_name = Some(name.into());
         }
         self
     }
@@ -161,12 +176,26 @@ impl Qcow2Builder {
                 path: self.path.clone(),
             });
         }
-        let (format, backing_size) = match (spec.open, spec.format) {
-            (false, Some(format)) => (format, None),
-            (false, None) => return Err(Error::BackingFormatRequired),
-            (true, format) => {
+        let (format, backing_size) = match (spec.open, spec.format, &spec.format_name) {
+            (false, Some(format), _) => (format.name().to_owned(), None),
+            (false, None, Some(name)) => {
+                if !crate::qcow2::create::QEMU_BACKING_FORMATS.contains(&name.as_str()) {
+                    return Err(crate::qcow2::Qcow2Error::InvalidOption {
+                        option: "backing_fmt",
+                        value: name.clone(),
+                        reason: "not a qemu block driver name",
+                    }
+                    .into());
+                }
+                (name.clone(), None)
+            }
+            (false, None, None) => return Err(Error::BackingFormatRequired),
+            (true, format, _) => {
                 let header = read_backing_header(&backing_path, format)?;
-                (header.format(), Some(header.virtual_size()))
+                (
+                    header.format().name().to_owned(),
+                    Some(header.virtual_size()),
+                )
             }
         };
         let size = self.size.or(backing_size).ok_or(Error::SizeRequired)?;
@@ -174,7 +203,7 @@ impl Qcow2Builder {
             size,
             Some(BackingReference {
                 name: spec.name.clone(),
-                format: format.name().to_owned(),
+                format,
             }),
         ))
     }

@@ -68,8 +68,13 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     }
     if let Some(name) = &backing {
         builder = builder.backing(name.clone());
-        if let Some(format) = &backing_format {
-            builder = builder.backing_format(format.parse::<ImageFormat>()?);
+        match (&backing_format, args.unsafe_no_open) {
+            // Under -u, any qemu block driver name is written as given (qemu-img does so).
+            (Some(format), true) if format.parse::<ImageFormat>().is_err() => {
+                builder = builder.backing_format_name(format.clone());
+            }
+            (Some(format), _) => builder = builder.backing_format(format.parse::<ImageFormat>()?),
+            (None, _) => {}
         }
         if args.unsafe_no_open {
             builder = builder.without_opening_backing();
@@ -85,7 +90,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         let shown_size = size.unwrap_or(created.virtual_size);
         let mut line = format!(
             "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
-            args.file.display(),
+            shown_name(&args),
             options.cluster_size,
             on_off(options.extended_l2),
         );
@@ -153,7 +158,7 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
     if !args.quiet {
         let mut line = format!(
             "Formatting '{}', fmt=raw size={requested}",
-            args.file.display()
+            shown_name(args)
         );
         if let Some(mode) = preallocation {
             line.push_str(&format!(" preallocation={}", mode.name()));
@@ -161,4 +166,12 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// The image's name in the "Formatting" line: as the qemu-img personality was given it, else
+/// the path.
+pub(crate) fn shown_name(args: &CreateArgs) -> String {
+    args.shown_name
+        .clone()
+        .unwrap_or_else(|| args.file.display().to_string())
 }

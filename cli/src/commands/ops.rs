@@ -344,6 +344,16 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
     }
     args.guard
         .check("rebase", std::slice::from_ref(&args.file))?;
+    // Under -u, any qemu block driver name is written as given (qemu-img does so).
+    let named = args
+        .backing_format
+        .as_deref()
+        .filter(|f| f.parse::<ImageFormat>().is_err());
+    if let (true, false, Some(name)) = (args.unsafe_header_only, args.backing.is_empty(), named) {
+        imagefmt::ops::rebase::rebase_header_only_named(&args.file, &args.backing, name)
+            .with_context(|| format!("{}", args.file.display()))?;
+        return Ok(());
+    }
     let new = if args.backing.is_empty() {
         None
     } else {

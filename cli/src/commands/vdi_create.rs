@@ -71,7 +71,7 @@ pub fn create_vdi(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
                 .with_context(|| format!("{}", file.display()))?;
             format!(
                 "Formatting '{}', fmt=vdi size={} parent={} parent_uuid={}",
-                file.display(),
+                crate::commands::create::shown_name(args),
                 header.virtual_size(),
                 parent_path.display(),
                 header.uuid_linkage
@@ -89,7 +89,7 @@ pub fn create_vdi(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
             create(file, size, mode).with_context(|| format!("{}", file.display()))?;
             format!(
                 "Formatting '{}', fmt=vdi size={size} static={}",
-                file.display(),
+                crate::commands::create::shown_name(args),
                 if fixed { "on" } else { "off" }
             )
         }

@@ -49,7 +49,7 @@ pub fn parse(name: &str) -> Result<Target, String> {
     if let Some(protocol) = protocol_of(name) {
         return match protocol {
             "file" => Ok(Target {
-                path: name["file:".len()..].to_owned(),
+                path: strip_file_prefix(name),
                 format: None,
             }),
             other => Err(format!(
@@ -103,6 +103,18 @@ fn single_quotes_to_double(json: &str) -> String {
         }
     }
     out
+}
+
+/// The path a `file:NAME` name opens, as qemu's file driver takes it: `NAME`, or `./NAME` when
+/// `NAME` would itself read as a protocol prefix (a `:` before any `/`, as in `file:a:b`). qemu
+/// shows that path as the image's filename and resolves relative backing names against it.
+fn strip_file_prefix(name: &str) -> String {
+    let path = &name["file:".len()..];
+    if protocol_of(path).is_some() {
+        format!("./{path}")
+    } else {
+        path.to_owned()
+    }
 }
 
 /// The protocol prefix of `name` (`nbd` in `nbd://host/x`): qemu's rule, a `:` before any `/`.
@@ -194,6 +206,8 @@ mod tests {
         assert_eq!(parse("/a/b.qcow2").unwrap(), target("/a/b.qcow2", None));
         assert_eq!(parse("./x:y").unwrap(), target("./x:y", None));
         assert_eq!(parse("file:/a/b").unwrap(), target("/a/b", None));
+        assert_eq!(parse("file:a:b").unwrap(), target("./a:b", None));
+        assert_eq!(parse("file:d/a:b").unwrap(), target("d/a:b", None));
         assert_eq!(
             parse(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/a/b"}}"#).unwrap(),
             target("/a/b", Some("qcow2"))

@@ -529,6 +529,7 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
         .last("F")
         .map(str::to_owned)
         .or(take_option(&mut items, "backing_fmt"));
+    let given = file;
     let file = target(file, false)?;
     if let (Some(backing), None) = (&backing, &backing_format) {
         let resolved = imagefmt::backing::resolve(Path::new(&file.path), backing).ok();
@@ -571,6 +572,10 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
     }
     pass_options(&mut plan, &items)?;
     quiet(&mut plan, &parsed);
+    // qemu-img's "Formatting" line shows the name as given (`file:x`).
+    if *given != file.path {
+        plan.arg("--shown-name").arg(given);
+    }
     // qemu-img create replaces an existing file.
     plan.arg("--overwrite").arg("--").arg(file.path);
     if let Some(size) = size {

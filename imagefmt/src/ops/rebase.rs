@@ -65,6 +65,25 @@ pub fn rebase_with_progress(
     Ok(copied)
 }
 
+/// `rebase -u -b NAME -F FORMAT` where FORMAT is named as qemu names it: only the header of the
+/// image at `path` is rewritten, with any qemu block driver name
+/// ([`crate::qcow2::create::QEMU_BACKING_FORMATS`]) written as given, also one cowclone does
+/// not read (`host_device`), as qemu-img does; opening the backing file of such an image is then
+/// refused.
+pub fn rebase_header_only_named(path: &Path, name: &str, format_name: &str) -> Result<()> {
+    if !crate::qcow2::create::QEMU_BACKING_FORMATS.contains(&format_name) {
+        return Err(crate::qcow2::Qcow2Error::InvalidOption {
+            option: "backing_fmt",
+            value: format_name.to_owned(),
+            reason: "not a qemu block driver name",
+        }
+        .into());
+    }
+    let mut image = open_without_backing(path)?;
+    image.set_backing(Some((name, format_name)))?;
+    image.flush()
+}
+
 /// Safe rebase's copy: for every range the image does not hold itself (by its own extents),
 /// compares what the old chain and the new one read there, skipping ranges both report as zeros
 /// without reading; a range that differs gets the old content: data as data, zeros as zero

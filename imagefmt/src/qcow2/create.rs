@@ -204,6 +204,57 @@ pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
     }
 }
 
+/// The block driver names qemu 10.0 (as Debian builds it) accepts as a backing format: its
+/// `BlockdevDriver` names, without the ones built only with libblkio.
+/// `qemu-img create -u` and `rebase -u` write any of them into the backing-format extension
+/// without opening the backing file; cowclone does the same under `-u`, but opens only images
+/// whose backing format it reads itself (qcow2, raw, vdi): an image naming another format
+/// (`host_device`, `nbd`, …) is refused when its backing file is to be opened.
+pub const QEMU_BACKING_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
 /// What a new image's header says about its backing file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingReference {
