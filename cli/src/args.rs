@@ -110,6 +110,14 @@ pub struct CreateArgs {
     /// Print nothing on success.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Keep the guest data in an external data file PATH (qcow2; -o data_file=PATH): created
+    /// as large as the disk, stored in the header as given (relative to FILE's directory).
+    #[arg(long, value_name = "PATH")]
+    pub data_file: Option<String>,
+    /// Keep the data file a valid raw image of the disk (-o data_file_raw=on): every cluster is
+    /// mapped at creation; no backing file.
+    #[arg(long, requires = "data_file")]
+    pub data_file_raw: bool,
     /// Replace FILE if it exists (default: refuse).
     #[arg(long)]
     pub overwrite: bool,

@@ -13,7 +13,9 @@ use crate::image::ImageHeader;
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
 use crate::preallocate::Preallocation;
-use crate::qcow2::create::{write_new_image, BackingReference};
+use crate::qcow2::create::{
+    write_new_image, write_new_image_with_data_file, BackingReference, DataFileReference,
+};
 use crate::qcow2::CreateOptions;
 use crate::{Error, Result};
 
@@ -27,6 +29,7 @@ pub struct Qcow2Builder {
     backing: Option<BackingSpec>,
     mode: NewFileMode,
     preallocation: Preallocation,
+    data_file: Option<DataFileReference>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +62,7 @@ impl Qcow2Builder {
             backing: None,
             mode: NewFileMode::default(),
             preallocation: Preallocation::Off,
+            data_file: None,
         }
     }
 
@@ -133,8 +137,25 @@ impl Qcow2Builder {
         self
     }
 
-    /// Creates the image file.
+    /// Keeps the guest data in an external data file (qemu-img's `-o data_file=NAME`, and
+    /// `data_file_raw=on` with `raw`): [`Self::create`] creates that file too, as long as the
+    /// disk (a relative name is resolved against the image's directory, and it is refused if it
+    /// exists unless [`Self::overwrite`]), and stores the name verbatim. Needs compat 1.1; a raw
+    /// data file excludes a backing file, and has every cluster mapped at creation, as
+    /// qemu-img does. Preallocation is not supported with a data file.
+    pub fn data_file(mut self, name: impl Into<String>, raw: bool) -> Self {
+        self.data_file = Some(DataFileReference {
+            name: name.into(),
+            raw,
+        });
+        self
+    }
+
+    /// Creates the image file (and its data file, if it has one).
     pub fn create(self) -> Result<CreatedImage> {
+        if let Some(data_file) = &self.data_file {
+            return self.create_with_data_file(data_file.clone());
+        }
         let (size, backing) = self.resolve()?;
         let path = self.path.clone();
         let options = self.options.clone();
@@ -151,11 +172,72 @@ impl Qcow2Builder {
         })
     }
 
+    /// [`Self::create`] with an external data file: the data file first (sized to the disk,
+    /// as qemu-img makes it), then the image; a failure removes the data file again.
+    fn create_with_data_file(&self, data_file: DataFileReference) -> Result<CreatedImage> {
+        if self.preallocation != Preallocation::Off {
+            return Err(crate::qcow2::Qcow2Error::InvalidOption {
+                option: "preallocation",
+                value: self.preallocation.name().to_owned(),
+                reason: "not supported with an external data file",
+            }
+            .into());
+        }
+        let (size, backing) = self.resolve()?;
+        // Every check (options, compat, raw with a backing file) before any file is made.
+        let size = crate::qcow2::create::plan_with_data_file(
+            size,
+            &self.options,
+            backing.as_ref(),
+            Some(&data_file),
+        )?
+        .0
+        .header
+        .size;
+        let data_path = backing::resolve(&self.path, &data_file.name)?;
+        if is_same_file(&data_path, &self.path) {
+            return Err(crate::qcow2::Qcow2Error::InvalidOption {
+                option: "data_file",
+                value: data_file.name.clone(),
+                reason: "the data file cannot be the image itself",
+            }
+            .into());
+        }
+        create_with(&data_path, self.mode, |file| {
+            file.set_len(size)
+                .map_err(Error::writing("qcow2 external data file"))
+        })?;
+        let made = create_with(&self.path, self.mode, |file| {
+            write_new_image_with_data_file(file, size, &self.options, backing.as_ref(), &data_file)
+        });
+        match made {
+            Ok(virtual_size) => Ok(CreatedImage {
+                path: self.path.clone(),
+                virtual_size,
+                backing,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&data_path);
+                Err(e)
+            }
+        }
+    }
+
     /// Writes the image onto an empty `backend` instead of a file (tests, benches, embedding).
-    /// A relative backing name is still resolved against the builder's path.
+    /// A relative backing name is still resolved against the builder's path. With a data file
+    /// ([`Self::data_file`]) only the image is written: the data file is the caller's.
     pub fn create_on<B: Backend + Send + Sync + ?Sized>(self, backend: &B) -> Result<CreatedImage> {
         let (size, backing) = self.resolve()?;
-        let virtual_size = write_new_image(backend, size, &self.options, backing.as_ref())?;
+        let virtual_size = match &self.data_file {
+            Some(data_file) => write_new_image_with_data_file(
+                backend,
+                size,
+                &self.options,
+                backing.as_ref(),
+                data_file,
+            )?,
+            None => write_new_image(backend, size, &self.options, backing.as_ref())?,
+        };
         preallocate(backend, virtual_size, self.preallocation)?;
         Ok(CreatedImage {
             path: self.path,

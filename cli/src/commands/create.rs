@@ -29,13 +29,18 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     // -b and -F win over -o backing_file / backing_fmt, as in qemu-img.
     let mut backing = None;
     let mut backing_format = None;
+    let mut data_file = args.data_file.clone();
+    let mut data_file_raw = args.data_file_raw.then_some(true);
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         if item == "help" || item == "?" {
             writeln!(out, "Supported options (qemu-img create -f qcow2 syntax):")?;
             for key in imagefmt::qcow2::create::OPTION_KEYS {
                 writeln!(out, "  {key}")?;
             }
-            writeln!(out, "  size, backing_file, backing_fmt")?;
+            writeln!(
+                out,
+                "  size, backing_file, backing_fmt, data_file, data_file_raw"
+            )?;
             return Ok(());
         }
         let (key, value) = item
@@ -46,6 +51,10 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             "size" => size_text = Some(value.to_owned()),
             "backing_file" => backing = Some(value.to_owned()),
             "backing_fmt" => backing_format = Some(value.to_owned()),
+            "data_file" => data_file = Some(value.to_owned()),
+            "data_file_raw" => {
+                data_file_raw = Some(crate::commands::vdi_create::parse_on_off(key, value)?)
+            }
             "compat" => {
                 options.set(key, value)?;
                 compat_text = Some(value.to_owned());
@@ -82,6 +91,11 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     } else if backing_format.is_some() {
         bail!("a backing format was given without a backing file (-b)");
     }
+    match (&data_file, data_file_raw) {
+        (Some(name), raw) => builder = builder.data_file(name.clone(), raw.unwrap_or(false)),
+        (None, Some(true)) => bail!("{}: data-file-raw requires data-file", shown_name(&args)),
+        (None, _) => {}
+    }
     let created = builder
         .create()
         .with_context(|| format!("{}", args.file.display()))?;
@@ -109,6 +123,12 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
                 " backing_file={} backing_fmt={}",
                 b.name, b.format
             ));
+        }
+        if let Some(name) = &data_file {
+            line.push_str(&format!(" data_file={name}"));
+        }
+        if let Some(raw) = data_file_raw {
+            line.push_str(&format!(" data_file_raw={}", on_off(raw)));
         }
         line.push_str(&format!(
             " lazy_refcounts={} refcount_bits={}",

@@ -265,6 +265,45 @@ pub struct BackingReference {
     pub format: String,
 }
 
+/// What a new image's header says about its external data file (qemu-img's `-o data_file=NAME`
+/// and `data_file_raw=on`): the guest data lives in that file, at the guest offsets, and the
+/// image keeps only the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFileReference {
+    /// The name stored in the header verbatim (a relative name is resolved against the image's
+    /// directory when the image is opened, as a backing name is).
+    pub name: String,
+    /// `data_file_raw`: the data file is kept a valid raw image of the guest disk (autoclear
+    /// bit 1); every cluster is then mapped at creation, as qemu-img does.
+    pub raw: bool,
+}
+
+impl DataFileReference {
+    /// Checks the combination with the image's options, as qemu-img does: external data files
+    /// need compat 1.1, and a raw data file excludes a backing file.
+    fn validate(&self, options: &CreateOptions, has_backing: bool) -> Result<(), Qcow2Error> {
+        let invalid = |reason| Qcow2Error::InvalidOption {
+            option: "data_file",
+            value: self.name.clone(),
+            reason,
+        };
+        if self.name.is_empty() {
+            return Err(invalid("the data file name must not be empty"));
+        }
+        if options.compat == Compat::V0_10 {
+            return Err(invalid(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        if self.raw && has_backing {
+            return Err(invalid(
+                "Backing file and data-file-raw cannot be used at the same time",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Rounds a requested virtual size up to whole 512-byte sectors, as qemu-img does.
 pub(crate) fn round_size(size: u64) -> Option<u64> {
     size.checked_next_multiple_of(512)
@@ -276,7 +315,20 @@ pub fn plan(
     options: &CreateOptions,
     backing: Option<&BackingReference>,
 ) -> Result<(HeaderCluster, InitialLayout), Qcow2Error> {
+    plan_with_data_file(size, options, backing, None)
+}
+
+/// [`plan`] for an image that may keep its guest data in an external data file.
+pub fn plan_with_data_file(
+    size: u64,
+    options: &CreateOptions,
+    backing: Option<&BackingReference>,
+    data_file: Option<&DataFileReference>,
+) -> Result<(HeaderCluster, InitialLayout), Qcow2Error> {
     options.validate()?;
+    if let Some(data_file) = data_file {
+        data_file.validate(options, backing.is_some())?;
+    }
     let cluster_bits = options.cluster_bits();
     let size = round_size(size).ok_or(Qcow2Error::DiskTooLarge {
         size,
@@ -310,6 +362,13 @@ pub fn plan(
     if options.lazy_refcounts {
         compatible |= CompatibleFeatures::LAZY_REFCOUNTS;
     }
+    let mut autoclear = AutoclearFeatures::empty();
+    if let Some(data_file) = data_file {
+        incompatible |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
+        if data_file.raw {
+            autoclear |= AutoclearFeatures::RAW_EXTERNAL;
+        }
+    }
     let header_length = match version {
         Version::V2 => V2_HEADER_LEN,
         Version::V3 => V3_HEADER_LEN,
@@ -329,14 +388,15 @@ pub fn plan(
         snapshots_offset: 0,
         incompatible_features: incompatible,
         compatible_features: compatible,
-        autoclear_features: AutoclearFeatures::empty(),
+        autoclear_features: autoclear,
         refcount_order,
         header_length,
         compression_type: options.compression_type,
         trailing: vec![0; (header_length as usize).saturating_sub(105)],
     };
 
-    // qemu's order: backing format, then the feature table (v3 with clusters above 4 KiB).
+    // qemu's order: backing format, data file, then the feature table (v3 with clusters above
+    // 4 KiB).
     let mut extensions = Vec::new();
     if let Some(backing) = backing {
         if backing.format.is_empty() || backing.format.len() > MAX_BACKING_FORMAT_LEN {
@@ -346,6 +406,9 @@ pub fn plan(
             });
         }
         extensions.push(Extension::BackingFormat(backing.format.clone()));
+    }
+    if let Some(data_file) = data_file {
+        extensions.push(Extension::ExternalDataFile(data_file.name.clone()));
     }
     if version == Version::V3 && options.cluster_size > 4096 {
         extensions.push(Extension::FeatureNameTable(standard_feature_table()));
@@ -375,6 +438,55 @@ pub(crate) fn write_new_image<B: Backend + ?Sized>(
         .write(backend, &bytes)
         .map_err(crate::Error::writing("new qcow2 image"))?;
     Ok(cluster.header.size)
+}
+
+/// [`write_new_image`] for an image that names an external data file (which the caller
+/// creates). A raw data file's clusters are all mapped to their guest offsets (see
+/// `Qcow2Image::map_raw_data_file`) before the header names the data file, as qemu-img does.
+pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
+    backend: &B,
+    size: u64,
+    options: &CreateOptions,
+    backing: Option<&BackingReference>,
+    data_file: &DataFileReference,
+) -> Result<u64, crate::Error> {
+    let (cluster, layout) = plan_with_data_file(size, options, backing, Some(data_file))?;
+    if !data_file.raw {
+        let bytes = cluster.to_bytes()?;
+        layout
+            .write(backend, &bytes)
+            .map_err(crate::Error::writing("new qcow2 image"))?;
+        return Ok(cluster.header.size);
+    }
+    let size = write_new_image(backend, size, options, backing)?;
+    let plain = HeaderCluster::read_from(backend)?;
+    let mut image = super::image::Qcow2Image::open_rw(
+        backend,
+        plain,
+        None,
+        super::write::WriteOptions::default(),
+    )?;
+    image.map_raw_data_file()?;
+    image.flush()?;
+    drop(image);
+    // Then the header names the data file: the bits and the extension, in qemu's place (after
+    // the backing format, which a raw data file excludes anyway).
+    let mut cluster = HeaderCluster::read_from(backend)?;
+    cluster.header.incompatible_features |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
+    cluster.header.autoclear_features |= AutoclearFeatures::RAW_EXTERNAL;
+    let at = cluster
+        .extensions
+        .iter()
+        .take_while(|e| matches!(e, Extension::BackingFormat(_)))
+        .count();
+    cluster
+        .extensions
+        .insert(at, Extension::ExternalDataFile(data_file.name.clone()));
+    let bytes = cluster.to_bytes()?;
+    backend
+        .write_all_at(&bytes, 0)
+        .map_err(crate::Error::writing("qcow2 header"))?;
+    Ok(size)
 }
 
 #[cfg(test)]

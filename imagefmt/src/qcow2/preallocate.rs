@@ -62,6 +62,40 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 }
 
+impl<B: Backend + Send + Sync> Qcow2Image<B> {
+    /// Maps every cluster of the disk to the same offset of an external data file, as qemu-img
+    /// does when it creates an image with `data_file_raw=on` (its metadata preallocation with a
+    /// data file): per L2 table, the table (allocated here, the only space taken in the image
+    /// file), then its entries, each the guest offset with COPIED set (extended L2: no
+    /// subcluster bits, as qemu writes them). Called on the new image before its header names
+    /// the data file.
+    pub(crate) fn map_raw_data_file(&mut self) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let per_table = self.header.l2_entries();
+        let extended = self.header.extended_l2();
+        let end = self.header.size;
+        let mut pos = 0;
+        while pos < end {
+            let (table, index, _) = self.l2_for_write(pos)?;
+            let count = (end - pos)
+                .div_ceil(cluster_size)
+                .min(per_table - index as u64);
+            let entries: Vec<u64> = (0..count)
+                .map(|i| (pos + i * cluster_size) | COPIED)
+                .collect();
+            if extended {
+                for (i, entry) in entries.iter().enumerate() {
+                    self.set_l2_entry(table, index + i, *entry, 0)?;
+                }
+            } else {
+                self.set_l2_entries(table, index, &entries)?;
+            }
+            pos += count * cluster_size;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::extent::GuestRead;
