@@ -3,7 +3,9 @@
 //! `preallocate_co` lays them out — per L2 table, the table first, then that table's data
 //! clusters contiguously after it — so `qemu-img map` shows the same host offsets. `metadata`
 //! leaves the data clusters as a sparse region of the file (qemu then reports them as data
-//! reading zeros), `falloc` reserves them, `full` writes zeros.
+//! reading zeros) except for the parts of partly covered clusters outside the range, which get
+//! zeros written as qemu's copy on write writes them; `falloc` reserves them, `full` writes
+//! zeros.
 //!
 //! What the new L2 entries say follows qemu (checked with `qemu-img map` and the entries'
 //! bits): a new image's clusters ([`Qcow2Image::preallocate`]) are plain allocated clusters,
@@ -16,6 +18,7 @@
 
 use super::image::Qcow2Image;
 use super::tables::{COPIED, ZERO};
+use crate::extent::GuestRead;
 use crate::io::Backend;
 use crate::preallocate::{fill_host, Preallocation};
 use crate::Result;
@@ -68,12 +71,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let head_allocated = self
             .l2_entry(old_size)?
             .is_some_and(|e| e.entry != 0 || e.bitmap != 0);
-        if head_end > old_size && (self.below.is_some() || head_allocated) {
-            // The old last cluster: its head comes from the backing file (or stays), its tail
-            // reads zeros.
+        let shows_through = below_end > old_size;
+        if head_end > old_size && (shows_through || head_allocated) {
+            // The old last cluster's tail is zeroed (qemu writes these zeros after
+            // preallocating; the cluster comes out as data either way).
             self.write_at(&vec![0u8; (head_end - old_size) as usize], old_size)?;
         }
-        let shows_through = below_end > old_size;
         let entries = match mode {
             Preallocation::Metadata => NewEntries {
                 zero_flag: shows_through,
@@ -122,6 +125,21 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             }
             let host = self.alloc_contiguous(count)?;
             fill_host(&self.backend, host, count * cluster_size, mode)?;
+            // qemu copies on write the parts of the run's first and last clusters outside the
+            // range: the guest data before it (from a backing file) and zeros after it (which
+            // `falloc` and `full` have already); the rest of a `metadata` region stays sparse.
+            if pos < from {
+                let mut head = vec![0u8; (from - pos) as usize];
+                self.read_at(&mut head, crate::offsets::GuestOffset(pos))?;
+                self.backend
+                    .write_all_at(&head, host)
+                    .map_err(crate::Error::writing("qcow2 preallocated cluster"))?;
+            }
+            let run_end = pos + count * cluster_size;
+            if run_end > end && mode == Preallocation::Metadata {
+                let at = host + (end - pos);
+                fill_host(&self.backend, at, run_end - end, Preallocation::Full)?;
+            }
             self.barrier()?;
             if extended {
                 for i in 0..count {
