@@ -15,7 +15,7 @@ use crate::util::{
 };
 
 /// A directory holding a `qemu-img` symlink to cowclone (the personality's usual install).
-fn personality_dir(tmp: &Path) -> PathBuf {
+pub(crate) fn personality_dir(tmp: &Path) -> PathBuf {
     let dir = tmp.join("personality-bin");
     std::fs::create_dir_all(&dir).unwrap();
     let link = dir.join("qemu-img");
@@ -28,7 +28,12 @@ fn personality_dir(tmp: &Path) -> PathBuf {
 /// Runs `qemu-img ARGS` in `dir`, as `qemu-img` found on PATH (so that argv[0], which usage
 /// messages repeat, is the same for both): the personality when `bin` is given, else the real
 /// qemu-img.
-fn qemu_img_as(bin: Option<&Path>, dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Output {
+pub(crate) fn qemu_img_as(
+    bin: Option<&Path>,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+) -> Output {
     let mut command = Command::new("qemu-img");
     command.args(args).current_dir(dir);
     if let Some(bin) = bin {
@@ -81,7 +86,13 @@ fn text(bytes: &[u8]) -> String {
 
 /// Runs `args` with the real qemu-img in `dirs[0]` and the personality in `dirs[1]`; asserts
 /// the same exit code and the same stdout (`stdout`) and/or stderr (`stderr`).
-fn assert_same(bin: &Path, dirs: &[PathBuf; 2], args: &[&str], stdout: bool, stderr: bool) {
+pub(crate) fn assert_same(
+    bin: &Path,
+    dirs: &[PathBuf; 2],
+    args: &[&str],
+    stdout: bool,
+    stderr: bool,
+) {
     let theirs = qemu_img_as(None, &dirs[0], args, &[]);
     let ours = qemu_img_as(Some(bin), &dirs[1], args, &[]);
     let line = args.join(" ");

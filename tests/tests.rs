@@ -27,6 +27,7 @@ mod ops_xcheck;
 mod personality;
 mod qemu_xcheck;
 mod read_xcheck;
+mod rebase_resize_xcheck;
 mod reflink;
 mod registry;
 mod registry_safety;

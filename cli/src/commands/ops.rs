@@ -106,7 +106,7 @@ pub struct CommitArgs {
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
-/// `cowclone rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-u] -b NEW [-F FMT] FILE`
+/// `cowclone rebase [-f FMT] [-t CACHE] [-T CACHE] [-p] [-q] [-u] [-c] -b NEW [-F FMT] FILE`
 #[derive(Debug, clap::Args)]
 pub struct RebaseArgs {
     /// Format of FILE (only qcow2 images can be rebased).
@@ -127,6 +127,9 @@ pub struct RebaseArgs {
     /// Unsafe: rewrite the header only, copying no data.
     #[arg(short = 'u')]
     pub unsafe_header_only: bool,
+    /// Compress the clusters the rebase writes (qcow2; whole clusters).
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
     /// New backing file ("" removes it).
     #[arg(short = 'b', value_name = "BACKING")]
     pub backing: String,
@@ -338,6 +341,10 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
     if args.chain.no_backing {
         bail!("rebase reads the old backing file: --no-backing cannot be used with it");
     }
+    if args.compress && args.format.as_deref().is_some_and(|f| f != "qcow2") {
+        // qemu-img's words: only qcow2 writes compressed clusters.
+        bail!("Compression not supported for this file format");
+    }
     qcow2_only(&args.format, "rebase")?;
     for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
         cache_flushes(mode)?;
@@ -370,10 +377,14 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         Some((args.backing.clone(), fmt))
     };
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    let options = imagefmt::ops::rebase::RebaseOptions {
+        unsafe_header_only: args.unsafe_header_only,
+        compress: args.compress,
+    };
     imagefmt::ops::rebase::rebase_with_progress(
         &args.file,
         &new,
-        args.unsafe_header_only,
+        &options,
         &args.chain.policy(),
         &mut |done, total| progress.update(done, total),
     )

@@ -1,7 +1,9 @@
 //! `rebase`: point an overlay at a different backing file. Unsafe mode (`-u`) only rewrites the
 //! header. Safe mode first copies into the overlay every range it does not itself allocate whose
-//! content differs between the old and the new backing chain, so the guest sees the same data:
-//! ranges both chains report as zeros are not read, and zeros are written as zero clusters.
+//! content differs between the old and the new backing chain, so the guest sees the same data,
+//! and it writes what `qemu-img rebase` writes there (see [`copy_differences`]): the old chain's
+//! data, zeros included, as data clusters — compressed with `-c` — and zero clusters past the
+//! old backing file's end. Ranges both chains report as zeros are not read.
 
 use std::path::Path;
 
@@ -10,8 +12,7 @@ use crate::chain::{self, open_chain, open_qcow2_rw};
 use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
 use crate::offsets::GuestOffset;
-use crate::ops::compare::CHUNK;
-use crate::ops::convert;
+use crate::qcow2::compressed_writer::CompressedWriter;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::Result;
@@ -20,6 +21,20 @@ use crate::Result;
 /// (safe mode then copies all backing data into the image).
 pub type NewBacking = Option<(String, ImageFormat)>;
 
+/// What `qemu-img rebase` reads of the chains at once: one copy step never spans more, and the
+/// old backing file's end is judged per step (see [`copy_differences`]).
+const STEP: u64 = 2 << 20;
+
+/// How [`rebase_with_progress`] rebases.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RebaseOptions {
+    /// Unsafe mode (`-u`): only the header changes; no backing file is opened.
+    pub unsafe_header_only: bool,
+    /// `-c`: the clusters the safe copy writes are compressed (whole clusters, as `qemu-img
+    /// rebase -c` aligns them).
+    pub compress: bool,
+}
+
 /// Rebases the qcow2 image at `path`. Returns the guest bytes copied into it.
 pub fn rebase(
     path: &Path,
@@ -27,17 +42,23 @@ pub fn rebase(
     unsafe_header_only: bool,
     policy: &BackingPolicy,
 ) -> Result<u64> {
-    rebase_with_progress(path, new, unsafe_header_only, policy, &mut |_, _| {})
+    let options = RebaseOptions {
+        unsafe_header_only,
+        ..RebaseOptions::default()
+    };
+    rebase_with_progress(path, new, &options, policy, &mut |_, _| {})
 }
 
-/// [`rebase`], calling `progress(done, total)` (guest offsets) as the safe copy proceeds.
+/// [`rebase`] as `options` say, calling `progress(done, total)` (guest offsets) as the safe
+/// copy proceeds.
 pub fn rebase_with_progress(
     path: &Path,
     new: &NewBacking,
-    unsafe_header_only: bool,
+    options: &RebaseOptions,
     policy: &BackingPolicy,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
+    let unsafe_header_only = options.unsafe_header_only;
     let header_policy = if unsafe_header_only {
         &BackingPolicy::Deny
     } else {
@@ -57,7 +78,7 @@ pub fn rebase_with_progress(
         _ => None,
     };
     if !unsafe_header_only {
-        copied = copy_differences(&mut image, new_chain.as_deref(), progress)?;
+        copied = copy_differences(&mut image, new_chain.as_deref(), options.compress, progress)?;
     }
     image.set_backing(new.as_ref().map(|(n, f)| (n.as_str(), f.name())))?;
     image.set_below(new_chain);
@@ -84,51 +105,102 @@ pub fn rebase_header_only_named(path: &Path, name: &str, format_name: &str) -> R
     image.flush()
 }
 
-/// Safe rebase's copy: for every range the image does not hold itself (by its own extents),
-/// compares what the old chain and the new one read there, skipping ranges both report as zeros
-/// without reading; a range that differs gets the old content: data as data, zeros as zero
-/// clusters (never allocated data). Returns the guest bytes written.
+/// Safe rebase's copy, decided as `qemu-img rebase` decides it (qemu-img.c, `img_rebase`): for
+/// every range the image does not hold itself, taken in steps of at most [`STEP`], the old and
+/// the new chain are read and compared in write units (subclusters, or clusters when
+/// compressing); each run of units that differ gets what the old chain reads there, written
+/// as data (zeros included, so `qemu-img map` shows the same allocation) — or as zero clusters
+/// when the step starts at or past the old backing file's end, where qemu writes zeroes. A
+/// step never crosses that end (qemu's steps stop there when the new backing file lies in the
+/// old chain). Ranges both chains report as zeros are not read. Returns the guest bytes
+/// written.
 fn copy_differences<B: crate::io::Backend + Send + Sync>(
     image: &mut Qcow2Image<B>,
     new_chain: Option<&dyn GuestRead>,
+    compress: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let size = image.virtual_size();
-    let unit = image.unit_size();
-    let step = unit.max(CHUNK as u64) / unit * unit;
+    let unit = if compress {
+        image.header().cluster_size()
+    } else {
+        image.unit_size()
+    };
+    let step = STEP.max(unit) / unit * unit;
+    let old_end = image.below().map_or(0, |below| below.virtual_size());
     let (mut old, mut newer) = (vec![0u8; step as usize], vec![0u8; step as usize]);
+    let mut compressed = compress.then(|| CompressedWriter::new(image));
     let mut copied = 0;
     let mut at = 0u64;
     while at < size {
-        let own = image.block_status(GuestOffset(at), (size - at).min(step))?;
+        let mut limit = (size - at).min(step);
+        if at < old_end {
+            limit = limit.min(old_end.next_multiple_of(unit) - at);
+        }
+        let own = image.block_status(GuestOffset(at), limit)?;
         let len = own.len;
         if !own.is_allocated() {
             let (o, n) = (&mut old[..len as usize], &mut newer[..len as usize]);
             let old_zero = read_or_zeros(image.below(), o, at)?;
             let new_zero = read_or_zeros(new_chain, n, at)?;
             if !(old_zero && new_zero) && o != n {
-                // Only the units that differ.
-                let mut pos = 0usize;
-                while pos < o.len() {
-                    let end = (pos + (unit - (at + pos as u64) % unit) as usize).min(o.len());
-                    let (a, b) = (&o[pos..end], &n[pos..end]);
-                    if a != b {
-                        if convert::is_zero(a) {
-                            // The new chain reads data here: zero it even if the old reads zero.
-                            image.write_zeroes_over_backing(at + pos as u64, a.len() as u64)?;
-                        } else {
-                            image.write_at(a, at + pos as u64)?;
-                        }
-                        copied += a.len() as u64;
+                for (start, end) in differing_runs(o, n, at, unit) {
+                    let offset = at + start as u64;
+                    if at >= old_end {
+                        image.write_zeroes_over_backing(offset, (end - start) as u64)?;
+                    } else if let Some(writer) = compressed.as_mut() {
+                        write_compressed(image, writer, &o[start..end], offset, unit)?;
+                    } else {
+                        image.write_at(&o[start..end], offset)?;
                     }
-                    pos = end;
+                    copied += (end - start) as u64;
                 }
             }
         }
         at += len;
         progress(at, size);
     }
+    if let Some(writer) = compressed {
+        writer.finish(image)?;
+    }
     Ok(copied)
+}
+
+/// The runs (`start..end` indices) of `old` that differ from `new`, compared in `unit`s of the
+/// guest (the buffers start at guest offset `at`); adjacent differing units form one run.
+fn differing_runs(old: &[u8], new: &[u8], at: u64, unit: u64) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < old.len() {
+        let end = (pos + (unit - (at + pos as u64) % unit) as usize).min(old.len());
+        if old[pos..end] != new[pos..end] {
+            match runs.last_mut() {
+                Some(run) if run.1 == pos => run.1 = end,
+                _ => runs.push((pos, end)),
+            }
+        }
+        pos = end;
+    }
+    runs
+}
+
+/// Writes `data` at guest `offset` through the compressed writer, one `cluster` at a time (a
+/// piece that is not a whole cluster is written uncompressed by it).
+fn write_compressed<B: crate::io::Backend + Send + Sync>(
+    image: &mut Qcow2Image<B>,
+    writer: &mut CompressedWriter,
+    data: &[u8],
+    offset: u64,
+    cluster: u64,
+) -> Result<()> {
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let at = offset + pos as u64;
+        let end = (pos + (cluster - at % cluster) as usize).min(data.len());
+        writer.write(image, &data[pos..end], at)?;
+        pos = end;
+    }
+    Ok(())
 }
 
 /// Reads `buf` at `offset` from `chain` (zeros past its end or without one), reading only what

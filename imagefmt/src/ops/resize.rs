@@ -134,10 +134,11 @@ pub fn resize(
                 // qemu-img's shrink: clusters past the end dropped, the file cut after its
                 // last cluster in use (also to a size inside a cluster).
                 image.shrink_dropping(new_size)?;
+            } else if new_size > old_size {
+                image.grow_preallocated(new_size, preallocation)?;
             } else {
                 image.resize(new_size, options.allow_shrink)?;
             }
-            image.preallocate(old_size, new_size, preallocation)?;
             image.flush()?;
             Ok(Resized {
                 old_size,

@@ -368,26 +368,30 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Sets the virtual size to `new_size` (already rounded), growing the L1 table if needed.
-    /// A grown range reads as zeros, as in qemu: the old last cluster's tail past the old end
-    /// (data a shrink left there) and what a larger backing file would show through are zeroed.
+    /// A grown range reads as zeros: where a backing file longer than the old size would show
+    /// through, the whole grown range is zeroed, as qemu zeroes it (zero clusters, the old last
+    /// cluster's tail written); otherwise only an allocated old last cluster's tail (data a
+    /// shrink left there) is.
     fn set_virtual_size(&mut self, new_size: u64) -> Result<()> {
         let old_size = self.header.size;
         self.set_virtual_size_only(new_size)?;
         if new_size > old_size {
             let below_end = self.below.as_ref().map_or(0, |below| below.virtual_size());
-            let end = new_size.min(
-                old_size
-                    .next_multiple_of(self.header.cluster_size())
-                    .max(below_end),
-            );
-            if end > old_size {
-                self.write_zeroes(old_size, end - old_size)?;
+            let tail_end = new_size.min(old_size.next_multiple_of(self.header.cluster_size()));
+            if below_end > old_size {
+                self.write_zeroes(old_size, new_size - old_size)?;
+            } else if tail_end > old_size
+                && self
+                    .l2_entry(old_size)?
+                    .is_some_and(|e| e.entry != 0 || e.bitmap != 0)
+            {
+                self.write_zeroes(old_size, tail_end - old_size)?;
             }
         }
         Ok(())
     }
 
-    fn set_virtual_size_only(&mut self, new_size: u64) -> Result<()> {
+    pub(super) fn set_virtual_size_only(&mut self, new_size: u64) -> Result<()> {
         let needed = super::header::l1_entries_for(
             new_size,
             self.header.cluster_bits,
