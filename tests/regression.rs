@@ -116,7 +116,7 @@ fn read_error(bytes: Vec<u8>) -> (Error, usize) {
         largest_allocation(|| ImageHeader::read_detected(&backend, Path::new("x"), false));
     match result {
         Ok(h) => panic!("hostile image accepted: {h:?}"),
-        Err(Error::FormatMismatch { source, .. }) => (*source, largest),
+        Err(Error::FormatMismatch { source, .. }) => (source.into_inner(), largest),
         Err(e) => panic!("expected FormatMismatch, got {e:?}"),
     }
 }
@@ -451,7 +451,7 @@ fn qcow2_read_from_reads_the_whole_header_when_the_backing_offset_points_into_it
     let read = ImageHeader::read_detected(&MemBackend::new(image), Path::new("x"), false);
     match (read, parsed) {
         (Ok(ImageHeader::Qcow2(read)), Ok(parsed)) => assert_eq!(read, parsed),
-        (Err(Error::FormatMismatch { source, .. }), Err(parsed)) => match *source {
+        (Err(Error::FormatMismatch { source, .. }), Err(parsed)) => match source.into_inner() {
             Error::Qcow2(read) => assert_eq!(read, parsed),
             other => panic!("unexpected read error {other:?}"),
         },

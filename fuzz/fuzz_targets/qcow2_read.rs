@@ -37,7 +37,7 @@ fn metadata() -> &'static std::fs::Metadata {
 /// The format error inside a `read_as` failure.
 fn qcow2_error(e: Error) -> Qcow2Error {
     match e {
-        Error::FormatMismatch { source, .. } => match *source {
+        Error::FormatMismatch { source, .. } => match source.into_inner() {
             Error::Qcow2(e) => e,
             other => panic!("qcow2 read failed with a non-qcow2 error: {other:?}"),
         },
@@ -47,7 +47,7 @@ fn qcow2_error(e: Error) -> Qcow2Error {
 
 fn vdi_error(e: Error) -> VdiError {
     match e {
-        Error::FormatMismatch { source, .. } => match *source {
+        Error::FormatMismatch { source, .. } => match source.into_inner() {
             Error::Vdi(e) => e,
             other => panic!("VDI read failed with a non-VDI error: {other:?}"),
         },

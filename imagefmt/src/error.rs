@@ -83,7 +83,7 @@ pub enum Error {
         expected: &'static str,
         /// Why it does not parse as that format.
         #[source]
-        source: Box<Error>,
+        source: Cause,
     },
     /// The target exists and overwriting was not asked for.
     #[error("{path} already exists (use overwrite to replace it)")]
@@ -117,7 +117,7 @@ pub enum Error {
         path: PathBuf,
         /// What went wrong with it.
         #[source]
-        source: Box<Error>,
+        source: Cause,
     },
     /// A parameter of a request is out of its range.
     #[error("invalid parameter {name}: {reason}")]
@@ -174,7 +174,7 @@ impl Error {
             other => Error::InFile {
                 role,
                 path: path.to_owned(),
-                source: Box::new(other),
+                source: Cause::from(other),
             },
         }
     }
@@ -193,5 +193,54 @@ impl Error {
                     | Error::FormatMismatch { .. }
             ),
         }
+    }
+}
+
+/// The boxed cause inside [`Error::FormatMismatch`] and [`Error::InFile`].
+///
+/// It dereferences to the inner [`Error`] and is deliberately not an error itself: their
+/// [`std::error::Error::source`] then yields the inner `Error`, not a box around it, so
+/// `downcast_ref::<Error>()` over an error chain finds every engine error in it.
+pub struct Cause(Box<Error>);
+
+impl Cause {
+    /// The inner error.
+    pub fn into_inner(self) -> Error {
+        *self.0
+    }
+}
+
+impl From<Error> for Cause {
+    fn from(e: Error) -> Self {
+        Cause(Box::new(e))
+    }
+}
+
+impl std::ops::Deref for Cause {
+    type Target = Error;
+
+    fn deref(&self) -> &Error {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_of_an_error_in_a_file_is_the_engine_error_itself() {
+        let e = Error::SizeRequired.in_file("destination", std::path::Path::new("x"));
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<Error>(),
+            Some(Error::SizeRequired)
+        ));
     }
 }

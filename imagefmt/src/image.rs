@@ -34,7 +34,7 @@ impl ImageHeader {
         let mismatch = |source: Error| Error::FormatMismatch {
             path: path.to_owned(),
             expected: format.name(),
-            source: Box::new(source),
+            source: source.into(),
         };
         match format {
             ImageFormat::Qcow2 => HeaderCluster::read_from(backend)

@@ -116,4 +116,4 @@ pub mod vdi;
 // private; detect.rs is public for its probes).
 pub use builder::{CreatedImage, Qcow2Builder};
 pub use detect::{ForeignFormat, ImageFormat};
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};

@@ -312,12 +312,7 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         _ => format!("Could not open '{}': ", path.display()),
     };
     for cause in e.chain() {
-        // An error naming its file (`Error::InFile`) holds its cause boxed.
-        let engine = cause.downcast_ref::<imagefmt::Error>().or_else(|| {
-            cause
-                .downcast_ref::<Box<imagefmt::Error>>()
-                .map(|boxed| &**boxed)
-        });
+        let engine = cause.downcast_ref::<imagefmt::Error>();
         let lock = match engine {
             Some(imagefmt::Error::Lock(lock)) => Some(lock),
             Some(imagefmt::Error::Backing(imagefmt::backing::BackingError::Loop { path })) => {
