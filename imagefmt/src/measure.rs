@@ -12,7 +12,11 @@
 //!   block status (zero and unallocated ranges need nothing); everything with
 //!   `preallocation=falloc|full`, or when a `backing_file` is named (qemu cannot know what the
 //!   new backing file shares). `bitmaps size` is given when the output is v3 and the source is
-//!   a qcow2 v3 image (which can carry persistent bitmaps).
+//!   a qcow2 v3 image (which can carry persistent bitmaps): qemu's
+//!   `qcow2_get_persistent_dirty_bitmap_size`, for each of the source's bitmaps every data
+//!   cluster (as if all of it were allocated) and its bitmap table rounded up to whole
+//!   clusters, plus the bitmap directory rounded up to whole clusters, all in the output's
+//!   cluster size.
 //! * raw: the virtual size (rounded up to 512 bytes for `--size`), required and fully allocated
 //!   alike.
 
@@ -26,9 +30,8 @@ use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
 use crate::image::ImageHeader;
 use crate::offsets::GuestOffset;
+use crate::qcow2::bitmap;
 use crate::qcow2::create::CreateOptions;
-use crate::qcow2::extensions::Extension;
-use crate::qcow2::features::AutoclearFeatures;
 use crate::qcow2::header::Version;
 use crate::qcow2::Qcow2Error;
 use crate::qcow2::MAX_L1_TABLE_BYTES;
@@ -145,10 +148,39 @@ pub enum MeasureSource<'a> {
     Image {
         /// The chain's top image.
         top: &'a dyn GuestRead,
-        /// The top image can carry persistent bitmaps (qcow2 v3): the size its bitmaps need
-        /// (0 without bitmaps); `None` for other formats.
-        bitmaps: Option<u64>,
+        /// The top image can carry persistent bitmaps (qcow2 v3): its bitmaps (empty without
+        /// any); `None` for other formats.
+        bitmaps: Option<&'a [SourceBitmap]>,
     },
+}
+
+/// What `measure` needs to know of one persistent bitmap of the source image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceBitmap {
+    /// Bytes of guest disk one bit stands for.
+    pub granularity_bits: u8,
+    /// Length of the bitmap's name in bytes.
+    pub name_len: usize,
+}
+
+/// qemu's `qcow2_get_persistent_dirty_bitmap_size`: bytes the `bitmaps` of a disk of
+/// `disk_size` bytes take in an image of `cluster` bytes a cluster, with every bitmap cluster
+/// allocated.
+fn bitmaps_size(bitmaps: &[SourceBitmap], disk_size: u64, cluster: u64) -> Result<u64> {
+    let mut total = 0u64;
+    let mut directory = 0u64;
+    for bitmap in bitmaps {
+        let bytes = bitmap::bit_count(disk_size, bitmap.granularity_bits).div_ceil(8);
+        let clusters = bytes.div_ceil(cluster);
+        let table = round_up(clusters * 8, cluster)?;
+        total = total
+            .checked_add(clusters * cluster + table)
+            .ok_or(TOO_LARGE)?;
+        directory += bitmap::directory_entry_len(bitmap.name_len) as u64;
+    }
+    total
+        .checked_add(round_up(directory, cluster)?)
+        .ok_or(TOO_LARGE)
 }
 
 /// Measures `source` as a new image with `options` (qemu-img measure's numbers).
@@ -196,6 +228,12 @@ fn measure_qcow2(options: &MeasureOptions, source: MeasureSource<'_>) -> Result<
             } else {
                 data_clusters_bytes(top, cluster)?
             };
+            let bitmaps = match bitmaps {
+                Some(b) if layout.compat.version() == Version::V3 => {
+                    Some(bitmaps_size(b, top.virtual_size(), cluster)?)
+                }
+                _ => None,
+            };
             (virtual_size, required, bitmaps)
         }
     };
@@ -212,7 +250,7 @@ fn measure_qcow2(options: &MeasureOptions, source: MeasureSource<'_>) -> Result<
         l2_entry,
     )?;
     Ok(Measurement {
-        bitmaps: bitmaps.filter(|_| layout.compat.version() == Version::V3),
+        bitmaps,
         required: fully_allocated - virtual_size + required,
         fully_allocated,
     })
@@ -282,8 +320,8 @@ fn round_up(value: u64, to: u64) -> Result<u64> {
 }
 
 /// Measures the image at `path` (format from content unless `format` names it) with its chain
-/// as `chain` allows. A qcow2 v3 source can carry persistent bitmaps; one that does is refused
-/// (measuring them is not supported yet), one without reports `bitmaps size: 0` as qemu does.
+/// as `chain` allows. A qcow2 v3 source can carry persistent bitmaps: their size is reported
+/// (`bitmaps size: 0` without any, as qemu does).
 pub fn measure_image(
     path: &Path,
     format: Option<ImageFormat>,
@@ -292,33 +330,25 @@ pub fn measure_image(
 ) -> Result<Measurement> {
     let file = crate::open::open_image(path, chain.open_how().metadata_only())?;
     let header = ImageHeader::read(&file, format, path, true)?;
-    drop(file);
     let bitmaps = match &header {
-        ImageHeader::Qcow2(cluster) if cluster.header.version == Version::V3 => {
-            let has_bitmaps = cluster
-                .header
-                .autoclear_features
-                .contains(AutoclearFeatures::BITMAPS)
-                && cluster
-                    .extensions
-                    .iter()
-                    .any(|e| matches!(e, Extension::Bitmaps(_)));
-            if has_bitmaps {
-                return Err(Error::InvalidParameter {
-                    name: "FILE",
-                    reason: "measuring an image with persistent bitmaps is not supported",
-                });
-            }
-            Some(0)
-        }
+        ImageHeader::Qcow2(cluster) if cluster.header.version == Version::V3 => Some(
+            bitmap::read_directory(&file, cluster)?
+                .iter()
+                .map(|e| SourceBitmap {
+                    granularity_bits: e.granularity_bits,
+                    name_len: e.name.len(),
+                })
+                .collect::<Vec<_>>(),
+        ),
         _ => None,
     };
+    drop(file);
     let top = crate::chain::open_chain_with(path, Some(header.format()), chain)?;
     measure(
         options,
         MeasureSource::Image {
             top: top.as_ref(),
-            bitmaps,
+            bitmaps: bitmaps.as_deref(),
         },
     )
 }

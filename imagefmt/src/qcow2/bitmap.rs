@@ -206,7 +206,7 @@ impl BitmapEntry {
 
     /// Bytes this entry occupies in the directory.
     pub fn encoded_len(&self) -> usize {
-        (DIR_ENTRY_LEN + self.name.len()).next_multiple_of(8)
+        directory_entry_len(self.name.len())
     }
 
     /// qemu's `check_dir_entry` for an image of `cluster_size` and guest size `disk_size`.
@@ -229,6 +229,11 @@ impl BitmapEntry {
             && phys <= MAX_PHYS_SIZE
             && (self.flags.contains(BitmapFlags::IN_USE) || covers_disk())
     }
+}
+
+/// Bytes a directory entry with a name of `name_len` bytes (and no extra data) occupies.
+pub fn directory_entry_len(name_len: usize) -> usize {
+    (DIR_ENTRY_LEN + name_len).next_multiple_of(8)
 }
 
 /// The guest length a bitmap covers: the disk size in whole 512-byte sectors, as qemu counts it.
@@ -990,17 +995,75 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if dir_size as u64 > MAX_BITMAP_DIRECTORY_SIZE {
             return Err(cannot("Bitmap directory is too large").into());
         }
-        // An empty table (every entry 0: all zeros) in fresh clusters.
+        // qemu adds the bitmap in memory and stores every bitmap when it closes the image:
+        // the existing ones are copied to fresh clusters first, in directory order, then the
+        // new (empty) table is written, then the directory; the old copies are freed last.
+        // Doing the same gives qemu's layout (and file length).
+        let old = entries.clone();
+        for existing in entries.iter_mut() {
+            *existing = self.copy_bitmap(existing)?;
+        }
         let table_bytes = table_size.max(1) * 8;
-        let clusters = table_bytes.div_ceil(cluster_size);
-        let offset = self.alloc_contiguous(clusters)?;
-        self.write_host(&vec![0u8; (clusters * cluster_size) as usize], offset)?;
+        entry.table_offset = self.write_fresh(&vec![0u8; table_bytes as usize])?;
+        entries.push(entry);
+        self.store_directory(&entries)?;
+        for replaced in &old {
+            self.free_bitmap_data(replaced, true)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to fresh contiguous clusters (counted as metadata) and returns their
+    /// offset. The last cluster is written only as far as `bytes` go, as qemu writes bitmap
+    /// tables and directories.
+    fn write_fresh(&mut self, bytes: &[u8]) -> Result<u64> {
+        let clusters = (bytes.len() as u64)
+            .div_ceil(self.header.cluster_size())
+            .max(1);
+        let offset = self.alloc_run(clusters)?;
+        self.write_host(bytes, offset)?;
         let first = offset >> self.header.cluster_bits;
         self.state().metadata.extend(first..first + clusters);
         self.barrier()?;
-        entry.table_offset = offset;
-        entries.push(entry);
-        self.store_directory(&entries)
+        Ok(offset)
+    }
+
+    /// Copies the bitmap `entry` to fresh clusters as qemu stores a loaded bitmap: a new data
+    /// cluster for every cluster of bits with a bit set (in table order), none for one without,
+    /// then a new table. Returns the entry pointing at the copy; the original stays as it was.
+    fn copy_bitmap(&mut self, entry: &BitmapEntry) -> Result<BitmapEntry> {
+        let cluster_size = self.header.cluster_size();
+        let table = read_table(&self.backend, entry, cluster_size)?;
+        let bits = bit_count(self.header.size, entry.granularity_bits);
+        let per_cluster = cluster_size * 8;
+        let mut data = vec![0u8; cluster_size as usize];
+        let mut copy = Vec::with_capacity(table.len() * 8);
+        for (i, &t) in table.iter().enumerate() {
+            let base = i as u64 * per_cluster;
+            let limit = bits.saturating_sub(base).min(per_cluster);
+            let new = match read_cluster_bits(&self.backend, t, &mut data)? {
+                ClusterBits::Zeros => 0,
+                ClusterBits::Ones => {
+                    data.fill(0);
+                    set_bit_range(&mut data, 0, limit);
+                    self.write_fresh(&data)?
+                }
+                ClusterBits::Data => {
+                    clear_bits_from(&mut data, limit);
+                    if data.iter().all(|&b| b == 0) {
+                        0
+                    } else {
+                        self.write_fresh(&data)?
+                    }
+                }
+            };
+            copy.extend_from_slice(&new.to_be_bytes());
+        }
+        let table_offset = self.write_fresh(&copy)?;
+        Ok(BitmapEntry {
+            table_offset,
+            ..entry.clone()
+        })
     }
 
     /// Frees the data clusters of `entry` (table entries set to 0 first); with `table`, also
@@ -1056,15 +1119,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             cluster.header.autoclear_features -= AutoclearFeatures::BITMAPS;
         } else {
             let dir = encode_directory(entries);
-            let clusters = (dir.len() as u64).div_ceil(cluster_size);
-            let offset = self.alloc_contiguous(clusters)?;
-            let mut padded = dir.clone();
-            padded.resize((clusters * cluster_size) as usize, 0);
-            self.write_host(&padded, offset)?;
-            self.state()
-                .metadata
-                .extend((0..clusters).map(|i| (offset >> cluster_bits) + i));
-            self.barrier()?;
+            let offset = self.write_fresh(&dir)?;
             // qemu's order: backing format, data file, encryption, feature table, bitmaps,
             // then unknown extensions.
             let at = cluster
