@@ -314,7 +314,12 @@ fn resize_shrink_punches_the_freed_clusters_out_of_the_file_as_qemu_img_does() {
     assert_judged_same(&dirs, "t.qcow2", true, "resize --shrink");
     let theirs = allocated_bytes(&dirs[0].join("t.qcow2"));
     let ours = allocated_bytes(&dirs[1].join("t.qcow2"));
-    assert_eq!(ours, theirs, "allocated bytes after the shrink");
+    // Not byte-equal: ext4 sometimes gives qemu-img's file one more 4 KiB block (seen under
+    // load), so the files may differ by less than a cluster.
+    assert!(
+        ours.abs_diff(theirs) < 64 << 10,
+        "allocated bytes after the shrink: cowclone {ours}, qemu-img {theirs}"
+    );
     assert!(
         before - ours >= 3 << 20,
         "{before} -> {ours}: the freed data stayed on disk"
