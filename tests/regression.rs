@@ -264,6 +264,8 @@ fn qcow2_unknown_incompatible_feature_bit_5_is_refused() {
     image[79] |= 1 << 5; // incompatible_features, bytes 72-79 big-endian: bit 5
     assert_qcow2_refused(image, || Qcow2Error::UnsupportedIncompatibleFeatures {
         bits: 32,
+        names: Vec::new(),
+        unnamed: 32,
     });
 }
 

@@ -4,7 +4,8 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use imagefmt::preallocate::Preallocation;
-use imagefmt::qcow2::CreateOptions;
+use imagefmt::qcow2::create::REFCOUNT_BITS_RANGE;
+use imagefmt::qcow2::{CreateOptions, Qcow2Error};
 use imagefmt::{ImageFormat, Qcow2Builder};
 
 use crate::args::CreateArgs;
@@ -31,6 +32,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     let mut backing_format = None;
     let mut data_file = args.data_file.clone();
     let mut data_file_raw = args.data_file_raw.then_some(true);
+    let mut deferred = None;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         if item == "help" || item == "?" {
             writeln!(out, "Supported options (qemu-img create -f qcow2 syntax):")?;
@@ -55,12 +57,23 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             "data_file_raw" => {
                 data_file_raw = Some(crate::commands::vdi_create::parse_on_off(key, value)?)
             }
-            "compat" => {
-                options.set(key, value)?;
-                compat_text = Some(value.to_owned());
-            }
             "preallocation" => preallocation = Some(Preallocation::parse(value, true)?),
-            _ => options.set(key, value)?,
+            _ => {
+                if key == "compat" {
+                    compat_text = Some(value.to_owned());
+                }
+                match options.set(key, value) {
+                    // A value the format refuses (not one that does not parse): qemu-img
+                    // says so after its "Formatting" line.
+                    Err(e @ Qcow2Error::InvalidOption { option, reason, .. })
+                        if matches!(option, "compat" | "compression_type")
+                            || reason == REFCOUNT_BITS_RANGE =>
+                    {
+                        deferred.get_or_insert(e);
+                    }
+                    result => result?,
+                }
+            }
         }
     }
     backing = args.backing.clone().or(backing);
@@ -96,12 +109,8 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         (None, Some(true)) => bail!("{}: data-file-raw requires data-file", shown_name(&args)),
         (None, _) => {}
     }
-    let created = builder
-        .create()
-        .with_context(|| format!("{}", args.file.display()))?;
-    if !args.quiet {
-        // The line qemu-img prints, in its order; size as requested (or the backing file's).
-        let shown_size = size.unwrap_or(created.virtual_size);
+    // The line qemu-img prints, in its order; size as requested (or the backing file's).
+    let line = |size: u64, backing: Option<(&str, &str)>| {
         let mut line = format!(
             "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
             shown_name(&args),
@@ -112,17 +121,14 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             line.push_str(&format!(" preallocation={}", mode.name()));
         }
         line.push_str(&format!(
-            " compression_type={} size={shown_size}",
+            " compression_type={} size={size}",
             options.compression_type.name()
         ));
         if let Some(compat) = &compat_text {
             line.push_str(&format!(" compat={compat}"));
         }
-        if let Some(b) = &created.backing {
-            line.push_str(&format!(
-                " backing_file={} backing_fmt={}",
-                b.name, b.format
-            ));
+        if let Some((name, format)) = backing {
+            line.push_str(&format!(" backing_file={name} backing_fmt={format}"));
         }
         if let Some(name) = &data_file {
             line.push_str(&format!(" data_file={name}"));
@@ -135,7 +141,27 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             on_off(options.lazy_refcounts),
             options.refcount_bits
         ));
-        writeln!(out, "{line}")?;
+        line
+    };
+    let created = match deferred.map_or_else(|| builder.create(), |e| Err(e.into())) {
+        Ok(created) => created,
+        Err(e) => {
+            // qemu-img prints its line before the format's create refuses the request.
+            if let (imagefmt::Error::Qcow2(_), Some(size), false) = (&e, size, args.quiet) {
+                let given = backing.as_deref().zip(backing_format.as_deref());
+                writeln!(out, "{}", line(size, given))?;
+            }
+            return Err(e).with_context(|| format!("{}", args.file.display()));
+        }
+    };
+    if !args.quiet {
+        let backing = created.backing.as_ref();
+        let backing = backing.map(|b| (b.name.as_str(), b.format.as_str()));
+        writeln!(
+            out,
+            "{}",
+            line(size.unwrap_or(created.virtual_size), backing)
+        )?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@
 
 mod filename;
 mod getopt;
+mod messages;
 mod options;
 
 use std::ffi::{OsStr, OsString};
@@ -65,6 +66,8 @@ pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
             1
         }
         Failure::Error(message, code) => {
+            // What the command printed (qemu-img create's "Formatting" line) comes first.
+            let _ = out.flush();
             eprintln!("qemu-img: {message}");
             code
         }
@@ -311,6 +314,9 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         "create" => format!("{}: ", path.display()),
         _ => format!("Could not open '{}': ", path.display()),
     };
+    if let Some(message) = messages::qemu_message(command, e) {
+        return message;
+    }
     for cause in e.chain() {
         let engine = cause.downcast_ref::<imagefmt::Error>();
         let lock = match engine {
@@ -621,6 +627,11 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
         .last("F")
         .map(str::to_owned)
         .or(take_option(&mut items, "backing_fmt"));
+    if backing.is_some() && backing_format.is_none() {
+        return Err(error(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
     format_flag(&mut plan, parsed.last("f"), &source)?;
     let output_format = parsed.last("O").or(dest.format.as_deref()).unwrap_or("raw");
     plan.arg("-O").arg(output_format);
@@ -873,9 +884,9 @@ fn rebase(args: &[String]) -> Result<Plan, Failure> {
     }
     let backing = parsed.last("b").unwrap_or("");
     if !backing.is_empty() && parsed.last("F").is_none() {
-        return Err(error(
-            "Use of backing file requires explicit backing format",
-        ));
+        return Err(error(format!(
+            "Could not change the backing file to '{backing}': backing format must be specified"
+        )));
     }
     let mut plan = Plan::new("rebase");
     format_flag(&mut plan, parsed.last("f"), &image)?;

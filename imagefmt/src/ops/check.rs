@@ -99,6 +99,9 @@ pub fn check_image(
         }
         _ => None,
     };
+    if repair != Repair::None {
+        crate::qcow2::header::clear_unknown_autoclear(&file, &cluster.header)?;
+    }
     let failed = |e: Error| e.in_file("Check failed:", path);
     let first = crate::qcow2::check::check(&file, repair).map_err(failed)?;
     let (mut report, repair_pass) = if first.repaired_anything() {

@@ -97,9 +97,11 @@ impl CreateOptions {
                 }
             }
             "refcount_bits" => {
-                self.refcount_bits = parse_qemu_uint(value)
-                    .and_then(|n| u32::try_from(n).ok())
+                let bits = parse_qemu_uint(value)
                     .ok_or_else(|| invalid("refcount_bits", "expected 1, 2, 4, 8, 16, 32 or 64"))?;
+                // A number (-1 too, as qemu reads it) too wide to be a refcount width.
+                self.refcount_bits = u32::try_from(bits)
+                    .map_err(|_| invalid("refcount_bits", REFCOUNT_BITS_RANGE))?;
             }
             "lazy_refcounts" => {
                 self.lazy_refcounts = parse_bool(value).ok_or_else(|| invalid("lazy_refcounts", "expected on or off"))?
@@ -141,7 +143,7 @@ impl CreateOptions {
             return Err(Qcow2Error::InvalidOption {
                 option: "refcount_bits",
                 value: self.refcount_bits.to_string(),
-                reason: "must be a power of two up to 64",
+                reason: REFCOUNT_BITS_RANGE,
             });
         }
         if self.compat == Compat::V0_10 {
@@ -185,10 +187,19 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
+/// The rule a refcount width breaks when it is refused.
+pub const REFCOUNT_BITS_RANGE: &str = "must be a power of two up to 64";
+
 /// qemu's unsigned integer option syntax (`strtoull` with base 0): leading whitespace allowed,
-/// `0x` hex, a leading `0` means octal.
+/// `0x` hex, a leading `0` means octal, and a leading `-` negates modulo 2^64 (`-1` is
+/// 2^64 - 1), as qemu reads numbers in option lists.
 pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
     let value = value.trim_start();
+    if let Some(negated) = value.strip_prefix('-') {
+        return parse_qemu_uint(negated)
+            .filter(|_| !negated.starts_with(['-', '+']))
+            .map(u64::wrapping_neg);
+    }
     let value = value.strip_prefix('+').unwrap_or(value);
     if let Some(hex) = value
         .strip_prefix("0x")

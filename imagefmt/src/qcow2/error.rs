@@ -73,10 +73,18 @@ pub enum Qcow2Error {
     #[error("qcow2 backing file name is not a valid file name")]
     BackingFileNameInvalid,
     /// Incompatible feature bits this implementation does not know.
-    #[error("qcow2 image uses unsupported incompatible features {bits:#x}")]
+    #[error(
+        "qcow2 image uses unsupported incompatible features {bits:#x}{}",
+        named(names)
+    )]
     UnsupportedIncompatibleFeatures {
         /// The unknown bits.
         bits: u64,
+        /// The names the image's feature-name table gives some of them, in table order (as
+        /// qemu lists them; see [`super::features::name_incompatible`]).
+        names: Vec<String>,
+        /// The unknown bits the table does not name.
+        unnamed: u64,
     },
     /// A compression type other than deflate (0) or zstd (1).
     #[error("qcow2 compression type {found} is unknown")]
@@ -195,12 +203,6 @@ pub enum Qcow2Error {
         /// Where the extension area ends.
         end: u64,
     },
-    /// The same known extension twice.
-    #[error("qcow2 header extension {kind:#010x} appears more than once")]
-    DuplicateExtension {
-        /// The extension type.
-        kind: u32,
-    },
     /// A known extension whose length or content is invalid.
     #[error("qcow2 header extension {kind:#010x} is invalid: {reason}")]
     InvalidExtension {
@@ -279,4 +281,13 @@ pub enum Qcow2Error {
     /// The internal snapshot table, or a snapshot operation, was refused.
     #[error(transparent)]
     Snapshot(#[from] super::snapshot::SnapshotError),
+}
+
+/// ` (…: A, B)` after the bits of an unsupported-features error, if the image names any.
+fn named(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (the image names them: {})", names.join(", "))
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! Spec: qemu `docs/interop/qcow2.rst`, "Header extensions"; FORMATS.md §1.3. Each record is
 //! `u32 type, u32 length, data, zero padding to a multiple of 8`; type 0 ends the area. Unknown
-//! types are kept verbatim so that rewriting a header loses nothing.
+//! types are kept verbatim so that rewriting a header loses nothing; a known type that appears
+//! more than once counts as its last copy, as in qemu.
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -165,15 +166,55 @@ pub fn parse_extensions(
         }
         let data = slice(cluster0, data_start, len)?;
         let extension = decode_one(kind, data, header)?;
-        if !matches!(extension, Extension::Unknown { .. })
-            && extensions.iter().any(|e| e.kind() == kind)
-        {
-            return Err(Qcow2Error::DuplicateExtension { kind });
+        // A known extension that appears again replaces the earlier copy: qemu reads each into
+        // one place (the last one wins) and writes one of each back.
+        if !matches!(extension, Extension::Unknown { .. }) {
+            extensions.retain(|e| e.kind() != kind);
         }
         extensions.push(extension);
         offset = data_start + len.next_multiple_of(8);
     }
     Ok((extensions, end))
+}
+
+/// The feature-name table qemu would use to name unknown incompatible features of an image it
+/// refuses: the last table in the extension area, as far as the area can be walked (a record
+/// that does not decode ends the walk, keeping a table found before it). A table whose length is
+/// not a whole number of entries ends in a zero-padded one. Never fails; bounded by `cluster0`.
+pub fn feature_table_for_refusal(cluster0: &[u8], header: &Header) -> Vec<FeatureName> {
+    let end = extension_area_end(header);
+    let mut offset = header.encoded_len() as u64;
+    let mut table = Vec::new();
+    while let Some(data_start) = offset.checked_add(8).filter(|&start| start <= end) {
+        let Ok(prefix) = slice(cluster0, offset, 8) else {
+            break;
+        };
+        let kind = BigEndian::read_u32(&prefix[0..4]);
+        let len = u64::from(BigEndian::read_u32(&prefix[4..8]));
+        if kind == EXT_END || len > end - data_start {
+            break;
+        }
+        let Ok(data) = slice(cluster0, data_start, len) else {
+            break;
+        };
+        // qemu reads a table into a zeroed buffer: a partial last entry counts, zero-padded.
+        let mut padded;
+        let data = match kind {
+            EXT_FEATURE_TABLE => {
+                padded = data.to_vec();
+                padded.resize(data.len().next_multiple_of(FEATURE_ENTRY_LEN), 0);
+                &padded[..]
+            }
+            _ => data,
+        };
+        match decode_one(kind, data, header) {
+            Ok(Extension::FeatureNameTable(entries)) => table = entries,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        offset = data_start + len.next_multiple_of(8);
+    }
+    table
 }
 
 fn decode_one(kind: u32, data: &[u8], header: &Header) -> Result<Extension, Qcow2Error> {

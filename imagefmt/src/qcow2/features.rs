@@ -139,6 +139,25 @@ pub fn standard_feature_table() -> Vec<FeatureName> {
     ]
 }
 
+/// Names unknown incompatible `bits` from an image's feature-name `table`, as qemu does when it
+/// refuses them: the table is read in order up to its first entry with an empty name, each
+/// incompatible entry naming a bit still unnamed in `bits` contributes its name (once per bit,
+/// the first entry wins). Returns the names in table order and the bits left unnamed.
+pub fn name_incompatible(table: &[FeatureName], bits: u64) -> (Vec<String>, u64) {
+    let mut names = Vec::new();
+    let mut unnamed = bits;
+    for entry in table.iter().take_while(|entry| entry.name[0] != 0) {
+        let Some(mask) = 1u64.checked_shl(u32::from(entry.bit)) else {
+            continue; // bit 64 or above names nothing
+        };
+        if entry.kind == FeatureKind::Incompatible && unnamed & mask != 0 {
+            names.push(entry.name_lossy());
+            unnamed &= !mask;
+        }
+    }
+    (names, unnamed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +167,27 @@ mod tests {
         let bits = (1u64 << 5) | 1;
         let unknown = bits & !IncompatibleFeatures::SUPPORTED.bits();
         assert_eq!(unknown, 1 << 5);
+    }
+
+    #[test]
+    fn unknown_bits_are_named_in_table_order_up_to_the_first_empty_name() {
+        use FeatureKind::{Autoclear, Compatible, Incompatible};
+        let table = [
+            FeatureName::new(Compatible, 61, "compatible 61"),
+            FeatureName::new(Incompatible, 62, "second"),
+            FeatureName::new(Incompatible, 61, "first"),
+            FeatureName::new(Incompatible, 61, "again"),
+            FeatureName::new(Autoclear, 63, "autoclear 63"),
+            FeatureName::new(Incompatible, 200, "out of range"),
+            FeatureName::new(Incompatible, 60, ""),
+            FeatureName::new(Incompatible, 63, "after the end"),
+        ];
+        let bits = 0xf << 60;
+        assert_eq!(
+            name_incompatible(&table, bits),
+            (vec!["second".to_owned(), "first".to_owned()], 0x9 << 60)
+        );
+        assert_eq!(name_incompatible(&[], bits), (Vec::new(), bits));
     }
 
     #[test]

@@ -172,6 +172,14 @@ impl Header {
     /// header_length for v3). Nothing is allocated beyond `header_length`, itself bounded by the
     /// cluster size (≤ 2 MiB).
     pub fn parse(bytes: &[u8]) -> Result<Self, Qcow2Error> {
+        let header = Self::parse_fields(bytes)?;
+        header.validate()?;
+        Ok(header)
+    }
+
+    /// Decodes the fixed header with only the checks decoding itself needs (magic, version,
+    /// cluster_bits, header_length, compression type), not [`Header::validate`]'s bounds.
+    pub(crate) fn parse_fields(bytes: &[u8]) -> Result<Self, Qcow2Error> {
         need(bytes, V2_HEADER_LEN as usize)?;
         let be32 = |off: usize| BigEndian::read_u32(&bytes[off..off + 4]);
         let be64 = |off: usize| BigEndian::read_u64(&bytes[off..off + 8]);
@@ -242,8 +250,6 @@ impl Header {
                     bytes[V3_MIN_HEADER_LEN as usize + 1..header_length as usize].to_vec();
             }
         }
-
-        header.validate()?;
         Ok(header)
     }
 
@@ -284,9 +290,15 @@ impl Header {
             }
         }
 
+        // Checked after the backing-name bounds: HeaderCluster relies on them to read the
+        // extension area for the names of these features.
         let unknown = self.incompatible_features.bits() & !IncompatibleFeatures::SUPPORTED.bits();
         if unknown != 0 {
-            return Err(Qcow2Error::UnsupportedIncompatibleFeatures { bits: unknown });
+            return Err(Qcow2Error::UnsupportedIncompatibleFeatures {
+                bits: unknown,
+                names: Vec::new(),
+                unnamed: unknown,
+            });
         }
         let bit_set = self
             .incompatible_features
@@ -390,6 +402,26 @@ impl Header {
         }
         out
     }
+}
+
+/// Byte offset of the autoclear feature bits in a v3 header.
+const AUTOCLEAR_FEATURES_OFFSET: u64 = 88;
+
+/// What qemu does to an image it opens for writing (its `qcow2_do_open`): autoclear bits it
+/// does not know are cleared in the file, since a writer that does not know a feature cannot
+/// keep it consistent. Returns true if the header was changed.
+pub(crate) fn clear_unknown_autoclear<B: crate::io::Backend + ?Sized>(
+    backend: &B,
+    header: &Header,
+) -> Result<bool, crate::Error> {
+    let known = header.autoclear_features & AutoclearFeatures::all();
+    if header.version != Version::V3 || known == header.autoclear_features {
+        return Ok(false);
+    }
+    backend
+        .write_all_at(&known.bits().to_be_bytes(), AUTOCLEAR_FEATURES_OFFSET)
+        .map_err(crate::Error::writing("qcow2 autoclear feature bits"))?;
+    Ok(true)
 }
 
 /// Entries per L2 table for a cluster size and entry width.
@@ -545,7 +577,7 @@ pub(crate) mod tests {
                 )
             }),
             (72, (1u64 << 5).to_be_bytes().to_vec(), |e| {
-                matches!(e, E::UnsupportedIncompatibleFeatures { bits: 32 })
+                matches!(e, E::UnsupportedIncompatibleFeatures { bits: 32, .. })
             }),
             (72, (1u64 << 3).to_be_bytes().to_vec(), |e| {
                 matches!(

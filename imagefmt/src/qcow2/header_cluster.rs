@@ -6,8 +6,10 @@
 //! marker, then the backing name right after the marker.
 
 use super::error::Qcow2Error;
-use super::extensions::{encode_extensions, extension_area_end, parse_extensions, Extension};
-use super::features::IncompatibleFeatures;
+use super::extensions::{
+    encode_extensions, extension_area_end, feature_table_for_refusal, parse_extensions, Extension,
+};
+use super::features::{name_incompatible, IncompatibleFeatures};
 use super::header::{Header, Version};
 use crate::io::Backend;
 
@@ -30,7 +32,7 @@ impl HeaderCluster {
     /// Decodes cluster 0 from the start of the file. `bytes` may be shorter than a cluster if the
     /// file is; anything the header points at must be inside `bytes`.
     pub fn parse(bytes: &[u8]) -> Result<Self, Qcow2Error> {
-        let header = Header::parse(bytes)?;
+        let header = Header::parse(bytes).map_err(|e| name_unsupported_features(e, bytes))?;
         let (extensions, _) = parse_extensions(bytes, &header)?;
         // An empty name means no backing file, as qemu reads it.
         let backing_file = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
@@ -70,6 +72,9 @@ impl HeaderCluster {
                 Err(Qcow2Error::Truncated { needed, .. }) if got == want && needed > want => {
                     want = needed
                 }
+                Err(e @ Qcow2Error::UnsupportedIncompatibleFeatures { .. }) => {
+                    return Err(Self::name_features_from(backend, &start[..got], e).into())
+                }
                 result => break result?,
             }
         };
@@ -94,6 +99,25 @@ impl HeaderCluster {
             }
         }
         unreachable!("the second pass reads the whole area")
+    }
+
+    /// Names the features of an unsupported-features error from the feature-name table of the
+    /// image on `backend`, whose fixed header is `start` (reads at most the first cluster; a
+    /// read failure names nothing).
+    fn name_features_from<B: Backend + ?Sized>(
+        backend: &B,
+        start: &[u8],
+        e: Qcow2Error,
+    ) -> Qcow2Error {
+        let Ok(header) = Header::parse_fields(start) else {
+            return e;
+        };
+        let len = extension_area_end(&header).min(header.cluster_size()) as usize;
+        let mut cluster0 = vec![0u8; len];
+        match backend.read_prefix_at(&mut cluster0, 0) {
+            Ok(got) => name_unsupported_features(e, &cluster0[..got]),
+            Err(_) => e,
+        }
     }
 
     /// The backing file format recorded in the backing-format extension, if any.
@@ -172,6 +196,26 @@ impl HeaderCluster {
         let fixed = header.to_bytes();
         out[..fixed.len()].copy_from_slice(&fixed);
         Ok(out)
+    }
+}
+
+/// Fills in the names of an unsupported-features error from the feature-name table in
+/// `cluster0` (the start of the image); any other error is returned as it is.
+fn name_unsupported_features(e: Qcow2Error, cluster0: &[u8]) -> Qcow2Error {
+    let Qcow2Error::UnsupportedIncompatibleFeatures { bits, .. } = e else {
+        return e;
+    };
+    // The bounds the table walk needs (backing name inside cluster 0) were checked before the
+    // feature bits; a header that does not decode names nothing.
+    let Ok(header) = Header::parse_fields(cluster0) else {
+        return e;
+    };
+    let table = feature_table_for_refusal(cluster0, &header);
+    let (names, unnamed) = name_incompatible(&table, bits);
+    Qcow2Error::UnsupportedIncompatibleFeatures {
+        bits,
+        names,
+        unnamed,
     }
 }
 
@@ -278,18 +322,16 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_and_malformed_known_extensions_are_refused() {
+    fn a_repeated_known_extension_counts_once_as_its_last_copy_and_a_malformed_one_is_refused() {
         let mut cluster = HeaderCluster::parse(&qemu_overlay_cluster0()).unwrap();
+        let before = cluster.extensions.len();
         cluster
             .extensions
             .push(Extension::BackingFormat("raw".into()));
         let bytes = cluster.to_bytes().unwrap();
-        assert_eq!(
-            HeaderCluster::parse(&bytes),
-            Err(Qcow2Error::DuplicateExtension {
-                kind: EXT_BACKING_FORMAT
-            })
-        );
+        let parsed = HeaderCluster::parse(&bytes).unwrap();
+        assert_eq!(parsed.backing_format(), Some("raw"));
+        assert_eq!(parsed.extensions.len(), before);
 
         let mut long_format = qemu_overlay_cluster0();
         long_format[0x74..0x78].copy_from_slice(&16u32.to_be_bytes());

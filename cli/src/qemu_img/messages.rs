@@ -1,0 +1,121 @@
+//! qemu-img's wording for the engine's refusals: the one table that turns an [`imagefmt`]
+//! error into the message qemu-img 10.0 prints for the same condition.
+//!
+//! The engine's errors carry the values (unknown feature bits and their names, the L1 size the
+//! disk needs, the option refused); this module only words them. Where qemu reports an errno
+//! (snapshot operations), the wording is C's strerror text for it. An error without an entry
+//! here keeps cowclone's own words.
+
+use std::path::Path;
+
+use imagefmt::qcow2::snapshot::SnapshotError;
+use imagefmt::qcow2::Qcow2Error;
+
+/// qemu-img's message for the engine error in `e`'s chain, where its wording is known: the
+/// error's context lines as they are, an open failure as `Could not open 'FILE'` (qemu-img
+/// create names the file alone), then qemu's text for the refusal itself.
+pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let engine = cause.downcast_ref::<imagefmt::Error>();
+        let qcow2 = match engine {
+            Some(imagefmt::Error::Qcow2(q)) => Some(q),
+            _ => cause.downcast_ref::<Qcow2Error>(),
+        };
+        if let Some(q) = qcow2 {
+            parts.push(qcow2_text(command, q)?);
+            return Some(parts.join(": "));
+        }
+        let opened = match engine {
+            Some(imagefmt::Error::FormatMismatch { path, .. }) => path,
+            Some(imagefmt::Error::InFile { role, path, .. }) if *role == "could not open" => path,
+            Some(_) => return None,
+            None => {
+                parts.push(cause.to_string());
+                continue;
+            }
+        };
+        let named = could_not_open(command, opened);
+        // A context line that only names the file says no more than qemu's prefix.
+        if parts.last().is_some_and(|last| Path::new(last) == opened) {
+            parts.pop();
+        }
+        parts.push(named);
+    }
+    None
+}
+
+/// qemu-img's words for failing to open `path`: create names the file alone.
+fn could_not_open(command: &str, path: &Path) -> String {
+    match command {
+        "create" => path.display().to_string(),
+        _ => format!("Could not open '{}'", path.display()),
+    }
+}
+
+/// qemu's text for a qcow2 refusal, where it is known.
+fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
+    Some(match e {
+        Qcow2Error::UnsupportedIncompatibleFeatures { names, unnamed, .. } => {
+            let mut listed = names.clone();
+            if *unnamed != 0 {
+                listed.push(format!("Unknown incompatible feature: {unnamed:x}"));
+            }
+            format!("Unsupported qcow2 feature(s): {}", listed.join(", "))
+        }
+        // qemu counts the L1 entries the size needs in an int before comparing them.
+        Qcow2Error::L1TableTooSmall { needed, .. } if *needed > i32::MAX as u64 => {
+            "Image is too big".to_owned()
+        }
+        Qcow2Error::L1TableTooSmall { .. } => "L1 table is too small".to_owned(),
+        Qcow2Error::DiskTooLarge { .. } if command == "create" => {
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+                .to_owned()
+        }
+        Qcow2Error::ExtendedL2ClusterTooSmall { .. } => {
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                .to_owned()
+        }
+        Qcow2Error::RefcountWidthNeedsV3 { .. } => "Different refcount widths than 16 bits \
+            require compatibility level 1.1 or above (use version=v3 or greater)"
+            .to_owned(),
+        Qcow2Error::InvalidOption {
+            option,
+            value,
+            reason,
+        } => option_text(option, value, reason)?,
+        Qcow2Error::Snapshot(e) => snapshot_text(e)?.to_owned(),
+        // qemu's refcount update fails with EINVAL when a count would leave its range.
+        Qcow2Error::CorruptEntry { what, .. }
+            if command == "snapshot" && what.starts_with("refcount") =>
+        {
+            "Invalid argument".to_owned()
+        }
+        _ => return None,
+    })
+}
+
+/// qemu's text for a creation option the format refuses.
+fn option_text(option: &str, value: &str, reason: &str) -> Option<String> {
+    Some(match option {
+        "cluster_size" if reason.starts_with("must be") => {
+            "Cluster size must be a power of two between 512 and 2048k".to_owned()
+        }
+        "refcount_bits" if reason == imagefmt::qcow2::create::REFCOUNT_BITS_RANGE => {
+            "Refcount width must be a power of two and may not exceed 64 bits".to_owned()
+        }
+        "refcount_bits" => "Parameter 'refcount_bits' expects a number".to_owned(),
+        // qemu-img passes compat on as the driver's "version" parameter.
+        "compat" => format!("Parameter 'version' does not accept value '{value}'"),
+        _ => return None,
+    })
+}
+
+/// The errno qemu reports for a snapshot operation the image cannot take, as strerror words it.
+fn snapshot_text(e: &SnapshotError) -> Option<&'static str> {
+    Some(match e {
+        SnapshotError::TooMany => "File too large",
+        SnapshotError::RefcountTooNarrow { .. } => "Invalid argument",
+        _ => return None,
+    })
+}
