@@ -314,6 +314,58 @@ fn progress_lines_move_as_qemu_img_counts_data() {
 }
 
 #[test]
+fn refusals_before_converting_are_qemu_img_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(d, &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"]);
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let lines: &[&[&str]] = &[
+        &[
+            "convert", "-C", "-S", "4k", "-O", "qcow2", "t.qcow2", "x.qcow2",
+        ],
+        &["convert", "-C", "-c", "-O", "qcow2", "t.qcow2", "x.qcow2"],
+        &[
+            "convert",
+            "-C",
+            "--salvage",
+            "-O",
+            "qcow2",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "nope",
+            "t.qcow2",
+            "sub/x.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "nope",
+            "-F",
+            "qcow2",
+            "t.qcow2",
+            "sub/y.qcow2",
+        ],
+    ];
+    for args in lines {
+        let theirs = tool_in("qemu-img", d, args);
+        assert_eq!(
+            theirs.status.code(),
+            Some(1),
+            "guard: qemu-img refuses {args:?}"
+        );
+        assert_eq!(result(&personality(d, args)), result(&theirs), "{args:?}");
+    }
+}
+
+#[test]
 fn option_help_lists_what_qemu_img_lists() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -344,10 +396,135 @@ fn option_help_lists_what_qemu_img_lists() {
             "-o",
             "?",
         ],
+        &["amend", "-f", "qcow2", "-o", "help", "t.qcow2"],
+        &["amend", "-o", "cluster_size=4k,?", "t.qcow2"],
+        &["amend", "-f", "qcow2", "-o", "help"],
+        &["amend", "-o", "help"],
+        &["amend", "-f", "bochs", "-o", "help"],
+        &[
+            "amend",
+            "-f",
+            "qcow2",
+            "-o",
+            "backing_file=x,",
+            "-o",
+            "help",
+            "t.qcow2",
+        ],
     ];
     for args in lines {
         let theirs = tool_in("qemu-img", d, args);
         assert_eq!(result(&personality(d, args)), result(&theirs), "{args:?}");
     }
     assert!(!d.join("new.qcow2").exists() && !d.join("out.qcow2").exists());
+}
+
+/// Runs the same convert by qemu-img (output `q.*`) and by cowclone as qemu-img (`c.*`) and
+/// compares their maps without host offsets.
+fn same_convert_map(dir: &Path, args: &[&str], ext: &str) {
+    let (q, c) = (format!("q.{ext}"), format!("c.{ext}"));
+    let mut theirs = args.to_vec();
+    theirs.push(&q);
+    qemu(dir, &theirs);
+    let mut mine = args.to_vec();
+    mine.push(&c);
+    let out = personality(dir, &mine);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_content(dir, &c, &q);
+    assert_eq!(
+        map_without_offsets(dir, &c),
+        map_without_offsets(dir, &q),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn sparse_size_decides_data_and_holes_in_blocks_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1k",
+            "t.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        d,
+        "t.qcow2",
+        &[
+            "write -P 0 0 64k",
+            "write 0 1k",
+            "write 8k 1k",
+            "write 17k 1k",
+            "write -P 0 65k 1k",
+        ],
+    );
+    for sparse in ["4k", "8k", "16k"] {
+        let args = [
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=1k",
+            "-S",
+            sparse,
+            "t.qcow2",
+        ];
+        same_convert_map(d, &args, "qcow2");
+        assert_clean(d, "c.qcow2");
+    }
+    // Raw output: zero blocks inside data clusters stay holes, as qemu-img leaves them.
+    qemu(d, &["create", "-q", "-f", "qcow2", "big.qcow2", "8M"]);
+    qemu_io(
+        d,
+        "big.qcow2",
+        &["write -P 7 0 4k", "write -P 0 4k 60k", "write -P 9 1M 64k"],
+    );
+    same_convert_map(d, &["convert", "-O", "raw", "big.qcow2"], "raw");
+    let holes = map_without_offsets(d, "c.raw");
+    assert!(
+        holes.len() > 2,
+        "guard: the raw output has holes inside the first cluster: {holes:?}"
+    );
+}
+
+#[test]
+fn skip_create_zeroes_the_target_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(d, &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"]);
+    let (q, c) = ("q.qcow2", "c.qcow2");
+    for compat in ["1.1", "0.10"] {
+        let option = format!("compat={compat}");
+        for image in [q, c] {
+            qemu(
+                d,
+                &["create", "-q", "-f", "qcow2", "-o", &option, image, "64M"],
+            );
+        }
+        qemu(d, &["convert", "-n", "-O", "qcow2", "src.qcow2", q]);
+        let out = personality(d, &["convert", "-n", "-O", "qcow2", "src.qcow2", c]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            map_without_offsets(d, c),
+            map_without_offsets(d, q),
+            "compat={compat}"
+        );
+        assert_clean(d, c);
+    }
 }

@@ -1,6 +1,9 @@
 //! qemu-img convert's options that need more than a rename: `-l` (the snapshot to read the
-//! source at).
+//! source at), `-C` (copy offloading) and `-B` naming a file that is not there.
 
+use std::path::Path;
+
+use super::getopt::Parsed;
 use super::{error, options, Failure};
 
 /// qemu's prefix of the keyed form of `-l` (`snapshot.id=ID,snapshot.name=NAME`).
@@ -39,4 +42,37 @@ pub(super) fn snapshot_flag(value: &str, sources: usize) -> Result<String, Failu
         parts.push(format!("{field}={item}"));
     }
     Ok(parts.join(","))
+}
+
+/// qemu-img's refusals of `-C` (copy offloading) with options it cannot go with. cowclone
+/// picks its copy method itself, so an accepted `-C` changes nothing.
+pub(super) fn copy_offloading(parsed: &Parsed) -> Result<(), Failure> {
+    if !parsed.has("C") {
+        return Ok(());
+    }
+    if parsed.has("c") {
+        return Err(error("Cannot enable copy offloading when -c is used"));
+    }
+    if parsed.has("S") {
+        return Err(error("Cannot enable copy offloading when -S is used"));
+    }
+    if parsed.has("salvage") {
+        return Err(error("Cannot use copy offloading in salvaging mode"));
+    }
+    Ok(())
+}
+
+/// qemu-img creates the output and then fails to open it when its backing file (`-B`, resolved
+/// against the output's directory) does not exist: its message, before anything is created.
+pub(super) fn missing_backing(dest: &str, backing: &str) -> Result<(), Failure> {
+    let Ok(path) = imagefmt::backing::resolve(Path::new(dest), backing) else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    Err(error(format!(
+        "Could not open '{dest}': Could not open backing file: Could not open '{}': No such file or directory",
+        path.display()
+    )))
 }

@@ -182,7 +182,11 @@ fn run(
         "rebase" => rebase(rest)?,
         "resize" => resize(rest)?,
         "measure" => measure(rest)?,
-        "snapshot" | "amend" | "bitmap" | "dd" => passthrough(command, rest)?,
+        "amend" => match options_help::amend_help(rest)? {
+            Some(plan) => plan,
+            None => passthrough(command, rest)?,
+        },
+        "snapshot" | "bitmap" | "dd" => passthrough(command, rest)?,
         other => return Err(usage(format!("Command not found: {other}"))),
     };
     plan.run(out)
@@ -662,7 +666,16 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     format_flag(&mut plan, parsed.last("f"), &sources[0])?;
     let output_format = parsed.last("O").or(dest.format.as_deref()).unwrap_or("raw");
     plan.arg("-O").arg(output_format);
+    convert::copy_offloading(&parsed)?;
     if let Some(backing) = &backing {
+        if !parsed.has("n") {
+            if backing_format.is_none() {
+                return Err(error(
+                    "Use of backing file requires explicit backing format",
+                ));
+            }
+            convert::missing_backing(&dest.path, backing)?;
+        }
         plan.arg("-B").arg(backing);
     }
     if let Some(format) = &backing_format {
@@ -671,7 +684,9 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     pass_options(&mut plan, &items)?;
     for opt in &parsed.opts {
         match opt.key {
-            "c" | "n" | "C" | "W" => {
+            // Copy offloading: checked as qemu-img checks it, otherwise cowclone's choice.
+            "C" => {}
+            "c" | "n" | "W" => {
                 plan.flag(&format!("-{}", opt.key), None)?;
             }
             "m" | "S" | "r" => {
