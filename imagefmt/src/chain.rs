@@ -43,6 +43,9 @@ pub struct ChainOptions<'a> {
     pub force_share: bool,
     /// Accept block devices as images of the chain (refused by default: only regular files).
     pub block_devices: bool,
+    /// Read the top image as of this internal snapshot (qcow2 only; [`Qcow2Image::view_snapshot`]):
+    /// qemu-img's `convert -l`. The images below it are read as they are.
+    pub snapshot: Option<&'a crate::qcow2::snapshot_view::SnapshotKey>,
 }
 
 impl<'a> ChainOptions<'a> {
@@ -54,6 +57,7 @@ impl<'a> ChainOptions<'a> {
             vdi_parents: None,
             force_share: false,
             block_devices: false,
+            snapshot: None,
         }
     }
 
@@ -385,10 +389,12 @@ fn open_levels(
     options: &ChainOptions<'_>,
 ) -> Result<Option<Box<dyn GuestRead>>> {
     let mut below: Option<Box<dyn GuestRead>> = None;
-    for level in levels.into_iter().rev() {
+    let top = levels.len().saturating_sub(1);
+    for (index, level) in levels.into_iter().rev().enumerate() {
         let path = level.path.clone();
         let mut data_path = None;
-        let layer = open_layer(level, below.take(), options, &mut data_path)?;
+        let snapshot = options.snapshot.filter(|_| index == top);
+        let layer = open_layer(level, below.take(), options, snapshot, &mut data_path)?;
         below = Some(Box::new(Named::new(layer, path).with_data_file(data_path)));
     }
     Ok(below)
@@ -524,16 +530,31 @@ fn vdi_links(top: &Path, header: &VdiHeader, levels: &[Level]) -> Vec<ParentLink
     links
 }
 
-/// Opens one image found by [`walk`] over the already opened image below it.
+/// Opens one image found by [`walk`] over the already opened image below it (with `snapshot`:
+/// a qcow2 image read as of that internal snapshot).
 fn open_layer(
     level: Level,
     below: Option<Box<dyn GuestRead>>,
     options: &ChainOptions<'_>,
+    snapshot: Option<&crate::qcow2::snapshot_view::SnapshotKey>,
     data_path: &mut Option<PathBuf>,
 ) -> Result<Box<dyn GuestRead>> {
     let Level {
         path, file, header, ..
     } = level;
+    if let Some(key) = snapshot {
+        let ImageHeader::Qcow2(cluster) = header else {
+            return Err(Error::UnsupportedFormat {
+                name: format!(
+                    "internal snapshots of {} images (only qcow2 has them)",
+                    header.format().name()
+                ),
+            });
+        };
+        let mut image = Qcow2Image::open(file, cluster, below)?;
+        image.view_snapshot(key)?;
+        return Ok(Box::new(image));
+    }
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
         ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::VdiImage::open(file, *header, below)?)),

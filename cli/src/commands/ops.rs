@@ -10,7 +10,7 @@ use imagefmt::qcow2::CreateOptions;
 use imagefmt::ImageFormat;
 
 /// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n] [-S SIZE] [-t CACHE] [-T CACHE]
-/// [-B BACKING [-F FMT]] [-o ...] [-p] [-q] SRC DST`
+/// [-B BACKING [-F FMT]] [-o ...] [--snapshot ID|NAME] [-p] [-q] SRC... DST`
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Source format (default: recognised by content, raw otherwise).
@@ -23,7 +23,8 @@ pub struct ConvertArgs {
     #[arg(short = 'c')]
     pub compress: bool,
     /// Backing file of the output (for -O vdi: the VDI parent of a differencing image): only
-    /// data that differs from it is written.
+    /// data that differs from it is written. With -n it changes nothing (the existing target
+    /// keeps its own backing file), as in qemu-img.
     #[arg(short = 'B', value_name = "BACKING")]
     pub backing: Option<String>,
     /// Backing file format (default: recognised by content).
@@ -64,15 +65,65 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    /// Read the (first) source as of its internal snapshot with this id, else this name
+    /// (qcow2; qemu-img's `-l`). Also `id=ID`, `name=NAME` or `id=ID,name=NAME`: the snapshot
+    /// matching all given.
+    #[arg(long, value_name = "ID|NAME")]
+    pub snapshot: Option<String>,
     /// Which images below the source may be opened (backing files, VDI parents, data files).
     #[command(flatten)]
     pub chain: crate::args::ChainPolicyArgs,
-    /// Source image.
-    pub source: PathBuf,
-    /// Output image.
-    pub dest: PathBuf,
+    /// Source image(s), then the output image. Several sources are concatenated: the output is
+    /// as large as they are together, each source following the one before it.
+    #[arg(value_name = "SRC... DST", num_args = 2.., required = true)]
+    pub images: Vec<PathBuf>,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
+}
+
+/// Why a snapshot could not be loaded, in qemu-img's words, if that is what `e` is about.
+fn snapshot_failure(e: &imagefmt::Error) -> Option<&'static str> {
+    use imagefmt::qcow2::snapshot::SnapshotError;
+    use imagefmt::qcow2::{Qcow2Error, MAX_L1_TABLE_BYTES};
+    match e {
+        imagefmt::Error::InFile { source, .. } => snapshot_failure(source),
+        imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::NotFound { .. })) => {
+            Some("Can't find snapshot")
+        }
+        imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::InvalidL1 {
+            l1_size, ..
+        })) if u64::from(*l1_size) * 8 > MAX_L1_TABLE_BYTES => Some("Snapshot L1 table too large"),
+        imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::InvalidL1 { .. }))
+        | imagefmt::Error::Qcow2(Qcow2Error::BeyondEndOfFile {
+            what: "snapshot L1 table",
+            ..
+        }) => Some("Snapshot L1 table offset invalid"),
+        _ => None,
+    }
+}
+
+/// `--snapshot` as a key: `id=ID`, `name=NAME` or both (comma-separated) match exactly; any
+/// other text is an id or, failing that, a name.
+pub fn snapshot_key(text: &str) -> Result<imagefmt::qcow2::snapshot_view::SnapshotKey> {
+    use imagefmt::qcow2::snapshot_view::SnapshotKey;
+    let parts: Vec<Option<(&str, &str)>> =
+        text.split(',').map(|part| part.split_once('=')).collect();
+    let keyed = parts
+        .iter()
+        .flatten()
+        .filter(|(k, _)| matches!(*k, "id" | "name"))
+        .count();
+    if keyed == 0 || keyed != parts.len() {
+        return Ok(SnapshotKey::IdOrName(text.to_owned()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (key, value) in parts.into_iter().flatten() {
+        match key {
+            "id" => id = Some(value.to_owned()),
+            _ => name = Some(value.to_owned()),
+        }
+    }
+    Ok(SnapshotKey::Exact { id, name })
 }
 
 /// `cowclone commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`
@@ -230,26 +281,49 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     if args.skip_create && !args.options.is_empty() {
         bail!("-o has no effect when skipping image creation");
     }
-    if args.skip_create && (args.backing.is_some() || args.compress) {
-        bail!("-B and -c need a new image (they cannot be used with -n)");
+    if args.skip_create && args.compress {
+        bail!("-c needs a new image (it cannot be used with -n)");
+    }
+    let Some((dest, sources)) = args.images.split_last() else {
+        bail!("convert needs a source and an output image");
+    };
+    if sources.len() > 1 && args.backing.is_some() {
+        bail!("Having a backing file for the target makes no sense when concatenating multiple input images");
     }
     if args.overwrite {
         args.guard
-            .check("convert --overwrite", std::slice::from_ref(&args.dest))?;
+            .check("convert --overwrite", std::slice::from_ref(dest))?;
     }
     let policy = args.chain.policy();
     let source_format = format(&args.source_format)?;
     let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
-    let chain_options = args.chain.options(&policy, &parents);
-    let source = imagefmt::chain::open_chain_with(&args.source, source_format, &chain_options)
-        .with_context(|| format!("{}", args.source.display()))?;
+    let snapshot = args.snapshot.as_deref().map(snapshot_key).transpose()?;
+    let mut parts = Vec::with_capacity(sources.len());
+    for (index, path) in sources.iter().enumerate() {
+        let mut chain_options = args.chain.options(&policy, &parents);
+        // The snapshot is that of the first source (as qemu-img's -l).
+        if index == 0 {
+            chain_options.snapshot = snapshot.as_ref();
+        }
+        let opened = imagefmt::chain::open_chain_with(path, source_format, &chain_options)
+            .map_err(|e| match snapshot_failure(&e) {
+                Some(reason) => anyhow::anyhow!("Failed to load snapshot: {reason}"),
+                None => anyhow::Error::from(e).context(format!("{}", path.display())),
+            })?;
+        parts.push(opened);
+    }
+    let source: Box<dyn imagefmt::extent::GuestRead> = if parts.len() == 1 {
+        parts.pop().expect("one source")
+    } else {
+        Box::new(imagefmt::ops::convert_concat::Concat::new(parts)?)
+    };
     let output = args.output_format.parse::<ImageFormat>()?;
     let show = args.progress && !args.quiet;
     if args.skip_create {
         let mut progress = crate::progress::Progress::new(show, out);
         imagefmt::ops::convert_into::convert_into(
             source.as_ref(),
-            &args.dest,
+            dest,
             output,
             &policy,
             sparse_size,
@@ -299,7 +373,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     // Errors name the file at fault themselves (source image, destination or backing file).
     imagefmt::ops::convert::convert(
         source.as_ref(),
-        &args.dest,
+        dest,
         &options,
         &policy,
         &mut |done, total| progress.update(done, total),

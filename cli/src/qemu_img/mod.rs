@@ -11,10 +11,12 @@
 //! behaviour with cowclone's own options. The image locks and the registry guards apply as they
 //! do to every cowclone command.
 
+mod convert;
 mod filename;
 mod getopt;
 mod messages;
 mod options;
+mod options_help;
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
@@ -183,7 +185,11 @@ fn run(
         "rebase" => rebase(rest)?,
         "resize" => resize(rest)?,
         "measure" => measure(rest)?,
-        "snapshot" | "amend" | "bitmap" | "dd" => passthrough(command, rest)?,
+        "amend" => match options_help::amend_help(rest)? {
+            Some(plan) => plan,
+            None => passthrough(command, rest)?,
+        },
+        "snapshot" | "bitmap" | "dd" => passthrough(command, rest)?,
         other => return Err(usage(format!("Command not found: {other}"))),
     };
     plan.run(out)
@@ -197,6 +203,8 @@ struct Plan {
     args: Vec<String>,
     /// qemu-img's `-q`: standard output is dropped.
     quiet: bool,
+    /// Text qemu-img prints instead of running anything (`-o help`).
+    text: Option<String>,
 }
 
 impl Plan {
@@ -205,6 +213,15 @@ impl Plan {
             command,
             args: Vec::new(),
             quiet: false,
+            text: None,
+        }
+    }
+
+    /// A plan that only prints `text` (what qemu-img prints for `-o help`).
+    fn print(command: &'static str, text: String) -> Self {
+        Plan {
+            text: Some(text),
+            ..Plan::new(command)
         }
     }
 
@@ -241,6 +258,9 @@ impl Plan {
     }
 
     fn run(self, out: &mut impl Write) -> Result<u8, Failure> {
+        if let Some(text) = &self.text {
+            return Ok(u8::from(out.write_all(text.as_bytes()).is_err()));
+        }
         let mut argv = vec!["cowclone".to_owned(), self.command.to_owned()];
         argv.extend(self.args);
         let cli = Cli::try_parse_from(&argv).map_err(|e| clap_failure(self.command, &e))?;
@@ -515,6 +535,14 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
     let parsed = parse_options(&CREATE, "create", args)?;
     no_objects(&parsed)?;
     let mut items = option_items(&parsed)?;
+    options_help::take_file_options(&mut items)?;
+    if options_help::asks_for_help(&items) {
+        let format = parsed.last("f").unwrap_or("raw");
+        let file = parsed.operands.first().map(String::as_str);
+        return options_help::help_text(format, file)
+            .map(|text| Plan::print("create", text))
+            .map_err(error);
+    }
     let mut plan = Plan::new("create");
     let file = match parsed.operands.as_slice() {
         [] => return Err(usage("Expecting image file name")),
@@ -604,17 +632,30 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     let parsed = parse_options(&CONVERT, "convert", args)?;
     no_objects(&parsed)?;
     let mut items = option_items(&parsed)?;
+    options_help::take_file_options(&mut items)?;
+    if options_help::asks_for_help(&items) {
+        let format = parsed.last("O").unwrap_or("raw");
+        let file = match parsed.operands.as_slice() {
+            [_, .., last] => Some(last.as_str()),
+            _ => None,
+        };
+        return options_help::help_text(format, file)
+            .map(|text| Plan::print("convert", text))
+            .map_err(error);
+    }
     let mut plan = Plan::new("convert");
     let (dest, sources) = match parsed.operands.split_last() {
         Some((dest, sources)) if !sources.is_empty() => (dest, sources),
         _ => return Err(error("Must specify image file name")),
     };
-    if sources.len() > 1 {
-        return Err(error(
-            "convert: concatenating several source images is not supported by cowclone",
-        ));
+    let sources = sources
+        .iter()
+        .map(|name| target(name, parsed.has("image-opts")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(snapshot) = parsed.last("l") {
+        plan.arg("--snapshot")
+            .arg(convert::snapshot_flag(snapshot, sources.len())?);
     }
-    let source = target(&sources[0], parsed.has("image-opts"))?;
     let dest = target(dest, parsed.has("target-image-opts"))?;
     for mode in [parsed.last("t"), parsed.last("T")].into_iter().flatten() {
         cache_mode(mode)?;
@@ -627,15 +668,20 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
         .last("F")
         .map(str::to_owned)
         .or(take_option(&mut items, "backing_fmt"));
-    if backing.is_some() && backing_format.is_none() {
-        return Err(error(
-            "Use of backing file requires explicit backing format",
-        ));
-    }
-    format_flag(&mut plan, parsed.last("f"), &source)?;
+    // One -f for every source, as qemu-img's.
+    format_flag(&mut plan, parsed.last("f"), &sources[0])?;
     let output_format = parsed.last("O").or(dest.format.as_deref()).unwrap_or("raw");
     plan.arg("-O").arg(output_format);
+    convert::copy_offloading(&parsed)?;
     if let Some(backing) = &backing {
+        if !parsed.has("n") {
+            if backing_format.is_none() {
+                return Err(error(
+                    "Use of backing file requires explicit backing format",
+                ));
+            }
+            convert::missing_backing(&dest.path, backing)?;
+        }
         plan.arg("-B").arg(backing);
     }
     if let Some(format) = &backing_format {
@@ -644,10 +690,12 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     pass_options(&mut plan, &items)?;
     for opt in &parsed.opts {
         match opt.key {
-            "c" | "n" | "C" | "W" => {
+            // Copy offloading: checked as qemu-img checks it, otherwise cowclone's choice.
+            "C" => {}
+            "c" | "n" | "W" => {
                 plan.flag(&format!("-{}", opt.key), None)?;
             }
-            "m" | "S" | "l" | "r" => {
+            "m" | "S" | "r" => {
                 plan.flag(&format!("-{}", opt.key), opt.value.as_deref())?;
             }
             "U" => {
@@ -667,7 +715,11 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     if !parsed.has("n") {
         plan.arg("--overwrite");
     }
-    plan.arg("--").arg(source.path).arg(dest.path);
+    plan.arg("--");
+    for source in sources {
+        plan.arg(source.path);
+    }
+    plan.arg(dest.path);
     Ok(plan)
 }
 

@@ -11,7 +11,7 @@
 //!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset,
 //!        or for qcow2/VDI output from a locked source ([`ConvertOptions::map_source`]) map it
 //!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
-//!        copy_file_range where the bytes sit verbatim in a file, else pwrite non-zero blocks
+//!        pwrite of the non-zero blocks (-S 0: copy_file_range where the bytes sit verbatim)
 //!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
 //! ```
 //!
@@ -93,7 +93,10 @@ pub struct ConvertStats {
 }
 
 /// Converts `source` into a new image at `dest`. `progress(done, total)` is called after each
-/// step. The output appears under `dest` only when complete.
+/// step, in bytes: without `-B`, of the source's data copied so far and in all (every byte
+/// with `-S 0`), as qemu-img counts its progress (each request moves it by its share; the
+/// last call is `(total, total)`); with `-B`, of the disk compared so far. The output appears
+/// under `dest` only when complete.
 ///
 /// Every error names the file at fault: [`Error::InFile`] with role "source image" for reads
 /// and block status of `source`, "destination" for everything about the output.
@@ -683,8 +686,8 @@ fn map_request(source: &dyn GuestRead, request: &Request) -> Option<(u64, Mapped
 
 /// Reads `request` into a page-aligned window of `buf` (zeros between its pieces), or with
 /// `map` through a mapping where [`map_request`] can; for raw output `out`, writes it too:
-/// `copy_file_range` for pieces that sit verbatim in a file, `pwrite` of the non-zero
-/// [`SPARSE_BLOCK`]s of the rest.
+/// `pwrite` of the non-zero `sparse_block`s ([`SPARSE_BLOCK`] by default), or with
+/// `sparse_block` 0 `copy_file_range` for pieces that sit verbatim in a file.
 fn fill(
     source: &dyn GuestRead,
     request: Request,
@@ -725,10 +728,15 @@ fn fill(
             written,
         });
     };
-    // Raw output: each piece copied in the kernel where it can be, else read and written
-    // sparsely; the buffer is only used (and only as long as needed) for the latter.
+    // Raw output: each piece read and its non-zero blocks written, so that zero blocks inside
+    // data stay holes as qemu-img leaves them; with -S 0 (everything written) copied in the
+    // kernel where the bytes sit verbatim in a file. The buffer is only used (and only as long
+    // as needed) for reading.
     for piece in &request.pieces {
-        let copied = match chain::verbatim_source(source, piece) {
+        let verbatim = (sparse_block == 0)
+            .then(|| chain::verbatim_source(source, piece))
+            .flatten();
+        let copied = match verbatim {
             Some((fd, host)) => copy_range(fd, host, file, piece.start.0, piece.len),
             None => 0,
         };
@@ -829,8 +837,20 @@ fn pipeline(
 
     let size = source.virtual_size();
     let workers = options.parallel;
+    // qemu-img decides between data and zeros in blocks of -S rounded down to a power of two
+    // (its `alignment`), at least a cluster: so does uncompressed qcow2 output (compressed
+    // output ignores -S, as qemu-img's does).
+    let unit = match &sink {
+        Sink::Qcow2 {
+            compressed: None, ..
+        } if options.sparse_size > 0 => unit.max(1 << (63 - options.sparse_size.leading_zeros())),
+        _ => unit,
+    };
     let mut plan = Planner::new(source, unit);
     plan.zeros = options.sparse_size == 0;
+    // Progress counts the bytes the planner will hand out (data; everything with -S 0), as
+    // qemu-img counts its allocated sectors, so that each request moves it by its share.
+    let total = planned_bytes(source, plan.zeros)?;
     let planner = Mutex::new(plan);
     let sparse_block = options.sparse_size;
     // Into preallocated qcow2 clusters only the non-zero blocks are written, as qemu-img does
@@ -898,7 +918,7 @@ fn pipeline(
         drop(filled_tx);
         let mut waiting: BTreeMap<u64, Filled> = BTreeMap::new();
         let mut next_seq = 0u64;
-        let mut done_to = 0u64;
+        let mut done = 0u64;
         for message in filled_rx.iter() {
             let filled = match message {
                 Ok(filled) => filled,
@@ -929,8 +949,8 @@ fn pipeline(
                         first_error.get_or_insert(e);
                     }
                 }
-                done_to = done_to.max(f.request.end);
-                progress(done_to, size);
+                done += f.request.pieces.iter().map(|piece| piece.len).sum::<u64>();
+                progress(done, total);
                 let used_map = f.mapped.take().map(|(_, map)| map);
                 let _ = give_back.send((std::mem::take(&mut f.data), used_map));
             }
@@ -947,6 +967,22 @@ fn pipeline(
         return Err(e);
     }
     stats.bytes_read = size;
-    progress(size, size);
+    progress(total, total);
     Ok(stats)
+}
+
+/// The bytes of `source` the pipeline's planner hands out: its data extents, and with `zeros`
+/// every extent (the whole disk).
+fn planned_bytes(source: &dyn GuestRead, zeros: bool) -> Result<u64> {
+    if zeros {
+        return Ok(source.virtual_size());
+    }
+    let mut total = 0;
+    for extent in chain::extents(source, GuestOffset(0)) {
+        let extent = extent.map_err(|e| in_source(source, e))?;
+        if !extent.reads_as_zeros() {
+            total += extent.len;
+        }
+    }
+    Ok(total)
 }

@@ -3,8 +3,9 @@
 //!
 //! A new image starts out reading zeros, so [`super::convert`] skips zero runs; an existing
 //! one may hold anything, so here every range of the source is written: data as data, zero and
-//! unallocated ranges as zeros — zero clusters in a qcow2 target, punched holes in a raw one —
-//! as qemu-img does when the target is not known to be zero-initialised. With `-S 0`
+//! unallocated ranges as zeros — zero clusters in a qcow2 target (v3: all of them, even where
+//! the target read zeros already), punched holes in a raw one — as qemu-img does when the
+//! target is not known to be zero-initialised. With `-S 0`
 //! (`sparse_size` 0) zeros are written as data. The copy is serial, in requests of up to
 //! [`REQUEST_MAX`] bytes, reading only what the source's extents call data.
 //!
@@ -41,8 +42,14 @@ impl Target {
         }
     }
 
+    /// Zeros over whatever the target holds: in a v3 qcow2 target zero clusters even where it
+    /// reads zeros already (as qemu-img marks a whole `-n` target), in a v2 one (no zero flag)
+    /// zeros only where it does not.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
+            Target::Qcow2(image) if image.header().version == crate::qcow2::Version::V3 => {
+                image.write_zeroes_over_backing(offset, len)
+            }
             Target::Qcow2(image) => image.write_zeroes(offset, len),
             Target::Raw(file) => zero_raw(file, offset, len),
         }

@@ -17,6 +17,7 @@ pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_concat;
 pub mod convert_into;
 pub mod dd;
 pub mod info;

@@ -13,7 +13,8 @@
 //! writer), [`image`] and [`write`](mod@write) ([`image::Qcow2Image`]: reads, block status, writes),
 //! [`check`] (`qemu-img check`), [`bitmap`] (persistent dirty bitmaps: directory, tables, data,
 //! `qemu-img bitmap`'s actions), [`amend`] (`qemu-img amend`: compat, lazy refcounts, refcount
-//! width, size, data-file settings in place), [`snapshot`] (the internal snapshot table).
+//! width, size, data-file settings in place), [`snapshot`] (the internal snapshot table),
+//! [`snapshot_view`] (reading an image as of one of its snapshots: `convert -l`).
 //! Internal: `snapshot_ops` (create, apply, delete, and copy-on-write of clusters snapshots
 //! share), `tables` (the one L1/L2 decoder), `allocator`
 //! (refcounts and allocation), `compress` and `compressed_writer` (guest clusters written
@@ -38,6 +39,7 @@ pub mod refcount;
 pub(crate) mod shrink;
 pub mod snapshot;
 pub(crate) mod snapshot_ops;
+pub mod snapshot_view;
 pub(crate) mod tables;
 pub mod write;
 

@@ -314,7 +314,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Reads a snapshot's L1 table after qemu's `qcow2_validate_table` checks (aligned, at
     /// most 32 MiB, inside the file).
-    fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let invalid = || SnapshotError::InvalidL1 {
             id: sn.id_str(),
             offset: sn.l1_table_offset,
