@@ -136,7 +136,8 @@ pub struct CommitArgs {
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
     /// Commit into BASE, an image further down the backing chain (as the chain names it, or a
-    /// path to it): the images in between are committed too, and -d is implied.
+    /// path to it, relative to the directory of the image above it): the images in between are
+    /// committed too, and -d is implied.
     #[arg(short = 'b', value_name = "BASE")]
     pub base: Option<String>,
     /// Cache mode (accepted as in qemu-img; the base is always fsynced at the end).
@@ -402,7 +403,11 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
         args.base.as_deref(),
         &mut |done, total| progress.update(done, total),
     )
-    .with_context(|| format!("{}", args.file.display()))?;
+    .map_err(|e| match e {
+        // Names the image already, as qemu-img words it.
+        e @ imagefmt::Error::BaseNotInChain { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(format!("{}", args.file.display())),
+    })?;
     progress.finish();
     if !args.quiet {
         writeln!(out, "Image committed.")?;

@@ -57,7 +57,8 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
 }
 
 /// [`commit`] into `base` (`qemu-img commit -b BASE`): an image further down the backing chain,
-/// named as the chain names it or by a path to the same file. What the overlay and the images
+/// named as the chain names it or by a path to the same file (relative to the directory of the image
+/// whose backing file it is, as qemu-img takes it). What the overlay and the images
 /// between it and `base` (qcow2) hold is written into `base`; as with qemu-img, naming a base
 /// implies `keep` (the images above it would no longer read what they did). `progress(done,
 /// total)` follows the guest offsets.
@@ -102,7 +103,7 @@ pub fn commit_into(
             Some(f) => f.parse()?,
             None => crate::image::read_file_header(&backing_path)?.1.format(),
         };
-        if base.is_none_or(|base| names_base(base, &name, &backing_path)) {
+        if base.is_none_or(|base| names_base(base, &name, &above, &backing_path)) {
             break (backing_path, format);
         }
         if format != ImageFormat::Qcow2 {
@@ -271,13 +272,17 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
     Ok(())
 }
 
-/// True if `base` (as given to `-b`) names the backing file stored as `name`, found at `path`:
-/// spelled the same, or the same file.
-fn names_base(base: &str, name: &str, path: &Path) -> bool {
+/// True if `base` (as given to `-b`) names the backing file of `above` stored as `name`, found
+/// at `path`: spelled the same, or the same file — a relative `base` taken, as qemu takes it,
+/// relative to `above`'s directory (not the working directory).
+fn names_base(base: &str, name: &str, above: &Path, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     if base == name {
         return true;
     }
+    let Ok(base) = crate::backing::resolve(above, base) else {
+        return false;
+    };
     match (std::fs::metadata(base), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
