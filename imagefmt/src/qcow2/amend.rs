@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! parse -o ─► AmendOptions ─► amend()
-//!   1. upgrade to v3 (header only: 112-byte header, feature-name table)
+//!   1. upgrade to v3 (112-byte header, feature-name table; a snapshot table with entries
+//!      shorter than v3 needs written anew)
 //!   2. refcount width: new table + blocks written past the end, header switched, old freed
 //!   3. data_file / data_file_raw, then the backing file (only its own values are accepted)
 //!   4. lazy_refcounts      5. size (shrinking drops what lies past the new end)
@@ -315,8 +316,18 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
         Target::Header { file, cluster }
     };
 
-    // 1. Upgrade first: some features need v3.
+    // 1. Upgrade first: some features need v3. v3 snapshot table entries need the 64-bit VM
+    //    state size and the disk size: a table with shorter entries is written anew first
+    //    (every entry with the known extra data), as qemu's upgrade does.
     if new_version == Version::V3 && old_version == Version::V2 {
+        let image = target.image()?;
+        let table = image.snapshots()?;
+        if table
+            .iter()
+            .any(|sn| sn.extra_data_size < super::snapshot::V3_MIN_EXTRA_DATA)
+        {
+            image.write_snapshot_table(&table)?;
+        }
         target.edit_header(|c| set_version(c, Version::V3))?;
     }
     // 2. Refcount width.

@@ -24,9 +24,16 @@
 //! the refcount structure itself is broken (a referenced cluster with refcount 0, a refcount block
 //! that is unaligned, has reserved bits or a refcount other than 1) [`Repair::All`] writes a new
 //! refcount table and new refcount blocks, as qemu's `rebuild_refcount_structure` does. Not
-//! repaired (still reported): a broken snapshot table (qemu rewrites it), metadata overlaps (qemu
+//! repaired (still reported): metadata overlaps (qemu
 //! runs its overlap checks before every repair write; this implementation trusts the metadata it
 //! just validated).
+//!
+//! The snapshot table under [`Repair::All`] is read as qemu's `check -r all` reads it: extra
+//! data over 1024 bytes is cut, entries past the table size limit are dropped (the header's
+//! count is lowered at once; their clusters leak and the refcount repair frees them), and
+//! after the refcount repair a table with corruptions (also v3 entries without the 16 bytes
+//! of extra data v3 needs) is written anew, as qemu's `qcow2_check_fix_snapshot_table` does:
+//! new clusters, then the header switched, then the old clusters freed.
 
 use std::io;
 
@@ -183,7 +190,7 @@ impl CheckReport {
 /// An image whose header does not open is an error; so is a check qemu aborts ("Check failed"):
 /// an unreadable snapshot table or bitmap directory, or refcount structures that need a rebuild
 /// when only leaks may be repaired.
-pub fn check<B: Backend>(backend: &B, repair: Repair) -> Result<CheckReport, Error> {
+pub fn check<B: Backend + Sync>(backend: &B, repair: Repair) -> Result<CheckReport, Error> {
     let cluster = HeaderCluster::read_from(backend)?;
     let mut checker = Checker::new(backend, &cluster)?;
     checker.run(repair)
@@ -362,7 +369,7 @@ struct Checker<'a, B> {
     signalled_corruption: bool,
 }
 
-impl<'a, B: Backend> Checker<'a, B> {
+impl<'a, B: Backend + Sync> Checker<'a, B> {
     fn new(backend: &'a B, cluster: &HeaderCluster) -> Result<Self, Error> {
         let header = cluster.header.clone();
         let cluster_bits = header.cluster_bits;
@@ -1502,44 +1509,113 @@ impl<'a, B: Backend> Checker<'a, B> {
     // ---------------------------------------------------------------------------------------
     // Snapshot table (qemu's qcow2_check_read_snapshot_table).
 
-    fn read_snapshot_table(&mut self, snapshot_res: &mut Counts) -> Result<(), Error> {
+    fn read_snapshot_table(
+        &mut self,
+        snapshot_res: &mut Counts,
+        repair: Repair,
+    ) -> Result<(), Error> {
         let (offset, count) = (self.header.snapshots_offset, self.header.nb_snapshots);
         let mut snapshots = Vec::new();
-        let walked = snapshot::walk_table(
-            |buf, at| self.read_padded(buf, at, "qcow2 snapshot table"),
-            offset,
-            count,
-            |layout| {
-                snapshots.push(Snapshot {
-                    l1_table_offset: layout.fields.l1_table_offset,
-                    l1_size: layout.fields.l1_size,
-                    extra_data_size: u64::from(layout.fields.extra_data_size),
-                    id: (layout.id.0, u64::from(layout.id.1)),
-                    name: (layout.name.0, u64::from(layout.name.1)),
-                });
-                Ok(())
-            },
-        );
+        let mut repairs = snapshot::TableRepairs::default();
+        let read = |buf: &mut [u8], at| self.read_padded(buf, at, "qcow2 snapshot table");
+        let visit = |layout: &snapshot::EntryLayout| {
+            snapshots.push(Snapshot {
+                l1_table_offset: layout.fields.l1_table_offset,
+                l1_size: layout.fields.l1_size,
+                extra_data_size: u64::from(layout.fields.extra_data_size),
+                id: (layout.id.0, u64::from(layout.id.1)),
+                name: (layout.name.0, u64::from(layout.name.1)),
+            });
+            Ok(())
+        };
+        let walked = if repair.errors() {
+            snapshot::walk_table_repairing(read, offset, count, &mut repairs, visit)
+        } else {
+            snapshot::walk_table(read, offset, count, visit)
+        };
         let size = match walked {
             Ok(size) => size,
             Err(Error::Qcow2(Qcow2Error::Snapshot(e))) => {
-                // qemu -r all drops excess extra data and rewrites the table; not supported here.
                 snapshot_res.check_errors += 1;
-                return Err(aborted(io::ErrorKind::InvalidData, e.to_string()));
+                return Err(aborted(io::ErrorKind::FileTooLarge, e.to_string()));
             }
             Err(e) => return Err(e),
         };
+        for line in repairs.messages {
+            self.messages.push(line);
+        }
         self.snapshots = snapshots;
         self.snapshots_size = size;
+        snapshot_res.corruptions +=
+            u64::from(repairs.overhanging) + u64::from(repairs.extra_data_dropped);
+        if repairs.overhanging > 0 {
+            // Written at once (qemu does too): the refcount check must count what the header
+            // lists. The dropped entries' clusters leak, and the refcount repair frees them.
+            let remaining = count - repairs.overhanging;
+            self.write(
+                &remaining.to_be_bytes(),
+                60,
+                "qcow2 header (snapshot count)",
+            )?;
+            self.backend
+                .sync_all()
+                .map_err(Error::writing("qcow2 image"))?;
+            self.header.nb_snapshots = remaining;
+            snapshot_res.corruptions -= u64::from(repairs.overhanging);
+            snapshot_res.corruptions_fixed += u64::from(repairs.overhanging);
+        }
         if self.header.version == Version::V3 {
+            let prefix = if repair.errors() {
+                "Repairing"
+            } else {
+                "ERROR"
+            };
             for (i, sn) in self.snapshots.iter().enumerate() {
                 if sn.extra_data_size < u64::from(snapshot::V3_MIN_EXTRA_DATA) {
                     snapshot_res.corruptions += 1;
                     self.messages
-                        .push(format!("ERROR snapshot table entry {i} is incomplete"));
+                        .push(format!("{prefix} snapshot table entry {i} is incomplete"));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// qemu's `qcow2_check_fix_snapshot_table`: after the refcounts were repaired, a table with
+    /// corruptions (incomplete entries, extra data cut) is written anew as every other table
+    /// write does it: new clusters, then the header, then the old clusters freed.
+    fn fix_snapshot_table(&mut self, snapshot_res: &mut Counts) -> Result<(), Error> {
+        let mut repairs = snapshot::TableRepairs::default();
+        let table = snapshot::read_table_repairing(
+            |buf, at| self.read_padded(buf, at, "qcow2 snapshot table"),
+            self.header.snapshots_offset,
+            self.header.nb_snapshots,
+            &mut repairs,
+        )?;
+        let mut cluster = HeaderCluster::read_from(self.backend)?;
+        // The writer opens the image without its broken table (which it would refuse), and
+        // without the dirty and corrupt bits (cleared by the check afterwards if it can).
+        let kept_bits = cluster.header.incompatible_features;
+        cluster.header.incompatible_features -=
+            IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
+        cluster.header.nb_snapshots = 0;
+        cluster.header.snapshots_offset = 0;
+        let mut image =
+            super::image::Qcow2Image::open_rw(self.backend, cluster, None, Default::default())?;
+        image.header.incompatible_features = kept_bits;
+        image.replace_snapshot_table(&table, self.header.snapshots_offset, self.snapshots_size)?;
+        image.flush()?;
+        self.header.nb_snapshots = image.header.nb_snapshots;
+        self.header.snapshots_offset = image.header.snapshots_offset;
+        drop(image);
+        self.file_len = self
+            .backend
+            .len()
+            .map_err(Error::reading("qcow2 file length"))?;
+        self.refblock_cache.clear();
+        self.l2_cache = None;
+        snapshot_res.corruptions_fixed += snapshot_res.corruptions;
+        snapshot_res.corruptions = 0;
         Ok(())
     }
 
@@ -1668,10 +1744,15 @@ impl<'a, B: Backend> Checker<'a, B> {
             )?;
         }
         let mut snapshot_res = Counts::default();
-        self.read_snapshot_table(&mut snapshot_res)?;
+        self.read_snapshot_table(&mut snapshot_res, repair)?;
         self.check_refcounts(repair)?;
-        // qemu rewrites a snapshot table with incomplete entries under -r all; not supported
-        // here, so those corruptions stay.
+        if repair.errors() && snapshot_res.corruptions > 0 {
+            if let Err(e) = self.fix_snapshot_table(&mut snapshot_res) {
+                self.messages
+                    .push(format!("ERROR failed to update snapshot table: {e}"));
+                snapshot_res.check_errors += 1;
+            }
+        }
         let mut res = self.res;
         res.corruptions += snapshot_res.corruptions;
         res.leaks += snapshot_res.leaks;

@@ -180,6 +180,17 @@ pub struct EntryLayout {
     pub name: (u64, u16),
 }
 
+/// What a repairing walk ([`walk_table_repairing`]) dropped, as qemu's `check -r all` drops it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableRepairs {
+    /// One line per repair, as qemu prints them.
+    pub messages: Vec<String>,
+    /// Entries whose extra data was cut to [`MAX_EXTRA_DATA`] bytes.
+    pub extra_data_dropped: u32,
+    /// Entries dropped off the end because the table was too big.
+    pub overhanging: u32,
+}
+
 /// Walks the `count` entries of the table at `offset`, reading through `read` (which must read
 /// exactly `buf.len()` bytes; qemu reads past the end of the file as zeros, and so may `read`),
 /// and hands each entry's layout to `visit`. Returns the table's size in bytes (from `offset`
@@ -189,9 +200,34 @@ pub struct EntryLayout {
 /// [`MAX_TABLE_BYTES`] (or ending more than `i32::MAX` bytes after its start), and an offset
 /// whose fixed parts would end past `i64::MAX`.
 pub fn walk_table(
+    read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    offset: u64,
+    count: u32,
+    visit: impl FnMut(&EntryLayout) -> Result<()>,
+) -> Result<u64> {
+    walk(read, offset, count, None, visit)
+}
+
+/// [`walk_table`] as qemu's `check -r all` reads the table: an entry with too much extra data
+/// keeps only [`MAX_EXTRA_DATA`] bytes of it (its layout says so; the bytes after it are still
+/// skipped), and when the table grows too big the entry that crosses the limit and all after
+/// it are dropped (not visited; the size returned ends before them). What was dropped is
+/// added to `repairs`.
+pub fn walk_table_repairing(
+    read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    offset: u64,
+    count: u32,
+    repairs: &mut TableRepairs,
+    visit: impl FnMut(&EntryLayout) -> Result<()>,
+) -> Result<u64> {
+    walk(read, offset, count, Some(repairs), visit)
+}
+
+fn walk(
     mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
     offset: u64,
     count: u32,
+    mut repairs: Option<&mut TableRepairs>,
     mut visit: impl FnMut(&EntryLayout) -> Result<()>,
 ) -> Result<u64> {
     if count == 0 {
@@ -203,6 +239,7 @@ pub fn walk_table(
     let mut at = offset;
     let mut table_length = 0u64;
     for index in 0..count {
+        let before = at;
         table_length = table_length.next_multiple_of(8);
         at = at.next_multiple_of(8);
         let mut h = [0u8; ENTRY_HEADER_LEN as usize];
@@ -211,19 +248,28 @@ pub fn walk_table(
         let id_size = BigEndian::read_u16(&h[12..14]);
         let name_size = BigEndian::read_u16(&h[14..16]);
         let vm_state_size32 = BigEndian::read_u32(&h[32..36]);
-        let extra_data_size = BigEndian::read_u32(&h[36..40]);
+        let stored_extra_data_size = BigEndian::read_u32(&h[36..40]);
+        let mut extra_data_size = stored_extra_data_size;
         if extra_data_size > MAX_EXTRA_DATA {
-            return Err(SnapshotError::TooMuchExtraData {
-                index,
-                size: extra_data_size,
-            }
-            .into());
+            let Some(repairs) = repairs.as_deref_mut() else {
+                return Err(SnapshotError::TooMuchExtraData {
+                    index,
+                    size: extra_data_size,
+                }
+                .into());
+            };
+            repairs.messages.push(format!(
+                "Discarding too much extra metadata in snapshot table entry {index} \
+                 ({extra_data_size} > {MAX_EXTRA_DATA})"
+            ));
+            repairs.extra_data_dropped += 1;
+            extra_data_size = MAX_EXTRA_DATA;
         }
         let mut extra = [0u8; KNOWN_EXTRA_DATA as usize];
         let known = extra_data_size.min(KNOWN_EXTRA_DATA) as usize;
         read(&mut extra[..known], at)?;
         let unknown_extra_at = at + u64::from(KNOWN_EXTRA_DATA);
-        at += u64::from(extra_data_size);
+        at += u64::from(stored_extra_data_size);
         let id = (at, id_size);
         at += u64::from(id_size);
         let name = (at, name_size);
@@ -233,7 +279,15 @@ pub fn walk_table(
             + u64::from(id_size)
             + u64::from(name_size);
         if table_length > MAX_TABLE_BYTES || at - offset > i32::MAX as u64 {
-            return Err(SnapshotError::TableTooBig.into());
+            let Some(repairs) = repairs.as_deref_mut() else {
+                return Err(SnapshotError::TableTooBig.into());
+            };
+            repairs.messages.push(format!(
+                "Discarding {} overhanging snapshots (snapshot table is too big)",
+                count - index
+            ));
+            repairs.overhanging += count - index;
+            return Ok(before - offset);
         }
         let word = |i: usize| BigEndian::read_u64(&extra[i * 8..i * 8 + 8]);
         let fields = Snapshot {
@@ -272,13 +326,33 @@ pub fn read_table(
     offset: u64,
     count: u32,
 ) -> Result<Vec<Snapshot>> {
+    read_whole(read, offset, count, None)
+}
+
+/// [`read_table`] as `check -r all` reads it ([`walk_table_repairing`]).
+pub fn read_table_repairing(
+    read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    offset: u64,
+    count: u32,
+    repairs: &mut TableRepairs,
+) -> Result<Vec<Snapshot>> {
+    read_whole(read, offset, count, Some(repairs))
+}
+
+fn read_whole(
+    read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    offset: u64,
+    count: u32,
+    repairs: Option<&mut TableRepairs>,
+) -> Result<Vec<Snapshot>> {
     // The walker and the visitor take turns with the reader, never at once.
     let read = std::cell::RefCell::new(read);
     let mut out = Vec::new();
-    walk_table(
+    walk(
         |buf, at| (read.borrow_mut())(buf, at),
         offset,
         count,
+        repairs,
         |layout| {
             let mut read = read.borrow_mut();
             let mut sn = layout.fields.clone();

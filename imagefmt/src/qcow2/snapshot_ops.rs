@@ -512,8 +512,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Writes `table` as the new snapshot table in new clusters, switches the header to it
     /// (fsync before and after) and frees the old table's clusters.
-    fn write_snapshot_table(&mut self, table: &[Snapshot]) -> Result<()> {
-        let bytes = snapshot::encode_table(table, self.header.size)?;
+    pub(super) fn write_snapshot_table(&mut self, table: &[Snapshot]) -> Result<()> {
         let old_offset = self.header.snapshots_offset;
         let old_size = snapshot::walk_table(
             |buf, at| read_padded(&self.backend, buf, at),
@@ -521,6 +520,19 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             self.header.nb_snapshots,
             |_| Ok(()),
         )?;
+        self.replace_snapshot_table(table, old_offset, old_size)
+    }
+
+    /// [`Self::write_snapshot_table`] for an old table the caller has measured: `old_size`
+    /// bytes at `old_offset` are freed once the header points at the new table. The repair of
+    /// a table qemu does not open (`check -r all`) needs this: the old table cannot be walked.
+    pub(super) fn replace_snapshot_table(
+        &mut self,
+        table: &[Snapshot],
+        old_offset: u64,
+        old_size: u64,
+    ) -> Result<()> {
+        let bytes = snapshot::encode_table(table, self.header.size)?;
         let cluster_size = self.header.cluster_size();
         let cluster_bits = self.header.cluster_bits;
         let new_offset = if bytes.is_empty() {
