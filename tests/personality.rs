@@ -606,14 +606,22 @@ fn personality_names_files_and_backing_formats_as_qemu_img_does() {
             "{name}: cowclone wrote other bytes than qemu-img"
         );
     }
-    // Not a qemu block driver: both refuse.
-    assert_same(
-        &bin,
-        &dirs,
-        &["rebase", "-u", "-b", "/x", "-F", "foo", "v2.qcow2"],
-        true,
-        false,
-    );
+    // Not a qemu block driver: both refuse, in the same words.
+    same(&["rebase", "-u", "-b", "/x", "-F", "foo", "v2.qcow2"]);
+    // (qemu-img prints its "Formatting" line before this refusal; cowclone does not.)
+    let create_foo = [
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/x",
+        "-F",
+        "foo",
+        "foo.qcow2",
+        "1M",
+    ];
+    assert_same(&bin, &dirs, &create_foo, false, true);
     // cowclone opens no backing file of a format it does not read.
     let out = cowclone(&[&"info", &"--backing-chain", &dirs[1].join("hd.qcow2")]);
     assert!(!out.status.success(), "{}", describe(&out));

@@ -439,6 +439,11 @@ fn format_flag(
     }
 }
 
+/// Whether qemu knows `name` as a block driver (a backing format `-F` may name).
+fn is_qemu_format(name: &str) -> bool {
+    imagefmt::qcow2::create::QEMU_BACKING_FORMATS.contains(&name)
+}
+
 /// Checks a cache mode (`-t`, `-T`): qemu's names are accepted; none changes what cowclone
 /// does (it writes through the page cache and flushes before it returns).
 fn cache_mode(mode: &str) -> Result<(), Failure> {
@@ -560,6 +565,12 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
         .or(take_option(&mut items, "backing_fmt"));
     let given = file;
     let file = target(file, false)?;
+    if let Some(format) = backing_format.as_deref().filter(|f| !is_qemu_format(f)) {
+        return Err(error(format!(
+            "{}: Parameter 'backing-fmt' does not accept value '{format}'",
+            file.path
+        )));
+    }
     if let (Some(backing), None) = (&backing, &backing_format) {
         let resolved = imagefmt::backing::resolve(Path::new(&file.path), backing).ok();
         // qemu-img opens the backing file before it looks for its format.
@@ -939,6 +950,9 @@ fn rebase(args: &[String]) -> Result<Plan, Failure> {
         return Err(error(format!(
             "Could not change the backing file to '{backing}': backing format must be specified"
         )));
+    }
+    if let Some(format) = parsed.last("F").filter(|f| !is_qemu_format(f)) {
+        return Err(error(format!("Invalid format name: '{format}'")));
     }
     let mut plan = Plan::new("rebase");
     format_flag(&mut plan, parsed.last("f"), &image)?;

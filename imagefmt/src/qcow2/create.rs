@@ -589,6 +589,80 @@ mod tests {
     }
 
     #[test]
+    fn a_data_file_sets_its_bits_and_extension_in_qemus_order() {
+        let data = DataFileReference {
+            name: "d.raw".into(),
+            raw: false,
+        };
+        let backing = BackingReference {
+            name: "b.qcow2".into(),
+            format: "qcow2".into(),
+        };
+        let (cluster, _) = plan_with_data_file(
+            1 << 20,
+            &CreateOptions::default(),
+            Some(&backing),
+            Some(&data),
+        )
+        .unwrap();
+        assert!(cluster
+            .header
+            .incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE));
+        assert!(cluster.header.autoclear_features.is_empty());
+        assert!(matches!(
+            cluster.extensions.as_slice(),
+            [
+                Extension::BackingFormat(_),
+                Extension::ExternalDataFile(name),
+                Extension::FeatureNameTable(_)
+            ] if name == "d.raw"
+        ));
+        let raw = DataFileReference { raw: true, ..data };
+        let (cluster, _) =
+            plan_with_data_file(1 << 20, &CreateOptions::default(), None, Some(&raw)).unwrap();
+        assert!(cluster
+            .header
+            .autoclear_features
+            .contains(AutoclearFeatures::RAW_EXTERNAL));
+        // qemu-img's refusals: a raw data file with a backing file, any data file in v2.
+        assert!(plan_with_data_file(
+            1 << 20,
+            &CreateOptions::default(),
+            Some(&backing),
+            Some(&raw)
+        )
+        .is_err());
+        let v2 = options(&[("compat", "0.10")]).unwrap();
+        assert!(plan_with_data_file(1 << 20, &v2, None, Some(&raw)).is_err());
+    }
+
+    #[test]
+    fn a_raw_data_file_has_every_cluster_mapped_at_its_guest_offset() {
+        let backend = crate::io::MemBackend::default();
+        let raw = DataFileReference {
+            name: "d.raw".into(),
+            raw: true,
+        };
+        let size = 3 << 20;
+        write_new_image_with_data_file(&backend, size, &CreateOptions::default(), None, &raw)
+            .unwrap();
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        assert_eq!(cluster.data_file(), Some("d.raw"));
+        // L1[0] -> the L2 table in cluster 4 (after header, refcounts, L1), as qemu places it.
+        let mut entry = [0u8; 8];
+        crate::io::Backend::read_exact_at(&backend, &mut entry, 0x30000).unwrap();
+        assert_eq!(u64::from_be_bytes(entry), 0x8000_0000_0004_0000);
+        for i in 0..48u64 {
+            crate::io::Backend::read_exact_at(&backend, &mut entry, 0x40000 + 8 * i).unwrap();
+            assert_eq!(
+                u64::from_be_bytes(entry),
+                (i << 16) | super::super::tables::COPIED
+            );
+        }
+    }
+
+    #[test]
     fn a_new_image_reads_back_with_the_requested_facts() {
         let backend = crate::io::MemBackend::default();
         let backing = BackingReference {
