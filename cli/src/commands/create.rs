@@ -147,7 +147,8 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         Ok(created) => created,
         Err(e) => {
             // qemu-img prints its line before the format's create refuses the request.
-            if let (imagefmt::Error::Qcow2(_), Some(size), false) = (&e, size, args.quiet) {
+            let first = args.formatting_line_first && !args.quiet;
+            if let (imagefmt::Error::Qcow2(_), Some(size), true) = (&e, size, first) {
                 let given = backing.as_deref().zip(backing_format.as_deref());
                 writeln!(out, "{}", line(size, given))?;
             }

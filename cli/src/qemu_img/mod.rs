@@ -616,6 +616,7 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
     if *given != file.path {
         plan.arg("--shown-name").arg(given);
     }
+    plan.arg("--formatting-line-first");
     // qemu-img create replaces an existing file.
     plan.arg("--overwrite").arg("--").arg(file.path);
     if let Some(size) = size {
