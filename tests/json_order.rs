@@ -1,9 +1,9 @@
 //! cowclone's JSON against qemu-img's, byte for byte: `info` (plain, a chain, internal snapshots,
 //! persistent bitmaps, an external data file, extended L2 entries, zstd compression, qcow2 v2,
 //! raw), `check` (clean, and with a leaked cluster) and `measure`, all run on the same images
-//! made by the real qemu-img. qemu-img
-//! prints each object in its `QDict`'s hash order and with its own pretty printer; the personality
-//! (`cowclone qemu-img …`) and the native commands must print the same bytes.
+//! made by the real qemu-img. qemu-img prints each object in its `QDict`'s hash order and with
+//! its own pretty printer; the personality (`cowclone qemu-img …`) and the native commands must
+//! print the same bytes.
 
 use std::path::Path;
 
