@@ -1,8 +1,9 @@
 //! cowclone's JSON against qemu-img's, byte for byte: `info` (plain, a chain, internal snapshots,
 //! persistent bitmaps, an external data file, extended L2 entries, zstd compression, qcow2 v2,
-//! raw), `check` and `measure`, all run on the same images made by the real qemu-img. qemu-img
-//! prints each object in its `QDict`'s hash order and with its own pretty printer; the personality
-//! (`cowclone qemu-img …`) and the native commands must print the same bytes.
+//! raw), `check` (clean, and with a leaked cluster) and `measure`, all run on the same images
+//! made by the real qemu-img. qemu-img prints each object in its `QDict`'s hash order and with
+//! its own pretty printer; the personality (`cowclone qemu-img …`) and the native commands must
+//! print the same bytes.
 
 use std::path::Path;
 
@@ -146,6 +147,28 @@ fn info_check_and_measure_json_are_qemu_imgs_bytes() {
         "{external}"
     );
 
+    // A leaked cluster: check's JSON gains "leaks" (exit code 3 from both).
+    qemu_ok(dir, &["create", "-q", "-f", "qcow2", "leak.qcow2", "1M"]);
+    crate::util::qemu_io_ok(&[&"-c", &"write 0 64k", &dir.join("leak.qcow2")]);
+    leak_first_data_cluster(&dir.join("leak.qcow2"));
+    let check = |ours: bool| {
+        let args: &[&str] = if ours {
+            &["qemu-img", "check", "--output=json", "leak.qcow2"]
+        } else {
+            &["check", "--output=json", "leak.qcow2"]
+        };
+        let out = if ours {
+            cowclone_in(dir, &crate::util::args_of(args))
+        } else {
+            qemu_img_in(dir, &crate::util::args_of(args))
+        };
+        (out.status.code(), String::from_utf8(out.stdout).unwrap())
+    };
+    let theirs = check(false);
+    assert_eq!(theirs.0, Some(3), "{theirs:?}");
+    assert!(theirs.1.contains("\"leaks\": 1"), "{theirs:?}");
+    assert_eq!(check(true), theirs);
+
     assert_same_output(
         dir,
         &["measure", "--output=json", "-O", "qcow2", "top.qcow2"],
@@ -161,4 +184,20 @@ fn info_check_and_measure_json_are_qemu_imgs_bytes() {
     assert!(native.status.success(), "{}", describe(&native));
     let qemu = qemu_img_in(dir, &[&"info", &"--output=json", &"top.qcow2"]);
     assert_eq!(native.stdout, qemu.stdout, "cowclone info --output json");
+}
+
+/// Clears the L2 entry of guest cluster 0 of a qcow2 image with 64 KiB clusters (L1 at 0x30000,
+/// as qemu-img creates it), so that its data cluster is leaked.
+fn leak_first_data_cluster(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, 0x30000).unwrap();
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "guest cluster 0 has no L2 table");
+    file.write_all_at(&[0; 8], l2).unwrap();
 }
