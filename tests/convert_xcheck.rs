@@ -283,6 +283,12 @@ fn concatenation_with_a_backing_file_is_refused_as_by_qemu_img() {
     let theirs = tool_in("qemu-img", d, &args);
     assert_eq!(theirs.status.code(), Some(1), "guard: qemu-img refuses");
     assert_eq!(result(&personality(d, &args)), result(&theirs));
+    // Without -F too (the concatenation is what qemu-img refuses first).
+    let no_format = [
+        "convert", "-O", "qcow2", "-B", "a.qcow2", "a.qcow2", "b.qcow2", "x.qcow2",
+    ];
+    let theirs = tool_in("qemu-img", d, &no_format);
+    assert_eq!(result(&personality(d, &no_format)), result(&theirs));
     assert!(!d.join("x.qcow2").exists());
 }
 

@@ -686,6 +686,11 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     plan.arg("-O").arg(output_format);
     convert::copy_offloading(&parsed)?;
     if let Some(backing) = &backing {
+        if sources.len() > 1 {
+            return Err(error(
+                "Having a backing file for the target makes no sense when concatenating multiple input images",
+            ));
+        }
         if !parsed.has("n") {
             if backing_format.is_none() {
                 return Err(error(
