@@ -397,8 +397,8 @@ fn bench_io_on_a_vdi_diff_lists_qemu_as_skipped_with_its_reason() {
     assert!(reason.contains("link UUID"), "{report:#}");
 }
 
-/// The operations of `bench ops`, in report order.
-const OPERATIONS: [&str; 9] = [
+/// The operations of `bench ops` (one entry per timed command), in report order.
+const OPERATIONS: [&str; 22] = [
     "convert qcow2→raw",
     "convert zlib-qcow2→raw",
     "convert chain→raw",
@@ -408,6 +408,29 @@ const OPERATIONS: [&str; 9] = [
     "commit",
     "map",
     "check",
+    "info",
+    "info --backing-chain json",
+    "measure -O qcow2",
+    "create overlay",
+    "dd qcow2→raw",
+    "rebase",
+    "resize +1G",
+    "resize --shrink",
+    "snapshot -c",
+    "snapshot -a",
+    "amend compat=0.10",
+    "amend compat=1.1",
+    "bitmap --add",
+];
+
+/// The operations of `bench ops` that write no file.
+const READ_ONLY: [&str; 6] = [
+    "compare",
+    "map",
+    "check",
+    "info",
+    "info --backing-chain json",
+    "measure -O qcow2",
 ];
 
 /// A small directory tree for a workload: text, incompressible bytes, a subdirectory.
@@ -513,7 +536,8 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
             "image.qcow2",
             "image-zlib.qcow2",
             "mid.qcow2",
-            "top.qcow2"
+            "top.qcow2",
+            "new-base.qcow2"
         ]
     );
 
@@ -546,7 +570,7 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
             let verb = command.split_whitespace().nth(1).unwrap_or_default();
             assert!(name.starts_with(verb), "{name}: {command}");
             medians.push(median);
-            let writes = name.starts_with("convert") || name == "commit";
+            let writes = !READ_ONLY.contains(&name);
             assert_eq!(
                 side["output-allocated-bytes"].is_u64(),
                 writes,
@@ -571,7 +595,37 @@ fn bench_ops_json_has_every_operation_measured_and_judged_by_qemu_img() {
         let expect: &[&str] = match name {
             "compare" => &["images identical"],
             "map" => &["ranges"],
-            "check" => &["identical to qemu-img's"],
+            "check" | "measure -O qcow2" | "info --backing-chain json" => {
+                &["JSON report identical to qemu-img's"]
+            }
+            "info" => &["text identical to qemu-img's"],
+            "create overlay" => &[
+                "qemu-img check",
+                "Images are identical",
+                "qemu-img info: the same as qemu-img's result (backing file image.qcow2)",
+            ],
+            "rebase" => &[
+                "qemu-img check",
+                "against the mid.qcow2 it started from: qemu-img compare -f qcow2 -F qcow2: \
+                 Images are identical",
+                "(backing file new-base.qcow2)",
+            ],
+            n if n.starts_with("resize") => &[
+                "after resize +1G, then resize --shrink:",
+                "against the image.qcow2 it started from",
+                "(virtual size 16777216 again)",
+            ],
+            n if n.starts_with("snapshot") => &[
+                "after snapshot -c, then snapshot -a:",
+                "against the image.qcow2 it started from",
+                "(snapshots: bench)",
+            ],
+            n if n.starts_with("amend") => &[
+                "after amend compat=0.10, then amend compat=1.1:",
+                "against the image.qcow2 it started from",
+                "(compat 1.1)",
+            ],
+            "bitmap --add" => &["qemu-img check", "(bitmaps: bench)"],
             "commit" => &[
                 "mid.qcow2",
                 "top.qcow2",
@@ -697,4 +751,50 @@ fn bench_ops_refuses_a_wrong_output_and_impossible_parameters() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
+}
+
+/// A cowclone whose `snapshot` does nothing but exit 0 makes `bench ops` fail at the snapshot
+/// operation: what it did in place is judged by what qemu-img reads back from the image
+/// (`qemu-img info`: no snapshot), not by the exit status.
+#[test]
+fn bench_ops_judges_changes_in_place_by_what_qemu_img_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    small_tree(&tree);
+    let wrapper = tmp.path().join("idle-snapshot-cowclone");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = snapshot ]; then exit 0; fi\nexec \"{}\" \"$@\"\n",
+            cowclone_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let output = cowclone(&[
+        &"bench",
+        &"ops",
+        &"--tree",
+        &tree,
+        &"--size",
+        &"16M",
+        &"--runs",
+        &"1",
+        &"--dir",
+        &tmp.path(),
+        &"--cowclone",
+        &wrapper,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("snapshot: cowclone's result differs from qemu-img's")
+            && stderr.contains("qemu-img info: cowclone's result is")
+            && stderr.contains("\"name\":\"bench\""),
+        "{stderr}"
+    );
 }

@@ -7,8 +7,9 @@
 //! clone_methods ─► one base (qcow2, VDI) ─► N rounds × every method, interleaved ─► stats
 //! io            ─► reads/writes through imagefmt's chain  ┐
 //!                  `qemu-img bench` on the same image      ┴─► stats
-//! ops           ─► workload from a real tree ─► convert/compare/commit/map/check by the
-//!                  `cowclone` binary and by qemu-img, interleaved, judged by qemu-img ─► stats
+//! ops           ─► workload from a real tree ─► convert/compare/commit/map/check/info/measure/
+//!                  create/dd/rebase/resize/snapshot/amend/bitmap by the `cowclone` binary and
+//!                  by qemu-img, interleaved, judged by qemu-img ─► stats
 //! report (human / JSON / CSV)    plot (SVG bar chart via plotters)
 //! ```
 //!

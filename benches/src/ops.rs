@@ -1,10 +1,12 @@
-//! `cowclone bench ops`: whole-image operations (convert, compare, commit, map, check) by the
-//! `cowclone` binary and by `qemu-img`, as processes, on one workload, in one run.
+//! `cowclone bench ops`: whole-image operations (convert, compare, commit, map, check, info,
+//! measure, create, dd, rebase, resize, snapshot, amend, bitmap) by the `cowclone` binary and
+//! by `qemu-img`, as processes, on one workload, in one run.
 //!
 //! ```text
 //! workload: a real directory tree ─► mkfs.ext4 -d into a sparse raw file (or --image, converted
 //!           to raw) ─► qemu-img convert: image.qcow2, image-zlib.qcow2 (-c, zlib);
-//!           chain: image.qcow2 ◄─ mid.qcow2 ◄─ top.qcow2 (qemu-io writes in each overlay)
+//!           chain: image.qcow2 ◄─ mid.qcow2 ◄─ top.qcow2 (qemu-io writes in each overlay);
+//!           new-base.qcow2: a copy of image.qcow2 with one region rewritten (rebase's target)
 //! per operation: run 0 (untimed): cowclone, qemu-img ─► sizes, judged by qemu-img ─► mismatch = error
 //!                run 1..=N:       cowclone, qemu-img, each under GNU time (wall time, peak RSS)
 //!                (syncfs before each command; outputs removed after each run)
@@ -14,7 +16,11 @@
 //! fresh output file, on inputs that run 0 has brought into the page cache for both alike. The
 //! wall time is the command's; the time until its output is on disk (the command, then fsync of
 //! what it wrote) is reported beside it, so that leaving more dirty data behind is not free.
-//! `commit` works on fresh copies of the chain's two overlays each time (copying is not timed).
+//! Operations that change an image in place work on fresh copies made before the clock starts:
+//! `commit` on copies of the chain's two overlays, `rebase` on a copy of mid.qcow2, `resize`,
+//! `snapshot`, `amend` and `bitmap` on copies of image.qcow2. `resize`, `snapshot` and `amend`
+//! run two commands on the same copy (there and back again); each is timed and reported as an
+//! operation of its own.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
@@ -40,6 +46,11 @@ pub const ZLIB_QCOW2: &str = "image-zlib.qcow2";
 pub const MID: &str = "mid.qcow2";
 /// The second overlay, on [`MID`] (named relatively): the top of the 3-deep chain.
 pub const TOP: &str = "top.qcow2";
+/// A copy of [`QCOW2`] with one region (outside [`MID`]'s writes) rewritten: the base `rebase`
+/// moves [`MID`] onto, which shares most of its data with the old one.
+pub const NEW_BASE: &str = "new-base.qcow2";
+/// The internal snapshot and the bitmap the `snapshot` and `bitmap` operations make.
+const TAG: &str = "bench";
 
 /// Smallest workload accepted: room for the overlays' writes and an ext4 filesystem.
 pub const MIN_SIZE: u64 = 16 << 20;
@@ -102,6 +113,30 @@ pub enum Operation {
     Map,
     /// `check --output json image.qcow2`
     Check,
+    /// `info -f qcow2 top.qcow2` (human text)
+    Info,
+    /// `info -f qcow2 --output json --backing-chain top.qcow2` (the 3-deep chain)
+    InfoChainJson,
+    /// `measure -f qcow2 -O qcow2 --output json image.qcow2`
+    Measure,
+    /// `create -q -f qcow2 -b image.qcow2 -F qcow2 OUT` (an overlay of the workload)
+    Create,
+    /// `dd -f qcow2 -O raw bs=1M if=image.qcow2 of=OUT`
+    Dd,
+    /// `rebase -f qcow2 -b new-base.qcow2 -F qcow2 mid.qcow2` (safe: the data that differs
+    /// between the old base and the new one is copied into mid) on a fresh copy of mid.qcow2
+    Rebase,
+    /// `resize -f qcow2 COPY +1G`, then `resize -f qcow2 --shrink COPY SIZE` back to the
+    /// workload's size, on a fresh copy of image.qcow2
+    Resize,
+    /// `snapshot -f qcow2 -c bench COPY`, then `snapshot -f qcow2 -a bench COPY`, on a fresh
+    /// copy of image.qcow2
+    Snapshot,
+    /// `amend -f qcow2 -o compat=0.10 COPY`, then `amend -f qcow2 -o compat=1.1 COPY`, on a
+    /// fresh copy of image.qcow2
+    Amend,
+    /// `bitmap -f qcow2 --add COPY bench` on a fresh copy of image.qcow2
+    Bitmap,
 }
 
 /// The two tools measured.
@@ -122,7 +157,7 @@ impl Tool {
 
 impl Operation {
     /// Every operation, in report order.
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 19] = [
         Operation::ConvertQcow2Raw,
         Operation::ConvertZlibRaw,
         Operation::ConvertChainRaw,
@@ -132,9 +167,19 @@ impl Operation {
         Operation::Commit,
         Operation::Map,
         Operation::Check,
+        Operation::Info,
+        Operation::InfoChainJson,
+        Operation::Measure,
+        Operation::Create,
+        Operation::Dd,
+        Operation::Rebase,
+        Operation::Resize,
+        Operation::Snapshot,
+        Operation::Amend,
+        Operation::Bitmap,
     ];
 
-    /// The name in reports and JSON.
+    /// The name in error messages; in reports and JSON where the operation is one command.
     pub fn name(self) -> &'static str {
         match self {
             Operation::ConvertQcow2Raw => "convert qcow2→raw",
@@ -146,6 +191,27 @@ impl Operation {
             Operation::Commit => "commit",
             Operation::Map => "map",
             Operation::Check => "check",
+            Operation::Info => "info",
+            Operation::InfoChainJson => "info --backing-chain json",
+            Operation::Measure => "measure -O qcow2",
+            Operation::Create => "create overlay",
+            Operation::Dd => "dd qcow2→raw",
+            Operation::Rebase => "rebase",
+            Operation::Resize => "resize",
+            Operation::Snapshot => "snapshot",
+            Operation::Amend => "amend",
+            Operation::Bitmap => "bitmap --add",
+        }
+    }
+
+    /// The names in reports and JSON: one per command timed on the same input (resize,
+    /// snapshot and amend run two, there and back again).
+    pub fn step_names(self) -> Vec<&'static str> {
+        match self {
+            Operation::Resize => vec!["resize +1G", "resize --shrink"],
+            Operation::Snapshot => vec!["snapshot -c", "snapshot -a"],
+            Operation::Amend => vec!["amend compat=0.10", "amend compat=1.1"],
+            _ => vec![self.name()],
         }
     }
 
@@ -161,19 +227,53 @@ impl Operation {
             Operation::Commit => "commit",
             Operation::Map => "map",
             Operation::Check => "check",
+            Operation::Info => "info",
+            Operation::InfoChainJson => "info-chain-json",
+            Operation::Measure => "measure",
+            Operation::Create => "create",
+            Operation::Dd => "dd",
+            Operation::Rebase => "rebase",
+            Operation::Resize => "resize",
+            Operation::Snapshot => "snapshot",
+            Operation::Amend => "amend",
+            Operation::Bitmap => "bitmap",
         }
     }
 
     /// The format of the file the operation writes, if it writes one.
     fn output_format(self) -> Option<&'static str> {
         match self {
-            Operation::ConvertQcow2Raw | Operation::ConvertZlibRaw | Operation::ConvertChainRaw => {
-                Some("raw")
-            }
+            Operation::ConvertQcow2Raw
+            | Operation::ConvertZlibRaw
+            | Operation::ConvertChainRaw
+            | Operation::Dd => Some("raw"),
             Operation::ConvertRawQcow2
             | Operation::ConvertRawQcow2Compressed
-            | Operation::Commit => Some("qcow2"),
-            Operation::Compare | Operation::Map | Operation::Check => None,
+            | Operation::Commit
+            | Operation::Create
+            | Operation::Rebase
+            | Operation::Resize
+            | Operation::Snapshot
+            | Operation::Amend
+            | Operation::Bitmap => Some("qcow2"),
+            Operation::Compare
+            | Operation::Map
+            | Operation::Check
+            | Operation::Info
+            | Operation::InfoChainJson
+            | Operation::Measure => None,
+        }
+    }
+
+    /// The workload file an operation that changes an image in place works on (a fresh copy
+    /// of it each time), if it is one of those.
+    fn in_place_on(self) -> Option<&'static str> {
+        match self {
+            Operation::Rebase => Some(MID),
+            Operation::Resize | Operation::Snapshot | Operation::Amend | Operation::Bitmap => {
+                Some(QCOW2)
+            }
+            _ => None,
         }
     }
 }
@@ -198,17 +298,19 @@ pub struct ToolResult {
     /// The largest peak RSS of any of its runs (judged run included), KiB.
     pub peak_rss_kib: u64,
     /// The written file's length (`st_size`), bytes; null where nothing is written. For
-    /// `commit`, the overlay committed into.
+    /// `commit`, the overlay committed into; for operations in place, the image after the
+    /// command.
     pub output_bytes: Option<u64>,
     /// The written file's allocated space (`st_blocks × 512`, after fsync), bytes.
     pub output_allocated_bytes: Option<u64>,
 }
 
-/// One operation, both tools. Part of the documented JSON of `bench ops`.
+/// One operation (one timed command of it), both tools. Part of the documented JSON of
+/// `bench ops`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct OperationResult {
-    /// [`Operation::name`].
+    /// One of [`Operation::step_names`].
     pub operation: &'static str,
     /// Timed runs per tool.
     pub runs: u32,
@@ -220,7 +322,8 @@ pub struct OperationResult {
     pub speedup: f64,
     /// cowclone's allocated output ÷ qemu-img's (null where nothing is written).
     pub size_ratio: Option<f64>,
-    /// How the outputs were judged equal (the judging command and its verdict).
+    /// How the outputs were judged equal (the judging command and its verdict); for an
+    /// operation of two commands, the result of both, judged once.
     pub verified: String,
 }
 
@@ -280,7 +383,7 @@ pub struct Report {
     pub environment: Environment,
     /// The workload.
     pub workload: Workload,
-    /// One entry per operation, in [`Operation::ALL`] order.
+    /// One entry per timed command of every operation, in [`Operation::ALL`] order.
     pub operations: Vec<OperationResult>,
 }
 
@@ -322,17 +425,19 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
     fs::create_dir(&out_dir).map_err(BenchError::io(format!("creating {}", out_dir.display())))?;
 
     let load_average_start = fs_facts::load_average();
-    progress.set_length(Operation::ALL.len() as u64 * (u64::from(config.runs) + 1) * 2);
+    let commands: usize = Operation::ALL.iter().map(|op| op.step_names().len()).sum();
+    progress.set_length(commands as u64 * (u64::from(config.runs) + 1) * 2);
     progress.set_position(0);
     let bench = Bench {
         dir: dir.to_owned(),
         out_dir,
         cowclone: config.cowclone.clone(),
+        virtual_size: workload.virtual_size,
     };
     let mut operations = Vec::new();
     for op in Operation::ALL {
         progress.set_message(op.slug());
-        operations.push(bench.measure(op, config.runs, progress)?);
+        operations.extend(bench.measure(op, config.runs, progress)?);
     }
     let environment = Environment {
         machine: fs_facts::Machine {
@@ -352,9 +457,10 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
     })
 }
 
-/// The guest ranges the overlays write, scaled to the image: (qemu-io command, which overlay).
-/// Offsets and lengths are multiples of 64 KiB inside `size`.
-fn overlay_writes(size: u64) -> [(String, &'static str); 5] {
+/// The guest ranges the overlays (and [`NEW_BASE`], in a region [`MID`] does not write) write,
+/// scaled to the image: (qemu-io command, which file). Offsets and lengths are multiples of
+/// 64 KiB inside `size`.
+fn overlay_writes(size: u64) -> [(String, &'static str); 6] {
     const ALIGN: u64 = 64 << 10;
     let at = |fraction: u64| size / fraction / ALIGN * ALIGN;
     let unit = at(64).max(ALIGN);
@@ -364,6 +470,7 @@ fn overlay_writes(size: u64) -> [(String, &'static str); 5] {
         (format!("write -P 0x22 {} {}", at(8) + unit, 2 * unit), TOP),
         (format!("write -P 0x33 {} {}", at(4) * 3, unit), TOP),
         (format!("discard {} {}", at(4), unit), TOP),
+        (format!("write -P 0x44 {} {}", at(16), unit), NEW_BASE),
     ]
 }
 
@@ -473,27 +580,29 @@ fn build_workload(config: &Config, dir: &Path, progress: &ProgressBar) -> Result
             path.as_os_str(),
         ];
         tools::run_ok("qemu-img", &args)?;
-        let mut commands = Vec::new();
-        let mut io_args: Vec<OsString> = vec!["-f".into(), "qcow2".into()];
-        for (command, target) in overlay_writes(virtual_size) {
-            if target == overlay {
-                io_args.extend(["-c".into(), command.clone().into()]);
-                commands.push(command);
-            }
-        }
-        io_args.push(path.into());
-        tools::run_ok("qemu-io", &io_args)?;
+        let writes = write_with_qemu_io(&path, overlay, virtual_size)?;
         made_by.push(format!(
-            "qemu-img create -f qcow2 -b {} -F qcow2; qemu-io -c '{}'",
+            "qemu-img create -f qcow2 -b {} -F qcow2; {writes}",
             backing.display(),
-            commands.join("' -c '")
         ));
     }
+    // Rebase's new base: a copy of the base with one region rewritten.
+    let new_base = dir.join(NEW_BASE);
+    fs::copy(&qcow2, &new_base).map_err(BenchError::io(format!(
+        "copying {} to {}",
+        qcow2.display(),
+        new_base.display()
+    )))?;
+    let writes = write_with_qemu_io(&new_base, NEW_BASE, virtual_size)?;
+    made_by.push(format!("copy of {QCOW2}; {writes}"));
     fs_facts::sync_filesystem(dir)?;
     let build_seconds = round1(start.elapsed().as_secs_f64());
 
     let mut files = Vec::new();
-    for (name, made_by) in [RAW, QCOW2, ZLIB_QCOW2, MID, TOP].into_iter().zip(made_by) {
+    for (name, made_by) in [RAW, QCOW2, ZLIB_QCOW2, MID, TOP, NEW_BASE]
+        .into_iter()
+        .zip(made_by)
+    {
         let (bytes, allocated_bytes) = fs_facts::settled_bytes(&dir.join(name))?;
         files.push(WorkloadFile {
             name,
@@ -509,6 +618,22 @@ fn build_workload(config: &Config, dir: &Path, progress: &ProgressBar) -> Result
         build_seconds,
         files,
     })
+}
+
+/// Runs the [`overlay_writes`] meant for `name` on the qcow2 image `path` with qemu-io;
+/// returns the command line for the workload's description.
+fn write_with_qemu_io(path: &Path, name: &str, virtual_size: u64) -> Result<String> {
+    let mut commands = Vec::new();
+    let mut io_args: Vec<OsString> = vec!["-f".into(), "qcow2".into()];
+    for (command, target) in overlay_writes(virtual_size) {
+        if target == name {
+            io_args.extend(["-c".into(), command.clone().into()]);
+            commands.push(command);
+        }
+    }
+    io_args.push(path.into());
+    tools::run_ok("qemu-io", &io_args)?;
+    Ok(format!("qemu-io -c '{}'", commands.join("' -c '")))
 }
 
 /// `qemu-img info --output=json` of `path`, parsed.
@@ -551,17 +676,18 @@ fn parse_json(bytes: &[u8], command: impl FnOnce() -> String) -> Result<Value> {
     })
 }
 
-/// One command of one run: what to run and what it leaves behind.
+/// One tool's turn in one run of an operation: what to run and what it leaves behind.
 struct Invocation {
     program: OsString,
-    args: Vec<OsString>,
-    /// The file it writes (for commit: the overlay committed into).
+    /// The arguments of each command, run one after the other (one for most operations).
+    steps: Vec<Vec<OsString>>,
+    /// The file it writes (for commit: the overlay committed into; in place: the copy).
     output: Option<PathBuf>,
-    /// Every file it writes (fsynced after it exits, for the durable time).
+    /// Every file it writes (fsynced after each command exits, for the durable time).
     written: Vec<PathBuf>,
-    /// Where its stdout goes.
+    /// Where its stdout goes (the last command's is kept).
     stdout: PathBuf,
-    /// A directory made for it (commit's copies), removed after the run.
+    /// A directory made for it (copies of its inputs), removed after the run.
     scratch: Option<PathBuf>,
 }
 
@@ -570,88 +696,133 @@ struct Bench {
     dir: PathBuf,
     out_dir: PathBuf,
     cowclone: PathBuf,
+    /// The workload's guest size (resize shrinks back to it).
+    virtual_size: u64,
+}
+
+/// What one tool measured of one command of an operation, over the runs.
+#[derive(Debug, Default)]
+struct Figures {
+    command: String,
+    samples: Vec<f64>,
+    durable_samples: Vec<f64>,
+    peak_rss: u64,
+    /// The output's (length, allocated bytes) after the command, in the judged run.
+    sizes: Option<(u64, u64)>,
+}
+
+impl Figures {
+    fn result(&self, tool: Tool) -> ToolResult {
+        ToolResult {
+            tool: tool.name(),
+            command: self.command.clone(),
+            median_ms: round1(median(&self.samples).unwrap_or_default()),
+            p90_ms: round1(p90(&self.samples).unwrap_or_default()),
+            samples_ms: self.samples.iter().map(|&s| round1(s)).collect(),
+            durable_median_ms: round1(median(&self.durable_samples).unwrap_or_default()),
+            peak_rss_kib: self.peak_rss,
+            output_bytes: self.sizes.map(|s| s.0),
+            output_allocated_bytes: self.sizes.map(|s| s.1),
+        }
+    }
 }
 
 impl Bench {
-    /// Run 0 (judged, untimed) and `runs` timed runs of `op`, both tools per run.
-    fn measure(&self, op: Operation, runs: u32, progress: &ProgressBar) -> Result<OperationResult> {
-        let mut samples: [Vec<f64>; 2] = Default::default();
-        let mut durable_samples: [Vec<f64>; 2] = Default::default();
-        let mut peak_rss = [0u64; 2];
-        let mut sizes: [Option<(u64, u64)>; 2] = [None, None];
-        let mut commands = [String::new(), String::new()];
+    /// Run 0 (judged, untimed) and `runs` timed runs of `op`, both tools per run; one result
+    /// per command of the operation.
+    fn measure(
+        &self,
+        op: Operation,
+        runs: u32,
+        progress: &ProgressBar,
+    ) -> Result<Vec<OperationResult>> {
+        let names = op.step_names();
+        // figures[step][tool]
+        let mut figures: Vec<[Figures; 2]> = names.iter().map(|_| Default::default()).collect();
         let mut verified = String::new();
+        let rss_file = self.out_dir.join("rss.txt");
         for run in 0..=runs {
             let mut outcomes = Vec::new();
             for (i, tool) in [Tool::Cowclone, Tool::QemuImg].into_iter().enumerate() {
                 let invocation = self.invocation(op, tool)?;
-                fs_facts::sync_filesystem(&self.dir)?;
-                let stdout = File::create(&invocation.stdout).map_err(BenchError::io(format!(
-                    "creating {}",
-                    invocation.stdout.display()
-                )))?;
-                let rss_file = self.out_dir.join("rss.txt");
-                let measured =
-                    tools::run_measured(&invocation.program, &invocation.args, stdout, &rss_file)?;
-                let synced = Instant::now();
-                for file in &invocation.written {
-                    File::open(file)
-                        .and_then(|f| f.sync_all())
-                        .map_err(BenchError::io(format!("syncing {}", file.display())))?;
+                for (step, args) in invocation.steps.iter().enumerate() {
+                    let figures = &mut figures[step][i];
+                    fs_facts::sync_filesystem(&self.dir)?;
+                    let stdout = File::create(&invocation.stdout).map_err(BenchError::io(
+                        format!("creating {}", invocation.stdout.display()),
+                    ))?;
+                    let measured =
+                        tools::run_measured(&invocation.program, args, stdout, &rss_file)?;
+                    let synced = Instant::now();
+                    for file in &invocation.written {
+                        File::open(file)
+                            .and_then(|f| f.sync_all())
+                            .map_err(BenchError::io(format!("syncing {}", file.display())))?;
+                    }
+                    let sync_seconds = synced.elapsed().as_secs_f64();
+                    progress.inc(1);
+                    figures.peak_rss = figures.peak_rss.max(measured.peak_rss_kib);
+                    if run > 0 {
+                        figures.samples.push(measured.seconds * 1e3);
+                        figures
+                            .durable_samples
+                            .push((measured.seconds + sync_seconds) * 1e3);
+                    } else if let Some(output) = &invocation.output {
+                        figures.sizes = Some(fs_facts::settled_bytes(output)?);
+                    }
+                    figures.command =
+                        tools::command_line(&invocation.program.to_string_lossy(), args)
+                            .replace(&format!("{}/", self.dir.display()), "");
                 }
-                let sync_seconds = synced.elapsed().as_secs_f64();
-                progress.inc(1);
-                peak_rss[i] = peak_rss[i].max(measured.peak_rss_kib);
-                if run > 0 {
-                    samples[i].push(measured.seconds * 1e3);
-                    durable_samples[i].push((measured.seconds + sync_seconds) * 1e3);
-                }
-                commands[i] =
-                    tools::command_line(&invocation.program.to_string_lossy(), &invocation.args)
-                        .replace(&format!("{}/", self.dir.display()), "");
                 outcomes.push(invocation);
             }
             if run == 0 {
-                for (i, invocation) in outcomes.iter().enumerate() {
-                    if let Some(output) = &invocation.output {
-                        sizes[i] = Some(fs_facts::settled_bytes(output)?);
-                    }
+                verified = judge(op, &outcomes[0], &outcomes[1], self)?;
+                if names.len() > 1 {
+                    verified = format!("after {}: {verified}", names.join(", then "));
                 }
-                verified = judge(op, &outcomes[0], &outcomes[1])?;
             }
             for invocation in &outcomes {
                 remove_outputs(invocation)?;
             }
         }
-        let result = |i: usize, tool: Tool| ToolResult {
-            tool: tool.name(),
-            command: commands[i].clone(),
-            median_ms: round1(median(&samples[i]).unwrap_or_default()),
-            p90_ms: round1(p90(&samples[i]).unwrap_or_default()),
-            samples_ms: samples[i].iter().map(|&s| round1(s)).collect(),
-            durable_median_ms: round1(median(&durable_samples[i]).unwrap_or_default()),
-            peak_rss_kib: peak_rss[i],
-            output_bytes: sizes[i].map(|s| s.0),
-            output_allocated_bytes: sizes[i].map(|s| s.1),
-        };
-        let cowclone = result(0, Tool::Cowclone);
-        let qemu_img = result(1, Tool::QemuImg);
-        Ok(OperationResult {
-            operation: op.name(),
-            runs,
-            speedup: ratio(qemu_img.median_ms, cowclone.median_ms),
-            size_ratio: match (sizes[0], sizes[1]) {
-                (Some(ours), Some(theirs)) => Some(ratio(ours.1 as f64, theirs.1 as f64)),
-                _ => None,
-            },
-            cowclone,
-            qemu_img,
-            verified,
-        })
+        Ok(names
+            .into_iter()
+            .zip(figures)
+            .map(|(name, [ours, theirs])| {
+                let cowclone = ours.result(Tool::Cowclone);
+                let qemu_img = theirs.result(Tool::QemuImg);
+                OperationResult {
+                    operation: name,
+                    runs,
+                    speedup: ratio(qemu_img.median_ms, cowclone.median_ms),
+                    size_ratio: match (ours.sizes, theirs.sizes) {
+                        (Some(a), Some(b)) => Some(ratio(a.1 as f64, b.1 as f64)),
+                        _ => None,
+                    },
+                    cowclone,
+                    qemu_img,
+                    verified: verified.clone(),
+                }
+            })
+            .collect())
     }
 
-    /// The command `tool` runs for `op`, with a fresh output path (and, for commit, fresh
-    /// copies of the overlays).
+    /// Copies the workload files `names` into a new directory `scratch` (untimed).
+    fn copy_inputs(&self, scratch: &Path, names: &[&str]) -> Result<()> {
+        fs::create_dir(scratch)
+            .map_err(BenchError::io(format!("creating {}", scratch.display())))?;
+        for name in names {
+            fs::copy(self.dir.join(name), scratch.join(name)).map_err(BenchError::io(format!(
+                "copying {name} to {}",
+                scratch.display()
+            )))?;
+        }
+        Ok(())
+    }
+
+    /// The commands `tool` runs for `op`, with a fresh output path (and, for operations in
+    /// place, fresh copies of their inputs).
     fn invocation(&self, op: Operation, tool: Tool) -> Result<Invocation> {
         let name = format!("{}-{}", op.slug(), tool.name());
         let mut output = op
@@ -660,6 +831,7 @@ impl Bench {
         let mut scratch = None;
         let mut written = Vec::new();
         let mut args: Vec<OsString> = Vec::new();
+        let mut second: Option<Vec<OsString>> = None;
         let file = |name: &str| OsString::from(self.dir.join(name));
         let json: &[&str] = match tool {
             Tool::Cowclone => &["--output", "json"],
@@ -668,6 +840,13 @@ impl Bench {
         let push = |args: &mut Vec<OsString>, items: &[&str]| {
             args.extend(items.iter().map(OsString::from));
         };
+        if let Some(input) = op.in_place_on() {
+            let copies = self.out_dir.join(&name);
+            self.copy_inputs(&copies, &[input])?;
+            output = Some(copies.join(input));
+            scratch = Some(copies);
+        }
+        let copy = || OsString::from(output.clone().unwrap_or_default());
         match op {
             Operation::ConvertQcow2Raw
             | Operation::ConvertZlibRaw
@@ -685,7 +864,7 @@ impl Bench {
                     push(&mut args, &["-c"]);
                 }
                 args.push(file(source));
-                args.push(output.clone().unwrap_or_default().into());
+                args.push(copy());
             }
             Operation::Compare => {
                 push(&mut args, &["compare", "-f", "qcow2", "-F", "raw"]);
@@ -693,13 +872,7 @@ impl Bench {
             }
             Operation::Commit => {
                 let copies = self.out_dir.join(&name);
-                fs::create_dir(&copies)
-                    .map_err(BenchError::io(format!("creating {}", copies.display())))?;
-                for overlay in [MID, TOP] {
-                    fs::copy(self.dir.join(overlay), copies.join(overlay)).map_err(
-                        BenchError::io(format!("copying {overlay} to {}", copies.display())),
-                    )?;
-                }
+                self.copy_inputs(&copies, &[MID, TOP])?;
                 push(&mut args, &["commit"]);
                 if tool == Tool::QemuImg {
                     // qemu-img probes the format otherwise; cowclone reads the magic.
@@ -720,13 +893,78 @@ impl Bench {
                 push(&mut args, json);
                 args.push(file(QCOW2));
             }
+            Operation::Info => {
+                push(&mut args, &["info", "-f", "qcow2"]);
+                args.push(file(TOP));
+            }
+            Operation::InfoChainJson => {
+                push(&mut args, &["info", "-f", "qcow2"]);
+                push(&mut args, json);
+                push(&mut args, &["--backing-chain"]);
+                args.push(file(TOP));
+            }
+            Operation::Measure => {
+                push(&mut args, &["measure", "-f", "qcow2", "-O", "qcow2"]);
+                push(&mut args, json);
+                args.push(file(QCOW2));
+            }
+            Operation::Create => {
+                push(&mut args, &["create", "-q", "-f", "qcow2", "-b"]);
+                args.push(file(QCOW2));
+                push(&mut args, &["-F", "qcow2"]);
+                args.push(copy());
+            }
+            Operation::Dd => {
+                push(&mut args, &["dd", "-f", "qcow2", "-O", "raw", "bs=1M"]);
+                let operand = |key: &str, path: OsString| {
+                    let mut operand = OsString::from(key);
+                    operand.push(path);
+                    operand
+                };
+                args.push(operand("if=", file(QCOW2)));
+                args.push(operand("of=", copy()));
+            }
+            Operation::Rebase => {
+                push(&mut args, &["rebase", "-f", "qcow2", "-b"]);
+                args.push(file(NEW_BASE));
+                push(&mut args, &["-F", "qcow2"]);
+                args.push(copy());
+            }
+            Operation::Resize => {
+                push(&mut args, &["resize", "-f", "qcow2"]);
+                args.extend([copy(), "+1G".into()]);
+                let mut back: Vec<OsString> = Vec::new();
+                push(&mut back, &["resize", "-f", "qcow2", "--shrink"]);
+                back.extend([copy(), self.virtual_size.to_string().into()]);
+                second = Some(back);
+            }
+            Operation::Snapshot => {
+                push(&mut args, &["snapshot", "-f", "qcow2", "-c", TAG]);
+                args.push(copy());
+                let mut apply: Vec<OsString> = Vec::new();
+                push(&mut apply, &["snapshot", "-f", "qcow2", "-a", TAG]);
+                apply.push(copy());
+                second = Some(apply);
+            }
+            Operation::Amend => {
+                push(&mut args, &["amend", "-f", "qcow2", "-o", "compat=0.10"]);
+                args.push(copy());
+                let mut back: Vec<OsString> = Vec::new();
+                push(&mut back, &["amend", "-f", "qcow2", "-o", "compat=1.1"]);
+                back.push(copy());
+                second = Some(back);
+            }
+            Operation::Bitmap => {
+                push(&mut args, &["bitmap", "-f", "qcow2", "--add"]);
+                args.extend([copy(), TAG.into()]);
+            }
         }
         Ok(Invocation {
             program: match tool {
                 Tool::Cowclone => self.cowclone.clone().into(),
                 Tool::QemuImg => "qemu-img".into(),
             },
-            args,
+            steps: std::iter::once(args).chain(second).collect(),
             written: written.into_iter().chain(output.clone()).collect(),
             output,
             stdout: self.out_dir.join(format!("{name}.stdout")),
@@ -746,22 +984,38 @@ fn remove_outputs(invocation: &Invocation) -> Result<()> {
     Ok(())
 }
 
-/// Judges cowclone's result of `op` against qemu-img's with qemu-img; returns the verdict, or
+/// Judges cowclone's result of `op` against qemu-img's with qemu-img (and the result of an
+/// operation in place against the workload file it started from); returns the verdict, or
 /// [`BenchError::Mismatch`].
-fn judge(op: Operation, ours: &Invocation, theirs: &Invocation) -> Result<String> {
+fn judge(op: Operation, ours: &Invocation, theirs: &Invocation, bench: &Bench) -> Result<String> {
     let mismatch = |detail: String| BenchError::Mismatch {
         operation: op.name(),
         detail,
     };
+    let stdout = |invocation: &Invocation| -> Result<Vec<u8>> {
+        fs::read(&invocation.stdout).map_err(BenchError::io(format!(
+            "reading {}",
+            invocation.stdout.display()
+        )))
+    };
     match op {
         Operation::Compare => Ok("both exit 0: images identical".to_owned()),
-        Operation::Map | Operation::Check => {
+        Operation::Info => {
+            let (a, b) = (stdout(ours)?, stdout(theirs)?);
+            let (a, b) = (String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+            match first_difference(&a, &b) {
+                None => Ok(format!(
+                    "text identical to qemu-img's ({} lines)",
+                    a.lines().count()
+                )),
+                Some(difference) => Err(mismatch(difference)),
+            }
+        }
+        Operation::Map | Operation::Check | Operation::InfoChainJson | Operation::Measure => {
             let read = |invocation: &Invocation| -> Result<Value> {
-                let bytes = fs::read(&invocation.stdout).map_err(BenchError::io(format!(
-                    "reading {}",
-                    invocation.stdout.display()
-                )))?;
-                parse_json(&bytes, || invocation.program.to_string_lossy().into_owned())
+                parse_json(&stdout(invocation)?, || {
+                    invocation.program.to_string_lossy().into_owned()
+                })
             };
             let (a, b) = (read(ours)?, read(theirs)?);
             if op == Operation::Map {
@@ -799,8 +1053,131 @@ fn judge(op: Operation, ours: &Invocation, theirs: &Invocation) -> Result<String
                     format!("{TOP}: {judged}"),
                 ];
             }
+            if let Some(input) = op.in_place_on() {
+                // Rebase keeps what the chain reads; the others leave the guest content alone
+                // (resize, amend: there and back again).
+                let before = bench.dir.join(input);
+                let judged = qemu_img_judges(
+                    op,
+                    &["compare", "-f", "qcow2", "-F", "qcow2"],
+                    &[a, &before],
+                )?;
+                verdict.push(format!("against the {input} it started from: {judged}"));
+            }
+            if matches!(op, Operation::Create) || op.in_place_on().is_some() {
+                let (ours, theirs) = (qemu_info(a)?, qemu_info(b)?);
+                verdict.push(judge_info(op, &ours, &theirs, bench.virtual_size).map_err(mismatch)?);
+            }
             Ok(verdict.join("; "))
         }
+    }
+}
+
+/// The first line where two texts differ, described; `None` if they are equal.
+fn first_difference(ours: &str, theirs: &str) -> Option<String> {
+    if ours == theirs {
+        return None;
+    }
+    let (mut a, mut b) = (ours.lines(), theirs.lines());
+    for line in 1.. {
+        match (a.next(), b.next()) {
+            (Some(x), Some(y)) if x == y => continue,
+            (None, None) => {
+                return Some("the texts differ only in their line ends".to_owned());
+            }
+            (x, y) => {
+                let shown =
+                    |l: Option<&str>| l.map_or("(end of text)".to_owned(), |l| format!("{l:?}"));
+                return Some(format!(
+                    "line {line}: cowclone prints {}, qemu-img {}",
+                    shown(x),
+                    shown(y)
+                ));
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// `qemu-img info --output=json` of an image without the facts that differ between two
+/// equal results: file names, allocated sizes, the protocol node (the file's length) and when
+/// snapshots were taken.
+fn comparable_info(info: &Value) -> Value {
+    let mut info = info.clone();
+    if let Some(object) = info.as_object_mut() {
+        for key in ["filename", "actual-size", "children"] {
+            object.remove(key);
+        }
+        for snapshot in object
+            .get_mut("snapshots")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(snapshot) = snapshot.as_object_mut() {
+                snapshot.remove("date-sec");
+                snapshot.remove("date-nsec");
+            }
+        }
+    }
+    info
+}
+
+/// Judges `qemu-img info --output=json` of cowclone's result of `op` against qemu-img's: the
+/// same facts (see [`comparable_info`]), and the one `op` is about as intended
+/// (`virtual_size`: the workload's, which resize returns to).
+fn judge_info(
+    op: Operation,
+    ours: &Value,
+    theirs: &Value,
+    virtual_size: u64,
+) -> std::result::Result<String, String> {
+    let (a, b) = (comparable_info(ours), comparable_info(theirs));
+    if a != b {
+        return Err(format!(
+            "qemu-img info: cowclone's result is {a}, qemu-img's {b}"
+        ));
+    }
+    let data = &a["format-specific"]["data"];
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let backing = a["backing-filename"].as_str().unwrap_or_default();
+    let fact = match op {
+        Operation::Create | Operation::Rebase => {
+            let wanted = if op == Operation::Create {
+                QCOW2
+            } else {
+                NEW_BASE
+            };
+            (Path::new(backing).file_name() == Some(OsStr::new(wanted)))
+                .then(|| format!("backing file {wanted}"))
+        }
+        Operation::Resize => (a["virtual-size"] == virtual_size)
+            .then(|| format!("virtual size {virtual_size} again")),
+        Operation::Snapshot => {
+            let listed = names(&a["snapshots"]);
+            (listed == [TAG]).then(|| format!("snapshots: {}", listed.join(", ")))
+        }
+        Operation::Amend => (data["compat"] == "1.1").then(|| "compat 1.1".to_owned()),
+        Operation::Bitmap => {
+            let listed = names(&data["bitmaps"]);
+            (listed == [TAG]).then(|| format!("bitmaps: {}", listed.join(", ")))
+        }
+        _ => Some("no fact of its own".to_owned()),
+    };
+    match fact {
+        Some(fact) => Ok(format!(
+            "qemu-img info: the same as qemu-img's result ({fact})"
+        )),
+        None => Err(format!(
+            "qemu-img info of both results does not show what {} should make: {a}",
+            op.name()
+        )),
     }
 }
 
@@ -891,13 +1268,7 @@ mod tests {
     fn overlay_writes_stay_inside_the_image_and_aligned() {
         for size in [MIN_SIZE, 100 << 20, 4 << 30, (4 << 30) + 12345] {
             for (command, _) in overlay_writes(size) {
-                let numbers: Vec<u64> = command
-                    .split_whitespace()
-                    .rev()
-                    .take(2)
-                    .map(|n| n.parse().unwrap())
-                    .collect();
-                let (len, offset) = (numbers[0], numbers[1]);
+                let (offset, len) = range(&command);
                 assert!(len > 0 && offset % (64 << 10) == 0 && len % (64 << 10) == 0);
                 assert!(offset + len <= size, "{command} in {size}");
             }
@@ -922,6 +1293,132 @@ mod tests {
         let wrong = json!([{"start": 0, "length": 65536, "depth": 1, "data": true}]);
         assert!(judge_map(&wrong, &theirs).unwrap_err().contains("entry 0"));
         assert!(judge_map(&json!([]), &theirs).is_err());
+    }
+
+    /// The (offset, length) of a qemu-io write or discard command.
+    fn range(command: &str) -> (u64, u64) {
+        let numbers: Vec<u64> = command
+            .split_whitespace()
+            .rev()
+            .take(2)
+            .map(|n| n.parse().unwrap())
+            .collect();
+        (numbers[1], numbers[0])
+    }
+
+    #[test]
+    fn the_new_base_differs_where_mid_does_not_write() {
+        for size in [MIN_SIZE, 512 << 20, 4 << 30] {
+            let writes = overlay_writes(size);
+            let (start, len) = writes
+                .iter()
+                .find(|(_, target)| *target == NEW_BASE)
+                .map(|(command, _)| range(command))
+                .unwrap();
+            for (command, _) in writes.iter().filter(|(_, target)| *target == MID) {
+                let (offset, length) = range(command);
+                assert!(
+                    offset + length <= start || start + len <= offset,
+                    "{command} overlaps the new base's write at {start}+{len} ({size})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_operation_has_a_unique_slug_and_named_steps() {
+        let slugs: std::collections::HashSet<&str> =
+            Operation::ALL.iter().map(|op| op.slug()).collect();
+        assert_eq!(slugs.len(), Operation::ALL.len());
+        let steps: Vec<&str> = Operation::ALL
+            .iter()
+            .flat_map(|op| op.step_names())
+            .collect();
+        let unique: std::collections::HashSet<&&str> = steps.iter().collect();
+        assert_eq!(unique.len(), steps.len(), "{steps:?}");
+        assert_eq!(steps.len(), 22);
+        for op in Operation::ALL {
+            let two = matches!(
+                op,
+                Operation::Resize | Operation::Snapshot | Operation::Amend
+            );
+            assert_eq!(op.step_names().len(), if two { 2 } else { 1 }, "{op:?}");
+            // Whatever changes an image in place writes the copy it works on, a qcow2 image.
+            if op.in_place_on().is_some() {
+                assert_eq!(op.output_format(), Some("qcow2"), "{op:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn texts_are_compared_line_by_line() {
+        assert_eq!(first_difference("a\nb\n", "a\nb\n"), None);
+        let difference = first_difference("a\nb\nc\n", "a\nB\nc\n").unwrap();
+        assert!(
+            difference.starts_with("line 2:")
+                && difference.contains("\"b\"")
+                && difference.contains("\"B\""),
+            "{difference}"
+        );
+        let shorter = first_difference("a\n", "a\nb\n").unwrap();
+        assert!(
+            shorter.contains("line 2") && shorter.contains("end of text"),
+            "{shorter}"
+        );
+        assert!(first_difference("a\n", "a\r\n").is_some());
+    }
+
+    /// `qemu-img info --output=json` of a qcow2 image with a snapshot and a bitmap, as qemu-img
+    /// 10.0 prints it (abridged).
+    fn info(filename: &str, actual_size: u64, date: u64) -> Value {
+        json!({
+            "children": [{"name": "file", "info": {"filename": filename, "format": "file",
+                          "virtual-size": actual_size + 4096}}],
+            "snapshots": [{"icount": 0, "vm-clock-nsec": 0, "name": "bench", "date-sec": date,
+                           "date-nsec": 5, "vm-clock-sec": 0, "id": "1", "vm-state-size": 0}],
+            "virtual-size": 536870912,
+            "filename": filename,
+            "cluster-size": 65536,
+            "format": "qcow2",
+            "actual-size": actual_size,
+            "backing-filename": "/bench/new-base.qcow2",
+            "format-specific": {"type": "qcow2", "data": {"compat": "1.1",
+                "bitmaps": [{"flags": ["auto"], "name": "bench", "granularity": 65536}],
+                "lazy-refcounts": false, "refcount-bits": 16, "corrupt": false}},
+            "dirty-flag": false
+        })
+    }
+
+    #[test]
+    fn infos_are_judged_without_file_names_sizes_and_dates_and_by_the_fact_wanted() {
+        let ours = info("out/a/image.qcow2", 1000, 1);
+        let theirs = info("out/b/image.qcow2", 2000, 2);
+        for (op, fact) in [
+            (Operation::Snapshot, "snapshots: bench"),
+            (Operation::Bitmap, "bitmaps: bench"),
+            (Operation::Amend, "compat 1.1"),
+            (Operation::Resize, "virtual size 536870912 again"),
+            (Operation::Rebase, "backing file new-base.qcow2"),
+        ] {
+            let verdict = judge_info(op, &ours, &theirs, 536870912).unwrap();
+            assert!(verdict.contains(fact), "{op:?}: {verdict}");
+        }
+        // What the operation should have made is missing from both: still an error.
+        assert!(judge_info(Operation::Create, &ours, &theirs, 536870912).is_err());
+        assert!(judge_info(Operation::Resize, &ours, &theirs, 1 << 30).is_err());
+        // Any other difference is one.
+        for (pointer, value) in [
+            ("/virtual-size", json!(1 << 30)),
+            ("/format-specific/data/compat", json!("0.10")),
+            ("/snapshots/0/name", json!("other")),
+            ("/format-specific/data/bitmaps/0/flags", json!([])),
+            ("/backing-filename", json!("/bench/image.qcow2")),
+        ] {
+            let mut wrong = ours.clone();
+            *wrong.pointer_mut(pointer).unwrap() = value;
+            let err = judge_info(Operation::Snapshot, &wrong, &theirs, 536870912).unwrap_err();
+            assert!(err.contains("cowclone's result is"), "{pointer}: {err}");
+        }
     }
 
     #[test]

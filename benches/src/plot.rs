@@ -1,7 +1,8 @@
 //! `--plot FILE.svg`: bar charts drawn with plotters' SVG backend: one bar per method or tool
 //! ([`bar_chart`]), or one group of bars per operation with one bar per tool
 //! ([`grouped_bar_chart`]). Every bar carries its value as a label; the x axis has exactly one
-//! slot per label.
+//! slot per label. More than [`GROUPS_PER_ROW`] groups are drawn in rows, one under another,
+//! on the same y scale.
 
 use std::ops::Range;
 use std::path::Path;
@@ -77,6 +78,7 @@ pub fn grouped_bar_chart(
 
 /// What to draw.
 struct Chart<'a> {
+    /// Drawn above the chart (above its first row).
     title: &'a str,
     y_label: &'a str,
     groups: &'a [String],
@@ -84,6 +86,19 @@ struct Chart<'a> {
     /// bar and no legend.
     series: &'a [(&'a str, Vec<f64>)],
     value_label: &'a dyn Fn(f64) -> String,
+}
+
+/// At most this many groups side by side; more are laid out in rows of (nearly) equal length.
+pub const GROUPS_PER_ROW: usize = 8;
+
+/// The rows `groups` groups are laid out in: ranges of group indices, in order.
+fn rows(groups: usize) -> Vec<Range<usize>> {
+    let rows = groups.div_ceil(GROUPS_PER_ROW).max(1);
+    let per_row = groups.div_ceil(rows);
+    (0..rows)
+        .map(|r| r * per_row..((r + 1) * per_row).min(groups))
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 fn draw(path: &Path, chart: &Chart<'_>) -> Result<()> {
@@ -103,18 +118,41 @@ fn draw(path: &Path, chart: &Chart<'_>) -> Result<()> {
     }
     let max = values().fold(f64::MIN, f64::max);
     let min = values().fold(f64::MAX, f64::min);
+    let rows = rows(chart.groups.len());
+    let columns = rows.iter().map(|r| r.len()).max().unwrap_or(1) as u32;
     let per_group = 40 + 70 * chart.series.len() as u32;
-    let width = (120 + per_group * chart.groups.len() as u32).max(480);
-    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
+    let width = (120 + per_group * columns).max(480);
+    let height = 40 + 420 * rows.len() as u32;
+    let root = SVGBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    if max / min > 20.0 {
-        let y = (min / 2.0..max * 3.0).log_scale();
-        let y_label = format!("{} (log scale)", chart.y_label);
-        draw_on(&root, chart, y, min / 2.0, &y_label)
-    } else {
-        draw_on(&root, chart, 0.0..max * 1.15, 0.0, chart.y_label)
+    let body = root
+        .titled(chart.title, ("sans-serif", 20))
+        .map_err(|e| fail(e.to_string()))?;
+    for (area, range) in body.split_evenly((rows.len(), 1)).iter().zip(rows) {
+        let series: Vec<(&str, Vec<f64>)> = chart
+            .series
+            .iter()
+            .map(|(name, values)| {
+                let part = range.clone().map(|g| values.get(g).copied().unwrap_or(0.0));
+                (*name, part.collect())
+            })
+            .collect();
+        let row = Chart {
+            title: "",
+            y_label: chart.y_label,
+            groups: &chart.groups[range],
+            series: &series,
+            value_label: chart.value_label,
+        };
+        if max / min > 20.0 {
+            let y = (min / 2.0..max * 3.0).log_scale();
+            let y_label = format!("{} (log scale)", chart.y_label);
+            draw_on(area, &row, y, min / 2.0, &y_label)
+        } else {
+            draw_on(area, &row, 0.0..max * 1.15, 0.0, chart.y_label)
+        }
+        .map_err(fail)?;
     }
-    .map_err(fail)?;
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
@@ -123,8 +161,8 @@ fn draw(path: &Path, chart: &Chart<'_>) -> Result<()> {
 /// side in the middle 80 %.
 const SLOT: i32 = 100;
 
-/// Draws the bars on `root` with the y coordinate `y` (linear or logarithmic); bars start at
-/// `floor`.
+/// Draws the bars of one row on `root` with the y coordinate `y` (linear or logarithmic); bars
+/// start at `floor`. The title is the caller's.
 fn draw_on<Y>(
     root: &DrawingArea<SVGBackend<'_>, Shift>,
     chart: &Chart<'_>,
@@ -140,7 +178,6 @@ where
     let x: Range<i32> = 0..groups as i32 * SLOT;
     let x = x.with_key_points((0..groups as i32).map(|i| i * SLOT + SLOT / 2).collect());
     let mut plot = ChartBuilder::on(root)
-        .caption(chart.title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -245,6 +282,55 @@ mod tests {
         );
         let err = bar_chart(&path, "t", "y", &[("x".into(), 0.0)]).unwrap_err();
         assert!(matches!(err, BenchError::Plot { .. }));
+    }
+
+    #[test]
+    fn many_groups_are_laid_out_in_rows_of_nearly_equal_length() {
+        assert_eq!(rows(3), vec![0..3]);
+        assert_eq!(rows(GROUPS_PER_ROW), vec![0..GROUPS_PER_ROW]);
+        assert_eq!(rows(9), vec![0..5, 5..9]);
+        assert_eq!(rows(22), vec![0..8, 8..16, 16..22]);
+        for n in 1..40 {
+            let rows = rows(n);
+            assert_eq!(rows.first().unwrap().start, 0);
+            assert_eq!(rows.last().unwrap().end, n);
+            assert!(rows.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(rows
+                .iter()
+                .all(|r| !r.is_empty() && r.len() <= GROUPS_PER_ROW));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("many.svg");
+        let groups: Vec<String> = (0..22).map(|i| format!("op-{i}")).collect();
+        let series = [
+            ("cowclone", (1..=22).map(f64::from).collect()),
+            ("qemu-img", (1..=22).map(|i| f64::from(i) * 100.0).collect()),
+        ];
+        grouped_bar_chart(&path, "many", "ms", &groups, &series, &|v| {
+            format!("{v} ms")
+        })
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let texts = texts(&svg);
+        for text in groups
+            .iter()
+            .map(String::as_str)
+            .chain(["22 ms", "2200 ms", "many"])
+        {
+            assert!(texts.iter().any(|t| t == text), "{text} missing");
+        }
+        assert_eq!(
+            texts.iter().filter(|t| *t == "many").count(),
+            1,
+            "one title above the rows"
+        );
+        // Three rows of at most 8 slots: three times as tall as one row, 8 slots wide.
+        let header = &svg[..svg.find('>').unwrap()];
+        assert!(
+            header.contains("height=\"1300\"") && header.contains("width=\"1560\""),
+            "{header}"
+        );
     }
 
     #[test]

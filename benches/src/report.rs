@@ -180,7 +180,7 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     writeln!(out)?;
     writeln!(
         out,
-        "{:<24} {:>12} {:>9} {:>12} {:>9} {:>8} {:>10} {:>10} {:>14} {:>14}",
+        "{:<25} {:>12} {:>9} {:>12} {:>9} {:>8} {:>10} {:>10} {:>14} {:>14}",
         "operation",
         "cowclone ms",
         "(durable)",
@@ -195,7 +195,7 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     for op in &report.operations {
         writeln!(
             out,
-            "{:<24} {:>12.1} {:>9.1} {:>12.1} {:>9.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
+            "{:<25} {:>12.1} {:>9.1} {:>12.1} {:>9.1} {:>7}× {:>10.1} {:>10.1} {:>14} {:>14}",
             op.operation,
             op.cowclone.median_ms,
             op.cowclone.durable_median_ms,
@@ -210,7 +210,7 @@ pub fn ops_human(report: &ops::Report, out: &mut dyn Write) -> std::io::Result<(
     }
     writeln!(out)?;
     for op in &report.operations {
-        writeln!(out, "{:<24} judged: {}", op.operation, op.verified)?;
+        writeln!(out, "{:<25} judged: {}", op.operation, op.verified)?;
     }
     Ok(())
 }

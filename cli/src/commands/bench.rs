@@ -37,14 +37,18 @@ pub enum BenchCommand {
     Io(BenchIoArgs),
     /// Measure whole-image operations beside qemu-img on a real filesystem image: convert
     /// (qcow2, zlib-compressed qcow2 and a 3-deep chain to raw; raw to qcow2, with and without
-    /// -c), compare, commit, map and check.
+    /// -c), compare, commit, map, check, info (human; JSON of the chain), measure, create (an
+    /// overlay), dd, rebase, resize (+1G and back), snapshot (-c, -a), amend (compat=0.10 and
+    /// back) and bitmap --add.
     ///
     /// The workload is built at bench time in a temporary directory in --dir: an ext4
     /// filesystem made from TREE (`mkfs.ext4 -d`) in a sparse SIZE file (or --image, converted
-    /// to raw), converted to qcow2 and zlib-compressed qcow2 by qemu-img, and two overlays with
-    /// qemu-io writes. Each operation runs once untimed, its outputs judged by qemu-img (a
-    /// mismatch is an error), then RUNS times per tool, interleaved. Needs qemu-img, qemu-io,
-    /// mkfs.ext4 and GNU time (/usr/bin/time, for the peak RSS).
+    /// to raw), converted to qcow2 and zlib-compressed qcow2 by qemu-img, two overlays with
+    /// qemu-io writes, and a partly rewritten copy of the qcow2 image for rebase. Operations
+    /// that change an image work on fresh copies (not timed). Each operation runs once
+    /// untimed, its outputs judged by qemu-img (a mismatch is an error), then RUNS times per
+    /// tool, interleaved. Needs qemu-img, qemu-io, mkfs.ext4 and GNU time (/usr/bin/time, for
+    /// the peak RSS).
     Ops(BenchOpsArgs),
 }
 
@@ -136,7 +140,7 @@ pub struct BenchOpsArgs {
     #[arg(long, default_value = "4G")]
     pub size: String,
     /// Timed runs per operation and tool.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     pub runs: u32,
     /// Measure this cowclone binary (another build, say) instead of the running one.
     #[arg(long, value_name = "BIN")]
