@@ -10,7 +10,7 @@ use std::path::Path;
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_chain, open_qcow2_rw};
 use crate::detect::ImageFormat;
-use crate::extent::GuestRead;
+use crate::extent::{Extent, GuestRead};
 use crate::offsets::GuestOffset;
 use crate::qcow2::compressed_writer::CompressedWriter;
 use crate::qcow2::image::Qcow2Image;
@@ -141,8 +141,27 @@ fn copy_differences<B: crate::io::Backend + Send + Sync>(
         let len = own.len;
         if !own.is_allocated() {
             let (o, n) = (&mut old[..len as usize], &mut newer[..len as usize]);
-            let old_zero = read_or_zeros(image.below(), o, at)?;
-            let new_zero = read_or_zeros(new_chain, n, at)?;
+            let below = image.below();
+            let old_extents = extents_of(below, at, len)?;
+            let new_extents = extents_of(new_chain, at, len)?;
+            let old_zero = reads_as_zeros(&old_extents);
+            let new_zero = reads_as_zeros(&new_extents);
+            if !(old_zero && new_zero) {
+                // Both chains are read at once when both have data there (two page-cache
+                // copies bound a rebase's time); a side that reads as zeros is not read.
+                if old_zero || new_zero {
+                    read_extents(below, &old_extents, o, at)?;
+                    read_extents(new_chain, &new_extents, n, at)?;
+                } else {
+                    std::thread::scope(|scope| {
+                        let old_read =
+                            scope.spawn(|| read_extents(below, &old_extents, &mut *o, at));
+                        let new_read = read_extents(new_chain, &new_extents, &mut *n, at);
+                        let old_read = old_read.join().expect("a rebase read panicked");
+                        old_read.and(new_read)
+                    })?;
+                }
+            }
             if !(old_zero && new_zero) && o != n {
                 for (start, end) in differing_runs(o, n, at, unit) {
                     let offset = at + start as u64;
@@ -203,26 +222,46 @@ fn write_compressed<B: crate::io::Backend + Send + Sync>(
     Ok(())
 }
 
-/// Reads `buf` at `offset` from `chain` (zeros past its end or without one), reading only what
-/// its extents call data; returns true if the whole range was known to be zeros without reading.
-fn read_or_zeros(chain: Option<&dyn GuestRead>, buf: &mut [u8], offset: u64) -> Result<bool> {
-    let end = offset + buf.len() as u64;
+/// The extents `chain` reports for `len` bytes at guest `offset`, up to its end (none without a
+/// chain); what lies past them reads as zeros.
+fn extents_of(chain: Option<&dyn GuestRead>, offset: u64, len: u64) -> Result<Vec<Extent>> {
     let Some(chain) = chain else {
-        buf.fill(0);
-        return Ok(true);
+        return Ok(Vec::new());
     };
-    let inside = chain.virtual_size().clamp(offset, end);
-    buf[(inside - offset) as usize..].fill(0);
-    let mut all_zero = true;
+    let inside = chain.virtual_size().clamp(offset, offset + len);
+    let mut extents = Vec::new();
     let mut at = offset;
     while at < inside {
         let extent = chain::block_status(chain, GuestOffset(at), inside - at)?;
-        let piece = &mut buf[(at - offset) as usize..(extent.end().0 - offset) as usize];
-        all_zero &= extent.reads_as_zeros();
-        chain::read_extent(chain, &extent, piece)?;
         at = extent.end().0;
+        extents.push(extent);
     }
-    Ok(all_zero)
+    Ok(extents)
+}
+
+/// True if every extent reads as zeros without reading data.
+fn reads_as_zeros(extents: &[Extent]) -> bool {
+    extents.iter().all(Extent::reads_as_zeros)
+}
+
+/// Fills `buf` (guest bytes from `offset`) from `extents` of `chain`, found by [`extents_of`]:
+/// their data read, the rest zeros.
+fn read_extents(
+    chain: Option<&dyn GuestRead>,
+    extents: &[Extent],
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    let mut filled = 0usize;
+    if let Some(chain) = chain {
+        for extent in extents {
+            let piece = (extent.start.0 - offset) as usize..(extent.end().0 - offset) as usize;
+            filled = piece.end;
+            chain::read_extent(chain, extent, &mut buf[piece])?;
+        }
+    }
+    buf[filled..].fill(0);
+    Ok(())
 }
 
 /// Opens an image for writing without opening any backing file (for header-only changes).
