@@ -62,7 +62,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
                     {
                         deferred.get_or_insert(e);
                     }
-                    result => result?,
+                    result => result.with_context(|| format!("{}", args.file.display()))?,
                 }
             }
         }

@@ -105,6 +105,8 @@ fn option_text(option: &str, value: &str, reason: &str) -> Option<String> {
             "Refcount width must be a power of two and may not exceed 64 bits".to_owned()
         }
         "refcount_bits" => "Parameter 'refcount_bits' expects a number".to_owned(),
+        // An option key the format does not have (the key is the value refused).
+        "-o" => format!("Invalid parameter '{value}'"),
         // qemu-img passes compat on as the driver's "version" parameter.
         "compat" => format!("Parameter 'version' does not accept value '{value}'"),
         _ => return None,
