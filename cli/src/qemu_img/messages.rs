@@ -85,6 +85,10 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             reason,
         } => option_text(option, value, reason)?,
         Qcow2Error::Snapshot(e) => snapshot_text(e)?.to_owned(),
+        // Growing the refcount table past qemu's limit fails with EFBIG.
+        Qcow2Error::RefcountTableTooLarge { .. } if command == "snapshot" => {
+            "File too large".to_owned()
+        }
         // qemu's refcount update fails with EINVAL when a count would leave its range.
         Qcow2Error::CorruptEntry { what, .. }
             if command == "snapshot" && what.starts_with("refcount") =>
