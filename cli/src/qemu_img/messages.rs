@@ -6,6 +6,7 @@
 //! (snapshot operations), the wording is C's strerror text for it. An error without an entry
 //! here keeps cowclone's own words.
 
+use std::io::Write;
 use std::path::Path;
 
 use imagefmt::qcow2::snapshot::SnapshotError;
@@ -43,6 +44,16 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
         parts.push(named);
     }
     None
+}
+
+/// Prints what qemu-img prints on standard output before the error `e`: create's
+/// "Formatting ..." line when the format refused the request.
+pub(super) fn print_before_error(e: &anyhow::Error, out: &mut impl Write) {
+    let failed = e.downcast_ref::<crate::commands::create::CreateFailed>();
+    if let Some(line) = failed.and_then(|failed| failed.formatting.as_deref()) {
+        // A failure to print it changes nothing about the error that follows.
+        let _ = writeln!(out, "{line}");
+    }
 }
 
 /// qemu-img's words for failing to open `path`: create names the file alone.

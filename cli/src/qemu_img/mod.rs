@@ -252,7 +252,10 @@ impl Plan {
         match result {
             Ok(code) => Ok(code),
             Err((e, _)) if crate::is_broken_pipe(&e) => Ok(0),
-            Err((e, code)) => Err(Failure::Error(message(self.command, &e), code)),
+            Err((e, code)) => {
+                messages::print_before_error(&e, out);
+                Err(Failure::Error(message(self.command, &e), code))
+            }
         }
     }
 }
