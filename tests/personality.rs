@@ -580,6 +580,25 @@ fn personality_words_format_refusals_as_qemu_img_does() {
             "new.qcow2",
             "64M",
         ],
+        // measure: a size no L1 table maps, extended L2 entries in small clusters.
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1025T",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+        ],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=8k",
+            "--size",
+            "1M",
+        ],
         // A backing file without its format.
         &["rebase", "-u", "-b", "base.qcow2", "ov.qcow2"],
         &["rebase", "-b", "base.qcow2", "ov.qcow2"],

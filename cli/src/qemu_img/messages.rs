@@ -28,6 +28,14 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
             return Some(parts.join(": "));
         }
         let opened = match engine {
+            // measure: no L1 table of this cluster size maps the size.
+            Some(imagefmt::Error::InvalidParameter {
+                name: "size",
+                reason,
+            }) if reason.starts_with("the image size is too large (") => {
+                parts.push(capitalized(reason));
+                return Some(parts.join(": "));
+            }
             Some(imagefmt::Error::FormatMismatch { path, .. }) => path,
             Some(imagefmt::Error::InFile { role, path, .. }) if *role == "could not open" => path,
             Some(_) => return None,
@@ -135,4 +143,13 @@ fn snapshot_text(e: &SnapshotError) -> Option<&'static str> {
         SnapshotError::RefcountTooNarrow { .. } => "Invalid argument",
         _ => return None,
     })
+}
+
+/// `text` with its first letter in upper case (qemu's sentences start with one).
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
