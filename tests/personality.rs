@@ -631,3 +631,261 @@ fn personality_names_files_and_backing_formats_as_qemu_img_does() {
         describe(&out)
     );
 }
+
+/// Overwrites `bytes` at `offset` in the file at `path`.
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+}
+
+/// Reads `len` bytes at `offset` of the file at `path`.
+fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; len];
+    let file = std::fs::File::open(path).unwrap();
+    file.read_exact_at(&mut bytes, offset).unwrap();
+    bytes
+}
+
+/// In both directories, a fresh 64 MiB qcow2 image `name` made by the real qemu-img, changed by
+/// `edit` (the same bytes in both).
+fn twin_images(dirs: &[PathBuf; 2], name: &str, edit: impl Fn(&Path)) {
+    for dir in dirs {
+        let path = dir.join(name);
+        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &path, &"64M"]);
+        edit(&path);
+    }
+}
+
+#[test]
+fn personality_words_format_refusals_as_qemu_img_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = twin_dirs(tmp.path());
+    // Values the format's create refuses: qemu-img prints its "Formatting" line first.
+    for options in [
+        "cluster_size=4M",
+        "refcount_bits=0",
+        "refcount_bits=128",
+        "refcount_bits=42",
+        "compat=0.10,refcount_bits=1",
+        "compat=0.10,refcount_bits=64",
+        "extended_l2=on,cluster_size=8k",
+        "compat=foo",
+    ] {
+        assert_same(
+            &bin,
+            &dirs,
+            &["create", "-f", "qcow2", "-o", options, "new.qcow2", "64M"],
+            true,
+            true,
+        );
+    }
+    for args in [
+        // A size no L1 table of 64 KiB clusters maps (refused after the line).
+        &["create", "-f", "qcow2", "new.qcow2", "1E"][..],
+        // A value that is no number, an unknown option (refused before the line).
+        &["create", "-f", "qcow2", "-o", "foo=1", "new.qcow2", "64M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=abc",
+            "new.qcow2",
+            "64M",
+        ],
+        // measure: a size no L1 table maps, extended L2 entries in small clusters.
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--size",
+            "1025T",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+        ],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=8k",
+            "--size",
+            "1M",
+        ],
+        // A backing file without its format.
+        &["rebase", "-u", "-b", "base.qcow2", "ov.qcow2"],
+        &["rebase", "-b", "base.qcow2", "ov.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "raw.img",
+            "raw.img",
+            "new.qcow2",
+        ],
+    ] {
+        assert_same(&bin, &dirs, args, true, true);
+    }
+    // -1 is read as 2^64 - 1, refused after the line (whose value cowclone does not repeat).
+    assert_same(
+        &bin,
+        &dirs,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=-1",
+            "new.qcow2",
+            "64M",
+        ],
+        false,
+        true,
+    );
+    assert!(!dirs[1].join("new.qcow2").exists());
+
+    // Unknown incompatible features, named from the image's feature-name table where it names
+    // them: its first entry ("dirty bit", bit 0) renamed to name bit 63.
+    twin_images(&dirs, "features.qcow2", |path| {
+        poke(path, 72, &(0b111u64 << 61).to_be_bytes());
+        let cluster0 = peek(path, 0, 4096);
+        let table = cluster0
+            .windows(4)
+            .position(|w| w == 0x6803_f857u32.to_be_bytes())
+            .expect("qemu-img writes a feature-name table") as u64;
+        let mut entry = vec![0u8, 63];
+        entry.extend_from_slice(b"Test feature");
+        entry.resize(48, 0);
+        poke(path, table + 8, &entry);
+    });
+    assert_same(&bin, &dirs, &["info", "features.qcow2"], true, true);
+    let theirs = qemu_img_as(None, &dirs[0], &["info", "features.qcow2"], &[]);
+    assert!(
+        text(&theirs.stderr)
+            .contains("Test feature, Unknown incompatible feature: 6000000000000000"),
+        "{}",
+        describe(&theirs)
+    );
+
+    // An L1 table too small for the disk, and one whose size no int can count.
+    twin_images(&dirs, "l1.qcow2", |path| {
+        poke(path, 36, &0u32.to_be_bytes())
+    });
+    twin_images(&dirs, "huge.qcow2", |path| {
+        poke(path, 24, &(1u64 << 60).to_be_bytes())
+    });
+    for args in [&["info", "l1.qcow2"][..], &["info", "huge.qcow2"]] {
+        assert_same(&bin, &dirs, args, true, true);
+    }
+
+    // A snapshot that 1-bit refcounts cannot count: qemu-img refuses it with EINVAL (and leaks
+    // a cluster, which cowclone does not: its image stays clean).
+    for dir in &dirs {
+        let path = dir.join("narrow.qcow2");
+        qemu_img_ok(&[
+            &"create",
+            &"-q",
+            &"-f",
+            &"qcow2",
+            &"-o",
+            &"refcount_bits=1",
+            &path,
+            &"64M",
+        ]);
+        qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 512", &path]);
+    }
+    assert_same(
+        &bin,
+        &dirs,
+        &["snapshot", "-c", "foo", "narrow.qcow2"],
+        true,
+        true,
+    );
+    assert_qemu_check_clean(&dirs[1].join("narrow.qcow2"), "after the refused snapshot");
+}
+
+#[test]
+fn personality_check_repair_clears_unknown_autoclear_bits_as_qemu_img_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = twin_dirs(tmp.path());
+    twin_images(&dirs, "autoclear.qcow2", |path| {
+        poke(path, 88, &(1u64 << 63).to_be_bytes())
+    });
+    // A check without repair opens read-only and changes nothing.
+    assert_same(&bin, &dirs, &["check", "autoclear.qcow2"], true, true);
+    for dir in &dirs {
+        assert_eq!(
+            peek(&dir.join("autoclear.qcow2"), 88, 8),
+            (1u64 << 63).to_be_bytes()
+        );
+    }
+    assert_same(
+        &bin,
+        &dirs,
+        &["check", "-r", "all", "autoclear.qcow2"],
+        true,
+        true,
+    );
+    let [theirs, ours] = [&dirs[0], &dirs[1]].map(|dir| peek(&dir.join("autoclear.qcow2"), 72, 32));
+    assert_eq!(ours, theirs, "feature bits after check -r all");
+    assert_eq!(ours[16..24], [0u8; 8], "autoclear bits after check -r all");
+    assert_qemu_check_clean(&dirs[1].join("autoclear.qcow2"), "after check -r all");
+}
+
+#[test]
+fn personality_reads_a_repeated_backing_format_extension_as_qemu_img_does() {
+    use imagefmt::qcow2::extensions::Extension;
+    use imagefmt::qcow2::HeaderCluster;
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = twin_dirs(tmp.path());
+    // ov.qcow2 gets a second backing-format extension naming "foo" after its "qcow2" one.
+    for dir in &dirs {
+        let path = dir.join("ov.qcow2");
+        let mut cluster = HeaderCluster::parse(&peek(&path, 0, 65536)).unwrap();
+        cluster
+            .extensions
+            .push(Extension::BackingFormat("foo".into()));
+        poke(&path, 0, &cluster.to_bytes().unwrap());
+    }
+    let line = |output: &Output| {
+        text(&output.stdout)
+            .lines()
+            .find(|l| l.starts_with("backing file format:"))
+            .map(str::to_owned)
+    };
+    let theirs = qemu_img_as(None, &dirs[0], &["info", "ov.qcow2"], &[]);
+    let ours = qemu_img_as(Some(&bin), &dirs[1], &["info", "ov.qcow2"], &[]);
+    assert!(ours.status.success(), "{}", describe(&ours));
+    assert_eq!(line(&theirs).as_deref(), Some("backing file format: foo"));
+    assert_eq!(line(&ours), line(&theirs));
+    // Naming the format again repairs the image: one extension, read by qemu-io.
+    let args = [
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ov.qcow2",
+    ];
+    assert_same(&bin, &dirs, &args, true, true);
+    let info = qemu_img_ok(&[&"info", &"--output=json", &dirs[1].join("ov.qcow2")]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    qemu_io_ok(&[
+        &"-f",
+        &"qcow2",
+        &"-c",
+        &"read -P 0x22 512k 1M",
+        &"-c",
+        &"read -P 0x11 0 512k",
+        &dirs[1].join("ov.qcow2"),
+    ]);
+    assert_qemu_check_clean(&dirs[1].join("ov.qcow2"), "after the rebase");
+}

@@ -128,10 +128,6 @@ pub struct CreateArgs {
     /// name as it was given, such as `file:a:b.qcow2`).
     #[arg(long, hide = true, value_name = "NAME")]
     pub shown_name: Option<String>,
-    /// Prints the "Formatting" line before a refusal of the format's create, as qemu-img does
-    /// (the qemu-img personality sets it; cowclone's own errors leave stdout empty).
-    #[arg(long, hide = true)]
-    pub formatting_line_first: bool,
     /// The image to create.
     pub file: PathBuf,
     /// Virtual size in bytes, or with a suffix k/K, M, G, T; default: the backing file's size.

@@ -11,6 +11,23 @@ use imagefmt::{ImageFormat, Qcow2Builder};
 use crate::args::CreateArgs;
 use crate::commands::{on_off, parse_size};
 
+/// The context of a create the format refused: shows the file's name, and carries the
+/// "Formatting ..." line qemu-img prints before such a refusal. cowclone prints nothing on
+/// standard output when a command fails; the qemu-img personality prints the line.
+#[derive(Debug)]
+pub struct CreateFailed {
+    /// The image file, as shown.
+    file: String,
+    /// qemu-img's line for the request, where qemu-img would have printed it.
+    pub formatting: Option<String>,
+}
+
+impl std::fmt::Display for CreateFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.file)
+    }
+}
+
 /// Creates the image `args` describe and prints qemu-img's "Formatting ..." line.
 pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     if args.overwrite {
@@ -71,7 +88,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
                     {
                         deferred.get_or_insert(e);
                     }
-                    result => result?,
+                    result => result.with_context(|| format!("{}", args.file.display()))?,
                 }
             }
         }
@@ -147,12 +164,17 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         Ok(created) => created,
         Err(e) => {
             // qemu-img prints its line before the format's create refuses the request.
-            let first = args.formatting_line_first && !args.quiet;
-            if let (imagefmt::Error::Qcow2(_), Some(size), true) = (&e, size, first) {
-                let given = backing.as_deref().zip(backing_format.as_deref());
-                writeln!(out, "{}", line(size, given))?;
-            }
-            return Err(e).with_context(|| format!("{}", args.file.display()));
+            let formatting = match (&e, size, args.quiet) {
+                (imagefmt::Error::Qcow2(_), Some(size), false) => Some(line(
+                    size,
+                    backing.as_deref().zip(backing_format.as_deref()),
+                )),
+                _ => None,
+            };
+            return Err(e).context(CreateFailed {
+                file: args.file.display().to_string(),
+                formatting,
+            });
         }
     };
     if !args.quiet {

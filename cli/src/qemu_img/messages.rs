@@ -6,6 +6,7 @@
 //! (snapshot operations), the wording is C's strerror text for it. An error without an entry
 //! here keeps cowclone's own words.
 
+use std::io::Write;
 use std::path::Path;
 
 use imagefmt::qcow2::snapshot::SnapshotError;
@@ -27,6 +28,14 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
             return Some(parts.join(": "));
         }
         let opened = match engine {
+            // measure: no L1 table of this cluster size maps the size.
+            Some(imagefmt::Error::InvalidParameter {
+                name: "size",
+                reason,
+            }) if reason.starts_with("the image size is too large (") => {
+                parts.push(capitalized(reason));
+                return Some(parts.join(": "));
+            }
             Some(imagefmt::Error::FormatMismatch { path, .. }) => path,
             Some(imagefmt::Error::InFile { role, path, .. }) if *role == "could not open" => path,
             Some(_) => return None,
@@ -43,6 +52,16 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
         parts.push(named);
     }
     None
+}
+
+/// Prints what qemu-img prints on standard output before the error `e`: create's
+/// "Formatting ..." line when the format refused the request.
+pub(super) fn print_before_error(e: &anyhow::Error, out: &mut impl Write) {
+    let failed = e.downcast_ref::<crate::commands::create::CreateFailed>();
+    if let Some(line) = failed.and_then(|failed| failed.formatting.as_deref()) {
+        // A failure to print it changes nothing about the error that follows.
+        let _ = writeln!(out, "{line}");
+    }
 }
 
 /// qemu-img's words for failing to open `path`: create names the file alone.
@@ -85,6 +104,10 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             reason,
         } => option_text(option, value, reason)?,
         Qcow2Error::Snapshot(e) => snapshot_text(e)?.to_owned(),
+        // Growing the refcount table past qemu's limit fails with EFBIG.
+        Qcow2Error::RefcountTableTooLarge { .. } if command == "snapshot" => {
+            "File too large".to_owned()
+        }
         // qemu's refcount update fails with EINVAL when a count would leave its range.
         Qcow2Error::CorruptEntry { what, .. }
             if command == "snapshot" && what.starts_with("refcount") =>
@@ -105,6 +128,8 @@ fn option_text(option: &str, value: &str, reason: &str) -> Option<String> {
             "Refcount width must be a power of two and may not exceed 64 bits".to_owned()
         }
         "refcount_bits" => "Parameter 'refcount_bits' expects a number".to_owned(),
+        // An option key the format does not have (the key is the value refused).
+        "-o" => format!("Invalid parameter '{value}'"),
         // qemu-img passes compat on as the driver's "version" parameter.
         "compat" => format!("Parameter 'version' does not accept value '{value}'"),
         _ => return None,
@@ -118,4 +143,13 @@ fn snapshot_text(e: &SnapshotError) -> Option<&'static str> {
         SnapshotError::RefcountTooNarrow { .. } => "Invalid argument",
         _ => return None,
     })
+}
+
+/// `text` with its first letter in upper case (qemu's sentences start with one).
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }

@@ -272,7 +272,10 @@ impl Plan {
         match result {
             Ok(code) => Ok(code),
             Err((e, _)) if crate::is_broken_pipe(&e) => Ok(0),
-            Err((e, code)) => Err(Failure::Error(message(self.command, &e), code)),
+            Err((e, code)) => {
+                messages::print_before_error(&e, out);
+                Err(Failure::Error(message(self.command, &e), code))
+            }
         }
     }
 }
@@ -616,7 +619,6 @@ fn create(args: &[String]) -> Result<Plan, Failure> {
     if *given != file.path {
         plan.arg("--shown-name").arg(given);
     }
-    plan.arg("--formatting-line-first");
     // qemu-img create replaces an existing file.
     plan.arg("--overwrite").arg("--").arg(file.path);
     if let Some(size) = size {

@@ -195,13 +195,11 @@ pub const REFCOUNT_BITS_RANGE: &str = "must be a power of two up to 64";
 /// 2^64 - 1), as qemu reads numbers in option lists.
 pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
     let value = value.trim_start();
-    if let Some(negated) = value.strip_prefix('-') {
-        return parse_qemu_uint(negated)
-            .filter(|_| !negated.starts_with(['-', '+']))
-            .map(u64::wrapping_neg);
-    }
-    let value = value.strip_prefix('+').unwrap_or(value);
-    if let Some(hex) = value
+    let (negative, value) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value.strip_prefix('+').unwrap_or(value)),
+    };
+    let number = if let Some(hex) = value
         .strip_prefix("0x")
         .or_else(|| value.strip_prefix("0X"))
     {
@@ -212,7 +210,12 @@ pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
         value.parse().ok()
     } else {
         None
-    }
+    }?;
+    Some(if negative {
+        number.wrapping_neg()
+    } else {
+        number
+    })
 }
 
 /// The block driver names qemu 10.0 (as Debian builds it) accepts as a backing format: its
@@ -502,6 +505,17 @@ pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn qemu_numbers_take_one_sign_and_negatives_wrap() {
+        assert_eq!(parse_qemu_uint("-1"), Some(u64::MAX));
+        assert_eq!(parse_qemu_uint(" -0x2"), Some(u64::MAX - 1));
+        assert_eq!(parse_qemu_uint("+16"), Some(16));
+        assert_eq!(parse_qemu_uint("--1"), None);
+        assert_eq!(parse_qemu_uint("- 1"), None);
+        assert_eq!(parse_qemu_uint("abc"), None);
+    }
+
     use super::*;
 
     fn options(pairs: &[(&str, &str)]) -> Result<CreateOptions, Qcow2Error> {
