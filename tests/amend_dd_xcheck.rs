@@ -74,7 +74,7 @@ fn our_amend(path: &Path, options: &str) -> Result<(), String> {
     };
     let options = AmendOptions::parse(options).map_err(as_lines)?;
     let file = open_image(path, OpenHow::write()).map_err(|e| format!("open: {e}"))?;
-    amend(file, &options).map_err(as_lines)
+    amend(file, &options).map(drop).map_err(as_lines)
 }
 
 /// `qemu-img amend -o OPTIONS path`: Ok, or its stderr trimmed.

@@ -76,7 +76,9 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
     };
     let options = AmendOptions::parse(&text).map_err(as_anyhow)?;
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
-    amend_image(file, &options).map_err(as_anyhow)?;
+    for line in amend_image(file, &options).map_err(as_anyhow)? {
+        eprintln!("{line}");
+    }
     progress.update(1, 1);
     progress.finish();
     Ok(())

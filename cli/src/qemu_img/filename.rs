@@ -29,6 +29,10 @@ const HARMLESS: &[&str] = &[
     "discard",
     "detect-zeroes",
     "force-share",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
 ];
 
 /// Resolves a filename given on the command line (not with `--image-opts`).

@@ -11,6 +11,7 @@
 //! behaviour with cowclone's own options. The image locks and the registry guards apply as they
 //! do to every cowclone command.
 
+mod amend;
 mod convert;
 mod filename;
 mod getopt;
@@ -383,6 +384,10 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         }
     }
     let line = crate::error_line(e);
+    let v2_resize = imagefmt::qcow2::snapshot::SnapshotError::V2Resize.to_string();
+    if command == "resize" && line.ends_with(&v2_resize) {
+        return v2_resize;
+    }
     if command == "resize" && line.contains("shrinking needs --shrink") {
         return "Use the --shrink option to perform a shrink operation.\n\
                 qemu-img: warning: Shrinking an image will delete all data beyond the shrunken \
@@ -1080,7 +1085,11 @@ fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
     if known == "dd" {
         plan.arg("--overwrite");
     }
-    plan.args.extend_from_slice(args);
+    if known == "amend" {
+        plan.args.extend(amend::resolve_image(args)?);
+    } else {
+        plan.args.extend_from_slice(args);
+    }
     Ok(plan)
 }
 

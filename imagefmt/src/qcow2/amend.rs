@@ -49,13 +49,14 @@ pub const AMEND_OPTIONS: [&str; 8] = [
 
 /// qcow2 options only `create` accepts: naming one gets qemu-img's hint that it is a creation
 /// option.
-const CREATE_ONLY_OPTIONS: [&str; 6] = [
+const CREATE_ONLY_OPTIONS: [&str; 7] = [
     "cluster_size",
     "extended_l2",
     "preallocation",
     "compression_type",
     "encrypt",
     "encrypt.format",
+    "encryption",
 ];
 
 /// What `amend` failed with: a refusal worded as qemu-img words it, or an image error.
@@ -251,14 +252,17 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 /// opening it for writing. Changes of version, refcount width or size need the image writable
 /// by [`Qcow2Image::open_rw`] (no internal snapshots, no external data file); changes of
 /// `lazy_refcounts`, `data_file` and `data_file_raw` only rewrite cluster 0.
-pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
+///
+/// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
+pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
     let mut cluster = HeaderCluster::read_from(&file)?;
+    let mut repair_messages = Vec::new();
     if cluster
         .header
         .incompatible_features
         .contains(IncompatibleFeatures::DIRTY)
     {
-        check(&file, Repair::All)?;
+        repair_messages = check(&file, Repair::All)?.messages;
         cluster = HeaderCluster::read_from(&file)?;
     }
     let header = &cluster.header;
@@ -321,6 +325,7 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
     //    (every entry with the known extra data), as qemu's upgrade does.
     if new_version == Version::V3 && old_version == Version::V2 {
         let image = target.image()?;
+        image.allocate_first_fit();
         let table = image.snapshots()?;
         if table
             .iter()
@@ -409,7 +414,7 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<(), AmendError> {
         file.sync_all()
             .map_err(crate::Error::io("syncing qcow2 image"))?;
     }
-    Ok(())
+    Ok(repair_messages)
 }
 
 /// What amend works on: the whole image when tables change, or cluster 0 alone.
@@ -679,6 +684,16 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 "Cannot downgrade an image with incompatible features 0x{:x} set",
                 blocking.bits()
             )));
+        }
+        let size = self.header.size;
+        if self
+            .snapshots()?
+            .iter()
+            .any(|sn| sn.vm_state_size != 0 || sn.disk_size_or(size) != size)
+        {
+            return Err(refused(
+                super::snapshot::SnapshotError::PreventDowngrade.to_string(),
+            ));
         }
         let has_backing = HeaderCluster::read_from(&self.backend)?
             .backing_file

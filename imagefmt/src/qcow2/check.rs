@@ -1603,6 +1603,7 @@ impl<'a, B: Backend + Sync> Checker<'a, B> {
         let mut image =
             super::image::Qcow2Image::open_rw(self.backend, cluster, None, Default::default())?;
         image.header.incompatible_features = kept_bits;
+        image.allocate_first_fit();
         image.replace_snapshot_table(&table, self.header.snapshots_offset, self.snapshots_size)?;
         image.flush()?;
         self.header.nb_snapshots = image.header.nb_snapshots;

@@ -90,6 +90,13 @@ pub enum SnapshotError {
     /// Snapshots of an image with an external data file (qemu refuses them too).
     #[error("internal snapshots are not supported with an external data file")]
     DataFile,
+    /// A resize of a v2 image with internal snapshots (qemu's words).
+    #[error("Can't resize a v2 image which has snapshots")]
+    V2Resize,
+    /// A downgrade to v2 of an image with a snapshot that v2 cannot describe: one with VM
+    /// state or another disk size than the image's (qemu's words).
+    #[error("Internal snapshots prevent downgrade of image")]
+    PreventDowngrade,
     /// A snapshot's L1 table that cannot be valid.
     #[error("snapshot {id} has an invalid L1 table ({l1_size} entries at {offset:#x})")]
     InvalidL1 {
@@ -139,14 +146,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The id as text (invalid UTF-8 replaced).
+    /// The id as text, as qemu sees it: up to its first NUL byte (qemu keeps ids and names as
+    /// C strings), invalid UTF-8 replaced.
     pub fn id_str(&self) -> String {
-        String::from_utf8_lossy(&self.id).into_owned()
+        String::from_utf8_lossy(c_string(&self.id)).into_owned()
     }
 
-    /// The name as text (invalid UTF-8 replaced).
+    /// The name as text, as qemu sees it (see [`Self::id_str`]).
     pub fn name_str(&self) -> String {
-        String::from_utf8_lossy(&self.name).into_owned()
+        String::from_utf8_lossy(c_string(&self.name)).into_owned()
     }
 
     /// The snapshot's disk size, `image_size` when the entry does not record one.
@@ -419,13 +427,18 @@ pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Result<Vec<u8>> 
     Ok(out)
 }
 
+/// `bytes` up to its first NUL byte: what qemu's C strings hold of a stored id or name.
+fn c_string(bytes: &[u8]) -> &[u8] {
+    bytes.split(|&b| b == 0).next().unwrap_or(bytes)
+}
+
 /// qemu's `find_new_snapshot_id`: one more than the largest id read as a decimal number
 /// (`strtoul`: leading digits, anything else counts as 0).
 pub fn next_id(snapshots: &[Snapshot]) -> String {
     let max = snapshots
         .iter()
         .map(|sn| {
-            let text = String::from_utf8_lossy(&sn.id);
+            let text = sn.id_str();
             let trimmed = text.trim_start();
             let digits: String = trimmed
                 .strip_prefix('+')
@@ -448,14 +461,16 @@ pub fn find_by_id_or_name(snapshots: &[Snapshot], key: &str) -> Option<usize> {
     let key = key.as_bytes();
     snapshots
         .iter()
-        .position(|sn| sn.id == key)
-        .or_else(|| snapshots.iter().position(|sn| sn.name == key))
+        .position(|sn| c_string(&sn.id) == key)
+        .or_else(|| snapshots.iter().position(|sn| c_string(&sn.name) == key))
 }
 
 /// qemu's `bdrv_snapshot_find` (what `snapshot -d` uses to pick the entry): the first entry
 /// whose name is `key`. Ids are not matched (qemu-img 10 cannot delete by id).
 pub fn find_by_name(snapshots: &[Snapshot], key: &str) -> Option<usize> {
-    snapshots.iter().position(|sn| sn.name == key.as_bytes())
+    snapshots
+        .iter()
+        .position(|sn| c_string(&sn.name) == key.as_bytes())
 }
 
 #[cfg(test)]

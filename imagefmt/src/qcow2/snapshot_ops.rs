@@ -97,6 +97,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// [`MAX_NAME_BYTES`] bytes of a longer name are kept.
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<Snapshot> {
         self.refuse_snapshot_data_file()?;
+        self.allocate_first_fit();
         let mut table = self.snapshots()?;
         if table.len() >= MAX_SNAPSHOTS as usize {
             return Err(SnapshotError::TooMany.into());
@@ -145,6 +146,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// current state. The snapshot stays; the disk size becomes the snapshot's.
     pub fn apply_snapshot(&mut self, key: &str) -> Result<Snapshot> {
         self.refuse_snapshot_data_file()?;
+        self.allocate_first_fit();
         let table = self.snapshots()?;
         let sn = snapshot::find_by_id_or_name(&table, key)
             .map(|i| table[i].clone())
@@ -201,6 +203,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// `qemu-img snapshot -d NAME`: deletes the first snapshot whose name is `name` (qemu-img
     /// matches names only here), freeing what only it referenced.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<Snapshot> {
+        self.allocate_first_fit();
         let mut table = self.snapshots()?;
         let index =
             snapshot::find_by_name(&table, name).ok_or_else(|| SnapshotError::NotFound {
@@ -285,6 +288,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         self.state().metadata.extend(clusters);
         Ok(())
+    }
+
+    /// Makes the next allocations search for free clusters from the start of the file, as
+    /// qemu's allocator does in every process that opens the image (the writer otherwise
+    /// appends). Snapshot operations, amend and repairs then place their tables where
+    /// qemu-img places them, reusing the holes earlier tables left.
+    pub(super) fn allocate_first_fit(&mut self) {
+        self.state().next_free = 0;
     }
 
     fn refuse_snapshot_data_file(&self) -> Result<()> {

@@ -327,10 +327,15 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         Ok(())
     }
 
-    /// Changes the virtual size. Growing may relocate the L1 table. Shrinking is refused unless
+    /// Changes the virtual size (refused for a v2 image with internal snapshots, as qemu
+    /// refuses it). Growing may relocate the L1 table. Shrinking is refused unless
     /// `allow_shrink`, and even then refused if any cluster past the new end holds data (so no
     /// allocated data is ever lost silently).
     pub fn resize(&mut self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        // A v2 snapshot table entry need not record its disk size (qemu refuses this too).
+        if self.header.version == super::header::Version::V2 && self.header.nb_snapshots > 0 {
+            return Err(super::snapshot::SnapshotError::V2Resize.into());
+        }
         let new_size = super::create::round_size(new_size).ok_or(Qcow2Error::DiskTooLarge {
             size: new_size,
             cluster_size: self.header.cluster_size(),

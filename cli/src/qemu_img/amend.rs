@@ -1,0 +1,51 @@
+//! `qemu-img amend`'s image name for cowclone's `amend`: `--image-opts` option lists and
+//! `json:`/`file:` names are resolved to a local path (and the format they name) by the
+//! personality's filename module, as for the other commands.
+
+use super::{error, filename, Failure};
+
+/// amend's options that take a value (the image name is the argument that is none of them).
+const WITH_VALUE: [&str; 4] = ["-o", "-f", "-t", "--object"];
+
+/// `args` (after `amend`) with `--image-opts` dropped and the image name replaced by its
+/// local path, preceded by `-f FMT` when the name gives a format and `-f` does not.
+pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
+    let image_opts = args.iter().any(|a| a == "--image-opts");
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut has_format = false;
+    let mut image = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if arg == "--image-opts" {
+            continue;
+        }
+        if WITH_VALUE.contains(&arg.as_str()) {
+            has_format |= arg == "-f";
+            out.push(arg.clone());
+            if let Some(value) = rest.next() {
+                out.push(value.clone());
+            }
+            continue;
+        }
+        if arg.starts_with('-') && arg.len() > 1 {
+            has_format |= arg.starts_with("-f");
+            out.push(arg.clone());
+            continue;
+        }
+        image = Some(out.len());
+        out.push(arg.clone());
+    }
+    if let Some(at) = image {
+        let target = if image_opts {
+            filename::parse_image_opts(&out[at])
+        } else {
+            filename::parse(&out[at])
+        }
+        .map_err(error)?;
+        out[at] = target.path;
+        if let (Some(format), false) = (target.format, has_format) {
+            out.splice(at..at, ["-f".to_owned(), format]);
+        }
+    }
+    Ok(out)
+}
