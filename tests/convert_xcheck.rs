@@ -7,25 +7,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::util::{cowclone_in, tool_in, tool_ok_in};
-
-fn cowclone(dir: &Path, args: &[&str]) -> Output {
-    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-        .iter()
-        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-        .collect();
-    cowclone_in(dir, &args)
-}
-
-fn ours(dir: &Path, args: &[&str]) -> Output {
-    let out = cowclone(dir, args);
-    assert!(
-        out.status.success(),
-        "cowclone {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use crate::util::{cowclone_args_in as cowclone, cowclone_ok_args_in as ours, tool_in, tool_ok_in};
 
 /// cowclone as qemu-img (`cowclone qemu-img ARGS`).
 fn personality(dir: &Path, args: &[&str]) -> Output {

@@ -233,6 +233,26 @@ pub fn cowclone_in(dir: &Path, args: &Args) -> Output {
         .expect("cowclone binary runs")
 }
 
+/// [`cowclone_in`] with string arguments.
+pub fn cowclone_args_in(dir: &Path, args: &[&str]) -> Output {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    cowclone_in(dir, &args)
+}
+
+/// Like [`cowclone_args_in`], and asserts that cowclone succeeded.
+pub fn cowclone_ok_args_in(dir: &Path, args: &[&str]) -> Output {
+    let out = cowclone_args_in(dir, args);
+    assert!(
+        out.status.success(),
+        "cowclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn cowclone_cmd(args: &Args) -> Command {
     let mut command = Command::new(cowclone_bin());
     command.args(args.iter().map(|a| a.as_ref()));
