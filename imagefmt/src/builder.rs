@@ -12,7 +12,7 @@ use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::io::Backend;
 use crate::new_file::{create_with, NewFileMode};
-use crate::preallocate::Preallocation;
+use crate::preallocate::{new_data_file, Preallocation};
 use crate::qcow2::create::{
     write_new_image, write_new_image_with_data_file, BackingReference, DataFileReference,
 };
@@ -142,7 +142,9 @@ impl Qcow2Builder {
     /// disk (a relative name is resolved against the image's directory, and it is refused if it
     /// exists unless [`Self::overwrite`]), and stores the name verbatim. Needs compat 1.1; a raw
     /// data file excludes a backing file, and has every cluster mapped at creation, as
-    /// qemu-img does. Preallocation is not supported with a data file.
+    /// qemu-img does. With [`Self::preallocation`] other than `off`, every cluster is mapped
+    /// too (the image file gets only the L2 tables) and `falloc` or `full` applies to the data
+    /// file, as qemu-img preallocates an image with a data file.
     pub fn data_file(mut self, name: impl Into<String>, raw: bool) -> Self {
         self.data_file = Some(DataFileReference {
             name: name.into(),
@@ -173,16 +175,9 @@ impl Qcow2Builder {
     }
 
     /// [`Self::create`] with an external data file: the data file first (sized to the disk,
-    /// as qemu-img makes it), then the image; a failure removes the data file again.
+    /// and reserved or written as `falloc` or `full` preallocation asks, as qemu-img makes
+    /// it), then the image; a failure removes the data file again.
     fn create_with_data_file(&self, data_file: DataFileReference) -> Result<CreatedImage> {
-        if self.preallocation != Preallocation::Off {
-            return Err(crate::qcow2::Qcow2Error::InvalidOption {
-                option: "preallocation",
-                value: self.preallocation.name().to_owned(),
-                reason: "not supported with an external data file",
-            }
-            .into());
-        }
         let (size, backing) = self.resolve()?;
         // Every check (options, compat, raw with a backing file) before any file is made.
         let size = crate::qcow2::create::plan_with_data_file(
@@ -203,12 +198,27 @@ impl Qcow2Builder {
             }
             .into());
         }
+        // A raw data file has every cluster mapped: qemu-img's metadata preallocation at least.
+        let preallocation = match self.preallocation {
+            Preallocation::Off if data_file.raw => Preallocation::Metadata,
+            mode => mode,
+        };
+        let cow_granularity = match self.options.extended_l2 {
+            true => self.options.cluster_size / u64::from(crate::qcow2::tables::SUBCLUSTERS),
+            false => self.options.cluster_size,
+        };
         create_with(&data_path, self.mode, |file| {
-            file.set_len(size)
-                .map_err(Error::writing("qcow2 external data file"))
+            new_data_file(file, size, preallocation, cow_granularity)
         })?;
         let made = create_with(&self.path, self.mode, |file| {
-            write_new_image_with_data_file(file, size, &self.options, backing.as_ref(), &data_file)
+            write_new_image_with_data_file(
+                file,
+                size,
+                &self.options,
+                backing.as_ref(),
+                &data_file,
+                preallocation != Preallocation::Off,
+            )
         });
         match made {
             Ok(virtual_size) => Ok(CreatedImage {
@@ -225,7 +235,8 @@ impl Qcow2Builder {
 
     /// Writes the image onto an empty `backend` instead of a file (tests, benches, embedding).
     /// A relative backing name is still resolved against the builder's path. With a data file
-    /// ([`Self::data_file`]) only the image is written: the data file is the caller's.
+    /// ([`Self::data_file`]) only the image is written (preallocation then maps every cluster):
+    /// the data file is the caller's.
     pub fn create_on<B: Backend + Send + Sync + ?Sized>(self, backend: &B) -> Result<CreatedImage> {
         let (size, backing) = self.resolve()?;
         let virtual_size = match &self.data_file {
@@ -235,10 +246,14 @@ impl Qcow2Builder {
                 &self.options,
                 backing.as_ref(),
                 data_file,
+                self.preallocation != Preallocation::Off,
             )?,
-            None => write_new_image(backend, size, &self.options, backing.as_ref())?,
+            None => {
+                let size = write_new_image(backend, size, &self.options, backing.as_ref())?;
+                preallocate(backend, size, self.preallocation)?;
+                size
+            }
         };
-        preallocate(backend, virtual_size, self.preallocation)?;
         Ok(CreatedImage {
             path: self.path,
             virtual_size,
@@ -252,6 +267,16 @@ impl Qcow2Builder {
         let Some(spec) = &self.backing else {
             return Ok((self.size.ok_or(Error::SizeRequired)?, None));
         };
+        // Preallocated clusters would hide the backing file, unless their subclusters can stay
+        // unallocated (extended L2 entries); qemu-img refuses the rest.
+        if self.preallocation != Preallocation::Off && !self.options.extended_l2 {
+            return Err(crate::qcow2::Qcow2Error::InvalidOption {
+                option: "preallocation",
+                value: self.preallocation.name().to_owned(),
+                reason: "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            }
+            .into());
+        }
         let backing_path = backing::resolve(&self.path, &spec.name)?;
         if is_same_file(&backing_path, &self.path) {
             return Err(Error::BackingIsTarget {

@@ -125,6 +125,32 @@ pub fn new_raw<B: Backend + ?Sized>(backend: &B, size: u64, mode: Preallocation)
     }
 }
 
+/// Lays out a new external data file of a qcow2 disk of `size` bytes on an empty `backend`, as
+/// qemu-img leaves it after creating the image with preallocation `mode`. qemu creates the file
+/// empty, then maps every cluster (unless `off`): the copy on write of the last, partly covered
+/// cluster (subcluster, with extended L2 entries: `cow_granularity`) writes zeros from `size` to
+/// its end, which also makes the file longer than the disk. Only a file still shorter than the
+/// disk is then grown to it as [`new_raw`] grows a raw image, `metadata` as `off`.
+pub fn new_data_file<B: Backend + ?Sized>(
+    backend: &B,
+    size: u64,
+    mode: Preallocation,
+    cow_granularity: u64,
+) -> Result<()> {
+    let tail_end = size
+        .checked_next_multiple_of(cow_granularity.max(1))
+        .ok_or(Error::InvalidParameter {
+            name: "preallocation",
+            reason: "the region ends past the largest file offset",
+        })?;
+    match mode {
+        Preallocation::Off => new_raw(backend, size, mode),
+        _ if tail_end > size => write_zeros(backend, size, tail_end - size),
+        Preallocation::Metadata => new_raw(backend, size, Preallocation::Off),
+        _ => new_raw(backend, size, mode),
+    }
+}
+
 /// Writes `len` zero bytes at `offset`, in chunks of at most [`ZERO_CHUNK`].
 fn write_zeros<B: Backend + ?Sized>(backend: &B, offset: u64, len: u64) -> Result<()> {
     let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
@@ -158,6 +184,22 @@ mod tests {
         for mode in ["off", "metadata", "falloc", "full"] {
             assert_eq!(Preallocation::parse(mode, true).unwrap().name(), mode);
         }
+    }
+
+    #[test]
+    fn a_data_file_ends_with_the_last_clusters_copy_on_write_as_qemu_leaves_it() {
+        // Cluster-aligned disk: grown as a raw image (first block written for off/metadata).
+        let aligned = crate::io::MemBackend::default();
+        new_data_file(&aligned, 1 << 20, Preallocation::Metadata, 1 << 16).unwrap();
+        assert_eq!(aligned.to_vec().len(), 1 << 20);
+        // A partly covered last cluster: zeros to its end, and nothing else.
+        let tail = crate::io::MemBackend::default();
+        new_data_file(&tail, 3_072_000, Preallocation::Full, 1 << 16).unwrap();
+        assert_eq!(tail.to_vec().len(), 3_080_192);
+        // No preallocation: just the disk's length.
+        let off = crate::io::MemBackend::default();
+        new_data_file(&off, 3_072_000, Preallocation::Off, 1 << 16).unwrap();
+        assert_eq!(off.to_vec().len(), 3_072_000);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use imagefmt::{ImageFormat, Qcow2Builder};
 
 use crate::args::CreateArgs;
 use crate::commands::{on_off, parse_size};
+use crate::qemu_img::options::escape_value;
 
 /// The context of a create the format refused: shows the file's name, and carries the
 /// "Formatting ..." line qemu-img prints before such a refusal. cowclone prints nothing on
@@ -42,6 +43,7 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     }
     let mut options = CreateOptions::default();
     let mut preallocation = None;
+    let mut preallocation_text = None;
     let mut size_text = args.size.clone();
     let mut compat_text = None;
     // -b and -F win over -o backing_file / backing_fmt, as in qemu-img.
@@ -74,7 +76,17 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             "data_file_raw" => {
                 data_file_raw = Some(crate::commands::vdi_create::parse_on_off(key, value)?)
             }
-            "preallocation" => preallocation = Some(Preallocation::parse(value, true)?),
+            "preallocation" => {
+                preallocation_text = Some(value.to_owned());
+                match Preallocation::parse(value, true) {
+                    Ok(mode) => preallocation = Some(mode),
+                    // A mode qcow2 does not know: refused after the line, as qemu-img does.
+                    Err(imagefmt::Error::Qcow2(e)) => {
+                        deferred.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             _ => {
                 if key == "compat" {
                     compat_text = Some(value.to_owned());
@@ -121,12 +133,12 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     } else if backing_format.is_some() {
         bail!("a backing format was given without a backing file (-b)");
     }
-    match (&data_file, data_file_raw) {
-        (Some(name), raw) => builder = builder.data_file(name.clone(), raw.unwrap_or(false)),
-        (None, Some(true)) => bail!("{}: data-file-raw requires data-file", shown_name(&args)),
-        (None, _) => {}
+    let raw_without_data_file = data_file.is_none() && data_file_raw == Some(true);
+    if let Some(name) = &data_file {
+        builder = builder.data_file(name.clone(), data_file_raw.unwrap_or(false));
     }
-    // The line qemu-img prints, in its order; size as requested (or the backing file's).
+    // The line qemu-img prints, in its order; size as requested (or the backing file's). String
+    // values have their commas doubled, as qemu prints option values.
     let line = |size: u64, backing: Option<(&str, &str)>| {
         let mut line = format!(
             "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
@@ -134,21 +146,25 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
             options.cluster_size,
             on_off(options.extended_l2),
         );
-        if let Some(mode) = preallocation {
-            line.push_str(&format!(" preallocation={}", mode.name()));
+        if let Some(mode) = &preallocation_text {
+            line.push_str(&format!(" preallocation={}", escape_value(mode)));
         }
         line.push_str(&format!(
             " compression_type={} size={size}",
             options.compression_type.name()
         ));
         if let Some(compat) = &compat_text {
-            line.push_str(&format!(" compat={compat}"));
+            line.push_str(&format!(" compat={}", escape_value(compat)));
         }
         if let Some((name, format)) = backing {
-            line.push_str(&format!(" backing_file={name} backing_fmt={format}"));
+            line.push_str(&format!(
+                " backing_file={} backing_fmt={}",
+                escape_value(name),
+                escape_value(format)
+            ));
         }
         if let Some(name) = &data_file {
-            line.push_str(&format!(" data_file={name}"));
+            line.push_str(&format!(" data_file={}", escape_value(name)));
         }
         if let Some(raw) = data_file_raw {
             line.push_str(&format!(" data_file_raw={}", on_off(raw)));
@@ -160,20 +176,33 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
         ));
         line
     };
+    // qemu-img prints its line before the format's create refuses the request: the error
+    // carries it, and only the qemu-img personality prints it (cowclone's stdout stays empty).
+    let refused = |e: anyhow::Error| -> anyhow::Error {
+        let formatting = match (size, args.quiet) {
+            (Some(size), false) => Some(line(
+                size,
+                backing.as_deref().zip(backing_format.as_deref()),
+            )),
+            _ => None,
+        };
+        e.context(CreateFailed {
+            file: args.file.display().to_string(),
+            formatting,
+        })
+    };
+    if raw_without_data_file {
+        return Err(refused(anyhow::anyhow!("data-file-raw requires data-file")));
+    }
     let created = match deferred.map_or_else(|| builder.create(), |e| Err(e.into())) {
         Ok(created) => created,
         Err(e) => {
-            // qemu-img prints its line before the format's create refuses the request.
-            let formatting = match (&e, size, args.quiet) {
-                (imagefmt::Error::Qcow2(_), Some(size), false) => Some(line(
-                    size,
-                    backing.as_deref().zip(backing_format.as_deref()),
-                )),
-                _ => None,
-            };
+            if let imagefmt::Error::Qcow2(_) = &e {
+                return Err(refused(e.into()));
+            }
             return Err(e).context(CreateFailed {
                 file: args.file.display().to_string(),
-                formatting,
+                formatting: None,
             });
         }
     };
@@ -196,7 +225,7 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
         bail!("raw images have no backing file");
     }
     let mut size_text = args.size.clone();
-    let mut preallocation = None;
+    let mut preallocation_text = None;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
             .split_once('=')
@@ -204,7 +233,7 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
         match key {
             "size" if size_text.is_some() => bail!("the image size must be specified only once"),
             "size" => size_text = Some(value.to_owned()),
-            "preallocation" => preallocation = Some(Preallocation::parse(value, false)?),
+            "preallocation" => preallocation_text = Some(value.to_owned()),
             _ => bail!("Invalid parameter '{key}' for the raw format"),
         }
     }
@@ -216,6 +245,27 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
     // qemu-img prints the size asked for and rounds the file up to whole sectors.
     let requested = size;
     let size = size.next_multiple_of(512);
+    let mut line = format!(
+        "Formatting '{}', fmt=raw size={requested}",
+        shown_name(args)
+    );
+    if let Some(mode) = &preallocation_text {
+        line.push_str(&format!(" preallocation={}", escape_value(mode)));
+    }
+    let preallocation = match preallocation_text
+        .as_deref()
+        .map(|m| Preallocation::parse(m, false))
+    {
+        Some(Err(e)) => {
+            // The file driver refuses the mode after qemu-img's line.
+            return Err(e).context(CreateFailed {
+                file: args.file.display().to_string(),
+                formatting: (!args.quiet).then(|| line.clone()),
+            });
+        }
+        Some(Ok(mode)) => Some(mode),
+        None => None,
+    };
     let mode = imagefmt::new_file::NewFileMode {
         overwrite: args.overwrite,
         durable: args.durable,
@@ -225,13 +275,6 @@ fn create_raw(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
     })
     .with_context(|| format!("{}", args.file.display()))?;
     if !args.quiet {
-        let mut line = format!(
-            "Formatting '{}', fmt=raw size={requested}",
-            shown_name(args)
-        );
-        if let Some(mode) = preallocation {
-            line.push_str(&format!(" preallocation={}", mode.name()));
-        }
         writeln!(out, "{line}")?;
     }
     Ok(())

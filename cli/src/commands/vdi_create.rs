@@ -73,7 +73,7 @@ pub fn create_vdi(args: &CreateArgs, out: &mut impl Write) -> Result<()> {
                 "Formatting '{}', fmt=vdi size={} parent={} parent_uuid={}",
                 crate::commands::create::shown_name(args),
                 header.virtual_size(),
-                parent_path.display(),
+                crate::qemu_img::options::escape_value(&parent_path.display().to_string()),
                 header.uuid_linkage
             )
         }

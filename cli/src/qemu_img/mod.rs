@@ -16,7 +16,7 @@ mod convert;
 mod filename;
 mod getopt;
 mod messages;
-mod options;
+pub(crate) mod options;
 mod options_help;
 
 use std::ffi::{OsStr, OsString};

@@ -43,12 +43,18 @@ pub fn split(list: &str) -> Result<Vec<(String, Option<String>)>, ()> {
     Ok(items)
 }
 
+/// A value as qemu writes it in an option list (and prints it in create's "Formatting" line):
+/// every comma doubled.
+pub fn escape_value(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 /// Joins items back into one list, escaping commas in values as `,,`.
 pub fn join(items: &[(String, Option<String>)]) -> String {
     items
         .iter()
         .map(|(key, value)| match value {
-            Some(value) => format!("{key}={}", value.replace(',', ",,")),
+            Some(value) => format!("{key}={}", escape_value(value)),
             None => key.clone(),
         })
         .collect::<Vec<_>>()

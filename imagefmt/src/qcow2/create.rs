@@ -455,7 +455,8 @@ pub(crate) fn write_new_image<B: Backend + ?Sized>(
 }
 
 /// [`write_new_image`] for an image that names an external data file (which the caller
-/// creates). A raw data file's clusters are all mapped to their guest offsets (see
+/// creates). With `map_all` (qemu-img's preallocation with a data file, which a raw data file
+/// always gets) every cluster is mapped to its guest offset (see
 /// `Qcow2Image::map_raw_data_file`) before the header names the data file, as qemu-img does.
 pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
     backend: &B,
@@ -463,9 +464,10 @@ pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
     options: &CreateOptions,
     backing: Option<&BackingReference>,
     data_file: &DataFileReference,
+    map_all: bool,
 ) -> Result<u64, crate::Error> {
     let (cluster, layout) = plan_with_data_file(size, options, backing, Some(data_file))?;
-    if !data_file.raw {
+    if !data_file.raw && !map_all {
         let bytes = cluster.to_bytes()?;
         layout
             .write(backend, &bytes)
@@ -487,7 +489,9 @@ pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
     // the backing format, which a raw data file excludes anyway).
     let mut cluster = HeaderCluster::read_from(backend)?;
     cluster.header.incompatible_features |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
-    cluster.header.autoclear_features |= AutoclearFeatures::RAW_EXTERNAL;
+    if data_file.raw {
+        cluster.header.autoclear_features |= AutoclearFeatures::RAW_EXTERNAL;
+    }
     let at = cluster
         .extensions
         .iter()
@@ -659,8 +663,15 @@ mod tests {
             raw: true,
         };
         let size = 3 << 20;
-        write_new_image_with_data_file(&backend, size, &CreateOptions::default(), None, &raw)
-            .unwrap();
+        write_new_image_with_data_file(
+            &backend,
+            size,
+            &CreateOptions::default(),
+            None,
+            &raw,
+            false,
+        )
+        .unwrap();
         let cluster = HeaderCluster::read_from(&backend).unwrap();
         assert_eq!(cluster.data_file(), Some("d.raw"));
         // L1[0] -> the L2 table in cluster 4 (after header, refcounts, L1), as qemu places it.
