@@ -144,7 +144,9 @@ import json, re, sys
 work, version = sys.argv[1], sys.argv[2]
 def results(label):
     out = {}
-    for line in open(f"{work}/{label}.tap", encoding="utf-8", errors="replace"):
+    text = open(f"{work}/{label}.tap", encoding="utf-8", errors="replace").read()
+    # With -j 2, two results can land on one line ("ok qcow2 018ok qcow2 029"): split them.
+    for line in re.split(r"\n|(?<!not )(?=(?:not )?ok \S+ \S)", text):
         m = re.match(r"(not ok|ok) \S+ (\S+)(.*)", line)
         if m:
             status = "not run" if "# SKIP" in m.group(3) else ("pass" if m.group(1) == "ok" else "fail")
