@@ -320,8 +320,11 @@ fn resize_shrink_punches_the_freed_clusters_out_of_the_file_as_qemu_img_does() {
         ours.abs_diff(theirs) <= CLUSTER,
         "allocated bytes after the shrink: ours {ours}, qemu-img's {theirs}"
     );
+    // 3 MiB of data lie past the new end; truncation alone returns only the 1 MiB at the
+    // file's end (the other 2 MiB sit before it), so more than 2 MiB back means punched holes.
+    // Not exactly 3 MiB: ext4's accounting moved by a block in one CI run (4 KiB short).
     assert!(
-        before - ours >= 3 << 20,
+        before - ours > 2 << 20,
         "{before} -> {ours}: the freed data stayed on disk"
     );
 }
