@@ -321,6 +321,70 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(())
     }
 
+    /// Adds `addend` (+1 or -1) to the refcount of each host cluster index in `clusters` (in
+    /// any order; a cluster listed twice changes twice), with one write per refcount block
+    /// touched. An underflow or an overflow of the refcount width is corruption.
+    pub(super) fn adjust_refcounts(&mut self, clusters: &mut [u64], addend: i64) -> Result<()> {
+        clusters.sort_unstable();
+        let per_block = self.per_block();
+        let order = self.header.refcount_order;
+        let bits = 1u64 << order;
+        let max = refcount::max_refcount(order);
+        let cluster_bits = self.header.cluster_bits;
+        let mut rest = &clusters[..];
+        while let Some(&first) = rest.first() {
+            let index = first / per_block;
+            let in_block = rest.partition_point(|&c| c / per_block == index);
+            let (group, after) = rest.split_at(in_block);
+            rest = after;
+            if addend > 0 && index as usize >= self.state().reftable.len() {
+                self.grow_reftable(index)?;
+            }
+            let entry = self
+                .state()
+                .reftable
+                .get(index as usize)
+                .copied()
+                .unwrap_or(0);
+            let mut block = entry & REFTABLE_OFFSET_MASK;
+            if block == 0 && addend > 0 {
+                block = self.new_refblock(index)?;
+            }
+            let bad = |what, cluster: u64| Qcow2Error::CorruptEntry {
+                what,
+                guest_offset: 0,
+                entry: cluster << cluster_bits,
+            };
+            if block == 0 {
+                return Err(bad("refcount underflow", first).into());
+            }
+            let bytes = self.refblock(block)?;
+            for &cluster in group {
+                let count = refcount::get(bytes, cluster % per_block, order);
+                let new = if addend > 0 {
+                    count.checked_add(1).filter(|&n| n <= max)
+                } else {
+                    count.checked_sub(1)
+                };
+                let Some(new) = new else {
+                    let what = if addend > 0 {
+                        "refcount overflow"
+                    } else {
+                        "refcount underflow"
+                    };
+                    return Err(bad(what, cluster).into());
+                };
+                refcount::set(bytes, cluster % per_block, order, new);
+            }
+            // Write back the bytes from the first to the last entry changed.
+            let start = ((group[0] % per_block) * bits / 8) as usize;
+            let stop = ((group[group.len() - 1] % per_block + 1) * bits).div_ceil(8) as usize;
+            let chunk = bytes[start..stop].to_vec();
+            self.write_host(&chunk, block + start as u64)?;
+        }
+        Ok(())
+    }
+
     /// Allocates `count` contiguous free clusters (refcount 1 each) and returns the first offset.
     /// The file is extended (sparsely) to cover them.
     pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {

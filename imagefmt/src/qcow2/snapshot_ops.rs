@@ -439,6 +439,43 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let cluster_bits = self.header.cluster_bits;
         let cluster_size = self.header.cluster_size();
         let width = format.entry_bytes();
+        // First every refcount change, with one write per refcount block (qemu batches them
+        // in its refcount cache); then the COPIED flags, from the new refcounts.
+        if addend != 0 {
+            let mut clusters = Vec::new();
+            for (i, &raw) in l1.iter().enumerate() {
+                let Some(l2_offset) = L1Entry(raw).l2_offset() else {
+                    continue;
+                };
+                let guest = (i as u64 * format.l2_entries()) << cluster_bits;
+                if l2_offset % cluster_size != 0 {
+                    return Err(corrupt("L2 table offset unaligned", guest, raw));
+                }
+                let table = self.l2_table(l2_offset, guest, raw)?;
+                for j in 0..format.l2_entries() as usize {
+                    let entry = L2Entry::from_table(&table, j, format);
+                    match entry.cluster_kind(format) {
+                        ClusterKind::Compressed { host, len } => {
+                            clusters.extend(host / cluster_size..=(host + len - 1) / cluster_size)
+                        }
+                        ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
+                            if host % cluster_size != 0 || host == 0 {
+                                let at = guest + ((j as u64) << cluster_bits);
+                                return Err(corrupt(
+                                    "cluster allocation offset unaligned",
+                                    at,
+                                    entry.entry,
+                                ));
+                            }
+                            clusters.push(host >> cluster_bits);
+                        }
+                        ClusterKind::ZeroPlain | ClusterKind::Unallocated => {}
+                    }
+                }
+                clusters.push(l2_offset >> cluster_bits);
+            }
+            self.adjust_refcounts(&mut clusters, addend)?;
+        }
         let mut l1_modified = false;
         for (i, slot) in l1.iter_mut().enumerate() {
             let raw = *slot;
@@ -455,16 +492,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             for j in 0..format.l2_entries() as usize {
                 let old = L2Entry::from_table(&old_table, j, format);
                 let refcount = match old.cluster_kind(format) {
-                    ClusterKind::Compressed { host, len } => {
-                        if addend != 0 {
-                            let first = host / cluster_size;
-                            let last = (host + len - 1) / cluster_size;
-                            for cluster in first..=last {
-                                self.add_reference(cluster, addend)?;
-                            }
-                        }
-                        2 // compressed clusters are never written in place
-                    }
+                    ClusterKind::Compressed { .. } => 2, // never written in place
                     ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
                         if host % cluster_size != 0 || host == 0 {
                             let at = guest + ((j as u64) << cluster_bits);
@@ -474,11 +502,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                                 old.entry,
                             ));
                         }
-                        if addend != 0 {
-                            self.add_reference(host >> cluster_bits, addend)?
-                        } else {
-                            self.refcount(host >> cluster_bits)?
-                        }
+                        self.refcount(host >> cluster_bits)?
                     }
                     ClusterKind::ZeroPlain | ClusterKind::Unallocated => 0,
                 };
@@ -496,11 +520,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 let cache = self.l2_cache.get_mut().unwrap_or_else(|e| e.into_inner());
                 cache.retain(|(o, _)| *o != l2_offset);
             }
-            let table_refcount = if addend != 0 {
-                self.add_reference(l2_offset >> cluster_bits, addend)?
-            } else {
-                self.refcount(l2_offset >> cluster_bits)?
-            };
+            let table_refcount = self.refcount(l2_offset >> cluster_bits)?;
             if table_refcount == 0 {
                 self.state().metadata.remove(&(l2_offset >> cluster_bits));
             }
