@@ -13,6 +13,7 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
     let image_opts = args.iter().any(|a| a == "--image-opts");
     let mut out = Vec::with_capacity(args.len() + 2);
     let mut has_format = false;
+    let mut format_at: Option<usize> = None;
     let mut image = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
@@ -20,7 +21,17 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
             continue;
         }
         if WITH_VALUE.contains(&arg.as_str()) {
-            has_format |= arg == "-f";
+            if arg == "-f" {
+                // The last -f counts, as in qemu-img (`amend -f foo -f qcow2`, iotest 082).
+                if let Some(at) = format_at.replace(out.len()) {
+                    out.drain(at..(at + 2).min(out.len()));
+                    if let Some(i) = image.as_mut().filter(|i| **i > at) {
+                        *i -= 2;
+                    }
+                    format_at = Some(out.len());
+                }
+                has_format = true;
+            }
             out.push(arg.clone());
             if let Some(value) = rest.next() {
                 out.push(value.clone());
@@ -48,4 +59,34 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_image;
+
+    fn resolved(args: &[&str]) -> Vec<String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        resolve_image(&args).unwrap_or_else(|_| panic!("{args:?} refused"))
+    }
+
+    #[test]
+    fn the_last_format_counts_wherever_the_image_name_stands() {
+        assert_eq!(
+            resolved(&[
+                "-f",
+                "foo",
+                "-f",
+                "qcow2",
+                "-o",
+                "lazy_refcounts=on",
+                "t.qcow2"
+            ]),
+            ["-f", "qcow2", "-o", "lazy_refcounts=on", "t.qcow2"]
+        );
+        assert_eq!(
+            resolved(&["-f", "foo", "t.qcow2", "-f", "qcow2", "-o", "compat=1.1"]),
+            ["t.qcow2", "-f", "qcow2", "-o", "compat=1.1"]
+        );
+    }
 }
