@@ -170,28 +170,36 @@ pub(crate) fn layer_at(top: &dyn GuestRead, depth: u32) -> Option<&dyn GuestRead
 /// Every extent of `top` from `start` to the end of the disk, in order, each as long as
 /// [`block_status`] answers (adjacent extents are not merged). Errors end the walk.
 pub fn extents(top: &dyn GuestRead, start: GuestOffset) -> Extents<'_> {
+    extents_until(top, start, top.virtual_size())
+}
+
+/// [`extents`] up to guest offset `end` (the disk's end at most): the last extent is cut there,
+/// and no extent is probed past it.
+pub fn extents_until(top: &dyn GuestRead, start: GuestOffset, end: u64) -> Extents<'_> {
     Extents {
         top,
         next: start,
+        end: end.min(top.virtual_size()),
         failed: false,
     }
 }
 
-/// The iterator of [`extents`].
+/// The iterator of [`extents`] and [`extents_until`].
 pub struct Extents<'a> {
     top: &'a dyn GuestRead,
     next: GuestOffset,
+    end: u64,
     failed: bool,
 }
 
 impl Iterator for Extents<'_> {
     type Item = Result<Extent>;
     fn next(&mut self) -> Option<Result<Extent>> {
-        if self.failed || self.next.0 >= self.top.virtual_size() {
+        if self.failed || self.next.0 >= self.end {
             return None;
         }
         // qemu probes at most 1 GiB at a time.
-        let result = block_status(self.top, self.next, 1 << 30);
+        let result = block_status(self.top, self.next, (self.end - self.next.0).min(1 << 30));
         match &result {
             Ok(extent) => self.next = extent.end(),
             Err(_) => self.failed = true,

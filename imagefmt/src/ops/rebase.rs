@@ -222,21 +222,12 @@ fn write_compressed<B: crate::io::Backend + Send + Sync>(
     Ok(())
 }
 
-/// The extents `chain` reports for `len` bytes at guest `offset`, up to its end (none without a
-/// chain); what lies past them reads as zeros.
+/// The extents `chain` reports for `len` bytes at guest offset `offset`, up to its end (none
+/// without a chain); what lies past them reads as zeros.
 fn extents_of(chain: Option<&dyn GuestRead>, offset: u64, len: u64) -> Result<Vec<Extent>> {
-    let Some(chain) = chain else {
-        return Ok(Vec::new());
-    };
-    let inside = chain.virtual_size().clamp(offset, offset + len);
-    let mut extents = Vec::new();
-    let mut at = offset;
-    while at < inside {
-        let extent = chain::block_status(chain, GuestOffset(at), inside - at)?;
-        at = extent.end().0;
-        extents.push(extent);
-    }
-    Ok(extents)
+    chain.map_or(Ok(Vec::new()), |chain| {
+        chain::extents_until(chain, GuestOffset(offset), offset + len).collect()
+    })
 }
 
 /// True if every extent reads as zeros without reading data.

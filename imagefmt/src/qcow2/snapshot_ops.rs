@@ -402,23 +402,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         Ok(())
     }
 
-    /// Adds `addend` (+1 or -1) to the refcount of host cluster `cluster`; an underflow is
-    /// corruption.
-    fn add_reference(&mut self, cluster: u64, addend: i64) -> Result<u64> {
-        let count = self.refcount(cluster)?;
-        let new = if addend > 0 {
-            count.checked_add(1)
-        } else {
-            count.checked_sub(1)
-        }
-        .ok_or_else(|| corrupt("refcount underflow", 0, cluster << self.header.cluster_bits))?;
-        self.set_refcount(cluster, new)?;
-        Ok(new)
-    }
-
     /// Drops one reference from a metadata cluster; at 0 it is metadata no more.
     fn drop_reference(&mut self, cluster: u64) -> Result<()> {
-        if self.add_reference(cluster, -1)? == 0 {
+        self.adjust_refcounts(&mut [cluster], -1)?;
+        if self.refcount(cluster)? == 0 {
             self.state().metadata.remove(&cluster);
         }
         Ok(())
