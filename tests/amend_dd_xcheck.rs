@@ -12,8 +12,8 @@ use imagefmt::qcow2::amend::{amend, AmendError, AmendOptions};
 use serde_json::Value;
 
 use crate::util::{
-    assert_qemu_check_clean, cowclone, describe, qemu_img, qemu_img_ok, qemu_info_json, qemu_io_ok,
-    qemu_overlay,
+    assert_qemu_check_clean, assert_same_content, cowclone, describe, qemu_img, qemu_img_ok,
+    qemu_info_json, qemu_io_ok, qemu_map_shape, qemu_overlay,
 };
 
 /// A 4 MiB qcow2 image with every kind of cluster: data, a plain zero cluster, a preallocated
@@ -92,28 +92,6 @@ fn qemu_amend(path: &Path, options: &str) -> Result<(), String> {
 
 fn specific(info: &Value, key: &str) -> Value {
     info["format-specific"]["data"][key].clone()
-}
-
-/// `qemu-img map --output=json` without host offsets: what each range is.
-fn map_shape(path: &Path) -> Vec<Value> {
-    let out = qemu_img_ok(&[&"map", &"--output=json", &path]);
-    let mut entries: Vec<Value> = serde_json::from_str(&out).expect("map JSON");
-    for e in &mut entries {
-        e.as_object_mut().unwrap().remove("offset");
-    }
-    entries
-}
-
-fn assert_same_content(a: &Path, b: &Path, context: &str) {
-    let output = qemu_img(&[&"compare", &a, &b]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{context}: qemu-img compare {} {}: {}",
-        a.display(),
-        b.display(),
-        describe(&output)
-    );
 }
 
 /// Amends copies of `original` with cowclone and with qemu-img and judges ours.
@@ -200,7 +178,11 @@ fn downgrade_expands_zero_clusters_as_qemu_img_does() {
     let (ours, theirs) = amend_both(dir.path(), &v3, "compat=0.10", "downgrade");
     assert_eq!(specific(&qemu_info_json(&ours), "compat"), "0.10");
     assert_same_content(&ours, &v3, "downgrade vs before");
-    assert_eq!(map_shape(&ours), map_shape(&theirs), "downgrade: map");
+    assert_eq!(
+        qemu_map_shape(&ours),
+        qemu_map_shape(&theirs),
+        "downgrade: map"
+    );
 
     // An overlay: zero clusters must hide the backing file, so they become zeroed data.
     let base = dir.path().join("base.qcow2");
@@ -222,8 +204,8 @@ fn downgrade_expands_zero_clusters_as_qemu_img_does() {
     let (ours, theirs) = amend_both(dir.path(), &overlay, "compat=0.10", "downgrade-overlay");
     assert_same_content(&ours, &overlay, "downgrade-overlay vs before");
     assert_eq!(
-        map_shape(&ours),
-        map_shape(&theirs),
+        qemu_map_shape(&ours),
+        qemu_map_shape(&theirs),
         "downgrade-overlay: map"
     );
     let (ours, _) = amend_both(

@@ -7,36 +7,16 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::util::{cowclone_args_in as cowclone, cowclone_ok_args_in as ours, tool_in, tool_ok_in};
+use crate::util::{
+    assert_qemu_check_clean, assert_same_content, cowclone_args_in as cowclone,
+    cowclone_ok_args_in as ours, qemu_img_ok_in as qemu, qemu_io_in, qemu_map_shape, tool_in,
+};
 
 /// cowclone as qemu-img (`cowclone qemu-img ARGS`).
 fn personality(dir: &Path, args: &[&str]) -> Output {
     let mut all = vec!["qemu-img"];
     all.extend_from_slice(args);
     cowclone(dir, &all)
-}
-
-fn qemu(dir: &Path, args: &[&str]) -> Output {
-    tool_ok_in("qemu-img", dir, args)
-}
-
-fn qemu_io(dir: &Path, image: &str, commands: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(image);
-    tool_ok_in("qemu-io", dir, &args);
-}
-
-fn assert_same_content(dir: &Path, a: &str, b: &str) {
-    let out = tool_in("qemu-img", dir, &["compare", a, b]);
-    assert!(
-        out.status.success(),
-        "qemu-img compare {a} {b}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn assert_differs(dir: &Path, a: &str, b: &str) {
@@ -46,27 +26,6 @@ fn assert_differs(dir: &Path, a: &str, b: &str) {
         Some(1),
         "qemu-img compare {a} {b} should differ"
     );
-}
-
-fn assert_clean(dir: &Path, image: &str) {
-    let out = tool_in("qemu-img", dir, &["check", image]);
-    assert!(
-        out.status.success(),
-        "qemu-img check {image}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// qemu-img's map of `image` without host offsets (cowclone may place clusters elsewhere).
-fn map_without_offsets(dir: &Path, image: &str) -> Vec<serde_json::Value> {
-    let out = qemu(dir, &["map", "--output=json", image]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut entries = json.as_array().unwrap().clone();
-    for e in &mut entries {
-        e.as_object_mut().unwrap().remove("offset");
-    }
-    entries
 }
 
 /// The exit code, standard output and standard error of a run.
@@ -82,13 +41,13 @@ fn result(out: &Output) -> (Option<i32>, String, String) {
 /// 0xa at 4k and 0xb at 8k.
 fn image_with_snapshot(dir: &Path) {
     qemu(dir, &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
-    qemu_io(
+    qemu_io_in(
         dir,
         "t.qcow2",
         &["write -P 0xa 4k 4k", "write -P 0xb 8k 4k"],
     );
     qemu(dir, &["snapshot", "-c", "sn1", "t.qcow2"]);
-    qemu_io(
+    qemu_io_in(
         dir,
         "t.qcow2",
         &[
@@ -120,13 +79,13 @@ fn convert_from_a_snapshot_reads_what_qemu_img_reads() {
             d,
             &["convert", "--snapshot", key, "-O", "qcow2", "t.qcow2", out],
         );
-        assert_same_content(d, out, "q.qcow2");
+        assert_same_content(&d.join(out), &d.join("q.qcow2"), "convert");
         assert_eq!(
-            map_without_offsets(d, out),
-            map_without_offsets(d, "q.qcow2"),
+            qemu_map_shape(&d.join(out)),
+            qemu_map_shape(&d.join("q.qcow2")),
             "{key}"
         );
-        assert_clean(d, out);
+        assert_qemu_check_clean(&d.join(out), "convert");
     }
     // Raw output too, and the personality's -l spellings.
     qemu(
@@ -158,9 +117,9 @@ fn convert_from_a_snapshot_reads_what_qemu_img_reads() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_content(d, "p.qcow2", "q.qcow2");
+    assert_same_content(&d.join("p.qcow2"), &d.join("q.qcow2"), "convert");
     // The source is only read.
-    assert_clean(d, "t.qcow2");
+    assert_qemu_check_clean(&d.join("t.qcow2"), "convert");
 }
 
 #[test]
@@ -213,7 +172,7 @@ fn three_sources(dir: &Path) {
         ("c.qcow2", "5M", vec!["write -P 4 0 4k", "write -P 5 4M 1M"]),
     ] {
         qemu(dir, &["create", "-q", "-f", "qcow2", name, size]);
-        qemu_io(dir, name, &writes);
+        qemu_io_in(dir, name, &writes);
     }
 }
 
@@ -235,10 +194,10 @@ fn concatenated_sources_convert_as_qemu_img_converts_them() {
         let mut mine = args.clone();
         mine.push(&c);
         ours(d, &mine);
-        assert_same_content(d, &c, &q);
+        assert_same_content(&d.join(&c), &d.join(&q), "convert");
         assert_eq!(
-            map_without_offsets(d, &c),
-            map_without_offsets(d, &q),
+            qemu_map_shape(&d.join(&c)),
+            qemu_map_shape(&d.join(&q)),
             "{tag}"
         );
         let size =
@@ -249,7 +208,7 @@ fn concatenated_sources_convert_as_qemu_img_converts_them() {
             "{tag}: sizes add up"
         );
         if format == "qcow2" {
-            assert_clean(d, &c);
+            assert_qemu_check_clean(&d.join(&c), "convert");
         }
     }
 }
@@ -279,7 +238,7 @@ fn progress_lines_move_as_qemu_img_counts_data() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     qemu(d, &["create", "-q", "-f", "qcow2", "t.qcow2", "128M"]);
-    qemu_io(
+    qemu_io_in(
         d,
         "t.qcow2",
         &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
@@ -422,10 +381,10 @@ fn same_convert_map(dir: &Path, args: &[&str], ext: &str) {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_content(dir, &c, &q);
+    assert_same_content(&dir.join(&c), &dir.join(&q), "convert");
     assert_eq!(
-        map_without_offsets(dir, &c),
-        map_without_offsets(dir, &q),
+        qemu_map_shape(&dir.join(&c)),
+        qemu_map_shape(&dir.join(&q)),
         "{args:?}"
     );
 }
@@ -447,7 +406,7 @@ fn sparse_size_decides_data_and_holes_in_blocks_as_qemu_img_does() {
             "64M",
         ],
     );
-    qemu_io(
+    qemu_io_in(
         d,
         "t.qcow2",
         &[
@@ -470,17 +429,17 @@ fn sparse_size_decides_data_and_holes_in_blocks_as_qemu_img_does() {
             "t.qcow2",
         ];
         same_convert_map(d, &args, "qcow2");
-        assert_clean(d, "c.qcow2");
+        assert_qemu_check_clean(&d.join("c.qcow2"), "convert");
     }
     // Raw output: zero blocks inside data clusters stay holes, as qemu-img leaves them.
     qemu(d, &["create", "-q", "-f", "qcow2", "big.qcow2", "8M"]);
-    qemu_io(
+    qemu_io_in(
         d,
         "big.qcow2",
         &["write -P 7 0 4k", "write -P 0 4k 60k", "write -P 9 1M 64k"],
     );
     same_convert_map(d, &["convert", "-O", "raw", "big.qcow2"], "raw");
-    let holes = map_without_offsets(d, "c.raw");
+    let holes = qemu_map_shape(&d.join("c.raw"));
     assert!(
         holes.len() > 2,
         "guard: the raw output has holes inside the first cluster: {holes:?}"
@@ -509,10 +468,10 @@ fn skip_create_zeroes_the_target_as_qemu_img_does() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
-            map_without_offsets(d, c),
-            map_without_offsets(d, q),
+            qemu_map_shape(&d.join(c)),
+            qemu_map_shape(&d.join(q)),
             "compat={compat}"
         );
-        assert_clean(d, c);
+        assert_qemu_check_clean(&d.join(c), "convert");
     }
 }

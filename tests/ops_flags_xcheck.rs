@@ -7,21 +7,9 @@ use std::path::Path;
 use std::process::Output;
 
 use crate::util::{
-    allocated_bytes, cowclone_args_in as cowclone, cowclone_ok_args_in as ours, tool_in, tool_ok_in,
+    allocated_bytes, assert_qemu_check_clean, assert_same_content, cowclone_args_in as cowclone,
+    cowclone_ok_args_in as ours, qemu_img_ok_in as qemu, qemu_io_in, qemu_map_shape, tool_in,
 };
-
-fn qemu(dir: &Path, args: &[&str]) -> Output {
-    tool_ok_in("qemu-img", dir, args)
-}
-
-fn qemu_io(dir: &Path, image: &str, commands: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(image);
-    tool_ok_in("qemu-io", dir, &args);
-}
 
 fn map(dir: &Path, image: &str) -> String {
     String::from_utf8(qemu(dir, &["map", "--output=json", image]).stdout).unwrap()
@@ -32,52 +20,6 @@ fn assert_same_map(dir: &Path, ours: &str, theirs: &str) {
         map(dir, ours),
         map(dir, theirs),
         "qemu-img map of {ours} vs {theirs}"
-    );
-}
-
-/// The map with host offsets left out: which guest ranges are data, zero or unallocated,
-/// for where cowclone places clusters elsewhere than qemu does (see the callers).
-fn map_without_offsets(dir: &Path, image: &str) -> Vec<serde_json::Value> {
-    let json: serde_json::Value = serde_json::from_str(&map(dir, image)).unwrap();
-    let mut entries: Vec<serde_json::Value> = json.as_array().unwrap().clone();
-    for e in &mut entries {
-        e.as_object_mut().unwrap().remove("offset");
-    }
-    // Merge neighbours that became equal.
-    let mut merged: Vec<serde_json::Value> = Vec::new();
-    for e in entries {
-        if let Some(last) = merged.last_mut() {
-            let same = ["depth", "present", "zero", "data", "compressed"]
-                .iter()
-                .all(|k| last[k] == e[k]);
-            if same {
-                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
-                last["length"] = len.into();
-                continue;
-            }
-        }
-        merged.push(e);
-    }
-    merged
-}
-
-fn assert_same_content(dir: &Path, a: &str, b: &str) {
-    let out = tool_in("qemu-img", dir, &["compare", a, b]);
-    assert!(
-        out.status.success(),
-        "qemu-img compare {a} {b}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn assert_clean(dir: &Path, image: &str) {
-    let out = tool_in("qemu-img", dir, &["check", image]);
-    assert!(
-        out.status.success(),
-        "qemu-img check {image}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -92,7 +34,7 @@ fn copy(dir: &Path, from: &str, to: &str) {
 /// A 4 MiB qcow2 image with data, a zero cluster and a mostly-zero data run.
 fn source(dir: &Path) {
     qemu(dir, &["create", "-q", "-f", "qcow2", "src.qcow2", "4M"]);
-    qemu_io(
+    qemu_io_in(
         dir,
         "src.qcow2",
         &[
@@ -117,7 +59,7 @@ fn create_preallocation_lays_out_clusters_as_qemu_img() {
         let line = |o: &Output| String::from_utf8_lossy(&o.stdout).replace(&q, &c);
         assert_eq!(line(&mine), line(&theirs), "create's line for {mode}");
         assert_same_map(d, &c, &q);
-        assert_clean(d, &c);
+        assert_qemu_check_clean(&d.join(&c), "ops flags");
         let info = |image: &str| crate::util::qemu_info_json(&d.join(image));
         let (qi, ci) = (info(&q), info(&c));
         assert_eq!(ci["virtual-size"], qi["virtual-size"], "{mode}");
@@ -161,7 +103,7 @@ fn create_preallocation_lays_out_clusters_as_qemu_img() {
         ],
     );
     assert_same_map(d, "c3.qcow2", "q3.qcow2");
-    assert_clean(d, "c3.qcow2");
+    assert_qemu_check_clean(&d.join("c3.qcow2"), "ops flags");
 }
 
 #[test]
@@ -227,7 +169,7 @@ fn convert_sparse_size_and_cache_modes_match_qemu_img() {
         &["convert", "-S", "0", "-O", "qcow2", "src.qcow2", "c0.qcow2"],
     );
     assert_same_map(d, "c0.qcow2", "q0.qcow2");
-    assert_clean(d, "c0.qcow2");
+    assert_qemu_check_clean(&d.join("c0.qcow2"), "ops flags");
     qemu(
         d,
         &["convert", "-S", "0", "-O", "raw", "src.qcow2", "q0.raw"],
@@ -240,7 +182,7 @@ fn convert_sparse_size_and_cache_modes_match_qemu_img() {
         allocated_bytes(&d.join("c0.raw")),
         allocated_bytes(&d.join("q0.raw"))
     );
-    assert_same_content(d, "c0.raw", "src.qcow2");
+    assert_same_content(&d.join("c0.raw"), &d.join("src.qcow2"), "ops flags");
     // Sizes qemu-img refuses, refused the same way.
     for bad in ["3000", "32M"] {
         let theirs = tool_in("qemu-img", d, &["convert", "-S", bad, "src.qcow2", "qbad"]);
@@ -268,7 +210,7 @@ fn convert_sparse_size_and_cache_modes_match_qemu_img() {
                 &out,
             ],
         );
-        assert_same_content(d, &out, "src.qcow2");
+        assert_same_content(&d.join(&out), &d.join("src.qcow2"), "ops flags");
     }
     let theirs = tool_in(
         "qemu-img",
@@ -285,14 +227,14 @@ fn convert_into_an_existing_image_with_n_writes_what_qemu_img_writes() {
     let d = dir.path();
     source(d);
     qemu(d, &["create", "-q", "-f", "qcow2", "target.qcow2", "8M"]);
-    qemu_io(d, "target.qcow2", &["write -P 9 0 8M"]);
+    qemu_io_in(d, "target.qcow2", &["write -P 9 0 8M"]);
     copy(d, "target.qcow2", "q.qcow2");
     copy(d, "target.qcow2", "c.qcow2");
     qemu(d, &["convert", "-n", "-O", "qcow2", "src.qcow2", "q.qcow2"]);
     ours(d, &["convert", "-n", "-O", "qcow2", "src.qcow2", "c.qcow2"]);
     assert_same_map(d, "c.qcow2", "q.qcow2");
-    assert_same_content(d, "c.qcow2", "q.qcow2");
-    assert_clean(d, "c.qcow2");
+    assert_same_content(&d.join("c.qcow2"), &d.join("q.qcow2"), "ops flags");
+    assert_qemu_check_clean(&d.join("c.qcow2"), "ops flags");
     // A raw target: same bytes.
     qemu(d, &["create", "-q", "-f", "raw", "q.raw", "4M"]);
     qemu(d, &["create", "-q", "-f", "raw", "c.raw", "4M"]);
@@ -350,8 +292,8 @@ fn convert_with_preallocation_matches_qemu_img() {
         );
         // Into preallocated clusters only non-zero 4 KiB blocks are written, as qemu-img does.
         assert_same_map(d, &c, &q);
-        assert_same_content(d, &c, "src.qcow2");
-        assert_clean(d, &c);
+        assert_same_content(&d.join(&c), &d.join("src.qcow2"), "ops flags");
+        assert_qemu_check_clean(&d.join(&c), "ops flags");
     }
     for mode in ["falloc", "full"] {
         let option = format!("preallocation={mode}");
@@ -363,7 +305,7 @@ fn convert_with_preallocation_matches_qemu_img() {
             allocated_bytes(&d.join(&q)),
             "{mode}"
         );
-        assert_same_content(d, &c, "src.qcow2");
+        assert_same_content(&d.join(&c), &d.join("src.qcow2"), "ops flags");
     }
 }
 
@@ -427,7 +369,7 @@ fn progress_and_quiet_print_as_qemu_img_does() {
                 "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", top,
             ],
         );
-        qemu_io(d, top, &["write -P 5 0 1M"]);
+        qemu_io_in(d, top, &["write -P 5 0 1M"]);
         let _ = tool;
     }
     let theirs = qemu(d, &["commit", "-p", "qtop.qcow2"]);
@@ -440,9 +382,13 @@ fn progress_and_quiet_print_as_qemu_img_does() {
     };
     assert_eq!(strip(&mine), strip(&theirs), "commit -p's last line");
     assert!(String::from_utf8_lossy(&mine.stdout).starts_with("    (0.00/100%)\r"));
-    assert_same_content(d, "ctop.qcow2.base", "qtop.qcow2.base");
+    assert_same_content(
+        &d.join("ctop.qcow2.base"),
+        &d.join("qtop.qcow2.base"),
+        "ops flags",
+    );
     // -q: nothing at all.
-    qemu_io(d, "ctop.qcow2", &["write -P 6 0 64k"]);
+    qemu_io_in(d, "ctop.qcow2", &["write -P 6 0 64k"]);
     let mine = ours(d, &["commit", "-q", "ctop.qcow2"]);
     assert!(mine.stdout.is_empty());
     let mine = ours(d, &["rebase", "-q", "-p", "-b", "", "ctop.qcow2"]);
@@ -456,7 +402,7 @@ fn progress_and_quiet_print_as_qemu_img_does() {
 fn three_layers(dir: &Path, prefix: &str) {
     let name = |n: &str| format!("{prefix}{n}.qcow2");
     qemu(dir, &["create", "-q", "-f", "qcow2", &name("base"), "4M"]);
-    qemu_io(dir, &name("base"), &["write -P 1 0 4M"]);
+    qemu_io_in(dir, &name("base"), &["write -P 1 0 4M"]);
     qemu(
         dir,
         &[
@@ -471,7 +417,7 @@ fn three_layers(dir: &Path, prefix: &str) {
             &name("mid"),
         ],
     );
-    qemu_io(dir, &name("mid"), &["write -P 2 0 1M", "write -z 1M 1M"]);
+    qemu_io_in(dir, &name("mid"), &["write -P 2 0 1M", "write -z 1M 1M"]);
     qemu(
         dir,
         &[
@@ -486,7 +432,7 @@ fn three_layers(dir: &Path, prefix: &str) {
             &name("top"),
         ],
     );
-    qemu_io(
+    qemu_io_in(
         dir,
         &name("top"),
         &["write -P 3 512k 1M", "write -z 3M 512k"],
@@ -504,13 +450,13 @@ fn commit_b_commits_through_intermediates_into_the_base_as_qemu_img() {
     qemu(d, &["convert", "-O", "raw", "ctop.qcow2", guest_before]);
     qemu(d, &["commit", "-b", "qbase.qcow2", "qtop.qcow2"]);
     ours(d, &["commit", "-b", "cbase.qcow2", "ctop.qcow2"]);
-    assert_same_content(d, "cbase.qcow2", "qbase.qcow2");
-    assert_same_content(d, "cbase.qcow2", guest_before);
+    assert_same_content(&d.join("cbase.qcow2"), &d.join("qbase.qcow2"), "ops flags");
+    assert_same_content(&d.join("cbase.qcow2"), &d.join(guest_before), "ops flags");
     assert_same_map(d, "cbase.qcow2", "qbase.qcow2");
     // -b implies -d: the top keeps its clusters, as with qemu-img.
     assert_same_map(d, "ctop.qcow2", "qtop.qcow2");
-    assert_clean(d, "cbase.qcow2");
-    assert_clean(d, "ctop.qcow2");
+    assert_qemu_check_clean(&d.join("cbase.qcow2"), "ops flags");
+    assert_qemu_check_clean(&d.join("ctop.qcow2"), "ops flags");
     // A base that is not in the chain: refused by both with exit 1.
     qemu(d, &["create", "-q", "-f", "qcow2", "stranger.qcow2", "4M"]);
     let theirs = tool_in(
@@ -541,14 +487,14 @@ fn commit_and_rebase_write_zero_runs_as_zero_clusters_as_qemu_img() {
     for p in ["q", "c"] {
         let (base, top) = (format!("{p}base.qcow2"), format!("{p}top.qcow2"));
         qemu(d, &["create", "-q", "-f", "qcow2", &base, "4M"]);
-        qemu_io(d, &base, &["write -P 1 0 4M"]);
+        qemu_io_in(d, &base, &["write -P 1 0 4M"]);
         qemu(
             d,
             &[
                 "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
             ],
         );
-        qemu_io(
+        qemu_io_in(
             d,
             &top,
             &["write -z 0 1M", "write -P 0 1M 1M", "write -P 4 2M 64k"],
@@ -558,7 +504,7 @@ fn commit_and_rebase_write_zero_runs_as_zero_clusters_as_qemu_img() {
     ours(d, &["commit", "ctop.qcow2"]);
     assert_same_map(d, "cbase.qcow2", "qbase.qcow2");
     assert_same_map(d, "ctop.qcow2", "qtop.qcow2");
-    assert_clean(d, "cbase.qcow2");
+    assert_qemu_check_clean(&d.join("cbase.qcow2"), "ops flags");
     // rebase onto nothing: what the old backing file held is copied, its zeros as zeros.
     for p in ["q", "c"] {
         let (base, top) = (format!("{p}base.qcow2"), format!("{p}top2.qcow2"));
@@ -571,9 +517,9 @@ fn commit_and_rebase_write_zero_runs_as_zero_clusters_as_qemu_img() {
     }
     qemu(d, &["rebase", "-b", "", "qtop2.qcow2"]);
     ours(d, &["rebase", "-b", "", "ctop2.qcow2"]);
-    assert_same_content(d, "ctop2.qcow2", "qtop2.qcow2");
+    assert_same_content(&d.join("ctop2.qcow2"), &d.join("qtop2.qcow2"), "ops flags");
     assert_same_map(d, "ctop2.qcow2", "qtop2.qcow2");
-    assert_clean(d, "ctop2.qcow2");
+    assert_qemu_check_clean(&d.join("ctop2.qcow2"), "ops flags");
 }
 
 #[test]
@@ -584,7 +530,7 @@ fn resize_flags_match_qemu_img() {
         let (q, c) = (format!("q-{mode}.qcow2"), format!("c-{mode}.qcow2"));
         for image in [&q, &c] {
             qemu(d, &["create", "-q", "-f", "qcow2", image, "1M"]);
-            qemu_io(d, image, &["write -P 7 0 64k"]);
+            qemu_io_in(d, image, &["write -P 7 0 64k"]);
         }
         let option = format!("--preallocation={mode}");
         let theirs = qemu(d, &["resize", "-f", "qcow2", &option, &q, "3M"]);
@@ -596,12 +542,12 @@ fn resize_flags_match_qemu_img() {
             // Known difference: for falloc/full qemu-img first writes a new refcount table, so
             // its data clusters start one cluster later; the guest ranges are the same.
             assert_eq!(
-                map_without_offsets(d, &c),
-                map_without_offsets(d, &q),
+                qemu_map_shape(&d.join(&c)),
+                qemu_map_shape(&d.join(&q)),
                 "{mode}"
             );
         }
-        assert_clean(d, &c);
+        assert_qemu_check_clean(&d.join(&c), "ops flags");
     }
     // Raw with falloc: the added part reserved.
     for image in ["q.raw", "c.raw"] {
@@ -639,7 +585,7 @@ fn resize_flags_match_qemu_img() {
     // --shrink as qemu-img: data past the new end is dropped.
     for image in ["qs.qcow2", "cs.qcow2"] {
         qemu(d, &["create", "-q", "-f", "qcow2", image, "4M"]);
-        qemu_io(d, image, &["write -P 8 0 4M"]);
+        qemu_io_in(d, image, &["write -P 8 0 4M"]);
     }
     qemu(d, &["resize", "--shrink", "qs.qcow2", "1000k"]);
     ours(
@@ -652,14 +598,14 @@ fn resize_flags_match_qemu_img() {
             "1000k",
         ],
     );
-    assert_same_content(d, "cs.qcow2", "qs.qcow2");
+    assert_same_content(&d.join("cs.qcow2"), &d.join("qs.qcow2"), "ops flags");
     assert_same_map(d, "cs.qcow2", "qs.qcow2");
     assert_eq!(
         crate::util::file_len(&d.join("cs.qcow2")),
         crate::util::file_len(&d.join("qs.qcow2")),
         "the file is cut after its last cluster in use"
     );
-    assert_clean(d, "cs.qcow2");
+    assert_qemu_check_clean(&d.join("cs.qcow2"), "ops flags");
     let refused = cowclone(d, &["resize", "--shrink", "c-full.qcow2", "1M"]);
     assert_eq!(
         code(&refused),

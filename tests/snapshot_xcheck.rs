@@ -8,7 +8,9 @@ use imagefmt::backing::BackingPolicy;
 use imagefmt::chain::open_qcow2_rw;
 use imagefmt::qcow2::write::WriteOptions;
 
-use crate::util::{assert_qemu_check_clean, qemu_img, qemu_img_ok, qemu_io_ok};
+use crate::util::{
+    assert_qemu_check_clean, assert_same_content, qemu_img, qemu_img_ok, qemu_io_ok,
+};
 
 /// Writes `len` bytes of `pattern` at `offset` through qemu-io.
 fn qemu_write(path: &Path, pattern: u8, offset: u64, len: u64) {
@@ -32,18 +34,6 @@ fn qemu_expect(path: &Path, pattern: u8, offset: u64, len: u64, context: &str) {
             && !stdout.contains("Pattern verification"),
         "{context}: qemu-io {cmd} on {}: {}",
         path.display(),
-        crate::util::describe(&output)
-    );
-}
-
-/// `qemu-img compare` of two images (any formats) must report them identical.
-fn assert_same_content(a: &Path, b: &Path, context: &str) {
-    let output = qemu_img(&[&"compare", &a, &b]);
-    assert!(
-        output.status.success(),
-        "{context}: qemu-img compare {} {}: {}",
-        a.display(),
-        b.display(),
         crate::util::describe(&output)
     );
 }

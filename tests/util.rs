@@ -150,6 +150,44 @@ pub fn assert_qemu_check_clean(path: &Path, context: &str) {
     }
 }
 
+/// Asserts that `qemu-img compare` finds `a` and `b` (any formats) identical in guest content.
+/// `context` names the case in the failure message.
+pub fn assert_same_content(a: &Path, b: &Path, context: &str) {
+    let output = qemu_img(&[&"compare", &a, &b]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{context}: qemu-img compare {} {}: {}",
+        a.display(),
+        b.display(),
+        describe(&output)
+    );
+}
+
+/// `qemu-img map --output=json` of `path` with host offsets left out and neighbours that became
+/// equal merged: which guest ranges are data, zero, compressed or unallocated, at what depth,
+/// wherever the clusters lie in the file.
+pub fn qemu_map_shape(path: &Path) -> Vec<Value> {
+    let out = qemu_img_ok(&[&"map", &"--output=json", &path]);
+    let entries: Vec<Value> = serde_json::from_str(&out).expect("qemu-img map JSON");
+    let mut merged: Vec<Value> = Vec::new();
+    for mut entry in entries {
+        entry.as_object_mut().unwrap().remove("offset");
+        if let Some(last) = merged.last_mut() {
+            let same = ["depth", "present", "zero", "data", "compressed"]
+                .iter()
+                .all(|k| last[k] == entry[k]);
+            if same {
+                let length = last["length"].as_u64().unwrap() + entry["length"].as_u64().unwrap();
+                last["length"] = length.into();
+                continue;
+            }
+        }
+        merged.push(entry);
+    }
+    merged
+}
+
 /// The workspace root (the tests crate is one of its members).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -460,6 +498,22 @@ pub fn tool_ok_in(tool: &str, dir: &Path, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// `qemu-img ARGS` run in `dir`; asserts that it succeeded.
+pub fn qemu_img_ok_in(dir: &Path, args: &[&str]) -> Output {
+    tool_ok_in("qemu-img", dir, args)
+}
+
+/// Runs qemu-io's `commands` (one `-c` each, in one process) on the qcow2 image `image` in `dir`;
+/// asserts that it succeeded.
+pub fn qemu_io_in(dir: &Path, image: &str, commands: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(image);
+    tool_ok_in("qemu-io", dir, &args);
 }
 
 /// Runs `program args` under GNU time (Debian package `time`) with stderr discarded (it may be
