@@ -765,3 +765,98 @@ fn measure_counts_bitmaps_as_qemu_img_does() {
         }
     }
 }
+
+/// Internal snapshots beside persistent bitmaps, as qemu-img 10 handles them: `snapshot -c` and
+/// `-d` leave the bitmaps and what they recorded as they were, and `snapshot -a` is refused while
+/// any bitmap exists (qemu: "Device has active dirty bitmaps", exit 1), before the snapshot is
+/// even looked up, leaving the image untouched.
+#[test]
+fn snapshots_beside_bitmaps_are_taken_kept_and_refused_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = twins(dir.path(), "64M", "cluster_size=64k");
+    let enabled = [BitmapAction::Add { granularity: None }];
+    both(&ours, &theirs, "enabled", &enabled);
+    both(
+        &ours,
+        &theirs,
+        "disabled",
+        &[
+            BitmapAction::Add { granularity: None },
+            BitmapAction::Disable,
+        ],
+    );
+    for image in [&ours, &theirs] {
+        qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 1 0 64k", image]);
+    }
+    let snapshot = |tool: &str, image: &Path, flag: &str, name: &str| -> std::process::Output {
+        let args: [&dyn AsRef<std::ffi::OsStr>; 4] = [&"snapshot", &flag, &name, &image];
+        if tool == "cowclone" {
+            let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
+            all.extend(args);
+            crate::util::cowclone(&all)
+        } else {
+            qemu_img(&args)
+        }
+    };
+    for (tool, image) in [("cowclone", &ours), ("qemu-img", &theirs)] {
+        let out = snapshot(tool, image, "-c", "s1");
+        assert!(
+            out.status.success(),
+            "{tool} snapshot -c: {}",
+            describe(&out)
+        );
+        qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 2 1M 64k", image]);
+    }
+    assert_qemu_check_clean(&ours, "snapshot -c beside bitmaps");
+    assert_eq!(
+        qemu_bitmaps(&ours),
+        qemu_bitmaps(&theirs),
+        "after snapshot -c"
+    );
+    assert_eq!(
+        qemu_dirty_ranges(&ours, "enabled"),
+        qemu_dirty_ranges(&theirs, "enabled"),
+        "writes after snapshot -c are recorded"
+    );
+    let before = dir.path().join("before.qcow2");
+    std::fs::copy(&ours, &before).unwrap();
+    for name in ["s1", "missing"] {
+        let mine = snapshot("cowclone", &ours, "-a", name);
+        let reference = snapshot("qemu-img", &theirs, "-a", name);
+        assert_eq!(reference.status.code(), Some(1), "{}", describe(&reference));
+        assert_eq!(
+            (mine.status.code(), String::from_utf8_lossy(&mine.stderr)),
+            (
+                reference.status.code(),
+                String::from_utf8_lossy(&reference.stderr)
+            ),
+            "snapshot -a {name} beside bitmaps"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&before).unwrap(),
+        "a refused snapshot -a changed the image"
+    );
+    for (tool, image) in [("cowclone", &ours), ("qemu-img", &theirs)] {
+        let out = snapshot(tool, image, "-d", "s1");
+        assert!(
+            out.status.success(),
+            "{tool} snapshot -d: {}",
+            describe(&out)
+        );
+    }
+    assert_qemu_check_clean(&ours, "snapshot -d beside bitmaps");
+    assert_eq!(
+        qemu_bitmaps(&ours),
+        qemu_bitmaps(&theirs),
+        "after snapshot -d"
+    );
+    for name in ["enabled", "disabled"] {
+        assert_eq!(
+            qemu_dirty_ranges(&ours, name),
+            qemu_dirty_ranges(&theirs, name),
+            "bitmap {name} after snapshot -d"
+        );
+    }
+}

@@ -141,6 +141,8 @@ fn snapshot_text(e: &SnapshotError) -> Option<&'static str> {
     Some(match e {
         SnapshotError::TooMany => "File too large",
         SnapshotError::RefcountTooNarrow { .. } => "Invalid argument",
+        // Not an errno: qemu's own sentence for a snapshot apply under dirty bitmaps.
+        SnapshotError::ActiveBitmaps => "Device has active dirty bitmaps",
         _ => return None,
     })
 }

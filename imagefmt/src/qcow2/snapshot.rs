@@ -90,6 +90,10 @@ pub enum SnapshotError {
     /// Snapshots of an image with an external data file (qemu refuses them too).
     #[error("internal snapshots are not supported with an external data file")]
     DataFile,
+    /// Applying a snapshot to an image with persistent dirty bitmaps: the bitmaps would no
+    /// longer record every change since they were started (qemu refuses it too).
+    #[error("the image has persistent dirty bitmaps, which applying a snapshot would leave wrong (remove them first)")]
+    ActiveBitmaps,
     /// A resize of a v2 image with internal snapshots (qemu's words).
     #[error("Can't resize a v2 image which has snapshots")]
     V2Resize,

@@ -144,7 +144,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// `qemu-img snapshot -a KEY`: makes the snapshot whose id (else whose name) is `key` the
     /// current state. The snapshot stays; the disk size becomes the snapshot's.
+    /// Refused while the image has persistent dirty bitmaps, as qemu refuses it (checked
+    /// before the snapshot is looked up, as qemu does).
     pub fn apply_snapshot(&mut self, key: &str) -> Result<Snapshot> {
+        if !self.bitmaps()?.is_empty() {
+            return Err(SnapshotError::ActiveBitmaps.into());
+        }
         self.refuse_snapshot_data_file()?;
         self.allocate_first_fit();
         let table = self.snapshots()?;
