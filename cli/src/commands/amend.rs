@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use imagefmt::qcow2::amend::{amend as amend_image, AmendError, AmendOptions};
+use imagefmt::qcow2::amend::{amend_reporting, AmendError, AmendOptions};
 use imagefmt::ImageFormat;
 
 /// `cowclone amend [-f FMT] [-p] [-q] [--force] -o OPTIONS FILE`
@@ -75,11 +75,16 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
         other => anyhow::Error::new(other).context(format!("{}", args.file.display())),
     };
     let options = AmendOptions::parse(&text).map_err(as_anyhow)?;
+    // qemu-img's sequence: 0% once the image is open, then what amend reports (as
+    // `100.f * done / total`), then 100% whether amend succeeded or not, then the newline.
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
-    for line in amend_image(file, &options).map_err(as_anyhow)? {
+    let result = amend_reporting(file, &options, &mut |done, total| {
+        progress.set_percent(100f32 * done as f32 / total as f32)
+    });
+    progress.set_percent(100.0);
+    progress.finish();
+    for line in result.map_err(as_anyhow)? {
         eprintln!("{line}");
     }
-    progress.update(1, 1);
-    progress.finish();
     Ok(())
 }
