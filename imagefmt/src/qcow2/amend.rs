@@ -9,8 +9,11 @@
 //!   2. refcount width: new table + blocks written past the end, header switched, old freed
 //!   3. data_file / data_file_raw, then the backing file (only its own values are accepted)
 //!   4. lazy_refcounts      5. size (shrinking drops what lies past the new end)
-//!   6. downgrade to v2: zero clusters expanded, v3-only header fields dropped
+//!   6. downgrade to v2: zero clusters expanded (active and snapshot L1 tables), v3-only
+//!      header fields dropped
 //! ```
+//!
+//! `amend_reporting` reports progress as qemu-img's amend does (`amend_status.rs`).
 //!
 //! Like qemu, steps that succeeded stay done when a later one is refused. Each step leaves the
 //! image consistent: a crash can at worst leak clusters (the refcount rewrite is complete
