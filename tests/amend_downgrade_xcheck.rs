@@ -326,3 +326,35 @@ fn amend_progress_prints_qemu_img_lines() {
         }
     }
 }
+
+#[test]
+fn amend_progress_ends_as_qemu_img_when_refused_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("early.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"1M"]);
+    let missing = dir.path().join("missing.qcow2");
+    // (options, image): a refused option, a missing image, the option list, -q.
+    let cases: [(&[&str], &Path); 5] = [
+        (&["-p", "-o", "foo=bar"], &image),
+        (&["-p", "-o", "compat=0.10"], &missing),
+        (&["-p", "-o", "help"], &image),
+        (&["-p", "-q", "-o", "help"], &image),
+        (&["-p", "-q", "-o", "compat=0.42"], &image),
+    ];
+    for (options, path) in cases {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"amend"];
+        args.extend(options.iter().map(|o| o as &dyn AsRef<std::ffi::OsStr>));
+        args.push(&path);
+        let theirs = qemu_img(&args);
+        let mut ours_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
+        ours_args.extend(args);
+        let ours = cowclone(&ours_args);
+        let context = format!("amend {options:?}");
+        assert_eq!(ours.status.code(), theirs.status.code(), "{context}");
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "{context}: stdout"
+        );
+    }
+}

@@ -44,6 +44,20 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
     if args.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'cowclone amend --help' for more info");
     }
+    // From here on qemu-img ends its progress display with a newline on every path, also when
+    // the image or the options are refused (or `-o help` answered) before any line was shown.
+    let show_progress = args.progress && !args.quiet;
+    let mut shown = false;
+    let result = amend_image(args, out, &mut shown);
+    if show_progress && !shown {
+        writeln!(out)?;
+    }
+    result
+}
+
+/// [`amend`] after the options were found; `shown` is set once the progress display starts
+/// (it then ends itself).
+fn amend_image(args: AmendArgs, out: &mut impl Write, shown: &mut bool) -> Result<()> {
     args.guard
         .check("amend", std::slice::from_ref(&args.file))?;
     let context = || format!("Could not open '{}'", args.file.display());
@@ -78,6 +92,7 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
     // qemu-img's sequence: 0% once the image is open, then what amend reports (as
     // `100.f * done / total`), then 100% whether amend succeeded or not, then the newline.
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    *shown = true;
     let result = amend_reporting(file, &options, &mut |done, total| {
         progress.set_percent(100f32 * done as f32 / total as f32)
     });
