@@ -6,6 +6,7 @@
 mod util;
 
 mod amend_dd_xcheck;
+mod amend_downgrade_xcheck;
 mod bench_cli;
 mod bitmap_xcheck;
 mod check_memory;

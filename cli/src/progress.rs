@@ -75,6 +75,33 @@ impl<'a> Progress<'a> {
         }
     }
 
+    /// Shows `percent` as qemu-img's `qemu_progress_print(percent, 0)` does, for commands whose
+    /// library reports qemu's own progress values (amend): a line when it moved by more than
+    /// the minimum skip since the last line, or is exactly 0 or 100 (again, if it already
+    /// was), compared in single precision as qemu compares them; a bar moves to it.
+    pub fn set_percent(&mut self, percent: f32) {
+        let percent = percent.min(100.0);
+        match &mut self.mode {
+            Mode::Off => {}
+            Mode::Bar(bar) => {
+                bar.set_length(10_000);
+                bar.set_position((percent * 100.0) as u64);
+            }
+            Mode::Lines { last, .. } => {
+                let last_print = *last as f32;
+                let skip = MIN_SKIP as f32;
+                if percent > last_print + skip
+                    || percent < last_print - skip
+                    || percent == 100.0
+                    || percent == 0.0
+                {
+                    *last = f64::from(percent);
+                    self.print(f64::from(percent));
+                }
+            }
+        }
+    }
+
     /// Ends the display: 100% and a newline (lines), or a finished bar. Nothing was shown for a
     /// disabled progress, so nothing is printed.
     pub fn finish(mut self) {
@@ -117,6 +144,20 @@ mod tests {
         assert_eq!(
             text,
             "    (0.00/100%)\r    (10.00/100%)\r    (15.00/100%)\r    (100.00/100%)\r\n"
+        );
+    }
+
+    #[test]
+    fn qemu_values_print_as_qemu_img_prints_them() {
+        let mut out = Vec::new();
+        let mut progress = Progress::lines(&mut out);
+        for percent in [0.0, 0.5, 1.5, 2.0, 100.0, 100.0] {
+            progress.set_percent(percent);
+        }
+        progress.finish();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "    (0.00/100%)\r    (0.00/100%)\r    (1.50/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n"
         );
     }
 

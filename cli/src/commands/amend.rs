@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use imagefmt::qcow2::amend::{amend as amend_image, AmendError, AmendOptions};
+use imagefmt::qcow2::amend::{amend_reporting, AmendError, AmendOptions};
 use imagefmt::ImageFormat;
 
 /// `cowclone amend [-f FMT] [-p] [-q] [--force] -o OPTIONS FILE`
@@ -44,6 +44,20 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
     if args.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'cowclone amend --help' for more info");
     }
+    // From here on qemu-img ends its progress display with a newline on every path, also when
+    // the image or the options are refused (or `-o help` answered) before any line was shown.
+    let show_progress = args.progress && !args.quiet;
+    let mut shown = false;
+    let result = amend_image(args, out, &mut shown);
+    if show_progress && !shown {
+        writeln!(out)?;
+    }
+    result
+}
+
+/// [`amend`] after the options were found; `shown` is set once the progress display starts
+/// (it then ends itself).
+fn amend_image(args: AmendArgs, out: &mut impl Write, shown: &mut bool) -> Result<()> {
     args.guard
         .check("amend", std::slice::from_ref(&args.file))?;
     let context = || format!("Could not open '{}'", args.file.display());
@@ -75,11 +89,17 @@ pub fn amend(args: AmendArgs, out: &mut impl Write) -> Result<()> {
         other => anyhow::Error::new(other).context(format!("{}", args.file.display())),
     };
     let options = AmendOptions::parse(&text).map_err(as_anyhow)?;
+    // qemu-img's sequence: 0% once the image is open, then what amend reports (as
+    // `100.f * done / total`), then 100% whether amend succeeded or not, then the newline.
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
-    for line in amend_image(file, &options).map_err(as_anyhow)? {
+    *shown = true;
+    let result = amend_reporting(file, &options, &mut |done, total| {
+        progress.set_percent(100f32 * done as f32 / total as f32)
+    });
+    progress.set_percent(100.0);
+    progress.finish();
+    for line in result.map_err(as_anyhow)? {
         eprintln!("{line}");
     }
-    progress.update(1, 1);
-    progress.finish();
     Ok(())
 }

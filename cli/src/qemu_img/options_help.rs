@@ -232,7 +232,14 @@ pub(super) fn amend_help(args: &[String]) -> Result<Option<Plan>, Failure> {
         }
         (None, _) => return Err(error("Expecting one image file name")),
     };
+    // With -p, qemu-img ends its progress display (which showed nothing) after the list.
+    let progress = parsed.has("p") && !parsed.has("q");
     amend_help_text(&format)
-        .map(|text| Some(Plan::print("amend", text)))
+        .map(|mut text| {
+            if progress {
+                text.push('\n');
+            }
+            Some(Plan::print("amend", text))
+        })
         .map_err(error)
 }

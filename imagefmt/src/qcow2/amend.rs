@@ -9,8 +9,11 @@
 //!   2. refcount width: new table + blocks written past the end, header switched, old freed
 //!   3. data_file / data_file_raw, then the backing file (only its own values are accepted)
 //!   4. lazy_refcounts      5. size (shrinking drops what lies past the new end)
-//!   6. downgrade to v2: zero clusters expanded, v3-only header fields dropped
+//!   6. downgrade to v2: zero clusters expanded (active and snapshot L1 tables), v3-only
+//!      header fields dropped
 //! ```
+//!
+//! `amend_reporting` reports progress as qemu-img's amend does (`amend_status.rs`).
 //!
 //! Like qemu, steps that succeeded stay done when a later one is refused. Each step leaves the
 //! image consistent: a crash can at worst leak clusters (the refcount rewrite is complete
@@ -20,6 +23,7 @@ use std::fs::File;
 
 use thiserror::Error;
 
+use super::amend_status::{AmendStatus, Operation};
 use super::check::{check, Repair};
 use super::create::{parse_bool, parse_qemu_uint};
 use super::extensions::Extension;
@@ -30,7 +34,7 @@ use super::header::{CompressionType, Header, Version, V2_HEADER_LEN, V3_HEADER_L
 use super::header_cluster::HeaderCluster;
 use super::image::Qcow2Image;
 use super::refcount::{self, REFTABLE_OFFSET_MASK};
-use super::tables::{ClusterKind, COPIED};
+use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED};
 use super::write::WriteOptions;
 use crate::io::Backend;
 
@@ -250,11 +254,23 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 ///
 /// A dirty image (lazy refcounts after a crash) is repaired first, as qemu repairs it when
 /// opening it for writing. Changes of version, refcount width or size need the image writable
-/// by [`Qcow2Image::open_rw`] (no internal snapshots, no external data file); changes of
-/// `lazy_refcounts`, `data_file` and `data_file_raw` only rewrite cluster 0.
+/// by [`Qcow2Image::open_rw`] (no external data file); changes of `lazy_refcounts`,
+/// `data_file` and `data_file_raw` only rewrite cluster 0.
 ///
 /// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
 pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
+    amend_reporting(file, options, &mut |_, _| {})
+}
+
+/// [`amend`], reporting progress to `progress` as (done, total) units of the whole amend,
+/// when and as qemu-img 10's amend reports them to its status callback (upgrade, refcount
+/// width and downgrade report; the other changes do not). qemu-img prints
+/// `100 × done / total`, computed in single precision.
+pub fn amend_reporting(
+    file: File,
+    options: &AmendOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<String>, AmendError> {
     let mut cluster = HeaderCluster::read_from(&file)?;
     let mut repair_messages = Vec::new();
     if cluster
@@ -309,6 +325,9 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
     let structural = new_version != old_version
         || new_order != header.refcount_order
         || new_size.is_some_and(|s| s != header.size);
+    let operations =
+        u64::from(new_version != old_version) + u64::from(new_order != header.refcount_order);
+    let mut status = AmendStatus::new(progress, operations);
     let mut target = if structural {
         Target::Image(Box::new(Qcow2Image::open_rw(
             file,
@@ -324,6 +343,8 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
     //    state size and the disk size: a table with shorter entries is written anew first
     //    (every entry with the known extra data), as qemu's upgrade does.
     if new_version == Version::V3 && old_version == Version::V2 {
+        status.begin(Operation::Upgrading);
+        status.report(0, 2);
         let image = target.image()?;
         image.allocate_first_fit();
         let table = image.snapshots()?;
@@ -333,7 +354,9 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
         {
             image.write_snapshot_table(&table)?;
         }
+        status.report(1, 2);
         target.edit_header(|c| set_version(c, Version::V3))?;
+        status.report(2, 2);
     }
     // 2. Refcount width.
     if new_order != target.header().refcount_order {
@@ -342,7 +365,10 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
                 "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
             ));
         }
-        target.image()?.change_refcount_order(new_order)?;
+        status.begin(Operation::ChangingRefcountOrder);
+        target
+            .image()?
+            .change_refcount_order_reporting(new_order, &mut status)?;
     }
     // 3. Data file settings, then the backing file, which may not change.
     target.edit_header(|c| {
@@ -406,7 +432,8 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
     }
     // 6. Downgrade last, once what v2 cannot express is gone.
     if new_version == Version::V2 && old_version == Version::V3 {
-        target.image()?.downgrade()?;
+        status.begin(Operation::Downgrading);
+        target.image()?.downgrade_reporting(&mut status)?;
     }
     if let Target::Image(image) = &mut target {
         image.flush()?;
@@ -544,6 +571,17 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// crash before the switch leaves unreferenced space after the image's end; after it, at
     /// worst leaked clusters. Memory: the new table (≤ 8 MiB) and one block at a time.
     pub fn change_refcount_order(&mut self, new_order: u32) -> Result<(), AmendError> {
+        let mut ignore = |_, _| {};
+        self.change_refcount_order_reporting(new_order, &mut AmendStatus::new(&mut ignore, 1))
+    }
+
+    /// [`Self::change_refcount_order`], reporting the walks over the refcount table that
+    /// qemu makes for the same change (`amend_status.rs`).
+    fn change_refcount_order_reporting(
+        &mut self,
+        new_order: u32,
+        status: &mut AmendStatus<'_>,
+    ) -> Result<(), AmendError> {
         let old_order = self.header.refcount_order;
         if new_order == old_order {
             return Ok(());
@@ -568,6 +606,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     continue;
                 }
                 if count > new_max {
+                    // qemu gives up in its first walk, at this table entry.
+                    let entries = old_table.len() as u64;
+                    status.refcount_walk(0, 3, entries, Some(index as u64));
                     return Err(refused(format!(
                         "Cannot decrease refcount entry width to {} bits: Cluster at offset {} has a refcount of {count}",
                         1u32 << new_order,
@@ -577,6 +618,13 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 used_blocks.insert(cluster / new_per_block);
                 end = end.max(cluster + 1);
             }
+        }
+
+        // qemu's allocation walks over the old table, for the progress it reports.
+        let entries = old_table.len() as u64;
+        let walks = self.qemu_refcount_walks(new_order, &used_blocks)?;
+        for walk in 0..walks {
+            status.refcount_walk(walk, (walk + 2).max(3), entries, None);
         }
 
         // The new area [end, end + table + blocks): its own clusters need blocks too.
@@ -631,6 +679,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_host(&encoded, start * cluster_size)?;
         self.barrier()?;
+        status.refcount_walk(walks, walks + 1, entries, None);
 
         // Switch.
         let old_table_offset = self.header.refcount_table_offset;
@@ -668,9 +717,17 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Makes a v3 image v2 (qemu's `qcow2_downgrade`): refused for refcount widths other than
     /// 16, external data files, incompatible features v2 lacks and zstd-compressed clusters;
-    /// zero clusters are expanded (unallocated without a backing file, zero-filled data
-    /// clusters with one), then the header is rewritten as v2.
+    /// zero clusters are expanded in the active L1 table and in every snapshot's (unallocated
+    /// without a backing file, zero-filled data clusters with one), then the header is
+    /// rewritten as v2.
     pub fn downgrade(&mut self) -> Result<(), AmendError> {
+        let mut ignore = |_, _| {};
+        self.downgrade_reporting(&mut AmendStatus::new(&mut ignore, 1))
+    }
+
+    /// [`Self::downgrade`], reporting one unit per L1 entry visited (qemu's
+    /// `qcow2_expand_zero_clusters`: the active table's entries, then each snapshot's).
+    fn downgrade_reporting(&mut self, status: &mut AmendStatus<'_>) -> Result<(), AmendError> {
         if self.header.refcount_order != 4 {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
@@ -686,8 +743,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             )));
         }
         let size = self.header.size;
-        if self
-            .snapshots()?
+        let snapshots = self.snapshots()?;
+        if snapshots
             .iter()
             .any(|sn| sn.vm_state_size != 0 || sn.disk_size_or(size) != size)
         {
@@ -698,8 +755,25 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let has_backing = HeaderCluster::read_from(&self.backend)?
             .backing_file
             .is_some();
-        let compressed = self.expand_zero_clusters(has_backing)?;
-        if features.contains(IncompatibleFeatures::COMPRESSION_TYPE) && compressed {
+        // New data clusters go where qemu's allocator puts them: first fit from the start.
+        self.allocate_first_fit();
+        let mut walk = ZeroExpansion {
+            has_backing,
+            compressed: false,
+            visited: 0,
+            total: self.l1.len() as u64
+                + snapshots
+                    .iter()
+                    .map(|sn| u64::from(sn.l1_size))
+                    .sum::<u64>(),
+        };
+        let active = self.l1.clone();
+        self.expand_zero_clusters_in(&active, &mut walk, status)?;
+        for sn in &snapshots {
+            let l1 = self.read_snapshot_l1(sn)?;
+            self.expand_zero_clusters_in(&l1, &mut walk, status)?;
+        }
+        if features.contains(IncompatibleFeatures::COMPRESSION_TYPE) && walk.compressed {
             return Err(refused(
                 "Cannot downgrade an image with zstd compression type and existing compressed clusters",
             ));
@@ -708,76 +782,107 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.edit_header_cluster(|c| set_version(c, Version::V2))
     }
 
-    /// Rewrites every zero cluster of the active L1 table as v2 can express it: without a
-    /// backing file a plain zero cluster becomes unallocated; otherwise it gets a new
-    /// zero-filled data cluster, and a preallocated one is zero-filled in place. Per L2 table,
-    /// the zeros are written (and the new clusters counted) before the entries change, with an
-    /// ordering point between. Returns whether any compressed cluster was seen.
-    fn expand_zero_clusters(&mut self, has_backing: bool) -> Result<bool, AmendError> {
+    /// Rewrites every zero cluster that the L1 table `l1` reaches as v2 can express it (qemu's
+    /// `expand_zero_clusters_in_l1`): without a backing file a plain zero cluster becomes
+    /// unallocated; otherwise it gets a new zero-filled data cluster, and a preallocated one is
+    /// zero-filled in place.
+    ///
+    /// An L2 table that several L1 tables share (refcount above 1) is rewritten in place, once:
+    /// its new data clusters get the table's refcount (every L1 table that reaches the table
+    /// reaches them) and no COPIED flag, and the L1 tables walked later find them already
+    /// expanded. Per table, the zeros are written and the new clusters counted before the
+    /// entries change, with an ordering point between, so a crash leaves at worst leaks.
+    fn expand_zero_clusters_in(
+        &mut self,
+        l1: &[u64],
+        walk: &mut ZeroExpansion,
+        status: &mut AmendStatus<'_>,
+    ) -> Result<(), AmendError> {
         let cluster_size = self.header.cluster_size();
+        let cluster_bits = self.header.cluster_bits;
+        let format = self.entry_format();
         let zeros = vec![0u8; cluster_size as usize];
-        let mut compressed = false;
-        for l1_index in 0..self.l1.len() {
-            let Some((table, entries)) = self.l2_entries_of(l1_index)? else {
-                continue;
-            };
+        for (l1_index, &l1_entry) in l1.iter().enumerate() {
             let guest_base = l1_index as u64 * self.header.l2_entries() * cluster_size;
-            // (index, new entry) for this table, written after the data they point at.
-            let mut updates = Vec::new();
-            for (index, entry) in entries.into_iter().enumerate() {
-                let host = match entry.kind(self.header.cluster_bits) {
-                    ClusterKind::Compressed { .. } => {
-                        compressed = true;
-                        continue;
-                    }
-                    ClusterKind::ZeroPlain if !has_backing => {
-                        updates.push((index, 0));
-                        continue;
-                    }
-                    // Zeros are written, not left a hole: qemu writes them too, and its map
-                    // then shows data rather than data + zero.
-                    ClusterKind::ZeroPlain => self.alloc_cluster()?,
-                    ClusterKind::ZeroAllocated { host } => {
-                        if self.is_metadata(host) {
-                            return Err(crate::Error::from(super::Qcow2Error::CorruptEntry {
-                                what: "preallocated zero cluster overlaps metadata",
-                                guest_offset: guest_base + index as u64 * cluster_size,
-                                entry: entry.entry,
-                            })
-                            .into());
+            if let Some(table) = L1Entry(l1_entry).l2_offset() {
+                // The refcount of a table whose offset is unaligned is never read: l2_table
+                // refuses it first.
+                let bytes = self.l2_table(table, guest_base, l1_entry)?.to_vec();
+                let l2_refcount = self.refcount(table >> cluster_bits)?;
+                // (index, new entry) for this table, written after the data they point at.
+                let mut updates = Vec::new();
+                for index in 0..format.l2_entries() as usize {
+                    let entry = L2Entry::from_table(&bytes, index, format);
+                    let host = match entry.kind(cluster_bits) {
+                        ClusterKind::Compressed { .. } => {
+                            walk.compressed = true;
+                            continue;
                         }
-                        host
+                        ClusterKind::ZeroPlain if !walk.has_backing => {
+                            updates.push((index, 0));
+                            continue;
+                        }
+                        // Zeros are written, not left a hole: qemu writes them too, and its
+                        // map then shows data rather than data + zero.
+                        ClusterKind::ZeroPlain => {
+                            let host = self.alloc_cluster()?;
+                            if l2_refcount > 1 {
+                                self.set_refcount(host >> cluster_bits, l2_refcount)?;
+                            }
+                            host
+                        }
+                        ClusterKind::ZeroAllocated { host } => {
+                            if self.is_metadata(host) {
+                                return Err(crate::Error::from(super::Qcow2Error::CorruptEntry {
+                                    what: "preallocated zero cluster overlaps metadata",
+                                    guest_offset: guest_base + index as u64 * cluster_size,
+                                    entry: entry.entry,
+                                })
+                                .into());
+                            }
+                            host
+                        }
+                        ClusterKind::Normal { .. } | ClusterKind::Unallocated => continue,
+                    };
+                    self.write_host(&zeros, host)?;
+                    let copied = if self.refcount(host >> cluster_bits)? == 1 {
+                        COPIED
+                    } else {
+                        0
+                    };
+                    updates.push((index, host | copied));
+                }
+                if !updates.is_empty() {
+                    self.barrier()?;
+                    // The whole table in one write (v2-bound images have 8-byte entries), as
+                    // qemu writes its L2 slices; the cached copy is dropped.
+                    let mut bytes = bytes;
+                    for (index, entry) in updates {
+                        bytes[index * 8..index * 8 + 8].copy_from_slice(&entry.to_be_bytes());
                     }
-                    ClusterKind::Normal { .. } | ClusterKind::Unallocated => continue,
-                };
-                self.write_host(&zeros, host)?;
-                let copied = if self.refcount(host / cluster_size)? == 1 {
-                    COPIED
-                } else {
-                    0
-                };
-                updates.push((index, host | copied));
+                    self.write_host(&bytes, table)?;
+                    self.l2_cache
+                        .get_mut()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(offset, _)| *offset != table);
+                }
             }
-            if updates.is_empty() {
-                continue;
-            }
-            self.barrier()?;
-            // The whole table in one write (v2-bound images have 8-byte entries), as qemu
-            // writes its L2 slices; the cached copy is dropped.
-            let mut bytes = self
-                .l2_table(table, guest_base, self.l1[l1_index])?
-                .to_vec();
-            for (index, entry) in updates {
-                bytes[index * 8..index * 8 + 8].copy_from_slice(&entry.to_be_bytes());
-            }
-            self.write_host(&bytes, table)?;
-            self.l2_cache
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(offset, _)| *offset != table);
+            walk.visited += 1;
+            status.report(walk.visited, walk.total);
         }
-        Ok(compressed)
+        Ok(())
     }
+}
+
+/// The state of a zero-cluster expansion across the L1 tables of an image.
+struct ZeroExpansion {
+    /// Whether the image has a backing file (plain zero clusters then need data clusters).
+    has_backing: bool,
+    /// Whether any compressed cluster was seen.
+    compressed: bool,
+    /// L1 entries visited so far, of `total` in the active table and every snapshot's.
+    visited: u64,
+    total: u64,
 }
 
 /// `printf("%#" PRIx64)`: `0` for zero, `0x…` otherwise.

@@ -22,6 +22,7 @@
 
 pub(crate) mod allocator;
 pub mod amend;
+mod amend_status;
 pub mod bitmap;
 pub mod check;
 pub(crate) mod compress;

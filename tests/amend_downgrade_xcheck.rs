@@ -1,0 +1,360 @@
+//! `amend -o compat=0.10` of images with internal snapshots, and `amend -p`, judged by qemu-img
+//! 10 and qemu-io. Images are built by qemu-img/qemu-io (zero clusters in tables a snapshot
+//! shares, in tables only a snapshot reaches, preallocated zero clusters, several snapshots),
+//! amended through the qemu-img personality and, on a copy, by qemu-img itself. Ours must
+//! check clean, read like the image before the amend — the active layer and every snapshot
+//! (`qemu-img convert -l`, and `qemu-io` after `qemu-img snapshot -a` on a copy) — and like
+//! qemu-img's result; where qemu-img's result is itself clean, the files must be the same
+//! bytes. The `-p` lines must be byte for byte qemu-img's.
+
+use std::path::{Path, PathBuf};
+
+use crate::util::{
+    assert_qemu_check_clean, cowclone, describe, qemu_check, qemu_img, qemu_img_ok, qemu_io_ok,
+};
+
+/// One image to downgrade: how it is built.
+struct Case {
+    name: &'static str,
+    /// A backing file holding 0x2a in its first 256 KiB (zero clusters then need data).
+    backed: bool,
+    /// qemu-io commands, with `SNAP` taking the next internal snapshot (s1, s2, …).
+    steps: &'static [&'static str],
+}
+
+const CASES: [Case; 6] = [
+    Case {
+        name: "backed, zero clusters in a table the snapshot shares",
+        backed: true,
+        steps: &["write -z 0 128k", "SNAP"],
+    },
+    Case {
+        name: "backed, zero clusters only the snapshot reaches",
+        backed: true,
+        steps: &["write -z 0 64k", "SNAP", "write -P 0x42 0 128k"],
+    },
+    Case {
+        name: "unbacked, zero clusters in two snapshots",
+        backed: false,
+        steps: &[
+            "write -P 1 0 1M",
+            "write -z -u 0 64k",
+            "SNAP",
+            "write -z -u 128k 64k",
+            "SNAP",
+            "write -P 3 1M 64k",
+        ],
+    },
+    Case {
+        name: "backed, one table shared by two snapshots and the active layer",
+        backed: true,
+        steps: &["write -z 0 128k", "SNAP", "SNAP"],
+    },
+    Case {
+        name: "backed, preallocated zero clusters under two snapshots",
+        backed: true,
+        steps: &[
+            "write -P 1 0 1M",
+            "write -z 0 512k",
+            "SNAP",
+            "write -P 5 64k 64k",
+            "SNAP",
+            "write -z -u 512k 64k",
+        ],
+    },
+    Case {
+        name: "backed, zero clusters in several tables, snapshot of all",
+        backed: true,
+        steps: &[
+            "write -z 0 64k",
+            "write -z 32M 64k",
+            "write -z 63M 64k",
+            "SNAP",
+            "write -P 7 32M 4k",
+        ],
+    },
+];
+
+fn os_args(items: &[String]) -> Vec<&dyn AsRef<std::ffi::OsStr>> {
+    items
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect()
+}
+
+/// Builds `case` in `dir` as `name`, returns the image and its snapshot names.
+fn build(dir: &Path, case: &Case, name: &str) -> (PathBuf, Vec<String>) {
+    let image = dir.join(name);
+    if case.backed {
+        let base = dir.join(format!("{name}.base"));
+        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"64M"]);
+        qemu_io_ok(&[&"-c", &"write -P 0x2a 0 256k", &base]);
+        qemu_img_ok(&[
+            &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &image, &"64M",
+        ]);
+    } else {
+        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"64M"]);
+    }
+    let mut snapshots = Vec::new();
+    for step in case.steps {
+        if *step == "SNAP" {
+            let snapshot = format!("s{}", snapshots.len() + 1);
+            qemu_img_ok(&[&"snapshot", &"-c", &snapshot, &image]);
+            snapshots.push(snapshot);
+        } else {
+            qemu_io_ok(&[&"-c", step, &image]);
+        }
+    }
+    (image, snapshots)
+}
+
+/// The guest contents of `snapshot` of `image` (or the active layer), as raw bytes read by
+/// qemu-img.
+fn contents(image: &Path, snapshot: Option<&str>, out: &Path) -> Vec<u8> {
+    let mut args: Vec<String> = vec!["convert".into()];
+    if let Some(name) = snapshot {
+        args.extend(["-l".into(), format!("snapshot.name={name}")]);
+    }
+    args.extend([
+        "-O".into(),
+        "raw".into(),
+        image.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    ]);
+    qemu_img_ok(&os_args(&args));
+    std::fs::read(out).expect("read converted image")
+}
+
+/// `qemu-img amend -p -o OPTIONS` by qemu-img (`ours == false`) or cowclone's personality:
+/// the progress printed on stdout.
+fn amend_p(image: &Path, options: &str, ours: bool) -> (bool, Vec<u8>) {
+    let args: [&dyn AsRef<std::ffi::OsStr>; 5] = [&"amend", &"-p", &"-o", &options, &image];
+    let output = if ours {
+        let mut with_prefix: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
+        with_prefix.extend(args);
+        cowclone(&with_prefix)
+    } else {
+        qemu_img(&args)
+    };
+    (output.status.success(), output.stdout)
+}
+
+#[test]
+fn downgrade_expands_zero_clusters_in_every_snapshot_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, case) in CASES.iter().enumerate() {
+        let context = case.name;
+        let (original, snapshots) = build(dir.path(), case, &format!("c{n}.qcow2"));
+        let ours = dir.path().join(format!("c{n}.ours.qcow2"));
+        let theirs = dir.path().join(format!("c{n}.theirs.qcow2"));
+        std::fs::copy(&original, &ours).unwrap();
+        std::fs::copy(&original, &theirs).unwrap();
+
+        let (ok, our_progress) = amend_p(&ours, "compat=0.10", true);
+        assert!(ok, "{context}: cowclone qemu-img amend failed");
+        let (ok, their_progress) = amend_p(&theirs, "compat=0.10", false);
+        assert!(ok, "{context}: qemu-img amend failed");
+        assert_eq!(
+            String::from_utf8_lossy(&our_progress),
+            String::from_utf8_lossy(&their_progress),
+            "{context}: -p lines"
+        );
+        assert_qemu_check_clean(&ours, context);
+        let info = qemu_img_ok(&[&"info", &ours]);
+        assert!(info.contains("compat: 0.10"), "{context}: {info}");
+
+        let raw = dir.path().join("contents.raw");
+        for snapshot in std::iter::once(None).chain(snapshots.iter().map(|s| Some(s.as_str()))) {
+            let what = format!("{context}, {}", snapshot.unwrap_or("active layer"));
+            let before = contents(&original, snapshot, &raw);
+            assert!(
+                contents(&ours, snapshot, &raw) == before,
+                "{what}: cowclone's downgrade changed the contents"
+            );
+            assert!(
+                contents(&theirs, snapshot, &raw) == before,
+                "{what}: qemu-img's downgrade changed the contents (the reference is broken)"
+            );
+        }
+        // Applied by qemu-img on a copy, every snapshot reads back through qemu-io (a zero
+        // flag left in a v2 image is an I/O error there) and checks clean.
+        for snapshot in &snapshots {
+            let applied = dir.path().join("applied.qcow2");
+            std::fs::copy(&ours, &applied).unwrap();
+            qemu_img_ok(&[&"snapshot", &"-a", snapshot, &applied]);
+            assert_qemu_check_clean(&applied, &format!("{context}, {snapshot} applied"));
+            let expected = contents(&original, Some(snapshot), &raw);
+            let pattern = expected[..65536].iter().all(|&b| b == expected[0]);
+            assert!(pattern, "{context}: the first cluster holds one byte value");
+            qemu_io_ok(&[
+                &"-c",
+                &format!("read -P {} 0 64k", expected[0]),
+                &"-c",
+                &"read 0 64M",
+                &applied,
+            ]);
+        }
+        // Where qemu-img's result is consistent, ours is the same file (same placement of the
+        // new clusters, same refcounts and flags).
+        if qemu_check(&theirs).0 == 0 {
+            assert!(
+                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                "{context}: not the bytes qemu-img amend wrote"
+            );
+        }
+    }
+}
+
+/// An image of 512-byte clusters with 1-bit refcounts and 58 clusters of data: widening its
+/// refcounts to 64 bits fills the first new refcount block exactly, so qemu walks the refcount
+/// table four times instead of three.
+fn settling_walks_image(path: &Path) {
+    qemu_img_ok(&[
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-o",
+        &"refcount_bits=1,cluster_size=512",
+        &path,
+        &"64k",
+    ]);
+    qemu_io_ok(&[&"-c", &"write 0 29696", &path]);
+}
+
+/// A 4 GiB overlay with zero clusters in four L2 tables (and one snapshot if asked).
+fn four_tables_image(dir: &Path, path: &Path, snapshot: bool) {
+    let base = dir.join("four.base");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4G"]);
+    qemu_img_ok(&[
+        &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &path, &"4G",
+    ]);
+    for at in ["0", "1G", "2G", "3G"] {
+        qemu_io_ok(&[&"-c", &format!("write -z {at} 64k"), &path]);
+    }
+    if snapshot {
+        qemu_img_ok(&[&"snapshot", &"-c", &"foo", &path]);
+    }
+}
+
+#[test]
+fn amend_progress_prints_qemu_img_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    type Build = fn(&Path, &Path);
+    let cases: [(&str, &str, Build); 8] = [
+        ("downgrade", "compat=0.10", |d, p| {
+            four_tables_image(d, p, false)
+        }),
+        ("downgrade with a snapshot", "compat=0.10", |d, p| {
+            four_tables_image(d, p, true)
+        }),
+        (
+            "refcount walks that settle late",
+            "refcount_bits=64",
+            |_, p| settling_walks_image(p),
+        ),
+        ("narrowing", "refcount_bits=1", |d, p| {
+            four_tables_image(d, p, false)
+        }),
+        (
+            "narrowing refused: a shared cluster",
+            "refcount_bits=1",
+            |d, p| four_tables_image(d, p, true),
+        ),
+        (
+            "upgrade and widening",
+            "compat=1.1,refcount_bits=64",
+            |_, p| {
+                qemu_img_ok(&[
+                    &"create",
+                    &"-q",
+                    &"-f",
+                    &"qcow2",
+                    &"-o",
+                    &"compat=0.10",
+                    &p,
+                    &"1G",
+                ]);
+                qemu_io_ok(&[&"-c", &"write 0 3M", &p]);
+                qemu_img_ok(&[&"snapshot", &"-c", &"old", &p]);
+            },
+        ),
+        (
+            "widening and downgrade",
+            "refcount_bits=16,compat=0.10",
+            |_, p| {
+                qemu_img_ok(&[
+                    &"create",
+                    &"-q",
+                    &"-f",
+                    &"qcow2",
+                    &"-o",
+                    &"refcount_bits=8",
+                    &p,
+                    &"1G",
+                ]);
+                qemu_io_ok(&[&"-c", &"write -P 1 0 3M", &"-c", &"write -z 1M 1M", &p]);
+            },
+        ),
+        ("no long operation", "lazy_refcounts=on", |d, p| {
+            four_tables_image(d, p, false)
+        }),
+    ];
+    for (n, (name, options, build)) in cases.into_iter().enumerate() {
+        let ours = dir.path().join(format!("p{n}.ours.qcow2"));
+        let theirs = dir.path().join(format!("p{n}.theirs.qcow2"));
+        build(dir.path(), &theirs);
+        std::fs::copy(&theirs, &ours).unwrap();
+        let (their_ok, their_progress) = amend_p(&theirs, options, false);
+        let (our_ok, our_progress) = amend_p(&ours, options, true);
+        assert_eq!(our_ok, their_ok, "{name}: success differs");
+        assert_eq!(
+            String::from_utf8_lossy(&our_progress),
+            String::from_utf8_lossy(&their_progress),
+            "{name}: -p lines"
+        );
+        assert!(
+            their_progress.starts_with(b"    (0.00/100%)\r")
+                && their_progress.ends_with(b"    (100.00/100%)\r\n"),
+            "{name}: qemu-img's lines look unlike what the test expects: {:?}",
+            String::from_utf8_lossy(&their_progress)
+        );
+        if our_ok {
+            assert_qemu_check_clean(&ours, name);
+            let compare = qemu_img(&[&"compare", &ours, &theirs]);
+            assert!(compare.status.success(), "{name}: {}", describe(&compare));
+        }
+    }
+}
+
+#[test]
+fn amend_progress_ends_as_qemu_img_when_refused_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("early.qcow2");
+    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"1M"]);
+    let missing = dir.path().join("missing.qcow2");
+    // (options, image): a refused option, a missing image, the option list, -q.
+    let cases: [(&[&str], &Path); 5] = [
+        (&["-p", "-o", "foo=bar"], &image),
+        (&["-p", "-o", "compat=0.10"], &missing),
+        (&["-p", "-o", "help"], &image),
+        (&["-p", "-q", "-o", "help"], &image),
+        (&["-p", "-q", "-o", "compat=0.42"], &image),
+    ];
+    for (options, path) in cases {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"amend"];
+        args.extend(options.iter().map(|o| o as &dyn AsRef<std::ffi::OsStr>));
+        args.push(&path);
+        let theirs = qemu_img(&args);
+        let mut ours_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
+        ours_args.extend(args);
+        let ours = cowclone(&ours_args);
+        let context = format!("amend {options:?}");
+        assert_eq!(ours.status.code(), theirs.status.code(), "{context}");
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "{context}: stdout"
+        );
+    }
+}
