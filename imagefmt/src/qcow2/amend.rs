@@ -698,6 +698,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let has_backing = HeaderCluster::read_from(&self.backend)?
             .backing_file
             .is_some();
+        self.check_snapshot_l1_tables()?; // qemu validates them before expanding zero clusters
         let compressed = self.expand_zero_clusters(has_backing)?;
         if features.contains(IncompatibleFeatures::COMPRESSION_TYPE) && compressed {
             return Err(refused(
