@@ -633,14 +633,14 @@ fn personality_names_files_and_backing_formats_as_qemu_img_does() {
 }
 
 /// Overwrites `bytes` at `offset` in the file at `path`.
-fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+pub(crate) fn poke(path: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(bytes, offset).unwrap();
 }
 
 /// Reads `len` bytes at `offset` of the file at `path`.
-fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let mut bytes = vec![0u8; len];
     let file = std::fs::File::open(path).unwrap();

@@ -634,7 +634,7 @@ fn table_of(path: &Path) -> (u64, Vec<imagefmt::qcow2::snapshot::Snapshot>) {
         header.nb_snapshots,
     )
     .unwrap();
-    (header.snapshots_offset, table)
+    (header.snapshots_offset, table.entries)
 }
 
 /// Rewrites the snapshot table of `path` in place as iotest 261 does: entry 0 without extra

@@ -35,6 +35,7 @@ mod registry;
 mod registry_safety;
 mod regression;
 mod remote_hosts;
+mod snapshot_meta_xcheck;
 mod snapshot_xcheck;
 mod vdi_cli;
 mod vdi_xcheck;

@@ -9,7 +9,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use imagefmt::qcow2::snapshot::SnapshotError;
+use imagefmt::qcow2::amend::AmendError;
+use imagefmt::qcow2::snapshot::{L1Problem, SnapshotError};
 use imagefmt::qcow2::Qcow2Error;
 
 /// qemu-img's message for the engine error in `e`'s chain, where its wording is known: the
@@ -18,16 +19,33 @@ use imagefmt::qcow2::Qcow2Error;
 pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let engine = cause.downcast_ref::<imagefmt::Error>();
+        // amend's errors wrap the engine's (transparently: the chain skips the inner one).
+        let amend = match cause.downcast_ref::<AmendError>() {
+            Some(AmendError::Image(inner)) => Some(inner),
+            _ => None,
+        };
+        let engine = cause.downcast_ref::<imagefmt::Error>().or(amend);
         let qcow2 = match engine {
             Some(imagefmt::Error::Qcow2(q)) => Some(q),
             _ => cause.downcast_ref::<Qcow2Error>(),
         };
         if let Some(q) = qcow2 {
+            if let Qcow2Error::Snapshot(e) = q {
+                if let Some(text) = snapshot_operation_text(command, &parts, e) {
+                    return Some(text);
+                }
+            }
             parts.push(qcow2_text(command, q)?);
             return Some(parts.join(": "));
         }
         let opened = match engine {
+            // check stopped by the snapshot table: what qemu-img check reports before it fails.
+            Some(imagefmt::Error::InFile { role, source, .. }) if *role == "Check failed:" => {
+                return match &**source {
+                    imagefmt::Error::Qcow2(Qcow2Error::Snapshot(e)) => check_snapshot_text(e),
+                    _ => None,
+                };
+            }
             // measure: no L1 table of this cluster size maps the size.
             Some(imagefmt::Error::InvalidParameter {
                 name: "size",
@@ -103,7 +121,7 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             value,
             reason,
         } => option_text(option, value, reason)?,
-        Qcow2Error::Snapshot(e) => snapshot_text(e)?.to_owned(),
+        Qcow2Error::Snapshot(e) => snapshot_text(e)?,
         // Growing the refcount table past qemu's limit fails with EFBIG.
         Qcow2Error::RefcountTableTooLarge { .. } if command == "snapshot" => {
             "File too large".to_owned()
@@ -136,13 +154,92 @@ fn option_text(option: &str, value: &str, reason: &str) -> Option<String> {
     })
 }
 
-/// The errno qemu reports for a snapshot operation the image cannot take, as strerror words it.
-fn snapshot_text(e: &SnapshotError) -> Option<&'static str> {
+/// qemu's text for a snapshot table it refuses to open, or the errno it reports for a snapshot
+/// operation the image cannot take, as strerror words it.
+fn snapshot_text(e: &SnapshotError) -> Option<String> {
     Some(match e {
-        SnapshotError::TooMany => "File too large",
-        SnapshotError::RefcountTooNarrow { .. } => "Invalid argument",
+        SnapshotError::TooMany => "File too large".to_owned(),
+        SnapshotError::RefcountTooNarrow { .. } => "Invalid argument".to_owned(),
         // Not an errno: qemu's own sentence for a snapshot apply under dirty bitmaps.
-        SnapshotError::ActiveBitmaps => "Device has active dirty bitmaps",
+        SnapshotError::ActiveBitmaps => "Device has active dirty bitmaps".to_owned(),
+        // qemu's alloc_refcount_block after hooking up the block the cluster lacked.
+        SnapshotError::RefcountBlockMissing { .. } => "Resource temporarily unavailable".to_owned(),
+        // Opening the image (qcow2_do_open, qcow2_read_snapshots).
+        SnapshotError::TooManyEntries { .. } => "Snapshot table too large".to_owned(),
+        SnapshotError::TableOffsetInvalid { .. } => "Snapshot table offset invalid".to_owned(),
+        SnapshotError::TooMuchExtraData { index, .. } => {
+            format!("Too much extra metadata in snapshot table entry {index}\n{EXTRA_DATA_HINT}")
+        }
+        SnapshotError::TableTooBig { overhanging } => {
+            format!(
+                "Snapshot table is too big\n{}",
+                overhanging_hint(*overhanging)
+            )
+        }
+        _ => return None,
+    })
+}
+
+/// qemu's hint after too much extra data in a snapshot table entry.
+const EXTRA_DATA_HINT: &str = "You can force-remove this extra metadata with qemu-img check -r all";
+
+/// qemu's hint after a snapshot table with `count` entries too many.
+fn overhanging_hint(count: u32) -> String {
+    format!("You can force-remove all {count} overhanging snapshots with qemu-img check -r all")
+}
+
+/// What qemu-img check prints when the snapshot table stops it (qemu's
+/// `qcow2_check_read_snapshot_table`): its ERROR line and hint, then "Check failed" with the
+/// errno (the pointer checks are worded with check's lower-case table name).
+fn check_snapshot_text(e: &SnapshotError) -> Option<String> {
+    let (report, errno) = match e {
+        SnapshotError::TooManyEntries { count } => (
+            format!(
+                "ERROR snapshot table too large\n{}",
+                overhanging_hint(count - imagefmt::qcow2::MAX_SNAPSHOTS)
+            ),
+            "File too large",
+        ),
+        SnapshotError::TableOffsetInvalid { .. } => (
+            "ERROR snapshot table offset invalid".to_owned(),
+            "Invalid argument",
+        ),
+        SnapshotError::TooMuchExtraData { .. } | SnapshotError::TableTooBig { .. } => (
+            format!(
+                "ERROR failed to read the snapshot table: {}",
+                snapshot_text(e)?
+            ),
+            "File too large",
+        ),
+        _ => return None,
+    };
+    Some(format!("{report}\nqemu-img: Check failed: {errno}"))
+}
+
+/// qemu's words where a snapshot operation fails on what the snapshot table holds: a snapshot
+/// L1 table that fails `qcow2_validate_table` (`snapshot -d` names it after its context;
+/// `snapshot -a` and amend's downgrade report it on a line of its own, then fail with its
+/// errno in their own words), and a new table too big to write (EFBIG).
+fn snapshot_operation_text(command: &str, parts: &[String], e: &SnapshotError) -> Option<String> {
+    let context = parts.last().map(String::as_str).unwrap_or_default();
+    if let SnapshotError::TableTooBig { .. } | SnapshotError::TooMuchExtraData { .. } = e {
+        return context
+            .starts_with("Could not create snapshot")
+            .then(|| format!("{context}: File too large"));
+    }
+    let SnapshotError::InvalidL1 { problem, .. } = e else {
+        return None;
+    };
+    let (text, errno) = match problem {
+        L1Problem::TooLarge => ("Snapshot L1 table too large", "File too large"),
+        _ => ("Snapshot L1 table offset invalid", "Invalid argument"),
+    };
+    Some(match command {
+        "snapshot" if context.starts_with("Could not apply snapshot") => {
+            format!("{text}\nqemu-img: {context}: Failed to load snapshot: {errno}")
+        }
+        "snapshot" => [context, text].join(": "),
+        "amend" => format!("{text}\nqemu-img: Failed to turn zero into data clusters: {errno}"),
         _ => return None,
     })
 }

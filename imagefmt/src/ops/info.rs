@@ -155,6 +155,8 @@ impl From<&crate::qcow2::snapshot::Snapshot> for SnapshotInfo {
 }
 
 /// The internal snapshots of the image `header` read from `file` (`None` when it has none).
+/// The table is read as an image open reads it, so an image qemu does not open (its table
+/// pointer or table invalid) is an error here too.
 pub fn snapshot_infos(
     file: &std::fs::File,
     header: &ImageHeader,
@@ -162,11 +164,11 @@ pub fn snapshot_infos(
     let ImageHeader::Qcow2(cluster) = header else {
         return Ok(None);
     };
-    if cluster.header.nb_snapshots == 0 {
+    let table = crate::qcow2::snapshot_ops::read_snapshots(file, &cluster.header)?;
+    if table.entries.is_empty() {
         return Ok(None);
     }
-    let table = crate::qcow2::snapshot_ops::read_snapshots(file, &cluster.header)?;
-    Ok(Some(table.iter().map(SnapshotInfo::from).collect()))
+    Ok(Some(table.entries.iter().map(SnapshotInfo::from).collect()))
 }
 
 /// `format-specific`: `{"type": ..., "data": {...}}`.
@@ -377,7 +379,8 @@ pub fn image_info_as(
         .map_err(Error::io(format!("reading metadata of {}", path.display())))?;
     let mut info = ImageInfo::from_header(path, &header, &meta);
     info.read_bitmaps(&file, &header)?;
-    info.snapshots = snapshot_infos(&file, &header)?;
+    info.snapshots =
+        snapshot_infos(&file, &header).map_err(|e| e.in_file("could not open", path))?;
     Ok(info)
 }
 
@@ -412,7 +415,8 @@ pub fn backing_chain_as(
     crate::chain::walk(path, format, options, how, &mut guard, true, |level| {
         let mut info = ImageInfo::from_header(&level.path, &level.header, &level.meta);
         info.read_bitmaps(&level.file, &level.header)?;
-        info.snapshots = snapshot_infos(&level.file, &level.header)?;
+        info.snapshots = snapshot_infos(&level.file, &level.header)
+            .map_err(|e| e.in_file("could not open", &level.path))?;
         if let (ImageHeader::Vdi(_), Some(parent)) = (&level.header, &level.below) {
             // A VDI names its parent by UUID only: report the file found.
             let name = parent.to_string_lossy().into_owned();

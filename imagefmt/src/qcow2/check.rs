@@ -41,7 +41,6 @@ use byteorder::{BigEndian, ByteOrder};
 use serde::Serialize;
 
 use super::bitmap;
-use super::error::Qcow2Error;
 use super::extensions::Extension;
 use super::features::IncompatibleFeatures;
 use super::header::{Header, Version};
@@ -1514,7 +1513,21 @@ impl<'a, B: Backend + Sync> Checker<'a, B> {
         snapshot_res: &mut Counts,
         repair: Repair,
     ) -> Result<(), Error> {
-        let (offset, count) = (self.header.snapshots_offset, self.header.nb_snapshots);
+        let (offset, declared) = (self.header.snapshots_offset, self.header.nb_snapshots);
+        let mut count = declared;
+        // More entries than qemu allows: -r all drops the overhanging ones first; without it,
+        // the pointer check below fails ("snapshot table too large").
+        let mut reduced = 0;
+        if count > super::MAX_SNAPSHOTS && repair.errors() {
+            reduced = count - super::MAX_SNAPSHOTS;
+            self.messages
+                .push(format!("Discarding {reduced} overhanging snapshots"));
+            count = super::MAX_SNAPSHOTS;
+        }
+        if let Err(e) = snapshot::validate_pointer(offset, count, self.cluster_size) {
+            snapshot_res.check_errors += 1;
+            return Err(e.into());
+        }
         let mut snapshots = Vec::new();
         let mut repairs = snapshot::TableRepairs::default();
         let read = |buf: &mut [u8], at| self.read_padded(buf, at, "qcow2 snapshot table");
@@ -1533,25 +1546,20 @@ impl<'a, B: Backend + Sync> Checker<'a, B> {
         } else {
             snapshot::walk_table(read, offset, count, visit)
         };
-        let size = match walked {
-            Ok(size) => size,
-            Err(Error::Qcow2(Qcow2Error::Snapshot(e))) => {
-                snapshot_res.check_errors += 1;
-                return Err(aborted(io::ErrorKind::FileTooLarge, e.to_string()));
-            }
-            Err(e) => return Err(e),
-        };
+        // The table's errors stop the check (qemu-img: "ERROR failed to read the snapshot
+        // table: ...", then "Check failed").
+        let size = walked.inspect_err(|_| snapshot_res.check_errors += 1)?;
         for line in repairs.messages {
             self.messages.push(line);
         }
         self.snapshots = snapshots;
         self.snapshots_size = size;
-        snapshot_res.corruptions +=
-            u64::from(repairs.overhanging) + u64::from(repairs.extra_data_dropped);
-        if repairs.overhanging > 0 {
+        reduced += repairs.overhanging;
+        snapshot_res.corruptions += u64::from(reduced) + u64::from(repairs.extra_data_dropped);
+        if reduced > 0 {
             // Written at once (qemu does too): the refcount check must count what the header
             // lists. The dropped entries' clusters leak, and the refcount repair frees them.
-            let remaining = count - repairs.overhanging;
+            let remaining = declared - reduced;
             self.write(
                 &remaining.to_be_bytes(),
                 60,
@@ -1561,8 +1569,8 @@ impl<'a, B: Backend + Sync> Checker<'a, B> {
                 .sync_all()
                 .map_err(Error::writing("qcow2 image"))?;
             self.header.nb_snapshots = remaining;
-            snapshot_res.corruptions -= u64::from(repairs.overhanging);
-            snapshot_res.corruptions_fixed += u64::from(repairs.overhanging);
+            snapshot_res.corruptions -= u64::from(reduced);
+            snapshot_res.corruptions_fixed += u64::from(reduced);
         }
         if self.header.version == Version::V3 {
             let prefix = if repair.errors() {
@@ -1604,7 +1612,11 @@ impl<'a, B: Backend + Sync> Checker<'a, B> {
             super::image::Qcow2Image::open_rw(self.backend, cluster, None, Default::default())?;
         image.header.incompatible_features = kept_bits;
         image.allocate_first_fit();
-        image.replace_snapshot_table(&table, self.header.snapshots_offset, self.snapshots_size)?;
+        image.replace_snapshot_table(
+            &table.entries,
+            self.header.snapshots_offset,
+            self.snapshots_size,
+        )?;
         image.flush()?;
         self.header.nb_snapshots = image.header.nb_snapshots;
         self.header.snapshots_offset = image.header.snapshots_offset;

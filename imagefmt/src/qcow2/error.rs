@@ -159,12 +159,6 @@ pub enum Qcow2Error {
         /// The table's length in bytes.
         len: u64,
     },
-    /// More internal snapshots than qemu allows.
-    #[error("qcow2 image has {found} snapshots (at most 65536)")]
-    TooManySnapshots {
-        /// The nb_snapshots found.
-        found: u32,
-    },
     /// An L1 table larger than qemu's 32 MiB limit.
     #[error("qcow2 L1 table of {entries} entries exceeds the 32 MiB limit")]
     L1TableTooLarge {

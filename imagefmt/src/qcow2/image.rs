@@ -50,6 +50,8 @@ pub struct Qcow2Image<B> {
     pub(super) metadata_preallocation: OnceLock<bool>,
     /// Persistent bitmaps that record writes (open for writing only; see [`super::bitmap`]).
     pub(super) tracked_bitmaps: Vec<super::bitmap::BitmapEntry>,
+    /// The internal snapshot table, read once at open (see [`super::snapshot_ops`]).
+    pub(super) snapshots: super::snapshot::SnapshotTable,
 }
 
 impl<B> std::fmt::Debug for Qcow2Image<B> {
@@ -86,7 +88,7 @@ impl<B: Backend> Qcow2Image<B> {
             .into());
         }
         let file_len = backend.len().map_err(Error::reading("qcow2 file length"))?;
-        super::snapshot_ops::check_snapshot_table(&backend, &header)?;
+        let snapshots = super::snapshot_ops::read_snapshots(&backend, &header)?;
         let l1_bytes = u64::from(header.l1_size) * 8; // ≤ 32 MiB (validated)
         let mut raw = vec![0u8; 0];
         if l1_bytes > 0 {
@@ -110,6 +112,7 @@ impl<B: Backend> Qcow2Image<B> {
             data_file: None,
             metadata_preallocation: OnceLock::new(),
             tracked_bitmaps: Vec::new(),
+            snapshots,
         })
     }
 

@@ -27,6 +27,13 @@
 //! Memory is bounded whatever the header says: at most [`MAX_SNAPSHOTS`] entries and
 //! [`MAX_TABLE_BYTES`] of table (qemu's `QCOW_MAX_SNAPSHOTS_SIZE`), extra data ≤
 //! [`MAX_EXTRA_DATA`]; [`walk_table`] reads entry by entry without holding ids or names.
+//!
+//! Where the table is and how many entries it has ([`validate_pointer`]) is checked by whoever
+//! reads the table, not by the header codec: qemu opens an image whose header declares too many
+//! snapshots for `qemu-img check`, which reads the table its own way (and `check -r all` drops
+//! the overhanging entries). An image opened for anything else reads its table once
+//! ([`read_table`], a [`SnapshotTable`] the open image keeps) and fails to open if qemu's
+//! `qcow2_read_snapshots` would fail.
 
 use byteorder::{BigEndian, ByteOrder};
 use thiserror::Error;
@@ -51,9 +58,20 @@ pub const NO_ICOUNT: u64 = u64::MAX;
 #[non_exhaustive]
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SnapshotError {
-    /// The table's fixed parts alone would end past the largest file offset.
-    #[error("snapshot table offset invalid")]
-    TableOffsetInvalid,
+    /// The table's offset is not cluster-aligned, or its fixed parts alone would end past the
+    /// largest file offset (qemu: "Snapshot table offset invalid", EINVAL).
+    #[error("snapshot table offset {offset:#x} invalid")]
+    TableOffsetInvalid {
+        /// The offset found.
+        offset: u64,
+    },
+    /// The header declares more than [`MAX_SNAPSHOTS`] snapshots (qemu: "Snapshot table too
+    /// large", EFBIG).
+    #[error("snapshot table too large: {count} snapshots (at most 65536)")]
+    TooManyEntries {
+        /// The count the header declares.
+        count: u32,
+    },
     /// An entry with more extra data than qemu accepts.
     #[error("too much extra metadata in snapshot table entry {index}")]
     TooMuchExtraData {
@@ -63,8 +81,12 @@ pub enum SnapshotError {
         size: u32,
     },
     /// The table is larger than qemu's limit, or runs past 2 GiB from its start.
-    #[error("snapshot table is too big")]
-    TableTooBig,
+    #[error("snapshot table is too big ({overhanging} snapshots past the limit)")]
+    TableTooBig {
+        /// Entries from the one that crosses the limit to the end (what `check -r all`
+        /// drops).
+        overhanging: u32,
+    },
     /// No snapshot matches.
     #[error("snapshot {name:?} not found")]
     NotFound {
@@ -101,8 +123,9 @@ pub enum SnapshotError {
     /// state or another disk size than the image's (qemu's words).
     #[error("Internal snapshots prevent downgrade of image")]
     PreventDowngrade,
-    /// A snapshot's L1 table that cannot be valid.
-    #[error("snapshot {id} has an invalid L1 table ({l1_size} entries at {offset:#x})")]
+    /// A snapshot's L1 table that cannot be valid (qemu's `qcow2_validate_table`, checked
+    /// when an operation needs the table, not when the image is opened).
+    #[error("snapshot {id} has an invalid L1 table ({l1_size} entries at {offset:#x}: {problem})")]
     InvalidL1 {
         /// The snapshot's id.
         id: String,
@@ -110,7 +133,38 @@ pub enum SnapshotError {
         offset: u64,
         /// Its entries.
         l1_size: u32,
+        /// What is wrong with it.
+        problem: L1Problem,
     },
+    /// A snapshot operation would raise the refcount of a cluster that no refcount block
+    /// covers (a corrupt image). qemu fails the operation with EAGAIN after hooking up a new
+    /// refcount block; this refuses it before anything is written.
+    #[error("cluster {cluster} is referenced but no refcount block covers it")]
+    RefcountBlockMissing {
+        /// The host cluster index.
+        cluster: u64,
+    },
+}
+
+/// What is wrong with a snapshot's L1 table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L1Problem {
+    /// More than qemu's 32 MiB of entries (qemu: "too large", EFBIG).
+    TooLarge,
+    /// Not cluster-aligned, or ending past the largest offset (qemu: "offset invalid", EINVAL).
+    Unaligned,
+    /// Not inside the file (qemu would read zeros past its end; here it is an invalid offset).
+    PastEndOfFile,
+}
+
+impl std::fmt::Display for L1Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            L1Problem::TooLarge => "larger than 32 MiB",
+            L1Problem::Unaligned => "offset not cluster-aligned",
+            L1Problem::PastEndOfFile => "not inside the file",
+        })
+    }
 }
 
 impl From<SnapshotError> for crate::Error {
@@ -176,6 +230,45 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The entry as [`encode_table`] writes it and a reader then reads it back: the 24 known
+    /// bytes of extra data plus the unknown ones, the disk size recorded (`image_size` where
+    /// it was not).
+    pub fn as_written(&self, image_size: u64) -> Snapshot {
+        Snapshot {
+            extra_data_size: KNOWN_EXTRA_DATA + self.unknown_extra.len() as u32,
+            disk_size: Some(self.disk_size_or(image_size)),
+            ..self.clone()
+        }
+    }
+}
+
+/// A snapshot table as read from an image: where it lies, its size and its entries. An open
+/// image holds one ([`super::image::Qcow2Image`]); info, snapshot operations and the writer's
+/// metadata guard all derive what they need from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotTable {
+    /// File offset of the table (as the header says; 0 when there is none).
+    pub offset: u64,
+    /// Bytes from `offset` to the end of the last name (qemu's `snapshots_size`).
+    pub size: u64,
+    /// The entries, in table order.
+    pub entries: Vec<Snapshot>,
+}
+
+/// qemu's `qcow2_validate_table` for the snapshot table (done on open, and by check before it
+/// reads the table): at most [`MAX_SNAPSHOTS`] entries, a cluster-aligned offset, and fixed
+/// parts that could end inside the 64-bit range. Checked even when there are no snapshots.
+pub fn validate_pointer(offset: u64, count: u32, cluster_size: u64) -> Result<(), SnapshotError> {
+    if count > MAX_SNAPSHOTS {
+        return Err(SnapshotError::TooManyEntries { count });
+    }
+    if u64::MAX - u64::from(count) * ENTRY_HEADER_LEN < offset || offset % cluster_size != 0 {
+        return Err(SnapshotError::TableOffsetInvalid { offset });
+    }
+    Ok(())
+}
+
 /// Where one entry lies and what its fixed part and known extra data say, before its id and
 /// name are read ([`walk_table`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +303,8 @@ pub struct TableRepairs {
 ///
 /// Errors as qemu's `qcow2_read_snapshots`: extra data over [`MAX_EXTRA_DATA`], a table over
 /// [`MAX_TABLE_BYTES`] (or ending more than `i32::MAX` bytes after its start), and an offset
-/// whose fixed parts would end past `i64::MAX`.
+/// whose fixed parts would end past `i64::MAX`. More than [`MAX_SNAPSHOTS`] entries are
+/// refused too (callers check [`validate_pointer`] first; this keeps the walk bounded anyway).
 pub fn walk_table(
     read: impl FnMut(&mut [u8], u64) -> Result<()>,
     offset: u64,
@@ -245,8 +339,11 @@ fn walk(
     if count == 0 {
         return Ok(0);
     }
+    if count > MAX_SNAPSHOTS {
+        return Err(SnapshotError::TooManyEntries { count }.into());
+    }
     if (i64::MAX as u64).saturating_sub(u64::from(count) * ENTRY_HEADER_LEN) < offset {
-        return Err(SnapshotError::TableOffsetInvalid.into());
+        return Err(SnapshotError::TableOffsetInvalid { offset }.into());
     }
     let mut at = offset;
     let mut table_length = 0u64;
@@ -292,7 +389,10 @@ fn walk(
             + u64::from(name_size);
         if table_length > MAX_TABLE_BYTES || at - offset > i32::MAX as u64 {
             let Some(repairs) = repairs.as_deref_mut() else {
-                return Err(SnapshotError::TableTooBig.into());
+                return Err(SnapshotError::TableTooBig {
+                    overhanging: count - index,
+                }
+                .into());
             };
             repairs.messages.push(format!(
                 "Discarding {} overhanging snapshots (snapshot table is too big)",
@@ -337,7 +437,7 @@ pub fn read_table(
     read: impl FnMut(&mut [u8], u64) -> Result<()>,
     offset: u64,
     count: u32,
-) -> Result<Vec<Snapshot>> {
+) -> Result<SnapshotTable> {
     read_whole(read, offset, count, None)
 }
 
@@ -347,7 +447,7 @@ pub fn read_table_repairing(
     offset: u64,
     count: u32,
     repairs: &mut TableRepairs,
-) -> Result<Vec<Snapshot>> {
+) -> Result<SnapshotTable> {
     read_whole(read, offset, count, Some(repairs))
 }
 
@@ -356,11 +456,11 @@ fn read_whole(
     offset: u64,
     count: u32,
     repairs: Option<&mut TableRepairs>,
-) -> Result<Vec<Snapshot>> {
+) -> Result<SnapshotTable> {
     // The walker and the visitor take turns with the reader, never at once.
     let read = std::cell::RefCell::new(read);
     let mut out = Vec::new();
-    walk(
+    let size = walk(
         |buf, at| (read.borrow_mut())(buf, at),
         offset,
         count,
@@ -379,7 +479,11 @@ fn read_whole(
             Ok(())
         },
     )?;
-    Ok(out)
+    Ok(SnapshotTable {
+        offset,
+        size,
+        entries: out,
+    })
 }
 
 /// Encodes `snapshots` as a table, as qemu's `qcow2_write_snapshots` writes it: each entry on
@@ -391,7 +495,7 @@ pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Result<Vec<u8>> 
         return Err(SnapshotError::TooMany.into());
     }
     let mut out = Vec::new();
-    for sn in snapshots {
+    for (index, sn) in snapshots.iter().enumerate() {
         for text in [&sn.id, &sn.name] {
             if text.len() > usize::from(u16::MAX) {
                 return Err(SnapshotError::NameTooLong { len: text.len() }.into());
@@ -399,14 +503,17 @@ pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Result<Vec<u8>> 
         }
         if sn.unknown_extra.len() > (MAX_EXTRA_DATA - KNOWN_EXTRA_DATA) as usize {
             return Err(SnapshotError::TooMuchExtraData {
-                index: (out.len() / 8) as u32,
+                index: index as u32,
                 size: KNOWN_EXTRA_DATA + sn.unknown_extra.len() as u32,
             }
             .into());
         }
         let start = out.len().next_multiple_of(8);
         if (start as u64 + sn.encoded_len()) > MAX_TABLE_BYTES {
-            return Err(SnapshotError::TableTooBig.into());
+            return Err(SnapshotError::TableTooBig {
+                overhanging: (snapshots.len() - index) as u32,
+            }
+            .into());
         }
         out.resize(start, 0);
         let mut h = [0u8; ENTRY_HEADER_LEN as usize];
@@ -529,6 +636,8 @@ mod tests {
         ]
         .concat();
         let table = read_table(read_from(&bytes), 0, 1).unwrap();
+        assert_eq!((table.offset, table.size), (0, bytes.len() as u64));
+        let table = table.entries;
         assert_eq!(table.len(), 1);
         let sn = &table[0];
         assert_eq!((sn.l1_table_offset, sn.l1_size), (0x70000, 1));
@@ -562,7 +671,20 @@ mod tests {
         .unwrap();
         assert_eq!(size, bytes.len() as u64);
         assert_eq!(sizes, [24, 29]);
-        assert_eq!(read_table(read_from(&bytes), 0, 2).unwrap(), table);
+        let read = read_table(read_from(&bytes), 0, 2).unwrap();
+        assert_eq!((read.size, &read.entries), (size, &table));
+        // What the held list becomes after a write is what a reader reads back.
+        let mut v2 = entry("3", "v2");
+        (v2.extra_data_size, v2.disk_size, v2.icount) = (0, None, None);
+        let written: Vec<Snapshot> = [table[0].clone(), table[1].clone(), v2]
+            .iter()
+            .map(|sn| sn.as_written(1 << 30))
+            .collect();
+        let bytes = encode_table(&written, 1 << 30).unwrap();
+        assert_eq!(
+            read_table(read_from(&bytes), 0, 3).unwrap().entries,
+            written
+        );
     }
 
     #[test]
@@ -572,12 +694,12 @@ mod tests {
         BigEndian::write_u32(&mut bytes[36..40], 8);
         BigEndian::write_u32(&mut bytes[32..36], 99);
         bytes.drain(48..64);
-        let sn = &read_table(read_from(&bytes), 0, 1).unwrap()[0];
+        let sn = &read_table(read_from(&bytes), 0, 1).unwrap().entries[0];
         assert_eq!((sn.disk_size, sn.icount, sn.vm_state_size), (None, None, 0));
         assert_eq!((sn.id_str(), sn.name_str()), ("1".into(), "n".into()));
         BigEndian::write_u32(&mut bytes[36..40], 0);
         bytes.drain(40..48);
-        let sn = &read_table(read_from(&bytes), 0, 1).unwrap()[0];
+        let sn = &read_table(read_from(&bytes), 0, 1).unwrap().entries[0];
         assert_eq!(sn.vm_state_size, 99, "the 32-bit field without extra data");
     }
 
@@ -618,8 +740,52 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("too big"), "{err}");
         assert!(visited < 600, "{visited}");
+        assert!(matches!(
+            err,
+            crate::Error::Qcow2(super::super::Qcow2Error::Snapshot(
+                SnapshotError::TableTooBig { overhanging }
+            )) if overhanging == MAX_SNAPSHOTS - visited
+        ));
         let err = walk_table(read_from(&[]), i64::MAX as u64 - 10, 1, |_| Ok(())).unwrap_err();
-        assert!(err.to_string().contains("offset invalid"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("offset 0x7ffffffffffffff5 invalid"),
+            "{err}"
+        );
+        // A count over the limit is refused before anything is read.
+        let err = walk_table(
+            |_: &mut [u8], _| panic!("read"),
+            0,
+            MAX_SNAPSHOTS + 1,
+            |_| Ok(()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("65537 snapshots"), "{err}");
+    }
+
+    /// qemu's `qcow2_validate_table` for the table pointer, as iotest 080 pokes it.
+    #[test]
+    fn the_table_pointer_is_validated_as_qemu_validates_it() {
+        let cluster = 1 << 16;
+        assert_eq!(validate_pointer(0, 0, cluster), Ok(()));
+        assert_eq!(validate_pointer(0x10_0000, MAX_SNAPSHOTS, cluster), Ok(()));
+        assert_eq!(
+            validate_pointer(0x10_0000, u32::MAX, cluster),
+            Err(SnapshotError::TooManyEntries { count: u32::MAX })
+        );
+        assert_eq!(
+            validate_pointer(0x1234_5678_90ab_cdef, 0, cluster),
+            Err(SnapshotError::TableOffsetInvalid {
+                offset: 0x1234_5678_90ab_cdef
+            }),
+            "unaligned, even without snapshots"
+        );
+        let near_end = 0xffff_ffff_ffff_0000;
+        assert_eq!(
+            validate_pointer(near_end, 0xffff, cluster),
+            Err(SnapshotError::TableOffsetInvalid { offset: near_end })
+        );
+        assert_eq!(validate_pointer(near_end, 0x10, cluster), Ok(()));
     }
 
     #[test]

@@ -28,8 +28,8 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{l1_entries_for, Header};
-use super::image::{check_inside, corrupt, Qcow2Image};
-use super::snapshot::{self, Snapshot, SnapshotError};
+use super::image::{corrupt, Qcow2Image};
+use super::snapshot::{self, L1Problem, Snapshot, SnapshotError, SnapshotTable};
 use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L1_OFFSET_MASK};
 use super::{Qcow2Error, MAX_L1_TABLE_BYTES, MAX_SNAPSHOTS};
 use crate::io::Backend;
@@ -39,30 +39,45 @@ use crate::{Error, Result};
 /// string, keeping 255 bytes.
 pub const MAX_NAME_BYTES: usize = 255;
 
-/// Reads the snapshot table of the image whose header is `header` (bytes past the end of the
-/// file read as zeros, as qemu reads them).
-pub fn read_snapshots<B: Backend + ?Sized>(backend: &B, header: &Header) -> Result<Vec<Snapshot>> {
-    snapshot::read_table(
-        |buf, at| read_padded(backend, buf, at),
-        header.snapshots_offset,
-        header.nb_snapshots,
-    )
-}
+/// qemu's `QCOW_MAX_REFTABLE_SIZE` as `qcow2_refcount_area` compares it: with a count of
+/// refcount-table entries.
+const QEMU_MAX_REFTABLE_ENTRIES: u64 = 8 << 20;
 
-/// Checks the snapshot table as qemu does when it opens an image (`qcow2_read_snapshots`): an
-/// image whose table qemu refuses does not open here either. Only the entries' fixed parts
-/// are read (bounded by the table limits), not their ids and names.
-pub(super) fn check_snapshot_table<B: Backend + ?Sized>(
-    backend: &B,
-    header: &Header,
-) -> Result<()> {
-    snapshot::walk_table(
-        |buf, at| read_padded(backend, buf, at),
+/// Bytes the table reader fetches at a time: entries are small and read field by field.
+const TABLE_READ_AHEAD: usize = 64 << 10;
+
+/// Reads the snapshot table of the image whose header is `header`, as qemu's
+/// `qcow2_read_snapshots` reads it when it opens an image: the table pointer is validated
+/// first (also without snapshots), bytes past the end of the file read as zeros, and every
+/// bound of [`snapshot::walk_table`] holds. This is the one reading of the table an open image
+/// keeps ([`Qcow2Image::snapshot_table`]); `info` reads it the same way.
+pub fn read_snapshots<B: Backend + ?Sized>(backend: &B, header: &Header) -> Result<SnapshotTable> {
+    snapshot::validate_pointer(
         header.snapshots_offset,
         header.nb_snapshots,
-        |_| Ok(()),
+        header.cluster_size(),
+    )?;
+    // Entries are read field by field: serve them from one read-ahead window at a time.
+    let mut window: (u64, Vec<u8>) = (0, Vec::new());
+    snapshot::read_table(
+        |buf, at| {
+            let (start, bytes) = &window;
+            let inside = at >= *start && at + buf.len() as u64 <= *start + bytes.len() as u64;
+            if !inside {
+                if buf.len() >= TABLE_READ_AHEAD {
+                    return read_padded(backend, buf, at);
+                }
+                let mut fresh = vec![0u8; TABLE_READ_AHEAD];
+                read_padded(backend, &mut fresh, at)?;
+                window = (at, fresh);
+            }
+            let from = (at - window.0) as usize;
+            buf.copy_from_slice(&window.1[from..from + buf.len()]);
+            Ok(())
+        },
+        header.snapshots_offset,
+        header.nb_snapshots,
     )
-    .map(drop)
 }
 
 fn read_padded<B: Backend + ?Sized>(backend: &B, buf: &mut [u8], at: u64) -> Result<()> {
@@ -83,9 +98,63 @@ enum L1WriteBack {
 }
 
 impl<B: Backend> Qcow2Image<B> {
-    /// The image's internal snapshots, in table order.
+    /// The image's internal snapshots, in table order (a copy of [`Self::snapshot_table`]'s
+    /// entries).
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        read_snapshots(&self.backend, &self.header)
+        Ok(self.snapshots.entries.clone())
+    }
+
+    /// The snapshot table as read when the image was opened (and kept up to date by the
+    /// snapshot operations).
+    pub fn snapshot_table(&self) -> &SnapshotTable {
+        &self.snapshots
+    }
+
+    /// Checks every snapshot's L1 table as qemu's `qcow2_validate_table` does before an
+    /// operation that needs them all (amend's downgrade): the first invalid one is
+    /// [`SnapshotError::InvalidL1`]. Nothing is read.
+    pub(crate) fn check_snapshot_l1_tables(&self) -> Result<()> {
+        self.snapshots
+            .entries
+            .iter()
+            .try_for_each(|sn| self.validate_snapshot_l1(sn).map_err(Error::from))
+    }
+
+    /// qemu's `qcow2_validate_table` for a snapshot's L1 table, plus: inside the file.
+    fn validate_snapshot_l1(&self, sn: &Snapshot) -> std::result::Result<(), SnapshotError> {
+        let bytes = u64::from(sn.l1_size) * 8;
+        let problem = if bytes > MAX_L1_TABLE_BYTES {
+            L1Problem::TooLarge
+        } else if sn.l1_table_offset % self.header.cluster_size() != 0
+            || sn.l1_table_offset.checked_add(bytes).is_none()
+        {
+            L1Problem::Unaligned
+        } else if bytes > 0 && sn.l1_table_offset + bytes > self.file_len {
+            L1Problem::PastEndOfFile
+        } else {
+            return Ok(());
+        };
+        Err(SnapshotError::InvalidL1 {
+            id: sn.id_str(),
+            offset: sn.l1_table_offset,
+            l1_size: sn.l1_size,
+            problem,
+        })
+    }
+
+    /// Reads a snapshot's L1 table after [`Self::validate_snapshot_l1`] (aligned, at most
+    /// 32 MiB, inside the file).
+    pub(super) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+        self.validate_snapshot_l1(sn)?;
+        let bytes = u64::from(sn.l1_size) * 8;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        self.backend
+            .read_exact_at(&mut raw, sn.l1_table_offset)
+            .map_err(Error::reading("qcow2 snapshot L1 table"))?;
+        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
     }
 }
 
@@ -102,10 +171,17 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if table.len() >= MAX_SNAPSHOTS as usize {
             return Err(SnapshotError::TooMany.into());
         }
-        let active = self.l1.clone();
-        self.check_refcount_room(&active)?;
+        let before = self.l1.clone();
+        self.check_refcount_room(&before)?;
+        // The references first: a cluster no refcount block covers is refused there, before
+        // anything is written (qemu allocates the L1 copy first and leaks it then). The copy
+        // holds the L1 entries as they were, as qemu's does.
+        let mut active = self.l1.clone();
+        let active_offset = self.header.l1_table_offset;
+        self.update_refcounts(&mut active, L1WriteBack::At(active_offset), 1)?;
+        self.l1 = active;
         let cluster_size = self.header.cluster_size();
-        let l1_bytes = self.l1.len() as u64 * 8;
+        let l1_bytes = before.len() as u64 * 8;
         let l1_table_offset = if l1_bytes == 0 {
             0
         } else {
@@ -113,15 +189,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let offset = self.alloc_contiguous(clusters)?;
             let first = offset >> self.header.cluster_bits;
             self.state().metadata.extend(first..first + clusters);
-            let bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let bytes: Vec<u8> = before.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.write_host(&bytes, offset)?;
             offset
         };
-        self.barrier()?;
-        let mut active = self.l1.clone();
-        let active_offset = self.header.l1_table_offset;
-        self.update_refcounts(&mut active, L1WriteBack::At(active_offset), 1)?;
-        self.l1 = active;
         self.sync()?;
         let sn = Snapshot {
             l1_table_offset,
@@ -258,29 +329,28 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Adds the snapshot table's clusters, the snapshots' L1 tables and the L2 tables they
-    /// reach to the clusters writes must never touch. Refuses an image whose snapshot table
-    /// or snapshot L1 tables are invalid (writing it could damage a snapshot).
+    /// reach to the clusters writes must never touch. A snapshot whose L1 table is invalid is
+    /// not followed (nothing it names is read); as in qemu, the image still opens, and the
+    /// operations that need that table fail ([`SnapshotError::InvalidL1`]). Its clusters keep
+    /// their refcounts, so the allocator never hands them out.
     pub(super) fn collect_snapshot_metadata(&mut self) -> Result<()> {
-        if self.header.nb_snapshots == 0 {
+        if self.snapshots.entries.is_empty() {
             return Ok(());
         }
-        let mut l1s = Vec::new();
-        let size = snapshot::walk_table(
-            |buf, at| read_padded(&self.backend, buf, at),
-            self.header.snapshots_offset,
-            self.header.nb_snapshots,
-            |layout| {
-                l1s.push(layout.fields.clone());
-                Ok(())
-            },
-        )?;
         let cluster_bits = self.header.cluster_bits;
         let span = |offset: u64, len: u64| {
             (offset >> cluster_bits)..(offset + len).div_ceil(1 << cluster_bits)
         };
-        let mut clusters: Vec<u64> = span(self.header.snapshots_offset, size).collect();
-        for sn in &l1s {
-            let l1 = self.read_snapshot_l1(sn)?;
+        let table = &self.snapshots;
+        let mut clusters: Vec<u64> = span(table.offset, table.size).collect();
+        for sn in &table.entries {
+            let l1 = match self.read_snapshot_l1(sn) {
+                Ok(l1) => l1,
+                Err(Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::InvalidL1 { .. }))) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
             clusters.extend(span(sn.l1_table_offset, u64::from(sn.l1_size) * 8));
             for &e in &l1 {
                 if let Some(table) = L1Entry(e).l2_offset() {
@@ -326,34 +396,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-    }
-
-    /// Reads a snapshot's L1 table after qemu's `qcow2_validate_table` checks (aligned, at
-    /// most 32 MiB, inside the file).
-    pub(super) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
-        let invalid = || SnapshotError::InvalidL1 {
-            id: sn.id_str(),
-            offset: sn.l1_table_offset,
-            l1_size: sn.l1_size,
-        };
-        let bytes = u64::from(sn.l1_size) * 8;
-        if bytes > MAX_L1_TABLE_BYTES || sn.l1_table_offset % self.header.cluster_size() != 0 {
-            return Err(invalid().into());
-        }
-        if bytes == 0 {
-            return Ok(Vec::new());
-        }
-        check_inside(
-            "snapshot L1 table",
-            sn.l1_table_offset,
-            bytes,
-            self.file_len,
-        )?;
-        let mut raw = vec![0u8; bytes as usize];
-        self.backend
-            .read_exact_at(&mut raw, sn.l1_table_offset)
-            .map_err(Error::reading("qcow2 snapshot L1 table"))?;
-        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
     }
 
     /// Refuses, before anything is written, a +1 on what `l1` reaches that a refcount entry
@@ -403,6 +445,44 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 bits: self.header.refcount_bits(),
             }
             .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a +1 on a cluster that no refcount block covers (only a corrupt image references
+    /// one), as qemu's `alloc_refcount_block` fails the snapshot's refcount update: EFBIG when
+    /// the refcount table would have to grow past qemu's limit to list the block, else EAGAIN
+    /// ([`SnapshotError::RefcountBlockMissing`]), after qemu has hooked up a new block. Here
+    /// nothing is written.
+    fn refuse_uncovered(&mut self, clusters: &[u64]) -> Result<()> {
+        let per_block = super::refcount::entries_per_block(
+            self.header.cluster_bits,
+            self.header.refcount_order,
+        );
+        let entries_per_cluster = self.header.cluster_size() / 8;
+        for &cluster in clusters {
+            let index = cluster / per_block;
+            let reftable = &self.state().reftable;
+            let covered = reftable
+                .get(index as usize)
+                .is_some_and(|&e| e & super::refcount::REFTABLE_OFFSET_MASK != 0);
+            if covered {
+                continue;
+            }
+            if index >= reftable.len() as u64 {
+                // qemu's qcow2_refcount_area: the new table lists the blocks so far plus half
+                // as many again, in whole clusters, and may not exceed QCOW_MAX_REFTABLE_SIZE
+                // entries (8 Mi).
+                let blocks = index + 1;
+                let table = (blocks + blocks.div_ceil(2)).next_multiple_of(entries_per_cluster);
+                if blocks > QEMU_MAX_REFTABLE_ENTRIES || table > QEMU_MAX_REFTABLE_ENTRIES {
+                    return Err(Qcow2Error::RefcountTableTooLarge {
+                        clusters: u32::try_from(table / entries_per_cluster).unwrap_or(u32::MAX),
+                    }
+                    .into());
+                }
+            }
+            return Err(SnapshotError::RefcountBlockMissing { cluster }.into());
         }
         Ok(())
     }
@@ -465,6 +545,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     }
                 }
                 clusters.push(l2_offset >> cluster_bits);
+            }
+            if addend > 0 {
+                self.refuse_uncovered(&clusters)?;
             }
             self.adjust_refcounts(&mut clusters, addend)?;
         }
@@ -536,19 +619,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Writes `table` as the new snapshot table in new clusters, switches the header to it
     /// (fsync before and after) and frees the old table's clusters.
     pub(super) fn write_snapshot_table(&mut self, table: &[Snapshot]) -> Result<()> {
-        let old_offset = self.header.snapshots_offset;
-        let old_size = snapshot::walk_table(
-            |buf, at| read_padded(&self.backend, buf, at),
-            old_offset,
-            self.header.nb_snapshots,
-            |_| Ok(()),
-        )?;
+        let (old_offset, old_size) = (self.snapshots.offset, self.snapshots.size);
         self.replace_snapshot_table(table, old_offset, old_size)
     }
 
     /// [`Self::write_snapshot_table`] for an old table the caller has measured: `old_size`
     /// bytes at `old_offset` are freed once the header points at the new table. The repair of
-    /// a table qemu does not open (`check -r all`) needs this: the old table cannot be walked.
+    /// a table qemu does not open (`check -r all`) needs this: the image is opened without
+    /// it. The table the image holds becomes the new one, as a reader would read it back.
     pub(super) fn replace_snapshot_table(
         &mut self,
         table: &[Snapshot],
@@ -574,6 +652,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         self.header.snapshots_offset = new_offset;
         self.write_fixed_header()?;
         self.sync()?;
+        let image_size = self.header.size;
+        self.snapshots = SnapshotTable {
+            offset: new_offset,
+            size: bytes.len() as u64,
+            entries: table.iter().map(|sn| sn.as_written(image_size)).collect(),
+        };
         if old_size > 0 {
             let first = old_offset >> cluster_bits;
             let end = (old_offset + old_size).div_ceil(cluster_size);

@@ -72,9 +72,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 reason: "an image open for writing cannot be read at a snapshot",
             });
         }
-        let table = self.snapshots()?;
+        let table = &self.snapshots.entries;
         let sn =
-            key.find(&table)
+            key.find(table)
                 .map(|i| table[i].clone())
                 .ok_or_else(|| SnapshotError::NotFound {
                     name: key.describe(),
