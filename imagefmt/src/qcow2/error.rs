@@ -265,6 +265,13 @@ pub enum Qcow2Error {
         /// The data file name from the header.
         name: String,
     },
+    /// The image keeps its data in an external file whose name its header does not record
+    /// (`qemu-img amend -o data_file=` removed it), and the caller named none.
+    #[error("'data-file' is required for this image")]
+    DataFileRequired,
+    /// A data file was named for an image that keeps its data in its own file.
+    #[error("'data-file' can only be set for images with an external data file")]
+    DataFileNotExpected,
     /// A read outside the virtual disk.
     #[error("qcow2 read of {len} bytes at {offset:#x} is outside the {size}-byte disk")]
     ReadOutOfRange {
