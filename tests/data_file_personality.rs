@@ -345,3 +345,39 @@ fn create_makes_a_relative_data_file_in_the_working_directory() {
     assert!(native.status.success(), "{}", describe(&native));
     assert!(dirs[1].join("sub/n.data").is_file() && !dirs[1].join("n.data").exists());
 }
+
+#[test]
+fn writers_refuse_images_with_a_data_file_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    let dirs = twins(tmp.path());
+    let dir = &dirs[1];
+    let before = (
+        read(&dir.join("sub/b.qcow2")),
+        read(&dir.join("sub/b.data")),
+    );
+    for args in [
+        &["resize", "sub/b.qcow2", "8M"][..],
+        &["snapshot", "-c", "s1", "sub/b.qcow2"],
+        &["bitmap", "--add", "sub/b.qcow2", "b0"],
+        &["amend", "-o", "refcount_bits=8", "sub/b.qcow2"],
+    ] {
+        let ours = qemu_img_as(Some(&bin), dir, args, &[]);
+        assert_eq!(ours.status.code(), Some(1), "{args:?}: {}", describe(&ours));
+        assert!(
+            String::from_utf8_lossy(&ours.stderr)
+                .contains("does not write qcow2 images with an external data file"),
+            "{args:?}: {}",
+            describe(&ours)
+        );
+    }
+    let after = (
+        read(&dir.join("sub/b.qcow2")),
+        read(&dir.join("sub/b.data")),
+    );
+    assert!(
+        before == after,
+        "a refused write changed the image or its data file"
+    );
+    tool_ok_in("qemu-img", dir, &["check", "sub/b.qcow2"]);
+}
