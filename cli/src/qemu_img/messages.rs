@@ -17,27 +17,8 @@ use imagefmt::qcow2::Qcow2Error;
 /// create names the file alone), then qemu's text for the refusal itself.
 pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
-    let mut in_data_file = false;
     for cause in e.chain() {
         let engine = cause.downcast_ref::<imagefmt::Error>();
-        // An image's data file that does not open: "Could not open 'IMAGE': Could not open
-        // 'DATA': strerror", as qemu words a child that does not open.
-        match engine {
-            Some(imagefmt::Error::InFile {
-                role: "could not open data file",
-                path,
-                ..
-            }) => {
-                parts.push(format!("Could not open '{}'", path.display()));
-                in_data_file = true;
-                continue;
-            }
-            Some(imagefmt::Error::Io { source, .. }) if in_data_file => {
-                parts.push(super::strerror(source));
-                return Some(parts.join(": "));
-            }
-            _ => {}
-        }
         let qcow2 = match engine {
             Some(imagefmt::Error::Qcow2(q)) => Some(q),
             _ => cause.downcast_ref::<Qcow2Error>(),
@@ -123,8 +104,6 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             reason,
         } => option_text(option, value, reason)?,
         Qcow2Error::Snapshot(e) => snapshot_text(e)?.to_owned(),
-        // Worded as qemu words them.
-        Qcow2Error::DataFileRequired | Qcow2Error::DataFileNotExpected => e.to_string(),
         // Growing the refcount table past qemu's limit fails with EFBIG.
         Qcow2Error::RefcountTableTooLarge { .. } if command == "snapshot" => {
             "File too large".to_owned()
@@ -173,4 +152,40 @@ fn capitalized(text: &str) -> String {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// qemu-img's message when an image's external data file does not open, as qemu words a child
+/// that does not open: `Could not open 'IMAGE': Could not open 'DATA': strerror`, and its
+/// refusals of a header without the data file's name or a data file given for an image without
+/// one (`Could not open 'IMAGE': 'data-file' is required for this image`).
+pub(super) fn data_file_message(e: &anyhow::Error) -> Option<String> {
+    let mut image = None;
+    let mut data = None;
+    for cause in e.chain() {
+        match cause.downcast_ref::<imagefmt::Error>() {
+            Some(imagefmt::Error::InFile {
+                role: "could not open",
+                path,
+                ..
+            }) => image = Some(path),
+            Some(imagefmt::Error::InFile {
+                role: "could not open data file",
+                path,
+                ..
+            }) => data = Some(path),
+            Some(imagefmt::Error::Io { source, .. }) if data.is_some() => {
+                return Some(format!(
+                    "Could not open '{}': Could not open '{}': {}",
+                    image?.display(),
+                    data?.display(),
+                    super::strerror(source)
+                ));
+            }
+            Some(imagefmt::Error::Qcow2(
+                refusal @ (Qcow2Error::DataFileRequired | Qcow2Error::DataFileNotExpected),
+            )) => return Some(format!("Could not open '{}': {refusal}", image?.display())),
+            _ => {}
+        }
+    }
+    None
 }

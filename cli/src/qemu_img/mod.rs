@@ -340,6 +340,9 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         "create" => format!("{}: ", path.display()),
         _ => format!("Could not open '{}': ", path.display()),
     };
+    if let Some(message) = messages::data_file_message(e) {
+        return message;
+    }
     if let Some(message) = messages::qemu_message(command, e) {
         return message;
     }
