@@ -16,6 +16,7 @@ mod cli_shell;
 mod compress_xcheck;
 mod convert_xcheck;
 mod data_file_create;
+mod data_file_personality;
 mod foreign_formats;
 mod hostile_names;
 mod hypervisor_drivers;

@@ -118,6 +118,10 @@ pub struct CreateArgs {
     /// mapped at creation; no backing file.
     #[arg(long, requires = "data_file")]
     pub data_file_raw: bool,
+    /// Create a relative data file name in the working directory, as qemu-img 10 does
+    /// (default: in the image's directory, where cowclone's commands look for it).
+    #[arg(long)]
+    pub data_file_from_cwd: bool,
     /// Replace FILE if it exists (default: refuse).
     #[arg(long)]
     pub overwrite: bool,
@@ -170,6 +174,14 @@ pub struct ChainPolicyArgs {
     /// point at any host file; --confine applies to it too).
     #[arg(long)]
     pub allow_data_file: bool,
+    /// Look a relative data file name up in the working directory, as qemu 10 does (default:
+    /// in the image's own directory, as backing file names are).
+    #[arg(long)]
+    pub data_file_from_cwd: bool,
+    /// Read the (first) image's guest data from PATH, its external data file, instead of the
+    /// file its header names (qemu's `data-file.filename`); refused for an image without one.
+    #[arg(long, value_name = "PATH")]
+    pub open_data_file: Option<PathBuf>,
     /// Read the images even if another process is writing them (qemu-img -U): takes no lock
     /// that keeps writers out; what is read may be inconsistent.
     #[arg(short = 'U', long)]
@@ -201,13 +213,17 @@ impl ChainPolicyArgs {
 
     /// Chain options for `policy` (from [`Self::policy`]) with these flags.
     pub fn options<'a>(
-        &self,
+        &'a self,
         policy: &'a imagefmt::backing::BackingPolicy,
         parents: &'a imagefmt::vdi::Explicit,
     ) -> imagefmt::chain::ChainOptions<'a> {
         let mut options = crate::commands::chain_options(policy, self.allow_data_file, parents);
         options.force_share = self.force_share;
         options.block_devices = self.allow_block_devices;
+        if self.data_file_from_cwd {
+            options.data_file_base = imagefmt::chain::DataFileBase::WorkingDirectory;
+        }
+        options.data_file = self.open_data_file.as_deref();
         options
     }
 }

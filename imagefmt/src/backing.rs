@@ -68,14 +68,7 @@ pub fn has_protocol_prefix(name: &str) -> bool {
 /// Resolves a backing name stored in the image at `image_path` (as the caller named it) to the
 /// path qemu would open. Protocol names and empty names are refused.
 pub fn resolve(image_path: &Path, name: &str) -> Result<PathBuf, BackingError> {
-    if name.is_empty() {
-        return Err(BackingError::EmptyName);
-    }
-    if has_protocol_prefix(name) {
-        return Err(BackingError::ProtocolRefused {
-            name: name.to_owned(),
-        });
-    }
+    check_local_name(name)?;
     if name.starts_with('/') {
         return Ok(PathBuf::from(name));
     }
@@ -84,6 +77,27 @@ pub fn resolve(image_path: &Path, name: &str) -> Result<PathBuf, BackingError> {
     let mut joined = image[..dir_len].to_vec();
     joined.extend_from_slice(name.as_bytes());
     Ok(PathBuf::from(OsString::from_vec(joined)))
+}
+
+/// Resolves a name stored in an image as qemu 10 resolves an external data file's name: as
+/// given, so that a relative name is looked up in the working directory (qemu's
+/// `bdrv_open_child` takes the name as it is). Protocol names and empty names are refused.
+pub fn resolve_in_working_directory(name: &str) -> Result<PathBuf, BackingError> {
+    check_local_name(name)?;
+    Ok(PathBuf::from(name))
+}
+
+/// Refuses a stored name that is empty or names a protocol (`json:`, `nbd:`, ...).
+fn check_local_name(name: &str) -> Result<(), BackingError> {
+    if name.is_empty() {
+        return Err(BackingError::EmptyName);
+    }
+    if has_protocol_prefix(name) {
+        return Err(BackingError::ProtocolRefused {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether, and where, backing files may be followed.
@@ -104,7 +118,11 @@ pub enum BackingPolicy {
 impl BackingPolicy {
     /// Resolves `name` (from the image at `image_path`) and checks it against the policy.
     pub fn resolve(&self, image_path: &Path, name: &str) -> Result<PathBuf, BackingError> {
-        let path = resolve(image_path, name)?;
+        self.admit(resolve(image_path, name)?, name)
+    }
+
+    /// Checks `path`, resolved from the stored `name`, against the policy.
+    pub fn admit(&self, path: PathBuf, name: &str) -> Result<PathBuf, BackingError> {
         match self {
             Self::Deny | Self::Detach => Err(BackingError::NotFollowed {
                 name: name.to_owned(),

@@ -30,6 +30,7 @@ pub struct Qcow2Builder {
     mode: NewFileMode,
     preallocation: Preallocation,
     data_file: Option<DataFileReference>,
+    data_file_base: crate::chain::DataFileBase,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +64,7 @@ impl Qcow2Builder {
             mode: NewFileMode::default(),
             preallocation: Preallocation::Off,
             data_file: None,
+            data_file_base: crate::chain::DataFileBase::ImageDirectory,
         }
     }
 
@@ -153,6 +155,13 @@ impl Qcow2Builder {
         self
     }
 
+    /// Where a relative [`Self::data_file`] name is created: beside the image (the default)
+    /// or in the working directory, as qemu-img 10 creates it.
+    pub fn data_file_base(mut self, base: crate::chain::DataFileBase) -> Self {
+        self.data_file_base = base;
+        self
+    }
+
     /// Creates the image file (and its data file, if it has one).
     pub fn create(self) -> Result<CreatedImage> {
         if let Some(data_file) = &self.data_file {
@@ -189,7 +198,7 @@ impl Qcow2Builder {
         .0
         .header
         .size;
-        let data_path = backing::resolve(&self.path, &data_file.name)?;
+        let data_path = self.data_file_base.resolve(&self.path, &data_file.name)?;
         if is_same_file(&data_path, &self.path) {
             return Err(crate::qcow2::Qcow2Error::InvalidOption {
                 option: "data_file",

@@ -46,6 +46,39 @@ pub struct ChainOptions<'a> {
     /// Read the top image as of this internal snapshot (qcow2 only; [`Qcow2Image::view_snapshot`]):
     /// qemu-img's `convert -l`. The images below it are read as they are.
     pub snapshot: Option<&'a crate::qcow2::snapshot_view::SnapshotKey>,
+    /// Where a relative data file name from a header is looked up (with `allow_data_files`).
+    pub data_file_base: DataFileBase,
+    /// The top image's data file, named by the caller instead of by the image's header (qemu's
+    /// `data-file.filename` option). Opened whatever `allow_data_files` says (the caller named
+    /// it), as a regular file; an image without the data-file feature refuses it, as qemu does.
+    pub data_file: Option<&'a Path>,
+}
+
+/// Where a relative external data file name from a qcow2 header is looked up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataFileBase {
+    /// The directory of the image that names it, as for backing file names (cowclone's
+    /// default: the image and its data file can move together).
+    #[default]
+    ImageDirectory,
+    /// The working directory: the name is opened as it is, as qemu 10 opens it (the
+    /// qemu-img personality).
+    WorkingDirectory,
+}
+
+impl DataFileBase {
+    /// The path of the data file `name` recorded by (or for) the image at `image_path`; a
+    /// protocol (`json:`, `nbd:`) or empty name is refused.
+    pub fn resolve(
+        self,
+        image_path: &Path,
+        name: &str,
+    ) -> std::result::Result<PathBuf, crate::backing::BackingError> {
+        match self {
+            Self::ImageDirectory => crate::backing::resolve(image_path, name),
+            Self::WorkingDirectory => crate::backing::resolve_in_working_directory(name),
+        }
+    }
 }
 
 impl<'a> ChainOptions<'a> {
@@ -58,6 +91,8 @@ impl<'a> ChainOptions<'a> {
             force_share: false,
             block_devices: false,
             snapshot: None,
+            data_file_base: DataFileBase::ImageDirectory,
+            data_file: None,
         }
     }
 
@@ -371,7 +406,7 @@ pub fn open_chain_with(
     };
     let levels = walk_levels(first, options, &mut guard, true)?;
     // The walk visits at least the top image (or fails), so a chain is always there.
-    open_levels(levels, options)?.ok_or_else(|| Error::UnrecognizedFormat {
+    open_levels(levels, options, options.data_file)?.ok_or_else(|| Error::UnrecognizedFormat {
         path: path.to_owned(),
     })
 }
@@ -391,10 +426,12 @@ fn walk_levels(
     Ok(levels)
 }
 
-/// Opens the images a walk found bottom-up, each layer over the one below it.
+/// Opens the images a walk found bottom-up, each layer over the one below it; `top_data_file`:
+/// the data file the caller named for the first of `levels` (see [`ChainOptions::data_file`]).
 fn open_levels(
     levels: Vec<Level>,
     options: &ChainOptions<'_>,
+    top_data_file: Option<&Path>,
 ) -> Result<Option<Box<dyn GuestRead>>> {
     let mut below: Option<Box<dyn GuestRead>> = None;
     let top = levels.len().saturating_sub(1);
@@ -402,7 +439,15 @@ fn open_levels(
         let path = level.path.clone();
         let mut data_path = None;
         let snapshot = options.snapshot.filter(|_| index == top);
-        let layer = open_layer(level, below.take(), options, snapshot, &mut data_path)?;
+        let given = top_data_file.filter(|_| index == top);
+        let layer = open_layer(
+            level,
+            below.take(),
+            options,
+            snapshot,
+            given,
+            &mut data_path,
+        )?;
         below = Some(Box::new(Named::new(layer, path).with_data_file(data_path)));
     }
     Ok(below)
@@ -438,6 +483,7 @@ pub(crate) fn qcow2_rw_from_file(
         Some(next) => open_levels(
             walk_levels(next, &chain_options, &mut guard, false)?,
             &chain_options,
+            None,
         )?,
         None => None,
     };
@@ -512,7 +558,7 @@ fn vdi_over_parents(
         unreachable!("built as a VDI header above");
     };
     let links = vdi_links(path, &header, &levels);
-    let below = open_levels(levels, options)?;
+    let below = open_levels(levels, options, None)?;
     let mut image = match durable {
         Some(durable) => VdiImage::open_rw(file, *header, below, durable)?,
         None => VdiImage::open(file, *header, below)?,
@@ -539,12 +585,14 @@ fn vdi_links(top: &Path, header: &VdiHeader, levels: &[Level]) -> Vec<ParentLink
 }
 
 /// Opens one image found by [`walk`] over the already opened image below it (with `snapshot`:
-/// a qcow2 image read as of that internal snapshot).
+/// a qcow2 image read as of that internal snapshot; with `given`: the data file the caller
+/// named for it).
 fn open_layer(
     level: Level,
     below: Option<Box<dyn GuestRead>>,
     options: &ChainOptions<'_>,
     snapshot: Option<&crate::qcow2::snapshot_view::SnapshotKey>,
+    given: Option<&Path>,
     data_path: &mut Option<PathBuf>,
 ) -> Result<Box<dyn GuestRead>> {
     let Level {
@@ -563,13 +611,18 @@ fn open_layer(
         image.view_snapshot(key)?;
         return Ok(Box::new(image));
     }
+    if given.is_some() && !matches!(header, ImageHeader::Qcow2(_)) {
+        return Err(Error::InFile {
+            role: "could not open",
+            path,
+            source: Error::from(crate::qcow2::Qcow2Error::DataFileNotExpected).into(),
+        });
+    }
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
         ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::VdiImage::open(file, *header, below)?)),
-        ImageHeader::Qcow2(cluster) => match cluster.data_file() {
-            Some(name) if options.allow_data_files => {
-                let resolved = options.policy.resolve(&path, name)?;
-                let data = open_image(&resolved, options.open_how())?;
+        ImageHeader::Qcow2(cluster) => match open_data_file(&path, &cluster, options, given)? {
+            Some((resolved, data)) => {
                 *data_path = Some(resolved);
                 Ok(Box::new(Qcow2Image::open_with_data_file(
                     file,
@@ -578,7 +631,56 @@ fn open_layer(
                     Box::new(data),
                 )?))
             }
-            _ => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
+            None => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
         },
     }
+}
+
+/// Opens the external data file of the qcow2 image at `path` (cluster 0: `cluster`) as
+/// `options` allow, with its resolved path: the file the caller named (`given`, qemu's
+/// `data-file.filename`), else the name the header records, resolved as
+/// [`ChainOptions::data_file_base`] says and admitted by the policy. `None` when the image has
+/// no data file, or when data files are not allowed (the image then refuses to open).
+///
+/// qemu's refusals: a data file given for an image without one, and an image whose header
+/// names none when none is given. A failure to open the file names the image and the data file
+/// (`Could not open 'IMAGE': Could not open 'DATA': ...` in qemu's words).
+pub(crate) fn open_data_file(
+    path: &Path,
+    cluster: &crate::qcow2::HeaderCluster,
+    options: &ChainOptions<'_>,
+    given: Option<&Path>,
+) -> Result<Option<(PathBuf, File)>> {
+    let has_data_file = cluster
+        .header
+        .incompatible_features
+        .contains(crate::qcow2::features::IncompatibleFeatures::EXTERNAL_DATA_FILE);
+    let refused = |e: crate::qcow2::Qcow2Error| Error::InFile {
+        role: "could not open",
+        path: path.to_owned(),
+        source: Error::from(e).into(),
+    };
+    let resolved = match (given, cluster.data_file()) {
+        _ if !has_data_file && given.is_some() => {
+            return Err(refused(crate::qcow2::Qcow2Error::DataFileNotExpected))
+        }
+        _ if !has_data_file => return Ok(None),
+        (Some(given), _) => given.to_owned(),
+        _ if !options.allow_data_files => return Ok(None),
+        (None, None) => return Err(refused(crate::qcow2::Qcow2Error::DataFileRequired)),
+        (None, Some(name)) => options
+            .policy
+            .admit(options.data_file_base.resolve(path, name)?, name)?,
+    };
+    let data = open_image(&resolved, options.open_how()).map_err(|e| Error::InFile {
+        role: "could not open",
+        path: path.to_owned(),
+        source: Error::InFile {
+            role: "could not open data file",
+            path: resolved.clone(),
+            source: e.into(),
+        }
+        .into(),
+    })?;
+    Ok(Some((resolved, data)))
 }

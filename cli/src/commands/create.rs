@@ -136,6 +136,9 @@ pub fn create(args: CreateArgs, out: &mut impl Write) -> Result<()> {
     let raw_without_data_file = data_file.is_none() && data_file_raw == Some(true);
     if let Some(name) = &data_file {
         builder = builder.data_file(name.clone(), data_file_raw.unwrap_or(false));
+        if args.data_file_from_cwd {
+            builder = builder.data_file_base(imagefmt::chain::DataFileBase::WorkingDirectory);
+        }
     }
     // The line qemu-img prints, in its order; size as requested (or the backing file's). String
     // values have their commas doubled, as qemu prints option values.

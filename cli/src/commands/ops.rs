@@ -302,9 +302,12 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let mut parts = Vec::with_capacity(sources.len());
     for (index, path) in sources.iter().enumerate() {
         let mut chain_options = args.chain.options(&policy, &parents);
-        // The snapshot is that of the first source (as qemu-img's -l).
+        // The snapshot is that of the first source (as qemu-img's -l), and so is the data
+        // file --open-data-file names.
         if index == 0 {
             chain_options.snapshot = snapshot.as_ref();
+        } else {
+            chain_options.data_file = None;
         }
         let opened = imagefmt::chain::open_chain_with(path, source_format, &chain_options)
             .map_err(|e| match snapshot_failure(&e) {

@@ -13,6 +13,9 @@ pub struct Target {
     pub path: String,
     /// The format the name asked for (`driver=qcow2`), if any.
     pub format: Option<String>,
+    /// The external data file the options name for the image (`data-file.filename=PATH`),
+    /// opened instead of the one its header names.
+    pub data_file: Option<String>,
 }
 
 /// Formats cowclone reads and writes, named as qemu's drivers are.
@@ -55,6 +58,7 @@ pub fn parse(name: &str) -> Result<Target, String> {
             "file" => Ok(Target {
                 path: strip_file_prefix(name),
                 format: None,
+                data_file: None,
             }),
             other => Err(format!(
                 "Could not open '{name}': Unknown protocol '{other}'"
@@ -64,6 +68,7 @@ pub fn parse(name: &str) -> Result<Target, String> {
     Ok(Target {
         path: name.to_owned(),
         format: None,
+        data_file: None,
     })
 }
 
@@ -150,7 +155,9 @@ fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
 }
 
 /// A target from flattened options: `driver` (a format or `file`), the path in `filename`,
-/// `file.filename` or `file` (a plain string), `file.driver` = `file` if given.
+/// `file.filename` or `file` (a plain string), `file.driver` = `file` if given; a data file in
+/// `data-file.filename` (`data-file.driver` = `file` if given). Without `driver` the format is
+/// recognised from the file, as qemu probes it.
 fn from_options(name: &str, items: &[(String, String)]) -> Result<Target, String> {
     let get = |key: &str| {
         items
@@ -164,14 +171,19 @@ fn from_options(name: &str, items: &[(String, String)]) -> Result<Target, String
     if let Some(driver) = driver.filter(|d| *d != "file" && !FORMATS.contains(d)) {
         return refuse(format!("Unknown driver '{driver}'"));
     }
-    if let Some(driver) = get("file.driver").filter(|d| *d != "file") {
-        return refuse(format!("Unknown driver '{driver}'"));
+    for child in ["file.driver", "data-file.driver"] {
+        if let Some(driver) = get(child).filter(|d| *d != "file") {
+            return refuse(format!("Unknown driver '{driver}'"));
+        }
     }
     if get("locking") == Some("off") || get("file.locking") == Some("off") {
         return refuse("locking=off is refused: cowclone always takes the image locks".into());
     }
     for (key, _) in items {
-        let key_in_file = key.strip_prefix("file.").unwrap_or(key);
+        let key_in_file = key
+            .strip_prefix("file.")
+            .or(key.strip_prefix("data-file."))
+            .unwrap_or(key);
         let known = matches!(key.as_str(), "driver" | "filename" | "file" | "locking")
             || matches!(key_in_file, "driver" | "filename" | "locking")
             || HARMLESS.contains(&key_in_file);
@@ -188,9 +200,14 @@ fn from_options(name: &str, items: &[(String, String)]) -> Result<Target, String
     };
     // A filename inside the options is a plain path, unless it names a protocol itself.
     let inner = parse(path)?;
+    let data_file = match get("data-file.filename") {
+        Some(name) => Some(parse(name)?.path),
+        None => None,
+    };
     Ok(Target {
         path: inner.path,
         format: driver.filter(|d| *d != "file").map(str::to_owned),
+        data_file,
     })
 }
 
@@ -202,7 +219,38 @@ mod tests {
         Target {
             path: path.into(),
             format: format.map(Into::into),
+            data_file: None,
         }
+    }
+
+    #[test]
+    fn a_data_file_in_the_options_is_the_images_data_file() {
+        // iotest 061: no driver (the format is probed), the data file beside the image.
+        assert_eq!(
+            parse_image_opts("data-file.filename=/d/t.data,file.filename=/d/t.qcow2").unwrap(),
+            Target {
+                data_file: Some("/d/t.data".into()),
+                ..target("/d/t.qcow2", None)
+            }
+        );
+        assert_eq!(
+            parse(r#"json:{"driver":"qcow2","file":{"filename":"/a"},"data-file":{"driver":"file","filename":"file:/b"}}"#)
+                .unwrap(),
+            Target {
+                data_file: Some("/b".into()),
+                ..target("/a", Some("qcow2"))
+            }
+        );
+        assert!(
+            parse_image_opts("data-file.driver=nbd,data-file.host=h,file.filename=/a")
+                .unwrap_err()
+                .contains("Unknown driver 'nbd'")
+        );
+        assert!(
+            parse_image_opts("data-file.filename=nbd://h/x,file.filename=/a")
+                .unwrap_err()
+                .contains("Unknown protocol 'nbd'")
+        );
     }
 
     #[test]

@@ -252,3 +252,39 @@ fn capitalized(text: &str) -> String {
         None => String::new(),
     }
 }
+
+/// qemu-img's message when an image's external data file does not open, as qemu words a child
+/// that does not open: `Could not open 'IMAGE': Could not open 'DATA': strerror`, and its
+/// refusals of a header without the data file's name or a data file given for an image without
+/// one (`Could not open 'IMAGE': 'data-file' is required for this image`).
+pub(super) fn data_file_message(e: &anyhow::Error) -> Option<String> {
+    let mut image = None;
+    let mut data = None;
+    for cause in e.chain() {
+        match cause.downcast_ref::<imagefmt::Error>() {
+            Some(imagefmt::Error::InFile {
+                role: "could not open",
+                path,
+                ..
+            }) => image = Some(path),
+            Some(imagefmt::Error::InFile {
+                role: "could not open data file",
+                path,
+                ..
+            }) => data = Some(path),
+            Some(imagefmt::Error::Io { source, .. }) if data.is_some() => {
+                return Some(format!(
+                    "Could not open '{}': Could not open '{}': {}",
+                    image?.display(),
+                    data?.display(),
+                    super::strerror(source)
+                ));
+            }
+            Some(imagefmt::Error::Qcow2(
+                refusal @ (Qcow2Error::DataFileRequired | Qcow2Error::DataFileNotExpected),
+            )) => return Some(format!("Could not open '{}': {refusal}", image?.display())),
+            _ => {}
+        }
+    }
+    None
+}

@@ -13,6 +13,7 @@
 
 mod amend;
 mod convert;
+mod data_file;
 mod filename;
 mod getopt;
 mod messages;
@@ -263,6 +264,7 @@ impl Plan {
             return Ok(u8::from(out.write_all(text.as_bytes()).is_err()));
         }
         let mut argv = vec!["cowclone".to_owned(), self.command.to_owned()];
+        argv.extend(data_file::qemu_defaults(self.command));
         argv.extend(self.args);
         let cli = Cli::try_parse_from(&argv).map_err(|e| clap_failure(self.command, &e))?;
         let result = if self.quiet {
@@ -338,6 +340,9 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         "create" => format!("{}: ", path.display()),
         _ => format!("Could not open '{}': ", path.display()),
     };
+    if let Some(message) = messages::data_file_message(e) {
+        return message;
+    }
     if let Some(message) = messages::qemu_message(command, e) {
         return message;
     }
@@ -739,6 +744,14 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     if !parsed.has("n") {
         plan.arg("--overwrite");
     }
+    for (index, source) in sources.iter().enumerate() {
+        data_file::named(&mut plan, source, index == 0)?;
+    }
+    if dest.data_file.is_some() {
+        return Err(error(
+            "convert: a 'data-file' option for the target is not supported by cowclone",
+        ));
+    }
     plan.arg("--");
     for source in sources {
         plan.arg(source.path);
@@ -785,6 +798,7 @@ fn info(args: &[String]) -> Result<Plan, Failure> {
     if parsed.has("limits") {
         plan.flag("--limits", None)?;
     }
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
     Ok(plan)
 }
@@ -824,6 +838,7 @@ fn check(args: &[String]) -> Result<Plan, Failure> {
         plan.arg("-U");
     }
     quiet(&mut plan, &parsed);
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
     Ok(plan)
 }
@@ -863,6 +878,8 @@ fn compare(args: &[String]) -> Result<Plan, Failure> {
         plan.arg("-U");
     }
     quiet(&mut plan, &parsed);
+    data_file::named(&mut plan, &first, true)?;
+    data_file::named(&mut plan, &second, false)?;
     plan.arg("--").arg(first.path).arg(second.path);
     Ok(plan)
 }
@@ -896,6 +913,7 @@ fn commit(args: &[String]) -> Result<Plan, Failure> {
     }
     // -r is a rate limit: without it the commit only finishes sooner.
     quiet(&mut plan, &parsed);
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
     Ok(plan)
 }
@@ -930,6 +948,7 @@ fn map(args: &[String]) -> Result<Plan, Failure> {
     if parsed.has("U") {
         plan.arg("-U");
     }
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
     Ok(plan)
 }
@@ -983,6 +1002,7 @@ fn rebase(args: &[String]) -> Result<Plan, Failure> {
         plan.flag_if_taken("-p", None);
     }
     quiet(&mut plan, &parsed);
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
     Ok(plan)
 }
@@ -1019,6 +1039,7 @@ fn resize(args: &[String]) -> Result<Plan, Failure> {
         plan.arg("--shrink").flag("--drop-data-past-end", None)?;
     }
     quiet(&mut plan, &parsed);
+    data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path).arg(size);
     Ok(plan)
 }
@@ -1061,6 +1082,7 @@ fn measure(args: &[String]) -> Result<Plan, Failure> {
             if let Some(format) = parsed.last("f").or(image.format.as_deref()) {
                 plan.arg("-f").arg(format);
             }
+            data_file::named(&mut plan, &image, true)?;
             plan.arg("--").arg(image.path);
         }
         _ => return Err(error("At most one filename argument is allowed.")),

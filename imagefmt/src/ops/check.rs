@@ -20,7 +20,6 @@ use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::open::{open_image, OpenHow};
 use crate::qcow2::check::{CheckReport, Repair};
-use crate::qcow2::features::IncompatibleFeatures;
 use crate::vdi::ParentLink;
 use crate::{Error, Result};
 
@@ -77,28 +76,21 @@ pub fn check_image(
                 .map(str::parse::<ImageFormat>)
                 .transpose()?;
             Some(
-                open_chain_with(&backing, backing_format, options)
-                    .map_err(|e| e.in_file("could not open backing file", &backing))?,
+                open_chain_with(
+                    &backing,
+                    backing_format,
+                    &ChainOptions {
+                        data_file: None,
+                        ..*options
+                    },
+                )
+                .map_err(|e| e.in_file("could not open backing file", &backing))?,
             )
         }
         None => None,
     };
-    let _data_file = match cluster.data_file() {
-        Some(name)
-            if options.allow_data_files
-                && cluster
-                    .header
-                    .incompatible_features
-                    .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE) =>
-        {
-            let data = options.policy.resolve(path, name)?;
-            Some(
-                open_image(&data, options.open_how())
-                    .map_err(|e| e.in_file("could not open data file", &data))?,
-            )
-        }
-        _ => None,
-    };
+    // Opened as a read of the chain opens it (qemu's check fails when it cannot open it).
+    let _data_file = crate::chain::open_data_file(path, cluster, options, options.data_file)?;
     if repair != Repair::None {
         crate::qcow2::header::clear_unknown_autoclear(&file, &cluster.header)?;
     }

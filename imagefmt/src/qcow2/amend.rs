@@ -322,6 +322,11 @@ pub fn amend_reporting(
         return Err(refused("cowclone does not amend encrypted images"));
     }
 
+    // qemu's downgrade refuses a data file (v2 has none). Checked before anything is opened
+    // for writing: cowclone writes no image with a data file through the table path.
+    if new_version == Version::V2 && old_version == Version::V3 && has_data_file {
+        return Err(refused("Cannot downgrade an image with a data file"));
+    }
     let structural = new_version != old_version
         || new_order != header.refcount_order
         || new_size.is_some_and(|s| s != header.size);

@@ -485,6 +485,7 @@ pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
     image.map_raw_data_file()?;
     image.flush()?;
     drop(image);
+    write_first_clusters_in_full(backend, cluster.header.cluster_size())?;
     // Then the header names the data file: the bits and the extension, in qemu's place (after
     // the backing format, which a raw data file excludes anyway).
     let mut cluster = HeaderCluster::read_from(backend)?;
@@ -505,6 +506,30 @@ pub(crate) fn write_new_image_with_data_file<B: Backend + Send + Sync + ?Sized>(
         .write_all_at(&bytes, 0)
         .map_err(crate::Error::writing("qcow2 header"))?;
     Ok(size)
+}
+
+/// Rewrites the image's first three clusters (header, refcount table, first refcount block)
+/// in full, zeros included, as qemu-img's create writes them, so that the image file is as
+/// allocated as qemu-img's. It matters where every cluster is mapped into a data file: qemu
+/// takes an image whose refcounted clusters exceed its allocated size by more than a ninth (and
+/// two clusters) for a metadata-preallocated one and then reports the data file's holes as
+/// zeros (`qcow2_detect_metadata_preallocation`); with the image as allocated as qemu-img's,
+/// `qemu-img map` reports our images as it reports its own.
+fn write_first_clusters_in_full<B: Backend + ?Sized>(
+    backend: &B,
+    cluster_size: u64,
+) -> Result<(), crate::Error> {
+    let len = backend
+        .len()
+        .map_err(crate::Error::reading("qcow2 file length"))?
+        .min(3 * cluster_size); // ≤ 6 MiB: the cluster size is at most 2 MiB (validated)
+    let mut bytes = vec![0u8; len as usize];
+    backend
+        .read_exact_at(&mut bytes, 0)
+        .map_err(crate::Error::reading("qcow2 first clusters"))?;
+    backend
+        .write_all_at(&bytes, 0)
+        .map_err(crate::Error::writing("qcow2 first clusters"))
 }
 
 #[cfg(test)]

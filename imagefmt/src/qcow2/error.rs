@@ -259,6 +259,20 @@ pub enum Qcow2Error {
         /// The data file name from the header.
         name: String,
     },
+    /// An image with an external data file was to be opened for writing: cowclone's writer
+    /// allocates guest data in the image file only, so it refuses (reading works).
+    #[error("cowclone does not write qcow2 images with an external data file (data file {name:?}); it reads them")]
+    DataFileWriteUnsupported {
+        /// The data file name from the header.
+        name: String,
+    },
+    /// The image keeps its data in an external file whose name its header does not record
+    /// (`qemu-img amend -o data_file=` removed it), and the caller named none.
+    #[error("'data-file' is required for this image")]
+    DataFileRequired,
+    /// A data file was named for an image that keeps its data in its own file.
+    #[error("'data-file' can only be set for images with an external data file")]
+    DataFileNotExpected,
     /// A read outside the virtual disk.
     #[error("qcow2 read of {len} bytes at {offset:#x} is outside the {size}-byte disk")]
     ReadOutOfRange {

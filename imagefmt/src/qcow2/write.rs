@@ -63,6 +63,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         {
             return refuse("the image is dirty (lazy refcounts after a crash); repair it with check -r all first");
         }
+        if h.incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        {
+            return Err(Qcow2Error::DataFileWriteUnsupported {
+                name: cluster.data_file().unwrap_or_default().to_owned(),
+            }
+            .into());
+        }
         let bitmaps = super::bitmap::extension(&cluster);
         let mut image = Self::open(backend, cluster, below)?;
         image.writer = Some(WriteState::load(
