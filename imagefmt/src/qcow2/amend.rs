@@ -737,9 +737,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
         let features = self.header.incompatible_features;
-        if features.contains(IncompatibleFeatures::EXTERNAL_DATA_FILE) {
-            return Err(refused("Cannot downgrade an image with a data file"));
-        }
+        // An image with a data file never gets here: opening it for writing is refused, and
+        // `amend` refuses its downgrade in qemu's words before that.
         let blocking = features - IncompatibleFeatures::COMPRESSION_TYPE;
         if !blocking.is_empty() {
             return Err(refused(format!(
