@@ -13,6 +13,7 @@ mod check_xcheck;
 mod cli;
 mod cli_shell;
 mod compress_xcheck;
+mod convert_extras_xcheck;
 mod convert_xcheck;
 mod data_file_create;
 mod foreign_formats;

@@ -37,7 +37,8 @@ pub struct ConvertExtraArgs {
         short = 'r',
         long = "rate",
         visible_alias = "rate-limit",
-        value_name = "RATE"
+        value_name = "RATE",
+        allow_hyphen_values = true
     )]
     pub rate: Option<String>,
 }

@@ -11,8 +11,9 @@ use imagefmt::ImageFormat;
 
 use crate::commands::convert;
 
-/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n] [-S SIZE] [-t CACHE] [-T CACHE]
-/// [-B BACKING [-F FMT]] [-o ...] [--snapshot ID|NAME] [-p] [-q] SRC... DST`
+/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n [--target-is-zero]] [-S SIZE]
+/// [-t CACHE] [-T CACHE] [-B BACKING [-F FMT]] [-o ...] [--snapshot ID|NAME]
+/// [--bitmaps [--skip-broken-bitmaps]] [--salvage] [-r RATE] [-p] [-q] SRC... DST`
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Source format (default: recognised by content, raw otherwise).

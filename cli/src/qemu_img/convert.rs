@@ -59,6 +59,14 @@ pub(super) fn option_refusals(parsed: &Parsed) -> Result<(), Failure> {
     if parsed.has("target-is-zero") && !parsed.has("n") {
         return Err(error("--target-is-zero requires use of -n flag"));
     }
+    if parsed.has("target-is-zero") && parsed.has("B") {
+        // qemu-img 10 refuses this, copies nothing, and exits 0 (its error path keeps the
+        // success code): so does the personality; `cowclone convert` exits 1.
+        return Err(Failure::Error(
+            "Cannot use --target-is-zero when the destination image has a backing file".into(),
+            0,
+        ));
+    }
     Ok(())
 }
 
