@@ -167,10 +167,12 @@ pub fn copy_bitmaps(
 
 /// Runs `copy` over `source`, salvaging its read errors if asked (`--salvage`: qemu-img's
 /// first walk over the source first, then warnings on standard error as qemu-img prints
-/// them), else over `source` as it is.
+/// them), else over `source` as it is. `whole_units`: the cluster size of compressed output,
+/// which takes whole clusters (a failed status then stands for the rest of its cluster).
 pub fn with_source<T>(
     extras: &Extras,
     source: &dyn imagefmt::extent::GuestRead,
+    whole_units: Option<u64>,
     copy: impl FnOnce(&dyn imagefmt::extent::GuestRead) -> Result<T>,
 ) -> Result<T> {
     if !extras.args.salvage {
@@ -178,7 +180,10 @@ pub fn with_source<T>(
     }
     let prefix = crate::qemu_img::message_prefix();
     let warn = move |warning: &SalvageWarning| eprintln!("{prefix}: warning: {warning}");
-    let salvage = Salvage::new(source, &warn);
+    let mut salvage = Salvage::new(source, &warn);
+    if let Some(unit) = whole_units {
+        salvage = salvage.whole_units(unit);
+    }
     salvage.count_pass()?;
     copy(&salvage)
 }

@@ -334,7 +334,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         let version = imagefmt::ops::convert_bitmaps::existing_qcow2_version(dest);
         convert::check_bitmap_target(bitmaps.as_ref(), output, version)?;
         let mut progress = crate::progress::Progress::new(show, out);
-        convert::with_source(&extras, source.as_ref(), |source| {
+        convert::with_source(&extras, source.as_ref(), None, |source| {
             let mut update = extras.throttled(|done, total| progress.update(done, total));
             Ok(imagefmt::ops::convert_into::convert_into(
                 source,
@@ -390,7 +390,9 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     };
     let mut progress = crate::progress::Progress::new(show, out);
     // Errors name the file at fault themselves (source image, destination or backing file).
-    convert::with_source(&extras, source.as_ref(), |source| {
+    let whole_units =
+        (args.compress && output == ImageFormat::Qcow2).then_some(options.qcow2.cluster_size);
+    convert::with_source(&extras, source.as_ref(), whole_units, |source| {
         let mut update = extras.throttled(|done, total| progress.update(done, total));
         Ok(imagefmt::ops::convert::convert(
             source,

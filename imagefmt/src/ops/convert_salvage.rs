@@ -88,6 +88,9 @@ pub type WarningSink<'a> = &'a (dyn Fn(&SalvageWarning) + Send + Sync);
 pub struct Salvage<'a> {
     inner: &'a dyn GuestRead,
     warn: WarningSink<'a>,
+    /// What a failed status is taken as data for: one sector, or with [`Salvage::whole_units`]
+    /// the rest of its unit.
+    unit: u64,
     state: Mutex<State>,
 }
 
@@ -107,8 +110,17 @@ impl<'a> Salvage<'a> {
         Self {
             inner,
             warn,
+            unit: SECTOR,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// For output written in whole units of `unit` bytes (compressed qcow2 clusters): a sector
+    /// whose status fails is taken as data to the end of its unit, as qemu-img widens what it
+    /// copies there to a whole cluster (so the next status asked is the next unit's).
+    pub fn whole_units(mut self, unit: u64) -> Self {
+        self.unit = unit.max(SECTOR);
+        self
     }
 
     /// qemu-img's first walk over the source's block status (it counts the data to copy):
@@ -212,10 +224,43 @@ impl GuestRead for Salvage<'_> {
             }
             state.last_start = Some(start.0);
         }
-        let left = size - start.0;
-        let mut len = max_len.min(left).max(1);
+        let limit = start.0 + max_len.min(size - start.0).max(1);
+        let cause = match self.probe(start.0, limit) {
+            Ok(extent) => return Ok(extent),
+            Err(cause) => cause,
+        };
+        // The sector is read as data, to the end of its unit; so are the failing ones after
+        // it (each reported in turn), in one extent, so that the copy sees them together.
+        self.status_failed(start.0, cause);
+        let unit_end = |at: u64| (at / self.unit + 1).saturating_mul(self.unit).min(limit);
+        let mut end = unit_end(start.0);
+        while end < limit {
+            match self.probe(end, limit) {
+                Ok(_) => break,
+                Err(cause) => {
+                    self.status_failed(end, cause);
+                    end = unit_end(end);
+                }
+            }
+        }
+        Ok(Extent {
+            start,
+            len: end - start.0,
+            depth: 0,
+            kind: ExtentKind::DATA,
+            host: None,
+        })
+    }
+}
+
+impl Salvage<'_> {
+    /// The status of the range from `at` to `limit` as qemu-img asks it: on failure, again on
+    /// a quarter of the range (in sectors), down to one sector; the answer (depth 0, no host
+    /// location), or why the status of that one sector cannot be read.
+    fn probe(&self, at: u64, limit: u64) -> std::result::Result<Extent, String> {
+        let mut len = limit - at;
         loop {
-            match chain::block_status(self.inner, start, len) {
+            match chain::block_status(self.inner, GuestOffset(at), len) {
                 Ok(extent) => {
                     return Ok(Extent {
                         depth: 0,
@@ -223,20 +268,8 @@ impl GuestRead for Salvage<'_> {
                         ..extent
                     })
                 }
-                // qemu-img retries on a quarter of the range (in sectors) ...
                 Err(_) if len > SECTOR => len = len.div_ceil(SECTOR).div_ceil(4) * SECTOR,
-                // ... and gives up on one sector, which it then reads as data.
-                Err(e) => {
-                    self.status_failed(start.0, strerror(&e));
-                    let sector_end = ((start.0 / SECTOR + 1) * SECTOR).min(size);
-                    return Ok(Extent {
-                        start,
-                        len: sector_end - start.0,
-                        depth: 0,
-                        kind: ExtentKind::DATA,
-                        host: None,
-                    });
-                }
+                Err(e) => return Err(strerror(&e)),
             }
         }
     }
@@ -306,9 +339,13 @@ mod tests {
     }
 
     fn run(count_first: bool) -> (Vec<u8>, Vec<String>) {
+        run_in_units(count_first, SECTOR)
+    }
+
+    fn run_in_units(count_first: bool, unit: u64) -> (Vec<u8>, Vec<String>) {
         let warnings = Mutex::new(Vec::new());
         let sink = |w: &SalvageWarning| warnings.lock().unwrap().push(w.to_string());
-        let salvage = Salvage::new(&Flaky, &sink);
+        let salvage = Salvage::new(&Flaky, &sink).whole_units(unit);
         if count_first {
             salvage.count_pass().unwrap();
         }
@@ -345,6 +382,26 @@ mod tests {
         assert_eq!(
             warnings,
             [
+                "error while reading block status at offset 1024: Input/output error",
+                "error while reading offset 1024: Input/output error",
+                "error while reading offset 2560: Input/output error",
+            ]
+        );
+    }
+
+    #[test]
+    fn in_whole_units_a_failed_status_covers_the_rest_of_its_unit() {
+        // Units of 4 sectors: the failed status at sector 2 covers sectors 2 and 3, so the
+        // next status asked is sector 4's; the reads still fail and warn per sector.
+        let (disk, warnings) = run_in_units(true, 4 * SECTOR);
+        for (i, sector) in disk.chunks(SECTOR as usize).enumerate() {
+            let expected = if i == 2 || i == 5 { 0 } else { 7 };
+            assert!(sector.iter().all(|&b| b == expected), "sector {i}");
+        }
+        assert_eq!(
+            warnings,
+            [
+                "error while reading block status at offset 1024: Input/output error",
                 "error while reading block status at offset 1024: Input/output error",
                 "error while reading offset 1024: Input/output error",
                 "error while reading offset 2560: Input/output error",
