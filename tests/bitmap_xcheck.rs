@@ -6,7 +6,6 @@
 //! with `x-dirty-bitmap` reports dirty ranges as `"data": false`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use imagefmt::backing::BackingPolicy;
 use imagefmt::ops::bitmap::{bitmap, SourceImage};
@@ -15,7 +14,7 @@ use imagefmt::qcow2::write::WriteOptions;
 use serde_json::Value;
 
 use crate::util::{
-    assert_qemu_check_clean, command_line, describe, qemu_img, qemu_img_ok, qemu_info_json,
+    assert_qemu_check_clean, describe, qemu_dirty_ranges, qemu_img, qemu_img_ok, qemu_info_json,
     qemu_io_ok, run,
 };
 
@@ -87,60 +86,6 @@ fn both(ours: &Path, theirs: &Path, name: &str, actions: &[BitmapAction]) {
     bitmap(ours, None, name, actions, None)
         .unwrap_or_else(|e| panic!("cowclone bitmap {actions:?} {name}: {e}"));
     qemu_bitmap(theirs, name, actions, None);
-}
-
-/// qemu's view of the dirty ranges of bitmap `name`: (start, length) of every range
-/// `qemu-img map` reports as dirty through a `qemu-nbd -B name` export.
-fn qemu_dirty_ranges(image: &Path, name: &str) -> Vec<(u64, u64)> {
-    let socket = image.with_extension("nbd.sock");
-    let _ = std::fs::remove_file(&socket);
-    let mut server: Child = match Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
-        .arg(&socket)
-        .arg(image)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("qemu-nbd not found: install the Debian package qemu-utils")
-        }
-        Err(e) => panic!("cannot run qemu-nbd: {e}"),
-    };
-    // Wait until the server listens (or has exited with an error).
-    while !socket.exists() {
-        if let Some(status) = server.try_wait().expect("polling qemu-nbd") {
-            let out = server.wait_with_output().expect("qemu-nbd output");
-            panic!(
-                "qemu-nbd -B {name} {} exited {status}: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let opts = format!(
-        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
-        socket.display()
-    );
-    let args: [&dyn AsRef<std::ffi::OsStr>; 4] = [&"map", &"--output=json", &"--image-opts", &opts];
-    let output = qemu_img(&args);
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(
-        output.status.success(),
-        "{} failed: {}",
-        command_line("qemu-img", &args),
-        describe(&output)
-    );
-    let map: Value = serde_json::from_slice(&output.stdout).expect("qemu-img map printed JSON");
-    map.as_array()
-        .expect("map is a list")
-        .iter()
-        .filter(|e| e["data"] == Value::Bool(false))
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect()
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod check_xcheck;
 mod cli;
 mod cli_shell;
 mod compress_xcheck;
+mod convert_extras_xcheck;
 mod convert_xcheck;
 mod data_file_create;
 mod data_file_personality;

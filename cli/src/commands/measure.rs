@@ -10,7 +10,8 @@ use imagefmt::ImageFormat;
 
 use crate::args::{ChainPolicyArgs, OutputFormat};
 
-/// `cowclone measure [--output json] [-O qcow2|raw] [-o OPTIONS] [--size SIZE | [-f FMT] FILE]`
+/// `cowclone measure [--output json] [-O qcow2|raw] [-o OPTIONS]
+/// [--size SIZE | [-f FMT] [-l SNAPSHOT] FILE]`
 #[derive(Debug, clap::Args)]
 pub struct MeasureArgs {
     /// Output format.
@@ -29,6 +30,11 @@ pub struct MeasureArgs {
     /// Format of FILE (default: recognised by content, raw otherwise).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
+    /// Measure FILE's content as of its internal snapshot with this id, else this name (qcow2;
+    /// qemu-img's `-l`). Also `id=ID`, `name=NAME` or `id=ID,name=NAME`: the snapshot
+    /// matching all given.
+    #[arg(short = 'l', long, value_name = "ID|NAME")]
+    pub snapshot: Option<String>,
     /// Backing, parent and data file policy for FILE's chain.
     #[command(flatten)]
     pub chain: ChainPolicyArgs,
@@ -38,7 +44,13 @@ pub struct MeasureArgs {
 
 /// Runs `measure`.
 pub fn measure_cmd(args: MeasureArgs, out: &mut impl Write) -> Result<()> {
-    let format: ImageFormat = args.out_format.parse()?;
+    let format: ImageFormat = match args.out_format.parse() {
+        Ok(format) => format,
+        Err(_) if !imagefmt::qcow2::create::QEMU_BACKING_FORMATS.contains(&&*args.out_format) => {
+            bail!("Unknown file format '{}'", args.out_format)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut options = MeasureOptions::new(format)?;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
@@ -46,13 +58,18 @@ pub fn measure_cmd(args: MeasureArgs, out: &mut impl Write) -> Result<()> {
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
         options.set(key, value)?;
     }
-    let measured = match (&args.size, &args.file) {
-        (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename"),
-        (None, None) => bail!("either --size N or one filename must be specified"),
-        (Some(size), None) => {
-            let size = imagefmt::size::parse_size(size)?;
-            measure(&options, MeasureSource::Size(size))?
-        }
+    let size = args
+        .size
+        .as_deref()
+        .map(|size| crate::commands::qemu_size("image size", size))
+        .transpose()?;
+    if args.file.is_none() && (args.format.is_some() || args.snapshot.is_some()) {
+        bail!("-f and -l require a filename argument.");
+    }
+    let measured = match (size, &args.file) {
+        (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
+        (None, None) => bail!("Either --size N or one filename must be specified."),
+        (Some(size), None) => measure(&options, MeasureSource::Size(size))?,
         (None, Some(file)) => {
             let source_format = args
                 .format
@@ -61,9 +78,19 @@ pub fn measure_cmd(args: MeasureArgs, out: &mut impl Write) -> Result<()> {
                 .transpose()?;
             let policy = args.chain.policy();
             let parents = imagefmt::vdi::Explicit(args.chain.parents.clone());
-            let chain = args.chain.options(&policy, &parents);
-            measure_image(file, source_format, &chain, &options)
-                .with_context(|| format!("{}", file.display()))?
+            let snapshot = args
+                .snapshot
+                .as_deref()
+                .map(crate::commands::ops::snapshot_key)
+                .transpose()?;
+            let mut chain = args.chain.options(&policy, &parents);
+            chain.snapshot = snapshot.as_ref();
+            measure_image(file, source_format, &chain, &options).map_err(|e| {
+                match crate::commands::ops::snapshot_failure(&e) {
+                    Some(reason) => anyhow::anyhow!("Failed to load snapshot: {reason}"),
+                    None => anyhow::Error::from(e).context(format!("{}", file.display())),
+                }
+            })?
         }
     };
     match args.output {

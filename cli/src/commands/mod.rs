@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bitmap;
 pub mod check_map;
 pub mod compare;
+pub mod convert;
 pub mod create;
 pub mod dd;
 pub mod host;
@@ -38,6 +39,26 @@ pub fn chain_options<'a>(
 /// Parses a size with qemu-img's suffixes (k/K, M, G, T, ...).
 pub fn parse_size(text: &str) -> Result<u64> {
     Ok(imagefmt::size::parse_size(text)?)
+}
+
+/// A size option as qemu-img's `cvtnum` reads it (suffixes k, M, G, T, P, E; 0 up to
+/// `i64::MAX`), refused in its words: "Invalid WHAT specified: 'TEXT'." for what is not a
+/// size, "Invalid WHAT specified. Must be between 0 and MAX." for what is out of range.
+pub fn qemu_size(what: &str, text: &str) -> Result<u64> {
+    let out_of_range = || {
+        anyhow::anyhow!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        )
+    };
+    if text.trim_start().starts_with('-') {
+        return Err(out_of_range());
+    }
+    match imagefmt::size::parse_size(text) {
+        Ok(size) if i64::try_from(size).is_ok() => Ok(size),
+        Ok(_) => Err(out_of_range()),
+        Err(_) => anyhow::bail!("Invalid {what} specified: '{text}'."),
+    }
 }
 
 /// qemu's spelling of a boolean option value.

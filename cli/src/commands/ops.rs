@@ -9,8 +9,11 @@ use imagefmt::preallocate::Preallocation;
 use imagefmt::qcow2::CreateOptions;
 use imagefmt::ImageFormat;
 
-/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n] [-S SIZE] [-t CACHE] [-T CACHE]
-/// [-B BACKING [-F FMT]] [-o ...] [--snapshot ID|NAME] [-p] [-q] SRC... DST`
+use crate::commands::convert;
+
+/// `cowclone convert [-f FMT] -O qcow2|vdi|raw [-c] [-n [--target-is-zero]] [-S SIZE]
+/// [-t CACHE] [-T CACHE] [-B BACKING [-F FMT]] [-o ...] [--snapshot ID|NAME]
+/// [--bitmaps [--skip-broken-bitmaps]] [--salvage] [-r RATE] [-p] [-q] SRC... DST`
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Source format (default: recognised by content, raw otherwise).
@@ -79,10 +82,13 @@ pub struct ConvertArgs {
     pub images: Vec<PathBuf>,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
+    /// --bitmaps, --skip-broken-bitmaps, --salvage, --target-is-zero, -r.
+    #[command(flatten)]
+    pub extras: crate::commands::convert::ConvertExtraArgs,
 }
 
 /// Why a snapshot could not be loaded, in qemu-img's words, if that is what `e` is about.
-fn snapshot_failure(e: &imagefmt::Error) -> Option<&'static str> {
+pub(crate) fn snapshot_failure(e: &imagefmt::Error) -> Option<&'static str> {
     use imagefmt::qcow2::snapshot::SnapshotError;
     use imagefmt::qcow2::{Qcow2Error, MAX_L1_TABLE_BYTES};
     match e {
@@ -279,9 +285,10 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     if let Some(mode) = &args.source_cache {
         cache_flushes(mode)?;
     }
-    if args.skip_create && !args.options.is_empty() {
-        bail!("-o has no effect when skipping image creation");
-    }
+    let extras = args
+        .extras
+        .clone()
+        .check(args.skip_create, !args.options.is_empty())?;
     if args.skip_create && args.compress {
         bail!("-c needs a new image (it cannot be used with -n)");
     }
@@ -316,6 +323,9 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
             })?;
         parts.push(opened);
     }
+    extras.check_backing(args.backing.is_some())?;
+    let read_how = imagefmt::open::OpenHow::reading(args.chain.force_share);
+    let bitmaps = extras.prepare_bitmaps(sources, source_format, read_how)?;
     let source: Box<dyn imagefmt::extent::GuestRead> = if parts.len() == 1 {
         parts.pop().expect("one source")
     } else {
@@ -324,17 +334,23 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let output = args.output_format.parse::<ImageFormat>()?;
     let show = args.progress && !args.quiet;
     if args.skip_create {
+        let version = imagefmt::ops::convert_bitmaps::existing_qcow2_version(dest);
+        convert::check_bitmap_target(bitmaps.as_ref(), output, version)?;
         let mut progress = crate::progress::Progress::new(show, out);
-        imagefmt::ops::convert_into::convert_into(
-            source.as_ref(),
-            dest,
-            output,
-            &policy,
-            sparse_size,
-            &mut |done, total| progress.update(done, total),
-        )?;
+        convert::with_source(&extras, source.as_ref(), None, |source| {
+            let mut update = extras.throttled(|done, total| progress.update(done, total));
+            Ok(imagefmt::ops::convert_into::convert_into(
+                source,
+                dest,
+                output,
+                &policy,
+                sparse_size,
+                extras.target_is_zero(),
+                &mut update,
+            )?)
+        })?;
         progress.finish();
-        return Ok(());
+        return convert::copy_bitmaps(bitmaps.as_ref(), &sources[0], read_how, dest);
     }
     let mut qcow2 = CreateOptions::default();
     let mut vdi_static = false;
@@ -354,6 +370,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
             (_, _) => bail!("Invalid parameter '{key}' for the {} format", output.name()),
         }
     }
+    convert::check_bitmap_target(bitmaps.as_ref(), output, Some(qcow2.compat.version()))?;
     let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,
@@ -367,7 +384,8 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
             overwrite: args.overwrite,
             durable: flush,
         },
-        parallel: args.parallel,
+        // Salvaging reads with one reader, so that its warnings come in disk order.
+        parallel: if extras.salvage() { 1 } else { args.parallel },
         out_of_order: args.out_of_order,
         preallocation,
         sparse_size,
@@ -375,15 +393,20 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     };
     let mut progress = crate::progress::Progress::new(show, out);
     // Errors name the file at fault themselves (source image, destination or backing file).
-    imagefmt::ops::convert::convert(
-        source.as_ref(),
-        dest,
-        &options,
-        &policy,
-        &mut |done, total| progress.update(done, total),
-    )?;
+    let whole_units =
+        (args.compress && output == ImageFormat::Qcow2).then_some(options.qcow2.cluster_size);
+    convert::with_source(&extras, source.as_ref(), whole_units, |source| {
+        let mut update = extras.throttled(|done, total| progress.update(done, total));
+        Ok(imagefmt::ops::convert::convert(
+            source,
+            dest,
+            &options,
+            &policy,
+            &mut update,
+        )?)
+    })?;
     progress.finish();
-    Ok(())
+    convert::copy_bitmaps(bitmaps.as_ref(), &sources[0], read_how, dest)
 }
 
 /// Runs commit.

@@ -1,5 +1,6 @@
 //! qemu-img convert's options that need more than a rename: `-l` (the snapshot to read the
-//! source at), `-C` (copy offloading) and `-B` naming a file that is not there.
+//! source at; measure's `-l` too), `-C` (copy offloading), the refusals qemu-img makes right
+//! after reading its options, and `-B` naming a file that is not there.
 
 use std::path::Path;
 
@@ -44,9 +45,34 @@ pub(super) fn snapshot_flag(value: &str, sources: usize) -> Result<String, Failu
     Ok(parts.join(","))
 }
 
+/// The refusals qemu-img makes right after reading convert's options, in its order:
+/// `--skip-broken-bitmaps` without `--bitmaps`, `-C` with what it cannot go with, and
+/// `--target-is-zero` without `-n`.
+pub(super) fn option_refusals(parsed: &Parsed) -> Result<(), Failure> {
+    if parsed.has("skip-broken-bitmaps") && !parsed.has("bitmaps") {
+        return Err(error("Use of --skip-broken-bitmaps requires --bitmaps"));
+    }
+    copy_offloading(parsed)?;
+    if parsed.has("n") && parsed.has("o") {
+        return Err(error("-o has no effect when skipping image creation"));
+    }
+    if parsed.has("target-is-zero") && !parsed.has("n") {
+        return Err(error("--target-is-zero requires use of -n flag"));
+    }
+    if parsed.has("target-is-zero") && parsed.has("B") {
+        // qemu-img 10 refuses this, copies nothing, and exits 0 (its error path keeps the
+        // success code): so does the personality; `cowclone convert` exits 1.
+        return Err(Failure::Error(
+            "Cannot use --target-is-zero when the destination image has a backing file".into(),
+            0,
+        ));
+    }
+    Ok(())
+}
+
 /// qemu-img's refusals of `-C` (copy offloading) with options it cannot go with. cowclone
 /// picks its copy method itself, so an accepted `-C` changes nothing.
-pub(super) fn copy_offloading(parsed: &Parsed) -> Result<(), Failure> {
+fn copy_offloading(parsed: &Parsed) -> Result<(), Failure> {
     if !parsed.has("C") {
         return Ok(());
     }

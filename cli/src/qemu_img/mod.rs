@@ -49,6 +49,7 @@ pub fn invoked_as_qemu_img(argv0: &OsStr) -> bool {
 /// usage messages repeat as qemu-img does), writing its output to `out` and its errors to
 /// standard error as qemu-img does. Returns the exit code.
 pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
+    let _personality = Personality::enter();
     let mut command = None;
     let failure = match run(args, out, &mut command) {
         Ok(code) => return code,
@@ -88,6 +89,36 @@ pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
             );
             u8::from(shown.is_err())
         }
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs a qemu-img command line ([`main`]).
+    static PERSONALITY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as running the personality until dropped.
+struct Personality(bool);
+
+impl Personality {
+    fn enter() -> Self {
+        Self(PERSONALITY.with(|p| p.replace(true)))
+    }
+}
+
+impl Drop for Personality {
+    fn drop(&mut self) {
+        PERSONALITY.with(|p| p.set(self.0));
+    }
+}
+
+/// The program name that starts the warnings a command prints itself while it runs: `qemu-img`
+/// inside the personality, else `cowclone`.
+pub fn message_prefix() -> &'static str {
+    if PERSONALITY.with(std::cell::Cell::get) {
+        "qemu-img"
+    } else {
+        "cowclone"
     }
 }
 
@@ -655,6 +686,7 @@ const CONVERT: Spec = Spec {
 fn convert(args: &[String]) -> Result<Plan, Failure> {
     let parsed = parse_options(&CONVERT, "convert", args)?;
     no_objects(&parsed)?;
+    convert::option_refusals(&parsed)?;
     let mut items = option_items(&parsed)?;
     options_help::take_file_options(&mut items)?;
     if options_help::asks_for_help(&items) {
@@ -696,7 +728,6 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
     format_flag(&mut plan, parsed.last("f"), &sources[0])?;
     let output_format = parsed.last("O").or(dest.format.as_deref()).unwrap_or("raw");
     plan.arg("-O").arg(output_format);
-    convert::copy_offloading(&parsed)?;
     if let Some(backing) = &backing {
         if sources.len() > 1 {
             return Err(error(
@@ -1060,6 +1091,11 @@ fn measure(args: &[String]) -> Result<Plan, Failure> {
     let parsed = parse_options(&MEASURE, "measure", args)?;
     no_objects(&parsed)?;
     let items = option_items(&parsed)?;
+    // qemu-img reads -l as it reads its options, and refuses a malformed keyed form there.
+    let snapshot = parsed
+        .last("l")
+        .map(|snapshot| convert::snapshot_flag(snapshot, 1))
+        .transpose()?;
     let mut plan = Plan::new("measure");
     output_flag(&mut plan, &parsed)?;
     if let Some(format) = parsed.last("O") {
@@ -1067,15 +1103,21 @@ fn measure(args: &[String]) -> Result<Plan, Failure> {
     }
     pass_options(&mut plan, &items)?;
     if let Some(size) = parsed.last("size") {
-        plan.arg("--size").arg(size);
+        // One word, so that a negative size is not read as an option.
+        plan.arg(format!("--size={size}"));
     }
-    if parsed.has("l") {
-        plan.flag("-l", parsed.last("l"))?;
+    if let Some(snapshot) = snapshot {
+        plan.flag("--snapshot", Some(&snapshot))?;
     }
     if parsed.has("U") {
         plan.flag_if_taken("-U", None);
     }
     match parsed.operands.as_slice() {
+        [] if parsed.has("image-opts") || parsed.has("f") || parsed.has("l") => {
+            return Err(error(
+                "--image-opts, -f, and -l require a filename argument.",
+            ));
+        }
         [] => {}
         [file] => {
             let image = target(file, parsed.has("image-opts"))?;

@@ -5,7 +5,8 @@
 //! one may hold anything, so here every range of the source is written: data as data, zero and
 //! unallocated ranges as zeros — zero clusters in a qcow2 target (v3: all of them, even where
 //! the target read zeros already), punched holes in a raw one — as qemu-img does when the
-//! target is not known to be zero-initialised. With `-S 0`
+//! target is not known to be zero-initialised (with `--target-is-zero` the caller says it is,
+//! and zero ranges are left alone, as qemu-img leaves them). With `-S 0`
 //! (`sparse_size` 0) zeros are written as data. The copy is serial, in requests of up to
 //! [`REQUEST_MAX`] bytes, reading only what the source's extents call data.
 //!
@@ -58,14 +59,16 @@ impl Target {
 
 /// Converts `source` into the existing image `dest` of format `format` (qcow2 or raw), opened
 /// for writing under `policy` (a qcow2 target's own backing chain is opened for copy-on-write
-/// of partial clusters). `sparse_size` is `-S` (0: zeros written as data). Errors name the
-/// file at fault.
+/// of partial clusters). `sparse_size` is `-S` (0: zeros written as data). `target_is_zero`
+/// (`--target-is-zero`): the caller vouches that the target reads as zeros, so zero ranges
+/// are not written (as for a new image), unless `-S 0`. Errors name the file at fault.
 pub fn convert_into(
     source: &dyn GuestRead,
     dest: &Path,
     format: ImageFormat,
     policy: &BackingPolicy,
     sparse_size: u64,
+    target_is_zero: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     let in_dest = |e: Error| e.in_file("destination", dest);
@@ -116,17 +119,23 @@ pub fn convert_into(
     for extent in chain::extents(source, GuestOffset(0)) {
         let extent = extent.map_err(|e| in_source(source, e))?;
         if extent.reads_as_zeros() && sparse_size != 0 {
-            target
-                .write_zeroes(extent.start.0, extent.len)
-                .map_err(in_dest)?;
+            if !target_is_zero {
+                target
+                    .write_zeroes(extent.start.0, extent.len)
+                    .map_err(in_dest)?;
+            }
         } else {
             let mut piece = Some(extent);
             while let Some(current) = piece {
                 let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
                 buf.resize(head.len as usize, 0);
                 chain::read_extent(source, &head, &mut buf).map_err(|e| in_source(source, e))?;
-                write_units(&mut target, &buf, head.start.0, unit, sparse_size != 0)
-                    .map_err(in_dest)?;
+                let zeros = match (sparse_size, target_is_zero) {
+                    (0, _) => Zeros::AsData,
+                    (_, true) => Zeros::Skipped,
+                    (_, false) => Zeros::Written,
+                };
+                write_units(&mut target, &buf, head.start.0, unit, zeros).map_err(in_dest)?;
                 stats.bytes_written += head.len;
                 progress(head.end().0, size);
                 piece = rest;
@@ -142,16 +151,27 @@ pub fn convert_into(
     Ok(stats)
 }
 
+/// What [`write_units`] does with units that read as zeros.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zeros {
+    /// Written as data (`-S 0`).
+    AsData,
+    /// Written as zeros (zero clusters, holes).
+    Written,
+    /// Not written: the target reads as zeros already (`--target-is-zero`).
+    Skipped,
+}
+
 /// Writes `data` at `offset` unit by unit (units aligned to guest offsets): runs of non-zero
-/// units as data, runs of zero units as zeros; with `sparse` false, everything as data.
+/// units as data, runs of zero units as `zeros` says.
 fn write_units(
     target: &mut Target,
     data: &[u8],
     offset: u64,
     unit: u64,
-    sparse: bool,
+    zeros: Zeros,
 ) -> Result<()> {
-    if !sparse {
+    if zeros == Zeros::AsData {
         return target.write(data, offset);
     }
     let mut at = 0usize;
@@ -164,7 +184,9 @@ fn write_units(
             end = unit_end(end);
         }
         if zero {
-            target.write_zeroes(offset + at as u64, (end - at) as u64)?;
+            if zeros == Zeros::Written {
+                target.write_zeroes(offset + at as u64, (end - at) as u64)?;
+            }
         } else {
             target.write(&data[at..end], offset + at as u64)?;
         }

@@ -1,7 +1,8 @@
 //! Whole-image operations, each a function over a chain and its extents, streaming in bounded
 //! memory: `info` (header facts, the backing chain), `map` (extents as qemu-img prints them),
 //! `check` (which check, the files around it, repair and recheck), `compare`, `convert` (a
-//! reader pipeline), `commit`, `rebase`, `dd` (a window of an image through convert); and
+//! reader pipeline; `convert_salvage`: read errors copied as zeros; `convert_bitmaps`: the
+//! persistent bitmaps copied too), `commit`, `rebase`, `dd` (a window of an image through convert); and
 //! `resize` (a new virtual size; the cluster-level part is `Qcow2Image::resize`); `bitmap`
 //! (persistent dirty bitmaps); `snapshot` (internal snapshots of a qcow2 file).
 //!
@@ -17,8 +18,10 @@ pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_bitmaps;
 pub mod convert_concat;
 pub mod convert_into;
+pub mod convert_salvage;
 pub mod dd;
 pub mod info;
 pub mod map;

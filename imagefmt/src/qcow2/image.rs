@@ -319,7 +319,11 @@ impl<B: Backend> Qcow2Image<B> {
             host,
         };
         while extent.end() < end {
-            let (kind, host, len) = self.unit_status(&table, extent.end())?;
+            // As in qemu, a corrupt entry fails the query that starts at it; a run before it
+            // ends there.
+            let Ok((kind, host, len)) = self.unit_status(&table, extent.end()) else {
+                break;
+            };
             let contiguous = match (extent.host, host) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a.offset.checked_add(extent.len) == Some(b.offset),
