@@ -760,7 +760,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             .backing_file
             .is_some();
         self.check_snapshot_l1_tables()?; // qemu validates them before expanding zero clusters
-        // New data clusters go where qemu's allocator puts them: first fit from the start.
+                                          // New data clusters go where qemu's allocator puts them: first fit from the start.
         self.allocate_first_fit();
         let mut walk = ZeroExpansion {
             has_backing,
