@@ -358,3 +358,53 @@ fn amend_progress_ends_as_qemu_img_when_refused_early() {
         );
     }
 }
+
+#[test]
+fn downgrade_of_a_data_file_image_is_refused_as_qemu_img_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, options) in [
+        "compat=0.10",
+        "compat=0.10,lazy_refcounts=on",
+        "compat=0.10,refcount_bits=8",
+        "lazy_refcounts=on,compat=0.10",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut outputs = Vec::new();
+        for who in ["theirs", "ours"] {
+            let image = dir.path().join(format!("d{n}.{who}.qcow2"));
+            let data = dir.path().join(format!("d{n}.{who}.data"));
+            let create_options = format!("compat=1.1,data_file={}", data.display());
+            qemu_img_ok(&[
+                &"create",
+                &"-q",
+                &"-f",
+                &"qcow2",
+                &"-o",
+                &create_options,
+                &image,
+                &"64M",
+            ]);
+            let output = if who == "ours" {
+                cowclone(&[&"qemu-img", &"amend", &"-o", &options, &image])
+            } else {
+                qemu_img(&[&"amend", &"-o", &options, &image])
+            };
+            let info = qemu_img_ok(&[&"info", &"--output=json", &image]);
+            let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+            outputs.push((
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+                info["format-specific"]["data"]["compat"].clone(),
+                info["format-specific"]["data"]["lazy-refcounts"].clone(),
+            ));
+        }
+        assert_eq!(outputs[1], outputs[0], "amend -o {options}");
+        assert!(
+            outputs[0].1.contains("qemu-img: "),
+            "{options}: qemu-img refused nothing: {:?}",
+            outputs[0]
+        );
+    }
+}

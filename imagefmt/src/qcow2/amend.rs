@@ -322,12 +322,22 @@ pub fn amend_reporting(
         return Err(refused("cowclone does not amend encrypted images"));
     }
 
-    // qemu's downgrade refuses a data file (v2 has none). Checked before anything is opened
-    // for writing: cowclone writes no image with a data file through the table path.
-    if new_version == Version::V2 && old_version == Version::V3 && has_data_file {
-        return Err(refused("Cannot downgrade an image with a data file"));
+    // Nothing comes before the refcount width step for a v2 target (no upgrade), so its
+    // refusal can be made before the image is opened, as qemu makes it before touching it.
+    if new_order != header.refcount_order && new_version == Version::V2 && refcount_bits != 16 {
+        return Err(refused(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+        ));
     }
-    let structural = new_version != old_version
+    // A downgrade alone of an image with an external data file is refused in step 6 without
+    // opening the image's tables (they cannot be opened without the data file): the steps
+    // before it, which only rewrite cluster 0, stay done, as in qemu.
+    let refused_downgrade = has_data_file
+        && new_version == Version::V2
+        && old_version == Version::V3
+        && new_order == header.refcount_order
+        && new_size.is_none_or(|s| s == header.size);
+    let structural = (new_version != old_version && !refused_downgrade)
         || new_order != header.refcount_order
         || new_size.is_some_and(|s| s != header.size);
     let operations =
@@ -363,13 +373,8 @@ pub fn amend_reporting(
         target.edit_header(|c| set_version(c, Version::V3))?;
         status.report(2, 2);
     }
-    // 2. Refcount width.
+    // 2. Refcount width (a v2 target refused it before the image was opened).
     if new_order != target.header().refcount_order {
-        if new_version == Version::V2 && refcount_bits != 16 {
-            return Err(refused(
-                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
-            ));
-        }
         status.begin(Operation::ChangingRefcountOrder);
         target
             .image()?
@@ -437,6 +442,14 @@ pub fn amend_reporting(
     }
     // 6. Downgrade last, once what v2 cannot express is gone.
     if new_version == Version::V2 && old_version == Version::V3 {
+        if refused_downgrade {
+            // qemu_downgrade's first two refusals, in its order.
+            return Err(refused(if target.header().refcount_order != 4 {
+                "compat=0.10 requires refcount_bits=16"
+            } else {
+                "Cannot downgrade an image with a data file"
+            }));
+        }
         status.begin(Operation::Downgrading);
         target.image()?.downgrade_reporting(&mut status)?;
     }
@@ -738,7 +751,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         let features = self.header.incompatible_features;
         // An image with a data file never gets here: opening it for writing is refused, and
-        // `amend` refuses its downgrade in qemu's words before that.
+        // `amend` refuses its downgrade in qemu's words in its step 6.
         let blocking = features - IncompatibleFeatures::COMPRESSION_TYPE;
         if !blocking.is_empty() {
             return Err(refused(format!(

@@ -138,10 +138,24 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         loop {
             walks += 1;
             let mut allocated = false;
-            for block in 0..blocks {
-                let range = block * new_per_block..(block + 1) * new_per_block;
-                let in_use = nonempty.contains(&block) || model.taken.range(range).next().is_some();
-                if !in_use || new_table.get(block as usize).is_some_and(|&c| c != 0) {
+            // The blocks in use, in order: those the old counts fill, and those the model's
+            // allocations reach (an allocation further on is seen in the same walk, as in qemu).
+            let mut next = 0;
+            loop {
+                let counted = nonempty.range(next..).next().copied();
+                let taken = model
+                    .taken
+                    .range(next * new_per_block..)
+                    .next()
+                    .map(|c| c / new_per_block);
+                let Some(block) = counted.into_iter().chain(taken).min() else {
+                    break;
+                };
+                if block >= blocks {
+                    break;
+                }
+                next = block + 1;
+                if new_table.get(block as usize).is_some_and(|&c| c != 0) {
                     continue;
                 }
                 if block as usize >= new_table.len() {
