@@ -276,7 +276,16 @@ fn more_than_65536_snapshots_are_discarded_by_check_repair_as_in_qemu_img() {
         refblock0_allocate(path, table - 2 * CLUSTER, end);
     });
     for args in [
+        // Every open refuses it, as qemu's.
         &["info", "t.qcow2"][..],
+        &["map", "t.qcow2"],
+        &["compare", "t.qcow2", "t.qcow2"],
+        &["convert", "-O", "raw", "t.qcow2", "t.raw"],
+        &["measure", "-O", "qcow2", "t.qcow2"],
+        &["resize", "t.qcow2", "+1M"],
+        &["snapshot", "-l", "t.qcow2"],
+        &["snapshot", "-c", "x", "t.qcow2"],
+        // check opens it, reports it, and -r all repairs it.
         &["check", "t.qcow2"],
         &["check", "-r", "all", "t.qcow2"],
         &["check", "t.qcow2"],

@@ -34,6 +34,14 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
                 if let Some(text) = snapshot_operation_text(command, &parts, e) {
                     return Some(text);
                 }
+                // A table qemu does not open fails the open: a context line that only names
+                // the image becomes qemu's "Could not open" (the opener adds no file of its
+                // own to this error).
+                if is_table_refusal(e) {
+                    if let Some(last) = parts.last_mut().filter(|l| !l.starts_with("Could not")) {
+                        *last = could_not_open(command, Path::new(last.as_str()));
+                    }
+                }
             }
             parts.push(qcow2_text(command, q)?);
             return Some(parts.join(": "));
@@ -178,6 +186,17 @@ fn snapshot_text(e: &SnapshotError) -> Option<String> {
         }
         _ => return None,
     })
+}
+
+/// Whether `e` is one of the snapshot table refusals qemu makes when it opens an image.
+fn is_table_refusal(e: &SnapshotError) -> bool {
+    matches!(
+        e,
+        SnapshotError::TooManyEntries { .. }
+            | SnapshotError::TableOffsetInvalid { .. }
+            | SnapshotError::TooMuchExtraData { .. }
+            | SnapshotError::TableTooBig { .. }
+    )
 }
 
 /// qemu's hint after too much extra data in a snapshot table entry.
