@@ -53,7 +53,7 @@ pub const REQUEST_MAX: u64 = 2 << 20;
 /// Largest read request where the reader threads write raw output or compress clusters
 /// themselves: each holds a buffer only while it works on it, and smaller buffers keep a
 /// decompressing or compressing reader's memory (and its cache footprint) small.
-pub const STREAM_REQUEST_MAX: u64 = 512 << 10;
+pub const STREAM_REQUEST_MAX: u64 = 256 << 10;
 /// The most request data the pipeline keeps in flight (its buffers), whatever `-m` says: with
 /// the compressed writer's batches on top, convert stays well under 64 MiB of memory.
 pub const BUFFERED_MAX: u64 = 16 << 20;

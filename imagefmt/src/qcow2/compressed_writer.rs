@@ -39,8 +39,12 @@ use crate::io::Backend;
 use crate::{Error, Result};
 
 /// Guest data placed per batch (at least one cluster). [`CompressedWriter::write`] holds up to
-/// two batches of data (one queued, one being compressed) and their compressed copies.
-pub const BATCH_BYTES: u64 = 2 << 20;
+/// two batches of data (one queued, one being compressed) and their compressed copies;
+/// [`CompressedWriter::write_packed`] one batch of compressed clusters (those that stay
+/// uncompressed in full). Each batch boundary may leave the rest of a packing cluster unused
+/// (where the batch allocates L2 tables or uncompressed clusters), so smaller batches make
+/// larger files: 2 MiB batches made a 400 MiB ext4 image's output 0.27% larger than these.
+pub const BATCH_BYTES: u64 = 4 << 20;
 
 /// One guest cluster ready to be placed: its compressed bytes, or, when compression does not
 /// make it smaller than a cluster (qemu's rule) or fails, its data as it is.
@@ -544,7 +548,7 @@ mod tests {
 
     #[test]
     fn clusters_packed_by_the_caller_give_the_same_image_as_write() {
-        // Several batches (4 KiB clusters: 512 per batch), a partial last cluster (the disk
+        // Several batches (4 KiB clusters: 1,024 per batch), a partial last cluster (the disk
         // ends on a sector, where write() compresses it too), every kind of cluster; zstd too.
         for options in [
             &[("cluster_size", "4k")][..],
@@ -556,7 +560,7 @@ mod tests {
                 opts.set(k, v).unwrap();
             }
             let cs = opts.cluster_size as usize;
-            let data = guest(cs * 1300 + 1536, cs);
+            let data = guest(cs * 2600 + 1536, cs);
             let written = compressed_image(&data, options, 2);
             let packed = packed_image(&data, options);
             assert!(packed == written, "{options:?}: the images differ");
