@@ -3,7 +3,9 @@
 //! incompressible random data and holes: our output must be no larger than
 //! `qemu-img convert -c -O qcow2`'s, `qemu-img check` must find it clean and `qemu-img compare`
 //! identical to the source, for deflate and zstd. A zstd cluster whose stream expands past the
-//! cluster must read as an I/O error, as in qemu.
+//! cluster must read as an I/O error, as in qemu. The output is the same file whatever `-m`;
+//! qemu-img's compressed images convert to raw identical to their source; `-c` with
+//! preallocation is refused by both.
 
 use std::path::{Path, PathBuf};
 
@@ -238,5 +240,93 @@ fn convert_c_in_other_layouts_is_clean_identical_and_no_larger_than_qemu_img() {
             our_len <= their_len,
             "{options}: ours is {our_len} bytes, qemu-img's {their_len}"
         );
+    }
+}
+
+#[test]
+fn convert_c_output_is_the_same_for_any_m_clean_and_identical_with_w() {
+    // The reader threads compress (as many as -m asks for) and the clusters are placed in
+    // guest order: the file is the same byte for byte whatever -m; with -W (any order) it is
+    // still clean and reads the same. The disk ends 1.5 KiB into a cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let source = filesystem_image(dir.path());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_len((48 << 20) + 1536)
+        .unwrap();
+    let mut outputs = Vec::new();
+    for flags in [&["-m", "1"][..], &[][..], &["-m", "16"][..], &["-W"][..]] {
+        let out = dir.path().join(format!("ours{}.qcow2", outputs.len()));
+        let mut args: Vec<std::ffi::OsString> = ["convert", "-c", "-f", "raw", "-O", "qcow2"]
+            .iter()
+            .chain(flags)
+            .map(std::ffi::OsString::from)
+            .collect();
+        args.extend([source.clone().into(), out.clone().into()]);
+        cowclone_ok(&crate::util::args_of(&args));
+        let what = format!("convert -c {flags:?}");
+        assert_qemu_check_clean(&out, &what);
+        qemu_img_ok(&[&"compare", &"-f", &"raw", &"-F", &"qcow2", &source, &out]);
+        outputs.push((what, std::fs::read(&out).unwrap()));
+    }
+    let (first, bytes) = &outputs[0];
+    for (what, other) in &outputs[1..3] {
+        assert!(other == bytes, "{what} wrote another file than {first}");
+    }
+}
+
+#[test]
+fn compressed_clusters_decode_into_raw_output_as_qemu_img_reads_them() {
+    // qemu-img's compressed image (deflate and zstd), its disk ending inside a cluster,
+    // converted to raw by cowclone with 1 and 16 reader threads: identical to the source.
+    let dir = tempfile::tempdir().unwrap();
+    let source = filesystem_image(dir.path());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_len((48 << 20) + 1536)
+        .unwrap();
+    for compression in ["zlib", "zstd"] {
+        let packed = dir.path().join(format!("{compression}.qcow2"));
+        let option = format!("compression_type={compression}");
+        qemu_img_ok(&[
+            &"convert", &"-c", &"-f", &"raw", &"-O", &"qcow2", &"-o", &option, &source, &packed,
+        ]);
+        for m in ["1", "16"] {
+            let raw = dir.path().join(format!("{compression}-{m}.raw"));
+            cowclone_ok(&[
+                &"convert", &"-m", &m, &"-f", &"qcow2", &"-O", &"raw", &packed, &raw,
+            ]);
+            qemu_img_ok(&[&"compare", &"-f", &"raw", &"-F", &"raw", &source, &raw]);
+        }
+    }
+}
+
+#[test]
+fn convert_c_with_preallocation_is_refused_as_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("s.raw");
+    std::fs::write(&source, vec![7u8; 1 << 20]).unwrap();
+    for mode in ["metadata", "falloc", "full"] {
+        let option = format!("preallocation={mode}");
+        let out = dir.path().join(format!("{mode}.qcow2"));
+        let args: Vec<std::ffi::OsString> = ["convert", "-c", "-f", "raw", "-O", "qcow2", "-o"]
+            .iter()
+            .map(std::ffi::OsString::from)
+            .chain([option.into(), source.clone().into(), out.clone().into()])
+            .collect();
+        let args = crate::util::args_of(&args);
+        for (tool, output) in [("qemu-img", qemu_img(&args)), ("cowclone", cowclone(&args))] {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !output.status.success() && stderr.contains("Compression and preallocation"),
+                "{tool} -c -o preallocation={mode}: {}",
+                crate::util::describe(&output)
+            );
+            assert!(!out.exists(), "{tool}: a refused convert left {out:?}");
+        }
     }
 }

@@ -90,6 +90,9 @@ pub struct Config {
     pub dir_parent: PathBuf,
     /// The `cowclone` binary to measure.
     pub cowclone: PathBuf,
+    /// The operations to measure, in [`Operation::ALL`] order (`--only`; all of them by
+    /// default). The workload is built in full either way.
+    pub operations: Vec<Operation>,
 }
 
 /// An operation measured on both tools.
@@ -215,8 +218,31 @@ impl Operation {
         }
     }
 
-    /// A short ASCII name for file names.
-    fn slug(self) -> &'static str {
+    /// The operations `--only` names, a comma-separated list of [`Operation::slug`]s, in
+    /// [`Operation::ALL`] order; an unknown name is an error listing the known ones.
+    pub fn parse_list(list: &str) -> Result<Vec<Operation>> {
+        let mut chosen = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let Some(op) = Operation::ALL.into_iter().find(|op| op.slug() == name) else {
+                let known: Vec<&str> = Operation::ALL.iter().map(|op| op.slug()).collect();
+                return Err(BenchError::Invalid(format!(
+                    "unknown operation {name:?} (known: {})",
+                    known.join(", ")
+                )));
+            };
+            chosen.push(op);
+        }
+        if chosen.is_empty() {
+            return Err(BenchError::Invalid("--only names no operation".into()));
+        }
+        Ok(Operation::ALL
+            .into_iter()
+            .filter(|op| chosen.contains(op))
+            .collect())
+    }
+
+    /// A short ASCII name, for file names and `--only`.
+    pub fn slug(self) -> &'static str {
         match self {
             Operation::ConvertQcow2Raw => "convert-qcow2-raw",
             Operation::ConvertZlibRaw => "convert-zlib-raw",
@@ -383,7 +409,7 @@ pub struct Report {
     pub environment: Environment,
     /// The workload.
     pub workload: Workload,
-    /// One entry per timed command of every operation, in [`Operation::ALL`] order.
+    /// One entry per timed command of every operation measured, in [`Operation::ALL`] order.
     pub operations: Vec<OperationResult>,
 }
 
@@ -425,7 +451,14 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
     fs::create_dir(&out_dir).map_err(BenchError::io(format!("creating {}", out_dir.display())))?;
 
     let load_average_start = fs_facts::load_average();
-    let commands: usize = Operation::ALL.iter().map(|op| op.step_names().len()).sum();
+    if config.operations.is_empty() {
+        return Err(BenchError::Invalid("no operation to measure".into()));
+    }
+    let commands: usize = config
+        .operations
+        .iter()
+        .map(|op| op.step_names().len())
+        .sum();
     progress.set_length(commands as u64 * (u64::from(config.runs) + 1) * 2);
     progress.set_position(0);
     let bench = Bench {
@@ -435,7 +468,7 @@ pub fn run(config: &Config, progress: &ProgressBar) -> Result<Report> {
         virtual_size: workload.virtual_size,
     };
     let mut operations = Vec::new();
-    for op in Operation::ALL {
+    for &op in &config.operations {
         progress.set_message(op.slug());
         operations.extend(bench.measure(op, config.runs, progress)?);
     }
@@ -1323,6 +1356,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_takes_slugs_in_report_order_and_refuses_unknown_names() {
+        assert_eq!(
+            Operation::parse_list("convert-raw-qcow2-c, convert-zlib-raw").unwrap(),
+            vec![
+                Operation::ConvertZlibRaw,
+                Operation::ConvertRawQcow2Compressed
+            ]
+        );
+        assert_eq!(
+            Operation::parse_list("snapshot,snapshot").unwrap(),
+            vec![Operation::Snapshot]
+        );
+        let Err(BenchError::Invalid(message)) = Operation::parse_list("convert raw→qcow2") else {
+            panic!("a display name is not a slug");
+        };
+        assert!(message.contains("convert-raw-qcow2-c"), "{message}");
+        assert!(Operation::parse_list(" , ").is_err());
     }
 
     #[test]

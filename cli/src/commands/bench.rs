@@ -145,6 +145,12 @@ pub struct BenchOpsArgs {
     /// Measure this cowclone binary (another build, say) instead of the running one.
     #[arg(long, value_name = "BIN")]
     pub cowclone: Option<PathBuf>,
+    /// Measure only these operations (comma-separated: convert-qcow2-raw, convert-zlib-raw,
+    /// convert-chain-raw, convert-raw-qcow2, convert-raw-qcow2-c, compare, commit, map, check,
+    /// info, info-chain-json, measure, create, dd, rebase, resize, snapshot, amend, bitmap);
+    /// each is judged as in a full run. Default: all.
+    #[arg(long, value_name = "NAME[,NAME]")]
+    pub only: Option<String>,
     /// Put the bench's temporary directory in DIR (default: the system's temporary directory).
     /// It needs room for the workload and two outputs at a time.
     #[arg(long, value_name = "DIR")]
@@ -316,6 +322,10 @@ fn bench_ops(args: BenchOpsArgs, out: &mut impl Write) -> Result<()> {
         cowclone: match args.cowclone.clone() {
             Some(bin) => bin,
             None => std::env::current_exe().context("finding the cowclone binary to measure")?,
+        },
+        operations: match &args.only {
+            Some(list) => ops::Operation::parse_list(list)?,
+            None => ops::Operation::ALL.to_vec(),
         },
     };
     let progress = progress_bar();

@@ -7,16 +7,24 @@
 //! unallocated. Without `-B` the copy is a pipeline:
 //!
 //! ```text
-//! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX, aligned to the output's unit
+//! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX (raw or compressed output:
+//!   ≤ STREAM_REQUEST_MAX), aligned to the output's unit
 //!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset,
 //!        or for qcow2/VDI output from a locked source ([`ConvertOptions::map_source`]) map it
 //!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
-//!        pwrite of the non-zero blocks (-S 0: copy_file_range where the bytes sit verbatim)
-//!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), progress
+//!        pwrite of the non-zero blocks (-S 0: copy_file_range where the bytes sit verbatim);
+//!        compressed output: each non-zero cluster compressed ([`Packer`])
+//!         └─► main thread: qcow2 / VDI writes in guest order (any order with -W), compressed
+//!             clusters placed by the [`CompressedWriter`], progress
 //! ```
 //!
-//! Memory: at most `2 × N` request buffers of [`REQUEST_MAX`] bytes and a page (for alignment)
-//! each (N ≤ [`MAX_PARALLEL`]).
+//! Memory: uncompressed qcow2 and VDI output keep at most `2 × N` request buffers of
+//! [`REQUEST_MAX`] bytes and a page (for alignment) each, and no more than [`BUFFERED_MAX`] in
+//! all (N ≤ [`MAX_PARALLEL`]); there the main thread writes from one buffer while the readers
+//! fill the others. Where the readers do the work themselves (raw output: they write;
+//! compressed output: they compress), N buffers of [`STREAM_REQUEST_MAX`] bytes: a request
+//! waits for the main thread only to be counted or placed. Compressed output adds each
+//! request's compressed clusters and the writer's batch.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +37,7 @@ use crate::extent::{Extent, GuestRead};
 use crate::io::{Backend, MappedRange};
 use crate::new_file::{create_with, NewFileMode};
 use crate::offsets::GuestOffset;
-use crate::qcow2::compressed_writer::CompressedWriter;
+use crate::qcow2::compressed_writer::{CompressedWriter, PackedCluster, Packer};
 use crate::qcow2::create::{write_new_image, BackingReference};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
@@ -42,6 +50,10 @@ pub const RAW_CHUNK: u64 = 1 << 20;
 pub const SPARSE_BLOCK: usize = 4096;
 /// Largest read request of the pipeline (qemu-img uses 2 MiB buffers).
 pub const REQUEST_MAX: u64 = 2 << 20;
+/// Largest read request where the reader threads write raw output or compress clusters
+/// themselves: each holds a buffer only while it works on it, and smaller buffers keep a
+/// decompressing or compressing reader's memory (and its cache footprint) small.
+pub const STREAM_REQUEST_MAX: u64 = 256 << 10;
 /// The most request data the pipeline keeps in flight (its buffers), whatever `-m` says: with
 /// the compressed writer's batches on top, convert stays well under 64 MiB of memory.
 pub const BUFFERED_MAX: u64 = 16 << 20;
@@ -113,6 +125,13 @@ pub fn convert(
         return Err(Error::InvalidParameter {
             name: "-m",
             reason: "the number of parallel requests must be between 1 and 16",
+        });
+    }
+    if options.compress && options.preallocation != crate::preallocate::Preallocation::Off {
+        // qemu-img refuses this combination too.
+        return Err(Error::InvalidParameter {
+            name: "-c",
+            reason: "Compression and preallocation not supported at the same time",
         });
     }
     match options.format {
@@ -405,8 +424,8 @@ struct Request {
     pieces: Vec<Extent>,
 }
 
-/// Turns the source's extents into requests: data only, coalesced while contiguous up to
-/// [`REQUEST_MAX`], widened to whole output units (clusters, blocks; 1 for raw) so that no two
+/// Turns the source's extents into requests: data only, coalesced while contiguous up to a
+/// maximum ([`REQUEST_MAX`] or [`STREAM_REQUEST_MAX`]), widened to whole output units (clusters, blocks; 1 for raw) so that no two
 /// requests share a unit.
 struct Planner<'a> {
     extents: chain::Extents<'a>,
@@ -423,12 +442,12 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(source: &'a dyn GuestRead, unit: u64) -> Self {
+    fn new(source: &'a dyn GuestRead, unit: u64, max: u64) -> Self {
         Self {
             extents: chain::extents(source, GuestOffset(0)),
             unit,
             size: source.virtual_size(),
-            max: REQUEST_MAX.max(unit) / unit * unit,
+            max: max.max(unit) / unit * unit,
             current: None,
             pending: None,
             seq: 0,
@@ -526,10 +545,44 @@ impl Sink<'_, '_> {
         !matches!(self, Sink::Raw(..))
     }
 
+    /// The packer of compressed output, for the reader threads.
+    fn packer(&self) -> Option<Packer> {
+        match self {
+            Sink::Qcow2 {
+                compressed: Some(writer),
+                ..
+            } => Some(writer.packer()),
+            _ => None,
+        }
+    }
+
+    /// True where the reader threads do the heavy work on a request themselves (raw output:
+    /// they write it; compressed output: they compress it), so that the main thread holds a
+    /// request only briefly.
+    fn readers_work(&self) -> bool {
+        !self.writes_on_main() || self.packer().is_some()
+    }
+
     /// Writes a filled request (qcow2/VDI) unit by unit, skipping all-zero units and joining
-    /// neighbouring non-zero units into one write (except for compressed output, which takes a
-    /// cluster at a time); returns the bytes written.
-    fn write(&mut self, filled: &Filled, unit: u64, sparse: bool) -> Result<u64> {
+    /// neighbouring non-zero units into one write; for compressed output, places the clusters
+    /// the reader compressed. Returns the bytes written.
+    fn write(&mut self, filled: &mut Filled, unit: u64, sparse: bool) -> Result<u64> {
+        if let Sink::Qcow2 {
+            image,
+            compressed: Some(writer),
+            dest,
+        } = self
+        {
+            let size = image.virtual_size();
+            let mut written = 0;
+            for (offset, cluster) in std::mem::take(&mut filled.packed) {
+                writer
+                    .write_packed(image, offset, cluster)
+                    .map_err(|e| e.in_file("destination", dest))?;
+                written += unit.min(size - offset);
+            }
+            return Ok(written);
+        }
         let (start, end) = (filled.request.start, filled.request.end);
         let (from, content) = filled.content();
         let to = from + content.len() as u64;
@@ -549,7 +602,7 @@ impl Sink<'_, '_> {
             } else {
                 (at, true)
             };
-            if zero || self.per_unit() {
+            if zero {
                 if let Some(run_start) = run.take() {
                     self.write_run(held(run_start, at), run_start, at, from, unit)?;
                     written += at - run_start;
@@ -606,25 +659,11 @@ impl Sink<'_, '_> {
         Ok(())
     }
 
-    /// Compressed output goes one cluster at a time.
-    fn per_unit(&self) -> bool {
-        matches!(
-            self,
-            Sink::Qcow2 {
-                compressed: Some(_),
-                ..
-            }
-        )
-    }
-
     fn write_piece(&mut self, data: &[u8], offset: u64) -> Result<()> {
         match self {
             Sink::Raw(..) => Ok(()),
-            Sink::Qcow2 {
-                image,
-                compressed,
-                dest,
-            } => write_qcow2(image, compressed.as_deref_mut(), data, offset)
+            Sink::Qcow2 { image, dest, .. } => image
+                .write_at(data, offset)
                 .map_err(|e| e.in_file("destination", dest)),
             Sink::Vdi(image, dest) => image
                 .write_at(data, offset)
@@ -646,6 +685,8 @@ struct Filled {
     mapped: Option<(u64, MappedRange)>,
     /// Bytes the reader wrote to raw output.
     written: u64,
+    /// Compressed output: the request's non-zero clusters, compressed by the reader.
+    packed: Vec<(u64, PackedCluster)>,
 }
 
 impl Filled {
@@ -687,7 +728,9 @@ fn map_request(source: &dyn GuestRead, request: &Request) -> Option<(u64, Mapped
 /// Reads `request` into a page-aligned window of `buf` (zeros between its pieces), or with
 /// `map` through a mapping where [`map_request`] can; for raw output `out`, writes it too:
 /// `pwrite` of the non-zero `sparse_block`s ([`SPARSE_BLOCK`] by default), or with
-/// `sparse_block` 0 `copy_file_range` for pieces that sit verbatim in a file.
+/// `sparse_block` 0 `copy_file_range` for pieces that sit verbatim in a file. For compressed
+/// output (`pack`: the packer and the cluster size), compresses each cluster of the request,
+/// skipping zero clusters unless `sparse_block` is 0.
 fn fill(
     source: &dyn GuestRead,
     request: Request,
@@ -695,6 +738,7 @@ fn fill(
     out: Option<(&std::fs::File, &Path)>,
     sparse_block: u64,
     map: bool,
+    pack: Option<(Packer, u64)>,
 ) -> Result<Filled> {
     let mut written = 0;
     let Some((file, dest)) = out else {
@@ -705,6 +749,7 @@ fn fill(
                 at: 0,
                 mapped: Some(mapped),
                 written,
+                packed: Vec::new(),
             });
         }
         let len = (request.end - request.start) as usize;
@@ -720,12 +765,26 @@ fn fill(
                 .map_err(|e| in_source(source, e))?;
         }
         data[filled_to..].fill(0);
+        let mut packed = Vec::new();
+        if let Some((packer, cluster)) = pack {
+            // Requests start at a cluster and end at one or at the end of the disk.
+            let mut at = request.start;
+            while at < request.end {
+                let next = (at + cluster - at % cluster).min(request.end);
+                let bytes = &data[(at - request.start) as usize..(next - request.start) as usize];
+                if sparse_block == 0 || !is_zero(bytes) {
+                    packed.push((at, packer.pack(bytes)));
+                }
+                at = next;
+            }
+        }
         return Ok(Filled {
             request,
             data: buf,
             at: window,
             mapped: None,
             written,
+            packed,
         });
     };
     // Raw output: each piece read and its non-zero blocks written, so that zero blocks inside
@@ -761,6 +820,7 @@ fn fill(
         at: 0,
         mapped: None,
         written,
+        packed: Vec::new(),
     })
 }
 
@@ -846,7 +906,12 @@ fn pipeline(
         } if options.sparse_size > 0 => unit.max(1 << (63 - options.sparse_size.leading_zeros())),
         _ => unit,
     };
-    let mut plan = Planner::new(source, unit);
+    let request_max = if sink.readers_work() {
+        STREAM_REQUEST_MAX
+    } else {
+        REQUEST_MAX
+    };
+    let mut plan = Planner::new(source, unit, request_max);
     plan.zeros = options.sparse_size == 0;
     // Progress counts the bytes the planner will hand out (data; everything with -S 0), as
     // qemu-img counts its allocated sectors, so that each request moves it by its share.
@@ -867,14 +932,18 @@ fn pipeline(
         _ => None,
     };
     let in_order = sink.writes_on_main() && !options.out_of_order;
+    // Compressed output: the readers compress each cluster of what they read.
+    let pack = sink.packer().map(|packer| (packer, unit));
     // Mappings serve qcow2/VDI output (raw output copies in the kernel), not compressed output
-    // (which takes whole clusters and spends its time compressing).
-    let map = options.map_source && sink.writes_on_main() && !sink.per_unit();
-    // Buffers circulate between the readers and the main thread: 2 × workers of them, but
-    // never more than BUFFERED_MAX bytes' worth (with -m 16 the readers then take turns), so
-    // memory stays bounded whatever -m asks for.
-    let buffers = (2 * workers)
-        .min((BUFFERED_MAX / REQUEST_MAX) as usize)
+    // (which spends its time compressing).
+    let map = options.map_source && sink.writes_on_main() && pack.is_none();
+    // Buffers circulate between the readers and the main thread: one per reader where the
+    // readers do the work, else 2 × workers of them (the main thread writes from some while
+    // the readers fill the others); never more than BUFFERED_MAX bytes' worth (with -m 16 the
+    // readers then take turns), so memory stays bounded whatever -m asks for.
+    let per_reader = if sink.readers_work() { 1 } else { 2 };
+    let buffers = (per_reader * workers)
+        .min((BUFFERED_MAX / request_max) as usize)
         .max(1);
     // A used buffer comes back with the mapping its request was read through, if any, so that
     // a reader thread unmaps it (unmapping is not cheap; the main thread is the busier one).
@@ -889,7 +958,7 @@ fn pipeline(
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let filled_tx = filled_tx.clone();
-            let (planner, pool, stop, map) = (&planner, &pool, &stop, map);
+            let (planner, pool, stop, map, pack) = (&planner, &pool, &stop, map, pack);
             let raw = raw_out;
             scope.spawn(move || loop {
                 if stop.load(Ordering::Relaxed) {
@@ -906,7 +975,7 @@ fn pipeline(
                     .next_request();
                 let message = match next {
                     Ok(None) => return,
-                    Ok(Some(request)) => fill(source, request, buf, raw, sparse_block, map),
+                    Ok(Some(request)) => fill(source, request, buf, raw, sparse_block, map, pack),
                     Err(e) => Err(in_source(source, e)),
                 };
                 let failed = message.is_err();
@@ -939,7 +1008,7 @@ fn pipeline(
             }
             for mut f in ready {
                 let written = if sink.writes_on_main() {
-                    sink.write(&f, write_unit, sparse_block != 0)
+                    sink.write(&mut f, write_unit, sparse_block != 0)
                 } else {
                     Ok(f.written)
                 };

@@ -506,43 +506,57 @@ impl<B: Backend> Qcow2Image<B> {
             let low = batch.iter().map(|b| b.1).min().unwrap_or(0);
             let high = batch.iter().map(|b| b.1 + b.2).max().unwrap_or(0);
             let total: u64 = batch.iter().map(|b| b.2).sum();
-            let span = (high - low <= total + cluster_size).then(|| -> Result<Vec<u8>> {
-                let mut span = vec![0u8; (high - low) as usize];
-                self.read_host(&mut span, low)?;
-                Ok(span)
-            });
-            let span = span.transpose()?;
-            for (at, host, len) in batch {
-                let cluster = match &span {
-                    Some(span) => {
+            // The span goes into a buffer kept by the thread: reader threads that allocated
+            // and freed one per batch left about as much again in their malloc arenas.
+            SPAN.with_borrow_mut(|span| -> Result<()> {
+                let compact = high - low <= total + cluster_size;
+                if compact {
+                    span.clear();
+                    span.resize((high - low) as usize, 0);
+                    self.read_host(span, low)?;
+                }
+                let mut input = Vec::new();
+                for (at, host, len) in batch {
+                    let input: &[u8] = if compact {
                         let from = (host - low) as usize;
-                        self.decompress_bytes(&span[from..from + len as usize], host)?
-                    }
-                    None => {
-                        let mut input = vec![0u8; len as usize];
+                        &span[from..from + len as usize]
+                    } else {
+                        input.resize(len as usize, 0);
                         self.read_host(&mut input, host)?;
-                        self.decompress_bytes(&input, host)?
-                    }
-                };
-                let start = GuestOffset(at).in_cluster_offset(cluster_bits) as usize;
-                let n = (cluster.len() - start).min(buf.len() - done);
-                buf[done..done + n].copy_from_slice(&cluster[start..start + n]);
-                done += n;
-            }
+                        &input
+                    };
+                    let start = GuestOffset(at).in_cluster_offset(cluster_bits) as usize;
+                    let n = (cluster_size as usize - start).min(buf.len() - done);
+                    self.decompress_into(input, host, start, &mut buf[done..done + n])?;
+                    done += n;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
 
     /// Decodes one compressed cluster from its compressed bytes (read from host offset `host`,
-    /// named in errors).
-    fn decompress_bytes(&self, input: &[u8], host: u64) -> Result<Vec<u8>> {
+    /// named in errors) and puts its bytes from `start` on into `out`: straight into `out`
+    /// when that is the whole cluster.
+    fn decompress_into(&self, input: &[u8], host: u64, start: usize, out: &mut [u8]) -> Result<()> {
         let cluster_size = self.header.cluster_size() as usize;
-        let bad = || Error::from(Qcow2Error::BadCompressedCluster { host });
-        let mut output = vec![0u8; cluster_size];
-        super::compress::decompress(self.header.compression_type, input, &mut output)
-            .map_err(|_| bad())?;
-        Ok(output)
+        let bad = |_| Error::from(Qcow2Error::BadCompressedCluster { host });
+        let compression = self.header.compression_type;
+        if start == 0 && out.len() == cluster_size {
+            return super::compress::decompress(compression, input, out).map_err(bad);
+        }
+        let mut cluster = vec![0u8; cluster_size];
+        super::compress::decompress(compression, input, &mut cluster).map_err(bad)?;
+        out.copy_from_slice(&cluster[start..start + out.len()]);
+        Ok(())
     }
+}
+
+std::thread_local! {
+    /// Each thread's buffer for the host span of a batch of compressed clusters (at most
+    /// [`COMPRESSED_BATCH_BYTES`] and a cluster, with two descriptors' slack).
+    static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl<B: Backend + Send + Sync> GuestRead for Qcow2Image<B> {
