@@ -328,5 +328,16 @@ fn convert_c_with_preallocation_is_refused_as_by_qemu_img() {
             );
             assert!(!out.exists(), "{tool}: a refused convert left {out:?}");
         }
+        let mut personality: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
+        personality.extend(args.iter().copied());
+        let (ours, theirs) = (cowclone(&personality), qemu_img(&args));
+        assert_eq!(
+            (ours.status.code(), String::from_utf8_lossy(&ours.stderr)),
+            (
+                theirs.status.code(),
+                String::from_utf8_lossy(&theirs.stderr)
+            ),
+            "cowclone qemu-img convert -c -o preallocation={mode}"
+        );
     }
 }

@@ -54,6 +54,13 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
                     _ => None,
                 };
             }
+            // convert -c with preallocation: qemu's sentence, without the option's name.
+            Some(imagefmt::Error::InvalidParameter { name: "-c", reason })
+                if reason.starts_with("Compression and preallocation") =>
+            {
+                parts.push((*reason).to_string());
+                return Some(parts.join(": "));
+            }
             // measure: no L1 table of this cluster size maps the size.
             Some(imagefmt::Error::InvalidParameter {
                 name: "size",
