@@ -246,6 +246,17 @@ impl Device {
             )?)),
             ImageFormat::Vdi => Device::Vdi(Box::new(chain::open_vdi_rw(path, &options, false)?)),
             _ => {
+                if format.is_none() {
+                    // qemu-img's warning for a raw image it opens for writing by probing. Its
+                    // restriction (no write to block 0 that would make the image probe as
+                    // another format) cannot apply: the requests repeat one byte.
+                    eprintln!(
+                        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+                         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                         Specify the 'raw' format explicitly to remove the restrictions.",
+                        path.display()
+                    );
+                }
                 let file = imagefmt::open::open_image(path, imagefmt::open::OpenHow::write())?;
                 let len = Backend::len(&file)?;
                 Device::Raw(file, len)

@@ -40,12 +40,11 @@ const PROGRESS: Opt = opt(
     None,
     "report progress as it goes",
 );
-const FORMAT: Opt = opt(
-    Some('f'),
-    Some("format"),
-    Some("FMT"),
-    "the image's format (qcow2, raw, vdi); read from the image when not given",
-);
+const FORMAT_ABOUT: &str =
+    "the image's format (qcow2, raw, vdi); read from the image when not given";
+const FORMAT: Opt = opt(Some('f'), Some("format"), Some("FMT"), FORMAT_ABOUT);
+/// `-f` where qemu-img has no `--format` (bitmap).
+const FORMAT_SHORT: Opt = opt(Some('f'), None, Some("FMT"), FORMAT_ABOUT);
 const IMAGE_OPTS: Opt = opt(
     None,
     Some("image-opts"),
@@ -102,7 +101,9 @@ const COMMANDS: &[Command] = &[
         about: "Time a run of equal read or write requests on an image.",
         synopsis: "[-f FMT | --image-opts] [-t CACHE] [-c COUNT] [-d DEPTH]\n        [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-n] [-q] [-U]\n        [-w [--pattern PATTERN] [--flush-interval INTERVAL [--no-drain]]] FILENAME",
         options: &[
-            HELP, QUIET, FORMAT, IMAGE_OPTS,
+            HELP,
+            opt(Some('q'), None, None, "accepted; the report is printed all the same, as qemu-img prints it"),
+            FORMAT, IMAGE_OPTS,
             opt(Some('t'), Some("cache"), Some("CACHE"), CACHE),
             opt(Some('c'), Some("count"), Some("COUNT"), "how many requests to send (75000)"),
             opt(Some('d'), Some("depth"), Some("DEPTH"), "how many requests may be in flight at once (64)"),
@@ -124,7 +125,7 @@ const COMMANDS: &[Command] = &[
         about: "Add, remove, clear, enable, disable or merge a persistent dirty bitmap.",
         synopsis: "(--merge SOURCE | --add | --remove | --clear | --enable | --disable)...\n        [-f FMT | --image-opts] [-b SRC_FILENAME [-F SRC_FMT]] [-g SIZE]\n        [--object OBJDEF] FILENAME BITMAP",
         options: &[
-            HELP, FORMAT, IMAGE_OPTS,
+            HELP, FORMAT_SHORT, IMAGE_OPTS,
             opt(None, Some("add"), None, "create BITMAP, recording writes from now on"),
             opt(Some('g'), Some("granularity"), Some("SIZE"), "bytes each bit of a new bitmap stands for (--add only)"),
             opt(None, Some("remove"), None, "delete BITMAP"),

@@ -784,7 +784,6 @@ const INFO: Spec = Spec {
         ("object", true, "object"),
         ("image-opts", false, "image-opts"),
         ("force-share", false, "U"),
-        ("limits", false, "limits"),
     ],
 };
 
@@ -800,9 +799,6 @@ fn info(args: &[String]) -> Result<Plan, Failure> {
     }
     if parsed.has("U") {
         plan.flag_if_taken("-U", None);
-    }
-    if parsed.has("limits") {
-        plan.flag("--limits", None)?;
     }
     plan.arg("--").arg(image.path);
     Ok(plan)
@@ -1050,8 +1046,11 @@ const RESIZE: Spec = Spec {
 
 fn resize(args: &[String]) -> Result<Plan, Failure> {
     // The size is the last word, taken before the options so that "-1G" is not one.
+    // ...unless -h/--help is among the words (qemu-img prints the help whatever follows).
+    if getopt::parse(&RESIZE, args).is_ok_and(|p| p.has("h")) {
+        return Err(Failure::Help("resize"));
+    }
     let Some((size, rest)) = args.split_last().filter(|_| args.len() >= 2) else {
-        parse_options(&RESIZE, "resize", args)?;
         return Err(usage("Expecting image file name and size"));
     };
     let parsed = parse_options(&RESIZE, "resize", rest)?;
