@@ -328,9 +328,9 @@ const COMMANDS: &[Command] = &[
         options: &[
             HELP, QUIET, FORMAT, IMAGE_OPTS, FORCE_SHARE, OBJECT,
             opt(Some('l'), Some("list"), None, "list the snapshots (what happens without an action)"),
-            opt(Some('c'), Some("create"), Some("SNAPSHOT"), "take a snapshot of the image as it is"),
-            opt(Some('a'), Some("apply"), Some("SNAPSHOT"), "return the image to the snapshot"),
-            opt(Some('d'), Some("delete"), Some("SNAPSHOT"), "delete the snapshot"),
+            opt(Some('c'), Some("create"), Some("SNAPSHOT"), "take a snapshot of the image as it is (give the name to -c: in qemu-img 10.0.2 --create takes none)"),
+            opt(Some('a'), Some("apply"), Some("SNAPSHOT"), "return the image to the snapshot (-a NAME; --apply takes no name in 10.0.2)"),
+            opt(Some('d'), Some("delete"), Some("SNAPSHOT"), "delete the snapshot (-d NAME; --delete takes no name in 10.0.2)"),
         ],
         operands: &[("FILENAME", "the image")],
     },
