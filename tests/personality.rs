@@ -57,7 +57,7 @@ pub(crate) fn qemu_img_as(
 /// Two directories with the same images, made by the real qemu-img and qemu-io: `base.qcow2`
 /// (4 MiB: data, a zero run) and `ov.qcow2` over it (data across the base's), and `raw.img`.
 /// One is for the real qemu-img, one for the personality.
-fn twin_dirs(tmp: &Path) -> [PathBuf; 2] {
+pub(crate) fn twin_dirs(tmp: &Path) -> [PathBuf; 2] {
     let dirs = [tmp.join("qemu"), tmp.join("cowclone")];
     for dir in &dirs {
         std::fs::create_dir_all(dir).unwrap();

@@ -29,6 +29,7 @@ mod measure_xcheck;
 mod ops_flags_xcheck;
 mod ops_xcheck;
 mod personality;
+mod personality_options;
 mod qemu_xcheck;
 mod read_xcheck;
 mod rebase_resize_xcheck;

@@ -45,19 +45,25 @@ pub fn parse_size(text: &str) -> Result<u64> {
 /// `i64::MAX`), refused in its words: "Invalid WHAT specified: 'TEXT'." for what is not a
 /// size, "Invalid WHAT specified. Must be between 0 and MAX." for what is out of range.
 pub fn qemu_size(what: &str, text: &str) -> Result<u64> {
-    let out_of_range = || {
-        anyhow::anyhow!(
-            "Invalid {what} specified. Must be between 0 and {}.",
-            i64::MAX
-        )
+    qemu_size_between(what, text, 0, i128::from(i64::MAX))
+}
+
+/// [`qemu_size`] within `min..=max` (qemu-img bench's buffer and step sizes have their own
+/// bounds); a negative number is out of range, as in qemu-img.
+pub fn qemu_size_between(what: &str, text: &str, min: i128, max: i128) -> Result<u64> {
+    let out_of_range =
+        || anyhow::anyhow!("Invalid {what} specified. Must be between {min} and {max}.");
+    let value = if text.trim_start().starts_with('-') {
+        -1
+    } else {
+        imagefmt::size::parse_size(text)
+            .map(i128::from)
+            .map_err(|_| anyhow::anyhow!("Invalid {what} specified: '{text}'."))?
     };
-    if text.trim_start().starts_with('-') {
-        return Err(out_of_range());
-    }
-    match imagefmt::size::parse_size(text) {
-        Ok(size) if i64::try_from(size).is_ok() => Ok(size),
-        Ok(_) => Err(out_of_range()),
-        Err(_) => anyhow::bail!("Invalid {what} specified: '{text}'."),
+    if (min..=max).contains(&value) {
+        Ok(value as u64)
+    } else {
+        Err(out_of_range())
     }
 }
 

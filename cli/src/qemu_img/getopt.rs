@@ -126,6 +126,27 @@ pub fn parse(spec: &Spec, args: &[String]) -> Result<Parsed, UsageError> {
     Ok(parsed)
 }
 
+/// The command line `parsed` came from, spelled with each option's short form where it has one
+/// (`--format qcow2` becomes `-f qcow2`), other long options as `--key [value]`, then the
+/// operands (after `--` if one of them starts with `-`). Commands whose cowclone form has
+/// qemu-img's syntax take it as it is.
+pub fn canonical(parsed: &Parsed) -> Vec<String> {
+    let mut words = Vec::with_capacity(parsed.opts.len() * 2 + parsed.operands.len() + 1);
+    for opt in &parsed.opts {
+        if opt.key.chars().count() == 1 {
+            words.push(format!("-{}", opt.key));
+        } else {
+            words.push(format!("--{}", opt.key));
+        }
+        words.extend(opt.value.clone());
+    }
+    if parsed.operands.iter().any(|o| o.starts_with('-')) {
+        words.push("--".to_owned());
+    }
+    words.extend(parsed.operands.iter().cloned());
+    words
+}
+
 /// The long option `name` names: an exact match, else the one long option it is a prefix of
 /// (options that differ only in name count once, as in getopt).
 fn find_long(spec: &Spec, name: &str) -> Result<(&'static str, bool, &'static str), UsageError> {
@@ -212,6 +233,19 @@ mod tests {
         );
         assert_eq!(parsed.operands, ["a", "b", "-c"]);
         assert_eq!(parsed.last("f"), Some("raw"));
+    }
+
+    #[test]
+    fn canonical_spells_long_options_short() {
+        let parsed = parse(
+            &SPEC,
+            &words("--format qcow2 a --force-share --output=json -- -b"),
+        )
+        .unwrap();
+        assert_eq!(
+            canonical(&parsed),
+            ["-f", "qcow2", "-U", "--output", "json", "--", "a", "-b"]
+        );
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! do to every cowclone command.
 
 mod amend;
+mod bench;
 mod convert;
 mod data_file;
 mod filename;
 mod getopt;
+mod help;
 mod messages;
 pub(crate) mod options;
 mod options_help;
@@ -76,19 +78,7 @@ pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
             eprintln!("qemu-img: {message}");
             code
         }
-        Failure::Help(command) => {
-            // cowclone's help for the command the qemu-img one is rewritten into.
-            let mut cli = Cli::command();
-            let help = cli
-                .find_subcommand_mut(command)
-                .map(|sub| sub.render_help().to_string())
-                .unwrap_or_default();
-            let shown = writeln!(
-                out,
-                "qemu-img {command}, as cowclone runs it (docs/qemu-img-personality.md):\n\n{help}"
-            );
-            u8::from(shown.is_err())
-        }
+        Failure::Help(command) => help::write_command_help(command, out),
     }
 }
 
@@ -218,6 +208,7 @@ fn run(
         "rebase" => rebase(rest)?,
         "resize" => resize(rest)?,
         "measure" => measure(rest)?,
+        "bench" => return bench::run(rest, out),
         "amend" => match options_help::amend_help(rest)? {
             Some(plan) => plan,
             None => passthrough(command, rest)?,
@@ -577,7 +568,16 @@ fn quiet(plan: &mut Plan, parsed: &Parsed) {
 
 const CREATE: Spec = Spec {
     short: "F:b:f:ho:qu",
-    long: &[("help", false, "h"), ("object", true, "object")],
+    long: &[
+        ("help", false, "h"),
+        ("quiet", false, "q"),
+        ("object", true, "object"),
+        ("format", true, "f"),
+        ("backing", true, "b"),
+        ("backing-format", true, "F"),
+        ("backing-unsafe", false, "u"),
+        ("options", true, "o"),
+    ],
 };
 
 fn create(args: &[String]) -> Result<Plan, Failure> {
@@ -672,14 +672,29 @@ const CONVERT: Spec = Spec {
     short: "hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
         ("object", true, "object"),
         ("image-opts", false, "image-opts"),
+        ("source-image-opts", false, "image-opts"),
+        ("source-format", true, "f"),
+        ("source-cache", true, "T"),
+        ("snapshot", true, "l"),
+        ("sparse-size", true, "S"),
+        ("output-format", true, "O"),
+        ("options", true, "o"),
+        ("output-cache", true, "t"),
+        ("backing", true, "B"),
+        ("backing-format", true, "F"),
         ("force-share", false, "U"),
         ("target-image-opts", false, "target-image-opts"),
         ("salvage", false, "salvage"),
         ("target-is-zero", false, "target-is-zero"),
         ("bitmaps", false, "bitmaps"),
         ("skip-broken-bitmaps", false, "skip-broken-bitmaps"),
+        ("rate", true, "r"),
+        ("parallel", true, "m"),
+        ("oob-writes", false, "W"),
+        ("copy-range-offloading", false, "C"),
     ],
 };
 
@@ -755,6 +770,7 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
             "c" | "n" | "W" => {
                 plan.flag(&format!("-{}", opt.key), None)?;
             }
+            // -r: a rate limit, checked and kept by cowclone convert's own --rate.
             "m" | "S" | "r" => {
                 plan.flag(&format!("-{}", opt.key), opt.value.as_deref())?;
             }
@@ -800,16 +816,15 @@ fn one_image(parsed: &Parsed) -> Result<&String, Failure> {
 }
 
 const INFO: Spec = Spec {
-    short: "f:hU",
+    short: "f:hbU",
     long: &[
         ("help", false, "h"),
         ("format", true, "f"),
         ("output", true, "output"),
-        ("backing-chain", false, "backing-chain"),
+        ("backing-chain", false, "b"),
         ("object", true, "object"),
         ("image-opts", false, "image-opts"),
         ("force-share", false, "U"),
-        ("limits", false, "limits"),
     ],
 };
 
@@ -820,14 +835,11 @@ fn info(args: &[String]) -> Result<Plan, Failure> {
     let mut plan = Plan::new("info");
     output_flag(&mut plan, &parsed)?;
     format_flag(&mut plan, parsed.last("f"), &image)?;
-    if parsed.has("backing-chain") {
+    if parsed.has("b") {
         plan.arg("--backing-chain");
     }
     if parsed.has("U") {
         plan.flag_if_taken("-U", None);
-    }
-    if parsed.has("limits") {
-        plan.flag("--limits", None)?;
     }
     data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
@@ -838,7 +850,9 @@ const CHECK: Spec = Spec {
     short: "hf:r:T:qU",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
         ("format", true, "f"),
+        ("cache", true, "T"),
         ("repair", true, "r"),
         ("output", true, "output"),
         ("object", true, "object"),
@@ -878,9 +892,17 @@ const COMPARE: Spec = Spec {
     short: "hf:F:T:pqsU",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
         ("object", true, "object"),
+        ("cache", true, "T"),
         ("image-opts", false, "image-opts"),
+        ("a-format", true, "f"),
+        ("left-format", true, "f"),
+        ("b-format", true, "F"),
+        ("right-format", true, "F"),
         ("force-share", false, "U"),
+        ("strict", false, "s"),
+        ("progress", false, "p"),
     ],
 };
 
@@ -919,8 +941,15 @@ const COMMIT: Spec = Spec {
     short: "f:ht:b:dpqr:",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
         ("object", true, "object"),
+        ("format", true, "f"),
         ("image-opts", false, "image-opts"),
+        ("cache", true, "t"),
+        ("drop", false, "d"),
+        ("base", true, "b"),
+        ("progress", false, "p"),
+        ("rate", true, "r"),
     ],
 };
 
@@ -942,7 +971,11 @@ fn commit(args: &[String]) -> Result<Plan, Failure> {
     if parsed.has("p") {
         plan.flag_if_taken("-p", None);
     }
-    // -r is a rate limit: without it the commit only finishes sooner.
+    // -r is a rate limit, checked as qemu-img checks it: without it the commit only finishes
+    // sooner.
+    for rate in parsed.all("r") {
+        bench::size_option("rate limit", rate)?;
+    }
     quiet(&mut plan, &parsed);
     data_file::named(&mut plan, &image, true)?;
     plan.arg("--").arg(image.path);
@@ -988,10 +1021,18 @@ const REBASE: Spec = Spec {
     short: "hf:F:b:upt:T:qUc",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
+        ("progress", false, "p"),
         ("object", true, "object"),
         ("image-opts", false, "image-opts"),
         ("force-share", false, "U"),
+        ("format", true, "f"),
+        ("cache", true, "t"),
         ("compress", false, "c"),
+        ("backing", true, "b"),
+        ("backing-format", true, "F"),
+        ("backing-cache", true, "T"),
+        ("backing-unsafe", false, "u"),
     ],
 };
 
@@ -1042,7 +1083,9 @@ const RESIZE: Spec = Spec {
     short: "f:hq",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
         ("object", true, "object"),
+        ("format", true, "f"),
         ("image-opts", false, "image-opts"),
         ("preallocation", true, "preallocation"),
         ("shrink", false, "shrink"),
@@ -1051,6 +1094,10 @@ const RESIZE: Spec = Spec {
 
 fn resize(args: &[String]) -> Result<Plan, Failure> {
     // The size is the last word, taken before the options so that "-1G" is not one.
+    // ...unless -h/--help is among the words (qemu-img prints the help whatever follows).
+    if getopt::parse(&RESIZE, args).is_ok_and(|p| p.has("h")) {
+        return Err(Failure::Help("resize"));
+    }
     let Some((size, rest)) = args.split_last().filter(|_| args.len() >= 2) else {
         return Err(usage("Expecting image file name and size"));
     };
@@ -1079,7 +1126,11 @@ const MEASURE: Spec = Spec {
     short: "hf:O:o:l:U",
     long: &[
         ("help", false, "h"),
+        ("target-format", true, "O"),
+        ("format", true, "f"),
         ("image-opts", false, "image-opts"),
+        ("options", true, "o"),
+        ("snapshot", true, "l"),
         ("object", true, "object"),
         ("output", true, "output"),
         ("size", true, "size"),
@@ -1132,15 +1183,68 @@ fn measure(args: &[String]) -> Result<Plan, Failure> {
     Ok(plan)
 }
 
-/// Subcommands whose cowclone form has qemu-img's syntax already: passed on as they are, if
-/// this cowclone has them.
+const SNAPSHOT: Spec = Spec {
+    short: "la:c:d:f:hqU",
+    long: &[
+        ("help", false, "h"),
+        ("quiet", false, "q"),
+        ("object", true, "object"),
+        ("format", true, "f"),
+        ("image-opts", false, "image-opts"),
+        ("force-share", false, "U"),
+        // qemu-img 10.0.2 (Debian's build) takes no snapshot name after these long forms.
+        ("list", false, "l"),
+        ("apply", false, "a"),
+        ("create", false, "c"),
+        ("delete", false, "d"),
+    ],
+};
+
+const BITMAP: Spec = Spec {
+    short: "b:f:F:g:h",
+    long: &[
+        ("help", false, "h"),
+        ("object", true, "object"),
+        ("image-opts", false, "image-opts"),
+        ("add", false, "add"),
+        ("remove", false, "remove"),
+        ("clear", false, "clear"),
+        ("enable", false, "enable"),
+        ("disable", false, "disable"),
+        ("merge", true, "merge"),
+        ("granularity", true, "g"),
+        ("source-file", true, "b"),
+        ("source-format", true, "F"),
+    ],
+};
+
+const DD: Spec = Spec {
+    short: "hf:O:U",
+    long: &[
+        ("help", false, "h"),
+        ("object", true, "object"),
+        ("format", true, "f"),
+        ("image-opts", false, "image-opts"),
+        ("output-format", true, "O"),
+        ("force-share", false, "U"),
+    ],
+};
+
+/// Subcommands whose cowclone form has qemu-img's syntax already: passed on with their long
+/// options spelled short ([`getopt::canonical`]), if this cowclone has them.
 fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
-    let known: &'static str = match command {
-        "snapshot" => "snapshot",
-        "amend" => "amend",
-        "bitmap" => "bitmap",
-        _ => "dd",
+    let (known, spec): (&'static str, &Spec) = match command {
+        "snapshot" => ("snapshot", &SNAPSHOT),
+        "amend" => ("amend", &options_help::AMEND),
+        "bitmap" => ("bitmap", &BITMAP),
+        _ => ("dd", &DD),
     };
+    let parsed = parse_options(spec, known, args)?;
+    no_objects(&parsed)?;
+    if known == "snapshot" {
+        help::snapshot_long_forms(&parsed)?;
+    }
+    let args = &getopt::canonical(&parsed);
     if Cli::command().find_subcommand(known).is_none() {
         return Err(error(format!("{command}: not supported by cowclone")));
     }
@@ -1158,18 +1262,7 @@ fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
 }
 
 fn write_help(out: &mut impl Write) -> Result<u8, Failure> {
-    let text = format!(
-        "qemu-img version {QEMU_IMG_VERSION} (cowclone {} personality)\n\
-         usage: qemu-img [standard options] command [command options]\n\
-         QEMU disk image utility, as implemented by cowclone for local qcow2, raw and VDI files.\n\n\
-         Commands: create, convert, info, check, compare, commit, map, rebase, resize, measure\n\
-         (snapshot, amend, bitmap and dd where this cowclone has them).\n\
-         See docs/qemu-img-personality.md for what differs from qemu-img.\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    out.write_all(text.as_bytes())
-        .map_err(|e| error(e.to_string()))?;
-    Ok(0)
+    help::write_top_help(out)
 }
 
 fn write_version(out: &mut impl Write) -> Result<u8, Failure> {

@@ -195,11 +195,16 @@ fn option_lines(drivers: &[Driver]) -> String {
 }
 
 /// qemu-img amend's options.
-const AMEND: Spec = Spec {
+pub(super) const AMEND: Spec = Spec {
     short: "ho:f:t:pqU",
     long: &[
         ("help", false, "h"),
+        ("quiet", false, "q"),
+        ("progress", false, "p"),
         ("object", true, "object"),
+        ("format", true, "f"),
+        ("cache", true, "t"),
+        ("options", true, "o"),
         ("image-opts", false, "image-opts"),
         ("force", false, "force"),
         ("force-share", false, "U"),
