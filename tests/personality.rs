@@ -228,6 +228,19 @@ fn personality_refuses_as_qemu_img_does() {
         &["compare", "nosuch", "ov.qcow2"],
         &["info", "foo:bar"],
         &["resize", "ov.qcow2", "1M"],
+        // Cache modes: -T is the source cache in qemu-img's words, compare fails with 2,
+        // convert checks -T before -t and rebase -t before -T, amend only with options.
+        &["check", "-T", "bogus", "ov.qcow2"],
+        &["compare", "-T", "bogus", "ov.qcow2", "ov.qcow2"],
+        &["commit", "-t", "bogus", "ov.qcow2"],
+        &[
+            "convert", "-t", "bogus1", "-T", "bogus2", "-O", "raw", "ov.qcow2", "x.qcow2",
+        ],
+        &[
+            "rebase", "-t", "bogus1", "-T", "bogus2", "-b", "", "ov.qcow2",
+        ],
+        &["amend", "-t", "bogus", "-o", "compat=1.1", "ov.qcow2"],
+        &["amend", "-t", "bogus", "ov.qcow2"],
     ] {
         assert_same(&bin, &dirs, args, true, true);
     }

@@ -118,7 +118,7 @@ pub(super) fn run(args: &[String], out: &mut impl Write) -> Result<u8, Failure> 
             "s" => s.buffer_size = size("buffer size", value, 1, INT_MAX)?,
             "S" => s.step = size("step size", value, 0, INT_MAX)?,
             "t" => {
-                super::cache_mode(value).map_err(|_| error("Invalid cache mode"))?;
+                super::cache_mode("t", value).map_err(|_| error("Invalid cache mode"))?;
                 s.direct = matches!(value, "none" | "off" | "directsync");
             }
             "w" => s.write = true,

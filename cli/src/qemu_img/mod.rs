@@ -480,12 +480,24 @@ fn is_qemu_format(name: &str) -> bool {
 }
 
 /// Checks a cache mode (`-t`, `-T`): qemu's names are accepted; none changes what cowclone
-/// does (it writes through the page cache and flushes before it returns).
-fn cache_mode(mode: &str) -> Result<(), Failure> {
+/// does (it writes through the page cache and flushes before it returns). `option` is the
+/// option's letter: qemu-img calls `-T` the source cache in its refusal.
+fn cache_mode(option: &str, mode: &str) -> Result<(), Failure> {
     match mode {
         "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe" => Ok(()),
+        other if option == "T" => Err(error(format!("Invalid source cache option: {other}"))),
         other => Err(error(format!("Invalid cache option: {other}"))),
     }
+}
+
+/// Checks the cache modes of `options` (letters) in that order, qemu-img's for the command.
+fn cache_modes(parsed: &Parsed, options: &[&str]) -> Result<(), Failure> {
+    for &option in options {
+        if let Some(mode) = parsed.last(option) {
+            cache_mode(option, mode)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks `--output`.
@@ -728,9 +740,7 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
             .arg(convert::snapshot_flag(snapshot, sources.len())?);
     }
     let dest = target(dest, parsed.has("target-image-opts"))?;
-    for mode in [parsed.last("t"), parsed.last("T")].into_iter().flatten() {
-        cache_mode(mode)?;
-    }
+    cache_modes(&parsed, &["T", "t"])?;
     let backing = parsed
         .last("B")
         .map(str::to_owned)
@@ -875,9 +885,7 @@ fn check(args: &[String]) -> Result<Plan, Failure> {
     }
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
     output_flag(&mut plan, &parsed)?;
-    if let Some(mode) = parsed.last("T") {
-        cache_mode(mode)?;
-    }
+    cache_modes(&parsed, &["T"])?;
     format_flag(&mut plan, parsed.last("f"), &image)?;
     if parsed.has("U") {
         plan.arg("-U");
@@ -914,9 +922,11 @@ fn compare(args: &[String]) -> Result<Plan, Failure> {
     };
     let first = target(first, parsed.has("image-opts"))?;
     let second = target(second, parsed.has("image-opts"))?;
-    if let Some(mode) = parsed.last("T") {
-        cache_mode(mode)?;
-    }
+    // compare's failures exit 2 (1 means "the images differ").
+    cache_modes(&parsed, &["T"]).map_err(|failure| match failure {
+        Failure::Error(message, _) => Failure::Error(message, 2),
+        other => other,
+    })?;
     let mut plan = Plan::new("compare");
     if let Some(format) = parsed.last("f").or(first.format.as_deref()) {
         plan.arg("-f").arg(format);
@@ -957,9 +967,7 @@ fn commit(args: &[String]) -> Result<Plan, Failure> {
     let parsed = parse_options(&COMMIT, "commit", args)?;
     no_objects(&parsed)?;
     let image = target(one_image(&parsed)?, parsed.has("image-opts"))?;
-    if let Some(mode) = parsed.last("t") {
-        cache_mode(mode)?;
-    }
+    cache_modes(&parsed, &["t"])?;
     let mut plan = Plan::new("commit");
     format_flag(&mut plan, parsed.last("f"), &image)?;
     if let Some(base) = parsed.last("b") {
@@ -1046,9 +1054,7 @@ fn rebase(args: &[String]) -> Result<Plan, Failure> {
             "Must specify backing file (-b) or use unsafe mode (-u)",
         ));
     }
-    for mode in [parsed.last("t"), parsed.last("T")].into_iter().flatten() {
-        cache_mode(mode)?;
-    }
+    cache_modes(&parsed, &["t", "T"])?;
     let backing = parsed.last("b").unwrap_or("");
     if !backing.is_empty() && parsed.last("F").is_none() {
         return Err(error(format!(
@@ -1243,6 +1249,13 @@ fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
     no_objects(&parsed)?;
     if known == "snapshot" {
         help::snapshot_long_forms(&parsed)?;
+    }
+    // amend checks its cache mode once it has options to apply, before opening the image.
+    if known == "amend" {
+        if !parsed.has("o") {
+            return Err(usage("Must specify options (-o)"));
+        }
+        cache_modes(&parsed, &["t"])?;
     }
     let args = &getopt::canonical(&parsed);
     if Cli::command().find_subcommand(known).is_none() {
