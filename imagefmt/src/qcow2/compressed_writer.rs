@@ -442,18 +442,23 @@ mod tests {
         data
     }
 
-    /// Writes `data` compressed through a writer with `threads` threads; the image's bytes.
-    fn compressed_image(data: &[u8], options: &[(&str, &str)], threads: usize) -> Vec<u8> {
+    /// A new in-memory image of `len` bytes made with `options`, open for writing, and its
+    /// cluster size.
+    fn new_image(len: u64, options: &[(&str, &str)]) -> (Qcow2Image<MemBackend>, usize) {
         let mut opts = CreateOptions::default();
         for (k, v) in options {
             opts.set(k, v).unwrap();
         }
         let backend = MemBackend::default();
-        write_new_image(&backend, data.len() as u64, &opts, None).unwrap();
+        write_new_image(&backend, len, &opts, None).unwrap();
         let cluster = HeaderCluster::read_from(&backend).unwrap();
-        let mut image =
-            Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
-        let cs = opts.cluster_size as usize;
+        let image = Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
+        (image, opts.cluster_size as usize)
+    }
+
+    /// Writes `data` compressed through a writer with `threads` threads; the image's bytes.
+    fn compressed_image(data: &[u8], options: &[(&str, &str)], threads: usize) -> Vec<u8> {
+        let (mut image, cs) = new_image(data.len() as u64, options);
         let mut writer = CompressedWriter::with_threads(&image, threads);
         for (i, chunk) in data.chunks(cs).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
@@ -511,16 +516,7 @@ mod tests {
     /// Like [`compressed_image`], the clusters packed by the caller (as convert's readers do)
     /// and handed over with `write_packed`.
     fn packed_image(data: &[u8], options: &[(&str, &str)]) -> Vec<u8> {
-        let mut opts = CreateOptions::default();
-        for (k, v) in options {
-            opts.set(k, v).unwrap();
-        }
-        let backend = MemBackend::default();
-        write_new_image(&backend, data.len() as u64, &opts, None).unwrap();
-        let cluster = HeaderCluster::read_from(&backend).unwrap();
-        let mut image =
-            Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap();
-        let cs = opts.cluster_size as usize;
+        let (mut image, cs) = new_image(data.len() as u64, options);
         let mut writer = CompressedWriter::with_threads(&image, 1);
         let packer = writer.packer();
         // Packed on other threads, a few clusters each, then handed over in guest order.
