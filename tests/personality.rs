@@ -359,6 +359,9 @@ fn personality_keeps_the_locks_and_the_registry_guards() {
         .status
         .success()
     {
+        if let Some(status) = holder.try_wait().unwrap() {
+            panic!("qemu-io exited ({status}) before it held {}", held.display());
+        }
         std::thread::yield_now();
     }
     let before = digest(&held);
