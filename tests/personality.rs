@@ -360,7 +360,10 @@ fn personality_keeps_the_locks_and_the_registry_guards() {
         .success()
     {
         if let Some(status) = holder.try_wait().unwrap() {
-            panic!("qemu-io exited ({status}) before it held {}", held.display());
+            panic!(
+                "qemu-io exited ({status}) before it held {}",
+                held.display()
+            );
         }
         std::thread::yield_now();
     }

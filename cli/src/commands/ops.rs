@@ -89,21 +89,19 @@ pub struct ConvertArgs {
 
 /// Why a snapshot could not be loaded, in qemu-img's words, if that is what `e` is about.
 pub(crate) fn snapshot_failure(e: &imagefmt::Error) -> Option<&'static str> {
-    use imagefmt::qcow2::snapshot::SnapshotError;
-    use imagefmt::qcow2::{Qcow2Error, MAX_L1_TABLE_BYTES};
+    use imagefmt::qcow2::snapshot::{L1Problem, SnapshotError};
+    use imagefmt::qcow2::Qcow2Error;
     match e {
         imagefmt::Error::InFile { source, .. } => snapshot_failure(source),
         imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::NotFound { .. })) => {
             Some("Can't find snapshot")
         }
         imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::InvalidL1 {
-            l1_size, ..
-        })) if u64::from(*l1_size) * 8 > MAX_L1_TABLE_BYTES => Some("Snapshot L1 table too large"),
-        imagefmt::Error::Qcow2(Qcow2Error::Snapshot(SnapshotError::InvalidL1 { .. }))
-        | imagefmt::Error::Qcow2(Qcow2Error::BeyondEndOfFile {
-            what: "snapshot L1 table",
-            ..
-        }) => Some("Snapshot L1 table offset invalid"),
+            problem, ..
+        })) => Some(match problem {
+            L1Problem::TooLarge => "Snapshot L1 table too large",
+            L1Problem::Unaligned | L1Problem::PastEndOfFile => "Snapshot L1 table offset invalid",
+        }),
         _ => None,
     }
 }
