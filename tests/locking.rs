@@ -21,7 +21,7 @@ const WRITE_LOCK: &str = "Failed to get \"write\" lock";
 const SHARED_WRITE_LOCK: &str = "Failed to get shared \"write\" lock";
 
 /// A process that holds an image until dropped (stdin closed, then waited for or killed).
-struct Holder {
+pub(crate) struct Holder {
     child: Option<Child>,
     stdin: Option<ChildStdin>,
     what: String,
@@ -30,7 +30,7 @@ struct Holder {
 impl Holder {
     /// `qemu-io [-r] path`, kept open on a pipe; returns once qemu-io has opened the image
     /// (its first prompt), i.e. once it holds its locks.
-    fn qemu_io(path: &Path, read_only: bool) -> Self {
+    pub(crate) fn qemu_io(path: &Path, read_only: bool) -> Self {
         let mut command = Command::new("qemu-io");
         if read_only {
             command.arg("-r");

@@ -5,7 +5,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -347,26 +347,9 @@ fn personality_keeps_the_locks_and_the_registry_guards() {
 
     // An image a qemu process has open for writing: both refuse to replace it, alike.
     let held = dirs[1].join("ov.qcow2");
-    let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&held)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("qemu-io runs (Debian package qemu-utils)");
-    // Wait until qemu-io holds the image (a reader that does not share writes is refused).
-    while qemu_img_as(None, &dirs[1], &["info", "ov.qcow2"], &[])
-        .status
-        .success()
-    {
-        if let Some(status) = holder.try_wait().unwrap() {
-            panic!(
-                "qemu-io exited ({status}) before it held {}",
-                held.display()
-            );
-        }
-        std::thread::yield_now();
-    }
+    // Returns once qemu-io has opened the image (its prompt), so holds its locks: polling
+    // with qemu-img info instead could take a read lock just as qemu-io asked for its own.
+    let holder = crate::locking::Holder::qemu_io(&held, false);
     let before = digest(&held);
     let args = ["create", "-f", "qcow2", "ov.qcow2", "1M"];
     let theirs = qemu_img_as(None, &dirs[1], &args, &[]);
@@ -380,8 +363,7 @@ fn personality_keeps_the_locks_and_the_registry_guards() {
             describe(&ours)
         );
     }
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
+    drop(holder);
     assert_eq!(
         ours.status.code(),
         theirs.status.code(),
