@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::util::{
-    assert_qemu_check_clean, cowclone, describe, qemu_check, qemu_img, qemu_img_ok, qemu_io_ok,
+    args_of, assert_qemu_check_clean, describe, qemu_check, qemu_create_qcow2, qemu_img,
+    qemu_img_ok, qemu_img_or_personality, qemu_info_json, qemu_io_ok, qemu_overlay,
 };
 
 /// One image to downgrade: how it is built.
@@ -75,25 +76,16 @@ const CASES: [Case; 6] = [
     },
 ];
 
-fn os_args(items: &[String]) -> Vec<&dyn AsRef<std::ffi::OsStr>> {
-    items
-        .iter()
-        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-        .collect()
-}
-
 /// Builds `case` in `dir` as `name`, returns the image and its snapshot names.
 fn build(dir: &Path, case: &Case, name: &str) -> (PathBuf, Vec<String>) {
     let image = dir.join(name);
     if case.backed {
         let base = dir.join(format!("{name}.base"));
-        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"64M"]);
+        qemu_create_qcow2(&base, "", "64M");
         qemu_io_ok(&[&"-c", &"write -P 0x2a 0 256k", &base]);
-        qemu_img_ok(&[
-            &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &image, &"64M",
-        ]);
+        qemu_overlay(&base, &image);
     } else {
-        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"64M"]);
+        qemu_create_qcow2(&image, "", "64M");
     }
     let mut snapshots = Vec::new();
     for step in case.steps {
@@ -121,21 +113,14 @@ fn contents(image: &Path, snapshot: Option<&str>, out: &Path) -> Vec<u8> {
         image.to_string_lossy().into_owned(),
         out.to_string_lossy().into_owned(),
     ]);
-    qemu_img_ok(&os_args(&args));
+    qemu_img_ok(&args_of(&args));
     std::fs::read(out).expect("read converted image")
 }
 
 /// `qemu-img amend -p -o OPTIONS` by qemu-img (`ours == false`) or cowclone's personality:
 /// the progress printed on stdout.
 fn amend_p(image: &Path, options: &str, ours: bool) -> (bool, Vec<u8>) {
-    let args: [&dyn AsRef<std::ffi::OsStr>; 5] = [&"amend", &"-p", &"-o", &options, &image];
-    let output = if ours {
-        let mut with_prefix: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
-        with_prefix.extend(args);
-        cowclone(&with_prefix)
-    } else {
-        qemu_img(&args)
-    };
+    let output = qemu_img_or_personality(ours, &[&"amend", &"-p", &"-o", &options, &image]);
     (output.status.success(), output.stdout)
 }
 
@@ -160,8 +145,11 @@ fn downgrade_expands_zero_clusters_in_every_snapshot_as_qemu_img_does() {
             "{context}: -p lines"
         );
         assert_qemu_check_clean(&ours, context);
-        let info = qemu_img_ok(&[&"info", &ours]);
-        assert!(info.contains("compat: 0.10"), "{context}: {info}");
+        let info = qemu_info_json(&ours);
+        assert_eq!(
+            info["format-specific"]["data"]["compat"], "0.10",
+            "{context}: {info}"
+        );
 
         let raw = dir.path().join("contents.raw");
         for snapshot in std::iter::once(None).chain(snapshots.iter().map(|s| Some(s.as_str()))) {
@@ -209,26 +197,15 @@ fn downgrade_expands_zero_clusters_in_every_snapshot_as_qemu_img_does() {
 /// refcounts to 64 bits fills the first new refcount block exactly, so qemu walks the refcount
 /// table four times instead of three.
 fn settling_walks_image(path: &Path) {
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-o",
-        &"refcount_bits=1,cluster_size=512",
-        &path,
-        &"64k",
-    ]);
+    qemu_create_qcow2(path, "refcount_bits=1,cluster_size=512", "64k");
     qemu_io_ok(&[&"-c", &"write 0 29696", &path]);
 }
 
 /// A 4 GiB overlay with zero clusters in four L2 tables (and one snapshot if asked).
 fn four_tables_image(dir: &Path, path: &Path, snapshot: bool) {
     let base = dir.join("four.base");
-    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4G"]);
-    qemu_img_ok(&[
-        &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &path, &"4G",
-    ]);
+    qemu_create_qcow2(&base, "", "4G");
+    qemu_overlay(&base, path);
     for at in ["0", "1G", "2G", "3G"] {
         qemu_io_ok(&[&"-c", &format!("write -z {at} 64k"), &path]);
     }
@@ -265,16 +242,7 @@ fn amend_progress_prints_qemu_img_lines() {
             "upgrade and widening",
             "compat=1.1,refcount_bits=64",
             |_, p| {
-                qemu_img_ok(&[
-                    &"create",
-                    &"-q",
-                    &"-f",
-                    &"qcow2",
-                    &"-o",
-                    &"compat=0.10",
-                    &p,
-                    &"1G",
-                ]);
+                qemu_create_qcow2(p, "compat=0.10", "1G");
                 qemu_io_ok(&[&"-c", &"write 0 3M", &p]);
                 qemu_img_ok(&[&"snapshot", &"-c", &"old", &p]);
             },
@@ -283,16 +251,7 @@ fn amend_progress_prints_qemu_img_lines() {
             "widening and downgrade",
             "refcount_bits=16,compat=0.10",
             |_, p| {
-                qemu_img_ok(&[
-                    &"create",
-                    &"-q",
-                    &"-f",
-                    &"qcow2",
-                    &"-o",
-                    &"refcount_bits=8",
-                    &p,
-                    &"1G",
-                ]);
+                qemu_create_qcow2(p, "refcount_bits=8", "1G");
                 qemu_io_ok(&[&"-c", &"write -P 1 0 3M", &"-c", &"write -z 1M 1M", &p]);
             },
         ),
@@ -331,7 +290,7 @@ fn amend_progress_prints_qemu_img_lines() {
 fn amend_progress_ends_as_qemu_img_when_refused_early() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("early.qcow2");
-    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"1M"]);
+    qemu_create_qcow2(&image, "", "1M");
     let missing = dir.path().join("missing.qcow2");
     // (options, image): a refused option, a missing image, the option list, -q.
     let cases: [(&[&str], &Path); 5] = [
@@ -345,10 +304,8 @@ fn amend_progress_ends_as_qemu_img_when_refused_early() {
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"amend"];
         args.extend(options.iter().map(|o| o as &dyn AsRef<std::ffi::OsStr>));
         args.push(&path);
-        let theirs = qemu_img(&args);
-        let mut ours_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
-        ours_args.extend(args);
-        let ours = cowclone(&ours_args);
+        let theirs = qemu_img_or_personality(false, &args);
+        let ours = qemu_img_or_personality(true, &args);
         let context = format!("amend {options:?}");
         assert_eq!(ours.status.code(), theirs.status.code(), "{context}");
         assert_eq!(
@@ -376,23 +333,10 @@ fn downgrade_of_a_data_file_image_is_refused_as_qemu_img_refuses_it() {
             let image = dir.path().join(format!("d{n}.{who}.qcow2"));
             let data = dir.path().join(format!("d{n}.{who}.data"));
             let create_options = format!("compat=1.1,data_file={}", data.display());
-            qemu_img_ok(&[
-                &"create",
-                &"-q",
-                &"-f",
-                &"qcow2",
-                &"-o",
-                &create_options,
-                &image,
-                &"64M",
-            ]);
-            let output = if who == "ours" {
-                cowclone(&[&"qemu-img", &"amend", &"-o", &options, &image])
-            } else {
-                qemu_img(&[&"amend", &"-o", &options, &image])
-            };
-            let info = qemu_img_ok(&[&"info", &"--output=json", &image]);
-            let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+            qemu_create_qcow2(&image, &create_options, "64M");
+            let output =
+                qemu_img_or_personality(who == "ours", &[&"amend", &"-o", &options, &image]);
+            let info = qemu_info_json(&image);
             outputs.push((
                 output.status.code(),
                 String::from_utf8_lossy(&output.stderr).into_owned(),
