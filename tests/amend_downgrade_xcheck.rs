@@ -352,3 +352,93 @@ fn downgrade_of_a_data_file_image_is_refused_as_qemu_img_refuses_it() {
         );
     }
 }
+
+/// `qemu-img info --output=json` of `path` without what names or measures the file (its name
+/// and disk usage, at every level): what two images in different places should share.
+fn image_info(path: &Path) -> serde_json::Value {
+    fn strip(info: &mut serde_json::Value) {
+        if let Some(object) = info.as_object_mut() {
+            object.remove("filename");
+            object.remove("actual-size");
+        }
+        if let Some(children) = info["children"].as_array_mut() {
+            for child in children {
+                strip(&mut child["info"]);
+            }
+        }
+    }
+    let mut info = qemu_info_json(path);
+    strip(&mut info);
+    info
+}
+
+/// `amend -o compat=0.10` of images whose snapshots carry VM state (taken by `savevm` in
+/// qemu-system), on twins: qemu-img downgrades them while the VM state fits v2's 32-bit size
+/// field (up to 4 GiB − 1 bytes, the entries left as they are), and refuses more ("Internal
+/// snapshots prevent downgrade of image", also before it looks at incompatible features such
+/// as extended L2 entries). The personality must answer the same, and qemu-img's `check`,
+/// `snapshot -l` and `info` must then find its twin as they find qemu-img's; where qemu-img
+/// downgraded, the files must be the same bytes.
+#[test]
+fn downgrade_of_snapshots_with_vm_state_is_accepted_and_refused_as_qemu_img_does() {
+    use crate::personality::{assert_same, personality_dir};
+    use crate::util::{
+        assert_qemu_img_judges_twins_alike, case_twin_dirs, qemu_savevm,
+        set_first_snapshot_vm_state, twin_image,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    // (case, creation options, VM state size set in the first entry, qemu-img downgrades)
+    let cases: [(&str, &str, Option<u64>, bool); 5] = [
+        ("savevm", "compat=1.1", None, true),
+        ("4 GiB - 1", "compat=1.1", Some(u64::from(u32::MAX)), true),
+        ("4 GiB", "compat=1.1", Some(1 << 32), false),
+        ("4 GiB, extended L2", "extended_l2=on", Some(1 << 32), false),
+        ("savevm, extended L2", "extended_l2=on", None, false),
+    ];
+    for (case, options, vm_state, downgraded) in cases {
+        let dirs = case_twin_dirs(tmp.path(), case);
+        twin_image(&dirs, options, |path| {
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 1 0 1M", &path]);
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -z 256k 128k", &path]);
+            qemu_savevm(path, "vm1");
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -z 512k 64k", &path]);
+            qemu_savevm(path, "vm2");
+            if let Some(size) = vm_state {
+                set_first_snapshot_vm_state(path, size);
+            }
+        });
+        let list = qemu_img_ok(&[&"snapshot", &"-l", &dirs[1].join("t.qcow2")]);
+        assert!(
+            !list.lines().any(|l| l.contains(" 0 B ")),
+            "{case}: every snapshot has VM state: {list}"
+        );
+        assert_same(
+            &bin,
+            &dirs,
+            &["amend", "-o", "compat=0.10", "t.qcow2"],
+            true,
+            true,
+        );
+        for args in [
+            &["check", "t.qcow2"][..],
+            &["snapshot", "-l", "t.qcow2"],
+            &["info", "--output=json", "t.qcow2"],
+        ] {
+            if args[0] == "info" {
+                let [theirs, ours] = dirs.clone().map(|dir| image_info(&dir.join("t.qcow2")));
+                assert_eq!(ours, theirs, "{case}: qemu-img info");
+                let compat = &theirs["format-specific"]["data"]["compat"];
+                let expected = if downgraded { "0.10" } else { "1.1" };
+                assert_eq!(compat, expected, "{case}: qemu-img's amend");
+            } else {
+                assert_qemu_img_judges_twins_alike(&dirs, args);
+            }
+        }
+        assert_qemu_check_clean(&dirs[1].join("t.qcow2"), case);
+        let [theirs, ours] = dirs
+            .clone()
+            .map(|dir| std::fs::read(dir.join("t.qcow2")).unwrap());
+        assert!(ours == theirs, "{case}: not the bytes qemu-img amend left");
+    }
+}

@@ -403,3 +403,75 @@ fn the_held_snapshot_table_follows_every_operation() {
         "{list}"
     );
 }
+
+/// A snapshot table qemu does not open fails every `amend`, as qemu-img opens the image (and
+/// reads the table) before it looks at the options: also an amend that only rewrites the
+/// header (`lazy_refcounts`, or nothing at all), and one of a dirty image, whose repair would
+/// otherwise mend the table first. The personality answers as qemu-img does and, like it,
+/// leaves the image as it was.
+#[test]
+fn every_amend_fails_on_a_snapshot_table_qemu_does_not_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    /// Too much extra data in the first entry.
+    fn extra_data(path: &Path) {
+        poke(
+            path,
+            snapshot_table_offset(path) + 36,
+            &0x1_0000u32.to_be_bytes(),
+        );
+    }
+    /// The table's offset off the cluster boundary.
+    fn unaligned(path: &Path) {
+        poke(path, 64, &(snapshot_table_offset(path) + 512).to_be_bytes());
+    }
+    // (case, creation options (lazy refcounts: the image is left dirty), damage, amend options)
+    type Damage = fn(&Path);
+    let cases: [(&str, &str, Damage, &str); 5] = [
+        ("extra lazy", "compat=1.1", extra_data, "lazy_refcounts=on"),
+        ("extra same compat", "compat=1.1", extra_data, "compat=1.1"),
+        (
+            "unaligned lazy",
+            "compat=1.1",
+            unaligned,
+            "lazy_refcounts=on",
+        ),
+        (
+            "extra dirty",
+            "lazy_refcounts=on",
+            extra_data,
+            "lazy_refcounts=off",
+        ),
+        (
+            "extra dirty v2",
+            "lazy_refcounts=on",
+            extra_data,
+            "compat=0.10",
+        ),
+    ];
+    for (case, options, damage, amend) in cases {
+        let dirs = twin_dirs(tmp.path(), case);
+        twin_image(&dirs, options, |path| {
+            qemu_io(path, &["write 0 64k"]);
+            qemu_img_ok(&[&"snapshot", &"-c", &"sn0", &path]);
+            if options.contains("lazy_refcounts") {
+                // Dirty, as a crash with lazy refcounts leaves it (incompatible bit 0).
+                poke(path, 79, &[1]);
+            }
+            damage(path);
+        });
+        let before = std::fs::read(dirs[1].join("t.qcow2")).unwrap();
+        let args = ["amend", "-o", amend, "t.qcow2"];
+        let theirs = qemu_img_as(None, &dirs[0], &args, &[]);
+        assert!(
+            String::from_utf8_lossy(&theirs.stderr).contains("Could not open 't.qcow2'"),
+            "{case}: qemu-img did not refuse to open: {}",
+            describe(&theirs)
+        );
+        assert_same(&bin, &dirs, &args, true, true);
+        assert!(
+            std::fs::read(dirs[1].join("t.qcow2")).unwrap() == before,
+            "{case}: the personality changed the image"
+        );
+    }
+}

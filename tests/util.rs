@@ -118,6 +118,57 @@ pub fn qemu_img_or_personality(personality: bool, args: &Args) -> Output {
     }
 }
 
+/// Takes the internal snapshot `name` of the qcow2 image `path` with VM state, as a VM's
+/// `savevm` does: qemu-system-x86_64 (Debian package `qemu-system-x86`) with no machine
+/// (`-M none`, TCG), the image as its only drive, `savevm` through the HMP monitor on stdin.
+/// qemu-img cannot take such snapshots. Asserts that the snapshot exists afterwards.
+pub fn qemu_savevm(path: &Path, name: &str) {
+    use std::io::Write as _;
+    // A comma in an option value is written twice.
+    let file = path.display().to_string().replace(',', ",,");
+    let drive = format!("if=none,id=d0,format=qcow2,file={file}");
+    let mut child = match Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-monitor", "stdio", "-drive", &drive])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("qemu-system-x86_64 not found: install the Debian package qemu-system-x86")
+        }
+        Err(e) => panic!("cannot run qemu-system-x86_64: {e}"),
+    };
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(format!("savevm {name}\nquit\n").as_bytes())
+        .expect("writing to qemu's monitor");
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .expect("waiting for qemu-system-x86_64");
+    let list = qemu_img_ok(&[&"snapshot", &"-l", &path]);
+    assert!(
+        output.status.success()
+            && list
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name)),
+        "savevm {name} on {}: {}\nsnapshot -l: {list}",
+        path.display(),
+        describe(&output)
+    );
+}
+
 /// Sets the VM state size of the first entry of the snapshot table of the qcow2 image `path`
 /// as qemu writes it: the 64-bit field of the extra data, and the 32-bit field when the size
 /// fits it (else 0). Asserts that the entry has the 24 bytes of extra data qemu writes.
@@ -160,6 +211,28 @@ pub fn twin_image(dirs: &[PathBuf; 2], options: &str, edit: impl Fn(&Path)) {
     qemu_create_qcow2(&path, options, "64M");
     edit(&path);
     std::fs::copy(&path, dirs[1].join("t.qcow2")).unwrap();
+}
+
+/// Runs the real qemu-img with `args` in both twin directories (after each tool worked on its
+/// twin); asserts the same exit code, stdout and stderr. Returns qemu-img's output for
+/// `dirs[0]`.
+pub fn assert_qemu_img_judges_twins_alike(dirs: &[PathBuf; 2], args: &[&str]) -> Output {
+    let [theirs, ours] = dirs.clone().map(|dir| qemu_img_in(&dir, &args_of(args)));
+    let line = args.join(" ");
+    assert_eq!(
+        (
+            ours.status.code(),
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&ours.stderr)
+        ),
+        (
+            theirs.status.code(),
+            String::from_utf8_lossy(&theirs.stdout),
+            String::from_utf8_lossy(&theirs.stderr)
+        ),
+        "qemu-img {line}: the personality's result (left) against qemu-img's (right)"
+    );
+    theirs
 }
 
 /// Runs `qemu-io` with `args`, asserts that it succeeded and returns its stdout. (qemu-io reports
