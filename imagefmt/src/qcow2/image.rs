@@ -50,6 +50,9 @@ pub struct Qcow2Image<B> {
     pub(super) metadata_preallocation: OnceLock<bool>,
     /// Persistent bitmaps that record writes (open for writing only; see [`super::bitmap`]).
     pub(super) tracked_bitmaps: Vec<super::bitmap::BitmapEntry>,
+    /// Whether the bitmap directory lists any bitmap (tracking or not): read by `open_rw`
+    /// and kept up to date by the bitmap operations; false for an image open for reading.
+    pub(super) has_bitmaps: bool,
     /// The internal snapshot table, read once at open (see [`super::snapshot_ops`]).
     pub(super) snapshots: super::snapshot::SnapshotTable,
 }
@@ -112,6 +115,7 @@ impl<B: Backend> Qcow2Image<B> {
             data_file: None,
             metadata_preallocation: OnceLock::new(),
             tracked_bitmaps: Vec::new(),
+            has_bitmaps: false,
             snapshots,
         })
     }
