@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use imagefmt::ops::bitmap::BitmapCommandError;
+use imagefmt::ops::convert_salvage::SalvageWarning;
 use imagefmt::qcow2::amend::AmendError;
 use imagefmt::qcow2::snapshot::{L1Problem, SnapshotError};
 use imagefmt::qcow2::Qcow2Error;
@@ -44,6 +45,17 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
             return Some(parts.join(": "));
         }
         let opened = match engine {
+            // A source that cannot be read: qemu-img's words for the request that failed.
+            Some(imagefmt::Error::InFile {
+                role: "source image",
+                source,
+                ..
+            }) if command == "convert" => {
+                return match &**source {
+                    imagefmt::Error::Qcow2(q) => read_failure_text(q),
+                    _ => None,
+                };
+            }
             // check stopped by the snapshot table: what qemu-img check reports before it fails.
             Some(imagefmt::Error::InFile { role, source, .. }) if *role == "Check failed:" => {
                 return match &**source {
@@ -209,6 +221,55 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
         }
         _ => return None,
     })
+}
+
+/// qemu-img convert's error for a source request that fails on `e` (qemu's drivers fail it
+/// with EIO): a block status, or a read (of a compressed cluster that does not decompress).
+/// An unaligned data cluster is first reported by qemu's qcow2 driver, on a line of its own,
+/// printed here.
+fn read_failure_text(e: &Qcow2Error) -> Option<String> {
+    const EIO: &str = "Input/output error";
+    Some(match e {
+        Qcow2Error::UnalignedCluster {
+            guest_offset,
+            host,
+            l2_offset,
+            l2_index,
+            ..
+        } => {
+            eprintln!("{}", unaligned_cluster_line(*host, *l2_offset, *l2_index));
+            format!("error while reading block status at offset {guest_offset}: {EIO}")
+        }
+        Qcow2Error::CorruptEntry { guest_offset, .. } => {
+            format!("error while reading block status at offset {guest_offset}: {EIO}")
+        }
+        Qcow2Error::BadCompressedCluster { guest_offset, .. } => {
+            format!("error while reading at byte {guest_offset}: {EIO}")
+        }
+        _ => return None,
+    })
+}
+
+/// What qemu's qcow2 driver prints, once, for a data cluster at an unaligned host offset in a
+/// read-only image (it does not mark it corrupt).
+fn unaligned_cluster_line(host: u64, l2_offset: u64, l2_index: u64) -> String {
+    format!(
+        "qcow2: Image is corrupt: Cluster allocation offset {host:#x} unaligned (L2 offset: \
+         {l2_offset:#x}, L2 index: {l2_index:#x}); further non-fatal corruption events will be \
+         suppressed"
+    )
+}
+
+/// The line qemu's driver prints itself for a salvaged failure, if it prints one.
+pub(super) fn salvage_driver_line(warning: &SalvageWarning) -> Option<String> {
+    match warning {
+        SalvageWarning::UnalignedCluster {
+            host,
+            l2_offset,
+            l2_index,
+        } => Some(unaligned_cluster_line(*host, *l2_offset, *l2_index)),
+        _ => None,
+    }
 }
 
 /// qemu's text for a VDI header its driver refuses to open, for the checks it makes.

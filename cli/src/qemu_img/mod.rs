@@ -103,6 +103,14 @@ impl Drop for Personality {
     }
 }
 
+/// What qemu's own driver prints for `warning`, on a line of its own, inside the personality.
+pub fn driver_line(warning: &imagefmt::ops::convert_salvage::SalvageWarning) -> Option<String> {
+    PERSONALITY
+        .with(std::cell::Cell::get)
+        .then(|| messages::salvage_driver_line(warning))
+        .flatten()
+}
+
 /// The program name that starts the warnings a command prints itself while it runs: `qemu-img`
 /// inside the personality, else `cowclone`.
 pub fn message_prefix() -> &'static str {
