@@ -92,18 +92,29 @@ fn distinct(values: &[String]) -> Vec<String> {
     out
 }
 
-/// What qemu's commit job copies of `top.qcow2` in `dir`, request by request: its data runs
-/// (from `qemu-img map`) in pieces of at most 1 MiB, in bytes.
+/// What qemu's commit job (a mirror job) copies of `top.qcow2` in `dir`, request by request,
+/// in bytes: from where a run of ranges the overlay holds (`qemu-img map`, depth 0) starts, a
+/// pass reaches 16 MiB at most; within it each data range goes in requests of at most 1 MiB,
+/// each zero range in one.
 fn commit_requests(dir: &Path) -> Vec<u64> {
     let out = qemu_img_ok_in(dir, &["map", "--output=json", "top.qcow2"]);
     let map: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let mut requests = Vec::new();
+    let mut pass_end = 0;
     for entry in map.iter().filter(|e| e["depth"] == 0) {
-        let mut left = entry["length"].as_u64().unwrap();
-        while left > 0 {
-            let piece = left.min(1 << 20);
+        let mut at = entry["start"].as_u64().unwrap();
+        let end = at + entry["length"].as_u64().unwrap();
+        let data = entry["data"] == true;
+        while at < end {
+            if at >= pass_end {
+                pass_end = at + (16 << 20);
+            }
+            let mut piece = (end - at).min(pass_end - at);
+            if data {
+                piece = piece.min(1 << 20);
+            }
             requests.push(piece);
-            left -= piece;
+            at += piece;
         }
     }
     requests
@@ -122,6 +133,15 @@ fn commit_progress_steps_as_qemu_imgs_job_reports() {
         ("4M", &["write -P 1 0 64k"][..]),
         ("64M", &SCATTERED[..]),
         ("4M", &[]),
+        (
+            "64M",
+            &[
+                "write -P 1 0 1M",
+                "write -z 1M 3M",
+                "write -P 2 10M 2M",
+                "write -z 30M 20M",
+            ],
+        ),
     ] {
         let dirs = twins(&tmp.path().join(format!("c{size}{}", writes.len())), |d| {
             chain(d, size, writes)

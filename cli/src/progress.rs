@@ -227,6 +227,41 @@ mod tests {
     }
 
     #[test]
+    fn steps_add_up_and_skip_as_qemu_img_rebase_does() {
+        let mut out = Vec::new();
+        let mut progress = Progress::lines(&mut out);
+        progress.set_min_skip(2.0);
+        for _ in 0..4 {
+            progress.advance_percent(100.0 / 64.0);
+        }
+        progress.set_percent(100.0);
+        progress.finish();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "    (0.00/100%)\r    (3.12/100%)\r    (6.25/100%)\r    (100.00/100%)\r\n"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_progress_ends_its_line_and_an_unstarted_one_waits() {
+        let mut out = Vec::new();
+        Progress::lines(&mut out).abandon();
+        assert_eq!(String::from_utf8(out).unwrap(), "    (0.00/100%)\r\n");
+        let mut out = Vec::new();
+        let mut progress = Progress::lines_unstarted(&mut out);
+        progress.set_percent(0.0);
+        progress.set_percent(0.0);
+        progress.set_percent(50.0);
+        progress.set_percent(100.0);
+        progress.set_percent(100.0);
+        progress.finish();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "    (0.00/100%)\r    (0.00/100%)\r    (50.00/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n"
+        );
+    }
+
+    #[test]
     fn disabled_progress_prints_nothing() {
         let mut out = Vec::new();
         let mut progress = Progress::new(false, &mut out);
