@@ -14,19 +14,8 @@ use serde_json::Value;
 use crate::personality::{personality_dir, qemu_img_as};
 use crate::util::{
     assert_qemu_check_clean, assert_same_content, cowclone_in, describe, qemu_dirty_ranges,
-    qemu_img_ok_in, qemu_info_json, qemu_io_in, qemu_map_shape, tool_in,
+    qemu_img_ok_in, qemu_info_json, qemu_io_in, qemu_map_shape, tool_in, twin_dirs,
 };
-
-/// Two directories with the same inputs, made by `setup` with the real tools: the first for the
-/// real qemu-img, the second for the personality.
-fn twins(tmp: &Path, setup: impl Fn(&Path)) -> [PathBuf; 2] {
-    let dirs = [tmp.join("qemu"), tmp.join("cowclone")];
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).unwrap();
-        setup(dir);
-    }
-    dirs
-}
 
 /// Runs `qemu-img ARGS` in both directories: the real one in the first, the personality in the
 /// second; asserts that both exit alike and print the same; returns the personality's output.
@@ -102,7 +91,7 @@ fn bitmap_images(dir: &Path) {
 #[test]
 fn bitmaps_are_copied_as_qemu_img_copies_them() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), bitmap_images);
+    let dirs = twin_dirs(tmp.path(), bitmap_images);
     same_as_qemu_img(
         tmp.path(),
         &dirs,
@@ -157,7 +146,7 @@ fn bitmaps_are_copied_as_qemu_img_copies_them() {
 #[test]
 fn bitmap_refusals_and_skips_are_qemu_imgs() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), |dir| {
+    let dirs = twin_dirs(tmp.path(), |dir| {
         bitmap_images(dir);
         qemu_img_ok_in(
             dir,
@@ -299,7 +288,7 @@ fn corrupt_images(dir: &Path) {
 #[test]
 fn salvage_copies_what_cannot_be_read_as_zeros() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), corrupt_images);
+    let dirs = twin_dirs(tmp.path(), corrupt_images);
     // qemu's qcow2 driver prints one line of its own when it meets the corrupt entry, so does
     // the personality: the whole of standard error matches.
     let bin = personality_dir(tmp.path());
@@ -404,7 +393,7 @@ fn salvage_copies_what_cannot_be_read_as_zeros() {
 #[test]
 fn target_is_zero_leaves_zero_ranges_alone_as_qemu_img_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), |dir| {
+    let dirs = twin_dirs(tmp.path(), |dir| {
         qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", "src", "4M"]);
         qemu_io_in(
             dir,
@@ -482,7 +471,7 @@ fn target_is_zero_leaves_zero_ranges_alone_as_qemu_img_does() {
 #[test]
 fn rate_limited_convert_copies_the_same_and_refuses_as_qemu_img() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), |dir| {
+    let dirs = twin_dirs(tmp.path(), |dir| {
         qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", "src", "8M"]);
         qemu_io_in(dir, "src", &["write -P 0x66 0 3M", "write -P 0x67 5M 1M"]);
     });
@@ -508,7 +497,7 @@ fn rate_limited_convert_copies_the_same_and_refuses_as_qemu_img() {
 #[test]
 fn measure_of_a_snapshot_is_qemu_imgs() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = twins(tmp.path(), |dir| {
+    let dirs = twin_dirs(tmp.path(), |dir| {
         qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", "img", "1G"]);
         qemu_io_in(dir, "img", &["write 512 512", "write 64k 64k"]);
         qemu_img_ok_in(dir, &["snapshot", "-c", "snapshot1", "img"]);

@@ -11,17 +11,9 @@ use serde_json::Value;
 
 use crate::locking::Holder;
 use crate::personality::{assert_same, personality_dir, qemu_img_as};
-use crate::util::{assert_same_content, describe, qemu_img_ok_in, qemu_io_in};
-
-/// Two directories (the real qemu-img's, the personality's) prepared alike by `setup`.
-fn twins(tmp: &Path, setup: impl Fn(&Path)) -> [PathBuf; 2] {
-    let dirs = [tmp.join("qemu"), tmp.join("cowclone")];
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).unwrap();
-        setup(dir);
-    }
-    dirs
-}
+use crate::util::{
+    assert_same_content, describe, qemu_img_ok_in, qemu_io_in, qemu_overlay, twin_dirs,
+};
 
 /// Runs `args` with the real qemu-img in `dirs[0]` and the personality in `dirs[1]`.
 fn both(bin: &Path, dirs: &[PathBuf; 2], args: &[&str]) -> [Output; 2] {
@@ -48,20 +40,7 @@ fn chain(dir: &Path, size: &str, writes: &[&str]) {
         qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", name, size]);
         qemu_io_in(dir, name, &[&format!("write -P {pattern} 0 {size}")]);
     }
-    qemu_img_ok_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_overlay("base.qcow2", &dir.join("top.qcow2"));
     if !writes.is_empty() {
         qemu_io_in(dir, "top.qcow2", writes);
     }
@@ -143,7 +122,7 @@ fn commit_progress_steps_as_qemu_imgs_job_reports() {
             ],
         ),
     ] {
-        let dirs = twins(&tmp.path().join(format!("c{size}{}", writes.len())), |d| {
+        let dirs = twin_dirs(&tmp.path().join(format!("c{size}{}", writes.len())), |d| {
             chain(d, size, writes)
         });
         let requests = commit_requests(&dirs[1]);
@@ -216,7 +195,7 @@ fn rebase_progress_steps_as_qemu_img() {
         ("3M", &["write -P 1 1M 64k"]),
     ] {
         for new in ["", "other.qcow2", "base.qcow2"] {
-            let dirs = twins(
+            let dirs = twin_dirs(
                 &tmp.path().join(format!("r{size}{}{new}", writes.len())),
                 |d| chain(d, size, writes),
             );
@@ -235,7 +214,7 @@ fn rebase_progress_steps_as_qemu_img() {
         }
     }
     // -u, and a failure: the first line, then the newline.
-    let dirs = twins(&tmp.path().join("u"), |d| chain(d, "1M", &[]));
+    let dirs = twin_dirs(&tmp.path().join("u"), |d| chain(d, "1M", &[]));
     for args in [
         &["rebase", "-p", "-u", "-b", "", "top.qcow2"][..],
         &["rebase", "-p", "-b", "", "missing.qcow2"],
@@ -248,7 +227,7 @@ fn rebase_progress_steps_as_qemu_img() {
 fn commit_progress_of_a_missing_image_prints_nothing_as_qemu_img() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = personality_dir(tmp.path());
-    let dirs = twins(tmp.path(), |_| {});
+    let dirs = twin_dirs(tmp.path(), |_| {});
     assert_same(&bin, &dirs, &["commit", "-p", "missing.qcow2"], true, true);
 }
 
@@ -256,7 +235,7 @@ fn commit_progress_of_a_missing_image_prints_nothing_as_qemu_img() {
 fn lock_conflicts_and_foreign_formats_are_worded_as_qemu_img_words_them() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = personality_dir(tmp.path());
-    let dirs = twins(tmp.path(), |d| chain(d, "4M", &["write -P 1 0 64k"]));
+    let dirs = twin_dirs(tmp.path(), |d| chain(d, "4M", &["write -P 1 0 64k"]));
     // Both run against the one image qemu-io holds.
     let held = dirs[1].join("top.qcow2");
     let holder = Holder::qemu_io(&held, false);
@@ -308,7 +287,7 @@ fn lock_conflicts_and_foreign_formats_are_worded_as_qemu_img_words_them() {
 fn images_named_by_options_are_named_so_in_errors_as_qemu_img_names_them() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = personality_dir(tmp.path());
-    let dirs = twins(tmp.path(), |d| chain(d, "1M", &[]));
+    let dirs = twin_dirs(tmp.path(), |d| chain(d, "1M", &[]));
     let json = r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"missing.qcow2"}}"#;
     for args in [
         &[
@@ -346,7 +325,7 @@ fn images_named_by_options_are_named_so_in_errors_as_qemu_img_names_them() {
 fn a_data_file_named_for_the_second_image_is_read_as_qemu_img_reads_it() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = personality_dir(tmp.path());
-    let dirs = twins(tmp.path(), |d| {
+    let dirs = twin_dirs(tmp.path(), |d| {
         qemu_img_ok_in(
             d,
             &[
@@ -408,7 +387,7 @@ fn a_data_file_named_for_the_second_image_is_read_as_qemu_img_reads_it() {
 fn bitmap_takes_image_opts_as_qemu_img_does() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = personality_dir(tmp.path());
-    let dirs = twins(tmp.path(), |d| chain(d, "1M", &[]));
+    let dirs = twin_dirs(tmp.path(), |d| chain(d, "1M", &[]));
     for args in [
         &[
             "bitmap",

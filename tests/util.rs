@@ -195,13 +195,20 @@ pub fn set_first_snapshot_vm_state(path: &Path, size: u64) {
     file.write_all_at(&size.to_be_bytes(), table + 40).unwrap(); // vm_state_size_large
 }
 
-/// `dirs[0]` for the real qemu-img, `dirs[1]` for the personality, under `tmp/case`.
-pub fn case_twin_dirs(tmp: &Path, case: &str) -> [PathBuf; 2] {
-    let dirs = [tmp.join(case).join("qemu"), tmp.join(case).join("cowclone")];
+/// `dirs[0]` for the real qemu-img, `dirs[1]` for the personality (`root/qemu`,
+/// `root/cowclone`), each made and then prepared alike by `setup`.
+pub fn twin_dirs(root: &Path, setup: impl Fn(&Path)) -> [PathBuf; 2] {
+    let dirs = [root.join("qemu"), root.join("cowclone")];
     for dir in &dirs {
         std::fs::create_dir_all(dir).unwrap();
+        setup(dir);
     }
     dirs
+}
+
+/// [`twin_dirs`] under `tmp/case`, left empty.
+pub fn case_twin_dirs(tmp: &Path, case: &str) -> [PathBuf; 2] {
+    twin_dirs(&tmp.join(case), |_| {})
 }
 
 /// `t.qcow2`, 64 MiB, created by qemu-img with `options` and `edit`ed in `dirs[0]`, then
