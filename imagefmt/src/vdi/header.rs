@@ -191,7 +191,7 @@ fn check_sector_aligned(field: &'static str, offset: u32) -> Result<(), VdiError
 
 /// The header checks qemu's VDI driver makes when it opens an image, in its order, so that
 /// a file refused for several reasons is refused for the one qemu names (`qemu-img -f vdi` on a
-/// file in another format). Each of them is also one of [`VdiHeader::parse`]'s own checks.
+/// file in another format). [`VdiHeader::parse`] runs them before VirtualBox's other checks.
 fn qemu_open_checks(buf: &[u8; HEADER_END_V1_1_PLUS]) -> Result<(), VdiError> {
     let u32_at = |off: usize| LittleEndian::read_u32(&buf[off..off + 4]);
     let disk_size = LittleEndian::read_u64(&buf[OFF_DISK_SIZE..OFF_DISK_SIZE + 8]);
@@ -259,16 +259,10 @@ impl VdiHeader {
         let n = len.min(HEADER_END_V1_1_PLUS);
         buf[..n].copy_from_slice(&bytes[..n]);
         let u32_at = |off: usize| LittleEndian::read_u32(&buf[off..off + 4]);
+        // qemu's checks first, in its order, so that the first refusal is the one qemu names;
+        // VirtualBox's other checks follow.
         qemu_open_checks(&buf)?;
-
-        let signature = u32_at(OFF_SIGNATURE);
-        if signature != SIGNATURE {
-            return Err(VdiError::BadSignature { found: signature });
-        }
         let version = u32_at(OFF_VERSION);
-        if version != VERSION_1_1 {
-            return Err(VdiError::UnsupportedVersion { found: version });
-        }
         if len < HEADER_END_V1_1 {
             return Err(VdiError::HeaderTooShort {
                 len,
@@ -295,8 +289,6 @@ impl VdiHeader {
 
         let offset_blocks = u32_at(OFF_BLOCKS);
         let offset_data = u32_at(OFF_DATA);
-        check_sector_aligned("block map offset", offset_blocks)?;
-        check_sector_aligned("data offset", offset_data)?;
         // VirtualBox compares against the v1.1 header end even for 1.1+ headers; with 512-byte
         // alignment both mean "at least 0x200".
         if (offset_blocks as usize) < HEADER_END_V1_1 {
@@ -307,11 +299,6 @@ impl VdiHeader {
         }
 
         let legacy_geometry = Geometry::read(&buf, OFF_LEGACY_GEOMETRY);
-        if legacy_geometry.sector_size != SECTOR_SIZE {
-            return Err(VdiError::BadLegacySectorSize {
-                found: legacy_geometry.sector_size,
-            });
-        }
         let lchs_geometry = if has_lchs {
             let lchs = Geometry::read(&buf, OFF_LCHS_GEOMETRY);
             if lchs.sector_size != SECTOR_SIZE {
@@ -335,30 +322,8 @@ impl VdiHeader {
         if blocks_in_image == 0 {
             return Err(VdiError::ZeroBlockCount);
         }
-        if block_size != DEFAULT_BLOCK_SIZE {
-            return Err(VdiError::UnsupportedBlockSize { found: block_size });
-        }
         if block_extra != 0 {
             return Err(VdiError::BlockExtraNotSupported { found: block_extra });
-        }
-        if disk_size > MAX_DISK_SIZE {
-            return Err(VdiError::DiskTooLarge {
-                disk_size,
-                max: MAX_DISK_SIZE,
-            });
-        }
-        if blocks_in_image > MAX_BLOCKS_IN_IMAGE {
-            return Err(VdiError::TooManyBlocks {
-                blocks: blocks_in_image,
-                max: MAX_BLOCKS_IN_IMAGE,
-            });
-        }
-        if u64::from(block_size) * u64::from(blocks_in_image) < disk_size {
-            return Err(VdiError::DiskLargerThanBlocks {
-                disk_size,
-                blocks: blocks_in_image,
-                block_size,
-            });
         }
         let block_map_end = u64::from(offset_blocks) + 4 * u64::from(blocks_in_image);
         if u64::from(offset_data) < block_map_end {
