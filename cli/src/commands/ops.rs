@@ -226,6 +226,8 @@ pub struct ResizeArgs {
     #[arg(allow_hyphen_values = true)]
     pub size: String,
     #[command(flatten)]
+    pub data_files: crate::args::DataFileArgs,
+    #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
@@ -337,11 +339,16 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         let mut progress = crate::progress::Progress::new(show, out);
         convert::with_source(&extras, source.as_ref(), None, |source| {
             let mut update = extras.throttled(|done, total| progress.update(done, total));
+            // The target's own data file, if it has one (not the one named for the source).
+            let target_chain = imagefmt::chain::ChainOptions {
+                data_file: None,
+                ..args.chain.data_files.options(&policy)
+            };
             Ok(imagefmt::ops::convert_into::convert_into(
                 source,
                 dest,
                 output,
-                &policy,
+                &target_chain,
                 sparse_size,
                 extras.target_is_zero(),
                 &mut update,
@@ -420,9 +427,11 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     let keep = args.keep || args.base.is_some();
     args.guard.check_commit(&args.file, keep)?;
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
     imagefmt::ops::commit::commit_into(
         &args.file,
-        &args.chain.policy(),
+        &args.chain.options(&policy, &parents),
         keep,
         args.base.as_deref(),
         &mut |done, total| progress.update(done, total),
@@ -484,11 +493,13 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         unsafe_header_only: args.unsafe_header_only,
         compress: args.compress,
     };
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
     imagefmt::ops::rebase::rebase_with_progress(
         &args.file,
         &new,
         &options,
-        &args.chain.policy(),
+        &args.chain.options(&policy, &parents),
         &mut |done, total| progress.update(done, total),
     )
     .with_context(|| format!("{}", args.file.display()))?;
@@ -514,9 +525,10 @@ pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
         preallocation,
     };
     let size: imagefmt::ops::resize::NewSize = args.size.parse()?;
-    let resized =
-        imagefmt::ops::resize::resize(&args.file, size, &options, &BackingPolicy::FollowLocal)
-            .with_context(|| format!("{}", args.file.display()))?;
+    let policy = BackingPolicy::FollowLocal;
+    let chain = args.data_files.options(&policy);
+    let resized = imagefmt::ops::resize::resize(&args.file, size, &options, &chain)
+        .with_context(|| format!("{}", args.file.display()))?;
     hold_if_asked(&args.file);
     drop(resized);
     if !args.quiet {

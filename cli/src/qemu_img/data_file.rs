@@ -18,8 +18,11 @@ pub(super) fn qemu_defaults(command: &str) -> Vec<String> {
         .collect()
 }
 
-/// Commands whose first chain opened is the image the data file option names.
-const READERS: [&str; 5] = ["check", "map", "compare", "convert", "measure"];
+/// Commands whose first image opened is the one the data file option names: the readers'
+/// first chain, the image the writers write.
+const OPENERS: [&str; 7] = [
+    "check", "map", "compare", "convert", "measure", "commit", "rebase",
+];
 
 /// Adds `--open-data-file` when `image`'s options name its data file (`data-file.filename`);
 /// `first`: whether `image` is the command's first image (the one the flag applies to).
@@ -31,7 +34,7 @@ pub(super) fn named(plan: &mut Plan, image: &Target, first: bool) -> Result<(), 
     if plan.command == "info" {
         return Ok(());
     }
-    if !first || !READERS.contains(&plan.command) {
+    if !first || !OPENERS.contains(&plan.command) {
         return Err(error(format!(
             "{}: a 'data-file' option for this image is not supported by cowclone",
             plan.command

@@ -253,9 +253,10 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 /// Amends the qcow2 image in `file` (opened for writing, locks held) as `options` say.
 ///
 /// A dirty image (lazy refcounts after a crash) is repaired first, as qemu repairs it when
-/// opening it for writing. Changes of version, refcount width or size need the image writable
-/// by [`Qcow2Image::open_rw`] (no external data file); changes of `lazy_refcounts`,
-/// `data_file` and `data_file_raw` only rewrite cluster 0.
+/// opening it for writing. Changes of version, refcount width or size open the image's tables
+/// for writing (an external data file is not opened: its image's size is refused here, `resize`
+/// changes it); changes of `lazy_refcounts`, `data_file` and `data_file_raw` only rewrite
+/// cluster 0.
 ///
 /// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
 pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
@@ -321,6 +322,11 @@ pub fn amend_reporting(
     if header.crypt_method != 0 {
         return Err(refused("cowclone does not amend encrypted images"));
     }
+    if has_data_file && new_size.is_some_and(|s| s != header.size) {
+        return Err(refused(
+            "cowclone does not change the size of an image with an external data file with amend; use resize",
+        ));
+    }
 
     // Nothing comes before the refcount width step for a v2 target (no upgrade), so its
     // refusal can be made before the image is opened, as qemu makes it before touching it.
@@ -344,10 +350,11 @@ pub fn amend_reporting(
         u64::from(new_version != old_version) + u64::from(new_order != header.refcount_order);
     let mut status = AmendStatus::new(progress, operations);
     let mut target = if structural {
-        Target::Image(Box::new(Qcow2Image::open_rw(
+        // The tables change, never guest data: an external data file is not needed (and
+        // a size change, which would resize it, was refused above).
+        Target::Image(Box::new(Qcow2Image::open_rw_tables_only(
             file,
             cluster,
-            None,
             WriteOptions { durable: true },
         )?))
     } else {
@@ -750,8 +757,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
         let features = self.header.incompatible_features;
-        // An image with a data file never gets here: opening it for writing is refused, and
-        // `amend` refuses its downgrade in qemu's words in its step 6.
+        // An image with a data file never gets here: `amend` refuses its downgrade in qemu's
+        // words in its step 6.
         let blocking = features - IncompatibleFeatures::COMPRESSION_TYPE;
         if !blocking.is_empty() {
             return Err(refused(format!(
