@@ -414,3 +414,29 @@ fn bitmap_add_on_a_data_file_image_matches_qemu_img() {
         crate::util::qemu_dirty_ranges(&images[1], "b0"),
     );
 }
+
+#[test]
+fn a_writer_takes_the_data_files_lock_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let [ours, _] = twins(dir, "", None);
+    let before = std::fs::read(&ours).unwrap();
+    // qemu-io writes the data file: cowclone does not write the image over it (stricter than
+    // qemu, which shares write access to a data file).
+    let holder = crate::locking::Holder::qemu_io(&data_of(&ours), false);
+    let image = ours.display().to_string();
+    let out = crate::util::cowclone_args_in(dir, &["resize", "--allow-data-file", &image, "8M"]);
+    assert!(!out.status.success(), "{}", crate::util::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get shared \"write\" lock"),
+        "{}",
+        crate::util::describe(&out)
+    );
+    drop(holder);
+    assert!(
+        std::fs::read(&ours).unwrap() == before,
+        "the refused resize changed the image"
+    );
+    cowclone_ok_args_in(dir, &["resize", "-q", "--allow-data-file", &image, "8M"]);
+    assert_qemu_check_clean(&ours, "resized once the data file was free");
+}
