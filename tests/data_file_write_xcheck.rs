@@ -440,3 +440,63 @@ fn a_writer_takes_the_data_files_lock_too() {
     cowclone_ok_args_in(dir, &["resize", "-q", "--allow-data-file", &image, "8M"]);
     assert_qemu_check_clean(&ours, "resized once the data file was free");
 }
+
+#[test]
+fn convert_into_a_new_data_file_image_matches_qemu_img() {
+    for options in ["", ",data_file_raw=on", ",extended_l2=on,cluster_size=128k"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", "src.qcow2", "4M"]);
+        qemu_io_in(
+            dir,
+            "src.qcow2",
+            &[
+                "write -P 3 0 1M",
+                "write -z 2M 64k",
+                "write -P 4 0x300100 0x200",
+            ],
+        );
+        let images = ["ours", "theirs"].map(|side| {
+            std::fs::create_dir_all(dir.join(side)).unwrap();
+            dir.join(side).join("img.qcow2")
+        });
+        let data = images
+            .each_ref()
+            .map(|image| data_of(image).display().to_string());
+        let targets = images.each_ref().map(|image| image.display().to_string());
+        let opts = data.each_ref().map(|d| format!("data_file={d}{options}"));
+        cowclone_ok_args_in(
+            dir,
+            &[
+                "qemu-img",
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                &opts[0],
+                "src.qcow2",
+                &targets[0],
+            ],
+        );
+        qemu_img_ok_in(
+            dir,
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                &opts[1],
+                "src.qcow2",
+                &targets[1],
+            ],
+        );
+        let raw = options.contains("raw");
+        assert_twins_agree(
+            &images[0],
+            &images[1],
+            raw,
+            &format!("convert -o {options:?}"),
+        );
+        assert_same_content(&dir.join("src.qcow2"), &images[0], "converted");
+    }
+}

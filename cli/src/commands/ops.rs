@@ -360,11 +360,17 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let mut qcow2 = CreateOptions::default();
     let mut vdi_static = false;
     let mut preallocation = Preallocation::Off;
+    let mut data_file: Option<String> = None;
+    let mut data_file_raw = false;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
         match (output, key) {
+            (ImageFormat::Qcow2, "data_file") => data_file = Some(value.to_owned()),
+            (ImageFormat::Qcow2, "data_file_raw") => {
+                data_file_raw = crate::commands::vdi_create::parse_on_off(key, value)?
+            }
             (ImageFormat::Qcow2 | ImageFormat::Raw, "preallocation") => {
                 preallocation = Preallocation::parse(value, output == ImageFormat::Qcow2)?
             }
@@ -376,6 +382,35 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         }
     }
     convert::check_bitmap_target(bitmaps.as_ref(), output, Some(qcow2.compat.version()))?;
+    if data_file_raw && data_file.is_none() {
+        bail!("data-file-raw requires data-file");
+    }
+    if let Some(name) = data_file {
+        if args.compress {
+            // qemu-img creates the image, then fails its first compressed write.
+            bail!("Operation not supported: compressed clusters cannot be written into an image with an external data file");
+        }
+        let target = convert::NewDataFileImage {
+            path: dest,
+            options: qcow2,
+            preallocation,
+            data_file: name,
+            raw: data_file_raw,
+            from_cwd: args.chain.data_files.data_file_from_cwd,
+            backing: match &args.backing {
+                Some(name) => Some((name.clone(), format(&args.backing_format)?)),
+                None => None,
+            },
+            overwrite: args.overwrite,
+        };
+        let mut progress = crate::progress::Progress::new(show, out);
+        convert::with_source(&extras, source.as_ref(), None, |source| {
+            let mut update = extras.throttled(|done, total| progress.update(done, total));
+            Ok(target.convert(source, &policy, sparse_size, &mut update)?)
+        })?;
+        progress.finish();
+        return convert::copy_bitmaps(bitmaps.as_ref(), &sources[0], read_how, dest);
+    }
     let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,

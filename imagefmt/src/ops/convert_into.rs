@@ -58,9 +58,10 @@ impl Target {
 
 /// Converts `source` into the existing image `dest` of format `format` (qcow2 or raw), opened
 /// for writing as `chain` says (a qcow2 target's own backing chain is opened for copy-on-write
-/// of partial clusters; its external data file, where `chain` allows it, for writing). `sparse_size` is `-S` (0: zeros written as data). `target_is_zero`
-/// (`--target-is-zero`): the caller vouches that the target reads as zeros, so zero ranges
-/// are not written (as for a new image), unless `-S 0`. Errors name the file at fault.
+/// of partial clusters; its external data file, where `chain` allows it, for writing).
+/// `sparse_size` is `-S` (0: zeros written as data). `target_is_zero` (`--target-is-zero`):
+/// the caller vouches that the target reads as zeros, so zero ranges are not written (as for
+/// a new image), unless `-S 0`. Errors name the file at fault.
 pub fn convert_into(
     source: &dyn GuestRead,
     dest: &Path,
