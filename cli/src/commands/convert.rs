@@ -217,6 +217,22 @@ impl Throttle {
     }
 }
 
+/// The guest offset of the first byte of `source` that does not read as zeros (its size if
+/// none): where a convert writes first.
+pub fn first_data_offset(source: &dyn imagefmt::extent::GuestRead) -> imagefmt::Result<u64> {
+    let size = source.virtual_size();
+    let mut at = 0;
+    while at < size {
+        let extent =
+            imagefmt::chain::block_status(source, imagefmt::offsets::GuestOffset(at), size - at)?;
+        if !extent.reads_as_zeros() {
+            return Ok(at);
+        }
+        at = extent.end().0;
+    }
+    Ok(size)
+}
+
 /// A new qcow2 target of `convert -o data_file=NAME[,data_file_raw=on]`: created as `create`
 /// makes such an image (the data file too, as long as the disk), then written as `convert -n`
 /// writes an existing image, its data clusters going into the data file at their guest

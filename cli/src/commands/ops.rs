@@ -387,8 +387,12 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     }
     if let Some(name) = data_file {
         if args.compress {
-            // qemu-img creates the image, then fails its first compressed write.
-            bail!("Operation not supported: compressed clusters cannot be written into an image with an external data file");
+            // qemu-img fails the first compressed write (nothing is created here).
+            let at = convert::first_data_offset(source.as_ref())?;
+            return Err(anyhow::Error::new(imagefmt::Error::from(
+                imagefmt::qcow2::Qcow2Error::CompressedDataFile,
+            ))
+            .context(format!("error while writing at byte {at}")));
         }
         let target = convert::NewDataFileImage {
             path: dest,

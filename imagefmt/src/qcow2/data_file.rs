@@ -114,3 +114,107 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::io::{Backend, MemBackend};
+    use crate::qcow2::compressed_writer::CompressedWriter;
+    use crate::qcow2::create::{write_new_image_with_data_file, DataFileReference};
+    use crate::qcow2::image::Qcow2Image;
+    use crate::qcow2::write::WriteOptions;
+    use crate::qcow2::{CreateOptions, HeaderCluster};
+
+    const SIZE: u64 = 1 << 20;
+
+    /// A new 1 MiB image keeping its data in an in-memory data file.
+    fn image(raw: bool) -> Qcow2Image<MemBackend> {
+        let backend = MemBackend::default();
+        let reference = DataFileReference {
+            name: "d.raw".to_owned(),
+            raw,
+        };
+        let options = CreateOptions::default();
+        write_new_image_with_data_file(&backend, SIZE, &options, None, &reference, raw).unwrap();
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        let data = MemBackend::new(vec![0u8; SIZE as usize]);
+        Qcow2Image::open_rw_with_data_file(
+            backend,
+            cluster,
+            None,
+            Box::new(data),
+            WriteOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn data_file_bytes(image: &Qcow2Image<MemBackend>, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let file = image.data_file.as_deref().unwrap();
+        file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn data_goes_into_the_data_file_at_its_guest_offset_and_the_image_file_stays_small() {
+        let mut image = image(false);
+        let len_before = image.backend.len().unwrap();
+        image.write_at(&[7u8; 100], 0x30010).unwrap();
+        image.write_at(&[8u8; 0x20000], 0).unwrap();
+        assert_eq!(data_file_bytes(&image, 0x30010, 100), vec![7u8; 100]);
+        assert_eq!(data_file_bytes(&image, 0x30000, 16), vec![0u8; 16]);
+        assert_eq!(data_file_bytes(&image, 0, 4), vec![8u8; 4]);
+        // One L2 table, nothing else: no data cluster, no refcount block for data.
+        let cluster_size = image.header.cluster_size();
+        assert_eq!(
+            image.backend.len().unwrap(),
+            len_before.next_multiple_of(cluster_size) + cluster_size
+        );
+        let entry = image.l2_entry(0).unwrap().unwrap();
+        assert_eq!(
+            entry.entry,
+            super::COPIED,
+            "guest cluster 0 at data file offset 0"
+        );
+    }
+
+    #[test]
+    fn zeroing_a_raw_data_file_image_zeroes_the_data_file() {
+        let mut image = image(true);
+        image.write_at(&[9u8; 0x20000], 0x10000).unwrap();
+        image.write_zeroes(0x10000, 0x10000).unwrap();
+        image.discard(0x20000, 0x10000).unwrap();
+        assert_eq!(
+            data_file_bytes(&image, 0x10000, 0x20000),
+            vec![0u8; 0x20000]
+        );
+    }
+
+    #[test]
+    fn compressed_writes_are_refused() {
+        let mut image = image(false);
+        let mut writer = CompressedWriter::new(&image);
+        let cluster = vec![1u8; image.header.cluster_size() as usize];
+        assert!(writer.write(&mut image, &cluster, 0).is_err());
+    }
+
+    #[test]
+    fn an_image_opened_without_its_data_file_refuses_guest_writes() {
+        let image = image(false);
+        let backend = MemBackend::new(image.backend.to_vec());
+        let cluster = HeaderCluster::read_from(&backend).unwrap();
+        let mut tables =
+            Qcow2Image::open_rw_tables_only(backend, cluster, WriteOptions::default()).unwrap();
+        let before = tables.backend.to_vec();
+        assert!(tables.write_at(&[1u8; 512], 0x40000).is_err());
+        let after = tables.backend.to_vec().len();
+        // At most the L2 table the write looked its entry up in.
+        let limit = (before.len() as u64).next_multiple_of(1 << 16) + (1 << 16);
+        assert!(after as u64 <= limit, "{} -> {after}", before.len());
+        // Whatever the failed write left (at most an L2 table), no data reached the image file.
+        assert!(!tables
+            .backend
+            .to_vec()
+            .windows(512)
+            .any(|w| w == [1u8; 512]));
+    }
+}
