@@ -605,3 +605,36 @@ fn data_shape(path: &Path) -> Vec<(u64, u64, u64)> {
     }
     ranges
 }
+
+#[test]
+fn amend_of_the_size_resizes_the_data_file_as_qemu_img() {
+    for (options, raw) in [("", false), ("data_file_raw=on", true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let images = twins(dir, options, None);
+        for image in &images {
+            qemu_io_in(dir, &image.display().to_string(), &["write -P 6 1M 2M"]);
+        }
+        both(dir, &images, &["amend", "-o", "size=9M", "{}"]);
+        assert_twins_agree(
+            &images[0],
+            &images[1],
+            raw,
+            &format!("{options}: amend grown"),
+        );
+        both(dir, &images, &["amend", "-o", "size=2M", "{}"]);
+        assert_twins_agree(
+            &images[0],
+            &images[1],
+            raw,
+            &format!("{options}: amend shrunk"),
+        );
+        both(dir, &images, &["amend", "-o", "refcount_bits=4", "{}"]);
+        assert_twins_agree(
+            &images[0],
+            &images[1],
+            raw,
+            &format!("{options}: refcount width"),
+        );
+    }
+}

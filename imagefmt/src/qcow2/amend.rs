@@ -254,9 +254,9 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 ///
 /// A dirty image (lazy refcounts after a crash) is repaired first, as qemu repairs it when
 /// opening it for writing. Changes of version, refcount width or size open the image's tables
-/// for writing (an external data file is not opened: its image's size is refused here, `resize`
-/// changes it); changes of `lazy_refcounts`, `data_file` and `data_file_raw` only rewrite
-/// cluster 0.
+/// for writing (an external data file is not opened: the size of such an image changes only
+/// through [`amend_reporting_with`]); changes of `lazy_refcounts`, `data_file` and
+/// `data_file_raw` only rewrite cluster 0.
 ///
 /// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
 pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
@@ -270,6 +270,19 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
 pub fn amend_reporting(
     file: File,
     options: &AmendOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<String>, AmendError> {
+    amend_reporting_with(file, options, None, progress)
+}
+
+/// [`amend_reporting`] told where the image's external data file is found: `data_file` is the
+/// image's path and the chain options that admit its data file. A size change of an image with
+/// one then opens the data file for writing and resizes it with the disk, as qemu-img amend
+/// does; without it (or where the options do not admit it) such a size change is refused.
+pub fn amend_reporting_with(
+    file: File,
+    options: &AmendOptions,
+    data_file: Option<(&std::path::Path, &crate::chain::ChainOptions<'_>)>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<String>, AmendError> {
     let mut cluster = HeaderCluster::read_from(&file)?;
@@ -322,9 +335,10 @@ pub fn amend_reporting(
     if header.crypt_method != 0 {
         return Err(refused("cowclone does not amend encrypted images"));
     }
-    if has_data_file && new_size.is_some_and(|s| s != header.size) {
+    let resizes_data_file = has_data_file && new_size.is_some_and(|s| s != header.size);
+    if resizes_data_file && data_file.is_none() {
         return Err(refused(
-            "cowclone does not change the size of an image with an external data file with amend; use resize",
+            "the size of an image with an external data file changes only with its data file (not opened)",
         ));
     }
 
@@ -350,13 +364,16 @@ pub fn amend_reporting(
         u64::from(new_version != old_version) + u64::from(new_order != header.refcount_order);
     let mut status = AmendStatus::new(progress, operations);
     let mut target = if structural {
-        // The tables change, never guest data: an external data file is not needed (and
-        // a size change, which would resize it, was refused above).
-        Target::Image(Box::new(Qcow2Image::open_rw_tables_only(
-            file,
-            cluster,
-            WriteOptions { durable: true },
-        )?))
+        let durable = WriteOptions { durable: true };
+        Target::Image(Box::new(match data_file {
+            // A size change resizes the data file with the disk (refused where `chain` does
+            // not admit it).
+            Some((path, chain)) if resizes_data_file => {
+                crate::chain::qcow2_rw_over(file, path, cluster, None, chain, durable)?
+            }
+            // Otherwise the tables change, never guest data: the data file is not needed.
+            _ => Qcow2Image::open_rw_tables_only(file, cluster, durable)?,
+        }))
     } else {
         Target::Header { file, cluster }
     };
