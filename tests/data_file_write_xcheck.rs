@@ -638,3 +638,48 @@ fn amend_of_the_size_resizes_the_data_file_as_qemu_img() {
         );
     }
 }
+
+#[test]
+fn commit_from_an_overlay_with_a_data_file_matches_qemu_img() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bases = ["ours", "theirs"].map(|side| {
+        std::fs::create_dir_all(dir.join(side)).unwrap();
+        let base = dir.join(side).join("base.qcow2");
+        let name = base.display().to_string();
+        qemu_img_ok_in(dir, &["create", "-q", "-f", "qcow2", &name, "4M"]);
+        qemu_io_in(dir, &name, &["write -P 1 0 4M"]);
+        base
+    });
+    // The overlays are twins with data files over those bases.
+    let tops = ["ours", "theirs"].map(|side| dir.join(side).join("img.qcow2"));
+    for (top, base) in tops.iter().zip(&bases) {
+        let option = format!("data_file={}", data_of(top).display());
+        let (top, base) = (top.display().to_string(), base.display().to_string());
+        qemu_img_ok_in(
+            dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-o", &option, "-b", &base, "-F", "qcow2", &top,
+                "4M",
+            ],
+        );
+        qemu_io_in(
+            dir,
+            &top,
+            &[
+                "write -P 2 0x10100 0x100",
+                "write -z 1M 64k",
+                "write -P 3 2M 64k",
+            ],
+        );
+    }
+    both(dir, &tops, &["commit", "-q", "{}"]);
+    assert_qemu_check_clean(&bases[0], "the base committed into");
+    assert_same_content(&bases[0], &bases[1], "the bases");
+    assert_eq!(
+        qemu_map_shape(&bases[0]),
+        qemu_map_shape(&bases[1]),
+        "the bases' maps"
+    );
+    assert_twins_agree(&tops[0], &tops[1], false, "the emptied overlays");
+}
