@@ -5,12 +5,15 @@
 //! check clean, read like the image before the amend — the active layer and every snapshot
 //! (`qemu-img convert -l`, and `qemu-io` after `qemu-img snapshot -a` on a copy) — and like
 //! qemu-img's result; where qemu-img's result is itself clean, the files must be the same
-//! bytes. The `-p` lines must be byte for byte qemu-img's.
+//! bytes. The `-p` lines must be byte for byte qemu-img's. Snapshots with VM state are taken
+//! by qemu-system-x86_64's `savevm` (Debian package qemu-system-x86), their sizes then set in
+//! the table where the case needs more.
 
 use std::path::{Path, PathBuf};
 
 use crate::util::{
-    assert_qemu_check_clean, cowclone, describe, qemu_check, qemu_img, qemu_img_ok, qemu_io_ok,
+    args_of, assert_qemu_check_clean, describe, qemu_check, qemu_create_qcow2, qemu_img,
+    qemu_img_ok, qemu_img_or_personality, qemu_info_json, qemu_io_ok, qemu_overlay,
 };
 
 /// One image to downgrade: how it is built.
@@ -75,25 +78,16 @@ const CASES: [Case; 6] = [
     },
 ];
 
-fn os_args(items: &[String]) -> Vec<&dyn AsRef<std::ffi::OsStr>> {
-    items
-        .iter()
-        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-        .collect()
-}
-
 /// Builds `case` in `dir` as `name`, returns the image and its snapshot names.
 fn build(dir: &Path, case: &Case, name: &str) -> (PathBuf, Vec<String>) {
     let image = dir.join(name);
     if case.backed {
         let base = dir.join(format!("{name}.base"));
-        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"64M"]);
+        qemu_create_qcow2(&base, "", "64M");
         qemu_io_ok(&[&"-c", &"write -P 0x2a 0 256k", &base]);
-        qemu_img_ok(&[
-            &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &image, &"64M",
-        ]);
+        qemu_overlay(&base, &image);
     } else {
-        qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"64M"]);
+        qemu_create_qcow2(&image, "", "64M");
     }
     let mut snapshots = Vec::new();
     for step in case.steps {
@@ -121,21 +115,14 @@ fn contents(image: &Path, snapshot: Option<&str>, out: &Path) -> Vec<u8> {
         image.to_string_lossy().into_owned(),
         out.to_string_lossy().into_owned(),
     ]);
-    qemu_img_ok(&os_args(&args));
+    qemu_img_ok(&args_of(&args));
     std::fs::read(out).expect("read converted image")
 }
 
 /// `qemu-img amend -p -o OPTIONS` by qemu-img (`ours == false`) or cowclone's personality:
 /// the progress printed on stdout.
 fn amend_p(image: &Path, options: &str, ours: bool) -> (bool, Vec<u8>) {
-    let args: [&dyn AsRef<std::ffi::OsStr>; 5] = [&"amend", &"-p", &"-o", &options, &image];
-    let output = if ours {
-        let mut with_prefix: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
-        with_prefix.extend(args);
-        cowclone(&with_prefix)
-    } else {
-        qemu_img(&args)
-    };
+    let output = qemu_img_or_personality(ours, &[&"amend", &"-p", &"-o", &options, &image]);
     (output.status.success(), output.stdout)
 }
 
@@ -160,8 +147,11 @@ fn downgrade_expands_zero_clusters_in_every_snapshot_as_qemu_img_does() {
             "{context}: -p lines"
         );
         assert_qemu_check_clean(&ours, context);
-        let info = qemu_img_ok(&[&"info", &ours]);
-        assert!(info.contains("compat: 0.10"), "{context}: {info}");
+        let info = qemu_info_json(&ours);
+        assert_eq!(
+            info["format-specific"]["data"]["compat"], "0.10",
+            "{context}: {info}"
+        );
 
         let raw = dir.path().join("contents.raw");
         for snapshot in std::iter::once(None).chain(snapshots.iter().map(|s| Some(s.as_str()))) {
@@ -209,26 +199,15 @@ fn downgrade_expands_zero_clusters_in_every_snapshot_as_qemu_img_does() {
 /// refcounts to 64 bits fills the first new refcount block exactly, so qemu walks the refcount
 /// table four times instead of three.
 fn settling_walks_image(path: &Path) {
-    qemu_img_ok(&[
-        &"create",
-        &"-q",
-        &"-f",
-        &"qcow2",
-        &"-o",
-        &"refcount_bits=1,cluster_size=512",
-        &path,
-        &"64k",
-    ]);
+    qemu_create_qcow2(path, "refcount_bits=1,cluster_size=512", "64k");
     qemu_io_ok(&[&"-c", &"write 0 29696", &path]);
 }
 
 /// A 4 GiB overlay with zero clusters in four L2 tables (and one snapshot if asked).
 fn four_tables_image(dir: &Path, path: &Path, snapshot: bool) {
     let base = dir.join("four.base");
-    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &base, &"4G"]);
-    qemu_img_ok(&[
-        &"create", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &"qcow2", &path, &"4G",
-    ]);
+    qemu_create_qcow2(&base, "", "4G");
+    qemu_overlay(&base, path);
     for at in ["0", "1G", "2G", "3G"] {
         qemu_io_ok(&[&"-c", &format!("write -z {at} 64k"), &path]);
     }
@@ -265,16 +244,7 @@ fn amend_progress_prints_qemu_img_lines() {
             "upgrade and widening",
             "compat=1.1,refcount_bits=64",
             |_, p| {
-                qemu_img_ok(&[
-                    &"create",
-                    &"-q",
-                    &"-f",
-                    &"qcow2",
-                    &"-o",
-                    &"compat=0.10",
-                    &p,
-                    &"1G",
-                ]);
+                qemu_create_qcow2(p, "compat=0.10", "1G");
                 qemu_io_ok(&[&"-c", &"write 0 3M", &p]);
                 qemu_img_ok(&[&"snapshot", &"-c", &"old", &p]);
             },
@@ -283,16 +253,7 @@ fn amend_progress_prints_qemu_img_lines() {
             "widening and downgrade",
             "refcount_bits=16,compat=0.10",
             |_, p| {
-                qemu_img_ok(&[
-                    &"create",
-                    &"-q",
-                    &"-f",
-                    &"qcow2",
-                    &"-o",
-                    &"refcount_bits=8",
-                    &p,
-                    &"1G",
-                ]);
+                qemu_create_qcow2(p, "refcount_bits=8", "1G");
                 qemu_io_ok(&[&"-c", &"write -P 1 0 3M", &"-c", &"write -z 1M 1M", &p]);
             },
         ),
@@ -331,7 +292,7 @@ fn amend_progress_prints_qemu_img_lines() {
 fn amend_progress_ends_as_qemu_img_when_refused_early() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("early.qcow2");
-    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &image, &"1M"]);
+    qemu_create_qcow2(&image, "", "1M");
     let missing = dir.path().join("missing.qcow2");
     // (options, image): a refused option, a missing image, the option list, -q.
     let cases: [(&[&str], &Path); 5] = [
@@ -345,10 +306,8 @@ fn amend_progress_ends_as_qemu_img_when_refused_early() {
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"amend"];
         args.extend(options.iter().map(|o| o as &dyn AsRef<std::ffi::OsStr>));
         args.push(&path);
-        let theirs = qemu_img(&args);
-        let mut ours_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"qemu-img"];
-        ours_args.extend(args);
-        let ours = cowclone(&ours_args);
+        let theirs = qemu_img_or_personality(false, &args);
+        let ours = qemu_img_or_personality(true, &args);
         let context = format!("amend {options:?}");
         assert_eq!(ours.status.code(), theirs.status.code(), "{context}");
         assert_eq!(
@@ -376,23 +335,10 @@ fn downgrade_of_a_data_file_image_is_refused_as_qemu_img_refuses_it() {
             let image = dir.path().join(format!("d{n}.{who}.qcow2"));
             let data = dir.path().join(format!("d{n}.{who}.data"));
             let create_options = format!("compat=1.1,data_file={}", data.display());
-            qemu_img_ok(&[
-                &"create",
-                &"-q",
-                &"-f",
-                &"qcow2",
-                &"-o",
-                &create_options,
-                &image,
-                &"64M",
-            ]);
-            let output = if who == "ours" {
-                cowclone(&[&"qemu-img", &"amend", &"-o", &options, &image])
-            } else {
-                qemu_img(&[&"amend", &"-o", &options, &image])
-            };
-            let info = qemu_img_ok(&[&"info", &"--output=json", &image]);
-            let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+            qemu_create_qcow2(&image, &create_options, "64M");
+            let output =
+                qemu_img_or_personality(who == "ours", &[&"amend", &"-o", &options, &image]);
+            let info = qemu_info_json(&image);
             outputs.push((
                 output.status.code(),
                 String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -406,5 +352,95 @@ fn downgrade_of_a_data_file_image_is_refused_as_qemu_img_refuses_it() {
             "{options}: qemu-img refused nothing: {:?}",
             outputs[0]
         );
+    }
+}
+
+/// `qemu-img info --output=json` of `path` without what names or measures the file (its name
+/// and disk usage, at every level): what two images in different places should share.
+fn image_info(path: &Path) -> serde_json::Value {
+    fn strip(info: &mut serde_json::Value) {
+        if let Some(object) = info.as_object_mut() {
+            object.remove("filename");
+            object.remove("actual-size");
+        }
+        if let Some(children) = info["children"].as_array_mut() {
+            for child in children {
+                strip(&mut child["info"]);
+            }
+        }
+    }
+    let mut info = qemu_info_json(path);
+    strip(&mut info);
+    info
+}
+
+/// `amend -o compat=0.10` of images whose snapshots carry VM state (taken by `savevm` in
+/// qemu-system), on twins: qemu-img downgrades them while the VM state fits v2's 32-bit size
+/// field (up to 4 GiB − 1 bytes, the entries left as they are), and refuses more ("Internal
+/// snapshots prevent downgrade of image", also before it looks at incompatible features such
+/// as extended L2 entries). The personality must answer the same (`-p` lines included), and
+/// qemu-img's `check`, `snapshot -l` and `info` must then find its twin as they find
+/// qemu-img's; the files must be the same bytes.
+#[test]
+fn downgrade_of_snapshots_with_vm_state_is_accepted_and_refused_as_qemu_img_does() {
+    use crate::personality::{assert_same, personality_dir};
+    use crate::util::{
+        assert_qemu_img_judges_twins_alike, case_twin_dirs, qemu_savevm,
+        set_first_snapshot_vm_state, twin_image,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    // (case, creation options, VM state size set in the first entry, qemu-img downgrades)
+    let cases: [(&str, &str, Option<u64>, bool); 5] = [
+        ("savevm", "compat=1.1", None, true),
+        ("4 GiB - 1", "compat=1.1", Some(u64::from(u32::MAX)), true),
+        ("4 GiB", "compat=1.1", Some(1 << 32), false),
+        ("4 GiB, extended L2", "extended_l2=on", Some(1 << 32), false),
+        ("savevm, extended L2", "extended_l2=on", None, false),
+    ];
+    for (case, options, vm_state, downgraded) in cases {
+        let dirs = case_twin_dirs(tmp.path(), case);
+        twin_image(&dirs, options, |path| {
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -P 1 0 1M", &path]);
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -z 256k 128k", &path]);
+            qemu_savevm(path, "vm1");
+            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write -z 512k 64k", &path]);
+            qemu_savevm(path, "vm2");
+            if let Some(size) = vm_state {
+                set_first_snapshot_vm_state(path, size);
+            }
+        });
+        let list = qemu_img_ok(&[&"snapshot", &"-l", &dirs[1].join("t.qcow2")]);
+        assert!(
+            !list.lines().any(|l| l.contains(" 0 B ")),
+            "{case}: every snapshot has VM state: {list}"
+        );
+        assert_same(
+            &bin,
+            &dirs,
+            &["amend", "-p", "-o", "compat=0.10", "t.qcow2"],
+            true,
+            true,
+        );
+        for args in [
+            &["check", "t.qcow2"][..],
+            &["snapshot", "-l", "t.qcow2"],
+            &["info", "--output=json", "t.qcow2"],
+        ] {
+            if args[0] == "info" {
+                let [theirs, ours] = dirs.clone().map(|dir| image_info(&dir.join("t.qcow2")));
+                assert_eq!(ours, theirs, "{case}: qemu-img info");
+                let compat = &theirs["format-specific"]["data"]["compat"];
+                let expected = if downgraded { "0.10" } else { "1.1" };
+                assert_eq!(compat, expected, "{case}: qemu-img's amend");
+            } else {
+                assert_qemu_img_judges_twins_alike(&dirs, args);
+            }
+        }
+        assert_qemu_check_clean(&dirs[1].join("t.qcow2"), case);
+        let [theirs, ours] = dirs
+            .clone()
+            .map(|dir| std::fs::read(dir.join("t.qcow2")).unwrap());
+        assert!(ours == theirs, "{case}: not the bytes qemu-img amend left");
     }
 }

@@ -80,6 +80,18 @@ fn filesystem_image(dir: &Path) -> PathBuf {
     image
 }
 
+/// [`filesystem_image`] grown by 1.5 KiB: the disk ends inside a 64 KiB cluster.
+fn filesystem_image_ending_inside_a_cluster(dir: &Path) -> PathBuf {
+    let image = filesystem_image(dir);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len((48 << 20) + 1536)
+        .unwrap();
+    image
+}
+
 fn convert_c_is_no_larger_than_qemu_img(compression: &str) {
     let dir = tempfile::tempdir().unwrap();
     let source = filesystem_image(dir.path());
@@ -249,13 +261,7 @@ fn convert_c_output_is_the_same_for_any_m_clean_and_identical_with_w() {
     // guest order: the file is the same byte for byte whatever -m; with -W (any order) it is
     // still clean and reads the same. The disk ends 1.5 KiB into a cluster.
     let dir = tempfile::tempdir().unwrap();
-    let source = filesystem_image(dir.path());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&source)
-        .unwrap()
-        .set_len((48 << 20) + 1536)
-        .unwrap();
+    let source = filesystem_image_ending_inside_a_cluster(dir.path());
     let mut outputs = Vec::new();
     for flags in [&["-m", "1"][..], &[][..], &["-m", "16"][..], &["-W"][..]] {
         let out = dir.path().join(format!("ours{}.qcow2", outputs.len()));
@@ -282,13 +288,7 @@ fn compressed_clusters_decode_into_raw_output_as_qemu_img_reads_them() {
     // qemu-img's compressed image (deflate and zstd), its disk ending inside a cluster,
     // converted to raw by cowclone with 1 and 16 reader threads: identical to the source.
     let dir = tempfile::tempdir().unwrap();
-    let source = filesystem_image(dir.path());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&source)
-        .unwrap()
-        .set_len((48 << 20) + 1536)
-        .unwrap();
+    let source = filesystem_image_ending_inside_a_cluster(dir.path());
     for compression in ["zlib", "zstd"] {
         let packed = dir.path().join(format!("{compression}.qcow2"));
         let option = format!("compression_type={compression}");

@@ -14,7 +14,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::personality::{assert_same, peek, personality_dir, poke, qemu_img_as};
-use crate::util::{assert_qemu_check_clean, describe, qemu_img_ok, qemu_io_ok};
+use crate::util::{
+    assert_qemu_check_clean, case_twin_dirs as twin_dirs, describe, qemu_img_ok, qemu_io_in,
+    twin_image,
+};
 
 /// 64 KiB clusters, as the iotests' images have.
 const CLUSTER: u64 = 1 << 16;
@@ -25,26 +28,6 @@ fn be64(bytes: &[u8]) -> u64 {
 
 fn be32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes.try_into().unwrap())
-}
-
-/// `dirs[0]` for the real qemu-img, `dirs[1]` for the personality, under `tmp/case`.
-fn twin_dirs(tmp: &Path, case: &str) -> [PathBuf; 2] {
-    let dirs = [tmp.join(case).join("qemu"), tmp.join(case).join("cowclone")];
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    dirs
-}
-
-/// `t.qcow2`, 64 MiB, created by qemu-img with `options` and `edit`ed in `dirs[0]`, then
-/// copied to `dirs[1]` (the same bytes, snapshot dates included).
-fn twin_image(dirs: &[PathBuf; 2], options: &str, edit: impl Fn(&Path)) {
-    let path = dirs[0].join("t.qcow2");
-    qemu_img_ok(&[
-        &"create", &"-q", &"-f", &"qcow2", &"-o", &options, &path, &"64M",
-    ]);
-    edit(&path);
-    std::fs::copy(&path, dirs[1].join("t.qcow2")).unwrap();
 }
 
 /// The first snapshot table entry's offset (the table's).
@@ -64,6 +47,44 @@ fn refblock0_allocate(path: &Path, start: u64, end: u64) {
         );
         poke(path, refblock + cluster * 2, &[0, 1]);
     }
+}
+
+/// Runs qemu-io's `commands` on the qcow2 image at `path`.
+fn qemu_io(path: &Path, commands: &[&str]) {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    qemu_io_in(path.parent().unwrap(), name, commands);
+}
+
+/// Runs each of `commands` with the real qemu-img and the personality on the twins
+/// ([`assert_same`]): the same exit codes, stdout and stderr.
+fn assert_same_each(bin: &Path, dirs: &[PathBuf; 2], commands: &[&[&str]]) {
+    for args in commands {
+        assert_same(bin, dirs, args, true, true);
+    }
+}
+
+/// Makes the file at `path` `len` bytes long.
+fn set_file_len(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Gives the snapshot table entry at `entry` (of the table at `table`) an L1 table of one
+/// entry two clusters before the table, pointing at an L2 table one cluster before it, and
+/// counts every cluster from that L1 table to `end` in refcount block 0.
+fn give_entry_tables(path: &Path, entry: u64, table: u64, end: u64) {
+    poke(path, entry, &(table - 2 * CLUSTER).to_be_bytes());
+    poke(path, entry + 8, &1u32.to_be_bytes());
+    poke(
+        path,
+        table - 2 * CLUSTER,
+        &(0x8000_0000_0000_0000 | (table - CLUSTER)).to_be_bytes(),
+    );
+    refblock0_allocate(path, table - 2 * CLUSTER, end);
 }
 
 /// Runs `qemu-img snapshot -l` (the real one) on both twins: the same list. Dates are left out:
@@ -115,26 +136,27 @@ fn operations_needing_an_invalid_snapshot_l1_table_fail_as_in_qemu_img() {
     for (case, field, bytes) in cases {
         let dirs = twin_dirs(tmp.path(), case);
         twin_image(&dirs, "compat=1.1", |path| {
-            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 512", &path]);
+            qemu_io(path, &["write 0 512"]);
             qemu_img_ok(&[&"snapshot", &"-c", &"test", &path]);
             poke(path, snapshot_table_offset(path) + field, &bytes);
         });
-        for args in [
-            &["convert", "-l", "test", "t.qcow2", "t.snap"][..],
-            &["amend", "-o", "compat=0.10", "t.qcow2"],
-            &["snapshot", "-a", "test", "t.qcow2"],
-            &["snapshot", "-d", "test", "t.qcow2"],
-            &["check", "t.qcow2"],
-        ] {
-            assert_same(&bin, &dirs, args, true, true);
-        }
+        assert_same_each(
+            &bin,
+            &dirs,
+            &[
+                &["convert", "-l", "test", "t.qcow2", "t.snap"],
+                &["amend", "-o", "compat=0.10", "t.qcow2"],
+                &["snapshot", "-a", "test", "t.qcow2"],
+                &["snapshot", "-d", "test", "t.qcow2"],
+                &["check", "t.qcow2"],
+            ],
+        );
         // info lists the snapshot (its "disk size" lines differ: the copy is not sparse).
         assert_same(&bin, &dirs, &["info", "t.qcow2"], false, true);
         // qemu opens the image for writing, and so does the personality (it refused before).
         let create = ["snapshot", "-c", "second", "t.qcow2"];
         if case == "offset" {
-            assert_same(&bin, &dirs, &create, true, true);
-            assert_same(&bin, &dirs, &["check", "t.qcow2"], true, true);
+            assert_same_each(&bin, &dirs, &[&create, &["check", "t.qcow2"]]);
             let list = assert_same_snapshot_lists(&dirs);
             assert!(list.contains("second"), "{case}: {list}");
             continue;
@@ -182,7 +204,7 @@ fn a_snapshot_of_a_cluster_no_refcount_block_covers_fails_as_in_qemu_img() {
     ] {
         let dirs = twin_dirs(tmp.path(), case);
         twin_image(&dirs, "compat=1.1", |path| {
-            qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 512", &path]);
+            qemu_io(path, &["write 0 512"]);
             let l1 = be64(&peek(path, 40, 8));
             let l2 = be64(&peek(path, l1, 8)) & 0x00ff_ffff_ffff_fe00;
             poke(path, l2, &entry.to_be_bytes());
@@ -218,7 +240,7 @@ fn too_much_extra_data_in_a_snapshot_entry_is_reported_and_repaired_as_in_qemu_i
     let bin = personality_dir(tmp.path());
     let dirs = twin_dirs(tmp.path(), "extra");
     twin_image(&dirs, "compat=1.1", |path| {
-        qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 64k", &path]);
+        qemu_io(path, &["write 0 64k"]);
         for name in ["sn0", "sn1", "sn2"] {
             qemu_img_ok(&[&"snapshot", &"-c", &name, &path]);
         }
@@ -227,15 +249,17 @@ fn too_much_extra_data_in_a_snapshot_entry_is_reported_and_repaired_as_in_qemu_i
         assert_eq!(&peek(path, last + 40 + 24, 4), b"3sn2", "entry layout");
         poke(path, last + 36, &0x1_0000u32.to_be_bytes());
     });
-    for args in [
-        &["info", "t.qcow2"][..],
-        &["snapshot", "-l", "t.qcow2"],
-        &["check", "t.qcow2"],
-        &["check", "-r", "all", "t.qcow2"],
-        &["check", "t.qcow2"],
-    ] {
-        assert_same(&bin, &dirs, args, true, true);
-    }
+    assert_same_each(
+        &bin,
+        &dirs,
+        &[
+            &["info", "t.qcow2"],
+            &["snapshot", "-l", "t.qcow2"],
+            &["check", "t.qcow2"],
+            &["check", "-r", "all", "t.qcow2"],
+            &["check", "t.qcow2"],
+        ],
+    );
     assert_qemu_check_clean(&dirs[1].join("t.qcow2"), "after check -r all");
     // The cut entry keeps its place; its id and name were read after the 64 KiB of extra
     // data, so they are empty (zeros), in qemu-img's repair as in the personality's.
@@ -257,41 +281,28 @@ fn more_than_65536_snapshots_are_discarded_by_check_repair_as_in_qemu_img() {
         poke(path, 64, &table.to_be_bytes());
         poke(path, 60, &0x2_0000u32.to_be_bytes());
         let end = table + 40 * 0x2_0000;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_len(end)
-            .unwrap();
-        // Entry 65536: an L1 table of one entry two clusters before the table, its L2 table
-        // one cluster before.
-        let entry = table + 40 * 0x1_0000;
-        poke(path, entry, &(table - 2 * CLUSTER).to_be_bytes());
-        poke(path, entry + 8, &1u32.to_be_bytes());
-        poke(
-            path,
-            table - 2 * CLUSTER,
-            &(0x8000_0000_0000_0000 | (table - CLUSTER)).to_be_bytes(),
-        );
-        refblock0_allocate(path, table - 2 * CLUSTER, end);
+        set_file_len(path, end);
+        give_entry_tables(path, table + 40 * 0x1_0000, table, end); // entry 65536
     });
-    for args in [
-        // Every open refuses it, as qemu's.
-        &["info", "t.qcow2"][..],
-        &["map", "t.qcow2"],
-        &["compare", "t.qcow2", "t.qcow2"],
-        &["convert", "-O", "raw", "t.qcow2", "t.raw"],
-        &["measure", "-O", "qcow2", "t.qcow2"],
-        &["resize", "t.qcow2", "+1M"],
-        &["snapshot", "-l", "t.qcow2"],
-        &["snapshot", "-c", "x", "t.qcow2"],
-        // check opens it, reports it, and -r all repairs it.
-        &["check", "t.qcow2"],
-        &["check", "-r", "all", "t.qcow2"],
-        &["check", "t.qcow2"],
-    ] {
-        assert_same(&bin, &dirs, args, true, true);
-    }
+    assert_same_each(
+        &bin,
+        &dirs,
+        &[
+            // Every open refuses it, as qemu's.
+            &["info", "t.qcow2"],
+            &["map", "t.qcow2"],
+            &["compare", "t.qcow2", "t.qcow2"],
+            &["convert", "-O", "raw", "t.qcow2", "t.raw"],
+            &["measure", "-O", "qcow2", "t.qcow2"],
+            &["resize", "t.qcow2", "+1M"],
+            &["snapshot", "-l", "t.qcow2"],
+            &["snapshot", "-c", "x", "t.qcow2"],
+            // check opens it, reports it, and -r all repairs it.
+            &["check", "t.qcow2"],
+            &["check", "-r", "all", "t.qcow2"],
+            &["check", "t.qcow2"],
+        ],
+    );
     let ours = dirs[1].join("t.qcow2");
     assert_qemu_check_clean(&ours, "after check -r all");
     assert_eq!(be32(&peek(&ours, 60, 4)), 0x1_0000, "header count");
@@ -324,31 +335,20 @@ fn a_snapshot_table_over_64_mib_is_reported_and_repaired_as_in_qemu_img() {
             poke(path, table + i * entry_len, &fixed);
         }
         let end = table + count * entry_len;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_len(end)
-            .unwrap();
-        let last = table + (count - 1) * entry_len;
-        poke(path, last, &(table - 2 * CLUSTER).to_be_bytes());
-        poke(path, last + 8, &1u32.to_be_bytes());
-        poke(
-            path,
-            table - 2 * CLUSTER,
-            &(0x8000_0000_0000_0000 | (table - CLUSTER)).to_be_bytes(),
-        );
-        refblock0_allocate(path, table - 2 * CLUSTER, end);
+        set_file_len(path, end);
+        give_entry_tables(path, table + (count - 1) * entry_len, table, end); // the last entry
         poke(path, 60, &(count as u32).to_be_bytes());
     });
-    for args in [
-        &["info", "t.qcow2"][..],
-        &["check", "t.qcow2"],
-        &["check", "-r", "all", "t.qcow2"],
-        &["check", "t.qcow2"],
-    ] {
-        assert_same(&bin, &dirs, args, true, true);
-    }
+    assert_same_each(
+        &bin,
+        &dirs,
+        &[
+            &["info", "t.qcow2"],
+            &["check", "t.qcow2"],
+            &["check", "-r", "all", "t.qcow2"],
+            &["check", "t.qcow2"],
+        ],
+    );
     let ours = dirs[1].join("t.qcow2");
     assert_qemu_check_clean(&ours, "after check -r all");
     assert_eq!(
@@ -365,8 +365,8 @@ fn a_snapshot_table_over_64_mib_is_reported_and_repaired_as_in_qemu_img() {
 fn the_held_snapshot_table_follows_every_operation() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("t.qcow2");
-    qemu_img_ok(&[&"create", &"-q", &"-f", &"qcow2", &path, &"64M"]);
-    qemu_io_ok(&[&"-f", &"qcow2", &"-c", &"write 0 64k", &path]);
+    crate::util::qemu_create_qcow2(&path, "", "64M");
+    qemu_io(&path, &["write 0 64k"]);
     qemu_img_ok(&[&"snapshot", &"-c", &"by-qemu", &path]);
     let on_disk = |path: &Path| {
         use std::os::unix::fs::FileExt;
@@ -402,4 +402,76 @@ fn the_held_snapshot_table_follows_every_operation() {
         list.contains(" a ") && list.contains(" b ") && !list.contains("by-qemu"),
         "{list}"
     );
+}
+
+/// A snapshot table qemu does not open fails every `amend`, as qemu-img opens the image (and
+/// reads the table) before it looks at the options: also an amend that only rewrites the
+/// header (`lazy_refcounts`, or nothing at all), and one of a dirty image, whose repair would
+/// otherwise mend the table first. The personality answers as qemu-img does and, like it,
+/// leaves the image as it was.
+#[test]
+fn every_amend_fails_on_a_snapshot_table_qemu_does_not_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = personality_dir(tmp.path());
+    /// Too much extra data in the first entry.
+    fn extra_data(path: &Path) {
+        poke(
+            path,
+            snapshot_table_offset(path) + 36,
+            &0x1_0000u32.to_be_bytes(),
+        );
+    }
+    /// The table's offset off the cluster boundary.
+    fn unaligned(path: &Path) {
+        poke(path, 64, &(snapshot_table_offset(path) + 512).to_be_bytes());
+    }
+    // (case, creation options (lazy refcounts: the image is left dirty), damage, amend options)
+    type Damage = fn(&Path);
+    let cases: [(&str, &str, Damage, &str); 5] = [
+        ("extra lazy", "compat=1.1", extra_data, "lazy_refcounts=on"),
+        ("extra same compat", "compat=1.1", extra_data, "compat=1.1"),
+        (
+            "unaligned lazy",
+            "compat=1.1",
+            unaligned,
+            "lazy_refcounts=on",
+        ),
+        (
+            "extra dirty",
+            "lazy_refcounts=on",
+            extra_data,
+            "lazy_refcounts=off",
+        ),
+        (
+            "extra dirty v2",
+            "lazy_refcounts=on",
+            extra_data,
+            "compat=0.10",
+        ),
+    ];
+    for (case, options, damage, amend) in cases {
+        let dirs = twin_dirs(tmp.path(), case);
+        twin_image(&dirs, options, |path| {
+            qemu_io(path, &["write 0 64k"]);
+            qemu_img_ok(&[&"snapshot", &"-c", &"sn0", &path]);
+            if options.contains("lazy_refcounts") {
+                // Dirty, as a crash with lazy refcounts leaves it (incompatible bit 0).
+                poke(path, 79, &[1]);
+            }
+            damage(path);
+        });
+        let before = std::fs::read(dirs[1].join("t.qcow2")).unwrap();
+        let args = ["amend", "-o", amend, "t.qcow2"];
+        let theirs = qemu_img_as(None, &dirs[0], &args, &[]);
+        assert!(
+            String::from_utf8_lossy(&theirs.stderr).contains("Could not open 't.qcow2'"),
+            "{case}: qemu-img did not refuse to open: {}",
+            describe(&theirs)
+        );
+        assert_same(&bin, &dirs, &args, true, true);
+        assert!(
+            std::fs::read(dirs[1].join("t.qcow2")).unwrap() == before,
+            "{case}: the personality changed the image"
+        );
+    }
 }

@@ -227,6 +227,7 @@ fn qemu_img_snapshots_are_applied_and_deleted_by_cowclone() {
 /// icount -1 (absent).
 fn patch_first_entry(path: &Path) {
     use std::os::unix::fs::FileExt;
+    crate::util::set_first_snapshot_vm_state(path, 1536 << 10);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -235,19 +236,8 @@ fn patch_first_entry(path: &Path) {
     let mut offset = [0u8; 8];
     file.read_exact_at(&mut offset, 64).unwrap();
     let table = u64::from_be_bytes(offset);
-    let mut extra_size = [0u8; 4];
-    file.read_exact_at(&mut extra_size, table + 36).unwrap();
-    assert_eq!(
-        u32::from_be_bytes(extra_size),
-        24,
-        "qemu-img writes 24 bytes of extra data"
-    );
     file.write_all_at(&3_723_456_000_000u64.to_be_bytes(), table + 24)
         .unwrap(); // vm_clock_nsec
-    file.write_all_at(&(1536u32 << 10).to_be_bytes(), table + 32)
-        .unwrap(); // vm_state_size
-    file.write_all_at(&(1536u64 << 10).to_be_bytes(), table + 40)
-        .unwrap(); // vm_state_size_large
     file.write_all_at(&u64::MAX.to_be_bytes(), table + 56)
         .unwrap(); // icount
 }

@@ -31,6 +31,7 @@ mod ops_flags_xcheck;
 mod ops_xcheck;
 mod personality;
 mod personality_options;
+mod personality_parity;
 mod qemu_xcheck;
 mod read_xcheck;
 mod rebase_resize_xcheck;

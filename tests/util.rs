@@ -95,6 +95,146 @@ pub fn qemu_overlay(backing: impl AsRef<OsStr>, overlay: &Path) {
     ]);
 }
 
+/// `qemu-img create -q -f qcow2 [-o OPTIONS] PATH SIZE` (no `-o` when `options` is empty);
+/// asserts that it succeeded.
+pub fn qemu_create_qcow2(path: &Path, options: &str, size: &str) {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"create", &"-q", &"-f", &"qcow2"];
+    if !options.is_empty() {
+        args.extend([&"-o" as &dyn AsRef<OsStr>, &options]);
+    }
+    args.extend([&path as &dyn AsRef<OsStr>, &size]);
+    qemu_img_ok(&args);
+}
+
+/// Runs `qemu-img args`: cowclone's qemu-img personality (`cowclone qemu-img ARGS`) when
+/// `personality`, else the real qemu-img.
+pub fn qemu_img_or_personality(personality: bool, args: &Args) -> Output {
+    if personality {
+        let mut with_prefix: Vec<&dyn AsRef<OsStr>> = vec![&"qemu-img"];
+        with_prefix.extend(args);
+        cowclone(&with_prefix)
+    } else {
+        qemu_img(args)
+    }
+}
+
+/// Takes the internal snapshot `name` of the qcow2 image `path` with VM state, as a VM's
+/// `savevm` does: qemu-system-x86_64 (Debian package `qemu-system-x86`) with no machine
+/// (`-M none`, TCG), the image as its only drive, `savevm` through the HMP monitor on stdin.
+/// qemu-img cannot take such snapshots. Asserts that the snapshot exists afterwards.
+pub fn qemu_savevm(path: &Path, name: &str) {
+    use std::io::Write as _;
+    // A comma in an option value is written twice.
+    let file = path.display().to_string().replace(',', ",,");
+    let drive = format!("if=none,id=d0,format=qcow2,file={file}");
+    let mut child = match Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-monitor", "stdio", "-drive", &drive])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("qemu-system-x86_64 not found: install the Debian package qemu-system-x86")
+        }
+        Err(e) => panic!("cannot run qemu-system-x86_64: {e}"),
+    };
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(format!("savevm {name}\nquit\n").as_bytes())
+        .expect("writing to qemu's monitor");
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .expect("waiting for qemu-system-x86_64");
+    let list = qemu_img_ok(&[&"snapshot", &"-l", &path]);
+    assert!(
+        output.status.success()
+            && list
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name)),
+        "savevm {name} on {}: {}\nsnapshot -l: {list}",
+        path.display(),
+        describe(&output)
+    );
+}
+
+/// Sets the VM state size of the first entry of the snapshot table of the qcow2 image `path`
+/// as qemu writes it: the 64-bit field of the extra data, and the 32-bit field when the size
+/// fits it (else 0). Asserts that the entry has the 24 bytes of extra data qemu writes.
+pub fn set_first_snapshot_vm_state(path: &Path, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut offset = [0u8; 8];
+    file.read_exact_at(&mut offset, 64).unwrap();
+    let table = u64::from_be_bytes(offset);
+    let mut extra_size = [0u8; 4];
+    file.read_exact_at(&mut extra_size, table + 36).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(extra_size),
+        24,
+        "qemu writes 24 bytes of extra data"
+    );
+    let narrow = u32::try_from(size).unwrap_or(0);
+    file.write_all_at(&narrow.to_be_bytes(), table + 32)
+        .unwrap(); // vm_state_size
+    file.write_all_at(&size.to_be_bytes(), table + 40).unwrap(); // vm_state_size_large
+}
+
+/// `dirs[0]` for the real qemu-img, `dirs[1]` for the personality, under `tmp/case`.
+pub fn case_twin_dirs(tmp: &Path, case: &str) -> [PathBuf; 2] {
+    let dirs = [tmp.join(case).join("qemu"), tmp.join(case).join("cowclone")];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    dirs
+}
+
+/// `t.qcow2`, 64 MiB, created by qemu-img with `options` and `edit`ed in `dirs[0]`, then
+/// copied to `dirs[1]` (the same bytes, snapshot dates included).
+pub fn twin_image(dirs: &[PathBuf; 2], options: &str, edit: impl Fn(&Path)) {
+    let path = dirs[0].join("t.qcow2");
+    qemu_create_qcow2(&path, options, "64M");
+    edit(&path);
+    std::fs::copy(&path, dirs[1].join("t.qcow2")).unwrap();
+}
+
+/// Runs the real qemu-img with `args` in both twin directories (after each tool worked on its
+/// twin); asserts the same exit code, stdout and stderr. Returns qemu-img's output for
+/// `dirs[0]`.
+pub fn assert_qemu_img_judges_twins_alike(dirs: &[PathBuf; 2], args: &[&str]) -> Output {
+    let [theirs, ours] = dirs.clone().map(|dir| qemu_img_in(&dir, &args_of(args)));
+    let line = args.join(" ");
+    assert_eq!(
+        (
+            ours.status.code(),
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&ours.stderr)
+        ),
+        (
+            theirs.status.code(),
+            String::from_utf8_lossy(&theirs.stdout),
+            String::from_utf8_lossy(&theirs.stderr)
+        ),
+        "qemu-img {line}: the personality's result (left) against qemu-img's (right)"
+    );
+    theirs
+}
+
 /// Runs `qemu-io` with `args`, asserts that it succeeded and returns its stdout. (qemu-io reports
 /// some I/O errors on stdout with exit status 0, so its output is checked for them too.)
 pub fn qemu_io_ok(args: &Args) -> String {

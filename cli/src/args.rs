@@ -231,6 +231,11 @@ pub struct DataFileArgs {
     /// names (qemu's `data-file.filename`); refused for an image without one.
     #[arg(long, value_name = "PATH")]
     pub open_data_file: Option<PathBuf>,
+    /// Read the Nth image's guest data (1: the first image the command reads) from PATH, its
+    /// external data file, instead of the file its header names; repeatable (compare and
+    /// convert read several images).
+    #[arg(long = "image-data-file", value_name = "N=PATH", value_parser = image_data_file)]
+    pub image_data_files: Vec<(usize, PathBuf)>,
 }
 
 impl DataFileArgs {
@@ -244,8 +249,34 @@ impl DataFileArgs {
         if self.data_file_from_cwd {
             options.data_file_base = imagefmt::chain::DataFileBase::WorkingDirectory;
         }
-        options.data_file = self.open_data_file.as_deref();
+        options.data_file = self.data_file_of(0);
         options
+    }
+
+    /// The data file named for the image at `index` (0: the first image the command reads),
+    /// by `--image-data-file` (the last one for it) or, for the first, `--open-data-file`.
+    pub fn data_file_of(&self, index: usize) -> Option<&std::path::Path> {
+        let named = self
+            .image_data_files
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == index + 1)
+            .map(|(_, path)| path.as_path());
+        match index {
+            0 => named.or(self.open_data_file.as_deref()),
+            _ => named,
+        }
+    }
+}
+
+/// Parses `--image-data-file N=PATH` (N counts from 1).
+fn image_data_file(text: &str) -> Result<(usize, PathBuf), String> {
+    let (n, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected N=PATH, not '{text}'"))?;
+    match n.parse::<usize>() {
+        Ok(n) if n >= 1 && !path.is_empty() => Ok((n, PathBuf::from(path))),
+        _ => Err(format!("expected N=PATH with N from 1, not '{text}'")),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Human sizes as qemu-img writes them: `1G`, `512M`, `64k`, `1.5T`, plain bytes.
+//! Numbers as qemu-img reads them: human sizes (`1G`, `512M`, `64k`, `1.5T`, plain bytes) and
+//! plain integers in C's base-0 syntax.
 
 use thiserror::Error;
 
@@ -81,9 +82,38 @@ pub fn parse_size(input: &str) -> Result<u64, InvalidSize> {
     }
 }
 
+/// An integer in the syntax C's `strtol` family reads with base 0, as qemu-img reads counts and
+/// option values: leading blanks, an optional sign, then `0x`/`0X` and hex digits, a leading `0`
+/// and octal digits, or decimal digits, and nothing after them (no suffix). `None` when the text
+/// is not such a number. A magnitude past `i128`'s range saturates, so every caller's range
+/// check refuses it.
+pub fn parse_c_integer(text: &str) -> Option<i128> {
+    let text = text.trim_start();
+    let (negative, unsigned) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (digits, radix) = if let Some(hex) = unsigned
+        .strip_prefix("0x")
+        .or_else(|| unsigned.strip_prefix("0X"))
+    {
+        (hex, 16)
+    } else if unsigned.len() > 1 && unsigned.starts_with('0') {
+        (&unsigned[1..], 8)
+    } else {
+        (unsigned, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let magnitude = i128::from_str_radix(digits, radix).unwrap_or(i128::MAX);
+    Some(if negative { -magnitude } else { magnitude })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_c_integer, parse_size};
 
     #[test]
     fn suffixes_are_powers_of_1024_and_plain_numbers_are_bytes() {
@@ -130,5 +160,20 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn c_integers_take_hex_octal_decimal_and_a_sign_but_no_suffix() {
+        assert_eq!(parse_c_integer("010"), Some(8));
+        assert_eq!(parse_c_integer("0x10"), Some(16));
+        assert_eq!(parse_c_integer("0X1f"), Some(31));
+        assert_eq!(parse_c_integer(" +5"), Some(5));
+        assert_eq!(parse_c_integer("-0x2"), Some(-2));
+        assert_eq!(parse_c_integer("0"), Some(0));
+        assert_eq!(parse_c_integer("-0"), Some(0));
+        for bad in ["", "10k", "0x", "08", "--1", "- 1", "1 ", "abc", "+"] {
+            assert_eq!(parse_c_integer(bad), None, "{bad:?} accepted");
+        }
+        assert_eq!(parse_c_integer(&"9".repeat(60)), Some(i128::MAX));
     }
 }

@@ -13,21 +13,20 @@ pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
     let policy = args.chain.policy();
     let parents = args.chain.vdi_parents();
     let options = args.chain.options(&policy, &parents);
-    let open = |path: &std::path::Path, format: &Option<String>, first: bool| -> Result<_> {
+    let open = |path: &std::path::Path, format: &Option<String>, index: usize| -> Result<_> {
         let format = format
             .as_deref()
             .map(str::parse::<ImageFormat>)
             .transpose()?;
-        // --open-data-file names the first image's data file.
         let options = imagefmt::chain::ChainOptions {
-            data_file: options.data_file.filter(|_| first),
+            data_file: args.chain.data_files.data_file_of(index),
             ..options
         };
         imagefmt::chain::open_chain_with(path, format, &options)
             .with_context(|| format!("{}", path.display()))
     };
-    let first = open(&args.file1, &args.format1, true)?;
-    let second = open(&args.file2, &args.format2, false)?;
+    let first = open(&args.file1, &args.format1, 0)?;
+    let second = open(&args.file2, &args.format2, 1)?;
     let outcome = imagefmt::ops::compare::compare(first.as_ref(), second.as_ref(), args.strict)?;
     // qemu-img warns about different sizes once the common part compared equal.
     let common = first.virtual_size().min(second.virtual_size());

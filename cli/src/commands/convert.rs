@@ -179,7 +179,11 @@ pub fn with_source<T>(
         return copy(source);
     }
     let prefix = crate::qemu_img::message_prefix();
-    let warn = move |warning: &SalvageWarning| eprintln!("{prefix}: warning: {warning}");
+    let warn = move |warning: &SalvageWarning| match crate::qemu_img::driver_line(warning) {
+        // Under the personality, what qemu's qcow2 driver prints itself.
+        Some(line) => eprintln!("{line}"),
+        None => eprintln!("{prefix}: warning: {warning}"),
+    };
     let mut salvage = Salvage::new(source, &warn);
     if let Some(unit) = whole_units {
         salvage = salvage.whole_units(unit);

@@ -309,13 +309,12 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let mut parts = Vec::with_capacity(sources.len());
     for (index, path) in sources.iter().enumerate() {
         let mut chain_options = args.chain.options(&policy, &parents);
-        // The snapshot is that of the first source (as qemu-img's -l), and so is the data
-        // file --open-data-file names.
+        // The snapshot is that of the first source (as qemu-img's -l); each source has the
+        // data file named for it.
         if index == 0 {
             chain_options.snapshot = snapshot.as_ref();
-        } else {
-            chain_options.data_file = None;
         }
+        chain_options.data_file = args.chain.data_files.data_file_of(index);
         let opened = imagefmt::chain::open_chain_with(path, source_format, &chain_options)
             .map_err(|e| match snapshot_failure(&e) {
                 Some(reason) => anyhow::anyhow!("Failed to load snapshot: {reason}"),
@@ -465,21 +464,39 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     // -b implies -d, as in qemu-img.
     let keep = args.keep || args.base.is_some();
     args.guard.check_commit(&args.file, keep)?;
-    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    // qemu-img's lines: the first once the image is open, then what its commit job reports
+    // (bytes committed of the bytes to commit, as a float percentage), 100 once more at the
+    // end, and the newline whatever the outcome.
+    let mut progress = crate::progress::Progress::unstarted(args.progress && !args.quiet, out);
+    let mut started = false;
     let policy = args.chain.policy();
     let parents = args.chain.vdi_parents();
-    imagefmt::ops::commit::commit_into(
+    let committed = imagefmt::ops::commit::commit_into(
         &args.file,
         &args.chain.options(&policy, &parents),
         keep,
         args.base.as_deref(),
-        &mut |done, total| progress.update(done, total),
-    )
-    .map_err(|e| match e {
-        // Names the image already, as qemu-img words it.
-        e @ imagefmt::Error::BaseNotInChain { .. } => anyhow::Error::new(e),
-        e => anyhow::Error::new(e).context(format!("{}", args.file.display())),
-    })?;
+        &mut |done, total| {
+            started = true;
+            let percent = if total == 0 {
+                0.0
+            } else {
+                done as f32 / total as f32 * 100.0
+            };
+            progress.set_percent(percent);
+        },
+    );
+    if let Err(e) = committed {
+        if started {
+            progress.abandon();
+        }
+        return Err(match e {
+            // Names the image already, as qemu-img words it.
+            e @ imagefmt::Error::BaseNotInChain { .. } => anyhow::Error::new(e),
+            e => anyhow::Error::new(e).context(format!("{}", args.file.display())),
+        });
+    }
+    progress.set_percent(100.0);
     progress.finish();
     if !args.quiet {
         writeln!(out, "Image committed.")?;
@@ -502,6 +519,27 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
     }
     args.guard
         .check("rebase", std::slice::from_ref(&args.file))?;
+    // qemu-img's lines: the first before the image is opened, one step per range it copies
+    // (a line when the value moved by more than 2), 100 once more at the end, and the newline
+    // whatever the outcome.
+    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
+    progress.set_min_skip(2.0);
+    match rebase_image(&args, &mut progress) {
+        Ok(()) => {
+            progress.set_percent(100.0);
+            progress.finish();
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e)
+        }
+    }
+}
+
+/// Rebases as `args` say, once the command line is checked, advancing `progress` as
+/// qemu-img's rebase does.
+fn rebase_image(args: &RebaseArgs, progress: &mut crate::progress::Progress<'_>) -> Result<()> {
     // Under -u, any qemu block driver name is written as given (qemu-img does so).
     let named = args
         .backing_format
@@ -527,7 +565,6 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         };
         Some((args.backing.clone(), fmt))
     };
-    let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
     let options = imagefmt::ops::rebase::RebaseOptions {
         unsafe_header_only: args.unsafe_header_only,
         compress: args.compress,
@@ -539,10 +576,13 @@ pub fn rebase(args: RebaseArgs, out: &mut impl Write) -> Result<()> {
         &new,
         &options,
         &args.chain.options(&policy, &parents),
-        &mut |done, total| progress.update(done, total),
+        &mut |_, size| {
+            // qemu-img adds the same share per step: 100 over the number of whole steps.
+            let steps = size / size.clamp(1, imagefmt::ops::rebase::STEP);
+            progress.advance_percent(100.0 / steps.max(1) as f32);
+        },
     )
     .with_context(|| format!("{}", args.file.display()))?;
-    progress.finish();
     Ok(())
 }
 

@@ -1,15 +1,20 @@
-//! `qemu-img amend`'s image name for cowclone's `amend`: `--image-opts` option lists and
-//! `json:`/`file:` names are resolved to a local path (and the format they name) by the
-//! personality's filename module, as for the other commands.
+//! The image name of `qemu-img amend` and `qemu-img bitmap` for cowclone's commands of the same
+//! syntax: `--image-opts` option lists and `json:`/`file:` names are resolved to a local path
+//! (and the format they name) by the personality's filename module, as for the other commands.
 
 use super::{error, filename, Failure};
 
 /// amend's options that take a value (the image name is the argument that is none of them).
-const WITH_VALUE: [&str; 4] = ["-o", "-f", "-t", "--object"];
+pub(super) const AMEND_WITH_VALUE: &[&str] = &["-o", "-f", "-t", "--object"];
 
-/// `args` (after `amend`) with `--image-opts` dropped and the image name replaced by its
-/// local path, preceded by `-f FMT` when the name gives a format and `-f` does not.
-pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
+/// bitmap's options that take a value, spelled as [`super::getopt::canonical`] spells them
+/// (the image name is the first argument that is none of them, the bitmap's name the second).
+pub(super) const BITMAP_WITH_VALUE: &[&str] = &["-b", "-f", "-F", "-g", "--merge", "--object"];
+
+/// `args` (after the command; `with_value`: its options that take a value) with
+/// `--image-opts` dropped and the image name (the first operand) replaced by its local path,
+/// preceded by `-f FMT` when the name gives a format and `-f` does not.
+pub(super) fn resolve_image(args: &[String], with_value: &[&str]) -> Result<Vec<String>, Failure> {
     let image_opts = args.iter().any(|a| a == "--image-opts");
     let mut out = Vec::with_capacity(args.len() + 2);
     let mut has_format = false;
@@ -20,7 +25,7 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
         if arg == "--image-opts" {
             continue;
         }
-        if WITH_VALUE.contains(&arg.as_str()) {
+        if with_value.contains(&arg.as_str()) {
             if arg == "-f" {
                 // The last -f counts, as in qemu-img (`amend -f foo -f qcow2`, iotest 082).
                 if let Some(at) = format_at.replace(out.len()) {
@@ -43,7 +48,7 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
             out.push(arg.clone());
             continue;
         }
-        image = Some(out.len());
+        image = image.or(Some(out.len()));
         out.push(arg.clone());
     }
     if let Some(at) = image {
@@ -53,6 +58,7 @@ pub(super) fn resolve_image(args: &[String]) -> Result<Vec<String>, Failure> {
             filename::parse(&out[at])
         }
         .map_err(error)?;
+        super::messages::remember_given_name(&target.path, &out[at]);
         out[at] = target.path;
         if let (Some(format), false) = (target.format, has_format) {
             out.splice(at..at, ["-f".to_owned(), format]);
@@ -67,7 +73,7 @@ mod tests {
 
     fn resolved(args: &[&str]) -> Vec<String> {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        resolve_image(&args).unwrap_or_else(|_| panic!("{args:?} refused"))
+        resolve_image(&args, super::AMEND_WITH_VALUE).unwrap_or_else(|_| panic!("{args:?} refused"))
     }
 
     #[test]

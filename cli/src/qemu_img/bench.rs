@@ -404,29 +404,8 @@ fn read_all(chain: &dyn GuestRead, requests: &Requests, s: &Settings) -> Result<
 /// An integer option as qemu-img reads it (C's strtoul, base 0: `0x` hex, leading-0 octal,
 /// optional sign and leading blanks), within `min..=max`; errors worded as qemu-img's.
 fn integer(what: &str, text: &str, min: i128, max: i128) -> Result<i128, Failure> {
-    let invalid = || error(format!("Invalid {what} specified: '{text}'."));
-    let trimmed = text.trim_start();
-    let (negative, unsigned) = match trimmed.as_bytes().first() {
-        Some(b'-') => (true, &trimmed[1..]),
-        Some(b'+') => (false, &trimmed[1..]),
-        _ => (false, trimmed),
-    };
-    let (digits, radix) = if let Some(hex) = unsigned
-        .strip_prefix("0x")
-        .or_else(|| unsigned.strip_prefix("0X"))
-    {
-        (hex, 16)
-    } else if unsigned.len() > 1 && unsigned.starts_with('0') {
-        (&unsigned[1..], 8)
-    } else {
-        (unsigned, 10)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(invalid());
-    }
-    // Past i128 is out of range all the same.
-    let magnitude = i128::from_str_radix(digits, radix).unwrap_or(i128::MAX);
-    let value = if negative { -magnitude } else { magnitude };
+    let value = imagefmt::size::parse_c_integer(text)
+        .ok_or_else(|| error(format!("Invalid {what} specified: '{text}'.")))?;
     in_range(what, value, min, max)
 }
 

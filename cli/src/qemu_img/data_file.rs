@@ -24,9 +24,19 @@ const OPENERS: [&str; 7] = [
     "check", "map", "compare", "convert", "measure", "commit", "rebase",
 ];
 
+/// Commands that read several images, each of which may be given its data file.
+const SEVERAL: [&str; 2] = ["compare", "convert"];
+
 /// Adds `--open-data-file` when `image`'s options name its data file (`data-file.filename`);
-/// `first`: whether `image` is the command's first image (the one the flag applies to).
+/// `first`: whether `image` is the command's first image (else its second).
 pub(super) fn named(plan: &mut Plan, image: &Target, first: bool) -> Result<(), Failure> {
+    named_at(plan, image, usize::from(!first))
+}
+
+/// Adds `--open-data-file` (the first image, `index` 0) or `--image-data-file N=PATH` (a later
+/// one) when `image`'s options name its data file (`data-file.filename`), as qemu-img opens
+/// the data file each image's options name.
+pub(super) fn named_at(plan: &mut Plan, image: &Target, index: usize) -> Result<(), Failure> {
     let Some(data_file) = &image.data_file else {
         return Ok(());
     };
@@ -34,12 +44,18 @@ pub(super) fn named(plan: &mut Plan, image: &Target, first: bool) -> Result<(), 
     if plan.command == "info" {
         return Ok(());
     }
-    if !first || !OPENERS.contains(&plan.command) {
+    let openers: &[&str] = if index == 0 { &OPENERS } else { &SEVERAL };
+    if !openers.contains(&plan.command) {
         return Err(error(format!(
             "{}: a 'data-file' option for this image is not supported by cowclone",
             plan.command
         )));
     }
-    plan.arg("--open-data-file").arg(data_file);
+    if index == 0 {
+        plan.arg("--open-data-file").arg(data_file);
+    } else {
+        plan.arg("--image-data-file")
+            .arg(format!("{}={data_file}", index + 1));
+    }
     Ok(())
 }

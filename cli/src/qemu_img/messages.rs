@@ -7,11 +7,14 @@
 //! here keeps cowclone's own words.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use imagefmt::ops::bitmap::BitmapCommandError;
+use imagefmt::ops::convert_salvage::SalvageWarning;
 use imagefmt::qcow2::amend::AmendError;
 use imagefmt::qcow2::snapshot::{L1Problem, SnapshotError};
 use imagefmt::qcow2::Qcow2Error;
+use imagefmt::vdi::VdiError;
 
 /// qemu-img's message for the engine error in `e`'s chain, where its wording is known: the
 /// error's context lines as they are, an open failure as `Could not open 'FILE'` (qemu-img
@@ -19,12 +22,7 @@ use imagefmt::qcow2::Qcow2Error;
 pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        // amend's errors wrap the engine's (transparently: the chain skips the inner one).
-        let amend = match cause.downcast_ref::<AmendError>() {
-            Some(AmendError::Image(inner)) => Some(inner),
-            _ => None,
-        };
-        let engine = cause.downcast_ref::<imagefmt::Error>().or(amend);
+        let engine = engine_error(cause);
         let qcow2 = match engine {
             Some(imagefmt::Error::Qcow2(q)) => Some(q),
             _ => cause.downcast_ref::<Qcow2Error>(),
@@ -47,6 +45,17 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
             return Some(parts.join(": "));
         }
         let opened = match engine {
+            // A source that cannot be read: qemu-img's words for the request that failed.
+            Some(imagefmt::Error::InFile {
+                role: "source image",
+                source,
+                ..
+            }) if command == "convert" => {
+                return match &**source {
+                    imagefmt::Error::Qcow2(q) => read_failure_text(q),
+                    _ => None,
+                };
+            }
             // check stopped by the snapshot table: what qemu-img check reports before it fails.
             Some(imagefmt::Error::InFile { role, source, .. }) if *role == "Check failed:" => {
                 return match &**source {
@@ -69,6 +78,16 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
                 parts.push(capitalized(reason));
                 return Some(parts.join(": "));
             }
+            // A file refused by the VDI header checks, worded as qemu's VDI driver words it.
+            Some(imagefmt::Error::Vdi(e)) => {
+                let text = vdi_text(e)?;
+                // A context line that only names the image becomes qemu's "Could not open".
+                if let Some(last) = parts.last_mut().filter(|l| !l.starts_with("Could not")) {
+                    *last = could_not_open(command, Path::new(last.as_str()));
+                }
+                parts.push(text);
+                return Some(parts.join(": "));
+            }
             Some(imagefmt::Error::FormatMismatch { path, .. }) => path,
             Some(imagefmt::Error::InFile { role, path, .. }) if *role == "could not open" => path,
             Some(_) => return None,
@@ -87,6 +106,59 @@ pub(super) fn qemu_message(command: &str, e: &anyhow::Error) -> Option<String> {
     None
 }
 
+/// The engine error `cause` is or wraps: amend's and bitmap's errors wrap the engine's
+/// transparently, so an error chain skips the inner one.
+pub(super) fn engine_error<'a>(
+    cause: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a imagefmt::Error> {
+    match cause.downcast_ref::<AmendError>() {
+        Some(AmendError::Image(inner)) => return Some(inner),
+        Some(_) => return None,
+        None => {}
+    }
+    match cause.downcast_ref::<BitmapCommandError>() {
+        Some(BitmapCommandError::Open(inner)) => return Some(inner),
+        Some(_) => return None,
+        None => {}
+    }
+    cause.downcast_ref::<imagefmt::Error>()
+}
+
+thread_local! {
+    /// The names images were given on the command line (`json:{…}`, an `--image-opts` list,
+    /// `file:NAME`) by the path they resolved to, for the command line being run.
+    static GIVEN_NAMES: std::cell::RefCell<Vec<(PathBuf, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records that the image at `path` was named `given` on the command line: qemu-img names it
+/// so where it cannot open it (`Could not open 'driver=qcow2,file.filename=x': …`).
+pub(super) fn remember_given_name(path: &str, given: &str) {
+    if path != given {
+        GIVEN_NAMES.with(|names| {
+            names
+                .borrow_mut()
+                .push((PathBuf::from(path), given.to_owned()));
+        });
+    }
+}
+
+/// Forgets the names of the previous command line.
+pub(super) fn forget_given_names() {
+    GIVEN_NAMES.with(|names| names.borrow_mut().clear());
+}
+
+/// The name the image at `path` was given on the command line (its path if none other).
+pub(super) fn shown_name(path: &Path) -> String {
+    GIVEN_NAMES.with(|names| {
+        names
+            .borrow()
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or_else(|| path.display().to_string(), |(_, given)| given.clone())
+    })
+}
+
 /// Prints what qemu-img prints on standard output before the error `e`: create's
 /// "Formatting ..." line when the format refused the request.
 pub(super) fn print_before_error(e: &anyhow::Error, out: &mut impl Write) {
@@ -101,7 +173,7 @@ pub(super) fn print_before_error(e: &anyhow::Error, out: &mut impl Write) {
 fn could_not_open(command: &str, path: &Path) -> String {
     match command {
         "create" => path.display().to_string(),
-        _ => format!("Could not open '{}'", path.display()),
+        _ => format!("Could not open '{}'", shown_name(path)),
     }
 }
 
@@ -148,6 +220,100 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             if command == "snapshot" && what.starts_with("refcount") =>
         {
             "Invalid argument".to_owned()
+        }
+        _ => return None,
+    })
+}
+
+/// qemu-img convert's error for a source request that fails on `e` (qemu's drivers fail it
+/// with EIO): a block status, or a read (of a compressed cluster that does not decompress).
+/// An unaligned data cluster is first reported by qemu's qcow2 driver, on a line of its own,
+/// printed here.
+fn read_failure_text(e: &Qcow2Error) -> Option<String> {
+    const EIO: &str = "Input/output error";
+    Some(match e {
+        Qcow2Error::UnalignedCluster {
+            guest_offset,
+            host,
+            l2_offset,
+            l2_index,
+            ..
+        } => {
+            eprintln!("{}", unaligned_cluster_line(*host, *l2_offset, *l2_index));
+            format!("error while reading block status at offset {guest_offset}: {EIO}")
+        }
+        Qcow2Error::CorruptEntry { guest_offset, .. } => {
+            format!("error while reading block status at offset {guest_offset}: {EIO}")
+        }
+        Qcow2Error::BadCompressedCluster { guest_offset, .. } => {
+            format!("error while reading at byte {guest_offset}: {EIO}")
+        }
+        _ => return None,
+    })
+}
+
+/// What qemu's qcow2 driver prints, once, for a data cluster at an unaligned host offset in a
+/// read-only image (it does not mark it corrupt).
+fn unaligned_cluster_line(host: u64, l2_offset: u64, l2_index: u64) -> String {
+    format!(
+        "qcow2: Image is corrupt: Cluster allocation offset {host:#x} unaligned (L2 offset: \
+         {l2_offset:#x}, L2 index: {l2_index:#x}); further non-fatal corruption events will be \
+         suppressed"
+    )
+}
+
+/// The line qemu's driver prints itself for a salvaged failure, if it prints one.
+pub(super) fn salvage_driver_line(warning: &SalvageWarning) -> Option<String> {
+    match warning {
+        SalvageWarning::UnalignedCluster {
+            host,
+            l2_offset,
+            l2_index,
+        } => Some(unaligned_cluster_line(*host, *l2_offset, *l2_index)),
+        _ => None,
+    }
+}
+
+/// qemu's text for a VDI header its driver refuses to open, for the checks it makes.
+fn vdi_text(e: &VdiError) -> Option<String> {
+    Some(match e {
+        VdiError::DiskTooLarge { disk_size, max } => {
+            format!(
+                "Unsupported VDI image size (size is {disk_size:#x}, max supported is {max:#x})"
+            )
+        }
+        VdiError::BadSignature { found } => {
+            format!("Image not in VDI format (bad signature {found:08x})")
+        }
+        VdiError::UnsupportedVersion { found } => format!(
+            "unsupported VDI image (version {}.{})",
+            found >> 16,
+            found & 0xffff
+        ),
+        VdiError::OffsetNotSectorAligned { field, offset } => {
+            let what = match *field {
+                "block map offset" => "block map offset",
+                "data offset" => "data offset",
+                _ => return None,
+            };
+            format!("unsupported VDI image (unaligned {what} {offset:#x})")
+        }
+        VdiError::BadLegacySectorSize { found } => {
+            format!("unsupported VDI image (sector size {found} is not 512)")
+        }
+        VdiError::UnsupportedBlockSize { found } => {
+            format!("unsupported VDI image (block size {found} is not 1048576)")
+        }
+        VdiError::DiskLargerThanBlocks {
+            disk_size,
+            blocks,
+            block_size,
+        } => format!(
+            "unsupported VDI image (disk size {disk_size}, image bitmap has room for {})",
+            u64::from(*blocks) * u64::from(*block_size)
+        ),
+        VdiError::TooManyBlocks { blocks, max } => {
+            format!("unsupported VDI image (too many blocks {blocks}, max is {max})")
         }
         _ => return None,
     })
@@ -305,14 +471,19 @@ pub(super) fn data_file_message(e: &anyhow::Error) -> Option<String> {
             Some(imagefmt::Error::Io { source, .. }) if data.is_some() => {
                 return Some(format!(
                     "Could not open '{}': Could not open '{}': {}",
-                    image?.display(),
+                    shown_name(image?),
                     data?.display(),
                     super::strerror(source)
                 ));
             }
             Some(imagefmt::Error::Qcow2(
                 refusal @ (Qcow2Error::DataFileRequired | Qcow2Error::DataFileNotExpected),
-            )) => return Some(format!("Could not open '{}': {refusal}", image?.display())),
+            )) => {
+                return Some(format!(
+                    "Could not open '{}': {refusal}",
+                    shown_name(image?)
+                ))
+            }
             _ => {}
         }
     }

@@ -52,6 +52,7 @@ pub fn invoked_as_qemu_img(argv0: &OsStr) -> bool {
 /// standard error as qemu-img does. Returns the exit code.
 pub fn main(program: &str, args: &[OsString], out: &mut impl Write) -> u8 {
     let _personality = Personality::enter();
+    messages::forget_given_names();
     let mut command = None;
     let failure = match run(args, out, &mut command) {
         Ok(code) => return code,
@@ -100,6 +101,14 @@ impl Drop for Personality {
     fn drop(&mut self) {
         PERSONALITY.with(|p| p.set(self.0));
     }
+}
+
+/// What qemu's own driver prints for `warning`, on a line of its own, inside the personality.
+pub fn driver_line(warning: &imagefmt::ops::convert_salvage::SalvageWarning) -> Option<String> {
+    PERSONALITY
+        .with(std::cell::Cell::get)
+        .then(|| messages::salvage_driver_line(warning))
+        .flatten()
 }
 
 /// The program name that starts the warnings a command prints itself while it runs: `qemu-img`
@@ -360,7 +369,7 @@ fn message(command: &str, e: &anyhow::Error) -> String {
     // qemu-img reports open failures of the image being created without "Could not open".
     let could_not_open = |path: &Path| match command {
         "create" => format!("{}: ", path.display()),
-        _ => format!("Could not open '{}': ", path.display()),
+        _ => format!("Could not open '{}': ", messages::shown_name(path)),
     };
     if let Some(message) = messages::data_file_message(e) {
         return message;
@@ -369,7 +378,7 @@ fn message(command: &str, e: &anyhow::Error) -> String {
         return message;
     }
     for cause in e.chain() {
-        let engine = cause.downcast_ref::<imagefmt::Error>();
+        let engine = messages::engine_error(cause);
         let lock = match engine {
             Some(imagefmt::Error::Lock(lock)) => Some(lock),
             Some(imagefmt::Error::Backing(imagefmt::backing::BackingError::Loop { path })) => {
@@ -381,12 +390,12 @@ fn message(command: &str, e: &anyhow::Error) -> String {
             Some(imagefmt::Error::Io { step, source }) => {
                 if let Some(path) = step.strip_prefix("opening ") {
                     let path = Path::new(path.strip_suffix(" for writing").unwrap_or(path));
-                    return format!(
-                        "{}{}{}",
-                        could_not_open(path),
-                        could_not_open(path),
-                        strerror(source)
-                    );
+                    // The file itself is named by its path.
+                    let inner = match command {
+                        "create" => format!("{}: ", path.display()),
+                        _ => format!("Could not open '{}': ", path.display()),
+                    };
+                    return format!("{}{inner}{}", could_not_open(path), strerror(source));
                 }
                 None
             }
@@ -436,12 +445,14 @@ fn strerror(e: &std::io::Error) -> String {
 
 /// The image named by `name` (`--image-opts` says how to read it).
 fn target(name: &str, image_opts: bool) -> Result<filename::Target, Failure> {
-    if image_opts {
+    let target = if image_opts {
         filename::parse_image_opts(name)
     } else {
         filename::parse(name)
     }
-    .map_err(error)
+    .map_err(error)?;
+    messages::remember_given_name(&target.path, name);
+    Ok(target)
 }
 
 /// Adds `-f FMT` for the image's format: from `-f`, else from the filename's `driver`. Where
@@ -467,7 +478,7 @@ fn format_flag(
         Ok(detected) if detected == format => Ok(()),
         Ok(_) => Err(error(format!(
             "Could not open '{}': Image is not in {format} format",
-            image.path
+            messages::shown_name(path)
         ))),
         // The command itself reports why the image cannot be read.
         Err(_) => Ok(()),
@@ -802,7 +813,7 @@ fn convert(args: &[String]) -> Result<Plan, Failure> {
         plan.arg("--overwrite");
     }
     for (index, source) in sources.iter().enumerate() {
-        data_file::named(&mut plan, source, index == 0)?;
+        data_file::named_at(&mut plan, source, index)?;
     }
     if dest.data_file.is_some() {
         return Err(error(
@@ -1266,8 +1277,12 @@ fn passthrough(command: &str, args: &[String]) -> Result<Plan, Failure> {
     if known == "dd" {
         plan.arg("--overwrite");
     }
-    if known == "amend" {
-        plan.args.extend(amend::resolve_image(args)?);
+    if known == "amend" || known == "bitmap" {
+        let with_value = match known {
+            "amend" => amend::AMEND_WITH_VALUE,
+            _ => amend::BITMAP_WITH_VALUE,
+        };
+        plan.args.extend(amend::resolve_image(args, with_value)?);
     } else {
         plan.args.extend_from_slice(args);
     }

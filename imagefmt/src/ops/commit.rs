@@ -3,9 +3,9 @@
 //!
 //! Only what the overlay itself holds is touched, by its own extents: data ranges are copied
 //! (read straight from the overlay's file, which the commit holds under its write lock,
-//! through a memory mapping of up to 2 MiB at a time), zero ranges become zeros
-//! in the backing image without data (zero clusters in qcow2, holes in a raw file), unallocated
-//! ranges are skipped. Emptying frees every cluster and shrinks the file, as qemu does.
+//! through a memory mapping of up to 1 MiB at a time, as qemu's mirror job requests it), zero
+//! ranges become zeros in the backing image without data (zero clusters in qcow2, holes in a
+//! raw file), unallocated ranges are skipped. Emptying frees every cluster and shrinks the file, as qemu does.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -16,10 +16,17 @@ use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
 use crate::io::{start_writeback, Backend, MappedRange};
 use crate::offsets::GuestOffset;
-use crate::ops::convert::REQUEST_MAX;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::{Error, Result};
+
+/// The largest data request of qemu's mirror job (its `MAX_IO_BYTES`), which `qemu-img
+/// commit` runs: commit copies in requests of this size and counts its progress by them.
+const MIRROR_REQUEST: u64 = 1 << 20;
+
+/// How far one pass of qemu's mirror job reaches from where a run of held ranges starts (its
+/// default buffer, 16 requests): a request never crosses the end of such a window.
+const MIRROR_WINDOW: u64 = 16 << 20;
 
 /// Data bytes written into the backing image between two calls that start their writeback:
 /// the disk then writes while the commit copies, and the final fsync waits for the rest only.
@@ -61,7 +68,9 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
 /// whose backing file it is, as qemu-img takes it). What the overlay and the images
 /// between it and `base` (qcow2) hold is written into `base`; as with qemu-img, naming a base
 /// implies `keep` (the images above it would no longer read what they did). `progress(done,
-/// total)` follows the guest offsets. Backing files are found under `chain`'s policy; the
+/// total)` counts bytes committed as qemu's commit job counts them: `(0, 0)` once the overlay
+/// is open, `(0, total)` before the first write, then after each write (of at most 1 MiB of
+/// data, as qemu's mirror job requests it). Backing files are found under `chain`'s policy; the
 /// external data files of the images (top, intermediates, base) are opened for writing where
 /// `chain` allows data files (`chain.data_file` names the top image's).
 pub fn commit_into(
@@ -76,6 +85,7 @@ pub fn commit_into(
     // The overlay alone: its own clusters are all that is read, and its backing file is opened
     // below for writing (a read-locked copy of it here would conflict with that write lock).
     let mut top = open_qcow2_rw_alone(path, chain, WriteOptions::default())?;
+    progress(0, 0);
     // The images below have data files of their own, never the one named for the top.
     let below_top = ChainOptions {
         data_file: None,
@@ -224,8 +234,12 @@ enum Piece<'a> {
 
 /// Hands every range the overlay itself holds to `apply`, by the overlay's own extents (not
 /// its backing chain's; with `through`, those of the overlay and the intermediate images below
-/// it, which end above the base): data in pieces of at most [`REQUEST_MAX`] bytes, zeros as a
-/// length.
+/// it, which end above the base), in the requests of qemu's mirror job, which `qemu-img
+/// commit` runs: a window of at most [`MIRROR_WINDOW`] bytes from where a run of held ranges
+/// starts (the next window where it ends), cut into data requests of at most
+/// [`MIRROR_REQUEST`] bytes and one zero request per zero range. `progress(done, total)`
+/// counts bytes as that job does: once before the first request (`done` 0, `total` every
+/// byte the overlay holds), then after each request.
 fn for_each_own_extent<B: Backend + Send + Sync>(
     top: &Qcow2Image<B>,
     through: bool,
@@ -234,28 +248,53 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
     mut apply: impl FnMut(Piece<'_>, u64) -> Result<()>,
 ) -> Result<()> {
     let size = top.virtual_size();
+    let status = |at: GuestOffset| {
+        if through {
+            chain::block_status(top, at, size - at.0)
+        } else {
+            top.block_status(at, size - at.0)
+        }
+    };
+    // What the job will copy, counted from the metadata before the first request.
+    let mut total = 0;
+    let mut at = GuestOffset(0);
+    while at.0 < size {
+        let extent = status(at)?;
+        if extent.is_allocated() {
+            total += extent.len;
+        }
+        at = extent.end();
+    }
+    progress(0, total);
+    let mut done = 0;
+    let mut window_end = 0;
     let mut buf = Vec::new();
     let mut at = GuestOffset(0);
     while at.0 < size {
-        progress(at.0, size);
-        let extent = if through {
-            chain::block_status(top, at, size - at.0)?
-        } else {
-            top.block_status(at, size - at.0)?
-        };
+        let extent = status(at)?;
         at = extent.end();
         if !extent.is_allocated() {
             continue;
         }
         stats.bytes_committed += extent.len;
-        if extent.reads_as_zeros() {
-            apply(Piece::Zeros(extent.len), extent.start.0)?;
-            continue;
-        }
         let mut piece = Some(extent);
         while let Some(current) = piece {
-            let (head, rest) = current.split_at(current.start.0 + REQUEST_MAX);
+            if current.start.0 >= window_end {
+                window_end = current.start.0 + MIRROR_WINDOW;
+            }
+            let cut = if current.reads_as_zeros() {
+                window_end
+            } else {
+                window_end.min(current.start.0 + MIRROR_REQUEST)
+            };
+            let (head, rest) = current.split_at(cut);
             piece = rest;
+            if head.reads_as_zeros() {
+                apply(Piece::Zeros(head.len), head.start.0)?;
+                done += head.len;
+                progress(done, total);
+                continue;
+            }
             // The overlay is held under its write lock: its data can be read through a
             // mapping, without a copy (pread where the range cannot be mapped).
             let mapped = match chain::verbatim_source(top, &head) {
@@ -265,14 +304,15 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
             };
             if let Some(map) = mapped {
                 apply(Piece::Data(map.bytes()), head.start.0)?;
-                continue;
+            } else {
+                buf.resize(head.len as usize, 0);
+                chain::read_extent(top, &head, &mut buf)?;
+                apply(Piece::Data(&buf), head.start.0)?;
             }
-            buf.resize(head.len as usize, 0);
-            chain::read_extent(top, &head, &mut buf)?;
-            apply(Piece::Data(&buf), head.start.0)?;
+            done += head.len;
+            progress(done, total);
         }
     }
-    progress(size, size);
     Ok(())
 }
 
@@ -306,7 +346,7 @@ pub(crate) fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()
     if punched.is_ok() {
         return Ok(());
     }
-    let zeros = vec![0u8; len.min(REQUEST_MAX) as usize];
+    let zeros = vec![0u8; len.min(crate::ops::convert::REQUEST_MAX) as usize];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;

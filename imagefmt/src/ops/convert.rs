@@ -7,8 +7,8 @@
 //! unallocated. Without `-B` the copy is a pipeline:
 //!
 //! ```text
-//! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX (raw or compressed output:
-//!   ≤ STREAM_REQUEST_MAX), aligned to the output's unit
+//! planner (chain extents, data only) ─► requests ≤ REQUEST_MAX (compressed output, or
+//!   compressed source clusters: ≤ STREAM_REQUEST_MAX), aligned to the output's unit
 //!    └─► N reader threads (-m N): pread each piece from its layer's file at its host offset,
 //!        or for qcow2/VDI output from a locked source ([`ConvertOptions::map_source`]) map it
 //!        (read_at for compressed clusters: decompressed on the reader threads); raw output:
@@ -22,9 +22,10 @@
 //! [`REQUEST_MAX`] bytes and a page (for alignment) each, and no more than [`BUFFERED_MAX`] in
 //! all (N ≤ [`MAX_PARALLEL`]); there the main thread writes from one buffer while the readers
 //! fill the others. Where the readers do the work themselves (raw output: they write;
-//! compressed output: they compress), N buffers of [`STREAM_REQUEST_MAX`] bytes: a request
-//! waits for the main thread only to be counted or placed. Compressed output adds each
-//! request's compressed clusters and the writer's batch.
+//! compressed output: they compress), N buffers: a request waits for the main thread only to be
+//! counted or placed. Requests that decompress or compress are cut at [`STREAM_REQUEST_MAX`]
+//! (a buffer grows only to the requests it serves), others at [`REQUEST_MAX`]. Compressed
+//! output adds each request's compressed clusters and the writer's batch.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,7 @@ use std::os::fd::BorrowedFd;
 use crate::backing::BackingPolicy;
 use crate::chain::{self, open_chain};
 use crate::detect::ImageFormat;
-use crate::extent::{Extent, GuestRead};
+use crate::extent::{Extent, ExtentKind, GuestRead};
 use crate::io::{Backend, MappedRange};
 use crate::new_file::{create_with, NewFileMode};
 use crate::offsets::GuestOffset;
@@ -50,9 +51,10 @@ pub const RAW_CHUNK: u64 = 1 << 20;
 pub const SPARSE_BLOCK: usize = 4096;
 /// Largest read request of the pipeline (qemu-img uses 2 MiB buffers).
 pub const REQUEST_MAX: u64 = 2 << 20;
-/// Largest read request where the reader threads write raw output or compress clusters
-/// themselves: each holds a buffer only while it works on it, and smaller buffers keep a
-/// decompressing or compressing reader's memory (and its cache footprint) small.
+/// Largest read request where the reader threads compress (compressed output) or decompress
+/// (compressed clusters of the source): smaller buffers keep such a reader's memory and cache
+/// footprint small (zlib qcow2 to raw: 17 against 36 MiB peak, and faster), while plain copies
+/// go faster in [`REQUEST_MAX`] pieces (measured in ARCHITECTURE.md).
 pub const STREAM_REQUEST_MAX: u64 = 256 << 10;
 /// The most request data the pipeline keeps in flight (its buffers), whatever `-m` says: with
 /// the compressed writer's batches on top, convert stays well under 64 MiB of memory.
@@ -425,14 +427,18 @@ struct Request {
 }
 
 /// Turns the source's extents into requests: data only, coalesced while contiguous up to a
-/// maximum ([`REQUEST_MAX`] or [`STREAM_REQUEST_MAX`]), widened to whole output units (clusters, blocks; 1 for raw) so that no two
-/// requests share a unit.
+/// maximum, widened to whole output units (clusters, blocks; 1 for raw) so that no two requests
+/// share a unit. The maximum is `max`, or `compressed_max` for a request holding compressed
+/// source clusters.
 struct Planner<'a> {
     extents: chain::Extents<'a>,
     unit: u64,
     size: u64,
     max: u64,
+    compressed_max: u64,
     current: Option<Request>,
+    /// The maximum of the current request.
+    current_max: u64,
     /// The data extent being split into requests.
     pending: Option<Extent>,
     seq: u64,
@@ -442,13 +448,16 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(source: &'a dyn GuestRead, unit: u64, max: u64) -> Self {
+    fn new(source: &'a dyn GuestRead, unit: u64, max: u64, compressed_max: u64) -> Self {
+        let whole_units = |max: u64| max.max(unit) / unit * unit;
         Self {
             extents: chain::extents(source, GuestOffset(0)),
             unit,
             size: source.virtual_size(),
-            max: max.max(unit) / unit * unit,
+            max: whole_units(max),
+            compressed_max: whole_units(compressed_max.min(max)),
             current: None,
+            current_max: 0,
             pending: None,
             seq: 0,
             done: false,
@@ -483,6 +492,12 @@ impl<'a> Planner<'a> {
                 },
             };
             let unit_start = extent.start.0 / self.unit * self.unit;
+            let extent_max = match extent.kind {
+                ExtentKind::Data {
+                    compressed: true, ..
+                } => self.compressed_max,
+                _ => self.max,
+            };
             if let Some(current) = &mut self.current {
                 if extent.start.0 < current.end {
                     // The extent starts inside the current request's last unit.
@@ -491,12 +506,11 @@ impl<'a> Planner<'a> {
                     self.pending = rest;
                     continue;
                 }
-                if unit_start == current.end && current.end - current.start < self.max {
-                    let end = (current.start + self.max).min(align_up(
-                        extent.end().0,
-                        self.unit,
-                        self.size,
-                    ));
+                let max = self.current_max.min(extent_max);
+                if unit_start == current.end && current.end - current.start < max {
+                    self.current_max = max;
+                    let end =
+                        (current.start + max).min(align_up(extent.end().0, self.unit, self.size));
                     current.end = end;
                     let (head, rest) = extent.split_at(end);
                     current.pieces.push(head);
@@ -506,7 +520,8 @@ impl<'a> Planner<'a> {
                 self.pending = Some(extent);
                 return Ok(self.emit());
             }
-            let end = (unit_start + self.max).min(align_up(extent.end().0, self.unit, self.size));
+            self.current_max = extent_max;
+            let end = (unit_start + extent_max).min(align_up(extent.end().0, self.unit, self.size));
             let (head, rest) = extent.split_at(end);
             self.current = Some(Request {
                 seq: 0,
@@ -906,12 +921,12 @@ fn pipeline(
         } if options.sparse_size > 0 => unit.max(1 << (63 - options.sparse_size.leading_zeros())),
         _ => unit,
     };
-    let request_max = if sink.readers_work() {
+    let request_max = if sink.packer().is_some() {
         STREAM_REQUEST_MAX
     } else {
         REQUEST_MAX
     };
-    let mut plan = Planner::new(source, unit, request_max);
+    let mut plan = Planner::new(source, unit, request_max, STREAM_REQUEST_MAX);
     plan.zeros = options.sparse_size == 0;
     // Progress counts the bytes the planner will hand out (data; everything with -S 0), as
     // qemu-img counts its allocated sectors, so that each request moves it by its share.
@@ -1054,4 +1069,76 @@ fn planned_bytes(source: &dyn GuestRead, zeros: bool) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk of plain data up to `compressed_from`, compressed clusters after it.
+    struct HalfCompressed {
+        size: u64,
+        compressed_from: u64,
+    }
+
+    impl GuestRead for HalfCompressed {
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+
+        fn read_at(&self, buf: &mut [u8], _offset: GuestOffset) -> Result<()> {
+            buf.fill(1);
+            Ok(())
+        }
+
+        fn block_status(&self, start: GuestOffset, max_len: u64) -> Result<Extent> {
+            let compressed = start.0 >= self.compressed_from;
+            let end = if compressed {
+                start.0 + (64 << 10)
+            } else {
+                self.compressed_from
+            };
+            Ok(Extent {
+                start,
+                len: (end - start.0).min(max_len),
+                depth: 0,
+                kind: ExtentKind::Data {
+                    compressed,
+                    zero: false,
+                },
+                host: None,
+            })
+        }
+    }
+
+    fn request_ranges(source: &dyn GuestRead, max: u64) -> Vec<(u64, u64)> {
+        let mut planner = Planner::new(source, 64 << 10, max, STREAM_REQUEST_MAX);
+        let mut ranges = Vec::new();
+        while let Some(request) = planner.next_request().unwrap() {
+            ranges.push((request.start, request.end));
+        }
+        ranges
+    }
+
+    #[test]
+    fn plain_data_goes_in_large_requests_and_compressed_clusters_in_small_ones() {
+        let source = HalfCompressed {
+            size: 8 << 20,
+            compressed_from: (4 << 20) + (64 << 10),
+        };
+        let ranges = request_ranges(&source, REQUEST_MAX);
+        let mut expected = vec![(0, 2 << 20), (2 << 20, 4 << 20)];
+        // The plain cluster before the compressed ones starts a request the first compressed
+        // cluster joins: together they stay under the small maximum.
+        let mut start = 4 << 20;
+        while start < 8 << 20 {
+            expected.push((start, start + STREAM_REQUEST_MAX));
+            start += STREAM_REQUEST_MAX;
+        }
+        assert_eq!(ranges, expected);
+        // Compressed output takes small requests everywhere.
+        let small = request_ranges(&source, STREAM_REQUEST_MAX);
+        assert_eq!(small.len(), 32);
+        assert!(small.iter().all(|(s, e)| e - s == STREAM_REQUEST_MAX));
+    }
 }

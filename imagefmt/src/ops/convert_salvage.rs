@@ -62,6 +62,16 @@ pub enum SalvageWarning {
         /// Why, as C's `strerror` words it.
         cause: String,
     },
+    /// The first data cluster found at an unaligned host offset: qemu's qcow2 driver reports
+    /// the first corrupt entry it meets once, on a line of its own, before qemu-img's warning.
+    UnalignedCluster {
+        /// The unaligned host offset its L2 entry gives.
+        host: u64,
+        /// The host offset of its L2 table.
+        l2_offset: u64,
+        /// Its index in that table.
+        l2_index: u64,
+    },
 }
 
 impl fmt::Display for SalvageWarning {
@@ -76,6 +86,12 @@ impl fmt::Display for SalvageWarning {
             }
             Self::Read { offset, cause } => {
                 write!(f, "error while reading offset {offset}: {cause}")
+            }
+            Self::UnalignedCluster { host, .. } => {
+                write!(
+                    f,
+                    "qcow2 image is corrupt: data cluster at unaligned host offset {host:#x}"
+                )
             }
         }
     }
@@ -100,6 +116,8 @@ struct State {
     last_start: Option<u64>,
     /// Set by [`Salvage::count_pass`]: later walks report status failures at the read.
     counted: bool,
+    /// Whether a corrupt entry was reported (only the first one is).
+    corruption_reported: bool,
     /// Sectors whose status failed in this walk and that were not read yet, ascending.
     deferred: VecDeque<(u64, String)>,
 }
@@ -268,11 +286,56 @@ impl Salvage<'_> {
                         ..extent
                     })
                 }
-                Err(_) if len > SECTOR => len = len.div_ceil(SECTOR).div_ceil(4) * SECTOR,
-                Err(e) => return Err(strerror(&e)),
+                Err(e) => {
+                    self.report_corruption(&e);
+                    if len <= SECTOR {
+                        return Err(strerror(&e));
+                    }
+                    len = len.div_ceil(SECTOR).div_ceil(4) * SECTOR;
+                }
             }
         }
     }
+}
+
+impl Salvage<'_> {
+    /// Reports `e` if it is the first corrupt entry met (see
+    /// [`SalvageWarning::UnalignedCluster`]).
+    fn report_corruption(&self, e: &Error) {
+        let Some(crate::qcow2::Qcow2Error::UnalignedCluster {
+            host,
+            l2_offset,
+            l2_index,
+            ..
+        }) = unaligned_cluster(e)
+        else {
+            return;
+        };
+        let mut state = self.lock();
+        if std::mem::replace(&mut state.corruption_reported, true) {
+            return;
+        }
+        drop(state);
+        (self.warn)(&SalvageWarning::UnalignedCluster {
+            host: *host,
+            l2_offset: *l2_offset,
+            l2_index: *l2_index,
+        });
+    }
+}
+
+/// The unaligned data cluster `e` reports, if it does.
+fn unaligned_cluster(e: &Error) -> Option<&crate::qcow2::Qcow2Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(Error::Qcow2(q @ crate::qcow2::Qcow2Error::UnalignedCluster { .. })) =
+            c.downcast_ref::<Error>()
+        {
+            return Some(q);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// The errno text qemu would report for `e`: the operating system's own for an I/O error,

@@ -169,27 +169,10 @@ fn parse_blocks(name: &'static str, value: &str) -> Result<u64, DdError> {
         name,
         value: value.to_owned(),
     };
-    let text = value.trim_start();
-    let (negative, text) = match text.as_bytes().first() {
-        Some(b'-') => (true, &text[1..]),
-        Some(b'+') => (false, &text[1..]),
-        _ => (false, text),
-    };
-    let (digits, radix) = if let Some(hex) = text.strip_prefix("0x").or(text.strip_prefix("0X")) {
-        (hex, 16)
-    } else if text.len() > 1 && text.starts_with('0') {
-        (&text[1..], 8)
-    } else {
-        (text, 10)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(invalid());
-    }
-    match u64::from_str_radix(digits, radix) {
-        Ok(0) => Ok(0),
-        Ok(_) if negative => Err(out_of_range),
-        Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        _ => Err(out_of_range),
+    match crate::size::parse_c_integer(value) {
+        None => Err(invalid()),
+        Some(n) if (0..=i128::from(i64::MAX)).contains(&n) => Ok(n as u64),
+        Some(_) => Err(out_of_range),
     }
 }
 

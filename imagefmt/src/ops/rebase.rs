@@ -23,7 +23,7 @@ pub type NewBacking = Option<(String, ImageFormat)>;
 
 /// What `qemu-img rebase` reads of the chains at once: one copy step never spans more, and the
 /// old backing file's end is judged per step (see [`copy_differences`]).
-const STEP: u64 = 2 << 20;
+pub const STEP: u64 = 2 << 20;
 
 /// How [`rebase_with_progress`] rebases.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,9 +55,11 @@ pub fn rebase(
     )
 }
 
-/// [`rebase`] as `options` say, calling `progress(done, total)` (guest offsets) as the safe
-/// copy proceeds. Backing files are opened under `chain`'s policy, external data files where
-/// it allows them (the image's own opened for writing; `chain.data_file` names it).
+/// [`rebase`] as `options` say, calling `progress(done, size)` (guest offsets) after each step
+/// of at most [`STEP`] bytes the safe copy compares, as `qemu-img rebase` advances its
+/// progress by one step's share. Backing files are opened under `chain`'s policy, external
+/// data files where it allows them (the image's own opened for writing; `chain.data_file`
+/// names it).
 pub fn rebase_with_progress(
     path: &Path,
     new: &NewBacking,
@@ -72,9 +74,11 @@ pub fn rebase_with_progress(
         open_qcow2_rw_with(path, chain, WriteOptions::default())?
     };
     let mut copied = 0;
+    let mut new_in_old_chain = None;
     let new_chain: Option<Box<dyn GuestRead>> = match new {
         Some((name, format)) if !unsafe_header_only => {
             let resolved = crate::backing::resolve(path, name)?;
+            new_in_old_chain = depth_in_chain(&image, &resolved).map(|depth| depth - 1);
             let below = ChainOptions {
                 data_file: None,
                 ..*chain
@@ -84,7 +88,13 @@ pub fn rebase_with_progress(
         _ => None,
     };
     if !unsafe_header_only {
-        copied = copy_differences(&mut image, new_chain.as_deref(), options.compress, progress)?;
+        copied = copy_differences(
+            &mut image,
+            new_chain.as_deref(),
+            new_in_old_chain,
+            options.compress,
+            progress,
+        )?;
     }
     image.set_backing(new.as_ref().map(|(n, f)| (n.as_str(), f.name())))?;
     image.set_below(new_chain);
@@ -111,18 +121,20 @@ pub fn rebase_header_only_named(path: &Path, name: &str, format_name: &str) -> R
     image.flush()
 }
 
-/// Safe rebase's copy, decided as `qemu-img rebase` decides it (qemu-img.c, `img_rebase`): for
-/// every range the image does not hold itself, taken in steps of at most [`STEP`], the old and
-/// the new chain are read and compared in write units (subclusters, or clusters when
-/// compressing); each run of units that differ gets what the old chain reads there, written
-/// as data (zeros included, so `qemu-img map` shows the same allocation) — or as zero clusters
-/// when the step starts at or past the old backing file's end, where qemu writes zeroes. A
-/// step never crosses that end (qemu's steps stop there when the new backing file lies in the
-/// old chain). Ranges both chains report as zeros are not read. Returns the guest bytes
-/// written.
+/// Safe rebase's copy, decided as `qemu-img rebase` decides it (qemu-img.c, `img_rebase`): the
+/// image is walked in steps of at most [`STEP`]; a step the image holds itself is passed over,
+/// and so is one no image between it and the new backing file holds when the new backing file
+/// lies in the old chain (both chains read the same there). Every other step, widened to whole
+/// write units (subclusters, or clusters when compressing) the image does not hold, the old and
+/// the new chain are read and compared in write units; each run of units that differ gets what
+/// the old chain reads there, written as data (zeros included, so `qemu-img map` shows the same
+/// allocation) — or as zero clusters past the old backing file's end, where qemu writes
+/// zeroes. Ranges both chains report as zeros are not read. `progress(at, size)` is called after each step that was compared, as
+/// qemu-img advances its progress. Returns the guest bytes written.
 fn copy_differences<B: crate::io::Backend + Send + Sync>(
     image: &mut Qcow2Image<B>,
     new_chain: Option<&dyn GuestRead>,
+    new_in_old_chain: Option<usize>,
     compress: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
@@ -134,44 +146,74 @@ fn copy_differences<B: crate::io::Backend + Send + Sync>(
     };
     let step = STEP.max(unit) / unit * unit;
     let old_end = image.below().map_or(0, |below| below.virtual_size());
-    let (mut old, mut newer) = (vec![0u8; step as usize], vec![0u8; step as usize]);
+    // A step widened to whole units spans at most two units more.
+    let buffer = (step + 2 * unit) as usize;
+    let (mut old, mut newer) = (vec![0u8; buffer], vec![0u8; buffer]);
     let mut compressed = compress.then(|| CompressedWriter::new(image));
     let mut copied = 0;
     let mut at = 0u64;
     while at < size {
-        let mut limit = (size - at).min(step);
-        if at < old_end {
-            limit = limit.min(old_end.next_multiple_of(unit) - at);
+        let own = image.block_status(GuestOffset(at), (size - at).min(step))?;
+        let mut len = own.len;
+        if own.is_allocated() {
+            at += len;
+            continue;
         }
-        let own = image.block_status(GuestOffset(at), limit)?;
-        let len = own.len;
-        if !own.is_allocated() {
-            let (o, n) = (&mut old[..len as usize], &mut newer[..len as usize]);
+        if let Some(layers) = new_in_old_chain {
+            let (changed, run) = allocated_above(image.below(), layers, at, len)?;
+            if !changed {
+                at += run;
+                continue;
+            }
+            len = run;
+        }
+        // qemu widens the range to whole write units (a skipped range may end inside one),
+        // where the image holds none of them.
+        let (start, end) = (at - at % unit, (at + len).next_multiple_of(unit).min(size));
+        let (start, end) = if (start, end) != (at, at + len)
+            && image
+                .block_status(GuestOffset(start), end - start)
+                .map(|e| !e.is_allocated() && e.len == end - start)?
+        {
+            (start, end)
+        } else {
+            (at, at + len)
+        };
+        // The part before the old backing file's end (its last unit included) takes the old
+        // chain's data, the part after it zeros: compared apart.
+        let mut part = start;
+        while part < end {
+            let mut part_end = end;
+            if part < old_end {
+                part_end = part_end.min(old_end.next_multiple_of(unit));
+            }
+            let n = (part_end - part) as usize;
+            let (o, nw) = (&mut old[..n], &mut newer[..n]);
             let below = image.below();
-            let old_extents = extents_of(below, at, len)?;
-            let new_extents = extents_of(new_chain, at, len)?;
+            let old_extents = extents_of(below, part, n as u64)?;
+            let new_extents = extents_of(new_chain, part, n as u64)?;
             let old_zero = reads_as_zeros(&old_extents);
             let new_zero = reads_as_zeros(&new_extents);
             if !(old_zero && new_zero) {
                 // Both chains are read at once when both have data there (two page-cache
                 // copies bound a rebase's time); a side that reads as zeros is not read.
                 if old_zero || new_zero {
-                    read_extents(below, &old_extents, o, at)?;
-                    read_extents(new_chain, &new_extents, n, at)?;
+                    read_extents(below, &old_extents, o, part)?;
+                    read_extents(new_chain, &new_extents, nw, part)?;
                 } else {
                     std::thread::scope(|scope| {
                         let old_read =
-                            scope.spawn(|| read_extents(below, &old_extents, &mut *o, at));
-                        let new_read = read_extents(new_chain, &new_extents, &mut *n, at);
+                            scope.spawn(|| read_extents(below, &old_extents, &mut *o, part));
+                        let new_read = read_extents(new_chain, &new_extents, &mut *nw, part);
                         let old_read = old_read.join().expect("a rebase read panicked");
                         old_read.and(new_read)
                     })?;
                 }
             }
-            if !(old_zero && new_zero) && o != n {
-                for (start, end) in differing_runs(o, n, at, unit) {
-                    let offset = at + start as u64;
-                    if at >= old_end {
+            if !(old_zero && new_zero) && o != nw {
+                for (start, end) in differing_runs(o, nw, part, unit) {
+                    let offset = part + start as u64;
+                    if part >= old_end {
                         image.write_zeroes_over_backing(offset, (end - start) as u64)?;
                     } else if let Some(writer) = compressed.as_mut() {
                         write_compressed(image, writer, &o[start..end], offset, unit)?;
@@ -181,14 +223,69 @@ fn copy_differences<B: crate::io::Backend + Send + Sync>(
                     copied += (end - start) as u64;
                 }
             }
+            part = part_end;
         }
-        at += len;
+        at = end;
         progress(at, size);
     }
     if let Some(writer) = compressed {
         writer.finish(image)?;
     }
     Ok(copied)
+}
+
+/// Whether one of the `layers` images at the top of `chain` holds the range of `len` bytes at
+/// guest offset `at`, and for how long that answer holds from `at` (qemu's
+/// `bdrv_is_allocated_above` down to the new backing file). The first image's end stops the
+/// run; past it the range counts as held (qemu compares what lies past the old backing file's
+/// end).
+fn allocated_above(
+    chain: Option<&dyn GuestRead>,
+    layers: usize,
+    at: u64,
+    len: u64,
+) -> Result<(bool, u64)> {
+    let mut run = len;
+    let mut layer = chain;
+    for index in 0..layers {
+        let Some(image) = layer else { break };
+        let end = image.virtual_size();
+        if at >= end {
+            if index == 0 {
+                return Ok((true, len));
+            }
+        } else {
+            let extent = image.block_status(GuestOffset(at), run.min(end - at))?;
+            if extent.is_allocated() {
+                return Ok((true, extent.len));
+            }
+            run = run.min(extent.len);
+        }
+        layer = image.below();
+    }
+    Ok((false, run))
+}
+
+/// How many images below `image` the new backing file at `path` lies (1: it is the backing file
+/// itself), when it is one of them: qemu-img then skips what none of the images above it
+/// holds.
+fn depth_in_chain(image: &dyn GuestRead, path: &Path) -> Option<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(path).ok()?;
+    let mut depth = 0;
+    let mut layer = image.below();
+    while let Some(current) = layer {
+        depth += 1;
+        let same = current
+            .path()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| (m.dev(), m.ino()) == (wanted.dev(), wanted.ino()));
+        if same {
+            return Some(depth);
+        }
+        layer = current.below();
+    }
+    None
 }
 
 /// The runs (`start..end` indices) of `old` that differ from `new`, compared in `unit`s of the

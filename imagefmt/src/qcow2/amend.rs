@@ -252,11 +252,12 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 
 /// Amends the qcow2 image in `file` (opened for writing, locks held) as `options` say.
 ///
-/// A dirty image (lazy refcounts after a crash) is repaired first, as qemu repairs it when
-/// opening it for writing. Changes of version, refcount width or size open the image's tables
-/// for writing (an external data file is not opened: the size of such an image changes only
-/// through [`amend_reporting_with`]); changes of `lazy_refcounts`, `data_file` and
-/// `data_file_raw` only rewrite cluster 0.
+/// The snapshot table is read first, as qemu's open reads it: a table qemu refuses to open
+/// fails the amend. A dirty image (lazy refcounts after a crash) is then repaired, as qemu
+/// repairs it when opening it for writing. Changes of version, refcount width or size open the
+/// image's tables for writing (an external data file is not opened: the size of such an image
+/// changes only through [`amend_reporting_with`]); changes of `lazy_refcounts`, `data_file`
+/// and `data_file_raw` only rewrite cluster 0.
 ///
 /// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
 pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
@@ -286,6 +287,12 @@ pub fn amend_reporting_with(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<String>, AmendError> {
     let mut cluster = HeaderCluster::read_from(&file)?;
+    // qemu opens the image before it looks at the options, and its open reads the snapshot
+    // table: a table it cannot read fails every amend, also one that only rewrites the header
+    // (which never opens the image's tables here) and one of a dirty image, before the repair
+    // (which would mend the table). Opening for a structural change reads it again, after the
+    // repair.
+    super::snapshot_ops::read_snapshots(&file, &cluster.header)?;
     let mut repair_messages = Vec::new();
     if cluster
         .header
@@ -758,7 +765,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     }
 
     /// Makes a v3 image v2 (qemu's `qcow2_downgrade`): refused for refcount widths other than
-    /// 16, external data files, incompatible features v2 lacks and zstd-compressed clusters;
+    /// 16, external data files, snapshots v2 cannot describe (VM state over 4 GiB − 1 bytes, or
+    /// another disk size than the image's), incompatible features v2 lacks and
+    /// zstd-compressed clusters;
     /// zero clusters are expanded in the active L1 table and in every snapshot's (unallocated
     /// without a backing file, zero-filled data clusters with one), then the header is
     /// rewritten as v2.
@@ -773,25 +782,29 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if self.header.refcount_order != 4 {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
-        let features = self.header.incompatible_features;
         // An image with a data file never gets here: `amend` refuses its downgrade in qemu's
         // words in its step 6.
+        // v2 readers know only the 32-bit VM state size and take every snapshot to have the
+        // image's size: a snapshot they would misread blocks the downgrade (checked before the
+        // incompatible features, as qemu does). VM state that fits 32 bits is fine: the
+        // entries keep their extra data, their 32-bit field already holds the size.
+        let size = self.header.size;
+        let snapshots = self.snapshots()?;
+        if snapshots
+            .iter()
+            .any(|sn| sn.vm_state_size > u64::from(u32::MAX) || sn.disk_size_or(size) != size)
+        {
+            return Err(refused(
+                super::snapshot::SnapshotError::PreventDowngrade.to_string(),
+            ));
+        }
+        let features = self.header.incompatible_features;
         let blocking = features - IncompatibleFeatures::COMPRESSION_TYPE;
         if !blocking.is_empty() {
             return Err(refused(format!(
                 "Cannot downgrade an image with incompatible features 0x{:x} set",
                 blocking.bits()
             )));
-        }
-        let size = self.header.size;
-        let snapshots = self.snapshots()?;
-        if snapshots
-            .iter()
-            .any(|sn| sn.vm_state_size != 0 || sn.disk_size_or(size) != size)
-        {
-            return Err(refused(
-                super::snapshot::SnapshotError::PreventDowngrade.to_string(),
-            ));
         }
         let has_backing = HeaderCluster::read_from(&self.backend)?
             .backing_file
@@ -810,10 +823,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     .sum::<u64>(),
         };
         let active = self.l1.clone();
-        self.expand_zero_clusters_in(&active, &mut walk, status)?;
+        self.expand_zero_clusters_in(&active, true, &mut walk, status)?;
         for sn in &snapshots {
             let l1 = self.read_snapshot_l1(sn)?;
-            self.expand_zero_clusters_in(&l1, &mut walk, status)?;
+            self.expand_zero_clusters_in(&l1, false, &mut walk, status)?;
         }
         if features.contains(IncompatibleFeatures::COMPRESSION_TYPE) && walk.compressed {
             return Err(refused(
@@ -832,11 +845,16 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// An L2 table that several L1 tables share (refcount above 1) is rewritten in place, once:
     /// its new data clusters get the table's refcount (every L1 table that reaches the table
     /// reaches them) and no COPIED flag, and the L1 tables walked later find them already
-    /// expanded. Per table, the zeros are written and the new clusters counted before the
-    /// entries change, with an ordering point between, so a crash leaves at worst leaks.
+    /// expanded. An entry of a table no other L1 table shares gets the COPIED flag, as qemu
+    /// gives it; in the `active` table only if its cluster's refcount is 1 too (a preallocated
+    /// zero cluster may be shared with a snapshot: qemu flags it anyway, which `qemu-img
+    /// check` then reports; in a snapshot's table nothing reads the flag). Per table, the
+    /// zeros are written and the new clusters counted before the entries change, with an
+    /// ordering point between, so a crash leaves at worst leaks.
     fn expand_zero_clusters_in(
         &mut self,
         l1: &[u64],
+        active: bool,
         walk: &mut ZeroExpansion,
         status: &mut AmendStatus<'_>,
     ) -> Result<(), AmendError> {
@@ -887,11 +905,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                         ClusterKind::Normal { .. } | ClusterKind::Unallocated => continue,
                     };
                     self.write_host(&zeros, host)?;
-                    let copied = if self.refcount(host >> cluster_bits)? == 1 {
-                        COPIED
-                    } else {
-                        0
-                    };
+                    let copied =
+                        l2_refcount == 1 && (!active || self.refcount(host >> cluster_bits)? == 1);
+                    let copied = if copied { COPIED } else { 0 };
                     updates.push((index, host | copied));
                 }
                 if !updates.is_empty() {

@@ -573,6 +573,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         ext: Option<BitmapsExtension>,
     ) -> Result<AutoclearFeatures> {
         self.tracked_bitmaps.clear();
+        self.has_bitmaps = false;
         let Some(ext) = ext else {
             return Ok(AutoclearFeatures::empty());
         };
@@ -593,6 +594,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         for &offset in &structures {
             self.state().metadata.insert(offset >> cluster_bits);
         }
+        self.has_bitmaps = !entries.is_empty();
         self.tracked_bitmaps = entries.into_iter().filter(|e| e.tracks_writes()).collect();
         Ok(AutoclearFeatures::BITMAPS)
     }
@@ -1151,6 +1153,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 self.free_cluster(offset)?;
             }
         }
+        self.has_bitmaps = !entries.is_empty();
         self.tracked_bitmaps = entries
             .iter()
             .filter(|e| e.tracks_writes())
@@ -1309,6 +1312,44 @@ mod tests {
         assert_eq!(runs(&image, "off"), vec![]);
         let report = check(image.backend(), Repair::None).unwrap();
         assert_eq!(report.exit_code(), 0, "{report:?}");
+    }
+
+    /// `snapshot -a` is refused while any bitmap exists, enabled or not: the fact read at open
+    /// follows the bitmaps added and removed while the image stays open.
+    #[test]
+    fn applying_a_snapshot_is_refused_while_any_bitmap_exists() {
+        use crate::io::MemBackend;
+        use crate::qcow2::create::{write_new_image, CreateOptions};
+        use crate::qcow2::snapshot::SnapshotError;
+        use crate::qcow2::write::WriteOptions;
+
+        let refused = |image: &mut Qcow2Image<MemBackend>| {
+            matches!(
+                image.apply_snapshot("s"),
+                Err(Error::Qcow2(super::super::Qcow2Error::Snapshot(
+                    SnapshotError::ActiveBitmaps
+                )))
+            )
+        };
+        let backend = MemBackend::default();
+        write_new_image(&backend, 1 << 20, &CreateOptions::default(), None).unwrap();
+        let open = |backend: MemBackend| {
+            let cluster = HeaderCluster::read_from(&backend).unwrap();
+            Qcow2Image::open_rw(backend, cluster, None, WriteOptions::default()).unwrap()
+        };
+        let mut image = open(backend);
+        image.create_snapshot("s", (1, 2)).unwrap();
+        let add = BitmapAction::Add { granularity: None };
+        image
+            .apply_bitmap_actions("b", &[add, BitmapAction::Disable], "mem", None)
+            .unwrap();
+        assert!(refused(&mut image), "a disabled bitmap added while open");
+        let mut image = open(MemBackend::new(image.backend().to_vec()));
+        assert!(refused(&mut image), "a bitmap found at open");
+        image
+            .apply_bitmap_actions("b", &[BitmapAction::Remove], "mem", None)
+            .unwrap();
+        image.apply_snapshot("s").unwrap();
     }
 
     #[test]

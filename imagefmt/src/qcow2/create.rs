@@ -194,27 +194,12 @@ pub const REFCOUNT_BITS_RANGE: &str = "must be a power of two up to 64";
 /// `0x` hex, a leading `0` means octal, and a leading `-` negates modulo 2^64 (`-1` is
 /// 2^64 - 1), as qemu reads numbers in option lists.
 pub(crate) fn parse_qemu_uint(value: &str) -> Option<u64> {
-    let value = value.trim_start();
-    let (negative, value) = match value.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, value.strip_prefix('+').unwrap_or(value)),
-    };
-    let number = if let Some(hex) = value
-        .strip_prefix("0x")
-        .or_else(|| value.strip_prefix("0X"))
-    {
-        u64::from_str_radix(hex, 16).ok()
-    } else if value.len() > 1 && value.starts_with('0') {
-        u64::from_str_radix(&value[1..], 8).ok()
-    } else if value.bytes().all(|b| b.is_ascii_digit()) {
-        value.parse().ok()
+    let number = crate::size::parse_c_integer(value)?;
+    let magnitude = u64::try_from(number.unsigned_abs()).ok()?;
+    Some(if number < 0 {
+        magnitude.wrapping_neg()
     } else {
-        None
-    }?;
-    Some(if negative {
-        number.wrapping_neg()
-    } else {
-        number
+        magnitude
     })
 }
 

@@ -245,11 +245,30 @@ pub enum Qcow2Error {
         /// The offending entry.
         entry: u64,
     },
+    /// A data cluster whose host offset is not cluster-aligned, named by the L2 table that maps
+    /// it (qemu reports the table's offset and the entry's index).
+    #[error(
+        "qcow2 image is corrupt: cluster allocation offset unaligned at guest offset {guest_offset:#x} (entry {entry:#018x})"
+    )]
+    UnalignedCluster {
+        /// The guest offset being read.
+        guest_offset: u64,
+        /// The offending entry.
+        entry: u64,
+        /// The unaligned host offset it gives.
+        host: u64,
+        /// The host offset of the L2 table holding it.
+        l2_offset: u64,
+        /// The entry's index in that table.
+        l2_index: u64,
+    },
     /// A compressed cluster that does not decompress to exactly one cluster.
     #[error(
         "qcow2 compressed cluster at host offset {host:#x} does not decompress to one cluster"
     )]
     BadCompressedCluster {
+        /// Guest offset of the cluster.
+        guest_offset: u64,
         /// Host offset of the compressed data.
         host: u64,
     },

@@ -50,6 +50,9 @@ pub struct Qcow2Image<B> {
     pub(super) metadata_preallocation: OnceLock<bool>,
     /// Persistent bitmaps that record writes (open for writing only; see [`super::bitmap`]).
     pub(super) tracked_bitmaps: Vec<super::bitmap::BitmapEntry>,
+    /// Whether the bitmap directory lists any bitmap (tracking or not): read by `open_rw`
+    /// and kept up to date by the bitmap operations; false for an image open for reading.
+    pub(super) has_bitmaps: bool,
     /// The internal snapshot table, read once at open (see [`super::snapshot_ops`]).
     pub(super) snapshots: super::snapshot::SnapshotTable,
 }
@@ -112,6 +115,7 @@ impl<B: Backend> Qcow2Image<B> {
             data_file: None,
             metadata_preallocation: OnceLock::new(),
             tracked_bitmaps: Vec::new(),
+            has_bitmaps: false,
             snapshots,
         })
     }
@@ -213,8 +217,9 @@ impl<B: Backend> Qcow2Image<B> {
         }
     }
 
-    /// The L2 table covering guest `at` (`None` if its L1 entry is unallocated or absent).
-    fn l2_table_for(&self, at: GuestOffset) -> Result<Option<Arc<[u8]>>> {
+    /// The L2 table covering guest `at` and its host offset (`None` if its L1 entry is
+    /// unallocated or absent).
+    fn l2_table_for(&self, at: GuestOffset) -> Result<Option<(u64, Arc<[u8]>)>> {
         let per_table = self.entry_format().l2_entries();
         let l1_index = at.cluster(self.header.cluster_bits).l1_index(per_table);
         let Some(&l1_raw) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
@@ -223,7 +228,8 @@ impl<B: Backend> Qcow2Image<B> {
         let Some(l2_offset) = L1Entry(l1_raw).l2_offset() else {
             return Ok(None);
         };
-        self.l2_table(l2_offset, at.0, l1_raw).map(Some)
+        self.l2_table(l2_offset, at.0, l1_raw)
+            .map(|table| Some((l2_offset, table)))
     }
 
     /// Looks up the L2 entry for guest `offset` (`None` if its L1 entry is unallocated).
@@ -235,24 +241,23 @@ impl<B: Backend> Qcow2Image<B> {
             .l2_index(format.l2_entries());
         Ok(self
             .l2_table_for(at)?
-            .map(|table| L2Entry::from_table(&table, index, format)))
+            .map(|(_, table)| L2Entry::from_table(&table, index, format)))
     }
 
-    /// The status of the (sub)cluster holding `at`, up to the end of that unit, from `table`.
+    /// The status of the (sub)cluster holding `at`, up to the end of that unit, from `table`
+    /// (the L2 table at host offset `l2_offset`).
     fn unit_status(
         &self,
         table: &[u8],
+        l2_offset: u64,
         at: GuestOffset,
     ) -> Result<(ExtentKind, Option<HostLocation>, u64)> {
         let format = self.entry_format();
         let cluster_bits = format.cluster_bits;
         let unit_size = 1u64 << format.unit_bits();
         let len = unit_size - (at.0 & (unit_size - 1));
-        let entry = L2Entry::from_table(
-            table,
-            at.cluster(cluster_bits).l2_index(format.l2_entries()),
-            format,
-        );
+        let l2_index = at.cluster(cluster_bits).l2_index(format.l2_entries());
+        let entry = L2Entry::from_table(table, l2_index, format);
         let sub = (at.in_cluster_offset(cluster_bits) >> format.unit_bits()) as u32;
         let kind = entry
             .subcluster(sub, format)
@@ -264,11 +269,14 @@ impl<B: Backend> Qcow2Image<B> {
         };
         let located = |host: HostOffset| -> Result<Option<HostLocation>> {
             if !host.is_aligned(1 << cluster_bits) {
-                return Err(corrupt(
-                    "cluster allocation offset unaligned",
-                    at.0,
-                    entry.entry,
-                ));
+                return Err(Qcow2Error::UnalignedCluster {
+                    guest_offset: at.0,
+                    entry: entry.entry,
+                    host: host.0,
+                    l2_offset,
+                    l2_index: l2_index as u64,
+                }
+                .into());
             }
             let offset = host
                 .checked_add(at.in_cluster_offset(cluster_bits))
@@ -321,7 +329,7 @@ impl<B: Backend> Qcow2Image<B> {
             .min(to_table_end)
             .max(1);
         let end = GuestOffset(start.0 + limit);
-        let Some(table) = self.l2_table_for(start)? else {
+        let Some((l2_offset, table)) = self.l2_table_for(start)? else {
             return Ok(Extent {
                 start,
                 len: limit,
@@ -330,7 +338,7 @@ impl<B: Backend> Qcow2Image<B> {
                 host: None,
             });
         };
-        let (kind, host, len) = self.unit_status(&table, start)?;
+        let (kind, host, len) = self.unit_status(&table, l2_offset, start)?;
         let mut extent = Extent {
             start,
             len: len.min(limit),
@@ -341,7 +349,7 @@ impl<B: Backend> Qcow2Image<B> {
         while extent.end() < end {
             // As in qemu, a corrupt entry fails the query that starts at it; a run before it
             // ends there.
-            let Ok((kind, host, len)) = self.unit_status(&table, extent.end()) else {
+            let Ok((kind, host, len)) = self.unit_status(&table, l2_offset, extent.end()) else {
                 break;
             };
             let contiguous = match (extent.host, host) {
@@ -547,7 +555,7 @@ impl<B: Backend> Qcow2Image<B> {
                     };
                     let start = GuestOffset(at).in_cluster_offset(cluster_bits) as usize;
                     let n = (cluster_size as usize - start).min(buf.len() - done);
-                    self.decompress_into(input, host, start, &mut buf[done..done + n])?;
+                    self.decompress_into(input, (at, host), start, &mut buf[done..done + n])?;
                     done += n;
                 }
                 Ok(())
@@ -556,12 +564,19 @@ impl<B: Backend> Qcow2Image<B> {
         Ok(())
     }
 
-    /// Decodes one compressed cluster from its compressed bytes (read from host offset `host`,
-    /// named in errors) and puts its bytes from `start` on into `out`: straight into `out`
-    /// when that is the whole cluster.
-    fn decompress_into(&self, input: &[u8], host: u64, start: usize, out: &mut [u8]) -> Result<()> {
+    /// Decodes one compressed cluster from its compressed bytes (`at`: the guest offset read in
+    /// it and the host offset its bytes were read from, named in errors) and puts its bytes
+    /// from `start` on into `out`: straight into `out` when that is the whole cluster.
+    fn decompress_into(
+        &self,
+        input: &[u8],
+        at: (u64, u64),
+        start: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         let cluster_size = self.header.cluster_size() as usize;
-        let bad = |_| Error::from(Qcow2Error::BadCompressedCluster { host });
+        let (guest_offset, host) = at;
+        let bad = |_| Error::from(Qcow2Error::BadCompressedCluster { guest_offset, host });
         let compression = self.header.compression_type;
         if start == 0 && out.len() == cluster_size {
             return super::compress::decompress(compression, input, out).map_err(bad);

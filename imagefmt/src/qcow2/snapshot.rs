@@ -119,8 +119,9 @@ pub enum SnapshotError {
     /// A resize of a v2 image with internal snapshots (qemu's words).
     #[error("Can't resize a v2 image which has snapshots")]
     V2Resize,
-    /// A downgrade to v2 of an image with a snapshot that v2 cannot describe: one with VM
-    /// state or another disk size than the image's (qemu's words).
+    /// A downgrade to v2 of an image with a snapshot that v2 cannot describe: one whose VM
+    /// state does not fit v2's 32-bit size field, or with another disk size than the image's
+    /// (qemu's words).
     #[error("Internal snapshots prevent downgrade of image")]
     PreventDowngrade,
     /// A snapshot's L1 table that cannot be valid (qemu's `qcow2_validate_table`, checked

@@ -216,9 +216,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// `qemu-img snapshot -a KEY`: makes the snapshot whose id (else whose name) is `key` the
     /// current state. The snapshot stays; the disk size becomes the snapshot's.
     /// Refused while the image has persistent dirty bitmaps, as qemu refuses it (checked
-    /// before the snapshot is looked up, as qemu does).
+    /// before the snapshot is looked up, as qemu does; the directory was read at open).
     pub fn apply_snapshot(&mut self, key: &str) -> Result<Snapshot> {
-        if !self.bitmaps()?.is_empty() {
+        if self.has_bitmaps {
             return Err(SnapshotError::ActiveBitmaps.into());
         }
         self.refuse_snapshot_data_file()?;

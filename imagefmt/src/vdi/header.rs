@@ -189,6 +189,56 @@ fn check_sector_aligned(field: &'static str, offset: u32) -> Result<(), VdiError
     }
 }
 
+/// The header checks qemu's VDI driver makes when it opens an image, in its order, so that
+/// a file refused for several reasons is refused for the one qemu names (`qemu-img -f vdi` on a
+/// file in another format). Each of them is also one of [`VdiHeader::parse`]'s own checks.
+fn qemu_open_checks(buf: &[u8; HEADER_END_V1_1_PLUS]) -> Result<(), VdiError> {
+    let u32_at = |off: usize| LittleEndian::read_u32(&buf[off..off + 4]);
+    let disk_size = LittleEndian::read_u64(&buf[OFF_DISK_SIZE..OFF_DISK_SIZE + 8]);
+    if disk_size > MAX_DISK_SIZE {
+        return Err(VdiError::DiskTooLarge {
+            disk_size,
+            max: MAX_DISK_SIZE,
+        });
+    }
+    let signature = u32_at(OFF_SIGNATURE);
+    if signature != SIGNATURE {
+        return Err(VdiError::BadSignature { found: signature });
+    }
+    let version = u32_at(OFF_VERSION);
+    if version != VERSION_1_1 {
+        return Err(VdiError::UnsupportedVersion { found: version });
+    }
+    check_sector_aligned("block map offset", u32_at(OFF_BLOCKS))?;
+    check_sector_aligned("data offset", u32_at(OFF_DATA))?;
+    let sector_size = Geometry::read(buf, OFF_LEGACY_GEOMETRY).sector_size;
+    if sector_size != SECTOR_SIZE {
+        return Err(VdiError::BadLegacySectorSize { found: sector_size });
+    }
+    let block_size = u32_at(OFF_BLOCK_SIZE);
+    if block_size != DEFAULT_BLOCK_SIZE {
+        return Err(VdiError::UnsupportedBlockSize { found: block_size });
+    }
+    // qemu rounds an odd disk size up to whole sectors before this comparison.
+    let blocks = u32_at(OFF_BLOCKS_IN_IMAGE);
+    if disk_size.next_multiple_of(u64::from(SECTOR_SIZE))
+        > u64::from(block_size) * u64::from(blocks)
+    {
+        return Err(VdiError::DiskLargerThanBlocks {
+            disk_size,
+            blocks,
+            block_size,
+        });
+    }
+    if blocks > MAX_BLOCKS_IN_IMAGE {
+        return Err(VdiError::TooManyBlocks {
+            blocks,
+            max: MAX_BLOCKS_IN_IMAGE,
+        });
+    }
+    Ok(())
+}
+
 impl VdiHeader {
     /// Decodes and validates a header from the first bytes of a file.
     ///
@@ -209,6 +259,7 @@ impl VdiHeader {
         let n = len.min(HEADER_END_V1_1_PLUS);
         buf[..n].copy_from_slice(&bytes[..n]);
         let u32_at = |off: usize| LittleEndian::read_u32(&buf[off..off + 4]);
+        qemu_open_checks(&buf)?;
 
         let signature = u32_at(OFF_SIGNATURE);
         if signature != SIGNATURE {
@@ -775,7 +826,30 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_zero_block_count() {
-        assert_eq!(mutated(|b| put_u32(b, 0x180, 0)), VdiError::ZeroBlockCount);
+        // qemu's check comes first: no block leaves no room for the disk.
+        assert_eq!(
+            mutated(|b| put_u32(b, 0x180, 0)),
+            VdiError::DiskLargerThanBlocks {
+                disk_size: 1 << 30,
+                blocks: 0,
+                block_size: 1 << 20
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_for_the_first_check_qemu_makes() {
+        // A qcow2 header read as VDI: the disk size field (feature name text) is checked first.
+        let e = mutated(|b| {
+            put_u64(b, 0x170, 0x7374_6e75_6f63_6665);
+            put_u32(b, 0x40, 0);
+        });
+        assert!(matches!(e, VdiError::DiskTooLarge { .. }), "{e:?}");
+        let e = mutated(|b| {
+            put_u32(b, 0x40, 0);
+            put_u32(b, 0x178, 4096);
+        });
+        assert_eq!(e, VdiError::BadSignature { found: 0 });
     }
 
     #[test]
