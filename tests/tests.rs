@@ -18,6 +18,7 @@ mod convert_extras_xcheck;
 mod convert_xcheck;
 mod data_file_create;
 mod data_file_personality;
+mod data_file_write_xcheck;
 mod foreign_formats;
 mod hostile_names;
 mod hypervisor_drivers;

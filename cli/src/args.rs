@@ -170,23 +170,8 @@ pub struct ChainPolicyArgs {
     /// Open no backing file: what would fall through to one reads as zeros.
     #[arg(long, conflicts_with = "confine")]
     pub no_backing: bool,
-    /// Open the qcow2 external data file the header names (refused by default: the name can
-    /// point at any host file; --confine applies to it too).
-    #[arg(long)]
-    pub allow_data_file: bool,
-    /// Look a relative data file name up in the working directory, as qemu 10 does (default:
-    /// in the image's own directory, as backing file names are).
-    #[arg(long)]
-    pub data_file_from_cwd: bool,
-    /// Read the (first) image's guest data from PATH, its external data file, instead of the
-    /// file its header names (qemu's `data-file.filename`); refused for an image without one.
-    #[arg(long, value_name = "PATH")]
-    pub open_data_file: Option<PathBuf>,
-    /// Read the Nth image's guest data (1: the first image the command reads) from PATH, its
-    /// external data file, instead of the file its header names; repeatable (compare and
-    /// convert read several images).
-    #[arg(long = "image-data-file", value_name = "N=PATH", value_parser = image_data_file)]
-    pub image_data_files: Vec<(usize, PathBuf)>,
+    #[command(flatten)]
+    pub data_files: DataFileArgs,
     /// Read the images even if another process is writing them (qemu-img -U): takes no lock
     /// that keeps writers out; what is read may be inconsistent.
     #[arg(short = 'U', long)]
@@ -222,9 +207,45 @@ impl ChainPolicyArgs {
         policy: &'a imagefmt::backing::BackingPolicy,
         parents: &'a imagefmt::vdi::Explicit,
     ) -> imagefmt::chain::ChainOptions<'a> {
-        let mut options = crate::commands::chain_options(policy, self.allow_data_file, parents);
+        let mut options = self.data_files.options(policy);
+        options.vdi_parents = (!parents.0.is_empty()).then_some(parents as _);
         options.force_share = self.force_share;
         options.block_devices = self.allow_block_devices;
+        options
+    }
+}
+
+/// How a command finds the external data file of a qcow2 image (shared by the commands that
+/// read chains and those that write an image, which open its data file for writing).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DataFileArgs {
+    /// Open the qcow2 external data file the header names (refused by default: the name can
+    /// point at any host file; --confine applies to it too).
+    #[arg(long)]
+    pub allow_data_file: bool,
+    /// Look a relative data file name up in the working directory, as qemu 10 does (default:
+    /// in the image's own directory, as backing file names are).
+    #[arg(long)]
+    pub data_file_from_cwd: bool,
+    /// Use PATH as the (first) image's external data file instead of the file its header
+    /// names (qemu's `data-file.filename`); refused for an image without one.
+    #[arg(long, value_name = "PATH")]
+    pub open_data_file: Option<PathBuf>,
+    /// Read the Nth image's guest data (1: the first image the command reads) from PATH, its
+    /// external data file, instead of the file its header names; repeatable (compare and
+    /// convert read several images).
+    #[arg(long = "image-data-file", value_name = "N=PATH", value_parser = image_data_file)]
+    pub image_data_files: Vec<(usize, PathBuf)>,
+}
+
+impl DataFileArgs {
+    /// Chain options for `policy` that open data files as these flags say.
+    pub fn options<'a>(
+        &'a self,
+        policy: &'a imagefmt::backing::BackingPolicy,
+    ) -> imagefmt::chain::ChainOptions<'a> {
+        let mut options = imagefmt::chain::ChainOptions::new(policy);
+        options.allow_data_files = self.allow_data_file;
         if self.data_file_from_cwd {
             options.data_file_base = imagefmt::chain::DataFileBase::WorkingDirectory;
         }

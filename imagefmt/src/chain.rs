@@ -454,22 +454,36 @@ fn open_levels(
 }
 
 /// Opens the qcow2 image at `path` for reading and writing (holding qemu's write locks), with
-/// its backing chain (read-only, shared-read locks, under `policy`) below it.
+/// its backing chain (read-only, shared-read locks, under `policy`) below it. An image with an
+/// external data file is refused: [`open_qcow2_rw_with`] may open its data file.
 pub fn open_qcow2_rw(
     path: &Path,
     policy: &BackingPolicy,
     options: crate::qcow2::write::WriteOptions,
 ) -> Result<crate::qcow2::image::Qcow2Image<File>> {
-    let file = open_image(path, OpenHow::write())?;
-    qcow2_rw_from_file(file, path, policy, options)
+    open_qcow2_rw_with(path, &ChainOptions::new(policy), options)
 }
 
-/// [`open_qcow2_rw`] on a file the caller already opened for writing with [`open_image`] (so
-/// its locks are held from before its header was read).
+/// [`open_qcow2_rw`] with the backing chain opened as `chain` says, and the image's external
+/// data file, if it has one, found as for a read ([`ChainOptions::allow_data_files`], or the
+/// file [`ChainOptions::data_file`] names) and opened for writing, a regular file under qemu's
+/// write locks, as qemu locks it: new guest data then goes into it (see
+/// `qcow2::data_file`). Where `chain` does not allow it, such an image is refused.
+pub fn open_qcow2_rw_with(
+    path: &Path,
+    chain: &ChainOptions<'_>,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
+    let file = open_image(path, OpenHow::write())?;
+    qcow2_rw_from_file(file, path, chain, options)
+}
+
+/// [`open_qcow2_rw_with`] on a file the caller already opened for writing with [`open_image`]
+/// (so its locks are held from before its header was read).
 pub(crate) fn qcow2_rw_from_file(
     file: File,
     path: &Path,
-    policy: &BackingPolicy,
+    chain: &ChainOptions<'_>,
     options: crate::qcow2::write::WriteOptions,
 ) -> Result<crate::qcow2::image::Qcow2Image<File>> {
     let meta = file
@@ -478,7 +492,11 @@ pub(crate) fn qcow2_rw_from_file(
     let mut guard = ChainGuard::default();
     guard.enter(path, &meta)?;
     let header = ImageHeader::read_as(&file, ImageFormat::Qcow2, path)?;
-    let chain_options = ChainOptions::new(policy);
+    // The chain below is read as of now, whatever snapshot a read would view.
+    let chain_options = ChainOptions {
+        snapshot: None,
+        ..*chain
+    };
     let below = match next_below(path, &header, &chain_options)? {
         Some(next) => open_levels(
             walk_levels(next, &chain_options, &mut guard, false)?,
@@ -490,7 +508,41 @@ pub(crate) fn qcow2_rw_from_file(
     let ImageHeader::Qcow2(cluster) = header else {
         unreachable!("read_as(Qcow2) returns a qcow2 header");
     };
-    Qcow2Image::open_rw(file, cluster, below, options)
+    qcow2_rw_over(file, path, cluster, below, chain, options)
+}
+
+/// [`open_qcow2_rw_with`] without the backing chain: the image alone, what would fall through
+/// to its backing file reading as zeros (its external data file still found under `chain`'s
+/// policy).
+pub fn open_qcow2_rw_alone(
+    path: &Path,
+    chain: &ChainOptions<'_>,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
+    let file = open_image(path, OpenHow::write())?;
+    let ImageHeader::Qcow2(cluster) = ImageHeader::read_as(&file, ImageFormat::Qcow2, path)? else {
+        unreachable!("read_as(Qcow2) returns a qcow2 header");
+    };
+    qcow2_rw_over(file, path, cluster, None, chain, options)
+}
+
+/// The qcow2 image `file` at `path` (its header `cluster`) opened for writing over `below`,
+/// with its external data file, if it has one, opened for writing where `chain` allows it (the
+/// one place a writer opens a data file); refused where it does not.
+pub(crate) fn qcow2_rw_over(
+    file: File,
+    path: &Path,
+    cluster: crate::qcow2::HeaderCluster,
+    below: Option<Box<dyn GuestRead>>,
+    chain: &ChainOptions<'_>,
+    options: crate::qcow2::write::WriteOptions,
+) -> Result<crate::qcow2::image::Qcow2Image<File>> {
+    match open_data_file(path, &cluster, chain, chain.data_file, OpenHow::write())? {
+        Some((_, data)) => {
+            Qcow2Image::open_rw_with_data_file(file, cluster, below, Box::new(data), options)
+        }
+        None => Qcow2Image::open_rw(file, cluster, below, options),
+    }
 }
 
 /// Opens the VDI image at `path` for reading with the chain of parents below it, found as
@@ -621,26 +673,29 @@ fn open_layer(
     match header {
         ImageHeader::Raw { .. } => Ok(Box::new(RawReader::new(file)?)),
         ImageHeader::Vdi(header) => Ok(Box::new(crate::vdi::VdiImage::open(file, *header, below)?)),
-        ImageHeader::Qcow2(cluster) => match open_data_file(&path, &cluster, options, given)? {
-            Some((resolved, data)) => {
-                *data_path = Some(resolved);
-                Ok(Box::new(Qcow2Image::open_with_data_file(
-                    file,
-                    cluster,
-                    below,
-                    Box::new(data),
-                )?))
+        ImageHeader::Qcow2(cluster) => {
+            match open_data_file(&path, &cluster, options, given, options.open_how())? {
+                Some((resolved, data)) => {
+                    *data_path = Some(resolved);
+                    Ok(Box::new(Qcow2Image::open_with_data_file(
+                        file,
+                        cluster,
+                        below,
+                        Box::new(data),
+                    )?))
+                }
+                None => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
             }
-            None => Ok(Box::new(Qcow2Image::open(file, cluster, below)?)),
-        },
+        }
     }
 }
 
 /// Opens the external data file of the qcow2 image at `path` (cluster 0: `cluster`) as
 /// `options` allow, with its resolved path: the file the caller named (`given`, qemu's
 /// `data-file.filename`), else the name the header records, resolved as
-/// [`ChainOptions::data_file_base`] says and admitted by the policy. `None` when the image has
-/// no data file, or when data files are not allowed (the image then refuses to open).
+/// [`ChainOptions::data_file_base`] says and admitted by the policy, and opened as `how` says
+/// (locks included). `None` when the image has no data file, or when data files are not allowed
+/// (the image then refuses to open).
 ///
 /// qemu's refusals: a data file given for an image without one, and an image whose header
 /// names none when none is given. A failure to open the file names the image and the data file
@@ -650,6 +705,7 @@ pub(crate) fn open_data_file(
     cluster: &crate::qcow2::HeaderCluster,
     options: &ChainOptions<'_>,
     given: Option<&Path>,
+    how: OpenHow,
 ) -> Result<Option<(PathBuf, File)>> {
     let has_data_file = cluster
         .header
@@ -672,7 +728,7 @@ pub(crate) fn open_data_file(
             .policy
             .admit(options.data_file_base.resolve(path, name)?, name)?,
     };
-    let data = open_image(&resolved, options.open_how()).map_err(|e| Error::InFile {
+    let data = open_image(&resolved, how).map_err(|e| Error::InFile {
         role: "could not open",
         path: path.to_owned(),
         source: Error::InFile {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use imagefmt::qcow2::amend::{amend_reporting, AmendError, AmendOptions};
+use imagefmt::qcow2::amend::{amend_reporting_with, AmendError, AmendOptions};
 use imagefmt::ImageFormat;
 
 /// `cowclone amend [-f FMT] [-p] [-q] [--force] -o OPTIONS FILE`
@@ -35,6 +35,9 @@ pub struct AmendArgs {
     pub cache: Option<String>,
     /// The image to amend.
     pub file: PathBuf,
+    /// How the image's external data file is found (opened for writing only by a size change).
+    #[command(flatten)]
+    pub data_files: crate::args::DataFileArgs,
     #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
@@ -93,7 +96,10 @@ fn amend_image(args: AmendArgs, out: &mut impl Write, shown: &mut bool) -> Resul
     // `100.f * done / total`), then 100% whether amend succeeded or not, then the newline.
     let mut progress = crate::progress::Progress::new(args.progress && !args.quiet, out);
     *shown = true;
-    let result = amend_reporting(file, &options, &mut |done, total| {
+    let policy = imagefmt::backing::BackingPolicy::FollowLocal;
+    let chain = args.data_files.options(&policy);
+    let data_file = Some((args.file.as_path(), &chain));
+    let result = amend_reporting_with(file, &options, data_file, &mut |done, total| {
         progress.set_percent(100f32 * done as f32 / total as f32)
     });
     progress.set_percent(100.0);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Arg, ArgAction, ArgMatches, Command, FromArgMatches};
-use imagefmt::ops::bitmap::{bitmap, SourceImage};
+use imagefmt::ops::bitmap::{bitmap_with, SourceImage};
 use imagefmt::qcow2::bitmap::BitmapAction;
 use imagefmt::ImageFormat;
 
@@ -30,6 +30,8 @@ pub struct BitmapArgs {
     pub source_format: Option<String>,
     /// The image and the bitmap (qemu-img checks their number itself).
     pub positional: Vec<String>,
+    /// How the image's external data file is found (opened for writing with the image).
+    pub data_files: crate::args::DataFileArgs,
 }
 
 const FLAGS: [(&str, &str); 5] = [
@@ -42,7 +44,7 @@ const FLAGS: [(&str, &str); 5] = [
 
 impl clap::Args for BitmapArgs {
     fn augment_args(cmd: Command) -> Command {
-        let mut cmd = cmd;
+        let mut cmd = <crate::args::DataFileArgs as clap::Args>::augment_args(cmd);
         for (name, help) in FLAGS {
             cmd = cmd.arg(
                 Arg::new(name)
@@ -141,6 +143,7 @@ impl FromArgMatches for BitmapArgs {
                 .get_many::<String>("positional")
                 .map(|v| v.cloned().collect())
                 .unwrap_or_default(),
+            data_files: crate::args::DataFileArgs::from_arg_matches(m)?,
         })
     }
 
@@ -206,6 +209,9 @@ pub fn bitmap_cmd(args: BitmapArgs, _out: &mut impl Write) -> Result<()> {
         path,
         format: source_format,
     });
-    bitmap(file.as_ref(), format, name, &actions, source)?;
+    // No backing file is opened; the policy admits the data file.
+    let policy = imagefmt::backing::BackingPolicy::FollowLocal;
+    let chain = args.data_files.options(&policy);
+    bitmap_with(file.as_ref(), format, name, &actions, source, &chain)?;
     Ok(())
 }

@@ -19,7 +19,7 @@ pub fn compare(args: CompareArgs, out: &mut impl Write) -> Result<u8> {
             .map(str::parse::<ImageFormat>)
             .transpose()?;
         let options = imagefmt::chain::ChainOptions {
-            data_file: args.chain.data_file_of(index),
+            data_file: args.chain.data_files.data_file_of(index),
             ..options
         };
         imagefmt::chain::open_chain_with(path, format, &options)

@@ -221,6 +221,97 @@ impl Throttle {
     }
 }
 
+/// The guest offset of the first byte of `source` that does not read as zeros (its size if
+/// none): where a convert writes first.
+pub fn first_data_offset(source: &dyn imagefmt::extent::GuestRead) -> imagefmt::Result<u64> {
+    let size = source.virtual_size();
+    let mut at = 0;
+    while at < size {
+        let extent =
+            imagefmt::chain::block_status(source, imagefmt::offsets::GuestOffset(at), size - at)?;
+        if !extent.reads_as_zeros() {
+            return Ok(at);
+        }
+        at = extent.end().0;
+    }
+    Ok(size)
+}
+
+/// A new qcow2 target of `convert -o data_file=NAME[,data_file_raw=on]`: created as `create`
+/// makes such an image (the data file too, as long as the disk), then written as `convert -n`
+/// writes an existing image, its data clusters going into the data file at their guest
+/// offsets. On failure both files are removed again.
+pub struct NewDataFileImage<'a> {
+    /// The image to create.
+    pub path: &'a std::path::Path,
+    /// Its creation options (`-o`).
+    pub options: imagefmt::qcow2::CreateOptions,
+    /// `preallocation=`.
+    pub preallocation: imagefmt::preallocate::Preallocation,
+    /// The data file's name, stored verbatim in the header.
+    pub data_file: String,
+    /// `data_file_raw=on`.
+    pub raw: bool,
+    /// A relative name is created and opened in the working directory (qemu 10's way).
+    pub from_cwd: bool,
+    /// `-B`: the backing file's name and format.
+    pub backing: Option<(String, Option<imagefmt::ImageFormat>)>,
+    /// Replace existing files.
+    pub overwrite: bool,
+}
+
+impl NewDataFileImage<'_> {
+    /// Creates the image and writes `source` into it (`sparse_size`: `-S`), its backing chain
+    /// opened under `policy`.
+    pub fn convert(
+        &self,
+        source: &dyn imagefmt::extent::GuestRead,
+        policy: &imagefmt::backing::BackingPolicy,
+        sparse_size: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> imagefmt::Result<imagefmt::ops::convert::ConvertStats> {
+        let base = match self.from_cwd {
+            true => imagefmt::chain::DataFileBase::WorkingDirectory,
+            false => imagefmt::chain::DataFileBase::ImageDirectory,
+        };
+        let mut builder = imagefmt::Qcow2Builder::new(self.path)
+            .size(source.virtual_size())
+            .options(self.options.clone())
+            .preallocation(self.preallocation)
+            .overwrite(self.overwrite)
+            .data_file(self.data_file.clone(), self.raw)
+            .data_file_base(base);
+        if let Some((name, format)) = &self.backing {
+            builder = builder.backing(name.clone());
+            if let Some(format) = format {
+                builder = builder.backing_format(*format);
+            }
+        }
+        builder.create()?;
+        let data_path = base.resolve(self.path, &self.data_file)?;
+        let chain = imagefmt::chain::ChainOptions {
+            data_file: Some(&data_path),
+            ..imagefmt::chain::ChainOptions::new(policy)
+        };
+        // The new image reads as zeros where it has no backing file: zeros need no writes.
+        let target_is_zero = self.backing.is_none();
+        let written = imagefmt::ops::convert_into::convert_into(
+            source,
+            self.path,
+            imagefmt::ImageFormat::Qcow2,
+            &chain,
+            sparse_size,
+            target_is_zero,
+            progress,
+        );
+        if written.is_err() {
+            let _ = std::fs::remove_file(self.path);
+            let _ = std::fs::remove_file(&data_path);
+        }
+        written
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

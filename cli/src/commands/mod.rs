@@ -20,21 +20,6 @@ pub mod vdi_create;
 pub mod vm;
 
 use anyhow::Result;
-use imagefmt::backing::BackingPolicy;
-
-/// How commands open chains: `policy`, data files if allowed, and VDI parents from `--parent`
-/// (nearest first) when given, else from each image's own directory.
-pub fn chain_options<'a>(
-    policy: &'a BackingPolicy,
-    allow_data_files: bool,
-    parents: &'a imagefmt::vdi::Explicit,
-) -> imagefmt::chain::ChainOptions<'a> {
-    imagefmt::chain::ChainOptions {
-        allow_data_files,
-        vdi_parents: (!parents.0.is_empty()).then_some(parents as _),
-        ..imagefmt::chain::ChainOptions::new(policy)
-    }
-}
 
 /// Parses a size with qemu-img's suffixes (k/K, M, G, T, ...).
 pub fn parse_size(text: &str) -> Result<u64> {

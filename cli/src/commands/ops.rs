@@ -226,6 +226,8 @@ pub struct ResizeArgs {
     #[arg(allow_hyphen_values = true)]
     pub size: String,
     #[command(flatten)]
+    pub data_files: crate::args::DataFileArgs,
+    #[command(flatten)]
     pub guard: crate::commands::registry::WriteGuardArgs,
 }
 
@@ -312,7 +314,7 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         if index == 0 {
             chain_options.snapshot = snapshot.as_ref();
         }
-        chain_options.data_file = args.chain.data_file_of(index);
+        chain_options.data_file = args.chain.data_files.data_file_of(index);
         let opened = imagefmt::chain::open_chain_with(path, source_format, &chain_options)
             .map_err(|e| match snapshot_failure(&e) {
                 Some(reason) => anyhow::anyhow!("Failed to load snapshot: {reason}"),
@@ -336,11 +338,16 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         let mut progress = crate::progress::Progress::new(show, out);
         convert::with_source(&extras, source.as_ref(), None, |source| {
             let mut update = extras.throttled(|done, total| progress.update(done, total));
+            // The target's own data file, if it has one (not the one named for the source).
+            let target_chain = imagefmt::chain::ChainOptions {
+                data_file: None,
+                ..args.chain.data_files.options(&policy)
+            };
             Ok(imagefmt::ops::convert_into::convert_into(
                 source,
                 dest,
                 output,
-                &policy,
+                &target_chain,
                 sparse_size,
                 extras.target_is_zero(),
                 &mut update,
@@ -352,11 +359,17 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
     let mut qcow2 = CreateOptions::default();
     let mut vdi_static = false;
     let mut preallocation = Preallocation::Off;
+    let mut data_file: Option<String> = None;
+    let mut data_file_raw = false;
     for item in args.options.iter().flat_map(|o| o.split(',')) {
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("invalid option {item:?}: expected key=value"))?;
         match (output, key) {
+            (ImageFormat::Qcow2, "data_file") => data_file = Some(value.to_owned()),
+            (ImageFormat::Qcow2, "data_file_raw") => {
+                data_file_raw = crate::commands::vdi_create::parse_on_off(key, value)?
+            }
             (ImageFormat::Qcow2 | ImageFormat::Raw, "preallocation") => {
                 preallocation = Preallocation::parse(value, output == ImageFormat::Qcow2)?
             }
@@ -368,6 +381,39 @@ pub fn convert(args: ConvertArgs, out: &mut impl Write) -> Result<()> {
         }
     }
     convert::check_bitmap_target(bitmaps.as_ref(), output, Some(qcow2.compat.version()))?;
+    if data_file_raw && data_file.is_none() {
+        bail!("data-file-raw requires data-file");
+    }
+    if let Some(name) = data_file {
+        if args.compress {
+            // qemu-img fails the first compressed write (nothing is created here).
+            let at = convert::first_data_offset(source.as_ref())?;
+            return Err(anyhow::Error::new(imagefmt::Error::from(
+                imagefmt::qcow2::Qcow2Error::CompressedDataFile,
+            ))
+            .context(format!("error while writing at byte {at}")));
+        }
+        let target = convert::NewDataFileImage {
+            path: dest,
+            options: qcow2,
+            preallocation,
+            data_file: name,
+            raw: data_file_raw,
+            from_cwd: args.chain.data_files.data_file_from_cwd,
+            backing: match &args.backing {
+                Some(name) => Some((name.clone(), format(&args.backing_format)?)),
+                None => None,
+            },
+            overwrite: args.overwrite,
+        };
+        let mut progress = crate::progress::Progress::new(show, out);
+        convert::with_source(&extras, source.as_ref(), None, |source| {
+            let mut update = extras.throttled(|done, total| progress.update(done, total));
+            Ok(target.convert(source, &policy, sparse_size, &mut update)?)
+        })?;
+        progress.finish();
+        return convert::copy_bitmaps(bitmaps.as_ref(), &sources[0], read_how, dest);
+    }
     let options = imagefmt::ops::convert::ConvertOptions {
         format: output,
         vdi_static,
@@ -423,9 +469,11 @@ pub fn commit(args: CommitArgs, out: &mut impl Write) -> Result<()> {
     // end, and the newline whatever the outcome.
     let mut progress = crate::progress::Progress::unstarted(args.progress && !args.quiet, out);
     let mut started = false;
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
     let committed = imagefmt::ops::commit::commit_into(
         &args.file,
-        &args.chain.policy(),
+        &args.chain.options(&policy, &parents),
         keep,
         args.base.as_deref(),
         &mut |done, total| {
@@ -521,11 +569,13 @@ fn rebase_image(args: &RebaseArgs, progress: &mut crate::progress::Progress<'_>)
         unsafe_header_only: args.unsafe_header_only,
         compress: args.compress,
     };
+    let policy = args.chain.policy();
+    let parents = args.chain.vdi_parents();
     imagefmt::ops::rebase::rebase_with_progress(
         &args.file,
         &new,
         &options,
-        &args.chain.policy(),
+        &args.chain.options(&policy, &parents),
         &mut |_, size| {
             // qemu-img adds the same share per step: 100 over the number of whole steps.
             let steps = size / size.clamp(1, imagefmt::ops::rebase::STEP);
@@ -554,9 +604,10 @@ pub fn resize(args: ResizeArgs, out: &mut impl Write) -> Result<()> {
         preallocation,
     };
     let size: imagefmt::ops::resize::NewSize = args.size.parse()?;
-    let resized =
-        imagefmt::ops::resize::resize(&args.file, size, &options, &BackingPolicy::FollowLocal)
-            .with_context(|| format!("{}", args.file.display()))?;
+    let policy = BackingPolicy::FollowLocal;
+    let chain = args.data_files.options(&policy);
+    let resized = imagefmt::ops::resize::resize(&args.file, size, &options, &chain)
+        .with_context(|| format!("{}", args.file.display()))?;
     hold_if_asked(&args.file);
     drop(resized);
     if !args.quiet {

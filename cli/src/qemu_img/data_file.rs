@@ -18,8 +18,11 @@ pub(super) fn qemu_defaults(command: &str) -> Vec<String> {
         .collect()
 }
 
-/// Commands whose first chain opened is the image the data file option names.
-const READERS: [&str; 5] = ["check", "map", "compare", "convert", "measure"];
+/// Commands whose first image opened is the one the data file option names: the readers'
+/// first chain, the image the writers write.
+const OPENERS: [&str; 7] = [
+    "check", "map", "compare", "convert", "measure", "commit", "rebase",
+];
 
 /// Commands that read several images, each of which may be given its data file.
 const SEVERAL: [&str; 2] = ["compare", "convert"];
@@ -41,8 +44,8 @@ pub(super) fn named_at(plan: &mut Plan, image: &Target, index: usize) -> Result<
     if plan.command == "info" {
         return Ok(());
     }
-    let readers: &[&str] = if index == 0 { &READERS } else { &SEVERAL };
-    if !readers.contains(&plan.command) {
+    let openers: &[&str] = if index == 0 { &OPENERS } else { &SEVERAL };
+    if !openers.contains(&plan.command) {
         return Err(error(format!(
             "{}: a 'data-file' option for this image is not supported by cowclone",
             plan.command

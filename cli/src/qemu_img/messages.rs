@@ -209,6 +209,8 @@ fn qcow2_text(command: &str, e: &Qcow2Error) -> Option<String> {
             reason,
         } => option_text(option, value, reason)?,
         Qcow2Error::Snapshot(e) => snapshot_text(e)?,
+        // qemu fails compressed writes into an image with a data file with ENOTSUP.
+        Qcow2Error::CompressedDataFile => "Operation not supported".to_owned(),
         // Growing the refcount table past qemu's limit fails with EFBIG.
         Qcow2Error::RefcountTableTooLarge { .. } if command == "snapshot" => {
             "File too large".to_owned()
@@ -340,6 +342,8 @@ fn option_text(option: &str, value: &str, reason: &str) -> Option<String> {
 fn snapshot_text(e: &SnapshotError) -> Option<String> {
     Some(match e {
         SnapshotError::TooMany => "File too large".to_owned(),
+        // qemu refuses internal snapshots of an image with a data file with ENOTSUP.
+        SnapshotError::DataFile => "Operation not supported".to_owned(),
         SnapshotError::RefcountTooNarrow { .. } => "Invalid argument".to_owned(),
         // Not an errno: qemu's own sentence for a snapshot apply under dirty bitmaps.
         SnapshotError::ActiveBitmaps => "Device has active dirty bitmaps".to_owned(),

@@ -6,11 +6,12 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::backing::BackingPolicy;
+use crate::chain::ChainOptions;
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::open::{open_image, OpenHow};
 use crate::qcow2::bitmap::{BitmapAction, BitmapError, MergeSource};
-use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::write::WriteOptions;
 use crate::qcow2::HeaderCluster;
 use crate::Error;
@@ -45,13 +46,29 @@ pub enum BitmapCommandError {
 }
 
 /// Applies `actions` to bitmap `name` of the qcow2 image at `path` (`format`: `-f`, which must
-/// be qcow2 if given), reading merge sources from `source` if given, else from the image.
+/// be qcow2 if given), reading merge sources from `source` if given, else from the image. An
+/// image with an external data file is refused: [`bitmap_with`] opens it.
 pub fn bitmap(
     path: &Path,
     format: Option<ImageFormat>,
     name: &str,
     actions: &[BitmapAction],
     source: Option<SourceImage<'_>>,
+) -> Result<(), BitmapCommandError> {
+    let chain = ChainOptions::new(&BackingPolicy::Detach);
+    bitmap_with(path, format, name, actions, source, &chain)
+}
+
+/// [`bitmap`] with the image's external data file, if it has one, found as `chain` allows
+/// (its backing file is never opened) and held open for writing, with qemu's write locks, for
+/// as long as the image is, as qemu-img holds it.
+pub fn bitmap_with(
+    path: &Path,
+    format: Option<ImageFormat>,
+    name: &str,
+    actions: &[BitmapAction],
+    source: Option<SourceImage<'_>>,
+    chain: &ChainOptions<'_>,
 ) -> Result<(), BitmapCommandError> {
     let open = BitmapCommandError::Open;
     let file = open_image(path, OpenHow::write()).map_err(open)?;
@@ -68,8 +85,9 @@ pub fn bitmap(
             })
         }
     };
-    let mut image = Qcow2Image::open_rw(file, cluster, None, WriteOptions::default())
-        .map_err(|e| open(e.in_file("image", path)))?;
+    let mut image =
+        crate::chain::qcow2_rw_over(file, path, cluster, None, chain, WriteOptions::default())
+            .map_err(|e| open(e.in_file("image", path)))?;
     let source_file;
     let source_cluster: HeaderCluster;
     let merge_source = match source {

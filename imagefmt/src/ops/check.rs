@@ -90,7 +90,13 @@ pub fn check_image(
         None => None,
     };
     // Opened as a read of the chain opens it (qemu's check fails when it cannot open it).
-    let _data_file = crate::chain::open_data_file(path, cluster, options, options.data_file)?;
+    let _data_file = crate::chain::open_data_file(
+        path,
+        cluster,
+        options,
+        options.data_file,
+        options.open_how(),
+    )?;
     if repair != Repair::None {
         crate::qcow2::header::clear_unknown_autoclear(&file, &cluster.header)?;
     }

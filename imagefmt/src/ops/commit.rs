@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_qcow2_rw};
+use crate::chain::{self, open_qcow2_rw_alone, open_qcow2_rw_with, ChainOptions};
 use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
 use crate::io::{start_writeback, Backend, MappedRange};
@@ -60,7 +60,7 @@ pub struct CommitStats {
 /// Commits the qcow2 overlay at `path` into its backing image (qcow2 or raw). With `keep`, the
 /// overlay is left as it was (`qemu-img commit -d`); otherwise it is emptied.
 pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitStats> {
-    commit_into(path, policy, keep, None, &mut |_, _| {})
+    commit_into(path, &ChainOptions::new(policy), keep, None, &mut |_, _| {})
 }
 
 /// [`commit`] into `base` (`qemu-img commit -b BASE`): an image further down the backing chain,
@@ -70,19 +70,27 @@ pub fn commit(path: &Path, policy: &BackingPolicy, keep: bool) -> Result<CommitS
 /// implies `keep` (the images above it would no longer read what they did). `progress(done,
 /// total)` counts bytes committed as qemu's commit job counts them: `(0, 0)` once the overlay
 /// is open, `(0, total)` before the first write, then after each write (of at most 1 MiB of
-/// data, as qemu's mirror job requests it).
+/// data, as qemu's mirror job requests it). Backing files are found under `chain`'s policy; the
+/// external data files of the images (top, intermediates, base) are opened for writing where
+/// `chain` allows data files (`chain.data_file` names the top image's).
 pub fn commit_into(
     path: &Path,
-    policy: &BackingPolicy,
+    chain: &ChainOptions<'_>,
     keep: bool,
     base: Option<&str>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CommitStats> {
     let keep = keep || base.is_some();
+    let policy = chain.policy;
     // The overlay alone: its own clusters are all that is read, and its backing file is opened
     // below for writing (a read-locked copy of it here would conflict with that write lock).
-    let mut top = open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())?;
+    let mut top = open_qcow2_rw_alone(path, chain, WriteOptions::default())?;
     progress(0, 0);
+    // The images below have data files of their own, never the one named for the top.
+    let below_top = ChainOptions {
+        data_file: None,
+        ..*chain
+    };
     let mut guard = crate::backing::ChainGuard::default();
     guard.enter(
         path,
@@ -121,11 +129,7 @@ pub fn commit_into(
                 name: format!("commit through a {} intermediate image", format.name()),
             });
         }
-        let image = open_qcow2_rw(
-            &backing_path,
-            &BackingPolicy::Detach,
-            WriteOptions::default(),
-        )?;
+        let image = open_qcow2_rw_alone(&backing_path, &below_top, WriteOptions::default())?;
         guard.enter(
             &backing_path,
             &image
@@ -151,7 +155,7 @@ pub fn commit_into(
     // open file description, and so its locks).
     let _held_base: std::fs::File = match format {
         ImageFormat::Qcow2 => {
-            let mut base = open_qcow2_rw(&backing_path, policy, WriteOptions::default())?;
+            let mut base = open_qcow2_rw_with(&backing_path, &below_top, WriteOptions::default())?;
             if base.virtual_size() < top.virtual_size() {
                 base.resize(top.virtual_size(), false)?;
             }

@@ -15,7 +15,6 @@
 
 use std::path::Path;
 
-use crate::backing::BackingPolicy;
 use crate::chain;
 use crate::detect::ImageFormat;
 use crate::extent::GuestRead;
@@ -58,15 +57,16 @@ impl Target {
 }
 
 /// Converts `source` into the existing image `dest` of format `format` (qcow2 or raw), opened
-/// for writing under `policy` (a qcow2 target's own backing chain is opened for copy-on-write
-/// of partial clusters). `sparse_size` is `-S` (0: zeros written as data). `target_is_zero`
-/// (`--target-is-zero`): the caller vouches that the target reads as zeros, so zero ranges
-/// are not written (as for a new image), unless `-S 0`. Errors name the file at fault.
+/// for writing as `chain` says (a qcow2 target's own backing chain is opened for copy-on-write
+/// of partial clusters; its external data file, where `chain` allows it, for writing).
+/// `sparse_size` is `-S` (0: zeros written as data). `target_is_zero` (`--target-is-zero`):
+/// the caller vouches that the target reads as zeros, so zero ranges are not written (as for
+/// a new image), unless `-S 0`. Errors name the file at fault.
 pub fn convert_into(
     source: &dyn GuestRead,
     dest: &Path,
     format: ImageFormat,
-    policy: &BackingPolicy,
+    chain: &chain::ChainOptions<'_>,
     sparse_size: u64,
     target_is_zero: bool,
     progress: &mut dyn FnMut(u64, u64),
@@ -75,7 +75,7 @@ pub fn convert_into(
     let file = crate::open::open_image(dest, crate::open::OpenHow::write()).map_err(in_dest)?;
     let (mut target, target_size, unit) = match format {
         ImageFormat::Qcow2 => {
-            let image = chain::qcow2_rw_from_file(file, dest, policy, WriteOptions::default())
+            let image = chain::qcow2_rw_from_file(file, dest, chain, WriteOptions::default())
                 .map_err(in_dest)?;
             let (size, unit) = (image.virtual_size(), image.unit_size());
             (Target::Qcow2(Box::new(image)), size, unit)

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use crate::backing::BackingPolicy;
-use crate::chain::{self, open_chain, open_qcow2_rw};
+use crate::chain::{self, open_chain_with, open_qcow2_rw_with, ChainOptions};
 use crate::detect::ImageFormat;
 use crate::extent::{Extent, GuestRead};
 use crate::offsets::GuestOffset;
@@ -46,29 +46,32 @@ pub fn rebase(
         unsafe_header_only,
         ..RebaseOptions::default()
     };
-    rebase_with_progress(path, new, &options, policy, &mut |_, _| {})
+    rebase_with_progress(
+        path,
+        new,
+        &options,
+        &ChainOptions::new(policy),
+        &mut |_, _| {},
+    )
 }
 
 /// [`rebase`] as `options` say, calling `progress(done, size)` (guest offsets) after each step
 /// of at most [`STEP`] bytes the safe copy compares, as `qemu-img rebase` advances its
-/// progress by one step's share.
+/// progress by one step's share. Backing files are opened under `chain`'s policy, external
+/// data files where it allows them (the image's own opened for writing; `chain.data_file`
+/// names it).
 pub fn rebase_with_progress(
     path: &Path,
     new: &NewBacking,
     options: &RebaseOptions,
-    policy: &BackingPolicy,
+    chain: &ChainOptions<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let unsafe_header_only = options.unsafe_header_only;
-    let header_policy = if unsafe_header_only {
-        &BackingPolicy::Deny
-    } else {
-        policy
-    };
     let mut image = if unsafe_header_only {
         open_without_backing(path)?
     } else {
-        open_qcow2_rw(path, header_policy, WriteOptions::default())?
+        open_qcow2_rw_with(path, chain, WriteOptions::default())?
     };
     let mut copied = 0;
     let mut new_in_old_chain = None;
@@ -76,7 +79,11 @@ pub fn rebase_with_progress(
         Some((name, format)) if !unsafe_header_only => {
             let resolved = crate::backing::resolve(path, name)?;
             new_in_old_chain = depth_in_chain(&image, &resolved).map(|depth| depth - 1);
-            Some(open_chain(&resolved, Some(*format), policy)?)
+            let below = ChainOptions {
+                data_file: None,
+                ..*chain
+            };
+            Some(open_chain_with(&resolved, Some(*format), &below)?)
         }
         _ => None,
     };
@@ -351,9 +358,10 @@ fn read_extents(
     Ok(())
 }
 
-/// Opens an image for writing without opening any backing file (for header-only changes).
+/// Opens an image for writing without opening any backing file or external data file, for
+/// changes of its header alone (no guest data is read or written).
 fn open_without_backing(path: &Path) -> Result<Qcow2Image<std::fs::File>> {
     let file = crate::open::open_image(path, crate::open::OpenHow::write())?;
     let cluster = crate::qcow2::HeaderCluster::read_from(&file)?;
-    Qcow2Image::open_rw(file, cluster, None, WriteOptions::default())
+    Qcow2Image::open_rw_tables_only(file, cluster, WriteOptions::default())
 }

@@ -10,8 +10,7 @@ use std::fs::File;
 use std::path::Path;
 use std::str::FromStr;
 
-use crate::backing::BackingPolicy;
-use crate::chain::qcow2_rw_from_file;
+use crate::chain::{qcow2_rw_from_file, ChainOptions};
 use crate::detect::ImageFormat;
 use crate::image::ImageHeader;
 use crate::open::{open_image, OpenHow};
@@ -109,12 +108,14 @@ pub struct ResizeOptions {
 }
 
 /// Resizes the qcow2 or raw image at `path` to `size`, as `options` allow. A qcow2 image's
-/// backing chain is opened (read-only) under `policy`, as for any write.
+/// backing chain is opened (read-only) as `chain` says, as for any write; its external data
+/// file, where `chain` allows it, is opened for writing and resized with the disk, as qemu-img
+/// resizes it.
 pub fn resize(
     path: &Path,
     size: NewSize,
     options: &ResizeOptions,
-    policy: &BackingPolicy,
+    chain: &ChainOptions<'_>,
 ) -> Result<Resized> {
     let file = open_image(path, OpenHow::write())?;
     let header = ImageHeader::read(&file, options.format, path, true)?;
@@ -129,7 +130,7 @@ pub fn resize(
     }
     match header.format() {
         ImageFormat::Qcow2 => {
-            let mut image = qcow2_rw_from_file(file, path, policy, WriteOptions::default())?;
+            let mut image = qcow2_rw_from_file(file, path, chain, WriteOptions::default())?;
             if new_size < old_size && options.drop_data_past_end {
                 // qemu-img's shrink: clusters past the end dropped, the file cut after its
                 // last cluster in use (also to a size inside a cluster).
@@ -183,6 +184,7 @@ pub fn resize(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backing::BackingPolicy;
 
     #[test]
     fn sizes_read_as_qemu_img_resize_reads_them() {
@@ -220,7 +222,8 @@ mod tests {
     #[test]
     fn raw_and_qcow2_images_take_the_size_qemu_img_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let follow = BackingPolicy::FollowLocal;
+        let policy = BackingPolicy::FollowLocal;
+        let follow = ChainOptions::new(&policy);
 
         let raw = dir.path().join("disk.raw");
         std::fs::write(&raw, vec![7u8; 4096]).unwrap();

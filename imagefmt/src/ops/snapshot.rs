@@ -14,12 +14,24 @@ use crate::Result;
 /// Opens the qcow2 image at `path` for snapshot operations (write locks held; no backing file
 /// opened).
 pub fn open(path: &Path) -> Result<Qcow2Image<File>> {
-    crate::chain::open_qcow2_rw(path, &BackingPolicy::Detach, WriteOptions::default())
+    let file = crate::open::open_image(path, crate::open::OpenHow::write())?;
+    open_file(file, path)
 }
 
-/// [`open`] for a qcow2 image `file` already opened for writing (its locks held) at `path`.
+/// [`open`] for a qcow2 image `file` already opened for writing (its locks held) at `path`. An
+/// image with an external data file is opened without it (its tables alone): taking or
+/// applying a snapshot of it is then refused, as qemu refuses internal snapshots of it.
 pub fn open_file(file: File, path: &Path) -> Result<Qcow2Image<File>> {
-    crate::chain::qcow2_rw_from_file(file, path, &BackingPolicy::Detach, WriteOptions::default())
+    let cluster = crate::qcow2::HeaderCluster::read_from(&file)?;
+    if cluster
+        .header
+        .incompatible_features
+        .contains(crate::qcow2::features::IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    {
+        return Qcow2Image::open_rw_tables_only(file, cluster, WriteOptions::default());
+    }
+    let chain = crate::chain::ChainOptions::new(&BackingPolicy::Detach);
+    crate::chain::qcow2_rw_from_file(file, path, &chain, WriteOptions::default())
 }
 
 /// Takes internal snapshot `name` of the qcow2 image at `path` now, and makes it durable.

@@ -88,6 +88,13 @@ impl<B: Backend> Qcow2Image<B> {
     /// An ordering point between dependent metadata writes: fsync in durable mode.
     pub(super) fn barrier(&mut self) -> Result<()> {
         if self.state().durable {
+            // Data written into an external data file must be durable before the entry
+            // pointing at it is.
+            if let Some(data_file) = &self.data_file {
+                data_file
+                    .sync_all()
+                    .map_err(Error::io("syncing qcow2 external data file"))?;
+            }
             self.backend
                 .sync_all()
                 .map_err(Error::io("syncing qcow2 metadata"))?;
@@ -251,6 +258,54 @@ impl<B: Backend> Qcow2Image<B> {
             self.file_len = end;
         }
         Ok(cluster * cluster_size)
+    }
+
+    /// True if the image keeps its guest data in an external data file (incompatible bit 2).
+    pub(super) fn has_data_file(&self) -> bool {
+        self.header
+            .incompatible_features
+            .contains(super::features::IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    }
+
+    /// The host offset for `count` new data clusters that will hold the guest clusters from
+    /// guest offset `guest` on: the one place that decides where new guest data goes. With an
+    /// external data file, the guest offset itself in that file (as qemu places data there:
+    /// nothing is allocated and no refcount is kept); else contiguous clusters of the image
+    /// file with refcount 1, the file extended over them only with `extend_file` (otherwise the
+    /// caller's data write covering the whole run extends it).
+    pub(super) fn alloc_data(&mut self, guest: u64, count: u64, extend_file: bool) -> Result<u64> {
+        if self.has_data_file() {
+            return Ok(guest - guest % self.header.cluster_size());
+        }
+        match (count, extend_file) {
+            (1, true) => self.alloc_cluster(),
+            (_, true) => self.alloc_contiguous(count),
+            (_, false) => self.alloc_run(count),
+        }
+    }
+
+    /// Writes guest data at `host`, an offset [`Self::alloc_data`] or an L2 entry gave: into
+    /// the external data file when the image has one, else into the image file. An image with
+    /// the data-file bit but no data file open refuses: its data never goes into the image file.
+    pub(super) fn write_data(&mut self, bytes: &[u8], host: u64) -> Result<()> {
+        if !self.has_data_file() {
+            return self.write_host(bytes, host);
+        }
+        self.data_file
+            .as_ref()
+            .ok_or(Qcow2Error::DataFileRequired)?
+            .write_all_at(bytes, host)
+            .map_err(Error::writing("qcow2 external data file"))
+    }
+
+    /// Drops the reference an L2 entry held to the data cluster at `host` (after the entry was
+    /// rewritten): a refcount in the image file; nothing for a cluster of an external data
+    /// file, which has none.
+    pub(super) fn free_data_cluster(&mut self, host: u64) -> Result<()> {
+        if self.has_data_file() {
+            return Ok(());
+        }
+        self.free_cluster(host)
     }
 
     /// Truncates the file after its last cluster in use (refcount > 0 or metadata), as qemu

@@ -254,9 +254,10 @@ fn split_options(text: &str) -> Vec<(String, String)> {
 ///
 /// The snapshot table is read first, as qemu's open reads it: a table qemu refuses to open
 /// fails the amend. A dirty image (lazy refcounts after a crash) is then repaired, as qemu
-/// repairs it when opening it for writing. Changes of version, refcount width or size need
-/// the image writable by [`Qcow2Image::open_rw`] (no external data file); changes of
-/// `lazy_refcounts`, `data_file` and `data_file_raw` only rewrite cluster 0.
+/// repairs it when opening it for writing. Changes of version, refcount width or size open the
+/// image's tables for writing (an external data file is not opened: the size of such an image
+/// changes only through [`amend_reporting_with`]); changes of `lazy_refcounts`, `data_file`
+/// and `data_file_raw` only rewrite cluster 0.
 ///
 /// Returns the lines the repair of a dirty image printed (qemu prints them on stderr).
 pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendError> {
@@ -270,6 +271,19 @@ pub fn amend(file: File, options: &AmendOptions) -> Result<Vec<String>, AmendErr
 pub fn amend_reporting(
     file: File,
     options: &AmendOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<String>, AmendError> {
+    amend_reporting_with(file, options, None, progress)
+}
+
+/// [`amend_reporting`] told where the image's external data file is found: `data_file` is the
+/// image's path and the chain options that admit its data file. A size change of an image with
+/// one then opens the data file for writing and resizes it with the disk, as qemu-img amend
+/// does; without it (or where the options do not admit it) such a size change is refused.
+pub fn amend_reporting_with(
+    file: File,
+    options: &AmendOptions,
+    data_file: Option<(&std::path::Path, &crate::chain::ChainOptions<'_>)>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<String>, AmendError> {
     let mut cluster = HeaderCluster::read_from(&file)?;
@@ -328,6 +342,12 @@ pub fn amend_reporting(
     if header.crypt_method != 0 {
         return Err(refused("cowclone does not amend encrypted images"));
     }
+    let resizes_data_file = has_data_file && new_size.is_some_and(|s| s != header.size);
+    if resizes_data_file && data_file.is_none() {
+        return Err(refused(
+            "the size of an image with an external data file changes only with its data file (not opened)",
+        ));
+    }
 
     // Nothing comes before the refcount width step for a v2 target (no upgrade), so its
     // refusal can be made before the image is opened, as qemu makes it before touching it.
@@ -351,12 +371,16 @@ pub fn amend_reporting(
         u64::from(new_version != old_version) + u64::from(new_order != header.refcount_order);
     let mut status = AmendStatus::new(progress, operations);
     let mut target = if structural {
-        Target::Image(Box::new(Qcow2Image::open_rw(
-            file,
-            cluster,
-            None,
-            WriteOptions { durable: true },
-        )?))
+        let durable = WriteOptions { durable: true };
+        Target::Image(Box::new(match data_file {
+            // A size change resizes the data file with the disk (refused where `chain` does
+            // not admit it).
+            Some((path, chain)) if resizes_data_file => {
+                crate::chain::qcow2_rw_over(file, path, cluster, None, chain, durable)?
+            }
+            // Otherwise the tables change, never guest data: the data file is not needed.
+            _ => Qcow2Image::open_rw_tables_only(file, cluster, durable)?,
+        }))
     } else {
         Target::Header { file, cluster }
     };
@@ -758,8 +782,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if self.header.refcount_order != 4 {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
-        // An image with a data file never gets here: opening it for writing is refused, and
-        // `amend` refuses its downgrade in qemu's words in its step 6.
+        // An image with a data file never gets here: `amend` refuses its downgrade in qemu's
+        // words in its step 6.
         // v2 readers know only the 32-bit VM state size and take every snapshot to have the
         // image's size: a snapshot they would misread blocks the downgrade (checked before the
         // incompatible features, as qemu does). VM state that fits 32 bits is fine: the

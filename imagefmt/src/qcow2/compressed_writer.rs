@@ -153,6 +153,7 @@ impl CompressedWriter {
         offset: u64,
     ) -> Result<()> {
         check_range(offset, data.len(), image.header().size)?;
+        refuse_data_file(image)?;
         let len = data.len() as u64;
         image.mark_bitmaps_dirty(offset, len)?;
         if !self.is_whole_cluster(image, offset, len) {
@@ -177,6 +178,7 @@ impl CompressedWriter {
         offset: u64,
         cluster: PackedCluster,
     ) -> Result<()> {
+        refuse_data_file(image)?;
         let size = image.header().size;
         let len = self.packer.cluster_size.min(size.saturating_sub(offset));
         check_range(offset, len as usize, size)?;
@@ -405,6 +407,14 @@ impl HostRun {
         }
         Ok(())
     }
+}
+
+/// Refuses compressed writes into an image with an external data file, as qemu does.
+fn refuse_data_file<B: Backend + Send + Sync>(image: &Qcow2Image<B>) -> Result<()> {
+    if image.has_data_file() {
+        return Err(super::Qcow2Error::CompressedDataFile.into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -278,13 +278,11 @@ pub enum Qcow2Error {
         /// The data file name from the header.
         name: String,
     },
-    /// An image with an external data file was to be opened for writing: cowclone's writer
-    /// allocates guest data in the image file only, so it refuses (reading works).
-    #[error("cowclone does not write qcow2 images with an external data file (data file {name:?}); it reads them")]
-    DataFileWriteUnsupported {
-        /// The data file name from the header.
-        name: String,
-    },
+    /// A compressed cluster was to be written into an image with an external data file: a data
+    /// file holds each cluster at its guest offset, so it cannot hold compressed ones (qemu
+    /// refuses such writes with "Operation not supported").
+    #[error("Operation not supported: compressed clusters cannot be written into an image with an external data file")]
+    CompressedDataFile,
     /// The image keeps its data in an external file whose name its header does not record
     /// (`qemu-img amend -o data_file=` removed it), and the caller named none.
     #[error("'data-file' is required for this image")]

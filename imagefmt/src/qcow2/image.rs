@@ -125,14 +125,34 @@ impl<B: Backend> Qcow2Image<B> {
     /// opened at all: its name in the header is untrusted and can name any host file.
     pub(crate) fn open_with_data_file(
         backend: B,
-        mut cluster: HeaderCluster,
+        cluster: HeaderCluster,
         below: Option<Box<dyn GuestRead>>,
         data_file: Box<dyn Backend + Send + Sync>,
     ) -> Result<Self> {
+        let mut image = Self::open_without_data_file(backend, cluster, below)?;
+        image.data_file = Some(data_file);
+        Ok(image)
+    }
+
+    /// Opens an image whose guest data lives in an external data file without that file: its
+    /// metadata only. Reading a data cluster then fails, and so does writing one
+    /// (`Qcow2Image::write_data`): for operations on tables alone (`amend` of the refcount
+    /// width).
+    pub(crate) fn open_without_data_file(
+        backend: B,
+        mut cluster: HeaderCluster,
+        below: Option<Box<dyn GuestRead>>,
+    ) -> Result<Self> {
+        let bit = cluster
+            .header
+            .incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
         cluster.header.incompatible_features -= IncompatibleFeatures::EXTERNAL_DATA_FILE;
         let mut image = Self::open(backend, cluster, below)?;
-        image.header.incompatible_features |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
-        image.data_file = Some(data_file);
+        image
+            .header
+            .incompatible_features
+            .set(IncompatibleFeatures::EXTERNAL_DATA_FILE, bit);
         Ok(image)
     }
 

@@ -28,6 +28,7 @@ pub mod check;
 pub(crate) mod compress;
 pub(crate) mod compressed_writer;
 pub mod create;
+mod data_file;
 mod error;
 pub mod extensions;
 pub mod features;

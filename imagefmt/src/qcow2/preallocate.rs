@@ -123,20 +123,28 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     _ => break,
                 }
             }
-            let host = self.alloc_contiguous(count)?;
-            fill_host(&self.backend, host, count * cluster_size, mode)?;
+            let host = self.alloc_data(pos, count, true)?;
+            let in_data_file = self.has_data_file();
+            match &self.data_file {
+                // The data file is as long as the disk: nothing is filled past its end.
+                Some(file) => fill_host(
+                    file.as_ref(),
+                    host,
+                    (count * cluster_size).min(self.header.size - pos),
+                    mode,
+                )?,
+                None => fill_host(&self.backend, host, count * cluster_size, mode)?,
+            }
             // qemu copies on write the parts of the run's first and last clusters outside the
             // range: the guest data before it (from a backing file) and zeros after it (which
             // `falloc` and `full` have already); the rest of a `metadata` region stays sparse.
             if pos < from {
                 let mut head = vec![0u8; (from - pos) as usize];
                 self.read_at(&mut head, crate::offsets::GuestOffset(pos))?;
-                self.backend
-                    .write_all_at(&head, host)
-                    .map_err(crate::Error::writing("qcow2 preallocated cluster"))?;
+                self.write_data(&head, host)?;
             }
             let run_end = pos + count * cluster_size;
-            if run_end > end && mode == Preallocation::Metadata {
+            if run_end > end && mode == Preallocation::Metadata && !in_data_file {
                 let at = host + (end - pos);
                 fill_host(&self.backend, at, run_end - end, Preallocation::Full)?;
             }
@@ -166,29 +174,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// subcluster bits, as qemu writes them). Called on the new image before its header names
     /// the data file.
     pub(crate) fn map_raw_data_file(&mut self) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        let per_table = self.header.l2_entries();
-        let extended = self.header.extended_l2();
-        let end = self.header.size;
-        let mut pos = 0;
-        while pos < end {
-            let (table, index, _) = self.l2_for_write(pos)?;
-            let count = (end - pos)
-                .div_ceil(cluster_size)
-                .min(per_table - index as u64);
-            let entries: Vec<u64> = (0..count)
-                .map(|i| (pos + i * cluster_size) | COPIED)
-                .collect();
-            if extended {
-                for (i, entry) in entries.iter().enumerate() {
-                    self.set_l2_entry(table, index + i, *entry, 0)?;
-                }
-            } else {
-                self.set_l2_entries(table, index, &entries)?;
-            }
-            pos += count * cluster_size;
-        }
-        Ok(())
+        self.map_data_file_range(0, self.header.size)
     }
 }
 

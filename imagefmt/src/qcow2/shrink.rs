@@ -22,9 +22,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 reason: "shrinking to a size larger than the disk",
             })?;
         let freed = self.drop_past(new_size)?;
-        self.punch_holes(&freed);
+        if !self.has_data_file() {
+            // (A data file is truncated to the new size instead.)
+            self.punch_holes(&freed);
+        }
+        let old_size = self.header.size;
         self.header.size = new_size;
         self.write_fixed_header()?;
+        self.resize_data_file(old_size, new_size)?;
         self.shrink_to_used()
     }
 
@@ -34,7 +39,6 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// data clusters this freed (those only this entry referenced).
     pub fn drop_past(&mut self, new_size: u64) -> Result<Vec<u64>> {
         let cluster_size = self.header.cluster_size();
-        let bits = self.header.cluster_bits;
         let mut freed = Vec::new();
         let mut pos = new_size.next_multiple_of(cluster_size);
         while pos < self.header.size {
@@ -42,7 +46,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 if entry.entry != 0 || entry.bitmap != 0 {
                     self.set_l2_entry(table, index, 0, 0)?;
                     self.release(entry)?;
-                    match entry.kind(bits) {
+                    match self.kind_of(entry) {
                         ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host }
                             if entry.entry & COPIED != 0 =>
                         {

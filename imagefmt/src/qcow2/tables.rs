@@ -260,16 +260,18 @@ impl L2Entry {
         }
     }
 
-    /// The kind of subcluster `index` (0..32) for an extended entry. An invalid bitmap is `Err`.
+    /// The kind of subcluster `index` (0..32) for an extended entry (`data_file`: of an image with
+    /// an external data file, where offset 0 with COPIED is allocated). An invalid bitmap is `Err`.
     pub fn subcluster_kind(
         self,
         index: u32,
         cluster_bits: u32,
+        data_file: bool,
     ) -> Result<ClusterKind, InvalidSubcluster> {
         let format = EntryFormat {
             cluster_bits,
             extended: true,
-            data_file: false,
+            data_file,
         };
         Ok(match self.subcluster(index, format)? {
             Subcluster::Normal { host } => ClusterKind::Normal { host: host.0 },
@@ -345,29 +347,35 @@ mod tests {
             entry: 0x8000_0000_0005_0000,
             bitmap: 0xC,
         };
-        assert_eq!(entry.subcluster_kind(1, 16), Ok(ClusterKind::Unallocated));
         assert_eq!(
-            entry.subcluster_kind(2, 16),
+            entry.subcluster_kind(1, 16, false),
+            Ok(ClusterKind::Unallocated)
+        );
+        assert_eq!(
+            entry.subcluster_kind(2, 16, false),
             Ok(ClusterKind::Normal { host: 0x50000 })
         );
         let zero = L2Entry {
             entry: 0,
             bitmap: 1 << 32,
         };
-        assert_eq!(zero.subcluster_kind(0, 16), Ok(ClusterKind::ZeroPlain));
+        assert_eq!(
+            zero.subcluster_kind(0, 16, false),
+            Ok(ClusterKind::ZeroPlain)
+        );
         let both = L2Entry {
             entry: 0x50000,
             bitmap: (1 << 32) | 1,
         };
         assert_eq!(
-            both.subcluster_kind(0, 16),
+            both.subcluster_kind(0, 16, false),
             Err(InvalidSubcluster { index: 0 })
         );
         let no_host = L2Entry {
             entry: 0,
             bitmap: 1,
         };
-        assert!(no_host.subcluster_kind(0, 16).is_err());
+        assert!(no_host.subcluster_kind(0, 16, false).is_err());
     }
 
     #[test]

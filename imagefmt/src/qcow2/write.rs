@@ -14,11 +14,13 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::allocator::WriteState;
 use super::error::Qcow2Error;
-use super::features::IncompatibleFeatures;
+use super::features::{AutoclearFeatures, IncompatibleFeatures};
 use super::header::Version;
 use super::header_cluster::HeaderCluster;
 use super::image::{corrupt, Qcow2Image};
-use super::tables::{ClusterKind, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO};
+use super::tables::{
+    ClusterKind, EntryFormat, L1Entry, L2Entry, COPIED, L2_OFFSET_MASK, SUBCLUSTERS, ZERO,
+};
 use crate::extent::{check_range, GuestRead};
 use crate::io::Backend;
 use crate::offsets::GuestOffset;
@@ -31,18 +33,70 @@ pub struct WriteOptions {
     pub durable: bool,
 }
 
+/// What a read-write open does with an image's external data file.
+enum DataFileAccess {
+    /// An image that has one is refused.
+    Refused,
+    /// Guest data goes into this file, opened for writing.
+    Open(Box<dyn Backend + Send + Sync>),
+    /// Not opened: the image's tables alone may change.
+    TablesOnly,
+}
+
 impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// Opens an image for reading and writing.
     ///
     /// Refused: images marked corrupt or dirty (their refcounts cannot be trusted: repair them
-    /// with check first), encrypted images and external data files. Clusters shared with
-    /// internal snapshots are copied before they are written (see [`super::snapshot_ops`]).
-    /// Unknown autoclear bits are cleared, as qemu does; persistent bitmaps are kept and every
-    /// later write sets its range in the enabled ones ([`super::bitmap`]).
+    /// with check first), encrypted images and images with an external data file (those open
+    /// through `open_rw_with_data_file`). Clusters shared with internal snapshots are copied
+    /// before they are written (see [`super::snapshot_ops`]). Unknown autoclear bits are
+    /// cleared, as qemu does; persistent bitmaps are kept and every later write sets its range
+    /// in the enabled ones ([`super::bitmap`]).
     pub fn open_rw(
         backend: B,
         cluster: HeaderCluster,
         below: Option<Box<dyn GuestRead>>,
+        options: WriteOptions,
+    ) -> Result<Self> {
+        Self::open_rw_over(backend, cluster, below, DataFileAccess::Refused, options)
+    }
+
+    /// [`Self::open_rw`] for an image that keeps its guest data in the external data file
+    /// `data_file` (opened for writing by the caller, which decides whether that file may be
+    /// opened at all). New data clusters go into the data file at their guest offsets, without
+    /// refcounts, as qemu allocates them; the image file gets metadata only.
+    pub(crate) fn open_rw_with_data_file(
+        backend: B,
+        cluster: HeaderCluster,
+        below: Option<Box<dyn GuestRead>>,
+        data_file: Box<dyn Backend + Send + Sync>,
+        options: WriteOptions,
+    ) -> Result<Self> {
+        Self::open_rw_over(
+            backend,
+            cluster,
+            below,
+            DataFileAccess::Open(data_file),
+            options,
+        )
+    }
+
+    /// [`Self::open_rw`] for changes of the image's tables alone, also of an image with an
+    /// external data file, which is not opened: every read or write of guest data then fails
+    /// (no data cluster ever goes into the image file).
+    pub(crate) fn open_rw_tables_only(
+        backend: B,
+        cluster: HeaderCluster,
+        options: WriteOptions,
+    ) -> Result<Self> {
+        Self::open_rw_over(backend, cluster, None, DataFileAccess::TablesOnly, options)
+    }
+
+    fn open_rw_over(
+        backend: B,
+        cluster: HeaderCluster,
+        below: Option<Box<dyn GuestRead>>,
+        data_file: DataFileAccess,
         options: WriteOptions,
     ) -> Result<Self> {
         let h = &cluster.header;
@@ -63,16 +117,15 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         {
             return refuse("the image is dirty (lazy refcounts after a crash); repair it with check -r all first");
         }
-        if h.incompatible_features
-            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
-        {
-            return Err(Qcow2Error::DataFileWriteUnsupported {
-                name: cluster.data_file().unwrap_or_default().to_owned(),
-            }
-            .into());
-        }
         let bitmaps = super::bitmap::extension(&cluster);
-        let mut image = Self::open(backend, cluster, below)?;
+        let mut image = match data_file {
+            DataFileAccess::Open(data_file) => {
+                Self::open_with_data_file(backend, cluster, below, data_file)?
+            }
+            DataFileAccess::TablesOnly => Self::open_without_data_file(backend, cluster, below)?,
+            // `open` refuses an image that has a data file.
+            DataFileAccess::Refused => Self::open(backend, cluster, below)?,
+        };
         image.writer = Some(WriteState::load(
             &image.backend,
             &image.header,
@@ -83,7 +136,9 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             return refuse("metadata structures overlap (the image is corrupt); repair it with check -r all first");
         }
         image.collect_snapshot_metadata()?;
-        let kept = image.start_bitmap_tracking(bitmaps)?;
+        // A raw data file stays raw: its autoclear bit is kept with the bitmaps'.
+        let kept = image.start_bitmap_tracking(bitmaps)?
+            | (image.header.autoclear_features & AutoclearFeatures::RAW_EXTERNAL);
         if image.header.autoclear_features != kept {
             image.header.autoclear_features = kept;
             image.write_fixed_header()?;
@@ -93,6 +148,11 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Makes everything written so far durable (fsync).
     pub fn flush(&mut self) -> Result<()> {
+        if let Some(data_file) = &self.data_file {
+            data_file
+                .sync_all()
+                .map_err(Error::io("syncing qcow2 external data file"))?;
+        }
         self.backend
             .sync_all()
             .map_err(Error::io("syncing qcow2 image"))
@@ -149,8 +209,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         }
         let len = (count * cluster_size) as usize;
         // The data write right after covers the whole run and so extends the file.
-        let host = self.alloc_run(count)?;
-        self.write_host(&data[..len], host)?;
+        let host = self.alloc_data(pos, count, false)?;
+        self.write_data(&data[..len], host)?;
         self.barrier()?;
         let entries: Vec<u64> = (0..count)
             .map(|i| (host + i * cluster_size) | COPIED)
@@ -180,7 +240,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let Some(entry) = self.l2_entry(pos + count * cluster_size)? else {
                 break;
             };
-            let ClusterKind::Normal { host } = entry.kind(self.header.cluster_bits) else {
+            let ClusterKind::Normal { host } = self.kind_of(entry) else {
                 break;
             };
             let expected = first_host.map_or(host, |first| first + count * cluster_size);
@@ -189,8 +249,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             if !entry.copied()
                 || host % cluster_size != 0
                 || host != expected
-                || self.is_metadata(host)
-                || self.refcount(host >> self.header.cluster_bits)? != 1
+                || !self.owns_data_cluster(host)?
             {
                 break;
             }
@@ -201,7 +260,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             return Ok(0);
         };
         let len = (count * cluster_size) as usize;
-        self.write_host(&data[..len], host)?;
+        self.write_data(&data[..len], host)?;
         Ok(len)
     }
 
@@ -278,6 +337,11 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 size: self.header.size,
             })?;
         self.mark_bitmaps_dirty(offset, len)?;
+        if self.data_file_is_raw() {
+            // A raw data file must read as the guest disk does: zeros there too (qemu zeroes
+            // the whole range in the data file before it changes any entry).
+            self.zero_data_file(offset, len)?;
+        }
         let unit = self.cow_unit();
         let mut pos = offset;
         while pos < end {
@@ -361,7 +425,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let mut pos = new_size - new_size % cluster_size;
             while pos < self.header.size {
                 if let Some((_, _, entry)) = self.existing_entry(pos)? {
-                    let kind = entry.kind(self.header.cluster_bits);
+                    let kind = self.kind_of(entry);
                     let holds_data =
                         !matches!(kind, ClusterKind::Unallocated | ClusterKind::ZeroPlain)
                             || (self.header.extended_l2() && entry.bitmap & 0xffff_ffff != 0);
@@ -421,8 +485,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
+        let old_size = self.header.size;
         self.header.size = new_size;
         self.write_fixed_header()?;
+        self.resize_data_file(old_size, new_size)?;
         self.finish_bitmap_resize(bitmaps)
     }
 
@@ -481,11 +547,20 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             let unit = self.cow_unit();
             let index = ((pos % self.header.cluster_size()) / unit) as u32;
             entry
-                .subcluster_kind(index, self.header.cluster_bits)
+                .subcluster_kind(index, self.header.cluster_bits, self.has_data_file())
                 .map_err(|_| corrupt("invalid subcluster bitmap", pos, entry.bitmap))
         } else {
-            Ok(entry.kind(self.header.cluster_bits))
+            Ok(self.kind_of(entry))
         }
+    }
+
+    /// The kind of a standard L2 entry of this image (in an image with an external data file,
+    /// offset 0 with COPIED is guest cluster 0's data cluster, not an unallocated one).
+    pub(super) fn kind_of(&self, entry: L2Entry) -> ClusterKind {
+        entry.cluster_kind(EntryFormat {
+            extended: false,
+            ..self.entry_format()
+        })
     }
 
     /// The L2 table offset, entry index and entry for `pos`, if its L2 table exists.
@@ -591,9 +666,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
 
     /// Adds the host cluster indices an entry references to `out` (a compressed cluster's
     /// data may span two or more).
+    /// Data clusters of an external data file have no refcounts and add nothing.
     fn clusters_of(&self, entry: L2Entry, out: &mut Vec<u64>) {
         let bits = self.header.cluster_bits;
-        match entry.kind(bits) {
+        match self.kind_of(entry) {
+            ClusterKind::Normal { .. } | ClusterKind::ZeroAllocated { .. }
+                if self.has_data_file() => {}
             ClusterKind::Normal { host } | ClusterKind::ZeroAllocated { host } => {
                 out.push(host >> bits)
             }
@@ -631,7 +709,7 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                         return Err(corrupt("unaligned data cluster offset", pos, entry.entry));
                     }
                     self.refuse_metadata_overlap(host, pos, entry.entry)?;
-                    return self.write_host(data, host + pos % cluster_size);
+                    return self.write_data(data, host + pos % cluster_size);
                 }
                 ClusterKind::ZeroAllocated { host }
                     if entry.copied() && host % cluster_size == 0 =>
@@ -640,15 +718,15 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                     let mut full = vec![0u8; cluster_size as usize];
                     let at = (pos % cluster_size) as usize;
                     full[at..at + data.len()].copy_from_slice(data);
-                    self.write_host(&full, host)?;
+                    self.write_data(&full, host)?;
                     self.barrier()?;
                     return self.set_l2_entry(table, index, host | COPIED, 0);
                 }
                 _ => {}
             }
             let full = self.merged_unit(cluster_start, cluster_size, pos, data)?;
-            let host = self.alloc_cluster()?;
-            self.write_host(&full, host)?;
+            let host = self.alloc_data(cluster_start, 1, true)?;
+            self.write_data(&full, host)?;
             self.barrier()?;
             self.set_l2_entry(table, index, host | COPIED, 0)?;
             return self.release(entry);
@@ -662,8 +740,8 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             // Compressed or shared: copy the whole cluster's guest view into a new host cluster
             // (every subcluster allocated), then release the old one.
             let full = self.merged_unit(cluster_start, cluster_size, pos, data)?;
-            let host = self.alloc_cluster()?;
-            self.write_host(&full, host)?;
+            let host = self.alloc_data(cluster_start, 1, true)?;
+            self.write_data(&full, host)?;
             self.barrier()?;
             self.set_l2_entry(table, index, host | COPIED, 0xffff_ffff)?;
             return self.release(entry);
@@ -675,15 +753,15 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             self.refuse_metadata_overlap(host, pos, entry.entry)?;
         }
         if matches!(kind, ClusterKind::Normal { .. }) {
-            return self.write_host(data, host + pos % cluster_size);
+            return self.write_data(data, host + pos % cluster_size);
         }
         let merged = self.merged_unit(unit_start, unit, pos, data)?;
         let host = if host == 0 {
-            self.alloc_cluster()?
+            self.alloc_data(cluster_start, 1, true)?
         } else {
             host
         };
-        self.write_host(&merged, host + (unit_start - cluster_start))?;
+        self.write_data(&merged, host + (unit_start - cluster_start))?;
         self.barrier()?;
         let bitmap = (entry.bitmap | (1 << sub_index)) & !(1u64 << (sub_index + SUBCLUSTERS));
         self.set_l2_entry(table, index, host | COPIED, bitmap)
@@ -693,7 +771,12 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// metadata (qemu's overlap check) and its refcount must really be 1, as the COPIED flag
     /// claims — a cluster the refcounts call free could be handed out again and overwritten.
     /// A corrupt or hostile L2 entry is refused instead of damaging other data.
+    /// (A data cluster of an external data file is checked for neither: that file holds no
+    /// metadata and no refcounts.)
     fn refuse_metadata_overlap(&mut self, host: u64, pos: u64, entry: u64) -> Result<()> {
+        if self.has_data_file() {
+            return Ok(());
+        }
         if self.is_metadata(host) {
             return Err(corrupt("data cluster overlaps metadata", pos, entry));
         }
@@ -705,6 +788,16 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
             ));
         }
         Ok(())
+    }
+
+    /// True if a guest write may go in place into the data cluster at `host` that a COPIED
+    /// entry names: in the image file, only a cluster that holds no metadata and whose
+    /// refcount really is 1; in an external data file, always (no metadata, no refcounts).
+    fn owns_data_cluster(&mut self, host: u64) -> Result<bool> {
+        if self.has_data_file() {
+            return Ok(true);
+        }
+        Ok(!self.is_metadata(host) && self.refcount(host >> self.header.cluster_bits)? == 1)
     }
 
     /// Turns the whole unit at `pos` into zeros by metadata (v3 only).
@@ -722,10 +815,10 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
         let sub_index = ((pos % self.header.cluster_size()) / self.cow_unit()) as u32;
         let bitmap = (entry.bitmap & !(1u64 << sub_index)) | (1u64 << (sub_index + SUBCLUSTERS));
         let host = entry.entry & L2_OFFSET_MASK;
-        if bitmap & 0xffff_ffff == 0 && host != 0 {
+        if bitmap & 0xffff_ffff == 0 && entry.entry != 0 {
             // No subcluster uses the host cluster any more: free it.
             self.set_l2_entry(table, index, 0, bitmap)?;
-            return self.free_cluster(host);
+            return self.free_data_cluster(host);
         }
         self.set_l2_entry(table, index, entry.entry, bitmap)
     }
