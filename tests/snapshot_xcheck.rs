@@ -228,14 +228,7 @@ fn qemu_img_snapshots_are_applied_and_deleted_by_cowclone() {
 fn patch_first_entry(path: &Path) {
     use std::os::unix::fs::FileExt;
     crate::util::set_first_snapshot_vm_state(path, 1536 << 10);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut offset = [0u8; 8];
-    file.read_exact_at(&mut offset, 64).unwrap();
-    let table = u64::from_be_bytes(offset);
+    let (file, table) = crate::util::first_snapshot_entry(path);
     file.write_all_at(&3_723_456_000_000u64.to_be_bytes(), table + 24)
         .unwrap(); // vm_clock_nsec
     file.write_all_at(&u64::MAX.to_be_bytes(), table + 56)

@@ -169,10 +169,10 @@ pub fn qemu_savevm(path: &Path, name: &str) {
     );
 }
 
-/// Sets the VM state size of the first entry of the snapshot table of the qcow2 image `path`
-/// as qemu writes it: the 64-bit field of the extra data, and the 32-bit field when the size
-/// fits it (else 0). Asserts that the entry has the 24 bytes of extra data qemu writes.
-pub fn set_first_snapshot_vm_state(path: &Path, size: u64) {
+/// The qcow2 image `path` opened for reading and writing, and the file offset of the first
+/// entry of its snapshot table (the header's `snapshots_offset`), for tests that patch entry
+/// fields qemu-img cannot set.
+pub fn first_snapshot_entry(path: &Path) -> (std::fs::File, u64) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -181,7 +181,15 @@ pub fn set_first_snapshot_vm_state(path: &Path, size: u64) {
         .unwrap();
     let mut offset = [0u8; 8];
     file.read_exact_at(&mut offset, 64).unwrap();
-    let table = u64::from_be_bytes(offset);
+    (file, u64::from_be_bytes(offset))
+}
+
+/// Sets the VM state size of the first entry of the snapshot table of the qcow2 image `path`
+/// as qemu writes it: the 64-bit field of the extra data, and the 32-bit field when the size
+/// fits it (else 0). Asserts that the entry has the 24 bytes of extra data qemu writes.
+pub fn set_first_snapshot_vm_state(path: &Path, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let (file, table) = first_snapshot_entry(path);
     let mut extra_size = [0u8; 4];
     file.read_exact_at(&mut extra_size, table + 36).unwrap();
     assert_eq!(
