@@ -475,3 +475,52 @@ fn skip_create_zeroes_the_target_as_qemu_img_does() {
         assert_qemu_check_clean(&d.join(c), "convert");
     }
 }
+
+#[test]
+fn convert_with_more_readers_than_buffers_finishes_for_every_output() {
+    // With 2 MiB requests the pipeline keeps at most 8 buffers; `-m 16` (and 9) once started
+    // more reader threads than that, and the readers left without a buffer at the end waited
+    // forever. `timeout` turns such a hang into a failure (exit 124).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(d, &["create", "-q", "-f", "qcow2", "src.qcow2", "40M"]);
+    qemu_io_in(
+        d,
+        "src.qcow2",
+        &[
+            "write -P 0x11 0 9M",
+            "write -P 0x22 13M 5M",
+            "write -P 0x33 30M 10M",
+        ],
+    );
+    let bin = crate::util::cowclone_bin();
+    for output in ["raw", "qcow2", "vdi"] {
+        for m in ["16", "9"] {
+            let out = format!("out-{m}.{output}");
+            let args = [
+                "120",
+                bin.to_str().unwrap(),
+                "convert",
+                "-m",
+                m,
+                "-f",
+                "qcow2",
+                "-O",
+                output,
+                "src.qcow2",
+                &out,
+            ];
+            let run = tool_in("timeout", d, &args);
+            assert!(
+                run.status.success(),
+                "convert -m {m} -O {output} did not finish well: {}",
+                crate::util::describe(&run)
+            );
+            // qemu-img compare exits 0 only for identical contents.
+            qemu(
+                d,
+                &["compare", "-f", "qcow2", "-F", output, "src.qcow2", &out],
+            );
+        }
+    }
+}

@@ -954,12 +954,16 @@ fn pipeline(
     let map = options.map_source && sink.writes_on_main() && pack.is_none();
     // Buffers circulate between the readers and the main thread: one per reader where the
     // readers do the work, else 2 × workers of them (the main thread writes from some while
-    // the readers fill the others); never more than BUFFERED_MAX bytes' worth (with -m 16 the
-    // readers then take turns), so memory stays bounded whatever -m asks for.
+    // the readers fill the others); never more than BUFFERED_MAX bytes' worth, so memory stays
+    // bounded whatever -m asks for.
     let per_reader = if sink.readers_work() { 1 } else { 2 };
     let buffers = (per_reader * workers)
         .min((BUFFERED_MAX / request_max) as usize)
         .max(1);
+    // No more readers than buffers: a reader that finds the plan done ends and drops the
+    // buffer it holds, so with more readers than buffers the last ones would wait for a buffer
+    // forever (and the main thread for them): `-m 16` with 2 MiB requests hung so.
+    let readers = workers.min(buffers);
     // A used buffer comes back with the mapping its request was read through, if any, so that
     // a reader thread unmaps it (unmapping is not cheap; the main thread is the busier one).
     let (give_back, pool) = mpsc::sync_channel::<(Vec<u8>, Option<MappedRange>)>(buffers);
@@ -971,7 +975,7 @@ fn pipeline(
     let mut stats = ConvertStats::default();
     let mut first_error: Option<Error> = None;
     std::thread::scope(|scope| {
-        for _ in 0..workers {
+        for _ in 0..readers {
             let filled_tx = filled_tx.clone();
             let (planner, pool, stop, map, pack) = (&planner, &pool, &stop, map, pack);
             let raw = raw_out;
