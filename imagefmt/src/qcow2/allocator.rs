@@ -239,9 +239,23 @@ impl<B: Backend> Qcow2Image<B> {
             let cluster = self.state().next_free;
             self.state().next_free += 1;
             if !self.state().metadata.contains(&cluster) && self.refcount(cluster)? == 0 {
+                self.forget_cached_tables(cluster, 1);
                 return Ok(cluster);
             }
         }
+    }
+
+    /// Drops cached L2 tables in the `count` clusters from cluster index `first`, which are
+    /// being handed out anew: a table freed earlier (an old active table after a snapshot
+    /// apply, say) may still be cached there, and a new table written at its offset must never
+    /// be read back from that stale copy (a write through it released the stale entries
+    /// instead of the real ones and leaked clusters).
+    fn forget_cached_tables(&mut self, first: u64, count: u64) {
+        let bits = self.header.cluster_bits;
+        self.l2_cache
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(offset, _)| !(first..first + count).contains(&(offset >> bits)));
     }
 
     /// Allocates one host cluster with refcount 1 and returns its offset. The file is extended
@@ -476,6 +490,7 @@ impl<B: Backend> Qcow2Image<B> {
                 }
             }
             self.state().next_free = start + count;
+            self.forget_cached_tables(start, count);
             return Ok(start);
         }
     }
