@@ -151,6 +151,47 @@ impl MappedRange {
     }
 }
 
+/// Largest piece of zeros [`write_zeros`] writes at once.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Writes `len` zero bytes at `offset` of `backend`, in pieces of at most 1 MiB; an error names
+/// `what` was being written.
+pub(crate) fn write_zeros<B: Backend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+    what: &'static str,
+) -> crate::Result<()> {
+    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK);
+        backend
+            .write_all_at(&zeros[..n as usize], offset + done)
+            .map_err(crate::Error::writing(what))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `offset` of `backend` read as zeros: a hole punched where the file
+/// system can (a backend with a file descriptor), else zeros written ([`write_zeros`]).
+pub(crate) fn zero_range<B: Backend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+    what: &'static str,
+) -> crate::Result<()> {
+    use rustix::fs::FallocateFlags;
+    if let Some(fd) = backend.as_fd() {
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(fd, flags, offset, len).is_ok() {
+            return Ok(());
+        }
+    }
+    write_zeros(backend, offset, len, what)
+}
+
 /// Starts writing `file`'s dirty pages back to its disk (`sync_file_range` with
 /// `SYNC_FILE_RANGE_WRITE`, the whole file) without waiting for them, so that a later fsync
 /// waits only for what is still in flight rather than for everything written. Best effort:

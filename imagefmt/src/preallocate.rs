@@ -16,8 +16,6 @@ use crate::io::Backend;
 use crate::qcow2::Qcow2Error;
 use crate::{Error, Result};
 
-/// Largest zero buffer [`fill_host`] writes at once.
-const ZERO_CHUNK: u64 = 1 << 20;
 /// What qemu's file driver writes of a new, otherwise sparse file (its first block).
 const FIRST_BLOCK: u64 = 4096;
 
@@ -102,10 +100,10 @@ pub fn fill_host<B: Backend + ?Sized>(
             if reserved {
                 grow(backend)
             } else {
-                write_zeros(backend, offset, len)
+                crate::io::write_zeros(backend, offset, len, "preallocated zeros")
             }
         }
-        Preallocation::Full => write_zeros(backend, offset, len),
+        Preallocation::Full => crate::io::write_zeros(backend, offset, len, "preallocated zeros"),
     }
 }
 
@@ -119,7 +117,7 @@ pub fn new_raw<B: Backend + ?Sized>(backend: &B, size: u64, mode: Preallocation)
             backend
                 .set_len(size)
                 .map_err(Error::writing("raw image length"))?;
-            write_zeros(backend, 0, size.min(FIRST_BLOCK))
+            crate::io::write_zeros(backend, 0, size.min(FIRST_BLOCK), "preallocated zeros")
         }
         Preallocation::Falloc | Preallocation::Full => fill_host(backend, 0, size, mode),
     }
@@ -145,24 +143,12 @@ pub fn new_data_file<B: Backend + ?Sized>(
         })?;
     match mode {
         Preallocation::Off => new_raw(backend, size, mode),
-        _ if tail_end > size => write_zeros(backend, size, tail_end - size),
+        _ if tail_end > size => {
+            crate::io::write_zeros(backend, size, tail_end - size, "preallocated zeros")
+        }
         Preallocation::Metadata => new_raw(backend, size, Preallocation::Off),
         _ => new_raw(backend, size, mode),
     }
-}
-
-/// Writes `len` zero bytes at `offset`, in chunks of at most [`ZERO_CHUNK`].
-fn write_zeros<B: Backend + ?Sized>(backend: &B, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(ZERO_CHUNK);
-        backend
-            .write_all_at(&zeros[..n as usize], offset + done)
-            .map_err(Error::writing("preallocated zeros"))?;
-        done += n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

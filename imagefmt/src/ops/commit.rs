@@ -333,26 +333,7 @@ fn names_base(base: &str, name: &str, above: &Path, path: &Path) -> bool {
     }
 }
 
-/// Makes `len` bytes at `offset` of a raw file read as zeros: a punched hole where the file
-/// system can, written zeros where it cannot.
+/// Makes `len` bytes at `offset` of a raw file read as zeros ([`crate::io::zero_range`]).
 pub(crate) fn zero_raw(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
-    use rustix::fs::FallocateFlags;
-    let punched = rustix::fs::fallocate(
-        file,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    );
-    if punched.is_ok() {
-        return Ok(());
-    }
-    let zeros = vec![0u8; len.min(crate::ops::convert::REQUEST_MAX) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        Backend::write_all_at(file, &zeros[..n], offset + done)
-            .map_err(Error::writing("raw backing image"))?;
-        done += n as u64;
-    }
-    Ok(())
+    crate::io::zero_range(file, offset, len, "raw backing image")
 }

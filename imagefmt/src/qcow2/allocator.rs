@@ -298,6 +298,15 @@ impl<B: Backend> Qcow2Image<B> {
         }
     }
 
+    /// The open external data file (an image with the data-file bit opened without it refuses
+    /// every write of guest data).
+    pub(super) fn data_file_backend(&self) -> Result<&(dyn Backend + Send + Sync)> {
+        Ok(self
+            .data_file
+            .as_deref()
+            .ok_or(Qcow2Error::DataFileRequired)?)
+    }
+
     /// Writes guest data at `host`, an offset [`Self::alloc_data`] or an L2 entry gave: into
     /// the external data file when the image has one, else into the image file. An image with
     /// the data-file bit but no data file open refuses: its data never goes into the image file.
@@ -305,9 +314,7 @@ impl<B: Backend> Qcow2Image<B> {
         if !self.has_data_file() {
             return self.write_host(bytes, host);
         }
-        self.data_file
-            .as_ref()
-            .ok_or(Qcow2Error::DataFileRequired)?
+        self.data_file_backend()?
             .write_all_at(bytes, host)
             .map_err(Error::writing("qcow2 external data file"))
     }

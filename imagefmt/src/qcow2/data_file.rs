@@ -15,10 +15,6 @@ use super::tables::COPIED;
 use crate::io::Backend;
 use crate::{Error, Result};
 
-/// Zeros written into a raw data file at most this many bytes at a time (where the file
-/// system cannot punch a hole).
-const ZERO_CHUNK: u64 = 1 << 20;
-
 impl<B: Backend + Send + Sync> Qcow2Image<B> {
     /// True if the image's data file is kept a raw image of the disk (`data_file_raw`).
     pub(super) fn data_file_is_raw(&self) -> bool {
@@ -29,35 +25,14 @@ impl<B: Backend + Send + Sync> Qcow2Image<B> {
                 .contains(AutoclearFeatures::RAW_EXTERNAL)
     }
 
-    /// The open external data file (an image with the data-file bit opened without it refuses
-    /// every write of guest data).
-    fn data_file_backend(&self) -> Result<&(dyn Backend + Send + Sync)> {
-        Ok(self
-            .data_file
-            .as_deref()
-            .ok_or(super::Qcow2Error::DataFileRequired)?)
-    }
-
-    /// Makes `len` bytes at `offset` of the data file read as zeros: a hole punched where the
-    /// file system can, else zeros written.
+    /// Makes `len` bytes at `offset` of the data file read as zeros.
     pub(super) fn zero_data_file(&self, offset: u64, len: u64) -> Result<()> {
-        let file = self.data_file_backend()?;
-        if let Some(fd) = file.as_fd() {
-            use rustix::fs::FallocateFlags;
-            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-            if rustix::fs::fallocate(fd, flags, offset, len).is_ok() {
-                return Ok(());
-            }
-        }
-        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let piece = ZERO_CHUNK.min(len - done);
-            file.write_all_at(&zeros[..piece as usize], offset + done)
-                .map_err(Error::writing("qcow2 external data file"))?;
-            done += piece;
-        }
-        Ok(())
+        crate::io::zero_range(
+            self.data_file_backend()?,
+            offset,
+            len,
+            "qcow2 external data file",
+        )
     }
 
     /// After the virtual size changed from `old_size` to `new_size`: the data file grows to the
