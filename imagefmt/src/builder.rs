@@ -347,16 +347,7 @@ fn preallocate<B: Backend + Send + Sync + ?Sized>(
 /// True if both paths name the same existing file, or are spelled the same. `target` is
 /// looked at first: it usually does not exist yet, which settles it with one `stat`.
 fn is_same_file(backing: &Path, target: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if backing == target {
-        return true;
-    }
-    let Ok(t) = target.metadata() else {
-        return false;
-    };
-    backing
-        .metadata()
-        .is_ok_and(|b| (b.dev(), b.ino()) == (t.dev(), t.ino()))
+    backing == target || crate::open::same_file(target, backing)
 }
 
 fn read_backing_header(path: &Path, format: Option<ImageFormat>) -> Result<ImageHeader> {

@@ -170,6 +170,16 @@ fn check_type(path: &Path, kind: &std::fs::FileType, how: OpenHow) -> Result<(),
     })
 }
 
+/// True if `a` and `b` name the same file (the same device and inode, symlinks followed);
+/// false when either cannot be looked at. `a` is looked at first: pass the one that may not
+/// exist (a file about to be created) there, so that one `stat` settles it.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    let Ok(a) = std::fs::metadata(a) else {
+        return false;
+    };
+    std::fs::metadata(b).is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -320,17 +320,10 @@ fn for_each_own_extent<B: Backend + Send + Sync>(
 /// at `path`: spelled the same, or the same file — a relative `base` taken, as qemu takes it,
 /// relative to `above`'s directory (not the working directory).
 fn names_base(base: &str, name: &str, above: &Path, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
     if base == name {
         return true;
     }
-    let Ok(base) = crate::backing::resolve(above, base) else {
-        return false;
-    };
-    match (std::fs::metadata(base), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
+    crate::backing::resolve(above, base).is_ok_and(|base| crate::open::same_file(&base, path))
 }
 
 /// Makes `len` bytes at `offset` of a raw file read as zeros ([`crate::io::zero_range`]).

@@ -270,17 +270,14 @@ fn allocated_above(
 /// itself), when it is one of them: qemu-img then skips what none of the images above it
 /// holds.
 fn depth_in_chain(image: &dyn GuestRead, path: &Path) -> Option<usize> {
-    use std::os::unix::fs::MetadataExt;
-    let wanted = std::fs::metadata(path).ok()?;
     let mut depth = 0;
     let mut layer = image.below();
     while let Some(current) = layer {
         depth += 1;
-        let same = current
+        if current
             .path()
-            .and_then(|p| std::fs::metadata(p).ok())
-            .is_some_and(|m| (m.dev(), m.ino()) == (wanted.dev(), wanted.ino()));
-        if same {
+            .is_some_and(|p| crate::open::same_file(p, path))
+        {
             return Some(depth);
         }
         layer = current.below();

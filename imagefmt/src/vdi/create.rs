@@ -58,13 +58,10 @@ pub fn create_differencing(
     mode: NewFileMode,
 ) -> Result<VdiHeader> {
     let parent = read_parent_header(parent_path)?;
-    if let (Ok(p), Ok(d)) = (std::fs::metadata(parent_path), std::fs::metadata(diff_path)) {
-        use std::os::unix::fs::MetadataExt;
-        if (p.dev(), p.ino()) == (d.dev(), d.ino()) {
-            return Err(Error::BackingIsTarget {
-                path: diff_path.to_owned(),
-            });
-        }
+    if crate::open::same_file(diff_path, parent_path) {
+        return Err(Error::BackingIsTarget {
+            path: diff_path.to_owned(),
+        });
     }
     create_with(diff_path, mode, |file| write_differencing(file, &parent))
 }
