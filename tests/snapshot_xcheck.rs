@@ -817,15 +817,7 @@ fn v2_resize_and_downgrade_with_snapshots_follow_qemu_img() {
 fn write_after_zeroing_and_applying_a_snapshot_leaks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    qemu_img_ok(&[
-        &"create",
-        &"-f",
-        &"qcow2",
-        &"-o",
-        &"cluster_size=512",
-        &img,
-        &"256k",
-    ]);
+    crate::util::qemu_create_qcow2(&img, "cluster_size=512", "256k");
     let mut image = open_rw(&img);
     image.write_at(&vec![63; 11958], 129536).unwrap();
     image.write_at(&vec![74; 5011], 87843).unwrap();
