@@ -224,17 +224,13 @@ impl Throttle {
 /// The guest offset of the first byte of `source` that does not read as zeros (its size if
 /// none): where a convert writes first.
 pub fn first_data_offset(source: &dyn imagefmt::extent::GuestRead) -> imagefmt::Result<u64> {
-    let size = source.virtual_size();
-    let mut at = 0;
-    while at < size {
-        let extent =
-            imagefmt::chain::block_status(source, imagefmt::offsets::GuestOffset(at), size - at)?;
+    for extent in imagefmt::chain::extents(source, imagefmt::offsets::GuestOffset(0)) {
+        let extent = extent?;
         if !extent.reads_as_zeros() {
-            return Ok(at);
+            return Ok(extent.start.0);
         }
-        at = extent.end().0;
     }
-    Ok(size)
+    Ok(source.virtual_size())
 }
 
 /// A new qcow2 target of `convert -o data_file=NAME[,data_file_raw=on]`: created as `create`
