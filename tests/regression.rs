@@ -794,3 +794,23 @@ fn qcow2_snapshot_extra_data_65537_refuses_opening_as_qemu_does() {
         );
     }
 }
+
+/// Fuzz find (`qcow2_guest`, fresh-clone CI of 2026-12-02, libFuzzer out-of-memory at its
+/// 512 MB RSS limit): `check -r all` of this 6,044-byte image rebuilds its refcount structure
+/// far into the file, growing the in-memory file to tens of MiB. That growth is bounded by the
+/// backend's limit (the target ran several 64 MiB files per input under ASan; it now gives
+/// each 16 MiB). The repair must stay within the limit it is given, whatever the header says:
+/// it either succeeds inside it or fails with an error, never panics.
+#[test]
+fn fuzz_qcow2_guest_repair_stays_inside_the_backend_limit() {
+    let bytes = include_bytes!("fuzz-finds/qcow2_guest-oom-c39d3d7");
+    for limit in [16u64 << 20, 64 << 20] {
+        let backend = MemBackend::new(bytes.to_vec()).with_limit(limit);
+        let _ = imagefmt::qcow2::check::check(&backend, imagefmt::qcow2::check::Repair::All);
+        let len = imagefmt::io::Backend::len(&backend).unwrap();
+        assert!(
+            len <= limit,
+            "repair grew the file to {len} bytes, limit {limit}"
+        );
+    }
+}

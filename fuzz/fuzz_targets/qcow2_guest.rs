@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     if data.len() < 72 {
         return Corpus::Reject;
     }
-    let backend = MemBackend::new(data.to_vec()).with_limit(64 << 20);
+    // 16 MiB per in-memory file: several live per input and ASan keeps freed memory, so larger
+    // limits tripped libFuzzer's 512 MB RSS limit (find c39d3d7, tests/regression.rs).
+    const LIMIT: u64 = 16 << 20;
+    let backend = MemBackend::new(data.to_vec()).with_limit(LIMIT);
     let Ok(cluster) = HeaderCluster::read_from(&backend) else {
         return Corpus::Keep;
     };
@@ -33,11 +36,11 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     // check and repair never panic (like qemu, one repair pass may report a rebuilt refcount
     // structure that is still broken; the CLI re-checks afterwards, as qemu-img does).
     let _ = imagefmt::qcow2::check::check(&MemBackend::new(data.to_vec()), Repair::None);
-    let repaired = MemBackend::new(data.to_vec()).with_limit(64 << 20);
+    let repaired = MemBackend::new(data.to_vec()).with_limit(LIMIT);
     if imagefmt::qcow2::check::check(&repaired, Repair::All).is_ok() {
         let _ = imagefmt::qcow2::check::check(&repaired, Repair::None);
     }
-    let rw = MemBackend::new(data.to_vec()).with_limit(64 << 20);
+    let rw = MemBackend::new(data.to_vec()).with_limit(LIMIT);
     if let Ok(mut image) = Qcow2Image::open_rw(rw, cluster, None, WriteOptions::default()) {
         let size = image.virtual_size();
         if size >= 8192 {
